@@ -1,0 +1,19 @@
+//! Types every pillion crate shares, and nothing that does I/O.
+//!
+//! - [`service`]: a registered [`Service`] and its [`Node`]s, with the micro-sidecar
+//!   compatible JSON codec (keys in any case in, lower case out) and its validation.
+//! - [`duration`]: Go/humantime style durations (`10s`, `1m30s`, `250ms`) used by flags,
+//!   the config file and query strings alike.
+//! - [`error`]: the JSON error shape (`{"id","code","detail","status"}`) that every
+//!   error made by the sidecar itself uses.
+//! - [`id`]: random identifiers from the OS CSPRNG.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod error;
+pub mod id;
+pub mod service;
+
+pub use duration::Dur;
+pub use error::ApiError;
+pub use service::{Node, Service, ServiceError};

@@ -1,0 +1,146 @@
+//! The `/registry` HTTP API, compatible with the micro sidecar's:
+//!
+//! - `POST /registry[?ttl=10s]` with `{"name","version"?,"metadata"?,"nodes":[...]}`
+//!   registers (keys in any case);
+//! - `DELETE /registry` with the same body deregisters the listed nodes (all nodes of
+//!   the service when none are listed);
+//! - `GET /registry?service=NAME` answers a JSON array of the service's versions, 404
+//!   when no node serves it;
+//! - `GET /registry` answers every service.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::StatusCode;
+use pillion_core::{duration, ApiError, Service, ServiceError};
+use serde::Deserialize;
+
+use crate::{Registry, RegistryError};
+
+const ID: &str = "pillion.registry";
+/// Registration bodies are small; anything larger is a mistake.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// The routes, over any registry adapter.
+pub fn router(registry: Arc<dyn Registry>) -> Router {
+    Router::new()
+        .route(
+            "/registry",
+            get(lookup).post(register).delete(deregister),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(registry)
+}
+
+fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+    ApiError::new(ID, status, detail).into_response().into_response()
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    let status = match e {
+        RegistryError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
+        RegistryError::Invalid(_) => StatusCode::BAD_REQUEST,
+    };
+    error(status, e.to_string())
+}
+
+fn body_error(e: BytesRejection) -> Response {
+    let status = e.status();
+    let detail = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!("request body is larger than {MAX_BODY} bytes")
+    } else {
+        e.body_text()
+    };
+    error(status, detail)
+}
+
+fn parse(body: Result<Bytes, BytesRejection>) -> Result<Service, Response> {
+    let body = body.map_err(body_error)?;
+    Service::from_json(&body).map_err(|e| {
+        let detail = match &e {
+            ServiceError::Json(_) => format!("{e}; expected {{\"name\":...,\"nodes\":[{{\"id\":...,\"address\":\"host:port\"}}]}}"),
+            ServiceError::Invalid(_) => e.to_string(),
+        };
+        error(StatusCode::BAD_REQUEST, detail)
+    })
+}
+
+#[derive(Deserialize)]
+struct LookupQuery {
+    service: Option<String>,
+}
+
+async fn lookup(
+    State(registry): State<Arc<dyn Registry>>,
+    query: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    };
+    let catalog = registry.catalog();
+    match query.service {
+        None => Json(catalog.services().collect::<Vec<_>>()).into_response(),
+        Some(name) => match catalog.get(&name) {
+            Some(versions) => Json(versions).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("service {name:?} not found")),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct RegisterQuery {
+    ttl: Option<String>,
+}
+
+async fn register(
+    State(registry): State<Arc<dyn Registry>>,
+    query: Result<Query<RegisterQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    };
+    let ttl = match query.ttl.as_deref().map(duration::parse) {
+        None => None,
+        Some(Ok(t)) if t.is_zero() => {
+            return error(StatusCode::BAD_REQUEST, "ttl must be more than 0 (omit it for no expiry)")
+        }
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
+    };
+    let service = match parse(body) {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    if service.nodes.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "nodes: at least one node is needed to register a service");
+    }
+    match registry.register(&service, ttl).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => registry_error(e),
+    }
+}
+
+async fn deregister(
+    State(registry): State<Arc<dyn Registry>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let service = match parse(body) {
+        Ok(s) => s,
+        Err(res) => return res,
+    };
+    match registry.deregister(&service).await {
+        Ok(0) => error(
+            StatusCode::NOT_FOUND,
+            format!("service {:?} has no such node registered", service.name),
+        ),
+        Ok(_) => Json(serde_json::json!({})).into_response(),
+        Err(e) => registry_error(e),
+    }
+}

@@ -1,0 +1,723 @@
+//! The etcd v3 adapter.
+//!
+//! Each node is one key, `/pillion/registry/{service}/{node id}`, whose value is the
+//! service with that one node (as micro's etcd registry does). Keys are written under
+//! leases: a registration with a TTL gets a lease of that TTL; one without gets this
+//! sidecar's own lease ([`SESSION_TTL`]), kept alive every second, so the keys vanish
+//! when the sidecar dies. etcd's minimum lease is about 2 s, so shorter TTLs last 2 s.
+//!
+//! The catalog is a local cache of the prefix: one range read, then a watch from the
+//! next revision, re-done from scratch whenever the watch breaks. Writes wait until the
+//! watch has seen them, so a client reads its own registration right after `POST`.
+//!
+//! This sidecar remembers what it registered. When etcd comes back after an outage, or
+//! reports the sidecar's lease gone (etcd restarted without its data), everything still
+//! owned is written again: registrations are restored without restarting pillion.
+//!
+//! etcd is spoken to through its v3 JSON gateway (`/v3/kv/put`, `/v3/watch`, ...) with
+//! the same hyper client as the rest of pillion, which keeps gRPC code generation and
+//! a protobuf compiler out of the build.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pillion_core::Service;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::{deregisters, per_node, BackendStatus, Catalog, Registry, RegistryError};
+
+/// Where registrations live in etcd's keyspace.
+pub const PREFIX: &str = "/pillion/registry/";
+/// TTL of the lease that holds registrations made without a TTL.
+pub const SESSION_TTL: Duration = Duration::from_secs(10);
+/// How often the sidecar's lease is kept alive (and etcd's reachability checked).
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// Limit for one unary gateway call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a write waits for the watch to show it before returning anyway.
+const READ_YOUR_WRITE_LIMIT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+pub struct EtcdRegistry {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Inner {
+    backend: String,
+    gateway: Gateway,
+    /// key -> registration, as last seen by the watch.
+    cache: Mutex<HashMap<String, Service>>,
+    catalog: ArcSwap<Catalog>,
+    changes: watch::Sender<u64>,
+    seen_revision: watch::Sender<i64>,
+    health: Mutex<Health>,
+    /// What this sidecar wrote. An async mutex: it is held across calls to etcd so a
+    /// restore and a registration never interleave.
+    owned: tokio::sync::Mutex<Owned>,
+}
+
+#[derive(Default)]
+struct Owned {
+    session_lease: Option<i64>,
+    keys: HashMap<String, OwnedKey>,
+}
+
+struct OwnedKey {
+    value: Vec<u8>,
+    /// None: held by the session lease.
+    deadline: Option<Instant>,
+    lease: i64,
+}
+
+struct Health {
+    state: Connection,
+    error: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Connection {
+    Connecting,
+    Up,
+    Down,
+}
+
+impl EtcdRegistry {
+    /// Parses `etcd://host:port[,host:port...]` and starts the watch and keep-alive
+    /// tasks. Does not wait for etcd: until it answers, the registry reports itself
+    /// unhealthy and writes fail with [`RegistryError::Unavailable`].
+    pub fn connect(url: &str) -> Result<Self, RegistryError> {
+        let endpoints = parse_url(url)?;
+        let backend = format!("etcd://{}", endpoints.join(","));
+        let inner = Arc::new(Inner {
+            gateway: Gateway::new(endpoints),
+            backend,
+            cache: Mutex::new(HashMap::new()),
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            changes: watch::channel(0).0,
+            seen_revision: watch::channel(0).0,
+            health: Mutex::new(Health {
+                state: Connection::Connecting,
+                error: Some("connecting".into()),
+            }),
+            owned: tokio::sync::Mutex::new(Owned::default()),
+        });
+        let tasks = vec![
+            tokio::spawn(watch_loop(inner.clone())),
+            tokio::spawn(keepalive_loop(inner.clone())),
+        ];
+        Ok(EtcdRegistry { inner, tasks })
+    }
+}
+
+impl Drop for EtcdRegistry {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
+    // Never repeat a password back: show the URL without what precedes an '@'.
+    let shown = match url.split_once('@') {
+        Some((_, host)) => format!("etcd://***@{host}"),
+        None => url.to_string(),
+    };
+    let invalid = |why: &str| {
+        RegistryError::Invalid(format!(
+            "registry URL {shown:?} {why}: write etcd://host:port[,host:port...]"
+        ))
+    };
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| invalid("is not an etcd URL"))?;
+    if rest.contains('@') {
+        return Err(invalid(
+            "has credentials, which are not supported (etcd auth is not implemented yet)",
+        ));
+    }
+    let rest = rest.trim_end_matches('/');
+    let endpoints: Vec<String> = rest.split(',').map(|s| s.trim().to_string()).collect();
+    for e in &endpoints {
+        let ok = e
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(invalid(&format!("has an endpoint {e:?} without host:port")));
+        }
+    }
+    Ok(endpoints)
+}
+
+fn key_for(reg: &Service) -> String {
+    format!("{PREFIX}{}/{}", reg.name, reg.nodes[0].id)
+}
+
+/// The end of the key range that holds every key starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().expect("non-empty prefix") += 1;
+    end
+}
+
+fn ttl_secs(ttl: Duration) -> i64 {
+    (ttl.as_secs_f64().ceil() as i64).max(1)
+}
+
+/// etcd's gateway writes 64-bit integers as JSON strings.
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl Inner {
+    fn unavailable(&self, e: GatewayError) -> RegistryError {
+        RegistryError::Unavailable {
+            backend: self.backend.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn set_health(&self, ok: bool, error: Option<String>) {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let next = if ok { Connection::Up } else { Connection::Down };
+        match (h.state, next) {
+            (Connection::Connecting, Connection::Up) => {
+                tracing::info!(backend = %self.backend, "registry backend connected")
+            }
+            (Connection::Down, Connection::Up) => {
+                tracing::info!(backend = %self.backend, "registry backend reconnected")
+            }
+            (Connection::Up | Connection::Connecting, Connection::Down) => tracing::warn!(
+                backend = %self.backend,
+                error = error.as_deref().unwrap_or(""),
+                "registry backend unreachable; retrying"
+            ),
+            _ => {}
+        }
+        h.state = next;
+        h.error = error;
+    }
+
+    fn is_up(&self) -> bool {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).state == Connection::Up
+    }
+
+    fn publish(&self, cache: &HashMap<String, Service>) {
+        self.catalog.store(Arc::new(Catalog::build(cache.values())));
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    async fn grant(&self, ttl: i64) -> Result<i64, GatewayError> {
+        let res = self.gateway.call("/v3/lease/grant", json!({ "TTL": ttl })).await?;
+        Ok(int(&res["ID"]))
+    }
+
+    async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, GatewayError> {
+        let res = self
+            .gateway
+            .call(
+                "/v3/kv/put",
+                json!({ "key": B64.encode(key), "value": B64.encode(value), "lease": lease.to_string() }),
+            )
+            .await?;
+        Ok(int(&res["header"]["revision"]))
+    }
+
+    /// The session lease, granted on first use.
+    async fn session_lease(&self, owned: &mut Owned) -> Result<i64, GatewayError> {
+        if let Some(id) = owned.session_lease {
+            return Ok(id);
+        }
+        let id = self.grant(SESSION_TTL.as_secs() as i64).await?;
+        owned.session_lease = Some(id);
+        Ok(id)
+    }
+
+    /// Writes every registration this sidecar still owns again, under fresh leases.
+    async fn restore(&self, owned: &mut Owned) -> Result<(), GatewayError> {
+        let now = Instant::now();
+        owned
+            .keys
+            .retain(|_, k| k.deadline.is_none_or(|d| d > now));
+        owned.session_lease = None;
+        if owned.keys.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = owned.keys.keys().cloned().collect();
+        let mut rev = 0;
+        for key in keys {
+            let (value, deadline) = {
+                let k = &owned.keys[&key];
+                (k.value.clone(), k.deadline)
+            };
+            let lease = match deadline {
+                None => self.session_lease(owned).await?,
+                Some(d) => self.grant(ttl_secs(d.saturating_duration_since(now))).await?,
+            };
+            rev = self.put(&key, &value, lease).await?;
+            if let Some(k) = owned.keys.get_mut(&key) {
+                k.lease = lease;
+            }
+        }
+        tracing::info!(
+            backend = %self.backend,
+            registrations = owned.keys.len(),
+            "registrations restored in the registry backend"
+        );
+        self.wait_seen(rev).await;
+        Ok(())
+    }
+
+    async fn wait_seen(&self, revision: i64) {
+        let mut rx = self.seen_revision.subscribe();
+        let _ = tokio::time::timeout(READ_YOUR_WRITE_LIMIT, rx.wait_for(|s| *s >= revision)).await;
+    }
+}
+
+/// Keeps the session lease alive, notices outages, and restores registrations after
+/// one (or when etcd lost the lease).
+async fn keepalive_loop(inner: Arc<Inner>) {
+    let mut was_down = false;
+    loop {
+        tokio::time::sleep(KEEPALIVE_EVERY).await;
+        let mut owned = inner.owned.lock().await;
+        let now = Instant::now();
+        owned
+            .keys
+            .retain(|_, k| k.deadline.is_none_or(|d| d > now));
+        let alive = match owned.session_lease {
+            Some(id) => inner
+                .gateway
+                .call("/v3/lease/keepalive", json!({ "ID": id.to_string() }))
+                .await
+                .map(|res| int(&res["result"]["TTL"]) > 0),
+            None => inner.gateway.call("/v3/maintenance/status", json!({})).await.map(|_| true),
+        };
+        match alive {
+            Err(e) => {
+                if !was_down {
+                    inner.set_health(false, Some(e.to_string()));
+                }
+                was_down = true;
+            }
+            Ok(lease_alive) => {
+                if was_down || !lease_alive {
+                    if !lease_alive {
+                        tracing::warn!(backend = %inner.backend, "registry lease lost (etcd restarted without its data?); restoring registrations");
+                    }
+                    match inner.restore(&mut owned).await {
+                        Ok(()) => was_down = false,
+                        Err(e) => {
+                            inner.set_health(false, Some(e.to_string()));
+                            was_down = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the catalog equal to etcd's prefix: range, then watch; again on any break.
+async fn watch_loop(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Err(e) = sync_and_watch(&inner, &mut backoff).await {
+            inner.set_health(false, Some(e.to_string()));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), GatewayError> {
+    let end = prefix_end(PREFIX);
+    let res = inner
+        .gateway
+        .call(
+            "/v3/kv/range",
+            json!({ "key": B64.encode(PREFIX), "range_end": B64.encode(&end) }),
+        )
+        .await?;
+    let revision = int(&res["header"]["revision"]);
+    {
+        let mut cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.clear();
+        for kv in res["kvs"].as_array().into_iter().flatten() {
+            apply_put(&mut cache, kv);
+        }
+        inner.publish(&cache);
+    }
+    inner.seen_revision.send_replace(revision);
+    inner.set_health(true, None);
+    *backoff = Duration::from_millis(100);
+
+    let mut body = inner
+        .gateway
+        .stream(
+            "/v3/watch",
+            json!({ "create_request": {
+                "key": B64.encode(PREFIX),
+                "range_end": B64.encode(&end),
+                "start_revision": (revision + 1).to_string(),
+            }}),
+        )
+        .await?;
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::Unreachable(describe(&e)))?;
+        let Ok(data) = frame.into_data() else { continue };
+        buf.extend_from_slice(&data);
+        // The gateway streams one JSON object per watch response, back to back.
+        let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+        let mut consumed = 0;
+        let mut messages = Vec::new();
+        while let Some(item) = stream.next() {
+            match item {
+                Ok(v) => {
+                    messages.push(v);
+                    consumed = stream.byte_offset();
+                }
+                Err(e) if e.is_eof() => break,
+                Err(e) => return Err(GatewayError::Etcd(format!("bad watch message: {e}"))),
+            }
+        }
+        buf.advance(consumed);
+        for msg in messages {
+            let result = &msg["result"];
+            if msg.get("error").is_some() || result["canceled"] == json!(true) {
+                return Err(GatewayError::Etcd(format!("watch ended: {msg}")));
+            }
+            if let Some(events) = result["events"].as_array() {
+                let mut cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+                for ev in events {
+                    if ev["type"] == "DELETE" {
+                        let key = decode(&ev["kv"]["key"]);
+                        cache.remove(&String::from_utf8_lossy(&key).into_owned());
+                    } else {
+                        apply_put(&mut cache, &ev["kv"]);
+                    }
+                }
+                inner.publish(&cache);
+            }
+            let rev = int(&result["header"]["revision"]);
+            inner.seen_revision.send_if_modified(|s| {
+                let newer = rev > *s;
+                if newer {
+                    *s = rev;
+                }
+                newer
+            });
+        }
+    }
+    Err(GatewayError::Unreachable("watch stream closed".into()))
+}
+
+fn decode(v: &Value) -> Vec<u8> {
+    v.as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .unwrap_or_default()
+}
+
+fn apply_put(cache: &mut HashMap<String, Service>, kv: &Value) {
+    let key = String::from_utf8_lossy(&decode(&kv["key"])).into_owned();
+    match serde_json::from_slice::<Service>(&decode(&kv["value"])) {
+        Ok(reg) if !reg.nodes.is_empty() => {
+            cache.insert(key, reg);
+        }
+        // A value another program wrote under our prefix: ignore it, loudly.
+        _ => tracing::warn!(%key, "ignoring a registry key whose value is not a registration"),
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(
+        &self,
+        service: &Service,
+        ttl: Option<Duration>,
+    ) -> Result<(), RegistryError> {
+        let inner = &self.inner;
+        let mut owned = inner.owned.lock().await;
+        let attempt = async {
+            let (lease, deadline) = match ttl {
+                Some(t) => (inner.grant(ttl_secs(t)).await?, Some(Instant::now() + t)),
+                None => (inner.session_lease(&mut owned).await?, None),
+            };
+            let mut rev = 0;
+            for reg in per_node(service) {
+                let key = key_for(&reg);
+                let value = serde_json::to_vec(&reg).expect("service serializes");
+                rev = inner.put(&key, &value, lease).await?;
+                owned.keys.insert(
+                    key,
+                    OwnedKey {
+                        value,
+                        deadline,
+                        lease,
+                    },
+                );
+            }
+            Ok::<i64, GatewayError>(rev)
+        };
+        let rev = match attempt.await {
+            Ok(rev) => rev,
+            Err(e) if e.is_lease_not_found() => {
+                // The session lease is gone (etcd lost its data): restore everything
+                // we own, this registration included.
+                drop(owned);
+                let mut owned = inner.owned.lock().await;
+                owned.session_lease = None;
+                for reg in per_node(service) {
+                    owned.keys.insert(
+                        key_for(&reg),
+                        OwnedKey {
+                            value: serde_json::to_vec(&reg).expect("service serializes"),
+                            deadline: ttl.map(|t| Instant::now() + t),
+                            lease: 0,
+                        },
+                    );
+                }
+                inner.restore(&mut owned).await.map_err(|e| inner.unavailable(e))?;
+                return Ok(());
+            }
+            Err(e) => return Err(inner.unavailable(e)),
+        };
+        drop(owned);
+        inner.wait_seen(rev).await;
+        Ok(())
+    }
+
+    async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
+        let inner = &self.inner;
+        let mut keys: Vec<String> = {
+            let cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .iter()
+                .filter(|(_, reg)| deregisters(service, reg))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut owned = inner.owned.lock().await;
+        // Also keys we wrote that the watch has not shown yet.
+        for key in owned.keys.keys() {
+            let named = service.nodes.iter().any(|n| *key == format!("{PREFIX}{}/{}", service.name, n.id));
+            if named && !keys.contains(key) {
+                keys.push(key.clone());
+            }
+        }
+        let mut removed = 0;
+        let mut rev = 0;
+        for key in &keys {
+            let res = inner
+                .gateway
+                .call("/v3/kv/deleterange", json!({ "key": B64.encode(key) }))
+                .await
+                .map_err(|e| inner.unavailable(e))?;
+            removed += int(&res["deleted"]) as usize;
+            rev = int(&res["header"]["revision"]);
+            owned.keys.remove(key);
+        }
+        drop(owned);
+        inner.wait_seen(rev).await;
+        Ok(removed)
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.inner.catalog.load_full()
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn status(&self) -> BackendStatus {
+        let h = self.inner.health.lock().unwrap_or_else(|e| e.into_inner());
+        BackendStatus {
+            backend: self.inner.backend.clone(),
+            healthy: h.state == Connection::Up,
+            error: h.error.clone(),
+        }
+    }
+
+    async fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let mut owned = self.inner.owned.lock().await;
+        let mut leases: Vec<i64> = owned.keys.values().map(|k| k.lease).collect();
+        leases.extend(owned.session_lease);
+        leases.sort_unstable();
+        leases.dedup();
+        if self.inner.is_up() {
+            for id in leases {
+                let _ = self
+                    .inner
+                    .gateway
+                    .call("/v3/lease/revoke", json!({ "ID": id.to_string() }))
+                    .await;
+            }
+        }
+        owned.keys.clear();
+        owned.session_lease = None;
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+enum GatewayError {
+    #[error("{0}")]
+    Unreachable(String),
+    #[error("etcd answered: {0}")]
+    Etcd(String),
+}
+
+impl GatewayError {
+    fn is_lease_not_found(&self) -> bool {
+        matches!(self, GatewayError::Etcd(m) if m.contains("lease not found"))
+    }
+}
+
+/// An error and its causes, `outer: inner: root`.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// etcd's v3 JSON gateway on one or more endpoints, failing over between them.
+struct Gateway {
+    endpoints: Vec<String>,
+    current: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Gateway {
+    fn new(endpoints: Vec<String>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
+        Gateway {
+            endpoints,
+            current: AtomicUsize::new(0),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
+        let n = self.endpoints.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let endpoint = &self.endpoints[idx];
+            let req = http::Request::post(format!("http://{endpoint}{path}"))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("request builds");
+            match self.client.request(req).await {
+                Ok(res) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(res);
+                }
+                Err(e) => last = format!("{endpoint}: {}", describe(&e)),
+            }
+        }
+        Err(GatewayError::Unreachable(last))
+    }
+
+    /// A unary call: the response JSON, or the error etcd gave.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, GatewayError> {
+        let attempt = async {
+            let res = self.send(path, &body).await?;
+            let status = res.status();
+            let bytes = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| GatewayError::Unreachable(describe(&e)))?
+                .to_bytes();
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if !status.is_success() {
+                let msg = value["message"]
+                    .as_str()
+                    .or(value["error"].as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+                return Err(GatewayError::Etcd(msg));
+            }
+            Ok(value)
+        };
+        tokio::time::timeout(CALL_TIMEOUT, attempt)
+            .await
+            .map_err(|_| GatewayError::Unreachable(format!("no answer within {CALL_TIMEOUT:?}")))?
+    }
+
+    /// A streaming call (watch): the response body, read by the caller.
+    async fn stream(
+        &self,
+        path: &str,
+        body: Value,
+    ) -> Result<hyper::body::Incoming, GatewayError> {
+        let res = tokio::time::timeout(CALL_TIMEOUT, self.send(path, &body))
+            .await
+            .map_err(|_| GatewayError::Unreachable(format!("no answer within {CALL_TIMEOUT:?}")))??;
+        if !res.status().is_success() {
+            return Err(GatewayError::Etcd(format!("watch refused: {}", res.status())));
+        }
+        Ok(res.into_body())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoint_lists_and_refuses_the_rest() {
+        assert_eq!(parse_url("etcd://127.0.0.1:2379").unwrap(), ["127.0.0.1:2379"]);
+        assert_eq!(
+            parse_url("etcd://a:1, b:2/").unwrap(),
+            ["a:1".to_string(), "b:2".to_string()]
+        );
+        for bad in ["etcd://", "etcd://a", "etcd://a:0", "etcd://u:p@a:1", "etcd://a:1,,b:2"] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        let err = parse_url("etcd://u:secret@a:1").unwrap_err().to_string();
+        assert!(err.contains("credentials"), "{err}");
+        assert!(!err.contains("secret"), "the password leaked: {err}");
+    }
+
+    #[test]
+    fn prefix_range_covers_the_prefix_only() {
+        assert_eq!(prefix_end("/pillion/registry/"), b"/pillion/registry0");
+        assert_eq!(ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(10)), 1);
+    }
+}

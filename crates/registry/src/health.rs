@@ -1,0 +1,245 @@
+//! Registration of the local app, kept true by a health check.
+//!
+//! The app is registered at start as node `NAME-<uuid>` with a TTL and registered again
+//! every third of that TTL, so it never lapses while the sidecar lives. With a health
+//! URL, the URL is fetched every interval: an error, a timeout or a non-2xx answer
+//! takes the node out of the registry, and the next success puts it back. On shutdown
+//! [`AppRegistration::stop`] deregisters it. Each change of state is one log line.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use pillion_core::{Node, Service};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::Registry;
+
+/// What to register and how to check it.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub name: String,
+    /// `host:port` other services use to reach the app.
+    pub address: String,
+    pub metadata: BTreeMap<String, String>,
+    /// `http://...`; without it the app is registered and never checked.
+    pub healthcheck_url: Option<String>,
+    pub healthcheck_interval: Duration,
+    pub healthcheck_timeout: Duration,
+    pub register_ttl: Duration,
+}
+
+/// What `/statusz` shows of the app's registration.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub node_id: String,
+    pub address: String,
+    pub registered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_health_check: Option<CheckResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_registry_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub healthy: bool,
+    /// `200 OK`, or what went wrong.
+    pub detail: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// The running registration loop of the local app.
+pub struct AppRegistration {
+    registry: Arc<dyn Registry>,
+    service: Service,
+    status: Arc<Mutex<AppStatus>>,
+    task: JoinHandle<()>,
+}
+
+/// Checks that a health URL is something this checker can fetch.
+pub fn validate_health_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http"), Some(_)) => Ok(()),
+        (Some("https"), _) => Err(format!(
+            "{url:?}: https health checks are not supported; use the app's plain http address"
+        )),
+        _ => Err(format!("{url:?} must look like http://127.0.0.1:9090/health")),
+    }
+}
+
+impl AppRegistration {
+    /// Starts registering and checking the app. The first health check (or, without a
+    /// health URL, the first registration) happens at once.
+    pub fn start(registry: Arc<dyn Registry>, cfg: AppConfig) -> AppRegistration {
+        let node_id = format!("{}-{}", cfg.name, pillion_core::id::uuid_v4());
+        let service = Service {
+            name: cfg.name.clone(),
+            nodes: vec![Node {
+                id: node_id.clone(),
+                address: cfg.address.clone(),
+                port: 0,
+                metadata: cfg.metadata.clone(),
+            }],
+            ..Service::default()
+        };
+        let status = Arc::new(Mutex::new(AppStatus {
+            name: cfg.name.clone(),
+            node_id,
+            address: cfg.address.clone(),
+            registered: false,
+            last_health_check: None,
+            last_registry_error: None,
+        }));
+        let task = tokio::spawn(run(registry.clone(), cfg, service.clone(), status.clone()));
+        AppRegistration {
+            registry,
+            service,
+            status,
+            task,
+        }
+    }
+
+    pub fn status(&self) -> AppStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops checking and takes the app out of the registry.
+    pub async fn stop(self) {
+        self.task.abort();
+        let was_registered = self.status().registered;
+        let _ = self.task.await;
+        match self.registry.deregister(&self.service).await {
+            Ok(_) if was_registered => tracing::info!(
+                service = %self.service.name,
+                node = %self.service.nodes[0].id,
+                "app deregistered (shutdown)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not deregister the app at shutdown"),
+        }
+    }
+}
+
+async fn run(
+    registry: Arc<dyn Registry>,
+    cfg: AppConfig,
+    service: Service,
+    status: Arc<Mutex<AppStatus>>,
+) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let node = service.nodes[0].id.clone();
+    let update = |f: &dyn Fn(&mut AppStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut healthy = cfg.healthcheck_url.is_none();
+    let mut registered = false;
+    let mut health_tick = tokio::time::interval(cfg.healthcheck_interval);
+    let mut register_tick = tokio::time::interval((cfg.register_ttl / 3).max(Duration::from_millis(100)));
+    for tick in [&mut health_tick, &mut register_tick] {
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        let check_now = tokio::select! {
+            _ = health_tick.tick(), if cfg.healthcheck_url.is_some() => true,
+            _ = register_tick.tick() => false,
+        };
+        if check_now {
+            let url = cfg.healthcheck_url.as_deref().unwrap_or_default();
+            let result = check(&client, url, cfg.healthcheck_timeout).await;
+            let was_healthy = healthy;
+            healthy = result.healthy;
+            if !healthy && (was_healthy || registered) {
+                tracing::warn!(service = %cfg.name, %node, url, detail = %result.detail, "app health check failed");
+            }
+            update(&|s| s.last_health_check = Some(result.clone()));
+            if !healthy && registered {
+                match registry.deregister(&service).await {
+                    Ok(_) => {
+                        registered = false;
+                        tracing::info!(service = %cfg.name, %node, "app deregistered (unhealthy)");
+                    }
+                    Err(e) => tracing::warn!(service = %cfg.name, error = %e, "could not deregister the unhealthy app; will retry"),
+                }
+            }
+        }
+        // Register on the first success and refresh on every re-register tick.
+        if healthy && (!registered || !check_now) {
+            match registry.register(&service, Some(cfg.register_ttl)).await {
+                Ok(()) => {
+                    if !registered {
+                        tracing::info!(service = %cfg.name, %node, address = %cfg.address, "app registered");
+                    }
+                    registered = true;
+                    update(&|s| s.last_registry_error = None);
+                }
+                Err(e) => {
+                    if registered || status.lock().unwrap_or_else(|e| e.into_inner()).last_registry_error.is_none() {
+                        tracing::warn!(service = %cfg.name, error = %e, "app registration failed; will retry");
+                    }
+                    registered = false;
+                    let msg = e.to_string();
+                    update(&|s| s.last_registry_error = Some(msg.clone()));
+                }
+            }
+        }
+        update(&|s| s.registered = registered);
+    }
+}
+
+async fn check(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    timeout: Duration,
+) -> CheckResult {
+    let at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let attempt = async {
+        let req = http::Request::get(url)
+            .header(http::header::USER_AGENT, "pillion-healthcheck")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let res = client.request(req).await.map_err(|e| {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(inner) = src {
+                s = format!("{s}: {inner}");
+                src = inner.source();
+            }
+            s
+        })?;
+        let status = res.status();
+        // Drain the body so the connection can be reused.
+        let _ = res.into_body().collect().await;
+        Ok::<_, String>(status)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(status)) => CheckResult {
+            healthy: status.is_success(),
+            detail: status.to_string(),
+            at,
+        },
+        Ok(Err(e)) => CheckResult {
+            healthy: false,
+            detail: e,
+            at,
+        },
+        Err(_) => CheckResult {
+            healthy: false,
+            detail: format!("no answer within {}", pillion_core::duration::format(timeout)),
+            at,
+        },
+    }
+}

@@ -1,0 +1,115 @@
+//! The service registry: who serves what, and where.
+//!
+//! - [`Registry`] is the port: register and deregister nodes, read a [`Catalog`]
+//!   snapshot without locks, and be told when it changes.
+//! - [`memory`] is the embedded adapter (the default): one process, TTLs honoured.
+//! - [`etcd`] keeps registrations in etcd v3 under leases, so they vanish when their
+//!   TTL lapses or the sidecar that made them dies, and watches the registry prefix so
+//!   every sidecar's catalog follows within milliseconds.
+//! - [`api`] is the micro-sidecar compatible `/registry` HTTP API over any adapter.
+//! - [`health`] registers the local app, checks its health URL and takes it out of the
+//!   registry while it is unhealthy.
+//!
+//! Nothing here sits on the request data path except [`Registry::catalog`], which is a
+//! lock-free `ArcSwap` load.
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod catalog;
+pub mod etcd;
+pub mod health;
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pillion_core::Service;
+
+pub use catalog::Catalog;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The backend cannot be reached; nothing was changed.
+    #[error("registry {backend} is unreachable: {detail}")]
+    Unavailable { backend: String, detail: String },
+    /// A deregistration named nodes that are not registered.
+    #[error("{0}")]
+    NotFound(String),
+    /// The registry URL or a registration is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The health of a registry backend, for `/healthz` and `/statusz`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackendStatus {
+    /// `memory` or `etcd://host:port,...` (never with credentials).
+    pub backend: String,
+    pub healthy: bool,
+    /// Why it is unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The registry port. Adapters pass the same contract suite (`tests/contract.rs`).
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Adds the service's nodes, replacing nodes with the same id (an upsert).
+    /// With a `ttl` the nodes vanish when it lapses unless registered again; without
+    /// one they stay until deregistered (memory) or until this sidecar dies (etcd).
+    /// When this returns `Ok`, [`Registry::catalog`] shows the nodes.
+    async fn register(&self, service: &Service, ttl: Option<Duration>)
+        -> Result<(), RegistryError>;
+
+    /// Removes the listed nodes of the service, or all of its nodes (of that version)
+    /// when none are listed. Returns how many nodes were removed.
+    async fn deregister(&self, service: &Service) -> Result<usize, RegistryError>;
+
+    /// The current view of every registered service, read without locks.
+    fn catalog(&self) -> Arc<Catalog>;
+
+    /// A receiver whose value changes each time the catalog does.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Whether the backend is reachable.
+    fn status(&self) -> BackendStatus;
+
+    /// Graceful shutdown: release what this sidecar holds (etcd: revoke its leases, so
+    /// its registrations vanish now rather than when they time out).
+    async fn close(&self);
+}
+
+/// Opens the registry named by `url`: `memory` or `etcd://host:port[,host:port...]`.
+///
+/// An etcd that is down is not an error here: the adapter keeps retrying in the
+/// background and reports itself unhealthy until it connects.
+pub fn open(url: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+    match url {
+        "memory" | "memory://" => Ok(Arc::new(memory::MemoryRegistry::new())),
+        u if u.starts_with("etcd://") => Ok(Arc::new(etcd::EtcdRegistry::connect(u)?)),
+        other => Err(RegistryError::Invalid(format!(
+            "unknown registry {other:?}: use memory or etcd://host:port[,host:port]"
+        ))),
+    }
+}
+
+/// Whether a deregistration request `req` covers the registered single-node
+/// registration `reg`: the same name and either one of the listed node ids, or, when
+/// no nodes are listed, the same version (any version when `req` names none).
+fn deregisters(req: &Service, reg: &Service) -> bool {
+    if req.name != reg.name {
+        return false;
+    }
+    if req.nodes.is_empty() {
+        return req.version.is_empty() || req.version == reg.version;
+    }
+    reg.nodes.iter().any(|n| req.nodes.iter().any(|r| r.id == n.id))
+}
+
+/// One registration per node: the unit both adapters store (an etcd key, a map entry).
+fn per_node(service: &Service) -> impl Iterator<Item = Service> + '_ {
+    service.nodes.iter().map(move |node| Service {
+        nodes: vec![node.clone()],
+        ..service.without_nodes()
+    })
+}

@@ -1,0 +1,143 @@
+//! The registry contract: every adapter must pass the same suite, run here against the
+//! embedded memory registry and a real etcd.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pillion_core::{Node, Service};
+use pillion_registry::{open, Registry};
+use pillion_testkit::Server;
+
+fn service(name: &str, version: &str, nodes: &[(&str, &str)]) -> Service {
+    Service {
+        name: name.into(),
+        version: version.into(),
+        nodes: nodes
+            .iter()
+            .map(|(id, address)| Node {
+                id: id.to_string(),
+                address: address.to_string(),
+                ..Node::default()
+            })
+            .collect(),
+        ..Service::default()
+    }
+}
+
+fn addresses(reg: &dyn Registry, name: &str) -> Vec<String> {
+    reg.catalog()
+        .get(name)
+        .map(|versions| {
+            versions
+                .iter()
+                .flat_map(|s| s.nodes.iter().map(|n| format!("{}={}", n.id, n.address)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+async fn contract(reg: Arc<dyn Registry>) {
+    let mut changes = reg.changes();
+    changes.borrow_and_update();
+
+    // Register two nodes; they show at once (read your writes) and sorted by id.
+    reg.register(&service("greeter", "", &[("b", "127.0.0.1:2"), ("a", "127.0.0.1:1")]), None)
+        .await
+        .unwrap();
+    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:1", "b=127.0.0.1:2"]);
+    assert!(changes.has_changed().unwrap(), "a change must be signalled");
+    assert_eq!(reg.catalog().names().collect::<Vec<_>>(), ["greeter"]);
+
+    // The same node id again replaces the node instead of adding a second one.
+    reg.register(&service("greeter", "", &[("a", "127.0.0.1:11")]), None)
+        .await
+        .unwrap();
+    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11", "b=127.0.0.1:2"]);
+
+    // Another version is listed beside the first.
+    reg.register(&service("greeter", "2", &[("c", "127.0.0.1:3")]), None)
+        .await
+        .unwrap();
+    let versions: Vec<String> = reg
+        .catalog()
+        .get("greeter")
+        .unwrap()
+        .iter()
+        .map(|s| s.version.clone())
+        .collect();
+    assert_eq!(versions, ["", "2"]);
+
+    // Deregistering a listed node removes only it; an unknown node removes nothing.
+    assert_eq!(reg.deregister(&service("greeter", "", &[("b", "x:1")])).await.unwrap(), 1);
+    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11", "c=127.0.0.1:3"]);
+    assert_eq!(reg.deregister(&service("greeter", "", &[("zz", "x:1")])).await.unwrap(), 0);
+    assert_eq!(reg.deregister(&service("nobody", "", &[])).await.unwrap(), 0);
+
+    // Deregistering without nodes removes the whole version.
+    assert_eq!(reg.deregister(&service("greeter", "2", &[])).await.unwrap(), 1);
+    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11"]);
+    assert_eq!(reg.deregister(&service("greeter", "", &[])).await.unwrap(), 1);
+    assert!(reg.catalog().get("greeter").is_none());
+    assert!(reg.catalog().is_empty());
+
+    // A TTL lapses unless the registration is renewed; the renewed one stays.
+    let ttl = Duration::from_secs(2);
+    reg.register(&service("short", "", &[("s1", "127.0.0.1:5")]), Some(ttl))
+        .await
+        .unwrap();
+    reg.register(&service("short", "", &[("s2", "127.0.0.1:6")]), Some(ttl))
+        .await
+        .unwrap();
+    assert_eq!(addresses(&*reg, "short").len(), 2);
+    let registered = Instant::now();
+    let renew = tokio::spawn({
+        let reg = reg.clone();
+        async move {
+            for _ in 0..12 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                reg.register(&service("short", "", &[("s2", "127.0.0.1:6")]), Some(ttl))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let gone = eventually(Duration::from_secs(8), || addresses(&*reg, "short") == ["s2=127.0.0.1:6"]).await;
+    assert!(gone, "s1 should expire, got {:?}", addresses(&*reg, "short"));
+    assert!(registered.elapsed() >= Duration::from_millis(1900), "expired too early");
+    renew.await.unwrap();
+    assert_eq!(addresses(&*reg, "short"), ["s2=127.0.0.1:6"], "the renewed node must stay");
+    assert!(reg.status().healthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_registry_passes_the_contract() {
+    let reg = open("memory").unwrap();
+    assert_eq!(reg.status().backend, "memory");
+    contract(reg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_passes_the_contract() {
+    let etcd = Server::etcd();
+    let reg = open(&etcd.url()).unwrap();
+    assert!(eventually(Duration::from_secs(5), || reg.status().healthy).await, "{:?}", reg.status());
+    assert_eq!(reg.status().backend, etcd.url());
+    contract(reg).await;
+}
+
+#[test]
+fn unknown_registry_urls_are_refused_with_the_forms_that_work() {
+    let err = open("consul://x:1").err().unwrap().to_string();
+    assert!(err.contains("memory or etcd://host:port"), "{err}");
+}

@@ -1,0 +1,20 @@
+//! Test support shared by pillion's crates. Tests use real parts, never mocks:
+//!
+//! - [`server`]: starts a real etcd, redis-server or nats-server on free loopback ports
+//!   in its own temporary directory, waits until it answers, and kills it on drop. It
+//!   can kill and restart the server on the same port and data, for failure tests.
+//! - [`process`]: any other child process (a `pillion` under test) that is killed on
+//!   drop, and waiting for a port to accept connections.
+//! - [`app`]: a small HTTP app on a free port whose health answer a test switches
+//!   between healthy, failing and hanging, and which counts the requests it gets.
+//! - [`http`]: a minimal async HTTP client for asserting what a user would see.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod http;
+pub mod process;
+pub mod server;
+
+pub use app::{Health, TestApp};
+pub use process::{free_port, wait_for_port, Daemon};
+pub use server::Server;
