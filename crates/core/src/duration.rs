@@ -168,7 +168,10 @@ mod tests {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("invalid duration"), "{bad}: {e}");
         }
-        assert!(parse("30").unwrap_err().to_string().contains("unit is missing"));
+        assert!(parse("30")
+            .unwrap_err()
+            .to_string()
+            .contains("unit is missing"));
     }
 
     #[test]

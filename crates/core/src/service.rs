@@ -178,7 +178,8 @@ mod tests {
 
     #[test]
     fn accepts_micro_readme_json_with_capitalised_keys() {
-        let body = br#"{"Name":"foo.bar","Nodes":[{"Port":9091,"Address":"127.0.0.1","Id":"foo.bar-1"}]}"#;
+        let body =
+            br#"{"Name":"foo.bar","Nodes":[{"Port":9091,"Address":"127.0.0.1","Id":"foo.bar-1"}]}"#;
         let s = Service::from_json(body).unwrap();
         assert_eq!(s.name, "foo.bar");
         assert_eq!(s.nodes[0].endpoint(), "127.0.0.1:9091");
@@ -220,20 +221,39 @@ mod tests {
             (br#"{"nodes":[]}"#, "missing field `name`"),
             (br#"{"name":" "}"#, "name is missing"),
             (br#"{"name":"a/b"}"#, "must not contain '/'"),
-            (br#"{"name":"a","nodes":[{"id":"1","address":"h"}]}"#, "has no port"),
-            (br#"{"name":"a","nodes":[{"id":"1","address":"::1"}]}"#, "has no port"),
-            (br#"{"name":"a","nodes":[{"address":"h:1"}]}"#, "missing field `id`"),
-            (br#"{"name":"a","nodes":[{"id":"1","adress":"h:1"}]}"#, "unknown field `adress`"),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"h"}]}"#,
+                "has no port",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"::1"}]}"#,
+                "has no port",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"address":"h:1"}]}"#,
+                "missing field `id`",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","adress":"h:1"}]}"#,
+                "unknown field `adress`",
+            ),
             (br#"{"name":"a","Name":"b"}"#, "given twice"),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h:1"},{"id":"1","address":"h:2"}]}"#,
                 "appears twice",
             ),
-            (br#"{"name":"a","nodes":[{"id":"1","address":"h:1","port":70000}]}"#, "invalid value"),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"h:1","port":70000}]}"#,
+                "invalid value",
+            ),
         ];
         for (body, want) in cases {
             let err = Service::from_json(body).unwrap_err().to_string();
-            assert!(err.contains(want), "{}: got {err:?}, want {want:?}", String::from_utf8_lossy(body));
+            assert!(
+                err.contains(want),
+                "{}: got {err:?}, want {want:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

@@ -29,16 +29,17 @@ pub const MAX_BODY: usize = 1 << 20;
 /// The routes, over any registry adapter.
 pub fn router(registry: Arc<dyn Registry>) -> Router {
     Router::new()
-        .route(
-            "/registry",
-            get(lookup).post(register).delete(deregister),
-        )
+        .route("/registry", get(lookup).post(register).delete(deregister))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(registry)
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {
-    ApiError::new(ID, status, detail).into_response().into_response()
+    reply(ApiError::new(ID, status, detail))
+}
+
+fn reply(e: ApiError) -> Response {
+    e.into_response().into_response()
 }
 
 fn registry_error(e: RegistryError) -> Response {
@@ -50,24 +51,24 @@ fn registry_error(e: RegistryError) -> Response {
     error(status, e.to_string())
 }
 
-fn body_error(e: BytesRejection) -> Response {
+fn body_error(e: BytesRejection) -> ApiError {
     let status = e.status();
     let detail = if status == StatusCode::PAYLOAD_TOO_LARGE {
         format!("request body is larger than {MAX_BODY} bytes")
     } else {
         e.body_text()
     };
-    error(status, detail)
+    ApiError::new(ID, status, detail)
 }
 
-fn parse(body: Result<Bytes, BytesRejection>) -> Result<Service, Response> {
+fn parse(body: Result<Bytes, BytesRejection>) -> Result<Service, ApiError> {
     let body = body.map_err(body_error)?;
     Service::from_json(&body).map_err(|e| {
         let detail = match &e {
             ServiceError::Json(_) => format!("{e}; expected {{\"name\":...,\"nodes\":[{{\"id\":...,\"address\":\"host:port\"}}]}}"),
             ServiceError::Invalid(_) => e.to_string(),
         };
-        error(StatusCode::BAD_REQUEST, detail)
+        ApiError::new(ID, StatusCode::BAD_REQUEST, detail)
     })
 }
 
@@ -109,17 +110,23 @@ async fn register(
     let ttl = match query.ttl.as_deref().map(duration::parse) {
         None => None,
         Some(Ok(t)) if t.is_zero() => {
-            return error(StatusCode::BAD_REQUEST, "ttl must be more than 0 (omit it for no expiry)")
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ttl must be more than 0 (omit it for no expiry)",
+            )
         }
         Some(Ok(t)) => Some(t),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("ttl: {e}")),
     };
     let service = match parse(body) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(e) => return reply(e),
     };
     if service.nodes.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "nodes: at least one node is needed to register a service");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "nodes: at least one node is needed to register a service",
+        );
     }
     match registry.register(&service, ttl).await {
         Ok(()) => Json(serde_json::json!({})).into_response(),
@@ -133,7 +140,7 @@ async fn deregister(
 ) -> Response {
     let service = match parse(body) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(e) => return reply(e),
     };
     match registry.deregister(&service).await {
         Ok(0) => error(

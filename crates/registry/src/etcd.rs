@@ -131,7 +131,7 @@ impl Drop for EtcdRegistry {
     }
 }
 
-fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
+pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
     // Never repeat a password back: show the URL without what precedes an '@'.
     let shown = match url.split_once('@') {
         Some((_, host)) => format!("etcd://***@{host}"),
@@ -226,7 +226,10 @@ impl Inner {
     }
 
     async fn grant(&self, ttl: i64) -> Result<i64, GatewayError> {
-        let res = self.gateway.call("/v3/lease/grant", json!({ "TTL": ttl })).await?;
+        let res = self
+            .gateway
+            .call("/v3/lease/grant", json!({ "TTL": ttl }))
+            .await?;
         Ok(int(&res["ID"]))
     }
 
@@ -254,9 +257,7 @@ impl Inner {
     /// Writes every registration this sidecar still owns again, under fresh leases.
     async fn restore(&self, owned: &mut Owned) -> Result<(), GatewayError> {
         let now = Instant::now();
-        owned
-            .keys
-            .retain(|_, k| k.deadline.is_none_or(|d| d > now));
+        owned.keys.retain(|_, k| k.deadline.is_none_or(|d| d > now));
         owned.session_lease = None;
         if owned.keys.is_empty() {
             return Ok(());
@@ -270,7 +271,10 @@ impl Inner {
             };
             let lease = match deadline {
                 None => self.session_lease(owned).await?,
-                Some(d) => self.grant(ttl_secs(d.saturating_duration_since(now))).await?,
+                Some(d) => {
+                    self.grant(ttl_secs(d.saturating_duration_since(now)))
+                        .await?
+                }
             };
             rev = self.put(&key, &value, lease).await?;
             if let Some(k) = owned.keys.get_mut(&key) {
@@ -300,16 +304,18 @@ async fn keepalive_loop(inner: Arc<Inner>) {
         tokio::time::sleep(KEEPALIVE_EVERY).await;
         let mut owned = inner.owned.lock().await;
         let now = Instant::now();
-        owned
-            .keys
-            .retain(|_, k| k.deadline.is_none_or(|d| d > now));
+        owned.keys.retain(|_, k| k.deadline.is_none_or(|d| d > now));
         let alive = match owned.session_lease {
             Some(id) => inner
                 .gateway
                 .call("/v3/lease/keepalive", json!({ "ID": id.to_string() }))
                 .await
                 .map(|res| int(&res["result"]["TTL"]) > 0),
-            None => inner.gateway.call("/v3/maintenance/status", json!({})).await.map(|_| true),
+            None => inner
+                .gateway
+                .call("/v3/maintenance/status", json!({}))
+                .await
+                .map(|_| true),
         };
         match alive {
             Err(e) => {
@@ -384,7 +390,9 @@ async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), Gat
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| GatewayError::Unreachable(describe(&e)))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         buf.extend_from_slice(&data);
         // The gateway streams one JSON object per watch response, back to back.
         let mut stream = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
@@ -496,7 +504,10 @@ impl Registry for EtcdRegistry {
                         },
                     );
                 }
-                inner.restore(&mut owned).await.map_err(|e| inner.unavailable(e))?;
+                inner
+                    .restore(&mut owned)
+                    .await
+                    .map_err(|e| inner.unavailable(e))?;
                 return Ok(());
             }
             Err(e) => return Err(inner.unavailable(e)),
@@ -519,7 +530,10 @@ impl Registry for EtcdRegistry {
         let mut owned = inner.owned.lock().await;
         // Also keys we wrote that the watch has not shown yet.
         for key in owned.keys.keys() {
-            let named = service.nodes.iter().any(|n| *key == format!("{PREFIX}{}/{}", service.name, n.id));
+            let named = service
+                .nodes
+                .iter()
+                .any(|n| *key == format!("{PREFIX}{}/{}", service.name, n.id));
             if named && !keys.contains(key) {
                 keys.push(key.clone());
             }
@@ -680,16 +694,17 @@ impl Gateway {
     }
 
     /// A streaming call (watch): the response body, read by the caller.
-    async fn stream(
-        &self,
-        path: &str,
-        body: Value,
-    ) -> Result<hyper::body::Incoming, GatewayError> {
+    async fn stream(&self, path: &str, body: Value) -> Result<hyper::body::Incoming, GatewayError> {
         let res = tokio::time::timeout(CALL_TIMEOUT, self.send(path, &body))
             .await
-            .map_err(|_| GatewayError::Unreachable(format!("no answer within {CALL_TIMEOUT:?}")))??;
+            .map_err(|_| {
+                GatewayError::Unreachable(format!("no answer within {CALL_TIMEOUT:?}"))
+            })??;
         if !res.status().is_success() {
-            return Err(GatewayError::Etcd(format!("watch refused: {}", res.status())));
+            return Err(GatewayError::Etcd(format!(
+                "watch refused: {}",
+                res.status()
+            )));
         }
         Ok(res.into_body())
     }
@@ -701,12 +716,21 @@ mod tests {
 
     #[test]
     fn parses_endpoint_lists_and_refuses_the_rest() {
-        assert_eq!(parse_url("etcd://127.0.0.1:2379").unwrap(), ["127.0.0.1:2379"]);
+        assert_eq!(
+            parse_url("etcd://127.0.0.1:2379").unwrap(),
+            ["127.0.0.1:2379"]
+        );
         assert_eq!(
             parse_url("etcd://a:1, b:2/").unwrap(),
             ["a:1".to_string(), "b:2".to_string()]
         );
-        for bad in ["etcd://", "etcd://a", "etcd://a:0", "etcd://u:p@a:1", "etcd://a:1,,b:2"] {
+        for bad in [
+            "etcd://",
+            "etcd://a",
+            "etcd://a:0",
+            "etcd://u:p@a:1",
+            "etcd://a:1,,b:2",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
         let err = parse_url("etcd://u:secret@a:1").unwrap_err().to_string();

@@ -75,7 +75,9 @@ pub fn validate_health_url(url: &str) -> Result<(), String> {
         (Some("https"), _) => Err(format!(
             "{url:?}: https health checks are not supported; use the app's plain http address"
         )),
-        _ => Err(format!("{url:?} must look like http://127.0.0.1:9090/health")),
+        _ => Err(format!(
+            "{url:?} must look like http://127.0.0.1:9090/health"
+        )),
     }
 }
 
@@ -112,7 +114,10 @@ impl AppRegistration {
     }
 
     pub fn status(&self) -> AppStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops checking and takes the app out of the registry.
@@ -141,11 +146,13 @@ async fn run(
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let node = service.nodes[0].id.clone();
-    let update = |f: &dyn Fn(&mut AppStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
+    let update =
+        |f: &dyn Fn(&mut AppStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
     let mut healthy = cfg.healthcheck_url.is_none();
     let mut registered = false;
     let mut health_tick = tokio::time::interval(cfg.healthcheck_interval);
-    let mut register_tick = tokio::time::interval((cfg.register_ttl / 3).max(Duration::from_millis(100)));
+    let mut register_tick =
+        tokio::time::interval((cfg.register_ttl / 3).max(Duration::from_millis(100)));
     for tick in [&mut health_tick, &mut register_tick] {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
@@ -169,7 +176,9 @@ async fn run(
                         registered = false;
                         tracing::info!(service = %cfg.name, %node, "app deregistered (unhealthy)");
                     }
-                    Err(e) => tracing::warn!(service = %cfg.name, error = %e, "could not deregister the unhealthy app; will retry"),
+                    Err(e) => {
+                        tracing::warn!(service = %cfg.name, error = %e, "could not deregister the unhealthy app; will retry")
+                    }
                 }
             }
         }
@@ -184,7 +193,13 @@ async fn run(
                     update(&|s| s.last_registry_error = None);
                 }
                 Err(e) => {
-                    if registered || status.lock().unwrap_or_else(|e| e.into_inner()).last_registry_error.is_none() {
+                    if registered
+                        || status
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .last_registry_error
+                            .is_none()
+                    {
                         tracing::warn!(service = %cfg.name, error = %e, "app registration failed; will retry");
                     }
                     registered = false;
@@ -238,7 +253,10 @@ async fn check(
         },
         Err(_) => CheckResult {
             healthy: false,
-            detail: format!("no answer within {}", pillion_core::duration::format(timeout)),
+            detail: format!(
+                "no answer within {}",
+                pillion_core::duration::format(timeout)
+            ),
             at,
         },
     }

@@ -84,9 +84,20 @@ pub trait Registry: Send + Sync + 'static {
 /// An etcd that is down is not an error here: the adapter keeps retrying in the
 /// background and reports itself unhealthy until it connects.
 pub fn open(url: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+    check_url(url)?;
+    if url.starts_with("etcd://") {
+        Ok(Arc::new(etcd::EtcdRegistry::connect(url)?))
+    } else {
+        Ok(Arc::new(memory::MemoryRegistry::new()))
+    }
+}
+
+/// Checks a registry URL without connecting: `memory` or
+/// `etcd://host:port[,host:port...]`.
+pub fn check_url(url: &str) -> Result<(), RegistryError> {
     match url {
-        "memory" | "memory://" => Ok(Arc::new(memory::MemoryRegistry::new())),
-        u if u.starts_with("etcd://") => Ok(Arc::new(etcd::EtcdRegistry::connect(u)?)),
+        "memory" | "memory://" => Ok(()),
+        u if u.starts_with("etcd://") => etcd::parse_url(u).map(|_| ()),
         other => Err(RegistryError::Invalid(format!(
             "unknown registry {other:?}: use memory or etcd://host:port[,host:port]"
         ))),
@@ -103,7 +114,9 @@ fn deregisters(req: &Service, reg: &Service) -> bool {
     if req.nodes.is_empty() {
         return req.version.is_empty() || req.version == reg.version;
     }
-    reg.nodes.iter().any(|n| req.nodes.iter().any(|r| r.id == n.id))
+    reg.nodes
+        .iter()
+        .any(|n| req.nodes.iter().any(|r| r.id == n.id))
 }
 
 /// One registration per node: the unit both adapters store (an etcd key, a map entry).

@@ -64,7 +64,9 @@ impl Inner {
 /// Removes registrations whose TTL lapsed, sleeping until the next one is due.
 async fn expire(inner: Weak<Inner>) {
     loop {
-        let Some(strong) = inner.upgrade() else { return };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
         let next = {
             let mut entries = strong.entries();
             let now = Instant::now();

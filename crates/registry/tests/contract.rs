@@ -52,10 +52,16 @@ async fn contract(reg: Arc<dyn Registry>) {
     changes.borrow_and_update();
 
     // Register two nodes; they show at once (read your writes) and sorted by id.
-    reg.register(&service("greeter", "", &[("b", "127.0.0.1:2"), ("a", "127.0.0.1:1")]), None)
-        .await
-        .unwrap();
-    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:1", "b=127.0.0.1:2"]);
+    reg.register(
+        &service("greeter", "", &[("b", "127.0.0.1:2"), ("a", "127.0.0.1:1")]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        addresses(&*reg, "greeter"),
+        ["a=127.0.0.1:1", "b=127.0.0.1:2"]
+    );
     assert!(changes.has_changed().unwrap(), "a change must be signalled");
     assert_eq!(reg.catalog().names().collect::<Vec<_>>(), ["greeter"]);
 
@@ -63,7 +69,10 @@ async fn contract(reg: Arc<dyn Registry>) {
     reg.register(&service("greeter", "", &[("a", "127.0.0.1:11")]), None)
         .await
         .unwrap();
-    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11", "b=127.0.0.1:2"]);
+    assert_eq!(
+        addresses(&*reg, "greeter"),
+        ["a=127.0.0.1:11", "b=127.0.0.1:2"]
+    );
 
     // Another version is listed beside the first.
     reg.register(&service("greeter", "2", &[("c", "127.0.0.1:3")]), None)
@@ -79,15 +88,37 @@ async fn contract(reg: Arc<dyn Registry>) {
     assert_eq!(versions, ["", "2"]);
 
     // Deregistering a listed node removes only it; an unknown node removes nothing.
-    assert_eq!(reg.deregister(&service("greeter", "", &[("b", "x:1")])).await.unwrap(), 1);
-    assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11", "c=127.0.0.1:3"]);
-    assert_eq!(reg.deregister(&service("greeter", "", &[("zz", "x:1")])).await.unwrap(), 0);
-    assert_eq!(reg.deregister(&service("nobody", "", &[])).await.unwrap(), 0);
+    assert_eq!(
+        reg.deregister(&service("greeter", "", &[("b", "x:1")]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        addresses(&*reg, "greeter"),
+        ["a=127.0.0.1:11", "c=127.0.0.1:3"]
+    );
+    assert_eq!(
+        reg.deregister(&service("greeter", "", &[("zz", "x:1")]))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        reg.deregister(&service("nobody", "", &[])).await.unwrap(),
+        0
+    );
 
     // Deregistering without nodes removes the whole version.
-    assert_eq!(reg.deregister(&service("greeter", "2", &[])).await.unwrap(), 1);
+    assert_eq!(
+        reg.deregister(&service("greeter", "2", &[])).await.unwrap(),
+        1
+    );
     assert_eq!(addresses(&*reg, "greeter"), ["a=127.0.0.1:11"]);
-    assert_eq!(reg.deregister(&service("greeter", "", &[])).await.unwrap(), 1);
+    assert_eq!(
+        reg.deregister(&service("greeter", "", &[])).await.unwrap(),
+        1
+    );
     assert!(reg.catalog().get("greeter").is_none());
     assert!(reg.catalog().is_empty());
 
@@ -112,11 +143,25 @@ async fn contract(reg: Arc<dyn Registry>) {
             }
         }
     });
-    let gone = eventually(Duration::from_secs(8), || addresses(&*reg, "short") == ["s2=127.0.0.1:6"]).await;
-    assert!(gone, "s1 should expire, got {:?}", addresses(&*reg, "short"));
-    assert!(registered.elapsed() >= Duration::from_millis(1900), "expired too early");
+    let gone = eventually(Duration::from_secs(8), || {
+        addresses(&*reg, "short") == ["s2=127.0.0.1:6"]
+    })
+    .await;
+    assert!(
+        gone,
+        "s1 should expire, got {:?}",
+        addresses(&*reg, "short")
+    );
+    assert!(
+        registered.elapsed() >= Duration::from_millis(1900),
+        "expired too early"
+    );
     renew.await.unwrap();
-    assert_eq!(addresses(&*reg, "short"), ["s2=127.0.0.1:6"], "the renewed node must stay");
+    assert_eq!(
+        addresses(&*reg, "short"),
+        ["s2=127.0.0.1:6"],
+        "the renewed node must stay"
+    );
     assert!(reg.status().healthy);
 }
 
@@ -131,7 +176,11 @@ async fn memory_registry_passes_the_contract() {
 async fn etcd_registry_passes_the_contract() {
     let etcd = Server::etcd();
     let reg = open(&etcd.url()).unwrap();
-    assert!(eventually(Duration::from_secs(5), || reg.status().healthy).await, "{:?}", reg.status());
+    assert!(
+        eventually(Duration::from_secs(5), || reg.status().healthy).await,
+        "{:?}",
+        reg.status()
+    );
     assert_eq!(reg.status().backend, etcd.url());
     contract(reg).await;
 }

@@ -52,15 +52,29 @@ async fn two_sidecars_see_each_others_registrations_within_a_second() {
     let a = connected(&etcd.url()).await;
     let b = connected(&etcd.url()).await;
 
-    a.register(&one_node("orders", "orders-1", "127.0.0.1:7001"), None).await.unwrap();
+    a.register(&one_node("orders", "orders-1", "127.0.0.1:7001"), None)
+        .await
+        .unwrap();
     let seen = within(Duration::from_secs(1), || has(&*b, "orders", "orders-1")).await;
     assert!(seen.is_some(), "b did not see a's registration within 1s");
 
-    b.register(&one_node("orders", "orders-2", "127.0.0.1:7002"), None).await.unwrap();
-    assert!(within(Duration::from_secs(1), || has(&*a, "orders", "orders-2")).await.is_some());
+    b.register(&one_node("orders", "orders-2", "127.0.0.1:7002"), None)
+        .await
+        .unwrap();
+    assert!(
+        within(Duration::from_secs(1), || has(&*a, "orders", "orders-2"))
+            .await
+            .is_some()
+    );
 
-    b.deregister(&one_node("orders", "orders-1", "x:1")).await.unwrap();
-    assert!(within(Duration::from_secs(1), || !has(&*a, "orders", "orders-1")).await.is_some());
+    b.deregister(&one_node("orders", "orders-1", "x:1"))
+        .await
+        .unwrap();
+    assert!(
+        within(Duration::from_secs(1), || !has(&*a, "orders", "orders-1"))
+            .await
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,20 +83,39 @@ async fn registrations_of_a_sidecar_vanish_when_it_dies_or_closes() {
     let observer = connected(&etcd.url()).await;
 
     let closing = connected(&etcd.url()).await;
-    closing.register(&one_node("a", "a-1", "127.0.0.1:1"), None).await.unwrap();
-    assert!(within(Duration::from_secs(1), || has(&*observer, "a", "a-1")).await.is_some());
+    closing
+        .register(&one_node("a", "a-1", "127.0.0.1:1"), None)
+        .await
+        .unwrap();
+    assert!(
+        within(Duration::from_secs(1), || has(&*observer, "a", "a-1"))
+            .await
+            .is_some()
+    );
     closing.close().await;
     assert!(
-        within(Duration::from_secs(1), || !has(&*observer, "a", "a-1")).await.is_some(),
+        within(Duration::from_secs(1), || !has(&*observer, "a", "a-1"))
+            .await
+            .is_some(),
         "a graceful close must remove the sidecar's registrations at once"
     );
 
     let dying = connected(&etcd.url()).await;
-    dying.register(&one_node("b", "b-1", "127.0.0.1:2"), None).await.unwrap();
-    assert!(within(Duration::from_secs(1), || has(&*observer, "b", "b-1")).await.is_some());
+    dying
+        .register(&one_node("b", "b-1", "127.0.0.1:2"), None)
+        .await
+        .unwrap();
+    assert!(
+        within(Duration::from_secs(1), || has(&*observer, "b", "b-1"))
+            .await
+            .is_some()
+    );
     drop(dying); // its keep-alive stops, as when the process is killed
     let gone = within(Duration::from_secs(20), || !has(&*observer, "b", "b-1")).await;
-    assert!(gone.is_some(), "registrations of a dead sidecar must vanish after the session TTL");
+    assert!(
+        gone.is_some(),
+        "registrations of a dead sidecar must vanish after the session TTL"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,15 +133,25 @@ async fn etcd_down_at_start_reports_unavailable_then_connects_when_it_comes_up()
         .await
         .unwrap_err();
     assert!(matches!(err, RegistryError::Unavailable { .. }), "{err:?}");
-    assert!(err.to_string().contains(&etcd.url()), "the error names the backend: {err}");
-    assert!(!has(&*reg, "early", "e-1"), "a refused registration is not shown as done");
+    assert!(
+        err.to_string().contains(&etcd.url()),
+        "the error names the backend: {err}"
+    );
+    assert!(
+        !has(&*reg, "early", "e-1"),
+        "a refused registration is not shown as done"
+    );
 
     etcd.restart();
     assert!(
-        within(Duration::from_secs(10), || reg.status().healthy).await.is_some(),
+        within(Duration::from_secs(10), || reg.status().healthy)
+            .await
+            .is_some(),
         "the registry reconnects by itself"
     );
-    reg.register(&one_node("early", "e-1", "127.0.0.1:1"), None).await.unwrap();
+    reg.register(&one_node("early", "e-1", "127.0.0.1:1"), None)
+        .await
+        .unwrap();
     assert!(has(&*reg, "early", "e-1"));
 }
 
@@ -116,10 +159,15 @@ async fn etcd_down_at_start_reports_unavailable_then_connects_when_it_comes_up()
 async fn registrations_are_restored_after_etcd_is_replaced_by_an_empty_one() {
     let mut etcd = Server::etcd();
     let reg = connected(&etcd.url()).await;
-    reg.register(&one_node("kept", "k-1", "127.0.0.1:1"), None).await.unwrap();
-    reg.register(&one_node("kept", "k-2", "127.0.0.1:2"), Some(Duration::from_secs(60)))
+    reg.register(&one_node("kept", "k-1", "127.0.0.1:1"), None)
         .await
         .unwrap();
+    reg.register(
+        &one_node("kept", "k-2", "127.0.0.1:2"),
+        Some(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
 
     etcd.restart_empty();
     let observer = connected(&etcd.url()).await;
@@ -127,6 +175,11 @@ async fn registrations_are_restored_after_etcd_is_replaced_by_an_empty_one() {
         has(&*observer, "kept", "k-1") && has(&*observer, "kept", "k-2")
     })
     .await;
-    assert!(restored.is_some(), "registrations must come back without restarting the sidecar");
-    assert!(within(Duration::from_secs(5), || reg.status().healthy).await.is_some());
+    assert!(
+        restored.is_some(),
+        "registrations must come back without restarting the sidecar"
+    );
+    assert!(within(Duration::from_secs(5), || reg.status().healthy)
+        .await
+        .is_some());
 }

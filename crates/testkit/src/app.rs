@@ -44,7 +44,9 @@ impl TestApp {
     /// Starts an app named `name` on 127.0.0.1 and a free port. Must be called inside a
     /// tokio runtime.
     pub async fn start(name: &str) -> TestApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test app");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind test app");
         let addr = listener.local_addr().expect("test app address");
         let state = Arc::new(State {
             name: name.to_string(),
@@ -120,7 +122,11 @@ async fn handle(
     }
     st.requests.fetch_add(1, Ordering::SeqCst);
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()

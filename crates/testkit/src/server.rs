@@ -155,10 +155,7 @@ impl Server {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!(
-                        "exited with {status}\n{}",
-                        read_tail(&log_path)
-                    ));
+                    return Err(format!("exited with {status}\n{}", read_tail(&log_path)));
                 }
             }
             if self.ready() {
@@ -319,7 +316,10 @@ mod tests {
         assert!(got.contains("$1\r\nv"), "{got}");
         let addr = redis.addr();
         redis.kill();
-        assert!(TcpStream::connect(addr).is_err(), "redis still up after kill");
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "redis still up after kill"
+        );
         redis.restart();
         assert_eq!(redis.addr(), addr);
         assert!(roundtrip(addr, b"PING\r\n", "+PONG").contains("+PONG"));

@@ -1,0 +1,110 @@
+//! The command line: `pillion run`, `pillion check`.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use pillion_core::Dur;
+
+use crate::config::{HealthUrl, HostPort, KeyValue, NonZeroDur, RegistryUrl, ServiceName};
+
+/// A sidecar for microservices: run one beside each instance of your app and reach the
+/// service registry (and, as they land, invocation, sessions, a broker and a TCP proxy)
+/// over plain HTTP on localhost.
+///
+/// Every option of `pillion run` can also be set as an environment variable
+/// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
+/// file given with --config (registry = "etcd://127.0.0.1:2379").
+/// Precedence: flag > environment > file > default.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pillion",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar.
+    ///
+    /// Examples:
+    ///
+    ///   pillion run
+    ///
+    ///   pillion run --registry etcd://127.0.0.1:2379 --server-name greeter \
+    ///     --server-address 127.0.0.1:9090 --healthcheck-url http://127.0.0.1:9090/health
+    #[command(verbatim_doc_comment)]
+    Run(Box<RunArgs>),
+    /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
+    Check {
+        /// The TOML file to check.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML config file; its keys are these options with '_' for '-'.
+    #[arg(long, short = 'c', env = "PILLION_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Address of the HTTP API (/registry, /healthz, /statusz). [default: 127.0.0.1:8081]
+    #[arg(long, env = "PILLION_ADDRESS", value_name = "ADDR")]
+    pub address: Option<SocketAddr>,
+
+    /// Service registry: `memory` (this process only) or etcd://host:port[,host:port]
+    /// (shared by every sidecar on that etcd). [default: memory]
+    #[arg(long, env = "PILLION_REGISTRY", value_name = "URL")]
+    pub registry: Option<RegistryUrl>,
+
+    /// TTL of the app's registration; it is renewed every third of it. [default: 30s]
+    #[arg(long, env = "PILLION_REGISTER_TTL", value_name = "DUR")]
+    pub register_ttl: Option<NonZeroDur>,
+
+    /// Register the local app under this service name (needs --server-address).
+    #[arg(long, env = "PILLION_SERVER_NAME", value_name = "NAME")]
+    pub server_name: Option<ServiceName>,
+
+    /// host:port at which other services reach the local app.
+    #[arg(long, env = "PILLION_SERVER_ADDRESS", value_name = "HOST:PORT")]
+    pub server_address: Option<HostPort>,
+
+    /// Metadata of the app's node, key=value; repeat the flag for more
+    /// (PILLION_SERVER_METADATA takes a comma-separated list).
+    #[arg(
+        long,
+        env = "PILLION_SERVER_METADATA",
+        value_name = "K=V",
+        value_delimiter = ','
+    )]
+    pub server_metadata: Vec<KeyValue>,
+
+    /// GET this http:// URL every interval; an error, a timeout or a non-2xx answer
+    /// deregisters the app, the next success registers it again.
+    #[arg(long, env = "PILLION_HEALTHCHECK_URL", value_name = "URL")]
+    pub healthcheck_url: Option<HealthUrl>,
+
+    /// How often the health URL is checked. [default: 30s]
+    #[arg(long, env = "PILLION_HEALTHCHECK_INTERVAL", value_name = "DUR")]
+    pub healthcheck_interval: Option<NonZeroDur>,
+
+    /// How long one health check may take before it counts as a failure. [default: 5s]
+    #[arg(long, env = "PILLION_HEALTHCHECK_TIMEOUT", value_name = "DUR")]
+    pub healthcheck_timeout: Option<NonZeroDur>,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the
+    /// sidecar exits; a second signal exits at once. [default: 10s]
+    #[arg(long, env = "PILLION_GRACE_PERIOD", value_name = "DUR")]
+    pub grace_period: Option<Dur>,
+
+    /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
+    #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<NonZeroUsize>,
+}

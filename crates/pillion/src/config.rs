@@ -1,0 +1,348 @@
+//! The one config loader: defaults, then the TOML file, then `PILLION_*` environment
+//! variables, then flags, each overriding the one before.
+//!
+//! Every flag of `pillion run` is a key of the file with dashes turned to underscores
+//! (`--healthcheck-interval` is `healthcheck_interval`) and an environment variable
+//! (`PILLION_HEALTHCHECK_INTERVAL`). Values check themselves when parsed, from a flag
+//! or from the file alike, so a bad value in the file is reported with its line, and
+//! a key the loader does not know is an error rather than silently ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use pillion_core::Dur;
+use serde::Deserialize;
+
+use crate::cli::RunArgs;
+
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8081";
+pub const DEFAULT_REGISTER_TTL: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEALTHCHECK_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The config file. Keys are the flags of `pillion run` with `_` for `-`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub address: Option<SocketAddr>,
+    pub registry: Option<RegistryUrl>,
+    pub register_ttl: Option<NonZeroDur>,
+    pub server_name: Option<ServiceName>,
+    pub server_address: Option<HostPort>,
+    /// A table: `[server_metadata]` then `zone = "eu-1a"`.
+    pub server_metadata: Option<BTreeMap<String, String>>,
+    pub healthcheck_url: Option<HealthUrl>,
+    pub healthcheck_interval: Option<NonZeroDur>,
+    pub healthcheck_timeout: Option<NonZeroDur>,
+    pub grace_period: Option<Dur>,
+    pub worker_threads: Option<NonZeroUsize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::File {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses the file's text; the error names the line and the key.
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    let content = text.lines().nth(line - 1).unwrap_or("").trim();
+                    format!("line {line}: {message}\n    {line} | {content}")
+                }
+                None => message,
+            }
+        })
+    }
+}
+
+/// Everything `pillion run` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub address: SocketAddr,
+    pub registry: String,
+    pub app: Option<pillion_registry::health::AppConfig>,
+    pub grace_period: Duration,
+    pub worker_threads: Option<usize>,
+}
+
+impl Settings {
+    /// Merges flags and environment (already merged by clap) over the file over the
+    /// defaults, then checks what only makes sense together.
+    pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let server_name = args.server_name.or(file.server_name);
+        let server_address = args.server_address.or(file.server_address);
+        let healthcheck_url = args.healthcheck_url.or(file.healthcheck_url);
+        let mut metadata = file.server_metadata.unwrap_or_default();
+        if !args.server_metadata.is_empty() {
+            // Flags replace the file's table as a whole, like any other key.
+            metadata = args
+                .server_metadata
+                .into_iter()
+                .map(|kv| (kv.0, kv.1))
+                .collect();
+        }
+        let register_ttl = args
+            .register_ttl
+            .or(file.register_ttl)
+            .map_or(DEFAULT_REGISTER_TTL, |d| d.0);
+        let healthcheck_interval = args
+            .healthcheck_interval
+            .or(file.healthcheck_interval)
+            .map_or(DEFAULT_HEALTHCHECK_INTERVAL, |d| d.0);
+        let healthcheck_timeout = args
+            .healthcheck_timeout
+            .or(file.healthcheck_timeout)
+            .map_or(DEFAULT_HEALTHCHECK_TIMEOUT, |d| d.0);
+
+        let app = match (server_name, server_address) {
+            (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
+                name: name.0,
+                address: address.0,
+                metadata,
+                healthcheck_url: healthcheck_url.map(|u| u.0),
+                healthcheck_interval,
+                healthcheck_timeout,
+                register_ttl,
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "--server-name (server_name) needs --server-address (server_address): \
+                     the host:port other services use to reach the app"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "--server-address (server_address) needs --server-name (server_name)".into(),
+                ))
+            }
+            (None, None) if healthcheck_url.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "--healthcheck-url (healthcheck_url) needs --server-name and \
+                     --server-address: it checks the app registered under that name"
+                        .into(),
+                ))
+            }
+            (None, None) if !metadata.is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "--server-metadata (server_metadata) needs --server-name and --server-address"
+                        .into(),
+                ))
+            }
+            (None, None) => None,
+        };
+        Ok(Settings {
+            address: args
+                .address
+                .or(file.address)
+                .unwrap_or_else(|| DEFAULT_ADDRESS.parse().expect("default address")),
+            registry: args
+                .registry
+                .or(file.registry)
+                .map_or_else(|| "memory".to_string(), |r| r.0),
+            app,
+            grace_period: args
+                .grace_period
+                .or(file.grace_period)
+                .map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
+            worker_threads: args
+                .worker_threads
+                .or(file.worker_threads)
+                .map(NonZeroUsize::get),
+        })
+    }
+}
+
+/// Implements `FromStr` (for flags) and `Deserialize` (for the file) from one check.
+macro_rules! checked_value {
+    ($(#[$doc:meta])* $name:ident($inner:ty), $check:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct $name(pub $inner);
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                let check: fn(&str) -> Result<$inner, String> = $check;
+                check(s).map($name)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+checked_value!(
+    /// A duration greater than zero.
+    NonZeroDur(Duration),
+    |s| match pillion_core::duration::parse(s) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".to_string()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+);
+
+checked_value!(
+    /// `memory` or `etcd://host:port[,host:port]`.
+    RegistryUrl(String),
+    |s| pillion_registry::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+);
+
+checked_value!(
+    /// A service name: not empty, no `/`.
+    ServiceName(String),
+    |s| {
+        let svc = pillion_core::Service { name: s.to_string(), ..Default::default() };
+        svc.validate().map(|()| s.to_string()).map_err(|e| e.to_string())
+    }
+);
+
+checked_value!(
+    /// `host:port`, the address registered for the app.
+    HostPort(String),
+    |s| {
+        let ok = s
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if ok {
+            Ok(s.to_string())
+        } else {
+            Err(format!("{s:?} is not host:port (for example 127.0.0.1:9090)"))
+        }
+    }
+);
+
+checked_value!(
+    /// An `http://` URL to GET for the app's health.
+    HealthUrl(String),
+    |s| pillion_registry::health::validate_health_url(s).map(|()| s.to_string())
+);
+
+/// `key=value`, one entry of `--server-metadata`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyValue(pub String, pub String);
+
+impl FromStr for KeyValue {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok(KeyValue(k.trim().into(), v.into())),
+            _ => Err(format!("{s:?} is not key=value (for example zone=eu-1a)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_parses() {
+        let f = FileConfig::parse(
+            r#"
+address = "127.0.0.1:9000"
+registry = "etcd://127.0.0.1:2379"
+register_ttl = "1m"
+server_name = "greeter"
+server_address = "127.0.0.1:9090"
+healthcheck_url = "http://127.0.0.1:9090/health"
+healthcheck_interval = "10s"
+healthcheck_timeout = "2s"
+grace_period = "0"
+worker_threads = 1
+[server_metadata]
+zone = "eu-1a"
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.register_ttl, Some(NonZeroDur(Duration::from_secs(60))));
+        assert_eq!(f.server_metadata.unwrap()["zone"], "eu-1a");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_line() {
+        let cases = [
+            (
+                "address = \"127.0.0.1:1\"\nadress = \"x\"\n",
+                "line 2",
+                "unknown field `adress`",
+            ),
+            (
+                "healthcheck_interval = \"30\"\n",
+                "line 1",
+                "unit is missing",
+            ),
+            (
+                "healthcheck_interval = \"0s\"\n",
+                "line 1",
+                "must be more than 0",
+            ),
+            (
+                "\n\nregistry = \"consul://x\"\n",
+                "line 3",
+                "memory or etcd://",
+            ),
+            ("server_address = \"nope\"\n", "line 1", "not host:port"),
+            (
+                "healthcheck_url = \"https://x/h\"\n",
+                "line 1",
+                "https health checks",
+            ),
+            ("worker_threads = 0\n", "line 1", "nonzero"),
+            ("address = \n", "line 1", ""),
+        ];
+        for (text, line, want) in cases {
+            let err = FileConfig::parse(text).unwrap_err();
+            assert!(err.starts_with(line), "{text:?}: {err}");
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn metadata_flags_parse_as_key_value() {
+        assert_eq!(
+            "zone=a=b".parse::<KeyValue>().unwrap(),
+            KeyValue("zone".into(), "a=b".into())
+        );
+        assert!("zone".parse::<KeyValue>().is_err());
+        assert!("=x".parse::<KeyValue>().is_err());
+    }
+}

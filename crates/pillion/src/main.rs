@@ -1,0 +1,76 @@
+//! `pillion`: the binary. It parses the command line, loads the config, builds the
+//! runtime and hands over to [`sidecar::run`]; everything else lives in the crates.
+//!
+//! - [`cli`]: the commands and flags (clap), each flag also a `PILLION_*` variable.
+//! - [`config`]: the one loader that merges defaults, file, environment and flags.
+//! - [`sidecar`]: wiring of the registry, the app's registration and the HTTP API.
+//! - [`shutdown`]: signals to a graceful stop.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod config;
+mod shutdown;
+mod sidecar;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+use crate::config::{FileConfig, Settings};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match FileConfig::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            let settings = match Settings::resolve(*args) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging();
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = settings.worker_threads {
+                runtime.worker_threads(n);
+            }
+            let runtime = match runtime.enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(sidecar::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by RUST_LOG (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

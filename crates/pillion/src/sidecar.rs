@@ -1,0 +1,141 @@
+//! Wiring: open the registry, start the app's registration, serve the HTTP API, and
+//! take it all down in order on shutdown.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::StatusCode;
+use pillion_core::ApiError;
+use pillion_registry::health::AppRegistration;
+use pillion_registry::Registry;
+use serde_json::json;
+
+use crate::config::Settings;
+use crate::shutdown::Shutdown;
+
+/// What `/healthz` and `/statusz` read.
+struct Status {
+    started: Instant,
+    address: String,
+    registry: Arc<dyn Registry>,
+    app: Option<Arc<AppRegistration>>,
+}
+
+pub async fn run(settings: Settings) -> Result<(), String> {
+    let mut shutdown =
+        Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
+    let registry = pillion_registry::open(&settings.registry).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(settings.address)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {}: {e} (is another pillion running? choose another --address)",
+                settings.address
+            )
+        })?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let app = settings
+        .app
+        .clone()
+        .map(|cfg| Arc::new(AppRegistration::start(registry.clone(), cfg)));
+    let status = Arc::new(Status {
+        started: Instant::now(),
+        address: address.to_string(),
+        registry: registry.clone(),
+        app: app.clone(),
+    });
+    let router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/statusz", get(statusz))
+        .with_state(status)
+        .merge(pillion_registry::api::router(registry.clone()))
+        .fallback(not_found);
+
+    tracing::info!(
+        %address,
+        registry = %registry.status().backend,
+        app = settings.app.as_ref().map(|a| a.name.as_str()).unwrap_or("-"),
+        "pillion listening"
+    );
+    let mut stop = shutdown.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.wait().await })
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res.map_err(|e| format!("HTTP server failed: {e}"))?,
+        _ = shutdown.wait() => {
+            // Take the app out of the registry first, so callers stop choosing it while
+            // in-flight requests finish.
+            if let Some(app) = app {
+                if let Ok(app) = Arc::try_unwrap(app) {
+                    app.stop().await;
+                }
+            }
+            if tokio::time::timeout(settings.grace_period, &mut server).await.is_err() {
+                tracing::warn!(grace_period = %pillion_core::duration::format(settings.grace_period), "in-flight requests did not finish within the grace period");
+            }
+        }
+    }
+    registry.close().await;
+    tracing::info!("pillion stopped");
+    Ok(())
+}
+
+/// 200 while the sidecar serves and its registry backend is reachable, 503 otherwise.
+async fn healthz(State(status): State<Arc<Status>>) -> Response {
+    let registry = status.registry.status();
+    let code = if registry.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if registry.healthy { "ok" } else { "unavailable" },
+        "registry": registry,
+    });
+    (code, Json(body)).into_response()
+}
+
+async fn statusz(State(status): State<Arc<Status>>) -> Response {
+    let catalog = status.registry.catalog();
+    let services: Vec<_> = catalog
+        .names()
+        .map(|name| {
+            let versions = catalog.get(name).unwrap_or_default();
+            json!({
+                "name": name,
+                "versions": versions.iter().map(|s| s.version.as_str()).collect::<Vec<_>>(),
+                "nodes": versions.iter().map(|s| s.nodes.len()).sum::<usize>(),
+            })
+        })
+        .collect();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": status.started.elapsed().as_secs(),
+        "address": status.address,
+        "registry": status.registry.status(),
+        "services": services,
+        "app": status.app.as_ref().map(|a| a.status()),
+    }))
+    .into_response()
+}
+
+async fn not_found(uri: http::Uri) -> Response {
+    ApiError::new(
+        "pillion.api",
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route for {}: the API has /registry, /healthz and /statusz",
+            uri.path()
+        ),
+    )
+    .into_response()
+    .into_response()
+}

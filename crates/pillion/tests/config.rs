@@ -1,0 +1,169 @@
+//! Configuration as a user meets it: `pillion check`, flag > env > file > default,
+//! and errors that name the flag, key and line.
+
+mod common;
+
+use common::{run_to_end, Sidecar};
+use pillion_testkit::{free_port, http::get};
+
+fn write(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pillion-config-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pillion.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let path = write(
+        "valid",
+        "address = \"127.0.0.1:8181\"\nregistry = \"memory\"\nhealthcheck_interval = \"10s\"\n",
+    );
+    let (code, out, err) = run_to_end(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": ok"), "{out}");
+}
+
+#[test]
+fn check_rejects_unknown_keys_and_bad_values_naming_key_and_line() {
+    let cases = [
+        (
+            "unknown",
+            "address = \"127.0.0.1:1\"\n\nhealthcheck_intervall = \"1s\"\n",
+            "line 3",
+            "healthcheck_intervall",
+        ),
+        (
+            "baddur",
+            "register_ttl = \"ten seconds\"\n",
+            "line 1",
+            "invalid duration",
+        ),
+        ("badaddr", "address = \"localhost\"\n", "line 1", "address"),
+    ];
+    for (name, text, line, key) in cases {
+        let path = write(name, text);
+        let (code, _, err) = run_to_end(&["check", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{name}: {err}");
+        assert!(err.contains(line) && err.contains(key), "{name}: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()),
+            "names the file: {err}"
+        );
+    }
+    let (code, _, err) = run_to_end(&["check", "--config", "/nonexistent/pillion.toml"], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot read config file /nonexistent/pillion.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_bad_flags_env_and_combinations_before_starting() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (
+            &["run", "--healthcheck-interval", "30"],
+            &[],
+            "--healthcheck-interval",
+        ),
+        (
+            &["run"],
+            &[("PILLION_REGISTER_TTL", "soon")],
+            "--register-ttl",
+        ),
+        (
+            &["run", "--registry", "zookeeper://x:1"],
+            &[],
+            "memory or etcd://",
+        ),
+        (
+            &["run", "--server-name", "a"],
+            &[],
+            "needs --server-address",
+        ),
+        (
+            &["run", "--healthcheck-url", "http://127.0.0.1:1/h"],
+            &[],
+            "needs --server-name",
+        ),
+        (
+            &[
+                "run",
+                "--server-name",
+                "a",
+                "--server-address",
+                "h:1",
+                "--server-metadata",
+                "oops",
+            ],
+            &[],
+            "not key=value",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let (code, _, err) = run_to_end(args, env);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, err) = run_to_end(&["run", "--address", &addr], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+}
+
+#[tokio::test]
+async fn flag_beats_env_beats_file() {
+    let (p_file, p_env) = (free_port(), free_port());
+    let path = write(
+        "precedence",
+        &format!("address = \"127.0.0.1:{p_file}\"\nregistry = \"memory\"\n"),
+    );
+    let config = path.to_str().unwrap();
+    let env_addr = format!("127.0.0.1:{p_env}");
+
+    // The sidecar helper always passes --address: the flag wins over env and file.
+    let sc = Sidecar::start_with_env(&["--config", config], &[("PILLION_ADDRESS", &env_addr)]);
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["address"], sc.addr.to_string());
+    drop(sc);
+
+    // Without the flag: env beats the file.
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(["run", "--config", config])
+        .env("PILLION_ADDRESS", &env_addr);
+    let _env_run = pillion_testkit::Daemon::spawn("pillion", cmd);
+    let env_sock = env_addr.parse().unwrap();
+    assert!(pillion_testkit::wait_for_port(
+        env_sock,
+        std::time::Duration::from_secs(10)
+    ));
+    let status = get(&format!("http://{env_addr}/statusz"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(status["address"], env_addr);
+
+    // Without flag or env: the file.
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(["run", "--config", config])
+        .env_remove("PILLION_ADDRESS");
+    let _file_run = pillion_testkit::Daemon::spawn("pillion", cmd);
+    let file_addr = format!("127.0.0.1:{p_file}");
+    assert!(pillion_testkit::wait_for_port(
+        file_addr.parse().unwrap(),
+        std::time::Duration::from_secs(10)
+    ));
+    let status = get(&format!("http://{file_addr}/statusz"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(status["address"], file_addr);
+}

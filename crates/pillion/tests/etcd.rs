@@ -1,0 +1,93 @@
+//! Several pillion processes sharing one etcd, and etcd failing under them.
+
+mod common;
+
+use common::{eventually, node_ids, Sidecar};
+use pillion_testkit::http::{get, post_json};
+use pillion_testkit::Server;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_on_one_etcd_see_each_others_services_within_a_second() {
+    let etcd = Server::etcd();
+    let a = Sidecar::start(&["--registry", &etcd.url()]);
+    let b = Sidecar::start_with_env(&[], &[("PILLION_REGISTRY", &etcd.url())]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&b.url("/healthz"))
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        })
+        .await
+    );
+
+    let body = r#"{"name":"greeter","nodes":[{"id":"greeter-1","address":"127.0.0.1:9090"}]}"#;
+    let reply = post_json(&a.url("/registry"), body).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let start = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            node_ids(&b, "greeter").await == ["greeter-1"]
+        })
+        .await
+    );
+    assert!(start.elapsed() < Duration::from_secs(1));
+
+    let status = get(&b.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["registry"]["backend"], etcd.url());
+    assert_eq!(status["registry"]["healthy"], true);
+    assert_eq!(status["services"][0]["name"], "greeter");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_is_reported_and_registrations_come_back_without_a_restart() {
+    let mut etcd = Server::etcd();
+    let sc = Sidecar::start(&["--registry", &etcd.url()]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&sc.url("/healthz"))
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        })
+        .await
+    );
+    let body = r#"{"name":"ledger","nodes":[{"id":"ledger-1","address":"127.0.0.1:9191"}]}"#;
+    assert_eq!(
+        post_json(&sc.url("/registry"), body).await.unwrap().status,
+        200
+    );
+
+    etcd.kill();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&sc.url("/healthz"))
+                .await
+                .map(|r| r.status == 503)
+                .unwrap_or(false)
+        })
+        .await,
+        "healthz must report the registry down"
+    );
+    let reply = post_json(&sc.url("/registry"), body).await.unwrap();
+    assert_eq!(
+        reply.status, 503,
+        "a write while etcd is down is refused, not dropped"
+    );
+    assert!(reply.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("unreachable"));
+
+    etcd.restart_empty(); // a new, empty etcd on the same address
+    let other = Sidecar::start(&["--registry", &etcd.url()]);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node_ids(&other, "ledger").await == ["ledger-1"]
+        })
+        .await,
+        "the registration must be restored by the sidecar that owns it"
+    );
+    assert_eq!(get(&sc.url("/healthz")).await.unwrap().status, 200);
+}

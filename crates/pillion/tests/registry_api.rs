@@ -1,0 +1,173 @@
+//! The micro sidecar README's registry examples, run against pillion unchanged except
+//! for the port, and the mistakes a user can make with them.
+
+mod common;
+
+use common::{eventually, node_ids, Sidecar};
+use pillion_testkit::http::{delete_json, get, post_json, request};
+use std::time::{Duration, Instant};
+
+const README_SERVICE: &str = r#"{
+    "Name": "foo.bar",
+    "Nodes": [{
+        "Port": 9091,
+        "Address": "127.0.0.1",
+        "Id": "foo.bar-017da09a-734f-11e5-8136-68a86d0d36b6"
+    }]
+}"#;
+
+#[tokio::test]
+async fn micro_readme_register_get_and_deregister_work_unchanged() {
+    let sc = Sidecar::start(&[]);
+
+    let reply = post_json(&sc.url("/registry"), README_SERVICE)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let reply = get(&sc.url("/registry?service=foo.bar")).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.json(),
+        serde_json::json!([{"name":"foo.bar","nodes":[{
+            "id":"foo.bar-017da09a-734f-11e5-8136-68a86d0d36b6","address":"127.0.0.1","port":9091
+        }]}]),
+        "keys come back in lower case"
+    );
+
+    let all = get(&sc.url("/registry")).await.unwrap().json();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["name"], "foo.bar");
+
+    let reply = delete_json(&sc.url("/registry"), README_SERVICE)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = get(&sc.url("/registry?service=foo.bar")).await.unwrap();
+    assert_eq!(reply.status, 404);
+    let err = reply.json();
+    assert_eq!(err["code"], 404);
+    assert_eq!(err["status"], "Not Found");
+    assert!(err["detail"].as_str().unwrap().contains("foo.bar"), "{err}");
+    assert_eq!(
+        get(&sc.url("/registry")).await.unwrap().json(),
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn ttl_registrations_expire() {
+    let sc = Sidecar::start(&[]);
+    let body = r#"{"name":"brief","nodes":[{"id":"brief-1","address":"127.0.0.1:1"}]}"#;
+    let start = Instant::now();
+    let reply = post_json(&sc.url("/registry?ttl=1s"), body).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(node_ids(&sc, "brief").await, ["brief-1"]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            node_ids(&sc, "brief").await.is_empty()
+        })
+        .await
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "expired before its TTL"
+    );
+}
+
+#[tokio::test]
+async fn the_same_node_id_registered_twice_is_one_node_with_the_latest_address() {
+    let sc = Sidecar::start(&[]);
+    for port in [1, 2] {
+        let body =
+            format!(r#"{{"name":"dup","nodes":[{{"id":"dup-1","address":"127.0.0.1:{port}"}}]}}"#);
+        assert_eq!(
+            post_json(&sc.url("/registry"), &body).await.unwrap().status,
+            200
+        );
+    }
+    let svc = get(&sc.url("/registry?service=dup")).await.unwrap().json();
+    let nodes = svc[0]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["address"], "127.0.0.1:2");
+}
+
+#[tokio::test]
+async fn mistakes_get_a_400_413_or_404_that_says_what_is_wrong_and_change_nothing() {
+    let sc = Sidecar::start(&[]);
+    let url = sc.url("/registry");
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("", r#"{"name": "x", "nodes": [}"#, 400, "malformed JSON"),
+        ("", r#"["not an object"]"#, 400, "expected a JSON object"),
+        (
+            "",
+            r#"{"name":"x","nodes":[{"id":"1","address":"127.0.0.1"}]}"#,
+            400,
+            "has no port",
+        ),
+        (
+            "",
+            r#"{"name":"x","nodes":[{"id":"1","address":"h:1"},{"id":"1","address":"h:2"}]}"#,
+            400,
+            "appears twice",
+        ),
+        (
+            "",
+            r#"{"name":"x","nodes":[{"id":"1","adress":"h:1"}]}"#,
+            400,
+            "unknown field `adress`",
+        ),
+        ("", r#"{"name":"x","nodes":[]}"#, 400, "at least one node"),
+        (
+            "?ttl=10",
+            r#"{"name":"x","nodes":[{"id":"1","address":"h:1"}]}"#,
+            400,
+            "ttl: invalid duration",
+        ),
+        (
+            "?ttl=0s",
+            r#"{"name":"x","nodes":[{"id":"1","address":"h:1"}]}"#,
+            400,
+            "more than 0",
+        ),
+    ];
+    for (query, body, status, detail) in cases {
+        let reply = post_json(&format!("{url}{query}"), body).await.unwrap();
+        assert_eq!(reply.status, *status, "{body}: {}", reply.text());
+        let err = reply.json();
+        assert_eq!(err["id"], "pillion.registry");
+        assert!(
+            err["detail"].as_str().unwrap().contains(detail),
+            "{body}: {err}"
+        );
+    }
+    let huge = format!(
+        r#"{{"name":"x","metadata":{{"pad":"{}"}}}}"#,
+        "a".repeat(2 << 20)
+    );
+    let reply = post_json(&url, &huge).await.unwrap();
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert!(reply.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("larger than"));
+    assert_eq!(
+        get(&url).await.unwrap().json(),
+        serde_json::json!([]),
+        "nothing was registered"
+    );
+
+    let reply = delete_json(
+        &url,
+        r#"{"name":"ghost","nodes":[{"id":"g","address":"h:1"}]}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 404);
+
+    let reply = request(http::Method::GET, &sc.url("/nowhere"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["id"], "pillion.api");
+}
