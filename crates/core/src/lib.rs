@@ -4,6 +4,7 @@
 //!   compatible JSON codec (keys in any case in, lower case out) and its validation.
 //! - [`duration`]: Go/humantime style durations (`10s`, `1m30s`, `250ms`) used by flags,
 //!   the config file and query strings alike.
+//! - [`size`]: byte sizes (`4MiB`, `512KiB`) for limits.
 //! - [`error`]: the JSON error shape (`{"id","code","detail","status"}`) that every
 //!   error made by the sidecar itself uses.
 //! - [`id`]: random identifiers from the OS CSPRNG.
@@ -13,7 +14,9 @@ pub mod duration;
 pub mod error;
 pub mod id;
 pub mod service;
+pub mod size;
 
 pub use duration::Dur;
 pub use error::ApiError;
 pub use service::{Node, Service, ServiceError};
+pub use size::Size;

@@ -10,8 +10,8 @@ use pillion_core::Dur;
 use crate::config::{HealthUrl, HostPort, KeyValue, NonZeroDur, RegistryUrl, ServiceName};
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
-/// service registry (and, as they land, invocation, sessions, a broker and a TCP proxy)
-/// over plain HTTP on localhost.
+/// service registry and any registered service (by name, balanced, retried, within a
+/// deadline) over plain HTTP on localhost.
 ///
 /// Every option of `pillion run` can also be set as an environment variable
 /// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
@@ -55,9 +55,55 @@ pub struct RunArgs {
     #[arg(long, short = 'c', env = "PILLION_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Address of the HTTP API (/registry, /healthz, /statusz). [default: 127.0.0.1:8081]
+    /// Address of the HTTP API (/registry, /rpc, /{service}/..., /healthz, /statusz,
+    /// /metrics). [default: 127.0.0.1:8081]
     #[arg(long, env = "PILLION_ADDRESS", value_name = "ADDR")]
     pub address: Option<SocketAddr>,
+
+    /// How /{service}/... is handled: `rpc` maps POST /{service}/{method} to
+    /// POST http://{node}/{Method} (micro's table); `proxy` passes any method and path
+    /// through to a node of /{service}, streaming. [default: rpc]
+    #[arg(long, env = "PILLION_HANDLER", value_name = "rpc|proxy")]
+    pub handler: Option<pillion_invoke::Handler>,
+
+    /// Prefix of service names in path mapping: with `go.micro.srv`, /foo/bar calls
+    /// service go.micro.srv.foo. [default: none]
+    #[arg(long, env = "PILLION_NAMESPACE", value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// Node selection: `peak-ewma` (power of two choices over latency x load) or
+    /// `round-robin`. Nodes in this sidecar's zone are preferred, then its region
+    /// (zone and region come from --server-metadata). [default: peak-ewma]
+    #[arg(long, env = "PILLION_BALANCER", value_name = "NAME")]
+    pub balancer: Option<pillion_invoke::Strategy>,
+
+    /// Deadline for a call's answer (its headers); X-Pillion-Timeout overrides it per
+    /// request. Past it the caller gets 504. [default: 15s]
+    #[arg(long, env = "PILLION_TIMEOUT", value_name = "DUR")]
+    pub timeout: Option<NonZeroDur>,
+
+    /// Deadline of one attempt; a slower node is given up and, for idempotent calls,
+    /// another is tried. [default: 5s]
+    #[arg(long, env = "PILLION_PER_TRY_TIMEOUT", value_name = "DUR")]
+    pub per_try_timeout: Option<NonZeroDur>,
+
+    /// Deadline for connecting to a node. [default: 1s]
+    #[arg(long, env = "PILLION_CONNECT_TIMEOUT", value_name = "DUR")]
+    pub connect_timeout: Option<NonZeroDur>,
+
+    /// Retries after a failed attempt (connect failures always; 502/503/504 and resets
+    /// for idempotent methods or with X-Pillion-Retry: always), within a budget of 20%
+    /// of requests plus 10/s. [default: 2]
+    #[arg(long, env = "PILLION_RETRIES", value_name = "N")]
+    pub retries: Option<u32>,
+
+    /// Calls waiting for one service at once; more get 503. [default: 1024]
+    #[arg(long, env = "PILLION_MAX_PENDING", value_name = "N")]
+    pub max_pending: Option<NonZeroUsize>,
+
+    /// Largest request body a call may carry; larger ones get 413. [default: 10MiB]
+    #[arg(long, env = "PILLION_MAX_BODY_SIZE", value_name = "SIZE")]
+    pub max_body_size: Option<pillion_core::Size>,
 
     /// Service registry: `memory` (this process only) or etcd://host:port[,host:port]
     /// (shared by every sidecar on that etcd). [default: memory]

@@ -43,6 +43,15 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub address: Option<SocketAddr>,
+    pub handler: Option<FromText<pillion_invoke::Handler>>,
+    pub namespace: Option<String>,
+    pub balancer: Option<FromText<pillion_invoke::Strategy>>,
+    pub timeout: Option<NonZeroDur>,
+    pub per_try_timeout: Option<NonZeroDur>,
+    pub connect_timeout: Option<NonZeroDur>,
+    pub retries: Option<u32>,
+    pub max_pending: Option<NonZeroUsize>,
+    pub max_body_size: Option<pillion_core::Size>,
     pub registry: Option<RegistryUrl>,
     pub register_ttl: Option<NonZeroDur>,
     pub server_name: Option<ServiceName>,
@@ -88,6 +97,9 @@ impl FileConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub address: SocketAddr,
+    pub invoke: pillion_invoke::Config,
+    /// This sidecar's zone and region (from the app's metadata), for locality.
+    pub locality: pillion_invoke::Locality,
     pub registry: String,
     pub app: Option<pillion_registry::health::AppConfig>,
     pub grace_period: Duration,
@@ -127,6 +139,52 @@ impl Settings {
             .or(file.healthcheck_timeout)
             .map_or(DEFAULT_HEALTHCHECK_TIMEOUT, |d| d.0);
 
+        let locality = pillion_invoke::Locality {
+            zone: metadata.get("zone").cloned(),
+            region: metadata.get("region").cloned(),
+        };
+        let defaults = pillion_invoke::Config::default();
+        let invoke = pillion_invoke::Config {
+            handler: args
+                .handler
+                .or(file.handler.map(|h| h.0))
+                .unwrap_or(defaults.handler),
+            namespace: args
+                .namespace
+                .or(file.namespace)
+                .unwrap_or(defaults.namespace),
+            timeout: args
+                .timeout
+                .or(file.timeout)
+                .map_or(defaults.timeout, |d| d.0),
+            max_body: args
+                .max_body_size
+                .or(file.max_body_size)
+                .map_or(defaults.max_body, |s| s.0),
+            policy: pillion_invoke::Policy {
+                strategy: args
+                    .balancer
+                    .or(file.balancer.map(|b| b.0))
+                    .unwrap_or(defaults.policy.strategy),
+                connect_timeout: args
+                    .connect_timeout
+                    .or(file.connect_timeout)
+                    .map_or(defaults.policy.connect_timeout, |d| d.0),
+                per_try_timeout: args
+                    .per_try_timeout
+                    .or(file.per_try_timeout)
+                    .map_or(defaults.policy.per_try_timeout, |d| d.0),
+                retries: args
+                    .retries
+                    .or(file.retries)
+                    .unwrap_or(defaults.policy.retries),
+                max_pending: args
+                    .max_pending
+                    .or(file.max_pending)
+                    .map_or(defaults.policy.max_pending, NonZeroUsize::get),
+                ejection: defaults.policy.ejection,
+            },
+        };
         let app = match (server_name, server_address) {
             (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
                 name: name.0,
@@ -165,6 +223,8 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
+            invoke,
+            locality,
             address: args
                 .address
                 .or(file.address)
@@ -256,6 +316,21 @@ checked_value!(
     |s| pillion_registry::health::validate_health_url(s).map(|()| s.to_string())
 );
 
+/// Any value read from text by its `FromStr`, in the config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FromText<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for FromText<T>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(FromText).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `key=value`, one entry of `--server-metadata`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyValue(pub String, pub String);
@@ -288,6 +363,15 @@ healthcheck_interval = "10s"
 healthcheck_timeout = "2s"
 grace_period = "0"
 worker_threads = 1
+handler = "proxy"
+namespace = "go.micro.srv"
+balancer = "round-robin"
+timeout = "2s"
+per_try_timeout = "1s"
+connect_timeout = "250ms"
+retries = 3
+max_pending = 10
+max_body_size = "1MiB"
 [server_metadata]
 zone = "eu-1a"
 "#,
@@ -328,6 +412,14 @@ zone = "eu-1a"
             ),
             ("worker_threads = 0\n", "line 1", "nonzero"),
             ("address = \n", "line 1", ""),
+            ("handler = \"grpc\"\n", "line 1", "use rpc or proxy"),
+            (
+                "balancer = \"random\"\n",
+                "line 1",
+                "peak-ewma or round-robin",
+            ),
+            ("max_body_size = \"lots\"\n", "line 1", "invalid size"),
+            ("retries = -1\n", "line 1", ""),
         ];
         for (text, line, want) in cases {
             let err = FileConfig::parse(text).unwrap_err();

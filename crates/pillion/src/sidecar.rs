@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http::StatusCode;
-use pillion_core::ApiError;
+use pillion_invoke::Invoker;
 use pillion_registry::health::AppRegistration;
 use pillion_registry::Registry;
 use serde_json::json;
@@ -24,6 +24,7 @@ struct Status {
     address: String,
     registry: Arc<dyn Registry>,
     app: Option<Arc<AppRegistration>>,
+    invoker: Arc<Invoker>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -44,18 +45,27 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .app
         .clone()
         .map(|cfg| Arc::new(AppRegistration::start(registry.clone(), cfg)));
+    let invoker = Invoker::new(
+        registry.clone(),
+        settings.locality.clone(),
+        settings.invoke.clone(),
+    );
     let status = Arc::new(Status {
         started: Instant::now(),
         address: address.to_string(),
         registry: registry.clone(),
         app: app.clone(),
+        invoker: invoker.clone(),
     });
+    // Fixed routes first; every other path is a call to a service (the invoker's
+    // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/statusz", get(statusz))
+        .route("/metrics", get(metrics))
         .with_state(status)
         .merge(pillion_registry::api::router(registry.clone()))
-        .fallback(not_found);
+        .merge(invoker.router());
 
     tracing::info!(
         %address,
@@ -123,19 +133,18 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
         "registry": status.registry.status(),
         "services": services,
         "app": status.app.as_ref().map(|a| a.status()),
+        "invoke": status.invoker.status(),
     }))
     .into_response()
 }
 
-async fn not_found(uri: http::Uri) -> Response {
-    ApiError::new(
-        "pillion.api",
-        StatusCode::NOT_FOUND,
-        format!(
-            "no route for {}: the API has /registry, /healthz and /statusz",
-            uri.path()
-        ),
+/// Prometheus text format.
+async fn metrics(State(status): State<Arc<Status>>) -> Response {
+    let mut out = String::with_capacity(4096);
+    status.invoker.render_metrics(&mut out);
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        out,
     )
-    .into_response()
-    .into_response()
+        .into_response()
 }

@@ -15,6 +15,6 @@ pub mod http;
 pub mod process;
 pub mod server;
 
-pub use app::{Health, TestApp};
+pub use app::{Health, Mode, TestApp};
 pub use process::{free_port, wait_for_port, Daemon};
 pub use server::Server;

@@ -95,3 +95,26 @@ pub async fn node_ids(sidecar: &Sidecar, service: &str) -> Vec<String> {
         .map(|n| n["id"].as_str().unwrap_or_default().to_string())
         .collect()
 }
+
+/// Registers a node of `service` at `address` through the sidecar's API, with
+/// optional node metadata.
+pub async fn register(
+    sidecar: &Sidecar,
+    service: &str,
+    id: &str,
+    address: &str,
+    metadata: &[(&str, &str)],
+) {
+    let meta: serde_json::Map<String, serde_json::Value> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect();
+    let body = serde_json::json!({
+        "name": service,
+        "nodes": [{"id": id, "address": address, "metadata": meta}],
+    });
+    let reply = pillion_testkit::http::post_json(&sidecar.url("/registry"), &body.to_string())
+        .await
+        .expect("POST /registry");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

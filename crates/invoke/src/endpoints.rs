@@ -1,0 +1,439 @@
+//! Endpoints: the nodes of each service as the data path sees them, with the state
+//! that balancing and outlier ejection keep per node (latency, load, failures).
+//!
+//! The set is a snapshot rebuilt from the registry's catalog on every change and
+//! swapped in atomically; requests read it without locks. A rebuild keeps the state
+//! (and the connection pool) of every node that is still registered at the same
+//! address, so a registry change does not reset what was learnt about the others.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use pillion_registry::{Catalog, Registry};
+
+use crate::budget::RetryBudget;
+use crate::metrics::ServiceMetrics;
+use crate::pool::Pool;
+
+/// Where this sidecar runs, from its app's `zone` and `region` metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Locality {
+    pub zone: Option<String>,
+    pub region: Option<String>,
+}
+
+impl Locality {
+    /// 0: same zone, 1: same region, 2: elsewhere (or unknown). Everything is tier 0
+    /// when this sidecar's locality is unknown.
+    fn tier(&self, zone: Option<&str>, region: Option<&str>) -> u8 {
+        if self.zone.is_none() && self.region.is_none() {
+            return 0;
+        }
+        let same = |mine: &Option<String>, theirs: Option<&str>| {
+            mine.as_deref().is_some_and(|m| Some(m) == theirs)
+        };
+        let region_ok = self.region.is_none() || same(&self.region, region);
+        if same(&self.zone, zone) && region_ok {
+            0
+        } else if same(&self.region, region) {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// How outliers are ejected.
+#[derive(Debug, Clone, Copy)]
+pub struct EjectionPolicy {
+    /// Consecutive failures that eject a node.
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further one in a row adds as much again.
+    pub base_time: Duration,
+    /// The longest an ejection lasts.
+    pub max_time: Duration,
+}
+
+impl Default for EjectionPolicy {
+    fn default() -> Self {
+        EjectionPolicy {
+            consecutive_failures: 5,
+            base_time: Duration::from_secs(10),
+            max_time: Duration::from_secs(300),
+        }
+    }
+}
+
+/// One node of a service and what the data path knows about it.
+pub struct NodeState {
+    pub id: String,
+    /// `host:port` to dial.
+    pub authority: String,
+    pub tier: u8,
+    pub pool: Arc<Pool>,
+    /// Peak-EWMA of response latency in nanoseconds (f64 bits).
+    ewma_ns: AtomicU64,
+    /// When `ewma_ns` was last updated, in ns since [`clock`]'s epoch.
+    ewma_at: AtomicU64,
+    /// Requests sent and not answered yet.
+    pending: AtomicUsize,
+    failures: AtomicU32,
+    ejections: AtomicU32,
+    /// Ejected until this time (ms since [`clock`]'s epoch); 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+/// Latency assumed for a node before the first answer (linkerd's default).
+const DEFAULT_RTT_NS: f64 = 30e6;
+/// The EWMA's decay time.
+const DECAY_NS: f64 = 10e9;
+
+/// Milliseconds and nanoseconds since the process's first call; cheap and monotonic.
+pub fn clock() -> Duration {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
+
+impl NodeState {
+    fn new(id: String, authority: String, tier: u8) -> NodeState {
+        NodeState {
+            pool: Arc::new(Pool::new(authority.clone())),
+            id,
+            authority,
+            tier,
+            ewma_ns: AtomicU64::new(DEFAULT_RTT_NS.to_bits()),
+            ewma_at: AtomicU64::new(clock().as_nanos() as u64),
+            pending: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The balancer's cost: latency estimate times (outstanding requests + 1).
+    ///
+    /// The estimate decays towards zero while a node gets no answers (as tower's
+    /// peak-EWMA does), so a node that lost the comparison once is tried again later
+    /// instead of being starved by a slightly faster one.
+    pub fn cost(&self) -> f64 {
+        let now = clock().as_nanos() as u64;
+        let then = self.ewma_at.load(Ordering::Relaxed);
+        let decay = (-(now.saturating_sub(then) as f64) / DECAY_NS).exp();
+        f64::from_bits(self.ewma_ns.load(Ordering::Relaxed))
+            * decay
+            * (self.pending.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) as u64)
+    }
+
+    /// Marks a request as outstanding until the guard drops.
+    pub fn start(self: &Arc<Self>) -> PendingGuard {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        PendingGuard(self.clone())
+    }
+
+    /// Feeds a response latency to the peak-EWMA: a slower sample is taken at once,
+    /// a faster one decays in over [`DECAY_NS`].
+    pub fn observe(&self, rtt: Duration) {
+        let now = clock().as_nanos() as u64;
+        let rtt = rtt.as_nanos() as f64;
+        let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let then = self.ewma_at.swap(now, Ordering::Relaxed);
+        let next = if rtt > prev {
+            rtt
+        } else {
+            let w = (-((now.saturating_sub(then)) as f64) / DECAY_NS).exp();
+            prev * w + rtt * (1.0 - w)
+        };
+        // Races between two updates lose one sample, which an average can afford.
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    /// Until when the node is ejected, if it is.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let now = clock().as_millis() as u64;
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+pub struct PendingGuard(Arc<NodeState>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What survives endpoint rebuilds for one service name: metrics, retry budget, the
+/// round-robin cursor and the count of requests waiting.
+pub struct ServiceShared {
+    pub metrics: ServiceMetrics,
+    pub budget: RetryBudget,
+    pub cursor: AtomicUsize,
+    pub pending: AtomicUsize,
+}
+
+/// The nodes of one service (all versions).
+pub struct ServiceSet {
+    pub name: String,
+    pub nodes: Vec<Arc<NodeState>>,
+    pub shared: Arc<ServiceShared>,
+}
+
+impl ServiceSet {
+    /// Records a failed attempt on `node`; ejects it after enough failures in a row,
+    /// unless half of the service's nodes are ejected already. True when ejected now.
+    pub fn record_failure(&self, node: &NodeState, policy: &EjectionPolicy) -> bool {
+        let failures = node.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.consecutive_failures {
+            return false;
+        }
+        let now_ms = clock().as_millis() as u64;
+        if node.is_ejected(now_ms) {
+            return false;
+        }
+        let ejected = self.nodes.iter().filter(|n| n.is_ejected(now_ms)).count();
+        if (ejected + 1) * 2 > self.nodes.len() {
+            return false; // never more than half: the rest must carry the load
+        }
+        let round = node.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = (policy.base_time * round).min(policy.max_time);
+        node.ejected_until_ms
+            .store(now_ms + time.as_millis() as u64, Ordering::Relaxed);
+        node.failures.store(0, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .ejections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            service = %self.name,
+            node = %node.id,
+            address = %node.authority,
+            failures,
+            seconds = time.as_secs(),
+            "node ejected after consecutive failures"
+        );
+        true
+    }
+}
+
+/// Every service's nodes: the snapshot the data path reads.
+#[derive(Default)]
+pub struct EndpointSet {
+    pub services: HashMap<String, Arc<ServiceSet>>,
+}
+
+/// Keeps an [`EndpointSet`] equal to the registry's catalog.
+pub struct Endpoints {
+    current: ArcSwap<EndpointSet>,
+    shared: Mutex<HashMap<String, Arc<ServiceShared>>>,
+    locality: Locality,
+    max_retry_percent: f64,
+}
+
+impl Endpoints {
+    /// Builds the first snapshot and follows the registry's changes in a task.
+    pub fn follow(registry: Arc<dyn Registry>, locality: Locality) -> Arc<Endpoints> {
+        let endpoints = Arc::new(Endpoints {
+            current: ArcSwap::from_pointee(EndpointSet::default()),
+            shared: Mutex::new(HashMap::new()),
+            locality,
+            max_retry_percent: 0.2,
+        });
+        let mut changes = registry.changes();
+        endpoints.rebuild(&registry.catalog());
+        let weak = Arc::downgrade(&endpoints);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(endpoints) = weak.upgrade() else {
+                    return;
+                };
+                endpoints.rebuild(&registry.catalog());
+            }
+        });
+        endpoints
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+        self.current.load()
+    }
+
+    /// The metrics and budget of `name`, created on first use (a call to a service
+    /// that is not registered still counts).
+    pub fn shared(&self, name: &str) -> Arc<ServiceShared> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(ServiceShared {
+                    metrics: ServiceMetrics::default(),
+                    budget: RetryBudget::new(self.max_retry_percent, 10),
+                    cursor: AtomicUsize::new(0),
+                    pending: AtomicUsize::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Every service's shared state, for `/metrics`.
+    pub fn all_shared(&self) -> Vec<(String, Arc<ServiceShared>)> {
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = shared.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    fn rebuild(&self, catalog: &Catalog) {
+        let old = self.current.load_full();
+        let mut services = HashMap::new();
+        for name in catalog.names() {
+            let previous = old.services.get(name);
+            let mut nodes = Vec::new();
+            for svc in catalog.get(name).unwrap_or_default() {
+                for node in &svc.nodes {
+                    let authority = node.endpoint();
+                    let meta = |k: &str| {
+                        node.metadata
+                            .get(k)
+                            .or_else(|| svc.metadata.get(k))
+                            .map(String::as_str)
+                    };
+                    let tier = self.locality.tier(meta("zone"), meta("region"));
+                    let kept = previous.and_then(|p| {
+                        p.nodes
+                            .iter()
+                            .find(|n| n.id == node.id && n.authority == authority && n.tier == tier)
+                    });
+                    nodes.push(match kept {
+                        Some(n) => n.clone(),
+                        None => Arc::new(NodeState::new(node.id.clone(), authority, tier)),
+                    });
+                }
+            }
+            services.insert(
+                name.to_string(),
+                Arc::new(ServiceSet {
+                    name: name.to_string(),
+                    nodes,
+                    shared: self.shared(name),
+                }),
+            );
+        }
+        self.current.store(Arc::new(EndpointSet { services }));
+    }
+}
+
+#[cfg(test)]
+impl NodeState {
+    pub(crate) fn test(id: String, tier: u8) -> NodeState {
+        NodeState::new(id, "127.0.0.1:9".into(), tier)
+    }
+}
+
+#[cfg(test)]
+impl ServiceShared {
+    pub(crate) fn test() -> ServiceShared {
+        ServiceShared {
+            metrics: ServiceMetrics::default(),
+            budget: RetryBudget::new(0.2, 10),
+            cursor: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_prefer_zone_then_region() {
+        let here = Locality {
+            zone: Some("eu-1a".into()),
+            region: Some("eu-1".into()),
+        };
+        assert_eq!(here.tier(Some("eu-1a"), Some("eu-1")), 0);
+        assert_eq!(here.tier(Some("eu-1b"), Some("eu-1")), 1);
+        assert_eq!(here.tier(Some("us-1a"), Some("us-1")), 2);
+        assert_eq!(here.tier(None, None), 2);
+        assert_eq!(Locality::default().tier(Some("x"), Some("y")), 0);
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_at_once_and_decays_towards_fast_samples() {
+        let n = NodeState::new("n".into(), "127.0.0.1:1".into(), 0);
+        n.observe(Duration::from_millis(100));
+        assert_eq!(n.ewma(), Duration::from_millis(100));
+        n.observe(Duration::from_millis(1));
+        let after = n.ewma();
+        assert!(
+            after <= Duration::from_millis(100) && after > Duration::from_millis(1),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn ejection_never_takes_more_than_half_and_grows() {
+        let shared = Arc::new(ServiceShared {
+            metrics: ServiceMetrics::default(),
+            budget: RetryBudget::new(0.2, 10),
+            cursor: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+        });
+        let nodes: Vec<_> = (0..3)
+            .map(|i| Arc::new(NodeState::new(format!("n{i}"), format!("127.0.0.1:{i}"), 0)))
+            .collect();
+        let set = ServiceSet {
+            name: "s".into(),
+            nodes: nodes.clone(),
+            shared,
+        };
+        let policy = EjectionPolicy::default();
+        for _ in 0..4 {
+            assert!(!set.record_failure(&nodes[0], &policy));
+        }
+        assert!(set.record_failure(&nodes[0], &policy), "5th failure ejects");
+        let first = nodes[0].ejected_for().unwrap();
+        assert!(first > Duration::from_secs(9) && first <= Duration::from_secs(10));
+        for _ in 0..5 {
+            assert!(
+                !set.record_failure(&nodes[1], &policy),
+                "a second of three would be more than half"
+            );
+        }
+        assert_eq!(set.shared.metrics.ejections.load(Ordering::Relaxed), 1);
+        // The same node failing again after its ejection lapses is ejected longer.
+        nodes[0].ejected_until_ms.store(0, Ordering::Relaxed);
+        for _ in 0..5 {
+            set.record_failure(&nodes[0], &policy);
+        }
+        assert!(nodes[0].ejected_for().unwrap() > Duration::from_secs(19));
+    }
+}

@@ -1,0 +1,468 @@
+//! The HTTP surface of invocation:
+//!
+//! - `--handler rpc` (default): `POST /{path}` is mapped by the micro table to a
+//!   service and method and sent as `POST http://{node}/{Method}`;
+//! - `--handler proxy`: any method on `/{service}/...` goes to a node of the service
+//!   with the path unchanged, bodies streamed, websocket upgrades tunnelled;
+//! - `POST /rpc` (both handlers): `{"service","method","request","address"?}` as JSON
+//!   or form.
+//!
+//! Callers may set `X-Pillion-Timeout: 2s` (the deadline for the answer's headers)
+//! and `X-Pillion-Retry: always` (retry even non-idempotent calls on 502/503/504 and
+//! resets). Both are removed before the call leaves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use pillion_core::ApiError;
+use serde_json::Value;
+
+use crate::forward::{forward, Call, ID};
+use crate::mapping;
+use crate::pool::Outgoing;
+use crate::{Handler, Invoker};
+
+pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
+pub const RETRY_HEADER: &str = "x-pillion-retry";
+pub const SERVICE_HEADER: &str = "x-pillion-service";
+pub const METHOD_HEADER: &str = "x-pillion-method";
+
+/// Bodies up to this size are read whole before a proxied call, so the call can be
+/// retried; larger ones stream and are sent once.
+const BUFFER_FOR_RETRY: u64 = 64 * 1024;
+
+fn reply(e: ApiError) -> Response {
+    e.into_response().into_response()
+}
+
+fn bad(status: StatusCode, detail: impl Into<String>) -> Response {
+    reply(ApiError::new(ID, status, detail))
+}
+
+/// `/{service}/{method}` (rpc) or `/{service}/...` (proxy).
+pub async fn service_call(State(inv): State<Arc<Invoker>>, req: Request) -> Response {
+    match inv.config.handler {
+        Handler::Rpc => rpc_path(inv, req).await,
+        Handler::Proxy => proxy(inv, req).await,
+    }
+}
+
+async fn rpc_path(inv: Arc<Invoker>, req: Request) -> Response {
+    let Some(route) = mapping::rpc_route(&inv.config.namespace, req.uri().path()) else {
+        return bad(
+            StatusCode::NOT_FOUND,
+            "no service in the path: call /{service}/{method}",
+        );
+    };
+    if req.method() != Method::POST {
+        return bad(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "the rpc handler takes POST, not {}; run pillion with --handler proxy to pass other methods through",
+                req.method()
+            ),
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
+        Ok(c) => c,
+        Err(e) => return reply(e),
+    };
+    let body = match read_body(body, inv.config.max_body).await {
+        Ok(b) => b,
+        Err(e) => return reply(e),
+    };
+    let mut headers = outbound_headers(&parts.headers, false);
+    insert(&mut headers, SERVICE_HEADER, &route.service);
+    insert(&mut headers, METHOD_HEADER, &route.method);
+    let call = Call {
+        path_and_query: format!("/{}", route.method),
+        service: route.service,
+        method: Method::POST,
+        headers,
+        body: Outgoing::full(body),
+        h2: parts.version == Version::HTTP_2,
+        pin: None,
+        timeout,
+        retry_any_method: retry_any,
+    };
+    finish(&inv, call, None).await
+}
+
+/// `POST /rpc`.
+pub async fn rpc_endpoint(State(inv): State<Arc<Invoker>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
+        Ok(c) => c,
+        Err(e) => return reply(e),
+    };
+    let body = match read_body(body, inv.config.max_body).await {
+        Ok(b) => b,
+        Err(e) => return reply(e),
+    };
+    let is_form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
+    let fields: serde_json::Map<String, Value> = if is_form {
+        form_urlencoded(&body)
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    "expected a JSON object {\"service\",\"method\",\"request\"}",
+                )
+            }
+            Err(e) => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    format!("malformed JSON: {e}; expected {{\"service\",\"method\",\"request\"}}"),
+                )
+            }
+        }
+    };
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    };
+    let text = |name: &str| {
+        field(name)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+    };
+    let (Some(service), Some(method)) = (text("service"), text("method")) else {
+        return bad(StatusCode::BAD_REQUEST, "service and method are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}");
+    };
+    let request = match field("request") {
+        None | Some(Value::Null) => Bytes::new(),
+        Some(Value::String(s)) => Bytes::from(s.clone()),
+        Some(v) => Bytes::from(v.to_string()),
+    };
+    let mut headers = outbound_headers(&parts.headers, false);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    insert(&mut headers, SERVICE_HEADER, &service);
+    insert(&mut headers, METHOD_HEADER, &method);
+    let call = Call {
+        path_and_query: format!("/{method}"),
+        service,
+        method: Method::POST,
+        headers,
+        body: Outgoing::full(request),
+        h2: false,
+        pin: text("address"),
+        timeout,
+        retry_any_method: retry_any,
+    };
+    finish(&inv, call, None).await
+}
+
+async fn proxy(inv: Arc<Invoker>, mut req: Request) -> Response {
+    let Some(service) = mapping::proxy_service(&inv.config.namespace, req.uri().path()) else {
+        return bad(
+            StatusCode::NOT_FOUND,
+            "no service in the path: call /{service}/...",
+        );
+    };
+    let (timeout, retry_any) = match controls(req.headers(), inv.config.timeout) {
+        Ok(c) => c,
+        Err(e) => return reply(e),
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > inv.config.max_body) {
+        return reply(too_large(inv.config.max_body));
+    }
+    let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = if body.is_end_stream() {
+        Outgoing::Full(None)
+    } else if declared.is_some_and(|n| n <= BUFFER_FOR_RETRY) {
+        match read_body(body, inv.config.max_body).await {
+            Ok(b) => Outgoing::full(b),
+            Err(e) => return reply(e),
+        }
+    } else {
+        Outgoing::Stream(http_body_util::Limited::new(
+            body,
+            inv.config.max_body as usize,
+        ))
+    };
+    let call = Call {
+        service,
+        method: parts.method.clone(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string()),
+        headers: outbound_headers(&parts.headers, upgrade.is_some()),
+        body,
+        h2: parts.version == Version::HTTP_2,
+        pin: None,
+        timeout,
+        retry_any_method: retry_any,
+    };
+    finish(&inv, call, upgrade).await
+}
+
+/// Forwards the call, records metrics and turns the node's response into ours.
+async fn finish(inv: &Invoker, call: Call, upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response {
+    let started = Instant::now();
+    let service = call.service.clone();
+    let h2 = call.h2;
+    let result = forward(&inv.endpoints, &inv.config.policy, call).await;
+    let status = match &result {
+        Ok(res) => res.status(),
+        Err(e) => e.status_code(),
+    };
+    if let Some(set) = inv.endpoints.load().services.get(&service) {
+        set.shared
+            .metrics
+            .record(status.as_u16(), started.elapsed());
+    }
+    let mut res = match result {
+        Ok(res) => res,
+        Err(e) => return reply(e),
+    };
+    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = upgrade {
+            let node = hyper::upgrade::on(&mut res);
+            tokio::spawn(tunnel(client, node));
+            let (parts, _) = res.into_parts();
+            return Response::from_parts(parts, Body::empty());
+        }
+    }
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers, h2);
+    Response::from_parts(parts, Body::new(body))
+}
+
+/// Copies bytes both ways between an upgraded client connection and node connection.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnUpgrade) {
+    let (client, node) = match tokio::try_join!(client, node) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut node = hyper_util::rt::TokioIo::new(node);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+}
+
+/// Reads `X-Pillion-Timeout` and `X-Pillion-Retry`.
+fn controls(headers: &HeaderMap, default: Duration) -> Result<(Duration, bool), ApiError> {
+    let timeout = match headers.get(TIMEOUT_HEADER) {
+        None => default,
+        Some(v) => match v.to_str().ok().map(pillion_core::duration::parse) {
+            Some(Ok(d)) if !d.is_zero() => d,
+            Some(Ok(_)) => return Err(invalid("X-Pillion-Timeout must be more than 0".into())),
+            Some(Err(e)) => return Err(invalid(format!("X-Pillion-Timeout: {e}"))),
+            None => return Err(invalid("X-Pillion-Timeout is not text".into())),
+        },
+    };
+    let retry_any = match headers.get(RETRY_HEADER).map(|v| v.to_str().unwrap_or("")) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("always") => true,
+        Some(v) => {
+            return Err(invalid(format!(
+                "X-Pillion-Retry: {v:?} is not understood; the only value is \"always\""
+            )))
+        }
+    };
+    Ok((timeout, retry_any))
+}
+
+fn invalid(detail: String) -> ApiError {
+    ApiError::new(ID, StatusCode::BAD_REQUEST, detail)
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        ID,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "request body is larger than {} (--max-body-size)",
+            pillion_core::size::format(limit)
+        ),
+    )
+}
+
+async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+    match http_body_util::Limited::new(body, limit as usize)
+        .collect()
+        .await
+    {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large(limit))
+        }
+        Err(e) => Err(invalid(format!("reading the request body: {e}"))),
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// The caller's headers minus hop-by-hop ones (RFC 9110 7.6.1) and pillion's own
+/// controls. An upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn outbound_headers(incoming: &HeaderMap, upgrade: bool) -> HeaderMap {
+    let mut headers = incoming.clone();
+    let h2_trailers = incoming
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    strip_hop_by_hop(&mut headers, false);
+    headers.remove(header::HOST);
+    headers.remove(TIMEOUT_HEADER);
+    headers.remove(RETRY_HEADER);
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = incoming.get(header::UPGRADE) {
+            headers.insert(header::UPGRADE, u.clone());
+        }
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+    if h2_trailers {
+        // gRPC needs `te: trailers`; it is the one TE value allowed end to end.
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, _h2: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// `a=1&b=two%20words` into a JSON object of strings.
+fn form_urlencoded(body: &[u8]) -> serde_json::Map<String, Value> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(bytes[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), Value::String(decode(v)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode_like_curl_sends_them() {
+        let f = form_urlencoded(b"service=go.micro.srv.example&method=Example.Call&request=%7B%22name%22%3A+%22John%22%7D");
+        assert_eq!(f["service"], "go.micro.srv.example");
+        assert_eq!(f["request"], "{\"name\": \"John\"}");
+        assert_eq!(form_urlencoded(b"a=%2")["a"], "%2");
+        assert_eq!(
+            form_urlencoded("a=%é".as_bytes())["a"],
+            "%é",
+            "no panic on non-ASCII after %"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_travel() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8081"));
+        h.insert(TIMEOUT_HEADER, HeaderValue::from_static("2s"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let out = outbound_headers(&h, false);
+        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(out.contains_key("x-request-id") && out.contains_key(header::CONTENT_TYPE));
+    }
+}

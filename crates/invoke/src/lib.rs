@@ -1,0 +1,158 @@
+//! Service invocation: the local app calls any registered service through its
+//! sidecar by name, and pillion picks a healthy node, forwards the call, retries
+//! safely when a node fails and answers within a deadline.
+//!
+//! The data path is a composition of small parts, each in its module and tested alone:
+//!
+//! - [`mapping`]: URL path -> (service, method), micro's table.
+//! - [`endpoints`]: the nodes of every service, a lock-free snapshot rebuilt from
+//!   registry watches, with per-node state (peak-EWMA latency, load, failures,
+//!   ejection) and locality tiers (zone, then region, then anywhere).
+//! - [`balance`]: which node for the next attempt (p2c over peak-EWMA, round-robin).
+//! - [`budget`]: the retry budget (20% of requests + 10/s).
+//! - [`pool`]: keep-alive connections per node, HTTP/1.1 and h2c.
+//! - [`forward`]: one call across attempts: timeouts, retries, backoff, ejection.
+//! - [`handler`]: the HTTP surface: `/{service}/{method}`, `/rpc`, the proxy handler.
+//! - [`metrics`]: per-service counters and latency histograms.
+//!
+//! It must never hold a lock across a request, nor buffer a body it was told to
+//! stream.
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod budget;
+pub mod endpoints;
+pub mod forward;
+pub mod handler;
+pub mod mapping;
+pub mod metrics;
+pub mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use pillion_registry::Registry;
+use serde_json::json;
+
+pub use balance::Strategy;
+pub use endpoints::{EjectionPolicy, Locality};
+pub use forward::Policy;
+
+/// How `/{service}/...` is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Handler {
+    /// `POST /{service}/{method}` -> `POST http://{node}/{Method}`.
+    #[default]
+    Rpc,
+    /// Any method, path unchanged, streamed.
+    Proxy,
+}
+
+impl std::str::FromStr for Handler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rpc" => Ok(Handler::Rpc),
+            "proxy" => Ok(Handler::Proxy),
+            _ => Err(format!("unknown handler {s:?}: use rpc or proxy")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub handler: Handler,
+    pub namespace: String,
+    /// Default deadline for the answer's headers (`X-Pillion-Timeout` overrides it).
+    pub timeout: Duration,
+    pub max_body: u64,
+    pub policy: Policy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handler: Handler::Rpc,
+            namespace: String::new(),
+            timeout: Duration::from_secs(15),
+            max_body: 10 << 20,
+            policy: Policy {
+                strategy: Strategy::PeakEwma,
+                connect_timeout: Duration::from_secs(1),
+                per_try_timeout: Duration::from_secs(5),
+                retries: 2,
+                max_pending: 1024,
+                ejection: EjectionPolicy::default(),
+            },
+        }
+    }
+}
+
+/// The invocation data path of one sidecar.
+pub struct Invoker {
+    pub config: Config,
+    pub endpoints: Arc<endpoints::Endpoints>,
+}
+
+impl Invoker {
+    /// Starts following the registry. Must be called within a tokio runtime.
+    pub fn new(registry: Arc<dyn Registry>, locality: Locality, config: Config) -> Arc<Invoker> {
+        Arc::new(Invoker {
+            endpoints: endpoints::Endpoints::follow(registry, locality),
+            config,
+        })
+    }
+
+    /// `POST /rpc` and, as the fallback for every path no other route takes,
+    /// `/{service}/...`.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/rpc", post(handler::rpc_endpoint))
+            .fallback(handler::service_call)
+            .with_state(self.clone())
+    }
+
+    /// For `/statusz`: every service's nodes with their tier, load, latency estimate,
+    /// failures and ejection.
+    pub fn status(&self) -> serde_json::Value {
+        let set = self.endpoints.load();
+        let mut names: Vec<&String> = set.services.keys().collect();
+        names.sort();
+        let services: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let svc = &set.services[name];
+                let nodes: Vec<_> = svc
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        json!({
+                            "id": n.id,
+                            "address": n.authority,
+                            "tier": n.tier,
+                            "pending": n.pending(),
+                            "ewma_ms": n.ewma().as_secs_f64() * 1000.0,
+                            "consecutive_failures": n.consecutive_failures(),
+                            "ejected": n.ejected_for().is_some(),
+                            "ejected_for_secs": n.ejected_for().map(|d| d.as_secs_f64()),
+                            "idle_connections": n.pool.idle(),
+                        })
+                    })
+                    .collect();
+                json!({ "name": name, "nodes": nodes })
+            })
+            .collect();
+        json!({
+            "handler": match self.config.handler { Handler::Rpc => "rpc", Handler::Proxy => "proxy" },
+            "services": services,
+        })
+    }
+
+    /// Appends the invocation metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let all = self.endpoints.all_shared();
+        metrics::render(out, all.iter().map(|(name, s)| (name.as_str(), &s.metrics)));
+    }
+}
