@@ -36,14 +36,15 @@ impl std::str::FromStr for Strategy {
 /// Whether the node at an index may be chosen.
 type Filter<'a> = &'a dyn Fn(usize, &NodeState) -> bool;
 
-/// Picks a node for the next attempt, avoiding the ids in `tried`.
-pub fn pick(set: &ServiceSet, strategy: Strategy, tried: &[usize]) -> Option<usize> {
+/// Picks a node for the next attempt, avoiding the indices set in the `tried` bit
+/// mask (nodes past the 64th are never marked).
+pub fn pick(set: &ServiceSet, strategy: Strategy, tried: u64) -> Option<usize> {
     if set.nodes.is_empty() {
         return None;
     }
     let now_ms = clock().as_millis() as u64;
     let filters: [Filter; 3] = [
-        &|i, n| !n.is_ejected(now_ms) && !tried.contains(&i),
+        &|i, n| !n.is_ejected(now_ms) && (i >= 64 || tried & (1 << i) == 0),
         &|_, n| !n.is_ejected(now_ms),
         &|_, _| true,
     ];
@@ -133,7 +134,7 @@ mod tests {
         s.nodes[0].observe(Duration::from_millis(200));
         s.nodes[1].observe(Duration::from_millis(1));
         let fast = (0..100)
-            .filter(|_| pick(&s, Strategy::PeakEwma, &[]) == Some(1))
+            .filter(|_| pick(&s, Strategy::PeakEwma, 0) == Some(1))
             .count();
         assert_eq!(fast, 100, "with two nodes p2c always compares both");
     }
@@ -142,7 +143,7 @@ mod tests {
     fn round_robin_cycles() {
         let s = set(&[0, 0, 0]);
         let picks: Vec<_> = (0..6)
-            .map(|_| pick(&s, Strategy::RoundRobin, &[]).unwrap())
+            .map(|_| pick(&s, Strategy::RoundRobin, 0).unwrap())
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
@@ -150,14 +151,14 @@ mod tests {
     #[test]
     fn nearest_tier_first_then_spill_and_tried_nodes_are_avoided() {
         let s = set(&[1, 0, 2]);
-        assert_eq!(pick(&s, Strategy::PeakEwma, &[]), Some(1));
-        assert_eq!(pick(&s, Strategy::PeakEwma, &[1]), Some(0));
-        assert_eq!(pick(&s, Strategy::PeakEwma, &[1, 0]), Some(2));
+        assert_eq!(pick(&s, Strategy::PeakEwma, 0), Some(1));
+        assert_eq!(pick(&s, Strategy::PeakEwma, 0b010), Some(0));
+        assert_eq!(pick(&s, Strategy::PeakEwma, 0b011), Some(2));
         assert_eq!(
-            pick(&s, Strategy::PeakEwma, &[1, 0, 2]),
+            pick(&s, Strategy::PeakEwma, 0b111),
             Some(1),
             "all tried: start over"
         );
-        assert_eq!(pick(&set(&[]), Strategy::PeakEwma, &[]), None);
+        assert_eq!(pick(&set(&[]), Strategy::PeakEwma, 0), None);
     }
 }

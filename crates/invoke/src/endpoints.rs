@@ -72,6 +72,8 @@ pub struct NodeState {
     pub id: String,
     /// `host:port` to dial.
     pub authority: String,
+    /// `authority` as a Host header, made once.
+    pub host: http::HeaderValue,
     pub tier: u8,
     pub pool: Arc<Pool>,
     /// Peak-EWMA of response latency in nanoseconds (f64 bits).
@@ -101,6 +103,8 @@ impl NodeState {
     fn new(id: String, authority: String, tier: u8) -> NodeState {
         NodeState {
             pool: Arc::new(Pool::new(authority.clone())),
+            host: http::HeaderValue::from_str(&authority)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             id,
             authority,
             tier,

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use pillion_core::ApiError;
 
 use crate::balance::{self, Strategy};
@@ -44,8 +44,8 @@ pub struct Policy {
 pub struct Call {
     pub service: String,
     pub method: Method,
-    /// `/path?query` to send to the node.
-    pub path_and_query: String,
+    /// Origin-form `/path?query` to send to the node.
+    pub uri: Uri,
     /// Headers to send, hop-by-hop ones already removed.
     pub headers: HeaderMap,
     pub body: Outgoing,
@@ -88,13 +88,14 @@ enum Outcome {
     TimedOut,
 }
 
+/// Makes the call and records it in the service's metrics (status as the caller
+/// sees it, latency until the response headers).
 pub async fn forward(
     endpoints: &Endpoints,
     policy: &Policy,
-    mut call: Call,
+    call: Call,
 ) -> Result<Response<PooledBody>, ApiError> {
     let started = Instant::now();
-    let deadline = started + call.timeout;
     let set: Arc<ServiceSet> = match endpoints.load().services.get(&call.service) {
         Some(s) => s.clone(),
         None => {
@@ -104,6 +105,24 @@ pub async fn forward(
             ))
         }
     };
+    let result = attempts(&set, policy, call, started).await;
+    let status = match &result {
+        Ok(res) => res.status(),
+        Err(e) => e.status_code(),
+    };
+    set.shared
+        .metrics
+        .record(status.as_u16(), started.elapsed());
+    result
+}
+
+async fn attempts(
+    set: &ServiceSet,
+    policy: &Policy,
+    mut call: Call,
+    started: Instant,
+) -> Result<Response<PooledBody>, ApiError> {
+    let deadline = started + call.timeout;
     let shared = &set.shared;
     if shared.pending.fetch_add(1, Ordering::Relaxed) >= policy.max_pending {
         shared.pending.fetch_sub(1, Ordering::Relaxed);
@@ -135,33 +154,48 @@ pub async fn forward(
         },
     };
 
-    let replayable = matches!(call.body, Outgoing::Full(_));
     let full_body = match &call.body {
-        Outgoing::Full(b) => b.clone(),
+        Outgoing::Full(b) => Some(b.clone()),
         Outgoing::Stream(_) => None,
     };
-    let may_retry_sent = replayable && (call.retry_any_method || idempotent(&call.method));
-    let mut body = Some(std::mem::replace(&mut call.body, Outgoing::Full(None)));
-    let mut tried: Vec<usize> = Vec::with_capacity(2);
+    // Only a whole body can be sent again after the node may have seen it.
+    let may_retry_sent = full_body.is_some() && (call.retry_any_method || idempotent(&call.method));
+    let mut first_body = Some(std::mem::replace(&mut call.body, Outgoing::Full(None)));
+    // A request that never left (connect failure) comes back whole for the next try.
+    let mut returned: Option<Request<Outgoing>> = None;
+    let mut tried = 0u64;
     let mut attempt = 0u32;
-    let mut last_problem: String;
+    let mut last_problem = String::new();
     let mut only_connect_failures = true;
 
     loop {
-        let Some(index) = pinned.or_else(|| balance::pick(&set, policy.strategy, &tried)) else {
+        let Some(index) = pinned.or_else(|| balance::pick(set, policy.strategy, tried)) else {
             return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("service {:?} has no node", call.service),
             ));
         };
-        tried.push(index);
-        let node = balance::node(&set, index).clone();
-        let req = build(
-            &call,
-            &node.authority,
-            body.take()
-                .unwrap_or_else(|| Outgoing::Full(full_body.clone())),
-        );
+        tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
+        let node = balance::node(set, index).clone();
+        let req = match returned.take() {
+            Some(req) => readdress(req, &call, &node.host),
+            None => {
+                let body = match first_body.take() {
+                    Some(b) => b,
+                    None => match &full_body {
+                        Some(b) => Outgoing::Full(b.clone()),
+                        None => break, // a stream, already sent once
+                    },
+                };
+                // Keep the headers for later attempts only if there can be any.
+                let headers = if may_retry_sent {
+                    call.headers.clone()
+                } else {
+                    std::mem::take(&mut call.headers)
+                };
+                build(&call, headers, &node.host, body)
+            }
+        };
 
         let now = Instant::now();
         if now >= deadline {
@@ -184,7 +218,6 @@ pub async fn forward(
         drop(pending);
         let rtt = now.elapsed();
 
-        // What to do next: answer now, or retry (and whether the retry is charged).
         match outcome {
             Outcome::Answer(res) => {
                 node.observe(rtt);
@@ -207,7 +240,7 @@ pub async fn forward(
                 node.observe(FAILURE_PENALTY);
                 set.record_failure(&node, &policy.ejection);
                 last_problem = e;
-                body = back.map(|r| r.into_body());
+                returned = back;
                 // Not charged to the budget: the node never saw the request.
                 if !can_retry(policy, attempt, deadline) {
                     break;
@@ -251,9 +284,6 @@ pub async fn forward(
                 }
             }
         }
-        if body.is_none() && !replayable {
-            break; // the stream was consumed: nothing left to send again
-        }
         attempt += 1;
         shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
         let backoff = backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
@@ -295,22 +325,29 @@ fn timeout_error(call: &Call) -> ApiError {
     )
 }
 
-fn build(call: &Call, authority: &str, body: Outgoing) -> Request<Outgoing> {
-    let uri: Uri = if call.h2 {
-        format!("http://{authority}{}", call.path_and_query).parse()
-    } else {
-        call.path_and_query.parse()
-    }
-    .unwrap_or_else(|_| Uri::from_static("/"));
+fn build(call: &Call, headers: HeaderMap, host: &HeaderValue, body: Outgoing) -> Request<Outgoing> {
     let mut req = Request::new(body);
     *req.method_mut() = call.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = call.headers.clone();
+    *req.uri_mut() = call.uri.clone();
+    *req.headers_mut() = headers;
+    readdress(req, call, host)
+}
+
+/// Points a request at a node: `Host` for HTTP/1.1, an absolute URI for HTTP/2.
+fn readdress(mut req: Request<Outgoing>, call: &Call, host: &HeaderValue) -> Request<Outgoing> {
     if call.h2 {
+        let absolute = format!(
+            "http://{}{}",
+            host.to_str().unwrap_or("localhost"),
+            call.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        if let Ok(uri) = absolute.parse() {
+            *req.uri_mut() = uri;
+        }
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
-    } else if let Ok(host) = http::HeaderValue::from_str(authority) {
-        req.headers_mut().insert(http::header::HOST, host);
+    } else {
+        req.headers_mut().insert(http::header::HOST, host.clone());
     }
     req
 }

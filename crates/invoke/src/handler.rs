@@ -12,21 +12,23 @@
 //! resets). Both are removed before the call leaves.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::body::Bytes;
+use axum::extract::State;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
+use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use pillion_core::ApiError;
 use serde_json::Value;
 
 use crate::forward::{forward, Call, ID};
 use crate::mapping;
-use crate::pool::Outgoing;
+use crate::pool::{Outgoing, PooledBody};
 use crate::{Handler, Invoker};
 
 pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
@@ -38,23 +40,28 @@ pub const METHOD_HEADER: &str = "x-pillion-method";
 /// retried; larger ones stream and are sent once.
 const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
-fn reply(e: ApiError) -> Response {
-    e.into_response().into_response()
+/// A response of the data path: the node's body, streamed, or one pillion made.
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+
+fn reply(e: ApiError) -> Response<ProxyBody> {
+    e.into_response()
+        .map(|s| Either::Right(Full::new(Bytes::from(s))))
 }
 
-fn bad(status: StatusCode, detail: impl Into<String>) -> Response {
+fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
     reply(ApiError::new(ID, status, detail))
 }
 
-/// `/{service}/{method}` (rpc) or `/{service}/...` (proxy).
-pub async fn service_call(State(inv): State<Arc<Invoker>>, req: Request) -> Response {
+/// `/{service}/{method}` (rpc) or `/{service}/...` (proxy), for a request straight
+/// from hyper: no router and no boxing on the way.
+pub async fn service_call(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBody> {
     match inv.config.handler {
         Handler::Rpc => rpc_path(inv, req).await,
         Handler::Proxy => proxy(inv, req).await,
     }
 }
 
-async fn rpc_path(inv: Arc<Invoker>, req: Request) -> Response {
+async fn rpc_path(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(route) = mapping::rpc_route(&inv.config.namespace, req.uri().path()) else {
         return bad(
             StatusCode::NOT_FOUND,
@@ -79,11 +86,15 @@ async fn rpc_path(inv: Arc<Invoker>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return reply(e),
     };
-    let mut headers = outbound_headers(&parts.headers, false);
+    let uri = match method_uri(&route.method) {
+        Ok(u) => u,
+        Err(e) => return reply(e),
+    };
+    let mut headers = outbound_headers(parts.headers, false);
     insert(&mut headers, SERVICE_HEADER, &route.service);
     insert(&mut headers, METHOD_HEADER, &route.method);
     let call = Call {
-        path_and_query: format!("/{}", route.method),
+        uri,
         service: route.service,
         method: Method::POST,
         headers,
@@ -97,7 +108,14 @@ async fn rpc_path(inv: Arc<Invoker>, req: Request) -> Response {
 }
 
 /// `POST /rpc`.
-pub async fn rpc_endpoint(State(inv): State<Arc<Invoker>>, req: Request) -> Response {
+pub async fn rpc_endpoint(
+    State(inv): State<Arc<Invoker>>,
+    req: Request<axum::body::Body>,
+) -> axum::response::Response {
+    rpc_call(inv, req).await.map(axum::body::Body::new)
+}
+
+async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
     let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
         Ok(c) => c,
@@ -151,7 +169,11 @@ pub async fn rpc_endpoint(State(inv): State<Arc<Invoker>>, req: Request) -> Resp
         Some(Value::String(s)) => Bytes::from(s.clone()),
         Some(v) => Bytes::from(v.to_string()),
     };
-    let mut headers = outbound_headers(&parts.headers, false);
+    let uri = match method_uri(&method) {
+        Ok(u) => u,
+        Err(e) => return reply(e),
+    };
+    let mut headers = outbound_headers(parts.headers, false);
     headers.remove(header::CONTENT_LENGTH);
     headers.insert(
         header::CONTENT_TYPE,
@@ -160,7 +182,7 @@ pub async fn rpc_endpoint(State(inv): State<Arc<Invoker>>, req: Request) -> Resp
     insert(&mut headers, SERVICE_HEADER, &service);
     insert(&mut headers, METHOD_HEADER, &method);
     let call = Call {
-        path_and_query: format!("/{method}"),
+        uri,
         service,
         method: Method::POST,
         headers,
@@ -173,7 +195,7 @@ pub async fn rpc_endpoint(State(inv): State<Arc<Invoker>>, req: Request) -> Resp
     finish(&inv, call, None).await
 }
 
-async fn proxy(inv: Arc<Invoker>, mut req: Request) -> Response {
+async fn proxy(inv: Arc<Invoker>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(service) = mapping::proxy_service(&inv.config.namespace, req.uri().path()) else {
         return bad(
             StatusCode::NOT_FOUND,
@@ -210,11 +232,8 @@ async fn proxy(inv: Arc<Invoker>, mut req: Request) -> Response {
     let call = Call {
         service,
         method: parts.method.clone(),
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string()),
-        headers: outbound_headers(&parts.headers, upgrade.is_some()),
+        uri: origin_form(parts.uri),
+        headers: outbound_headers(parts.headers, upgrade.is_some()),
         body,
         h2: parts.version == Version::HTTP_2,
         pin: None,
@@ -224,22 +243,14 @@ async fn proxy(inv: Arc<Invoker>, mut req: Request) -> Response {
     finish(&inv, call, upgrade).await
 }
 
-/// Forwards the call, records metrics and turns the node's response into ours.
-async fn finish(inv: &Invoker, call: Call, upgrade: Option<hyper::upgrade::OnUpgrade>) -> Response {
-    let started = Instant::now();
-    let service = call.service.clone();
+/// Forwards the call and turns the node's response into ours.
+async fn finish(
+    inv: &Invoker,
+    call: Call,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
     let h2 = call.h2;
-    let result = forward(&inv.endpoints, &inv.config.policy, call).await;
-    let status = match &result {
-        Ok(res) => res.status(),
-        Err(e) => e.status_code(),
-    };
-    if let Some(set) = inv.endpoints.load().services.get(&service) {
-        set.shared
-            .metrics
-            .record(status.as_u16(), started.elapsed());
-    }
-    let mut res = match result {
+    let mut res = match forward(&inv.endpoints, &inv.config.policy, call).await {
         Ok(res) => res,
         Err(e) => return reply(e),
     };
@@ -248,12 +259,12 @@ async fn finish(inv: &Invoker, call: Call, upgrade: Option<hyper::upgrade::OnUpg
             let node = hyper::upgrade::on(&mut res);
             tokio::spawn(tunnel(client, node));
             let (parts, _) = res.into_parts();
-            return Response::from_parts(parts, Body::empty());
+            return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
         }
     }
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers, h2);
-    Response::from_parts(parts, Body::new(body))
+    Response::from_parts(parts, Either::Left(body))
 }
 
 /// Copies bytes both ways between an upgraded client connection and node connection.
@@ -308,7 +319,11 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
-async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
+async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::pool::BoxError>,
+{
     match http_body_util::Limited::new(body, limit as usize)
         .collect()
         .await
@@ -322,6 +337,26 @@ async fn read_body(body: Body, limit: u64) -> Result<Bytes, ApiError> {
         }
         Err(e) => Err(invalid(format!("reading the request body: {e}"))),
     }
+}
+
+/// `/{Method}`, the path an rpc call is sent to.
+fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
+    format!("/{method}")
+        .parse()
+        .map_err(|_| invalid(format!("method {method:?} cannot be part of a URL path")))
+}
+
+/// The request target as HTTP/1.1 sends it: `/path?query` (HTTP/2 requests arrive with
+/// scheme and authority).
+fn origin_form(uri: http::Uri) -> http::Uri {
+    if uri.scheme().is_none() {
+        return uri;
+    }
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    http::Uri::from(pq)
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
@@ -349,19 +384,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// The caller's headers minus hop-by-hop ones (RFC 9110 7.6.1) and pillion's own
 /// controls. An upgrade keeps `Connection: upgrade` and `Upgrade`.
-fn outbound_headers(incoming: &HeaderMap, upgrade: bool) -> HeaderMap {
-    let mut headers = incoming.clone();
-    let h2_trailers = incoming
+fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
+    let h2_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers, false);
     headers.remove(header::HOST);
     headers.remove(TIMEOUT_HEADER);
     headers.remove(RETRY_HEADER);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(u) = incoming.get(header::UPGRADE) {
-            headers.insert(header::UPGRADE, u.clone());
+        if let Some(u) = upgrade_to {
+            headers.insert(header::UPGRADE, u);
         }
     } else {
         headers.remove(header::UPGRADE);
@@ -460,7 +495,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let out = outbound_headers(&h, false);
+        let out = outbound_headers(h, false);
         let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(out.contains_key("x-request-id") && out.contains_key(header::CONTENT_TYPE));

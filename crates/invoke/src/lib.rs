@@ -105,12 +105,11 @@ impl Invoker {
         })
     }
 
-    /// `POST /rpc` and, as the fallback for every path no other route takes,
-    /// `/{service}/...`.
+    /// `POST /rpc`. Calls to `/{service}/...` do not go through a router: the server
+    /// hands them to [`handler::service_call`] directly.
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/rpc", post(handler::rpc_endpoint))
-            .fallback(handler::service_call)
             .with_state(self.clone())
     }
 

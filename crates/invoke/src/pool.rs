@@ -30,7 +30,7 @@ const MAX_IDLE: usize = 256;
 /// A request body: whole (and so replayable for retries) or a stream (sent once).
 pub enum Outgoing {
     Full(Option<Bytes>),
-    Stream(http_body_util::Limited<axum::body::Body>),
+    Stream(http_body_util::Limited<Incoming>),
 }
 
 impl Outgoing {

@@ -4,11 +4,13 @@
 //! - [`cli`]: the commands and flags (clap), each flag also a `PILLION_*` variable.
 //! - [`config`]: the one loader that merges defaults, file, environment and flags.
 //! - [`sidecar`]: wiring of the registry, the app's registration and the HTTP API.
+//! - [`server`]: the HTTP server: API routes, and calls to services without a router.
 //! - [`shutdown`]: signals to a graceful stop.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod config;
+mod server;
 mod shutdown;
 mod sidecar;
 
@@ -40,10 +42,18 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = settings.worker_threads {
-                runtime.worker_threads(n);
-            }
+            // One worker: a current-thread runtime, which needs no cross-thread
+            // wake-ups or work stealing (measured faster per request than a
+            // multi-thread runtime with one worker; see bench/README.md).
+            let mut runtime = match settings.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
             let runtime = match runtime.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {

@@ -1,7 +1,6 @@
 //! Wiring: open the registry, start the app's registration, serve the HTTP API, and
 //! take it all down in order on shutdown.
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -73,26 +72,22 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         app = settings.app.as_ref().map(|a| a.name.as_str()).unwrap_or("-"),
         "pillion listening"
     );
-    let mut stop = shutdown.clone();
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { stop.wait().await })
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        res = &mut server => res.map_err(|e| format!("HTTP server failed: {e}"))?,
-        _ = shutdown.wait() => {
-            // Take the app out of the registry first, so callers stop choosing it while
-            // in-flight requests finish.
-            if let Some(app) = app {
-                if let Ok(app) = Arc::try_unwrap(app) {
-                    app.stop().await;
-                }
-            }
-            if tokio::time::timeout(settings.grace_period, &mut server).await.is_err() {
-                tracing::warn!(grace_period = %pillion_core::duration::format(settings.grace_period), "in-flight requests did not finish within the grace period");
-            }
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        router,
+        invoker,
+        shutdown.clone(),
+        settings.grace_period,
+    ));
+    shutdown.wait().await;
+    // Take the app out of the registry first, so callers stop choosing it while
+    // in-flight requests finish.
+    if let Some(app) = app {
+        if let Ok(app) = Arc::try_unwrap(app) {
+            app.stop().await;
         }
     }
+    let _ = server.await;
     registry.close().await;
     tracing::info!("pillion stopped");
     Ok(())

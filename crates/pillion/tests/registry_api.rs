@@ -168,6 +168,9 @@ async fn mistakes_get_a_400_413_or_404_that_says_what_is_wrong_and_change_nothin
     let reply = request(http::Method::POST, &sc.url("/nowhere"), &[], "")
         .await
         .unwrap();
-    assert_eq!(reply.status, 404, "an unknown path is a call to an unknown service");
+    assert_eq!(
+        reply.status, 404,
+        "an unknown path is a call to an unknown service"
+    );
     assert_eq!(reply.json()["id"], "pillion.invoke");
 }

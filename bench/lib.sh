@@ -1,0 +1,136 @@
+# Shared by the bench scripts: install tools, start and stop the processes under test.
+# Everything listens on 127.0.0.1 only and is stopped on exit.
+
+set -euo pipefail
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/.." && pwd)
+WORK=$(mktemp -d /tmp/pillion-bench.XXXXXX)
+PIDS=()
+
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say() { printf '%s\n' "$*" >&2; }
+
+# install_tools CMD:PACKAGE ...  -- apt-get installs the packages whose command is missing
+install_tools() {
+  local need=()
+  for pair in "$@"; do
+    local cmd=${pair%%:*} pkg=${pair#*:}
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]}"
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >&2
+  fi
+  export PATH="$PATH:/usr/sbin"
+}
+
+build_pillion() {
+  say "building pillion (release)"
+  (cd "$ROOT" && cargo build --release -q -p pillion)
+  PILLION="$ROOT/target/release/pillion"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  say "nothing listens on port $1"; return 1
+}
+
+# start_backend PORT: nginx, one worker, answering 12 bytes to every path
+start_backend() {
+  local port=$1 dir="$WORK/backend"
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$port reuseport backlog=4096;
+    location / { return 200 "hello world\n"; }
+  }
+}
+CONF
+  nginx -c "$dir/nginx.conf" -p "$dir" & PIDS+=($!)
+  wait_port "$port"
+}
+
+# start_nginx_proxy PORT BACKEND_PORT
+start_nginx_proxy() {
+  local port=$1 backend=$2 dir="$WORK/nginx-proxy"
+  mkdir -p "$dir"
+  cat > "$dir/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$backend; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+  nginx -c "$dir/nginx.conf" -p "$dir" & PIDS+=($!)
+  wait_port "$port"
+}
+
+# start_haproxy PORT BACKEND_PORT
+start_haproxy() {
+  local port=$1 backend=$2 dir="$WORK/haproxy"
+  mkdir -p "$dir"
+  cat > "$dir/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$port
+  default_backend be
+backend be
+  server s1 127.0.0.1:$backend
+CONF
+  haproxy -f "$dir/haproxy.cfg" -db & PIDS+=($!)
+  wait_port "$port"
+}
+
+# start_pillion PORT BACKEND_PORT ARGS... : the proxy handler, one worker thread,
+# with service "bench" registered at the backend
+start_pillion() {
+  local port=$1 backend=$2; shift 2
+  RUST_LOG=warn "$PILLION" run --address "127.0.0.1:$port" --handler proxy --worker-threads 1 "$@" & PIDS+=($!)
+  wait_port "$port"
+  curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$port/registry" \
+    -d "{\"name\":\"bench\",\"nodes\":[{\"id\":\"bench-1\",\"address\":\"127.0.0.1:$backend\"}]}" >/dev/null
+}
