@@ -501,3 +501,38 @@ async fn proxy_passes_methods_paths_upgrades_and_h2c_through() {
     assert_eq!(seen["headers"]["te"], "trailers");
     assert_eq!(seen["path"], "/web/grpc.Svc/Call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_max_pending_get_503_not_unbounded_queueing() {
+    let hung = TestApp::start("hung").await;
+    hung.set_mode(Mode::Hang);
+    let sc = Sidecar::start(&["--handler", "proxy", "--max-pending", "2"]);
+    register(&sc, "busy", "h1", &hung.addr().to_string(), &[]).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
+        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        held.push(s);
+    }
+    assert!(eventually(Duration::from_secs(5), || async { hung.requests() == 2 }).await);
+    let reply = get(&sc.url("/busy/y")).await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply.json()["detail"].as_str().unwrap().contains("limit 2"),
+        "{}",
+        reply.text()
+    );
+    drop(held);
+    hung.set_mode(Mode::Echo);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&sc.url("/busy/z"))
+                .await
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        })
+        .await,
+        "capacity comes back when the waiting calls end"
+    );
+}
