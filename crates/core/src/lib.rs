@@ -8,11 +8,13 @@
 //! - [`error`]: the JSON error shape (`{"id","code","detail","status"}`) that every
 //!   error made by the sidecar itself uses.
 //! - [`id`]: random identifiers from the OS CSPRNG.
+//! - [`metrics`]: counters and latency histograms in Prometheus text format.
 #![forbid(unsafe_code)]
 
 pub mod duration;
 pub mod error;
 pub mod id;
+pub mod metrics;
 pub mod service;
 pub mod size;
 

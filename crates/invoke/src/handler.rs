@@ -249,7 +249,6 @@ async fn finish(
     call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
-    let h2 = call.h2;
     let mut res = match forward(&inv.endpoints, &inv.config.policy, call).await {
         Ok(res) => res,
         Err(e) => return reply(e),
@@ -263,12 +262,12 @@ async fn finish(
         }
     }
     let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers, h2);
+    strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Either::Left(body))
 }
 
 /// Copies bytes both ways between an upgraded client connection and node connection.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnUpgrade) {
+pub async fn tunnel(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnUpgrade) {
     let (client, node) = match tokio::try_join!(client, node) {
         Ok(pair) => pair,
         Err(e) => {
@@ -348,7 +347,7 @@ fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
 
 /// The request target as HTTP/1.1 sends it: `/path?query` (HTTP/2 requests arrive with
 /// scheme and authority).
-fn origin_form(uri: http::Uri) -> http::Uri {
+pub fn origin_form(uri: http::Uri) -> http::Uri {
     if uri.scheme().is_none() {
         return uri;
     }
@@ -359,7 +358,8 @@ fn origin_form(uri: http::Uri) -> http::Uri {
     http::Uri::from(pq)
 }
 
-fn is_upgrade(headers: &HeaderMap) -> bool {
+/// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers
             .get_all(header::CONNECTION)
@@ -384,12 +384,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// The caller's headers minus hop-by-hop ones (RFC 9110 7.6.1) and pillion's own
 /// controls. An upgrade keeps `Connection: upgrade` and `Upgrade`.
-fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
+pub fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
     let h2_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     let upgrade_to = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut headers, false);
+    strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(TIMEOUT_HEADER);
     headers.remove(RETRY_HEADER);
@@ -408,7 +408,8 @@ fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
     headers
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap, _h2: bool) {
+/// Removes hop-by-hop headers, and those the `Connection` header lists.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

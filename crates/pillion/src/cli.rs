@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use pillion_core::Dur;
 
-use crate::config::{HealthUrl, HostPort, KeyValue, NonZeroDur, RegistryUrl, ServiceName};
+use crate::config::{
+    AppUrl, CookieName, HealthUrl, HostPort, KeyValue, MaxAge, NonZeroDur, RegistryUrl,
+    ServiceName, SessionStoreUrl,
+};
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
 /// service registry and any registered service (by name, balanced, retried, within a
-/// deadline) over plain HTTP on localhost.
+/// deadline) over plain HTTP on localhost, and put it behind an inbound proxy that
+/// keeps each visitor's session in a store shared by every service.
 ///
 /// Every option of `pillion run` can also be set as an environment variable
 /// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
@@ -39,6 +43,9 @@ pub enum Command {
     ///
     ///   pillion run --registry etcd://127.0.0.1:2379 --server-name greeter \
     ///     --server-address 127.0.0.1:9090 --healthcheck-url http://127.0.0.1:9090/health
+    ///
+    ///   pillion run --listen 0.0.0.0:8080 --app http://127.0.0.1:3000 \
+    ///     --session-store redis://127.0.0.1:6379 --session-max-age 3600
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
     /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
@@ -149,6 +156,77 @@ pub struct RunArgs {
     /// sidecar exits; a second signal exits at once. [default: 10s]
     #[arg(long, env = "PILLION_GRACE_PERIOD", value_name = "DUR")]
     pub grace_period: Option<Dur>,
+
+    /// Inbound proxy: listen here and pass every request to --app, with the visitor's
+    /// session as X-Session-* headers (needs --app).
+    #[arg(long, env = "PILLION_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// The app behind the inbound proxy: http://host:port (needs --listen).
+    #[arg(long, env = "PILLION_APP", value_name = "URL")]
+    pub app: Option<AppUrl>,
+
+    /// Session store shared by every sidecar that uses it: `memory` (this process
+    /// only) or redis://[:password@]host:port[/db]. [default: memory]
+    #[arg(long, env = "PILLION_SESSION_STORE", value_name = "URL")]
+    pub session_store: Option<SessionStoreUrl>,
+
+    /// Session lifetime, in seconds or as a duration (3600, 1h): the cookie's
+    /// Max-Age and the store's TTL. Must be more than 0. [default: 3600]
+    #[arg(
+        long,
+        env = "PILLION_SESSION_MAX_AGE",
+        value_name = "SECS",
+        allow_hyphen_values = true
+    )]
+    pub session_max_age: Option<MaxAge>,
+
+    /// Refresh the session's TTL and cookie on every response. [default: false]
+    #[arg(long, env = "PILLION_SESSION_ROLLING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_rolling: Option<bool>,
+
+    /// Name of the session cookie. [default: session]
+    #[arg(long, env = "PILLION_SESSION_COOKIE", value_name = "NAME")]
+    pub session_cookie: Option<CookieName>,
+
+    /// Path attribute of the cookie. [default: /]
+    #[arg(long, env = "PILLION_SESSION_COOKIE_PATH", value_name = "PATH")]
+    pub session_cookie_path: Option<String>,
+
+    /// Domain attribute of the cookie. [default: none, the request's host]
+    #[arg(long, env = "PILLION_SESSION_COOKIE_DOMAIN", value_name = "DOMAIN")]
+    pub session_cookie_domain: Option<String>,
+
+    /// Secure attribute of the cookie (send it over HTTPS only). [default: false]
+    #[arg(long, env = "PILLION_SESSION_COOKIE_SECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_cookie_secure: Option<bool>,
+
+    /// HttpOnly attribute of the cookie (hidden from scripts). [default: true]
+    #[arg(long, env = "PILLION_SESSION_COOKIE_HTTP_ONLY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_cookie_http_only: Option<bool>,
+
+    /// SameSite attribute of the cookie: strict, lax or none (none needs
+    /// --session-cookie-secure). [default: lax]
+    #[arg(long, env = "PILLION_SESSION_COOKIE_SAME_SITE", value_name = "MODE")]
+    pub session_cookie_same_site: Option<pillion_session::cookie::SameSite>,
+
+    /// Prefix of the session headers between pillion and the app. [default: X-Session-]
+    #[arg(long, env = "PILLION_SESSION_HEADER_PREFIX", value_name = "PREFIX")]
+    pub session_header_prefix: Option<String>,
+
+    /// While the session store is unreachable: `pass` requests to the app without
+    /// session headers and with X-Session-Error, or `fail` them with 503. A change the
+    /// app asks for that cannot be stored is always a 503. [default: pass]
+    #[arg(long, env = "PILLION_SESSION_STORE_DOWN", value_name = "pass|fail")]
+    pub session_store_down: Option<pillion_session::inbound::StoreDown>,
+
+    /// Largest value of one session key; a larger one is refused. [default: 4KiB]
+    #[arg(long, env = "PILLION_SESSION_MAX_VALUE_SIZE", value_name = "SIZE")]
+    pub session_max_value_size: Option<pillion_core::Size>,
+
+    /// Largest total size of a session; a change beyond it is refused. [default: 64KiB]
+    #[arg(long, env = "PILLION_SESSION_MAX_SIZE", value_name = "SIZE")]
+    pub session_max_size: Option<pillion_core::Size>,
 
     /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
     #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]

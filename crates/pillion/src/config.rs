@@ -63,6 +63,21 @@ pub struct FileConfig {
     pub healthcheck_timeout: Option<NonZeroDur>,
     pub grace_period: Option<Dur>,
     pub worker_threads: Option<NonZeroUsize>,
+    pub listen: Option<SocketAddr>,
+    pub app: Option<AppUrl>,
+    pub session_store: Option<SessionStoreUrl>,
+    pub session_max_age: Option<MaxAge>,
+    pub session_rolling: Option<bool>,
+    pub session_cookie: Option<CookieName>,
+    pub session_cookie_path: Option<String>,
+    pub session_cookie_domain: Option<String>,
+    pub session_cookie_secure: Option<bool>,
+    pub session_cookie_http_only: Option<bool>,
+    pub session_cookie_same_site: Option<FromText<pillion_session::cookie::SameSite>>,
+    pub session_header_prefix: Option<String>,
+    pub session_store_down: Option<FromText<pillion_session::inbound::StoreDown>>,
+    pub session_max_value_size: Option<pillion_core::Size>,
+    pub session_max_size: Option<pillion_core::Size>,
 }
 
 impl FileConfig {
@@ -104,7 +119,18 @@ pub struct Settings {
     pub app: Option<pillion_registry::health::AppConfig>,
     pub grace_period: Duration,
     pub worker_threads: Option<usize>,
+    pub inbound: Option<InboundSettings>,
 }
+
+/// The inbound (session) proxy.
+#[derive(Debug, Clone)]
+pub struct InboundSettings {
+    pub listen: SocketAddr,
+    pub store: String,
+    pub proxy: pillion_session::inbound::Config,
+}
+
+pub const DEFAULT_SESSION_MAX_AGE: Duration = Duration::from_secs(3600);
 
 impl Settings {
     /// Merges flags and environment (already merged by clap) over the file over the
@@ -114,6 +140,7 @@ impl Settings {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
+        let inbound = resolve_inbound(&args, &file)?;
         let server_name = args.server_name.or(file.server_name);
         let server_address = args.server_address.or(file.server_address);
         let healthcheck_url = args.healthcheck_url.or(file.healthcheck_url);
@@ -223,6 +250,7 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
+            inbound,
             invoke,
             locality,
             address: args
@@ -244,6 +272,146 @@ impl Settings {
                 .map(NonZeroUsize::get),
         })
     }
+}
+
+/// The inbound proxy's settings, if `--listen` and `--app` are set; session options
+/// without them are an error rather than silently unused.
+fn resolve_inbound(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> Result<Option<InboundSettings>, ConfigError> {
+    use pillion_session::{codec, cookie, inbound};
+    let listen = args.listen.or(file.listen);
+    let app = args.app.clone().or(file.app.clone());
+    let session_flags = [
+        (
+            "--session-store",
+            args.session_store.is_some() || file.session_store.is_some(),
+        ),
+        (
+            "--session-max-age",
+            args.session_max_age.is_some() || file.session_max_age.is_some(),
+        ),
+        (
+            "--session-rolling",
+            args.session_rolling.is_some() || file.session_rolling.is_some(),
+        ),
+        (
+            "--session-cookie",
+            args.session_cookie.is_some() || file.session_cookie.is_some(),
+        ),
+        (
+            "--session-header-prefix",
+            args.session_header_prefix.is_some() || file.session_header_prefix.is_some(),
+        ),
+        (
+            "--session-store-down",
+            args.session_store_down.is_some() || file.session_store_down.is_some(),
+        ),
+    ];
+    let (listen, app) = match (listen, app) {
+        (Some(l), Some(a)) => (l, a),
+        (Some(_), None) => return Err(ConfigError::Invalid(
+            "--listen (listen) needs --app (app): the http://host:port of the app behind the proxy"
+                .into(),
+        )),
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--app (app) needs --listen (listen): the address the inbound proxy listens on"
+                    .into(),
+            ))
+        }
+        (None, None) => {
+            if let Some((flag, _)) = session_flags.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::Invalid(format!(
+                    "{flag} needs --listen and --app: sessions live in the inbound proxy"
+                )));
+            }
+            return Ok(None);
+        }
+    };
+    let defaults = cookie::CookieConfig::default();
+    let cookie = cookie::CookieConfig {
+        name: args
+            .session_cookie
+            .clone()
+            .or(file.session_cookie.clone())
+            .map_or(defaults.name, |c| c.0),
+        path: args
+            .session_cookie_path
+            .clone()
+            .or(file.session_cookie_path.clone())
+            .unwrap_or(defaults.path),
+        domain: args
+            .session_cookie_domain
+            .clone()
+            .or(file.session_cookie_domain.clone()),
+        secure: args
+            .session_cookie_secure
+            .or(file.session_cookie_secure)
+            .unwrap_or(defaults.secure),
+        http_only: args
+            .session_cookie_http_only
+            .or(file.session_cookie_http_only)
+            .unwrap_or(defaults.http_only),
+        same_site: Some(
+            args.session_cookie_same_site
+                .or(file.session_cookie_same_site.as_ref().map(|s| s.0))
+                .unwrap_or(cookie::SameSite::Lax),
+        ),
+        max_age: args
+            .session_max_age
+            .clone()
+            .or(file.session_max_age.clone())
+            .map_or(DEFAULT_SESSION_MAX_AGE, |m| m.0),
+    };
+    if cookie.same_site == Some(cookie::SameSite::None) && !cookie.secure {
+        return Err(ConfigError::Invalid(
+            "--session-cookie-same-site none needs --session-cookie-secure: browsers drop SameSite=None cookies that are not Secure".into(),
+        ));
+    }
+    let prefix = args
+        .session_header_prefix
+        .clone()
+        .or(file.session_header_prefix.clone())
+        .unwrap_or_else(|| "X-Session-".into());
+    let scheme = codec::Scheme::new(&prefix)
+        .map_err(|e| ConfigError::Invalid(format!("--session-header-prefix: {e}")))?;
+    let limit_defaults = codec::Limits::default();
+    let limits = codec::Limits {
+        max_value: args
+            .session_max_value_size
+            .or(file.session_max_value_size)
+            .map_or(limit_defaults.max_value, |s| s.0 as usize),
+        max_size: args
+            .session_max_size
+            .or(file.session_max_size)
+            .map_or(limit_defaults.max_size, |s| s.0 as usize),
+    };
+    Ok(Some(InboundSettings {
+        listen,
+        store: args
+            .session_store
+            .clone()
+            .or(file.session_store.clone())
+            .map_or_else(|| "memory".to_string(), |s| s.0),
+        proxy: inbound::Config {
+            app: app.1,
+            app_url: app.0,
+            cookie,
+            scheme,
+            rolling: args
+                .session_rolling
+                .or(file.session_rolling)
+                .unwrap_or(false),
+            store_down: args
+                .session_store_down
+                .or(file.session_store_down.as_ref().map(|s| s.0))
+                .unwrap_or_default(),
+            limits,
+            connect_timeout: Duration::from_secs(1),
+        },
+    }))
 }
 
 /// Implements `FromStr` (for flags) and `Deserialize` (for the file) from one check.
@@ -316,6 +484,58 @@ checked_value!(
     |s| pillion_registry::health::validate_health_url(s).map(|()| s.to_string())
 );
 
+checked_value!(
+    /// `memory` or `redis://[:password@]host:port[/db]`.
+    SessionStoreUrl(String),
+    |s| pillion_session::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+);
+
+checked_value!(
+    /// A session lifetime: whole seconds (`3600`) or a duration (`1h`), more than 0.
+    MaxAge(Duration),
+    |s| {
+        let d = match s.trim().parse::<i64>() {
+            Ok(n) if n <= 0 => return Err(format!(
+                "{n} would disable sessions; give a lifetime of more than 0 seconds, like 3600"
+            )),
+            Ok(n) => Duration::from_secs(n as u64),
+            Err(_) => pillion_core::duration::parse(s).map_err(|e| e.to_string())?,
+        };
+        if d < Duration::from_secs(1) {
+            return Err("must be at least 1 second".into());
+        }
+        Ok(d)
+    }
+);
+
+checked_value!(
+    /// A cookie name.
+    CookieName(String),
+    |s| if pillion_session::cookie::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a valid cookie name"))
+    }
+);
+
+/// `--app`: the URL as given and its `host:port`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppUrl(pub String, pub String);
+
+impl FromStr for AppUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        pillion_session::inbound::app_authority(s).map(|a| AppUrl(s.to_string(), a))
+    }
+}
+
+impl<'de> Deserialize<'de> for AppUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Any value read from text by its `FromStr`, in the config file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FromText<T>(pub T);
@@ -372,6 +592,21 @@ connect_timeout = "250ms"
 retries = 3
 max_pending = 10
 max_body_size = "1MiB"
+listen = "127.0.0.1:8080"
+app = "http://127.0.0.1:3000"
+session_store = "redis://127.0.0.1:6379/1"
+session_max_age = "1h"
+session_rolling = true
+session_cookie = "sid"
+session_cookie_path = "/app"
+session_cookie_domain = "example.com"
+session_cookie_secure = true
+session_cookie_http_only = false
+session_cookie_same_site = "strict"
+session_header_prefix = "X-Sess-"
+session_store_down = "fail"
+session_max_value_size = "8KiB"
+session_max_size = "128KiB"
 [server_metadata]
 zone = "eu-1a"
 "#,
@@ -420,6 +655,28 @@ zone = "eu-1a"
             ),
             ("max_body_size = \"lots\"\n", "line 1", "invalid size"),
             ("retries = -1\n", "line 1", ""),
+            (
+                "session_max_age = \"0\"\n",
+                "line 1",
+                "would disable sessions",
+            ),
+            (
+                "session_max_age = \"-5\"\n",
+                "line 1",
+                "would disable sessions",
+            ),
+            (
+                "session_store = \"rediss://x:1\"\n",
+                "line 1",
+                "not supported yet",
+            ),
+            ("app = \"https://x:1\"\n", "line 1", "https"),
+            (
+                "session_cookie = \"a b\"\n",
+                "line 1",
+                "not a valid cookie name",
+            ),
+            ("session_store_down = \"retry\"\n", "line 1", "pass or fail"),
         ];
         for (text, line, want) in cases {
             let err = FileConfig::parse(text).unwrap_err();

@@ -1,9 +1,12 @@
-//! The HTTP server on `--address`: accepts connections, speaks HTTP/1.1 and h2c, and
-//! sends each request either to the API router (the fixed paths) or straight to the
-//! invocation data path (every other path), so a call to a service pays for no router
-//! and no boxed body.
+//! The HTTP servers: accept connections, speak HTTP/1.1 and h2c, drain on shutdown.
+//!
+//! On `--address`, each request goes either to the API router (the fixed paths) or
+//! straight to the invocation data path (every other path), so a call to a service
+//! pays for no router and no boxed body. On `--listen`, every request goes to the
+//! inbound (session) proxy.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,21 +28,39 @@ const API_PATHS: [&str; 5] = ["/registry", "/rpc", "/healthz", "/statusz", "/met
 
 type Body = Either<ProxyBody, axum::body::Body>;
 
-/// Serves until shutdown begins, then lets open connections finish their requests
-/// for up to `grace`.
-pub async fn serve(
+/// The API server: fixed paths to the router, the rest to the invocation data path.
+pub async fn serve_api(
     listener: TcpListener,
     api: Router,
     invoker: Arc<Invoker>,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     grace: Duration,
 ) {
+    serve(listener, shutdown, grace, move |req, _peer| {
+        route(api.clone(), invoker.clone(), req)
+    })
+    .await
+}
+
+/// Serves `handle` on every connection until shutdown begins, then lets open
+/// connections finish their requests for up to `grace`.
+pub async fn serve<F, Fut, B>(
+    listener: TcpListener,
+    mut shutdown: Shutdown,
+    grace: Duration,
+    handle: F,
+) where
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(pair) => pair,
                 Err(e) => {
                     // Out of file descriptors and the like: pause instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -50,12 +71,10 @@ pub async fn serve(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let api = api.clone();
-        let invoker = invoker.clone();
+        let handle = handle.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let api = api.clone();
-            let invoker = invoker.clone();
-            async move { Ok::<_, Infallible>(route(api, invoker, req).await) }
+            let res = handle(req, peer);
+            async move { Ok::<_, Infallible>(res.await) }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)

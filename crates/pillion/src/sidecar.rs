@@ -12,6 +12,7 @@ use http::StatusCode;
 use pillion_invoke::Invoker;
 use pillion_registry::health::AppRegistration;
 use pillion_registry::Registry;
+use pillion_session::inbound::Inbound;
 use serde_json::json;
 
 use crate::config::Settings;
@@ -24,6 +25,7 @@ struct Status {
     registry: Arc<dyn Registry>,
     app: Option<Arc<AppRegistration>>,
     invoker: Arc<Invoker>,
+    inbound: Option<Arc<Inbound>>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -39,6 +41,22 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             )
         })?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let inbound = match &settings.inbound {
+        None => None,
+        Some(cfg) => {
+            let store = pillion_session::open(&cfg.store).map_err(|e| e.to_string())?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+            tracing::info!(
+                listen = %cfg.listen,
+                app = %cfg.proxy.app_url,
+                store = %store.backend(),
+                "inbound session proxy listening"
+            );
+            Some((Inbound::new(store, cfg.proxy.clone()), listener))
+        }
+    };
 
     let app = settings
         .app
@@ -55,6 +73,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         registry: registry.clone(),
         app: app.clone(),
         invoker: invoker.clone(),
+        inbound: inbound.as_ref().map(|(i, _)| i.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -72,22 +91,30 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         app = settings.app.as_ref().map(|a| a.name.as_str()).unwrap_or("-"),
         "pillion listening"
     );
-    let server = tokio::spawn(crate::server::serve(
+    let mut servers = vec![tokio::spawn(crate::server::serve_api(
         listener,
         router,
         invoker,
         shutdown.clone(),
         settings.grace_period,
-    ));
+    ))];
+    if let Some((inbound, listener)) = inbound {
+        servers.push(tokio::spawn(crate::server::serve(
+            listener,
+            shutdown.clone(),
+            settings.grace_period,
+            move |req, peer| inbound.clone().handle(req, peer),
+        )));
+    }
     shutdown.wait().await;
     // Take the app out of the registry first, so callers stop choosing it while
     // in-flight requests finish.
-    if let Some(app) = app {
-        if let Ok(app) = Arc::try_unwrap(app) {
-            app.stop().await;
-        }
+    if let Some(app) = &app {
+        app.stop().await;
     }
-    let _ = server.await;
+    for server in servers {
+        let _ = server.await;
+    }
     registry.close().await;
     tracing::info!("pillion stopped");
     Ok(())
@@ -129,6 +156,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
         "services": services,
         "app": status.app.as_ref().map(|a| a.status()),
         "invoke": status.invoker.status(),
+        "sessions": status.inbound.as_ref().map(|i| i.status()),
     }))
     .into_response()
 }
@@ -137,6 +165,9 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
 async fn metrics(State(status): State<Arc<Status>>) -> Response {
     let mut out = String::with_capacity(4096);
     status.invoker.render_metrics(&mut out);
+    if let Some(inbound) = &status.inbound {
+        inbound.metrics.render(&mut out);
+    }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         out,

@@ -121,10 +121,9 @@ impl AppRegistration {
     }
 
     /// Stops checking and takes the app out of the registry.
-    pub async fn stop(self) {
+    pub async fn stop(&self) {
         self.task.abort();
         let was_registered = self.status().registered;
-        let _ = self.task.await;
         match self.registry.deregister(&self.service).await {
             Ok(_) if was_registered => tracing::info!(
                 service = %self.service.name,

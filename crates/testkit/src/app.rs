@@ -8,7 +8,8 @@
 //!   byte.
 //! - Any other request is answered according to [`Mode`]: by default `200` with a JSON
 //!   echo of what arrived (app name, method, path, version, headers, body), so a test
-//!   sees exactly what reached the app.
+//!   sees exactly what reached the app. The query can ask for response headers
+//!   (`?h=X-Session-Set-User-Id:42`, repeatable) and a late answer (`?delay=200`, ms).
 //!
 //! [`TestApp::kill`] drops the listener and every open connection at once, as a
 //! crashed process would; [`TestApp::restart`] serves again on the same port.
@@ -245,6 +246,23 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    // Test hooks in the query: `h=Name:Value` (repeatable) adds a response header,
+    // `delay=MS` answers late.
+    let mut reply_headers = Vec::new();
+    for pair in parts.uri.query().unwrap_or("").split('&') {
+        match pair.split_once('=') {
+            Some(("h", nv)) => {
+                if let Some((n, v)) = nv.split_once(':') {
+                    reply_headers.push((n.to_string(), v.replace("%20", " ")));
+                }
+            }
+            Some(("delay", ms)) => {
+                let ms = ms.parse().unwrap_or(0);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            _ => {}
+        }
+    }
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
@@ -268,5 +286,13 @@ async fn handle(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    for (n, v) in reply_headers {
+        if let (Ok(n), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(n.as_bytes()),
+            hyper::header::HeaderValue::from_str(&v),
+        ) {
+            res.headers_mut().append(n, v);
+        }
+    }
     Ok(res)
 }

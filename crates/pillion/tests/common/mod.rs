@@ -118,3 +118,23 @@ pub async fn register(
         .expect("POST /registry");
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+/// A `pillion run` with an inbound proxy on a free port in front of `app`, plus the
+/// given flags; returns the sidecar and the inbound address.
+pub fn inbound(app: &str, args: &[&str]) -> (Sidecar, SocketAddr) {
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut all = vec![
+        "--listen".to_string(),
+        listen.to_string(),
+        "--app".into(),
+        app.to_string(),
+    ];
+    all.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let sc = Sidecar::start(&refs);
+    assert!(
+        wait_for_port(listen, Duration::from_secs(10)),
+        "inbound proxy did not listen"
+    );
+    (sc, listen)
+}
