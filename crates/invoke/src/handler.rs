@@ -249,10 +249,19 @@ async fn finish(
     call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
-    let mut res = match forward(&inv.endpoints, &inv.config.policy, call).await {
+    let res = match forward(&inv.endpoints, &inv.config.policy, call).await {
         Ok(res) => res,
         Err(e) => return reply(e),
     };
+    relay(res, upgrade)
+}
+
+/// Turns an upstream response into the caller's: hop-by-hop headers removed, and on
+/// `101 Switching Protocols` a tunnel between the two upgraded connections.
+pub fn relay(
+    mut res: Response<PooledBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = upgrade {
             let node = hyper::upgrade::on(&mut res);

@@ -25,7 +25,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pillion_core::ApiError;
-use pillion_invoke::handler::{is_upgrade, origin_form, outbound_headers, tunnel, ProxyBody};
+use pillion_invoke::handler::{is_upgrade, origin_form, outbound_headers, relay, ProxyBody};
 use pillion_invoke::pool::{Outgoing, Pool, SendFailure};
 
 use crate::codec::{check_limits, Limits, Scheme};
@@ -309,17 +309,7 @@ impl Inbound {
             }
         }
 
-        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client) = upgrade {
-                let app = hyper::upgrade::on(&mut res);
-                tokio::spawn(tunnel(client, app));
-                let (parts, _) = res.into_parts();
-                return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-            }
-        }
-        let (mut parts, body) = res.into_parts();
-        pillion_invoke::handler::strip_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, Either::Left(body))
+        relay(res, upgrade)
     }
 
     fn refuse(&self, why: String) -> Response<ProxyBody> {
