@@ -167,7 +167,8 @@ pub struct RunArgs {
     pub app: Option<AppUrl>,
 
     /// Session store shared by every sidecar that uses it: `memory` (this process
-    /// only) or redis://[:password@]host:port[/db]. [default: memory]
+    /// only) or redis://[:password@]host:port[/db] (rediss:// for TLS; CAs from the
+    /// system or SSL_CERT_FILE). [default: memory]
     #[arg(long, env = "PILLION_SESSION_STORE", value_name = "URL")]
     pub session_store: Option<SessionStoreUrl>,
 

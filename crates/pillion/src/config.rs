@@ -666,9 +666,9 @@ zone = "eu-1a"
                 "would disable sessions",
             ),
             (
-                "session_store = \"rediss://x:1\"\n",
+                "session_store = \"mongodb://x:1\"\n",
                 "line 1",
-                "not supported yet",
+                "memory or redis[s]://",
             ),
             ("app = \"https://x:1\"\n", "line 1", "https"),
             (

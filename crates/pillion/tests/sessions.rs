@@ -400,8 +400,8 @@ fn bad_session_settings_stop_the_start() {
             "needs --session-cookie-secure",
         ),
         (
-            &["--session-store", "rediss://127.0.0.1:1"],
-            "not supported yet",
+            &["--session-store", "mongodb://127.0.0.1:1"],
+            "memory or redis[s]://",
         ),
         (&["--session-header-prefix", "X-Session"], "ending with '-'"),
     ];

@@ -99,11 +99,12 @@ pub trait SessionStore: Send + Sync + 'static {
     fn backend(&self) -> String;
 }
 
-/// Opens the store named by `url`: `memory`, or `redis://[:password@]host:port[/db]`.
-/// A Redis that is down is not an error here: operations fail until it is back.
+/// Opens the store named by `url`: `memory`, or `redis://[:password@]host:port[/db]`
+/// (`rediss://` for TLS). A Redis that is down is not an error here: operations fail
+/// until it is back.
 pub fn open(url: &str) -> Result<Arc<dyn SessionStore>, StoreError> {
     check_url(url)?;
-    if url.starts_with("redis://") {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
         Ok(Arc::new(redis::RedisStore::open(url)?))
     } else {
         Ok(Arc::new(memory::MemoryStore::new()))
@@ -114,13 +115,9 @@ pub fn open(url: &str) -> Result<Arc<dyn SessionStore>, StoreError> {
 pub fn check_url(url: &str) -> Result<(), StoreError> {
     match url {
         "memory" | "memory://" => Ok(()),
-        u if u.starts_with("redis://") => redis::parse(u).map(|_| ()),
-        u if u.starts_with("rediss://") => Err(StoreError::Invalid(
-            "rediss:// (Redis over TLS) is not supported yet; use redis:// on a trusted network"
-                .into(),
-        )),
+        u if u.starts_with("redis://") || u.starts_with("rediss://") => redis::parse(u).map(|_| ()),
         _ => Err(StoreError::Invalid(format!(
-            "unknown session store {:?}: use memory or redis://[:password@]host:port[/db]",
+            "unknown session store {:?}: use memory or redis[s]://[:password@]host:port[/db]",
             redact(url)
         ))),
     }

@@ -7,6 +7,9 @@
 //! The connection is made lazily and re-made after a failure (redis-rs's connection
 //! manager); every command has a deadline, so a Redis that hangs makes requests fail
 //! fast instead of piling up.
+//!
+//! `rediss://` speaks TLS (rustls with the ring provider); the server certificate is
+//! checked against the system's CAs, or the PEM file named by `SSL_CERT_FILE`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,7 +32,7 @@ pub struct RedisStore {
 pub fn parse(url: &str) -> Result<redis::Client, StoreError> {
     redis::Client::open(url).map_err(|e| {
         StoreError::Invalid(format!(
-            "session store URL {:?} is invalid: {e}; write redis://[:password@]host:port[/db]",
+            "session store URL {:?} is invalid: {e}; write redis[s]://[:password@]host:port[/db]",
             redact(url)
         ))
     })
@@ -37,6 +40,11 @@ pub fn parse(url: &str) -> Result<redis::Client, StoreError> {
 
 impl RedisStore {
     pub fn open(url: &str) -> Result<RedisStore, StoreError> {
+        if url.starts_with("rediss://") {
+            // rustls needs one process-wide crypto provider; another part of pillion
+            // may have installed it already, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let client = parse(url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))

@@ -17,6 +17,8 @@ use crate::process::free_port;
 pub enum Kind {
     Etcd,
     Redis,
+    /// redis-server speaking only TLS, with a certificate from a CA made for the test.
+    RedisTls,
     Nats,
 }
 
@@ -24,7 +26,7 @@ impl Kind {
     fn binary(self) -> &'static str {
         match self {
             Kind::Etcd => "etcd",
-            Kind::Redis => "redis-server",
+            Kind::Redis | Kind::RedisTls => "redis-server",
             Kind::Nats => "nats-server",
         }
     }
@@ -32,7 +34,7 @@ impl Kind {
     fn package(self) -> &'static str {
         match self {
             Kind::Etcd => "etcd-server",
-            Kind::Redis => "redis-server",
+            Kind::Redis | Kind::RedisTls => "redis-server",
             Kind::Nats => "nats-server",
         }
     }
@@ -41,6 +43,7 @@ impl Kind {
         match self {
             Kind::Etcd => "etcd",
             Kind::Redis => "redis",
+            Kind::RedisTls => "rediss",
             Kind::Nats => "nats",
         }
     }
@@ -69,6 +72,18 @@ impl Server {
         Server::start(Kind::Redis)
     }
 
+    /// redis-server on a TLS-only port. Its certificate (for 127.0.0.1 and localhost)
+    /// is signed by a CA made for this server, whose PEM file is [`Server::ca_file`].
+    /// Needs the `openssl` command.
+    pub fn redis_tls() -> Server {
+        Server::start(Kind::RedisTls)
+    }
+
+    /// The CA certificate that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
     /// nats-server with JetStream (Debian package `nats-server`).
     pub fn nats() -> Server {
         Server::start(Kind::Nats)
@@ -85,6 +100,9 @@ impl Server {
             )
         });
         let dir = temp_dir(kind.binary());
+        if kind == Kind::RedisTls {
+            make_certificates(&dir);
+        }
         // Ports are picked free, then bound by the child: if another process wins the
         // race, the start fails and is retried with new ports.
         let mut last_log = String::new();
@@ -145,6 +163,26 @@ impl Server {
                     .arg("--dir")
                     .arg(&self.dir);
             }
+            Kind::RedisTls => {
+                cmd.args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &self.port.to_string(),
+                    "--bind",
+                    host,
+                ])
+                .args([
+                    "--tls-cert-file",
+                    "server.pem",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&self.dir);
+            }
             Kind::Nats => {
                 cmd.args(["-a", host, "-p", &self.port.to_string(), "-js", "-sd"])
                     .arg(self.dir.join("jetstream"));
@@ -172,6 +210,8 @@ impl Server {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let (probe, want): (&[u8], &str) = match self.kind {
+            // The TLS handshake is the client's business: an open port will do.
+            Kind::RedisTls => return true,
             Kind::Etcd => (
                 b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
                 "\"health\":\"true\"",
@@ -257,6 +297,73 @@ impl Drop for Server {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, made with openssl(1).
+fn make_certificates(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("openssl is needed for TLS tests (apt-get install -y openssl): {e}")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("writing ext.cnf");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pillion-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
 }
 
 fn find_binary(name: &str) -> Option<PathBuf> {
