@@ -8,6 +8,7 @@
 //! - [`error`]: the JSON error shape (`{"id","code","detail","status"}`) that every
 //!   error made by the sidecar itself uses.
 //! - [`id`]: random identifiers from the OS CSPRNG.
+//! - [`secret`]: URLs with their passwords hidden, for logs and errors.
 //! - [`metrics`]: counters and latency histograms in Prometheus text format.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod duration;
 pub mod error;
 pub mod id;
 pub mod metrics;
+pub mod secret;
 pub mod service;
 pub mod size;
 

@@ -8,14 +8,14 @@ use clap::{Args, Parser, Subcommand};
 use pillion_core::Dur;
 
 use crate::config::{
-    AppUrl, CookieName, HealthUrl, HostPort, KeyValue, MaxAge, NonZeroDur, RegistryUrl,
+    AppUrl, BrokerUrl, CookieName, HealthUrl, HostPort, KeyValue, MaxAge, NonZeroDur, RegistryUrl,
     ServiceName, SessionStoreUrl,
 };
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
 /// service registry and any registered service (by name, balanced, retried, within a
-/// deadline) over plain HTTP on localhost, and put it behind an inbound proxy that
-/// keeps each visitor's session in a store shared by every service.
+/// deadline) and a message broker over plain HTTP on localhost, and put it behind an
+/// inbound proxy that keeps each visitor's session in a store shared by every service.
 ///
 /// Every option of `pillion run` can also be set as an environment variable
 /// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
@@ -46,6 +46,8 @@ pub enum Command {
     ///
     ///   pillion run --listen 0.0.0.0:8080 --app http://127.0.0.1:3000 \
     ///     --session-store redis://127.0.0.1:6379 --session-max-age 3600
+    ///
+    ///   pillion run --broker nats://127.0.0.1:4222 --broker-durable 'orders.*'
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
     /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
@@ -228,6 +230,60 @@ pub struct RunArgs {
     /// Largest total size of a session; a change beyond it is refused. [default: 64KiB]
     #[arg(long, env = "PILLION_SESSION_MAX_SIZE", value_name = "SIZE")]
     pub session_max_size: Option<pillion_core::Size>,
+
+    /// Message broker: `embedded` (in process, and to other sidecars found through the
+    /// registry; at-most-once) or nats://host:port[,host:port]. [default: embedded]
+    #[arg(long, env = "PILLION_BROKER", value_name = "URL")]
+    pub broker: Option<BrokerUrl>,
+
+    /// Topics kept in NATS JetStream (at-least-once: acknowledged, redelivered,
+    /// dead-lettered), as subject patterns like 'orders.*'; repeatable
+    /// (PILLION_BROKER_DURABLE takes a comma-separated list). Needs a nats:// broker.
+    #[arg(
+        long,
+        env = "PILLION_BROKER_DURABLE",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub broker_durable: Vec<String>,
+
+    /// Deliveries of a durable message before it goes to the dead-letter subject.
+    /// [default: 5]
+    #[arg(long, env = "PILLION_BROKER_MAX_DELIVER", value_name = "N")]
+    pub broker_max_deliver: Option<std::num::NonZeroU64>,
+
+    /// How long a durable message may stay unacknowledged before it is delivered
+    /// again. [default: 30s]
+    #[arg(long, env = "PILLION_BROKER_ACK_WAIT", value_name = "DUR")]
+    pub broker_ack_wait: Option<NonZeroDur>,
+
+    /// Dead letters of topic T are published to PREFIX.T. [default: dead-letter]
+    #[arg(long, env = "PILLION_BROKER_DEAD_LETTER_PREFIX", value_name = "PREFIX")]
+    pub broker_dead_letter_prefix: Option<String>,
+
+    /// Largest message; larger publishes get 413. [default: 1MiB]
+    #[arg(long, env = "PILLION_BROKER_MAX_MESSAGE_SIZE", value_name = "SIZE")]
+    pub broker_max_message_size: Option<pillion_core::Size>,
+
+    /// Messages one subscriber may have waiting; a slower one is disconnected with
+    /// the reason. [default: 1024]
+    #[arg(long, env = "PILLION_BROKER_SUBSCRIBER_BUFFER", value_name = "N")]
+    pub broker_subscriber_buffer: Option<NonZeroUsize>,
+
+    /// Push messages of TOPIC to the app: TOPIC=/path, repeatable. pillion POSTs each
+    /// message to the app (--app, else --server-address); 2xx acknowledges it.
+    #[arg(
+        long,
+        env = "PILLION_BROKER_PUSH",
+        value_name = "TOPIC=/PATH",
+        value_delimiter = ','
+    )]
+    pub broker_push: Vec<pillion_broker::push::PushRoute>,
+
+    /// host:port at which other sidecars reach this one's API, for the embedded
+    /// broker across sidecars. [default: --address]
+    #[arg(long, env = "PILLION_BROKER_ADVERTISE", value_name = "HOST:PORT")]
+    pub broker_advertise: Option<HostPort>,
 
     /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
     #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]

@@ -78,6 +78,15 @@ pub struct FileConfig {
     pub session_store_down: Option<FromText<pillion_session::inbound::StoreDown>>,
     pub session_max_value_size: Option<pillion_core::Size>,
     pub session_max_size: Option<pillion_core::Size>,
+    pub broker: Option<BrokerUrl>,
+    pub broker_durable: Option<Vec<String>>,
+    pub broker_max_deliver: Option<std::num::NonZeroU64>,
+    pub broker_ack_wait: Option<NonZeroDur>,
+    pub broker_dead_letter_prefix: Option<String>,
+    pub broker_max_message_size: Option<pillion_core::Size>,
+    pub broker_subscriber_buffer: Option<NonZeroUsize>,
+    pub broker_push: Option<Vec<FromText<pillion_broker::push::PushRoute>>>,
+    pub broker_advertise: Option<HostPort>,
 }
 
 impl FileConfig {
@@ -120,6 +129,21 @@ pub struct Settings {
     pub grace_period: Duration,
     pub worker_threads: Option<usize>,
     pub inbound: Option<InboundSettings>,
+    pub broker: BrokerSettings,
+}
+
+/// The message broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub url: String,
+    pub nats: pillion_broker::NatsSettings,
+    pub api: pillion_broker::api::ApiConfig,
+    pub push: Vec<pillion_broker::push::PushRoute>,
+    /// `host:port` of the app that push delivery posts to.
+    pub push_to: Option<String>,
+    /// Queue group of push subscriptions.
+    pub push_queue: String,
+    pub advertise: Option<String>,
 }
 
 /// The inbound (session) proxy.
@@ -141,6 +165,7 @@ impl Settings {
             None => FileConfig::default(),
         };
         let inbound = resolve_inbound(&args, &file)?;
+        let broker = resolve_broker(&args, &file, inbound.as_ref())?;
         let server_name = args.server_name.or(file.server_name);
         let server_address = args.server_address.or(file.server_address);
         let healthcheck_url = args.healthcheck_url.or(file.healthcheck_url);
@@ -250,6 +275,7 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
+            broker,
             inbound,
             invoke,
             locality,
@@ -272,6 +298,108 @@ impl Settings {
                 .map(NonZeroUsize::get),
         })
     }
+}
+
+fn resolve_broker(
+    args: &RunArgs,
+    file: &FileConfig,
+    inbound: Option<&InboundSettings>,
+) -> Result<BrokerSettings, ConfigError> {
+    use pillion_broker::{api::ApiConfig, topic, NatsSettings};
+    let url = args
+        .broker
+        .clone()
+        .or(file.broker.clone())
+        .map_or_else(|| "embedded".to_string(), |b| b.0);
+    let durable = if args.broker_durable.is_empty() {
+        file.broker_durable.clone().unwrap_or_default()
+    } else {
+        args.broker_durable.clone()
+    };
+    for pattern in &durable {
+        topic::check_pattern(pattern)
+            .map_err(|e| ConfigError::Invalid(format!("--broker-durable (broker_durable): {e}")))?;
+    }
+    if !durable.is_empty() && !url.starts_with("nats://") {
+        return Err(ConfigError::Invalid(
+            "--broker-durable (broker_durable) needs --broker nats://...: durable topics live in NATS JetStream".into(),
+        ));
+    }
+    let defaults = NatsSettings::default();
+    let prefix = args
+        .broker_dead_letter_prefix
+        .clone()
+        .or(file.broker_dead_letter_prefix.clone())
+        .unwrap_or(defaults.dead_letter_prefix);
+    topic::check_publish(&prefix).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "--broker-dead-letter-prefix (broker_dead_letter_prefix): {e}"
+        ))
+    })?;
+    let push: Vec<_> = if args.broker_push.is_empty() {
+        file.broker_push
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| p.0)
+            .collect()
+    } else {
+        args.broker_push.clone()
+    };
+    let server_address = args.server_address.clone().or(file.server_address.clone());
+    let push_to = inbound
+        .map(|i| i.proxy.app.clone())
+        .or(server_address.map(|a| a.0));
+    if !push.is_empty() && push_to.is_none() {
+        return Err(ConfigError::Invalid(
+            "--broker-push (broker_push) needs the app's address: give --app or --server-address"
+                .into(),
+        ));
+    }
+    let server_name = args.server_name.clone().or(file.server_name.clone());
+    let api_defaults = ApiConfig::default();
+    Ok(BrokerSettings {
+        url,
+        nats: NatsSettings {
+            durable,
+            max_deliver: args
+                .broker_max_deliver
+                .or(file.broker_max_deliver)
+                .map_or(defaults.max_deliver, |n| n.get()),
+            ack_wait: args
+                .broker_ack_wait
+                .clone()
+                .or(file.broker_ack_wait.clone())
+                .map_or(defaults.ack_wait, |d| d.0),
+            dead_letter_prefix: prefix,
+        },
+        api: ApiConfig {
+            max_message: args
+                .broker_max_message_size
+                .or(file.broker_max_message_size)
+                .map_or(api_defaults.max_message, |s| s.0 as usize),
+            buffer: args
+                .broker_subscriber_buffer
+                .or(file.broker_subscriber_buffer)
+                .map_or(api_defaults.buffer, NonZeroUsize::get),
+            ping_interval: api_defaults.ping_interval,
+        },
+        push,
+        push_to,
+        push_queue: format!(
+            "push-{}",
+            server_name
+                .map(|n| n
+                    .0
+                    .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"))
+                .unwrap_or_else(|| "app".into())
+        ),
+        advertise: args
+            .broker_advertise
+            .clone()
+            .or(file.broker_advertise.clone())
+            .map(|a| a.0),
+    })
 }
 
 /// The inbound proxy's settings, if `--listen` and `--app` are set; session options
@@ -491,6 +619,12 @@ checked_value!(
 );
 
 checked_value!(
+    /// `embedded` or `nats://host:port[,host:port]`.
+    BrokerUrl(String),
+    |s| pillion_broker::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+);
+
+checked_value!(
     /// A session lifetime: whole seconds (`3600`) or a duration (`1h`), more than 0.
     MaxAge(Duration),
     |s| {
@@ -607,6 +741,15 @@ session_header_prefix = "X-Sess-"
 session_store_down = "fail"
 session_max_value_size = "8KiB"
 session_max_size = "128KiB"
+broker = "nats://127.0.0.1:4222"
+broker_durable = ["orders.*"]
+broker_max_deliver = 3
+broker_ack_wait = "10s"
+broker_dead_letter_prefix = "dlq"
+broker_max_message_size = "2MiB"
+broker_subscriber_buffer = 64
+broker_push = ["orders.new=/orders"]
+broker_advertise = "10.0.0.5:8081"
 [server_metadata]
 zone = "eu-1a"
 "#,
@@ -677,6 +820,12 @@ zone = "eu-1a"
                 "not a valid cookie name",
             ),
             ("session_store_down = \"retry\"\n", "line 1", "pass or fail"),
+            (
+                "broker = \"kafka://x:1\"\n",
+                "line 1",
+                "embedded or nats://",
+            ),
+            ("broker_push = [\"orders\"]\n", "line 1", "TOPIC=/path"),
         ];
         for (text, line, want) in cases {
             let err = FileConfig::parse(text).unwrap_err();

@@ -24,7 +24,15 @@ use tower::ServiceExt;
 use crate::shutdown::Shutdown;
 
 /// Paths the API router answers; everything else is a call to a service.
-const API_PATHS: [&str; 5] = ["/registry", "/rpc", "/healthz", "/statusz", "/metrics"];
+const API_PATHS: [&str; 7] = [
+    "/registry",
+    "/rpc",
+    "/broker",
+    "/broker/deliver",
+    "/healthz",
+    "/statusz",
+    "/metrics",
+];
 
 type Body = Either<ProxyBody, axum::body::Body>;
 

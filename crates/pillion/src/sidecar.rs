@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http::StatusCode;
+use pillion_broker::metrics::BrokerMetrics;
+use pillion_broker::Broker;
 use pillion_invoke::Invoker;
 use pillion_registry::health::AppRegistration;
 use pillion_registry::Registry;
@@ -26,6 +28,8 @@ struct Status {
     app: Option<Arc<AppRegistration>>,
     invoker: Arc<Invoker>,
     inbound: Option<Arc<Inbound>>,
+    broker: Arc<dyn Broker>,
+    broker_metrics: Arc<BrokerMetrics>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -58,6 +62,46 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }
     };
 
+    let broker_metrics = Arc::new(BrokerMetrics::default());
+    let (broker, embedded): (Arc<dyn Broker>, _) = if settings.broker.url.starts_with("nats://") {
+        let nats = pillion_broker::nats::NatsBroker::connect(
+            &settings.broker.url,
+            settings.broker.nats.clone(),
+            broker_metrics.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        (nats, None)
+    } else {
+        let advertise = settings
+            .broker
+            .advertise
+            .clone()
+            .unwrap_or_else(|| address.to_string());
+        let embedded = pillion_broker::embedded::EmbeddedBroker::new(
+            registry.clone(),
+            advertise,
+            broker_metrics.clone(),
+        );
+        (embedded.clone() as Arc<dyn Broker>, Some(embedded))
+    };
+    let broker_api = Arc::new(pillion_broker::api::BrokerApi {
+        broker: broker.clone(),
+        embedded,
+        config: settings.broker.api.clone(),
+        metrics: broker_metrics.clone(),
+    });
+    let pushes = match &settings.broker.push_to {
+        Some(app) if !settings.broker.push.is_empty() => pillion_broker::push::start(
+            broker.clone(),
+            settings.broker.push.clone(),
+            app.clone(),
+            settings.broker.push_queue.clone(),
+            broker_metrics.clone(),
+        ),
+        _ => Vec::new(),
+    };
+
     let app = settings
         .app
         .clone()
@@ -74,6 +118,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         app: app.clone(),
         invoker: invoker.clone(),
         inbound: inbound.as_ref().map(|(i, _)| i.clone()),
+        broker: broker.clone(),
+        broker_metrics,
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -83,6 +129,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .route("/metrics", get(metrics))
         .with_state(status)
         .merge(pillion_registry::api::router(registry.clone()))
+        .merge(pillion_broker::api::router(broker_api))
         .merge(invoker.router());
 
     tracing::info!(
@@ -112,9 +159,13 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     if let Some(app) = &app {
         app.stop().await;
     }
+    for push in pushes {
+        push.abort();
+    }
     for server in servers {
         let _ = server.await;
     }
+    broker.close().await;
     registry.close().await;
     tracing::info!("pillion stopped");
     Ok(())
@@ -157,6 +208,10 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
         "app": status.app.as_ref().map(|a| a.status()),
         "invoke": status.invoker.status(),
         "sessions": status.inbound.as_ref().map(|i| i.status()),
+        "broker": {
+            "backend": status.broker.backend(),
+            "healthy": status.broker.healthy(),
+        },
     }))
     .into_response()
 }
@@ -168,6 +223,7 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
     if let Some(inbound) = &status.inbound {
         inbound.metrics.render(&mut out);
     }
+    status.broker_metrics.render(&mut out);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         out,

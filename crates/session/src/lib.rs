@@ -123,13 +123,7 @@ pub fn check_url(url: &str) -> Result<(), StoreError> {
     }
 }
 
-/// A URL with any password replaced by `***`.
-pub fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
-        _ => url.to_string(),
-    }
-}
+pub use pillion_core::secret::redact_url as redact;
 
 /// A new session id: 256 bits from the OS CSPRNG, base64url (43 characters).
 pub fn new_id() -> String {

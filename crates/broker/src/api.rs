@@ -1,0 +1,351 @@
+//! The HTTP surface of the broker, compatible with the micro sidecar's:
+//!
+//! - `POST /broker?topic=T` publishes the body; the request's headers become the
+//!   message's headers (names in `Title-Case`, as micro's Go clients expect), so a
+//!   `Timestamp` or `Content-Type` header travels with the message. 200 once the
+//!   backend accepted it, 400 for a bad topic, 413 over the size limit, 503 when the
+//!   backend is unreachable.
+//! - `GET /broker?topic=T[&queue=Q]` as a websocket receives one text frame per
+//!   message, `{"Header":{...},"Body":"<base64>"}`; frames the client sends are
+//!   published to the topic. The sidecar pings every `ping_interval` and closes a
+//!   connection that stopped answering, or whose reader is too slow (with the reason).
+//! - The same `GET` with `Accept: text/event-stream` streams the messages as
+//!   server-sent events, for clients without websockets.
+//! - `POST /broker/deliver` takes messages from other sidecars (embedded broker).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, StatusCode};
+use pillion_core::ApiError;
+use serde::Deserialize;
+
+use crate::embedded::EmbeddedBroker;
+use crate::hub::Scope;
+use crate::metrics::BrokerMetrics;
+use crate::{topic, Broker, BrokerError, Message, Subscription};
+
+const ID: &str = "pillion.broker";
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest message body; larger publishes get 413.
+    pub max_message: usize,
+    /// Messages a subscriber may have waiting before it is disconnected.
+    pub buffer: usize,
+    pub ping_interval: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_message: 1 << 20,
+            buffer: 1024,
+            ping_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct BrokerApi {
+    pub broker: Arc<dyn Broker>,
+    /// Set when the broker is the embedded one, to take messages from other sidecars.
+    pub embedded: Option<Arc<EmbeddedBroker>>,
+    pub config: ApiConfig,
+    pub metrics: Arc<BrokerMetrics>,
+}
+
+pub fn router(api: Arc<BrokerApi>) -> Router {
+    let limit = api.config.max_message;
+    Router::new()
+        .route("/broker", get(subscribe).post(publish))
+        .route("/broker/deliver", post(deliver))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(api)
+}
+
+fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+    ApiError::new(ID, status, detail)
+        .into_response()
+        .into_response()
+}
+
+fn broker_error(e: BrokerError) -> Response {
+    match e {
+        BrokerError::Unavailable { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        BrokerError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+    }
+}
+
+#[derive(Deserialize)]
+struct TopicQuery {
+    topic: Option<String>,
+    queue: Option<String>,
+}
+
+/// `content-type` -> `Content-Type`, as Go's canonical header names.
+fn canonical(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = true;
+    for c in name.chars() {
+        out.push(if upper { c.to_ascii_uppercase() } else { c });
+        upper = c == '-';
+    }
+    out
+}
+
+const NOT_MESSAGE_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "expect",
+    "proxy-connection",
+];
+
+fn message_headers(headers: &HeaderMap) -> std::collections::BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter(|(k, _)| !NOT_MESSAGE_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((canonical(k.as_str()), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+async fn publish(
+    State(api): State<Arc<BrokerApi>>,
+    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    };
+    let topic = query.topic.unwrap_or_default();
+    if let Err(e) = topic::check_publish(&topic) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "message is larger than {} (--broker-max-message-size)",
+                    pillion_core::size::format(api.config.max_message as u64)
+                ),
+            )
+        }
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let message = Message {
+        header: message_headers(&headers),
+        body,
+    };
+    match api.broker.publish(&topic, message).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => broker_error(e),
+    }
+}
+
+async fn subscribe(
+    State(api): State<Arc<BrokerApi>>,
+    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    };
+    let pattern = query.topic.unwrap_or_default();
+    if let Err(e) = topic::check_pattern(&pattern) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    if let Some(q) = &query.queue {
+        if let Err(e) = topic::check_queue(q) {
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    }
+    let sse = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if ws.is_err() && !sse {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "to subscribe, open a websocket on this URL, or send Accept: text/event-stream",
+        );
+    }
+    let sub = match api
+        .broker
+        .subscribe(&pattern, query.queue.as_deref(), api.config.buffer)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return broker_error(e),
+    };
+    match ws {
+        Ok(ws) => ws
+            .on_upgrade(move |socket| serve_websocket(api, socket, sub, pattern))
+            .into_response(),
+        Err(_) => serve_sse(sub).into_response(),
+    }
+}
+
+async fn serve_websocket(
+    api: Arc<BrokerApi>,
+    socket: WebSocket,
+    mut sub: Subscription,
+    pattern: String,
+) {
+    let (mut tx, mut rx) = socket.split();
+    let mut ping = tokio::time::interval(api.config.ping_interval);
+    ping.tick().await;
+    let mut last_seen = Instant::now();
+    let can_publish = topic::check_publish(&pattern).is_ok();
+    let close = |code: u16, reason: String| {
+        WsMessage::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            delivery = sub.next() => {
+                let Some(delivery) = delivery else {
+                    let reason = sub.end_reason().unwrap_or_else(|| "subscription ended".into());
+                    let _ = tx.send(close(1013, reason)).await;
+                    return;
+                };
+                if tx.send(WsMessage::Text(delivery.message.to_json().into())).await.is_err() {
+                    return; // not acknowledged: a durable message comes again
+                }
+                delivery.ack().await;
+            }
+            frame = rx.next() => {
+                last_seen = Instant::now();
+                let body = match frame {
+                    Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().to_string()),
+                    Some(Ok(WsMessage::Binary(b))) => b,
+                    Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue, // ping/pong: answered by the library
+                };
+                if !can_publish {
+                    let _ = tx.send(close(1008, format!("cannot publish to the wildcard topic {pattern:?}"))).await;
+                    return;
+                }
+                if body.len() > api.config.max_message {
+                    let _ = tx.send(close(1009, "message too large".into())).await;
+                    return;
+                }
+                let message = Message { header: Default::default(), body };
+                if let Err(e) = api.broker.publish(&pattern, message).await {
+                    let _ = tx.send(close(1011, e.to_string())).await;
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > api.config.ping_interval * 2 {
+                    let _ = tx.send(close(1001, "no answer to pings".into())).await;
+                    return;
+                }
+                if tx.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn serve_sse(
+    sub: Subscription,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let events = futures_util::stream::unfold(sub, |mut sub| async move {
+        let delivery = sub.next().await?;
+        let event = Event::default().data(delivery.message.to_json());
+        delivery.ack().await;
+        Some((Ok(event), sub))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+#[derive(Deserialize)]
+struct DeliverQuery {
+    topic: String,
+    plain: bool,
+    groups: Option<String>,
+}
+
+/// Messages sent on by another sidecar's embedded broker.
+async fn deliver(
+    State(api): State<Arc<BrokerApi>>,
+    query: Result<Query<DeliverQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(embedded) = &api.embedded else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this sidecar's broker is not the embedded one",
+        );
+    };
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected ?topic=T&plain=true|false[&groups=a,b]",
+        );
+    };
+    let Ok(body) = body else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "message too large");
+    };
+    let message: Message = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed message: {e}")),
+    };
+    let groups = q
+        .groups
+        .map(|g| {
+            g.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    embedded.deliver_local(
+        &q.topic,
+        &message,
+        &Scope {
+            plain: q.plain,
+            groups: Some(groups),
+        },
+    );
+    Json(serde_json::json!({})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_canonical_and_transport_headers_stay_out() {
+        assert_eq!(canonical("timestamp"), "Timestamp");
+        assert_eq!(canonical("x-request-id"), "X-Request-Id");
+        let mut h = HeaderMap::new();
+        h.insert("timestamp", "1499951537".parse().unwrap());
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.insert("host", "127.0.0.1:8081".parse().unwrap());
+        h.insert("content-length", "12".parse().unwrap());
+        let m = message_headers(&h);
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["Content-Type", "Timestamp"]);
+    }
+}
