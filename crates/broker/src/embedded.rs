@@ -1,9 +1,9 @@
 //! The embedded broker: in-process fan-out, and fan-out to the other sidecars that
 //! have subscribers, found through the registry.
 //!
-//! Each sidecar registers itself as a node of the service `pillion.broker`, with its
-//! subscriptions (pattern and queue group) in the node's metadata, and keeps that up
-//! to date as subscribers come and go. A publish delivers to local plain subscribers,
+//! Each sidecar with subscribers registers itself as a node of the service
+//! `pillion.broker`, with its subscriptions (pattern and queue group) in the node's
+//! metadata, and keeps that up to date as subscribers come and go. A publish delivers to local plain subscribers,
 //! sends the message on to every other sidecar with a matching plain subscriber, and
 //! for each matching queue group picks one sidecar among those that have members (this
 //! one included), so each message reaches one member of a group across all sidecars.
@@ -153,7 +153,13 @@ async fn advertise_loop(hub: Arc<Hub>, registry: Arc<dyn Registry>, node: Node) 
                 nodes: vec![node],
                 ..Service::default()
             };
-            match registry.register(&service, None).await {
+            // A sidecar without subscribers stays out of the registry.
+            let done = if subs.is_empty() {
+                registry.deregister(&service).await.map(|_| ())
+            } else {
+                registry.register(&service, None).await
+            };
+            match done {
                 Ok(()) => last = Some(subs),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not advertise broker subscriptions; retrying");

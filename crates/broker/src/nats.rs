@@ -142,6 +142,14 @@ impl NatsBroker {
                 backend: backend.clone(),
                 detail: e.to_string(),
             })?;
+        // Give a reachable NATS a moment, so the first publishes do not meet a
+        // connection still being made; an unreachable one is retried in the background.
+        for _ in 0..40 {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let js = jetstream::new(client.clone());
         Ok(Arc::new(NatsBroker {
             client,
@@ -201,6 +209,11 @@ impl NatsBroker {
     }
 
     async fn send(&self, topic: &str, message: &Message) -> Result<(), BrokerError> {
+        // While disconnected the client would queue the message and send it after
+        // reconnecting, although the caller was told it failed: refuse it instead.
+        if !self.healthy() {
+            return Err(self.unavailable("not connected to NATS; try again later"));
+        }
         let headers = to_nats(&message.header);
         let body = message.body.clone();
         if let Some(pattern) = self.durable_for(topic) {

@@ -1,0 +1,385 @@
+//! The broker as apps use it: micro's publish curl and websocket subscribe, across
+//! sidecars, for both backends; queue groups; durable topics; NATS going away; push
+//! delivery; and the requests that must be refused.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use base64::Engine;
+use common::{eventually, Sidecar};
+use futures_util::StreamExt;
+use pillion_testkit::http::{get, request};
+use pillion_testkit::{Mode, Server, TestApp};
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn subscribe(sc: &Sidecar, query: &str) -> Socket {
+    let url = format!("ws://{}/broker?{query}", sc.addr);
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket subscribe");
+    ws
+}
+
+/// Text frames received until `n` arrived or `quiet` passed without one.
+async fn receive(ws: &mut Socket, n: usize, quiet: Duration) -> Vec<serde_json::Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(quiet, ws.next()).await {
+            Ok(Some(Ok(Ws::Text(t)))) => got.push(serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+fn body(frame: &serde_json::Value) -> String {
+    let b64 = frame["Body"].as_str().unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+async fn publish(
+    sc: &Sidecar,
+    topic: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> pillion_testkit::http::Reply {
+    request(
+        http::Method::POST,
+        &sc.url(&format!("/broker?topic={topic}")),
+        headers,
+        body.to_string(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Waits until `sc` sees, through the registry, `n` subscriptions to `topic` on the
+/// embedded brokers of all sidecars (they propagate within milliseconds; a publish
+/// before that is lost, as at-most-once allows).
+async fn wait_advertised(sc: &Sidecar, topic: &str, n: usize) {
+    let seen = eventually(Duration::from_secs(3), || async {
+        let Ok(reply) = get(&sc.url("/registry?service=pillion.broker")).await else {
+            return false;
+        };
+        if reply.status != 200 {
+            return false;
+        }
+        let count: usize = reply.json()[0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|node| {
+                let subs: Vec<(String, Option<String>)> = serde_json::from_str(
+                    node["metadata"]["subscriptions"].as_str().unwrap_or("[]"),
+                )
+                .unwrap();
+                subs.iter().filter(|(p, _)| p == topic).count()
+            })
+            .sum();
+        count >= n
+    })
+    .await;
+    assert!(seen, "subscriptions to {topic} were not advertised");
+}
+
+/// Two sidecars that share a backend: the embedded broker over a shared etcd, or NATS.
+fn pair(backend: &str, registry: &str) -> (Sidecar, Sidecar) {
+    let args: Vec<&str> = if backend == "embedded" {
+        vec!["--registry", registry]
+    } else {
+        vec!["--broker", backend]
+    };
+    (Sidecar::start(&args), Sidecar::start(&args))
+}
+
+async fn published_on_one_sidecar_received_on_the_other(backend: &str, registry: &str) {
+    let (a, b) = pair(backend, registry);
+    let mut ws = subscribe(&b, "topic=foo").await;
+    if backend == "embedded" {
+        wait_advertised(&a, "foo", 1).await;
+    }
+    // curl -XPOST -H "Timestamp: 1499951537" -d "Hello World!" "http://localhost:8081/broker?topic=foo"
+    let reply = publish(&a, "foo", "Hello World!", &[("Timestamp", "1499951537")]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "{backend}: nothing arrived on the other sidecar"
+    );
+    assert_eq!(body(&got[0]), "Hello World!");
+    assert_eq!(got[0]["Header"]["Timestamp"], "1499951537");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_publish_on_a_receive_on_b() {
+    let etcd = Server::etcd();
+    published_on_one_sidecar_received_on_the_other("embedded", &etcd.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_publish_on_a_receive_on_b() {
+    let nats = Server::nats();
+    published_on_one_sidecar_received_on_the_other(&nats.url(), "").await;
+}
+
+async fn queue_group_and_plain_subscribers_across_sidecars(backend: &str, registry: &str) {
+    let (a, b) = pair(backend, registry);
+    let mut member_a = subscribe(&a, "topic=jobs&queue=group-1").await;
+    let mut member_b = subscribe(&b, "topic=jobs&queue=group-1").await;
+    let mut plain_a = subscribe(&a, "topic=jobs").await;
+    let mut plain_b = subscribe(&b, "topic=jobs").await;
+    if backend == "embedded" {
+        // Each sidecar advertises a plain and a queue subscription to jobs.
+        wait_advertised(&a, "jobs", 4).await;
+    }
+    for i in 0..1000 {
+        let r = publish(&a, "jobs", &format!("j{i}"), &[]).await;
+        assert_eq!(r.status, 200);
+    }
+    let quiet = Duration::from_secs(2);
+    let (ma, mb, pa, pb) = tokio::join!(
+        receive(&mut member_a, 1000, quiet),
+        receive(&mut member_b, 1000, quiet),
+        receive(&mut plain_a, 1000, quiet),
+        receive(&mut plain_b, 1000, quiet),
+    );
+    let group: Vec<String> = ma.iter().chain(mb.iter()).map(body).collect();
+    assert_eq!(
+        group.len(),
+        1000,
+        "{backend}: the group got {} + {}",
+        ma.len(),
+        mb.len()
+    );
+    assert_eq!(
+        group.iter().collect::<BTreeSet<_>>().len(),
+        1000,
+        "{backend}: a message went twice"
+    );
+    assert!(
+        !ma.is_empty() && !mb.is_empty(),
+        "{backend}: both members share"
+    );
+    let expected: Vec<String> = (0..1000).map(|i| format!("j{i}")).collect();
+    assert_eq!(
+        pa.iter().map(body).collect::<Vec<_>>(),
+        expected,
+        "{backend}: plain subscriber on a"
+    );
+    assert_eq!(
+        pb.iter().map(body).collect::<Vec<_>>(),
+        expected,
+        "{backend}: plain subscriber on b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_queue_group_gets_each_of_1000_once_and_plain_subscribers_all() {
+    let etcd = Server::etcd();
+    queue_group_and_plain_subscribers_across_sidecars("embedded", &etcd.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_queue_group_gets_each_of_1000_once_and_plain_subscribers_all() {
+    let nats = Server::nats();
+    queue_group_and_plain_subscribers_across_sidecars(&nats.url(), "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_queue_subscriber_offline_while_100_are_published_gets_all_100() {
+    let nats = Server::nats();
+    let sc = Sidecar::start(&["--broker", &nats.url(), "--broker-durable", "orders.*"]);
+    let ws = subscribe(&sc, "topic=orders.new&queue=workers").await;
+    drop(ws); // the worker goes offline
+    for i in 0..100 {
+        assert_eq!(
+            publish(&sc, "orders.new", &format!("o{i}"), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let mut ws = subscribe(&sc, "topic=orders.new&queue=workers").await;
+    let got: Vec<String> = receive(&mut ws, 100, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(body)
+        .collect();
+    let expected: Vec<String> = (0..100).map(|i| format!("o{i}")).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_mid_stream_publishing_resumes_without_restarting_pillion() {
+    let mut nats = Server::nats();
+    let sc = Sidecar::start(&["--broker", &nats.url()]);
+    let mut ws = subscribe(&sc, "topic=ticks").await;
+    for i in 0..10 {
+        assert_eq!(
+            publish(&sc, "ticks", &format!("t{i}"), &[]).await.status,
+            200
+        );
+    }
+    assert_eq!(receive(&mut ws, 10, Duration::from_secs(3)).await.len(), 10);
+
+    nats.kill();
+    let reply = publish(&sc, "ticks", "during", &[]).await;
+    assert_eq!(
+        reply.status,
+        503,
+        "a publish NATS cannot take is refused: {}",
+        reply.text()
+    );
+    assert!(reply.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("unavailable"));
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["broker"]["healthy"], false);
+
+    nats.restart();
+    let resumed = eventually(Duration::from_secs(15), || async {
+        publish(&sc, "ticks", "after", &[]).await.status == 200
+    })
+    .await;
+    assert!(resumed, "publishing resumes once NATS is back");
+    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.iter().map(body).collect::<Vec<_>>(),
+        ["after"],
+        "the subscription survived the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_publishes_and_subscriptions_are_refused_with_clear_errors() {
+    let sc = Sidecar::start(&["--broker-max-message-size", "1KiB"]);
+    let reply = publish(&sc, "big", &"x".repeat(2048), &[]).await;
+    assert_eq!(reply.status, 413);
+    assert!(reply.json()["detail"].as_str().unwrap().contains("1KiB"));
+    for (topic, want) in [
+        ("", "topic is missing"),
+        ("foo%20bar", "whitespace"),
+        ("foo..bar", "empty token"),
+        ("orders.*", "wildcards are for subscribing"),
+    ] {
+        let reply = publish(&sc, topic, "x", &[]).await;
+        assert_eq!(reply.status, 400, "{topic}");
+        let err = reply.json();
+        assert_eq!(err["id"], "pillion.broker");
+        assert!(
+            err["detail"].as_str().unwrap().contains(want),
+            "{topic}: {err}"
+        );
+    }
+    let reply = get(&sc.url("/broker?topic=foo")).await.unwrap();
+    assert_eq!(reply.status, 400, "a plain GET is told how to subscribe");
+    let reply = get(&sc.url("/broker?topic=foo&queue=bad.queue"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 400);
+    let (code, _, err) = common::run_to_end(&["run", "--broker-durable", "orders.*"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs --broker nats://"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_subscribers_and_websocket_publishers() {
+    let sc = Sidecar::start(&[]);
+    // A websocket client's frames are published to its topic.
+    let mut sender = subscribe(&sc, "topic=chat").await;
+    let addr = sc.addr;
+    let sse = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"GET /broker?topic=chat HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&buf).contains("data: ") {
+            let n = s.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    use futures_util::SinkExt;
+    sender
+        .send(Ws::Text("hello from a socket".into()))
+        .await
+        .unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(5), sse)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    let data = text.split("data: ").nth(1).unwrap().lines().next().unwrap();
+    let frame: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(body(&frame), "hello from a socket");
+    // The sender, subscribed to the same topic, gets its own message too.
+    assert_eq!(
+        receive(&mut sender, 1, Duration::from_secs(3)).await.len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_delivery_posts_to_the_app_and_gives_up_on_a_failing_one() {
+    let app = TestApp::start("orders").await;
+    let sc = Sidecar::start(&[
+        "--server-name",
+        "orders",
+        "--server-address",
+        &app.addr().to_string(),
+        "--broker-push",
+        "orders.new=/orders",
+    ]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        publish(&sc, "orders.new", "order 1", &[("Timestamp", "1")])
+            .await
+            .status,
+        200
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async { app.requests() == 1 }).await,
+        "the app got the message"
+    );
+
+    app.set_mode(Mode::Status(500));
+    assert_eq!(publish(&sc, "orders.new", "order 2", &[]).await.status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async { app.requests() == 4 }).await,
+        "three attempts, got {}",
+        app.requests()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.requests(), 4, "then no more");
+    let metrics = get(&sc.url("/metrics")).await.unwrap().text();
+    assert!(
+        metrics.contains("pillion_broker_dropped_total{topic=\"orders.new\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pillion_broker_published_total{topic=\"orders.new\"} 2"),
+        "{metrics}"
+    );
+}
