@@ -1,0 +1,131 @@
+//! Load generator for `bench/broker.sh`: publishes timestamped messages with
+//! `CONCURRENCY` publishers for `SECONDS` and one subscriber receives them; prints
+//! messages/s received and publish-to-receive latency percentiles as one JSON line.
+//!
+//!   broker_load sidecar 127.0.0.1:8081 [CONCURRENCY] [SECONDS]
+//!   broker_load nats nats://127.0.0.1:4222 [CONCURRENCY] [SECONDS]
+//!
+//! Each publisher waits for its publish to be accepted before the next (an HTTP
+//! answer from the sidecar; a flush from nats-server when used directly), so both
+//! paths carry the same closed-loop load.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e6
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (mode, target) = (args[1].clone(), args[2].clone());
+    let concurrency: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
+    let seconds: u64 = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(4);
+    let topic = "bench.load";
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+
+    // The subscriber.
+    let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let nats = if mode == "nats" {
+        Some(async_nats::connect(target.as_str()).await.expect("connect to nats"))
+    } else {
+        None
+    };
+    let subscriber = if let Some(client) = &nats {
+        let mut sub = client.subscribe(topic).await.unwrap();
+        client.flush().await.unwrap();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                let sent: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+                let _ = lat_tx.send(now_ns().saturating_sub(sent));
+            }
+        })
+    } else {
+        let url = format!("ws://{target}/broker?topic={topic}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    use base64::Engine;
+                    let body = base64::engine::general_purpose::STANDARD
+                        .decode(v["Body"].as_str().unwrap())
+                        .unwrap();
+                    let sent: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
+                    let _ = lat_tx.send(now_ns().saturating_sub(sent));
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The publishers.
+    let started = Instant::now();
+    let mut publishers = Vec::new();
+    for _ in 0..concurrency {
+        let stop = stop.clone();
+        let published = published.clone();
+        let nats = nats.clone();
+        let target = target.clone();
+        publishers.push(tokio::spawn(async move {
+            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<Bytes>>();
+            let url: http::Uri = format!("http://{target}/broker?topic={topic}").parse().unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let body = Bytes::from(now_ns().to_string());
+                match &nats {
+                    Some(c) => {
+                        c.publish(topic, body).await.unwrap();
+                        c.flush().await.unwrap();
+                    }
+                    None => {
+                        let req = http::Request::post(url.clone()).body(Full::new(body)).unwrap();
+                        let res = client.request(req).await.expect("publish");
+                        assert!(res.status().is_success(), "publish answered {}", res.status());
+                        let _ = res.into_body().collect().await;
+                    }
+                }
+                published.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        let _ = p.await;
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    subscriber.abort();
+    let mut latencies = Vec::new();
+    while let Ok(l) = lat_rx.try_recv() {
+        latencies.push(l);
+    }
+    latencies.sort_unstable();
+    let received = latencies.len() as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "published": published.load(Ordering::Relaxed),
+            "received": latencies.len(),
+            "msgs_per_sec": received / elapsed.as_secs_f64(),
+            "p50_ms": percentile(&latencies, 0.50),
+            "p99_ms": percentile(&latencies, 0.99),
+        })
+    );
+}
