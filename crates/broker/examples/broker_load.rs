@@ -18,7 +18,10 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -42,7 +45,11 @@ async fn main() {
     // The subscriber.
     let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let nats = if mode == "nats" {
-        Some(async_nats::connect(target.as_str()).await.expect("connect to nats"))
+        Some(
+            async_nats::connect(target.as_str())
+                .await
+                .expect("connect to nats"),
+        )
     } else {
         None
     };
@@ -57,7 +64,9 @@ async fn main() {
         })
     } else {
         let url = format!("ws://{target}/broker?topic={topic}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket");
         tokio::spawn(async move {
             while let Some(Ok(frame)) = ws.next().await {
                 if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
@@ -83,9 +92,12 @@ async fn main() {
         let nats = nats.clone();
         let target = target.clone();
         publishers.push(tokio::spawn(async move {
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<Full<Bytes>>();
-            let url: http::Uri = format!("http://{target}/broker?topic={topic}").parse().unwrap();
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<Full<Bytes>>();
+            let url: http::Uri = format!("http://{target}/broker?topic={topic}")
+                .parse()
+                .unwrap();
             while !stop.load(Ordering::Relaxed) {
                 let body = Bytes::from(now_ns().to_string());
                 match &nats {
@@ -94,9 +106,15 @@ async fn main() {
                         c.flush().await.unwrap();
                     }
                     None => {
-                        let req = http::Request::post(url.clone()).body(Full::new(body)).unwrap();
+                        let req = http::Request::post(url.clone())
+                            .body(Full::new(body))
+                            .unwrap();
                         let res = client.request(req).await.expect("publish");
-                        assert!(res.status().is_success(), "publish answered {}", res.status());
+                        assert!(
+                            res.status().is_success(),
+                            "publish answered {}",
+                            res.status()
+                        );
                         let _ = res.into_body().collect().await;
                     }
                 }

@@ -14,8 +14,9 @@ use crate::config::{
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
 /// service registry and any registered service (by name, balanced, retried, within a
-/// deadline) and a message broker over plain HTTP on localhost, and put it behind an
-/// inbound proxy that keeps each visitor's session in a store shared by every service.
+/// deadline) and a message broker over plain HTTP on localhost, put it behind an inbound
+/// proxy that keeps each visitor's session in a store shared by every service, and
+/// forward its TCP connections to the nearest healthy backend ([[tcp]] in the file).
 ///
 /// Every option of `pillion run` can also be set as an environment variable
 /// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
@@ -50,6 +51,30 @@ pub enum Command {
     ///   pillion run --broker nats://127.0.0.1:4222 --broker-durable 'orders.*'
     #[command(verbatim_doc_comment)]
     Run(Box<RunArgs>),
+    /// Write a TCP proxy config file from LOCAL:HOST:PORT bindings, and print it.
+    ///
+    /// Example:
+    ///
+    ///   pillion bootstrap --config pillion.toml --bootstrap-addr 127.0.0.1 \
+    ///     --bootstrap 26257:127.0.0.1:26258 --bootstrap 26257:127.0.0.1:26259 \
+    ///     --bootstrap 8080:127.0.0.1:8181
+    ///   pillion run --config pillion.toml
+    #[command(verbatim_doc_comment)]
+    Bootstrap {
+        /// The file to write.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Address the listeners bind to.
+        #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+        bootstrap_addr: std::net::IpAddr,
+        /// LOCAL:HOST:PORT (IPv6 hosts in brackets); repeat it. Bindings with the same
+        /// local port become targets of one listener.
+        #[arg(long, value_name = "LOCAL:HOST:PORT", required = true)]
+        bootstrap: Vec<pillion_tcp::Binding>,
+        /// Overwrite the file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
     Check {
         /// The TOML file to check.
@@ -284,6 +309,21 @@ pub struct RunArgs {
     /// broker across sidecars. [default: --address]
     #[arg(long, env = "PILLION_BROKER_ADVERTISE", value_name = "HOST:PORT")]
     pub broker_advertise: Option<HostPort>,
+
+    /// How often the config file is checked for changes; [[tcp]] listeners are
+    /// reloaded from it (SIGHUP checks at once). [default: 1s]
+    #[arg(long, env = "PILLION_RELOAD_PERIOD", value_name = "DUR")]
+    pub reload_period: Option<NonZeroDur>,
+
+    /// DNS server for the TCP proxy's target names, host:port; repeatable.
+    /// [default: the system's resolv.conf and hosts file]
+    #[arg(
+        long,
+        env = "PILLION_DNS_SERVER",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub dns_server: Vec<SocketAddr>,
 
     /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
     #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]

@@ -87,6 +87,10 @@ pub struct FileConfig {
     pub broker_subscriber_buffer: Option<NonZeroUsize>,
     pub broker_push: Option<Vec<FromText<pillion_broker::push::PushRoute>>>,
     pub broker_advertise: Option<HostPort>,
+    pub reload_period: Option<NonZeroDur>,
+    pub dns_server: Option<Vec<SocketAddr>>,
+    /// `[[tcp]]` listeners of the TCP proxy.
+    pub tcp: Option<Vec<pillion_tcp::ListenerConfig>>,
 }
 
 impl FileConfig {
@@ -95,10 +99,17 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::File {
+        let file = Self::parse(&text).map_err(|message| ConfigError::File {
             path: path.to_path_buf(),
             message,
-        })
+        })?;
+        pillion_tcp::config::validate(file.tcp.as_deref().unwrap_or_default()).map_err(
+            |message| ConfigError::File {
+                path: path.to_path_buf(),
+                message,
+            },
+        )?;
+        Ok(file)
     }
 
     /// Parses the file's text; the error names the line and the key.
@@ -130,7 +141,14 @@ pub struct Settings {
     pub worker_threads: Option<usize>,
     pub inbound: Option<InboundSettings>,
     pub broker: BrokerSettings,
+    /// The config file, re-read for [[tcp]] changes.
+    pub config_file: Option<PathBuf>,
+    pub reload_period: Duration,
+    pub dns_servers: Vec<SocketAddr>,
+    pub tcp: Vec<pillion_tcp::ListenerConfig>,
 }
+
+pub const DEFAULT_RELOAD_PERIOD: Duration = Duration::from_secs(1);
 
 /// The message broker.
 #[derive(Debug, Clone)]
@@ -275,6 +293,18 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
+            config_file: args.config.clone(),
+            reload_period: args
+                .reload_period
+                .clone()
+                .or(file.reload_period.clone())
+                .map_or(DEFAULT_RELOAD_PERIOD, |d| d.0),
+            dns_servers: if args.dns_server.is_empty() {
+                file.dns_server.clone().unwrap_or_default()
+            } else {
+                args.dns_server.clone()
+            },
+            tcp: file.tcp.clone().unwrap_or_default(),
             broker,
             inbound,
             invoke,
@@ -750,6 +780,8 @@ broker_max_message_size = "2MiB"
 broker_subscriber_buffer = 64
 broker_push = ["orders.new=/orders"]
 broker_advertise = "10.0.0.5:8081"
+reload_period = "2s"
+dns_server = ["127.0.0.1:53"]
 [server_metadata]
 zone = "eu-1a"
 "#,

@@ -23,6 +23,31 @@ use crate::config::{FileConfig, Settings};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bootstrap {
+            config,
+            bootstrap_addr,
+            bootstrap,
+            force,
+        } => {
+            if config.exists() && !force {
+                eprintln!(
+                    "error: {} exists; add --force to overwrite it",
+                    config.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            let text = pillion_tcp::config::bootstrap(bootstrap_addr, &bootstrap);
+            if let Err(e) = std::fs::write(&config, &text) {
+                eprintln!("error: cannot write {}: {e}", config.display());
+                return ExitCode::FAILURE;
+            }
+            print!("{text}");
+            eprintln!(
+                "wrote bootstrapped configuration file to {}",
+                config.display()
+            );
+            ExitCode::SUCCESS
+        }
         Command::Check { config } => match FileConfig::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());

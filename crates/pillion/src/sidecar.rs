@@ -15,6 +15,7 @@ use pillion_invoke::Invoker;
 use pillion_registry::health::AppRegistration;
 use pillion_registry::Registry;
 use pillion_session::inbound::Inbound;
+use pillion_tcp::TcpProxy;
 use serde_json::json;
 
 use crate::config::Settings;
@@ -30,6 +31,7 @@ struct Status {
     inbound: Option<Arc<Inbound>>,
     broker: Arc<dyn Broker>,
     broker_metrics: Arc<BrokerMetrics>,
+    tcp: Arc<TcpProxy>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -62,6 +64,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }
     };
 
+    let tcp = TcpProxy::new(pillion_tcp::resolver(&settings.dns_servers));
+    tcp.apply(&settings.tcp).await?;
+    let reloader = settings
+        .config_file
+        .clone()
+        .map(|file| tokio::spawn(reload(file, settings.reload_period, tcp.clone())));
     let broker_metrics = Arc::new(BrokerMetrics::default());
     let (broker, embedded): (Arc<dyn Broker>, _) = if settings.broker.url.starts_with("nats://") {
         let nats = pillion_broker::nats::NatsBroker::connect(
@@ -120,6 +128,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         inbound: inbound.as_ref().map(|(i, _)| i.clone()),
         broker: broker.clone(),
         broker_metrics,
+        tcp: tcp.clone(),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -162,9 +171,17 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     for push in pushes {
         push.abort();
     }
-    for server in servers {
-        let _ = server.await;
+    if let Some(r) = reloader {
+        r.abort();
     }
+    let (_, _) = tokio::join!(
+        async {
+            for server in servers {
+                let _ = server.await;
+            }
+        },
+        tcp.shutdown(settings.grace_period),
+    );
     broker.close().await;
     registry.close().await;
     tracing::info!("pillion stopped");
@@ -212,6 +229,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
             "backend": status.broker.backend(),
             "healthy": status.broker.healthy(),
         },
+        "tcp": status.tcp.status().await,
     }))
     .into_response()
 }
@@ -224,9 +242,51 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
         inbound.metrics.render(&mut out);
     }
     status.broker_metrics.render(&mut out);
+    status.tcp.render_metrics(&mut out).await;
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         out,
     )
         .into_response()
+}
+
+/// Re-reads the config file when it changes (checked every `period`) or on SIGHUP
+/// and applies its `[[tcp]]` listeners. An invalid file is reported with its line and
+/// the running configuration stays. Other keys take effect at the next start.
+async fn reload(file: std::path::PathBuf, period: std::time::Duration, tcp: Arc<TcpProxy>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; the file is still polled");
+            None
+        }
+    };
+    let modified = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&file);
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(period) => false,
+            _ = async {
+                match hup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+        };
+        let now = modified(&file);
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match crate::config::FileConfig::load(&file) {
+            Ok(config) => match tcp.apply(config.tcp.as_deref().unwrap_or_default()).await {
+                Ok(()) => tracing::info!(file = %file.display(), "configuration reloaded"),
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "configuration reloaded, but not every listener could start")
+                }
+            },
+            Err(e) => tracing::error!("{e}; keeping the running configuration"),
+        }
+    }
 }

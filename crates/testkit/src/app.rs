@@ -127,6 +127,13 @@ impl TestApp {
 
     /// Closes the listener and every connection at once, like a crash.
     pub fn kill(&self) {
+        self.abort_tasks();
+        // An aborted task drops its listener a moment later: wait until it has, so a
+        // test never reaches a backend it just killed. (Needs a multi-thread runtime.)
+        crate::process::wait_until_refused(self.addr, std::time::Duration::from_secs(2));
+    }
+
+    fn abort_tasks(&self) {
         for t in self.state.tasks.lock().unwrap().drain(..) {
             t.abort();
         }
@@ -152,7 +159,7 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        self.kill();
+        self.abort_tasks();
     }
 }
 

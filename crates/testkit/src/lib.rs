@@ -8,12 +8,16 @@
 //! - [`app`]: a small HTTP app on a free port whose health answer a test switches
 //!   between healthy, failing and hanging, and which counts the requests it gets.
 //! - [`http`]: a minimal async HTTP client for asserting what a user would see.
+//! - [`tcp`]: raw TCP backends (greet-and-echo, reply-after-EOF) and a fast checksum.
+//! - [`dns`]: a small DNS server whose A records a test sets.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod dns;
 pub mod http;
 pub mod process;
 pub mod server;
+pub mod tcp;
 
 pub use app::{Health, Mode, TestApp};
 pub use process::{free_port, wait_for_port, Daemon};

@@ -25,6 +25,19 @@ pub fn wait_for_port(addr: SocketAddr, limit: Duration) -> bool {
     false
 }
 
+/// Waits until nothing accepts connections on `addr` any more (an aborted task
+/// closes its listener a moment later, not at once); false after `limit`.
+pub fn wait_until_refused(addr: SocketAddr, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
 /// A child process that is killed when the test lets go of it.
 pub struct Daemon {
     name: String,

@@ -1,0 +1,477 @@
+//! The TCP proxy with real sockets on loopback: tiered failover and failback,
+//! max_connections, DNS expansion, hot reload, a gigabyte through splice, half-close,
+//! bootstrap and graceful shutdown.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{eventually, run_to_end, Sidecar};
+use pillion_testkit::dns::DnsServer;
+use pillion_testkit::free_port;
+use pillion_testkit::http::get;
+use pillion_testkit::tcp::{Checksum, Reply, TcpBackend};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn config_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pillion-tcp-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pillion.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn listen_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// Connects through the proxy and returns the stream and the name of the backend
+/// that greeted it.
+async fn greet(addr: SocketAddr) -> (BufReader<TcpStream>, String) {
+    let stream = TcpStream::connect(addr).await.expect("the proxy accepts");
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .expect("a greeting in time")
+        .expect("a greeting");
+    (reader, line.trim().to_string())
+}
+
+async fn echo(conn: &mut BufReader<TcpStream>, text: &str) -> String {
+    conn.get_mut()
+        .write_all(format!("{text}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    line.trim().to_string()
+}
+
+/// Waits until the listener at `listen` is up and its connections (the readiness
+/// probe's included) are all closed, so that counts start from zero.
+async fn ready(sc: &Sidecar, listen: SocketAddr) {
+    assert!(pillion_testkit::wait_for_port(
+        listen,
+        Duration::from_secs(5)
+    ));
+    let idle = eventually(Duration::from_secs(5), || async {
+        let s = get(&sc.url("/statusz")).await.unwrap().json();
+        s["tcp"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["active"] == 0)
+    })
+    .await;
+    assert!(idle, "connections did not settle");
+}
+
+fn start(config: &std::path::Path) -> Sidecar {
+    Sidecar::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--reload-period",
+        "100ms",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_failover_and_failback() {
+    let near = TcpBackend::start("near", Reply::Echo).await;
+    let far = TcpBackend::start("far", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file(
+        "failover",
+        &format!(
+            "[[tcp]]\nlisten = \"{listen}\"\nfailback_after = \"1s\"\ndown_for = \"300ms\"\n\
+         [[tcp.tiers]]\ntargets = [\"{}\"]\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            near.addr(),
+            far.addr()
+        ),
+    );
+    let sc = start(&config);
+    ready(&sc, listen).await;
+    assert_eq!(greet(listen).await.1, "near");
+
+    near.kill();
+    // No client error while tier 1 is reachable.
+    let (mut moved, name) = greet(listen).await;
+    assert_eq!(name, "far");
+    for _ in 0..5 {
+        assert_eq!(greet(listen).await.1, "far");
+    }
+    assert_eq!(echo(&mut moved, "still here").await, "still here");
+
+    near.restart().await;
+    let back = eventually(Duration::from_secs(5), || async {
+        greet(listen).await.1 == "near"
+    })
+    .await;
+    assert!(back, "new connections return to tier 0");
+
+    // failback_after: the old connection on tier 1 is closed gracefully (EOF).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), moved.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the tier-1 connection was closed for failback"
+    );
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["tcp"][0]["listen"], listen.to_string());
+    assert_eq!(
+        status["tcp"][0]["tiers"][1]["backends"][0]["address"],
+        far.addr().to_string()
+    );
+    let metrics = get(&sc.url("/metrics")).await.unwrap().text();
+    assert!(
+        metrics.contains(&format!(
+            "pillion_tcp_dial_failures_total{{listen=\"{listen}\",backend=\"{}\",tier=\"0\"}}",
+            near.addr()
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_spills_to_the_next_tier() {
+    let small = TcpBackend::start("small", Reply::Echo).await;
+    let spare = TcpBackend::start("spare", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file(
+        "spill",
+        &format!(
+        "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\nmax_connections = 1\n\
+         [[tcp.tiers]]\ntargets = [\"{}\"]\n",
+        small.addr(), spare.addr()
+    ),
+    );
+    let sc = start(&config);
+    ready(&sc, listen).await;
+    let (first, a) = greet(listen).await;
+    let (_second, b) = greet(listen).await;
+    assert_eq!((a.as_str(), b.as_str()), ("small", "spare"));
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            greet(listen).await.1 == "small"
+        })
+        .await,
+        "room again on tier 0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_with_two_addresses_is_two_backends_and_vanished_ones_drain() {
+    let dns = DnsServer::start().await;
+    let port = free_port();
+    let a = TcpBackend::start_on(
+        "a",
+        Reply::Echo,
+        format!("127.0.0.2:{port}").parse().unwrap(),
+    )
+    .await;
+    let b = TcpBackend::start_on(
+        "b",
+        Reply::Echo,
+        format!("127.0.0.3:{port}").parse().unwrap(),
+    )
+    .await;
+    dns.set(
+        "db.pillion.test",
+        &["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
+    );
+    let listen = listen_addr();
+    let config = config_file("dns", &format!(
+        "dns_server = [\"{}\"]\n[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"db.pillion.test:{port}\"]\n",
+        dns.addr()
+    ));
+    let sc = start(&config);
+    ready(&sc, listen).await;
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    let backends = status["tcp"][0]["tiers"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let addrs: Vec<&str> = backends
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        addrs,
+        [format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}")]
+    );
+
+    // Both get connections (fewest active, then round-robin).
+    let first = greet(listen).await;
+    let second = greet(listen).await;
+    let mut names = [first.1.clone(), second.1.clone()];
+    names.sort();
+    assert_eq!(names, ["a", "b"]);
+    let mut on_b = if first.1 == "b" { first.0 } else { second.0 };
+
+    // b's address vanishes: no new connections to it, its open one goes on.
+    dns.set("db.pillion.test", &["127.0.0.2".parse().unwrap()]);
+    let drained = eventually(Duration::from_secs(5), || async {
+        let s = get(&sc.url("/statusz")).await.unwrap().json();
+        s["tcp"][0]["tiers"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    assert!(drained, "the vanished address left the backend set");
+    for _ in 0..4 {
+        assert_eq!(greet(listen).await.1, "a");
+    }
+    assert_eq!(
+        echo(&mut on_b, "drained, not cut").await,
+        "drained, not cut"
+    );
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_a_listener_and_changes_tiers_without_harming_a_live_connection() {
+    let one = TcpBackend::start("one", Reply::Echo).await;
+    let two = TcpBackend::start("two", Reply::Echo).await;
+    let (l1, l2) = (listen_addr(), listen_addr());
+    let first = format!("[[tcp]]\nlisten = \"{l1}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n[[tcp.tiers]]\ntargets = [\"{}\"]\n", one.addr(), two.addr());
+    let config = config_file("reload", &first);
+    let _sc = start(&config);
+    assert!(pillion_testkit::wait_for_port(l1, Duration::from_secs(5)));
+    let (mut live, name) = greet(l1).await;
+    assert_eq!(name, "one");
+
+    // Keep bytes flowing on the live connection while the file changes.
+    let flow = tokio::spawn(async move {
+        for i in 0..40 {
+            assert_eq!(
+                echo(&mut live, &format!("tick {i}")).await,
+                format!("tick {i}")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        live
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Swap the tiers of l1 and add l2.
+    let second = format!(
+        "[[tcp]]\nlisten = \"{l1}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n[[tcp.tiers]]\ntargets = [\"{}\"]\n\
+         [[tcp]]\nlisten = \"{l2}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+        two.addr(), one.addr(), one.addr()
+    );
+    std::fs::write(&config, second).unwrap();
+    assert!(
+        pillion_testkit::wait_for_port(l2, Duration::from_secs(5)),
+        "the new listener starts"
+    );
+    assert_eq!(greet(l2).await.1, "one");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            greet(l1).await.1 == "two"
+        })
+        .await,
+        "new connections follow the new tiers"
+    );
+    let mut live = flow.await.expect("the live connection kept flowing");
+    assert_eq!(echo(&mut live, "after").await, "after");
+
+    // An invalid file is reported and changes nothing.
+    std::fs::write(&config, "[[tcp]]\nlisten = \"not an address\"\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(greet(l2).await.1, "one", "the running configuration stays");
+    assert_eq!(echo(&mut live, "still").await, "still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_arrives_byte_identical_and_half_close_works() {
+    let echo_backend = TcpBackend::start("bulk", Reply::Echo).await;
+    let counter = TcpBackend::start("counter", Reply::AfterEof).await;
+    let (bulk, half) = (listen_addr(), listen_addr());
+    let config = config_file(
+        "bulk",
+        &format!(
+            "[[tcp]]\nlisten = \"{bulk}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n\
+         [[tcp]]\nlisten = \"{half}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            echo_backend.addr(),
+            counter.addr()
+        ),
+    );
+    let sc = start(&config);
+    assert!(pillion_testkit::wait_for_port(bulk, Duration::from_secs(5)));
+
+    // Half-close: the client shuts its write side and still reads the reply.
+    let mut s = TcpStream::connect(half).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "counter got 5 bytes\n");
+
+    // 1 GiB up and echoed back down, checksummed both ways.
+    const TOTAL: u64 = 1 << 30;
+    let (reader, name) = greet(bulk).await;
+    assert_eq!(name, "bulk");
+    let stream = reader.into_inner();
+    let (mut r, mut w) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut sum = Checksum::default();
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            for b in chunk.chunks_exact_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                b.copy_from_slice(&seed.to_le_bytes());
+            }
+            sum.update(&chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += chunk.len() as u64;
+        }
+        w.shutdown().await.unwrap();
+        sum.value()
+    });
+    let mut got = Checksum::default();
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.update(&buf[..n]);
+        received += n as u64;
+    }
+    let sent_sum = writer.await.unwrap();
+    assert_eq!(received, TOTAL);
+    assert_eq!(got.value(), sent_sum, "the bytes came back identical");
+    let metrics = get(&sc.url("/metrics")).await.unwrap().text();
+    let line = format!(
+        "pillion_tcp_received_bytes_total{{listen=\"{bulk}\",backend=\"{}\",tier=\"0\"}} ",
+        echo_backend.addr()
+    );
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {metrics}"));
+    assert!(counted >= TOTAL, "bytes are counted per backend: {counted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_writes_a_file_that_runs_and_refuses_to_overwrite() {
+    let backend = TcpBackend::start("boot", Reply::Echo).await;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("pillion-bootstrap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pillion.toml");
+    let _ = std::fs::remove_file(&file);
+    let binding = format!("{port}:{}", backend.addr());
+    let args = [
+        "bootstrap",
+        "--config",
+        file.to_str().unwrap(),
+        "--bootstrap-addr",
+        "127.0.0.1",
+        "--bootstrap",
+        &binding,
+    ];
+    let (code, out, err) = run_to_end(&args, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("listen = \"127.0.0.1:{port}\"")),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), out);
+    let (code, _, err) = run_to_end(&args, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--force"), "{err}");
+    let (code, _, _) = run_to_end(&[&args[..], &["--force"]].concat(), &[]);
+    assert_eq!(code, 0);
+    let (code, out, _) = run_to_end(&["check", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}");
+
+    let _sc = start(&file);
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(pillion_testkit::wait_for_port(
+        listen,
+        Duration::from_secs(5)
+    ));
+    assert_eq!(greet(listen).await.1, "boot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_a_second_sigterm_exits_at_once() {
+    let backend = TcpBackend::start("drain", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file(
+        "drain",
+        &format!(
+            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            backend.addr()
+        ),
+    );
+    let mut sc = Sidecar::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--grace-period",
+        "30s",
+    ]);
+    assert!(pillion_testkit::wait_for_port(
+        listen,
+        Duration::from_secs(5)
+    ));
+    let (mut live, _) = greet(listen).await;
+
+    sc.process.signal("TERM");
+    let refused = eventually(Duration::from_secs(5), || async {
+        TcpStream::connect(listen).await.is_err()
+    })
+    .await;
+    assert!(refused, "no new connections once shutdown began");
+    assert_eq!(
+        echo(&mut live, "draining").await,
+        "draining",
+        "open connections go on"
+    );
+    assert_eq!(
+        sc.process.wait_exit(Duration::from_millis(500)),
+        None,
+        "it waits for the connection"
+    );
+
+    sc.process.signal("TERM");
+    let code = sc.process.wait_exit(Duration::from_secs(5));
+    assert!(code.is_some(), "a second SIGTERM exits at once");
+}
+
+#[test]
+fn invalid_tcp_sections_are_refused_at_start_with_the_reason() {
+    let cases = [
+        ("[[tcp]]\nlisten = \"127.0.0.1:1\"\n", "has no [[tcp.tiers]]"),
+        ("[[tcp]]\nlisten = \"127.0.0.1:1\"\n[[tcp.tiers]]\ntargets = [\"nohost\"]\n", "has no port"),
+        ("[[tcp]]\nlisten = \"127.0.0.1:1\"\n[[tcp.tiers]]\ntargets = [\"a:1\"]\nmax_conections = 3\n", "unknown field `max_conections`"),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let file = config_file(&format!("invalid{i}"), text);
+        let (code, _, err) = run_to_end(&["check", "--config", file.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{text}");
+        assert!(err.contains(want), "{text}: {err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! A backend: one address of a tier's target, with what the balancer and the
+//! diagnostics need to know about it. Counters are atomics; the data path never locks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::clock;
+
+/// How a connection is asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    Open,
+    /// Shut both write halves: clients see end-of-file and reconnect (failback).
+    Graceful,
+    /// Drop it (its backend was removed from the configuration).
+    Now,
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The target as configured (`db-a.internal:26258`).
+    pub target: String,
+    /// Tier, limit and dial timeout change in place when the file is reloaded.
+    pub tier: AtomicUsize,
+    pub max_connections: AtomicUsize,
+    pub dial_timeout_ms: AtomicU64,
+    pub active: AtomicUsize,
+    /// Down (not tried first) until this time, in ms on [`clock`]; 0: not down.
+    pub down_until_ms: AtomicU64,
+    /// Since when dials have succeeded, in ms on [`clock`]; 0: not known up.
+    pub up_since_ms: AtomicU64,
+    pub last_dial_us: AtomicU64,
+    pub connections: AtomicU64,
+    pub dial_failures: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// Gone from DNS: no new connections, the open ones go on.
+    pub draining: AtomicBool,
+    conns: Mutex<HashMap<u64, watch::Sender<Close>>>,
+    next_conn: AtomicU64,
+}
+
+impl Backend {
+    pub fn new(
+        addr: SocketAddr,
+        target: String,
+        tier: usize,
+        max_connections: usize,
+        dial_timeout: Duration,
+    ) -> Backend {
+        Backend {
+            addr,
+            target,
+            tier: AtomicUsize::new(tier),
+            max_connections: AtomicUsize::new(max_connections),
+            dial_timeout_ms: AtomicU64::new(dial_timeout.as_millis() as u64),
+            active: AtomicUsize::new(0),
+            down_until_ms: AtomicU64::new(0),
+            up_since_ms: AtomicU64::new(0),
+            last_dial_us: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            dial_failures: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_down(&self, now_ms: u64) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+
+    pub fn tier(&self) -> usize {
+        self.tier.load(Ordering::Relaxed)
+    }
+
+    pub fn dial_timeout(&self) -> Duration {
+        Duration::from_millis(self.dial_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Applies a reloaded tier's settings.
+    pub fn reconfigure(&self, tier: usize, max_connections: usize, dial_timeout: Duration) {
+        self.tier.store(tier, Ordering::Relaxed);
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+        self.dial_timeout_ms
+            .store(dial_timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn overloaded(&self) -> bool {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        max > 0 && self.active.load(Ordering::Relaxed) >= max
+    }
+
+    pub fn dial_succeeded(&self, took: Duration) {
+        let now = clock().as_millis() as u64;
+        self.last_dial_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+        self.down_until_ms.store(0, Ordering::Relaxed);
+        let _ =
+            self.up_since_ms
+                .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    pub fn dial_failed(&self, down_for: Duration) {
+        let now = clock().as_millis() as u64;
+        self.dial_failures.fetch_add(1, Ordering::Relaxed);
+        self.up_since_ms.store(0, Ordering::Relaxed);
+        self.down_until_ms
+            .store(now + down_for.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Registers an open connection; the receiver tells it when to close.
+    pub fn open(&self) -> (u64, watch::Receiver<Close>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(Close::Open);
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        (id, rx)
+    }
+
+    pub fn closed(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Asks every open connection to close.
+    pub fn close_all(&self, how: Close) {
+        for tx in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            let _ = tx.send(how);
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let now = clock().as_millis() as u64;
+        let down_until = self.down_until_ms.load(Ordering::Relaxed);
+        serde_json::json!({
+            "address": self.addr.to_string(),
+            "target": self.target,
+            "tier": self.tier(),
+            "active": self.active.load(Ordering::Relaxed),
+            "max_connections": self.max_connections.load(Ordering::Relaxed),
+            "down_for_secs": (down_until > now).then(|| (down_until - now) as f64 / 1000.0),
+            "last_dial_ms": self.last_dial_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            "draining": self.draining.load(Ordering::Relaxed),
+            "connections_total": self.connections.load(Ordering::Relaxed),
+            "dial_failures_total": self.dial_failures.load(Ordering::Relaxed),
+            "bytes_up": self.bytes_up.load(Ordering::Relaxed),
+            "bytes_down": self.bytes_down.load(Ordering::Relaxed),
+        })
+    }
+}

@@ -1,0 +1,220 @@
+//! The L4 TCP proxy (iaido's job): the app connects to a local port and pillion
+//! forwards the stream to the best available backend, nearest tier first, spilling
+//! to the next tier when the nearer one is down or full, moving back when it recovers.
+//!
+//! - [`config`]: the `[[tcp]]` sections of the config file, and `pillion bootstrap`.
+//! - [`listener`]: one listener: backend choice, dialing, failover, failback, DNS
+//!   expansion and re-resolution, health probes.
+//! - [`backend`]: one backend address and its counters.
+//! - [`copy`]: bytes both ways with splice(2) on Linux, half-close kept; the crate's
+//!   only `unsafe` code.
+//! - [`TcpProxy`]: the set of listeners, changed in place when the file is reloaded.
+//!
+//! A reload never cuts a connection unless its target was removed from the file.
+#![deny(unsafe_code)]
+
+pub mod backend;
+pub mod config;
+pub mod copy;
+pub mod listener;
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::proto::xfer::Protocol;
+use hickory_resolver::TokioResolver;
+
+pub use config::{Binding, ListenerConfig, TierConfig};
+use listener::Listener;
+
+/// Time since the process's first call: cheap, monotonic, shared by every listener.
+pub fn clock() -> Duration {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed()
+}
+
+/// A DNS resolver: the system's (`/etc/resolv.conf`, `/etc/hosts`), or the given
+/// name servers.
+pub fn resolver(servers: &[SocketAddr]) -> TokioResolver {
+    if servers.is_empty() {
+        match TokioResolver::builder_tokio() {
+            Ok(builder) => return builder.build(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the system DNS configuration; names will not resolve")
+            }
+        }
+    }
+    let mut config = ResolverConfig::new();
+    for addr in servers {
+        config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+    }
+    TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build()
+}
+
+/// Every TCP listener of the sidecar.
+pub struct TcpProxy {
+    resolver: Arc<TokioResolver>,
+    listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, Arc<Listener>>>,
+    /// Listeners removed by a reload, still carrying connections.
+    retired: std::sync::Mutex<Vec<Arc<Listener>>>,
+}
+
+impl TcpProxy {
+    pub fn new(resolver: TokioResolver) -> Arc<TcpProxy> {
+        Arc::new(TcpProxy {
+            resolver: Arc::new(resolver),
+            listeners: tokio::sync::Mutex::new(BTreeMap::new()),
+            retired: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Makes the running listeners match `configs`: new ones start, removed ones
+    /// stop accepting and drain, changed ones apply to new connections. Returns the
+    /// listeners that could not start (their address is taken), the others run.
+    pub async fn apply(&self, configs: &[ListenerConfig]) -> Result<(), String> {
+        let mut listeners = self.listeners.lock().await;
+        let mut errors = Vec::new();
+        let wanted: Vec<SocketAddr> = configs.iter().map(|c| c.listen).collect();
+        let removed: Vec<SocketAddr> = listeners
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in removed {
+            if let Some(l) = listeners.remove(&addr) {
+                l.stop_accepting();
+                tracing::info!(listen = %addr, active = l.active(), "tcp listener removed; draining its connections");
+                self.retired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(l);
+            }
+        }
+        for config in configs {
+            match listeners.get(&config.listen) {
+                Some(l) => l.update(config.clone()).await,
+                None => match Listener::start(config.clone(), self.resolver.clone()).await {
+                    Ok(l) => {
+                        listeners.insert(config.listen, l);
+                    }
+                    Err(e) => errors.push(format!("cannot listen on {} (tcp): {e}", config.listen)),
+                },
+            }
+        }
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|l| {
+                let busy = l.active() > 0;
+                if !busy {
+                    l.abort();
+                }
+                busy
+            });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Graceful shutdown: stop accepting, let connections finish for up to `grace`,
+    /// then close what is left.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all: Vec<Arc<Listener>> = {
+            let listeners = self.listeners.lock().await;
+            listeners
+                .values()
+                .cloned()
+                .chain(
+                    self.retired
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned(),
+                )
+                .collect()
+        };
+        for l in &all {
+            l.stop_accepting();
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && all.iter().any(|l| l.active() > 0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left: usize = all.iter().map(|l| l.active()).sum();
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "closing tcp connections still open after the grace period"
+            );
+        }
+        for l in &all {
+            l.abort();
+        }
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let listeners = self.listeners.lock().await;
+        serde_json::Value::Array(listeners.values().map(|l| l.status()).collect())
+    }
+
+    /// Prometheus text: connections, bytes and dial failures per backend.
+    pub async fn render_metrics(&self, out: &mut String) {
+        let listeners = self.listeners.lock().await;
+        type Get = fn(&backend::Backend) -> u64;
+        let metrics: [(&str, &str, &str, Get); 5] = [
+            (
+                "pillion_tcp_connections_total",
+                "counter",
+                "Connections proxied to a backend.",
+                |b| b.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "pillion_tcp_active_connections",
+                "gauge",
+                "Connections open to a backend.",
+                |b| b.active.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "pillion_tcp_dial_failures_total",
+                "counter",
+                "Dials to a backend that failed or timed out.",
+                |b| b.dial_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "pillion_tcp_sent_bytes_total",
+                "counter",
+                "Bytes from clients to a backend.",
+                |b| b.bytes_up.load(Ordering::Relaxed),
+            ),
+            (
+                "pillion_tcp_received_bytes_total",
+                "counter",
+                "Bytes from a backend to clients.",
+                |b| b.bytes_down.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, get) in metrics {
+            pillion_core::metrics::header(out, name, kind, help);
+            for l in listeners.values() {
+                for b in l.backends().iter() {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{listen=\"{}\",backend=\"{}\",tier=\"{}\"}} {}",
+                        l.addr,
+                        b.addr,
+                        b.tier(),
+                        get(b)
+                    );
+                }
+            }
+        }
+    }
+}

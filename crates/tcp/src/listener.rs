@@ -1,0 +1,469 @@
+//! One TCP listener: accepts clients and connects each to the best backend.
+//!
+//! Choice, per new connection: backends not overloaded (`max_connections`) first, then
+//! the lowest tier, then the fewest active connections, then round-robin. A dial that
+//! fails (refused, or slower than `dial_timeout`) marks the backend down for
+//! `down_for` and the next one is tried, until `connect_timeout`; backends marked down
+//! are tried last rather than never, so a client is refused only when no backend
+//! answers at all.
+//!
+//! Targets that are names expand to every address they resolve to, re-resolved when
+//! their records expire (between 1 s and 60 s); an address that vanishes is drained
+//! (no new connections), a failed lookup keeps the last good answer.
+//!
+//! With `failback_after`, connections on a worse tier are closed gracefully once a
+//! better tier has accepted dials for that long, so their clients reconnect to it;
+//! better tiers are probed while worse ones carry connections, and every tier with a
+//! `health_check` interval is probed on that interval.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hickory_resolver::TokioResolver;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::{Backend, Close};
+use crate::clock;
+use crate::config::{split_target, ListenerConfig};
+use crate::copy::{self, Traffic};
+
+pub struct Listener {
+    pub addr: SocketAddr,
+    config: ArcSwap<ListenerConfig>,
+    backends: ArcSwap<Vec<Arc<Backend>>>,
+    /// Last good addresses of each target.
+    resolved: Mutex<HashMap<String, Vec<SocketAddr>>>,
+    resolver: Arc<TokioResolver>,
+    rr: AtomicUsize,
+    /// Open client connections.
+    active: AtomicUsize,
+    accepting: watch::Sender<bool>,
+    refresh_now: tokio::sync::Notify,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Listener {
+    /// Binds, resolves the targets and starts accepting.
+    pub async fn start(
+        config: ListenerConfig,
+        resolver: Arc<TokioResolver>,
+    ) -> std::io::Result<Arc<Listener>> {
+        let socket = TcpListener::bind(config.listen).await?;
+        let listener = Arc::new(Listener {
+            addr: config.listen,
+            config: ArcSwap::from_pointee(config),
+            backends: ArcSwap::from_pointee(Vec::new()),
+            resolved: Mutex::new(HashMap::new()),
+            resolver,
+            rr: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            accepting: watch::channel(true).0,
+            refresh_now: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        listener.resolve_all().await;
+        let tasks = vec![
+            tokio::spawn(listener.clone().accept_loop(socket)),
+            tokio::spawn(listener.clone().refresh_loop()),
+            tokio::spawn(listener.clone().failback_loop()),
+            tokio::spawn(listener.clone().health_loop()),
+        ];
+        *listener.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        tracing::info!(listen = %listener.addr, "tcp listener started");
+        Ok(listener)
+    }
+
+    /// Applies a reloaded configuration: new connections follow it at once; only the
+    /// connections of targets no longer configured are closed.
+    pub async fn update(&self, config: ListenerConfig) {
+        self.config.store(Arc::new(config));
+        self.resolve_all().await;
+        self.refresh_now.notify_one();
+    }
+
+    /// Stops accepting; open connections go on.
+    pub fn stop_accepting(&self) {
+        let _ = self.accepting.send(false);
+    }
+
+    /// Stops every task and closes every connection.
+    pub fn abort(&self) {
+        self.stop_accepting();
+        for b in self.backends.load().iter() {
+            b.close_all(Close::Now);
+        }
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.abort();
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.load_full()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let config = self.config.load();
+        let backends = self.backends.load();
+        let tiers: Vec<_> = (0..config.tiers.len())
+            .map(|t| {
+                let list: Vec<_> = backends.iter().filter(|b| b.tier() == t).map(|b| b.status()).collect();
+                serde_json::json!({ "tier": t, "targets": config.tiers[t].targets, "backends": list })
+            })
+            .collect();
+        serde_json::json!({
+            "listen": self.addr.to_string(),
+            "accepting": *self.accepting.borrow(),
+            "active": self.active(),
+            "failback_after": pillion_core::duration::format(config.failback_after.0),
+            "tiers": tiers,
+        })
+    }
+
+    async fn resolve(&self, target: &str) -> Result<(Vec<SocketAddr>, Option<Instant>), String> {
+        let (host, port) = split_target(target)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok((vec![SocketAddr::new(ip, port)], None));
+        }
+        let lookup = self
+            .resolver
+            .lookup_ip(host.as_str())
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?;
+        let mut addrs: Vec<SocketAddr> =
+            lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+        addrs.sort();
+        addrs.dedup();
+        Ok((addrs, Some(lookup.valid_until())))
+    }
+
+    /// Resolves every target and rebuilds the backend set; returns when the answers
+    /// expire next.
+    async fn resolve_all(&self) -> Option<Instant> {
+        let config = self.config.load_full();
+        let mut next: Option<Instant> = None;
+        for tier in &config.tiers {
+            for target in &tier.targets {
+                match self.resolve(target).await {
+                    Ok((addrs, valid_until)) => {
+                        if addrs.is_empty() {
+                            tracing::warn!(%target, "target resolved to no address; keeping the last good ones");
+                            continue;
+                        }
+                        self.resolved
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(target.clone(), addrs);
+                        if let Some(v) = valid_until {
+                            next = Some(next.map_or(v, |n| n.min(v)));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%target, error = %e, "DNS lookup failed; keeping the last good addresses");
+                        next = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+        self.rebuild(&config);
+        next
+    }
+
+    fn rebuild(&self, config: &ListenerConfig) {
+        let old = self.backends.load_full();
+        let resolved = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut new: Vec<Arc<Backend>> = Vec::new();
+        for (t, tier) in config.tiers.iter().enumerate() {
+            for target in &tier.targets {
+                for addr in resolved.get(target).into_iter().flatten() {
+                    if new.iter().any(|b| b.target == *target && b.addr == *addr) {
+                        continue; // the same target twice: one backend
+                    }
+                    let backend = match old.iter().find(|b| b.target == *target && b.addr == *addr)
+                    {
+                        Some(b) => {
+                            b.reconfigure(t, tier.max_connections, tier.dial_timeout.0);
+                            b.draining.store(false, Ordering::Relaxed);
+                            b.clone()
+                        }
+                        None => Arc::new(Backend::new(
+                            *addr,
+                            target.clone(),
+                            t,
+                            tier.max_connections,
+                            tier.dial_timeout.0,
+                        )),
+                    };
+                    new.push(backend);
+                }
+            }
+        }
+        let configured: Vec<&String> = config.tiers.iter().flat_map(|t| t.targets.iter()).collect();
+        for b in old.iter() {
+            if new.iter().any(|n| Arc::ptr_eq(n, b)) {
+                continue;
+            }
+            if configured.contains(&&b.target) {
+                // Gone from DNS: drained, its open connections finish on their own.
+                b.draining.store(true, Ordering::Relaxed);
+                tracing::info!(target = %b.target, address = %b.addr, "address vanished from DNS; draining");
+            } else {
+                b.close_all(Close::Now);
+                if b.active.load(Ordering::Relaxed) > 0 {
+                    tracing::info!(target = %b.target, address = %b.addr, "target removed from the configuration; closing its connections");
+                }
+            }
+        }
+        self.backends.store(Arc::new(new));
+    }
+
+    async fn refresh_loop(self: Arc<Self>) {
+        let mut next = Instant::now() + Duration::from_secs(1);
+        loop {
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(60));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.refresh_now.notified() => {}
+            }
+            next = self
+                .resolve_all()
+                .await
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        }
+    }
+
+    /// Backends in the order to try them.
+    fn order(&self) -> Vec<Arc<Backend>> {
+        let backends = self.backends.load();
+        let now = clock().as_millis() as u64;
+        let start = self.rr.fetch_add(1, Ordering::Relaxed);
+        let n = backends.len().max(1);
+        let mut order: Vec<(usize, Arc<Backend>)> = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !b.draining.load(Ordering::Relaxed))
+            .map(|(i, b)| (i, b.clone()))
+            .collect();
+        order.sort_by_key(|(i, b)| {
+            (
+                b.is_down(now),
+                b.overloaded(),
+                b.tier(),
+                b.active.load(Ordering::Relaxed),
+                (i + n - start % n) % n,
+            )
+        });
+        order.into_iter().map(|(_, b)| b).collect()
+    }
+
+    async fn dial(&self, backend: &Backend, limit: Duration) -> Option<TcpStream> {
+        let started = Instant::now();
+        let down_for = self.config.load().down_for.0;
+        match tokio::time::timeout(limit, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.dial_succeeded(started.elapsed());
+                let _ = stream.set_nodelay(true);
+                Some(stream)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(address = %backend.addr, error = %e, "dial failed");
+                backend.dial_failed(down_for);
+                None
+            }
+            Err(_) => {
+                tracing::debug!(address = %backend.addr, "dial timed out");
+                backend.dial_failed(down_for);
+                None
+            }
+        }
+    }
+
+    async fn connect(&self) -> Option<(Arc<Backend>, TcpStream)> {
+        let deadline = Instant::now() + self.config.load().connect_timeout.0;
+        for backend in self.order() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Some(stream) = self.dial(&backend, backend.dial_timeout().min(left)).await {
+                return Some((backend, stream));
+            }
+        }
+        None
+    }
+
+    async fn accept_loop(self: Arc<Self>, socket: TcpListener) {
+        let mut accepting = self.accepting.subscribe();
+        loop {
+            let (client, peer) = tokio::select! {
+                accepted = socket.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(listen = %self.addr, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                changed = accepting.changed() => {
+                    if changed.is_err() || !*accepting.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let _ = client.set_nodelay(true);
+            tokio::spawn(self.clone().serve(client, peer));
+        }
+        tracing::info!(listen = %self.addr, "tcp listener stopped accepting");
+    }
+
+    async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let Some((backend, mut server)) = self.connect().await else {
+            tracing::warn!(listen = %self.addr, %peer, "no backend accepted the connection; closing it");
+            return;
+        };
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let (id, mut close) = backend.open();
+        let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
+        let idle = self.config.load().idle_timeout.0;
+        let traffic = Traffic {
+            up: &backend.bytes_up,
+            down: &backend.bytes_down,
+            last_ms: (clock().as_millis() as u64).into(),
+        };
+        {
+            let copying = copy::both_ways(&mut client, &mut server, &traffic);
+            tokio::pin!(copying);
+            let tick = if idle.is_zero() {
+                Duration::from_secs(3600)
+            } else {
+                (idle / 4).max(Duration::from_millis(50))
+            };
+            loop {
+                tokio::select! {
+                    _ = &mut copying => break,
+                    changed = close.changed() => {
+                        let how = if changed.is_ok() { *close.borrow() } else { Close::Now };
+                        match how {
+                            Close::Open => continue,
+                            Close::Now => break,
+                            Close::Graceful => {
+                                copy::shutdown_write_fd(client_fd);
+                                copy::shutdown_write_fd(server_fd);
+                                let _ = tokio::time::timeout(Duration::from_secs(5), &mut copying).await;
+                                break;
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep(tick), if !idle.is_zero() => {
+                        let last = traffic.last_ms.load(Ordering::Relaxed);
+                        if clock().as_millis() as u64 - last >= idle.as_millis() as u64 {
+                            tracing::debug!(%peer, "closing an idle connection");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        backend.closed(id);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Dials a backend only to learn whether it is up.
+    async fn probe(&self, backend: &Backend) {
+        let limit = backend.dial_timeout();
+        let _ = self.dial(backend, limit).await;
+    }
+
+    async fn failback_loop(self: Arc<Self>) {
+        let mut warned: Vec<SocketAddr> = Vec::new();
+        let mut last_probe = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let after = self.config.load().failback_after.0;
+            if after.is_zero() {
+                continue;
+            }
+            let backends = self.backends.load_full();
+            let now = clock().as_millis() as u64;
+            let worst_busy = backends
+                .iter()
+                .filter(|b| b.active.load(Ordering::Relaxed) > 0)
+                .map(|b| b.tier())
+                .max();
+            let Some(worst_busy) = worst_busy else {
+                continue;
+            };
+            // Probe better tiers that nothing has proved up yet, once a second.
+            if last_probe.elapsed() >= Duration::from_secs(1) {
+                last_probe = Instant::now();
+                for b in backends.iter().filter(|b| b.tier() < worst_busy) {
+                    if b.up_since_ms.load(Ordering::Relaxed) == 0 && !b.is_down(now) {
+                        self.probe(b).await;
+                    }
+                }
+            }
+            let ready = (0..worst_busy).find(|t| {
+                backends.iter().any(|b| {
+                    let up = b.up_since_ms.load(Ordering::Relaxed);
+                    b.tier() == *t
+                        && !b.draining.load(Ordering::Relaxed)
+                        && !b.is_down(now)
+                        && up > 0
+                        && now.saturating_sub(up) >= after.as_millis() as u64
+                })
+            });
+            let Some(ready) = ready else { continue };
+            for b in backends
+                .iter()
+                .filter(|b| b.tier() > ready && b.active.load(Ordering::Relaxed) > 0)
+            {
+                if !warned.contains(&b.addr) {
+                    tracing::info!(listen = %self.addr, backend = %b.addr, tier = b.tier(), better = ready, "failing back: closing connections on a worse tier");
+                    warned.push(b.addr);
+                }
+                b.close_all(Close::Graceful);
+            }
+            warned.retain(|a| {
+                backends
+                    .iter()
+                    .any(|b| b.addr == *a && b.active.load(Ordering::Relaxed) > 0)
+            });
+        }
+    }
+
+    async fn health_loop(self: Arc<Self>) {
+        let mut last: HashMap<usize, Instant> = HashMap::new();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let config = self.config.load_full();
+            for (t, tier) in config.tiers.iter().enumerate() {
+                let every = tier.health_check.0;
+                if every.is_zero() || last.get(&t).is_some_and(|at| at.elapsed() < every) {
+                    continue;
+                }
+                last.insert(t, Instant::now());
+                let backends = self.backends.load_full();
+                for b in backends.iter().filter(|b| b.tier() == t) {
+                    self.probe(b).await;
+                }
+            }
+        }
+    }
+}

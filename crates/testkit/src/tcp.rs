@@ -1,0 +1,215 @@
+//! A raw TCP backend for the TCP proxy's tests, on a chosen loopback address.
+//!
+//! [`Reply::Echo`]: greets each connection with its name and a newline, then echoes
+//! every byte. [`Reply::AfterEof`]: reads until the client shuts its write side, then
+//! answers `NAME got N bytes\n` and closes (to test half-close). [`TcpBackend::kill`]
+//! closes the listener and every connection at once; [`TcpBackend::restart`] listens
+//! again on the same address.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Echo,
+    AfterEof,
+}
+
+struct State {
+    name: String,
+    reply: Reply,
+    accepted: AtomicU64,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+pub struct TcpBackend {
+    addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl TcpBackend {
+    /// On 127.0.0.1 and a free port.
+    pub async fn start(name: &str, reply: Reply) -> TcpBackend {
+        Self::start_on(name, reply, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// On `addr` (any 127.x.y.z works on Linux; port 0 picks a free one).
+    pub async fn start_on(name: &str, reply: Reply, addr: SocketAddr) -> TcpBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind tcp backend");
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            name: name.to_string(),
+            reply,
+            accepted: AtomicU64::new(0),
+            tasks: Mutex::new(Vec::new()),
+        });
+        serve(listener, state.clone());
+        TcpBackend { addr, state }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn kill(&self) {
+        self.abort_tasks();
+        // An aborted task drops its listener a moment later: wait until it has, so a
+        // test never reaches a backend it just killed. (Needs a multi-thread runtime.)
+        crate::process::wait_until_refused(self.addr, std::time::Duration::from_secs(2));
+    }
+
+    fn abort_tasks(&self) {
+        for t in self.state.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    pub async fn restart(&self) {
+        for _ in 0..100 {
+            if let Ok(l) = TcpListener::bind(self.addr).await {
+                serve(l, self.state.clone());
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("could not listen again on {}", self.addr);
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        self.abort_tasks();
+    }
+}
+
+fn serve(listener: TcpListener, state: Arc<State>) {
+    let st = state.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            st.accepted.fetch_add(1, Ordering::SeqCst);
+            let st2 = st.clone();
+            let task = tokio::spawn(async move {
+                match st2.reply {
+                    Reply::Echo => {
+                        if conn
+                            .write_all(format!("{}\n", st2.name).as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        let (mut r, mut w) = conn.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    }
+                    Reply::AfterEof => {
+                        let mut n = 0u64;
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(k) = conn.read(&mut buf).await {
+                            if k == 0 {
+                                break;
+                            }
+                            n += k as u64;
+                        }
+                        let _ = conn
+                            .write_all(format!("{} got {n} bytes\n", st2.name).as_bytes())
+                            .await;
+                        let _ = conn.shutdown().await;
+                    }
+                }
+            });
+            let mut tasks = st.tasks.lock().unwrap();
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task.abort_handle());
+        }
+    });
+    state.tasks.lock().unwrap().push(accept.abort_handle());
+}
+
+/// An FNV-1a style hash over a byte stream, eight bytes at a time: cheap enough for a
+/// gigabyte in a test, and the same however the stream was cut into reads.
+#[derive(Clone, Copy)]
+pub struct Checksum {
+    hash: u64,
+    pending: [u8; 8],
+    filled: usize,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Checksum {
+            hash: 0xcbf2_9ce4_8422_2325,
+            pending: [0; 8],
+            filled: 0,
+        }
+    }
+}
+
+impl Checksum {
+    fn word(&mut self, w: u64) {
+        self.hash ^= w;
+        self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        if self.filled > 0 {
+            let take = (8 - self.filled).min(data.len());
+            self.pending[self.filled..self.filled + take].copy_from_slice(&data[..take]);
+            self.filled += take;
+            data = &data[take..];
+            if self.filled < 8 {
+                return;
+            }
+            self.word(u64::from_le_bytes(self.pending));
+            self.filled = 0;
+        }
+        let mut chunks = data.chunks_exact(8);
+        for c in &mut chunks {
+            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        }
+        let rest = chunks.remainder();
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.filled = rest.len();
+    }
+
+    /// The hash of everything so far (a partial last word included).
+    pub fn value(&self) -> u64 {
+        let mut tail = *self;
+        if tail.filled > 0 {
+            let mut last = [0u8; 8];
+            last[..tail.filled].copy_from_slice(&tail.pending[..tail.filled]);
+            tail.word(u64::from_le_bytes(last) ^ (tail.filled as u64) << 56);
+        }
+        tail.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_how_the_stream_was_cut() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut whole = Checksum::default();
+        whole.update(&data);
+        let mut pieces = Checksum::default();
+        for c in data.chunks(13) {
+            pieces.update(c);
+        }
+        assert_eq!(whole.value(), pieces.value());
+        let mut other = Checksum::default();
+        other.update(&data[1..]);
+        assert_ne!(whole.value(), other.value());
+    }
+}
