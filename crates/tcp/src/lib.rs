@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::TokioResolver;
@@ -42,19 +42,25 @@ pub fn clock() -> Duration {
 /// A DNS resolver: the system's (`/etc/resolv.conf`, `/etc/hosts`), or the given
 /// name servers.
 pub fn resolver(servers: &[SocketAddr]) -> TokioResolver {
+    let mut builder = None;
     if servers.is_empty() {
         match TokioResolver::builder_tokio() {
-            Ok(builder) => return builder.build(),
+            Ok(b) => builder = Some(b),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the system DNS configuration; names will not resolve")
             }
         }
     }
-    let mut config = ResolverConfig::new();
-    for addr in servers {
-        config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
-    }
-    TokioResolver::builder_with_config(config, TokioConnectionProvider::default()).build()
+    let mut builder = builder.unwrap_or_else(|| {
+        let mut config = ResolverConfig::new();
+        for addr in servers {
+            config.add_name_server(NameServerConfig::new(*addr, Protocol::Udp));
+        }
+        TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+    });
+    // Every A and every AAAA record becomes a backend, not just the first family.
+    builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    builder.build()
 }
 
 /// Every TCP listener of the sidecar.
