@@ -27,11 +27,14 @@ async fn main() {
         let authority = authority.clone();
         let uri = uri.clone();
         tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(&authority).await.expect("connect");
-            stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            let stream = tokio::net::TcpStream::connect(&authority)
                 .await
-                .expect("handshake");
+                .expect("connect");
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .expect("handshake");
             tokio::spawn(conn);
             let mut latencies = Vec::new();
             // Stagger the connections across one interval.

@@ -83,6 +83,37 @@ pub struct Pool {
     authority: String,
     idle: Mutex<Vec<http1::SendRequest<Outgoing>>>,
     h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
+    limit: Arc<Limit>,
+}
+
+/// At most [`MAX_OPEN`] HTTP/1.1 connections per node: beyond it a request waits for
+/// one to come back rather than opening more, so a burst of callers cannot make the
+/// sidecar (and the node) hold thousands of connections and their buffers.
+struct Limit {
+    open: std::sync::atomic::AtomicUsize,
+    returned: tokio::sync::Notify,
+}
+
+/// Open HTTP/1.1 connections per node.
+pub const MAX_OPEN: usize = 128;
+
+impl Limit {
+    /// Takes a slot for a new connection, if one is free.
+    fn reserve(&self) -> bool {
+        self.open
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| (n < MAX_OPEN).then_some(n + 1),
+            )
+            .is_ok()
+    }
+
+    /// Gives a slot back (a connection closed, or was never made).
+    fn release(&self) {
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.returned.notify_one();
+    }
 }
 
 impl Pool {
@@ -91,6 +122,10 @@ impl Pool {
             authority,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            limit: Arc::new(Limit {
+                open: std::sync::atomic::AtomicUsize::new(0),
+                returned: tokio::sync::Notify::new(),
+            }),
         }
     }
 
@@ -113,6 +148,12 @@ impl Pool {
         loop {
             let (mut sender, fresh) = match self.checkout() {
                 Some(s) => (s, false),
+                None if !self.limit.reserve() => {
+                    // Full: wait for a connection to come back (the caller's deadline
+                    // bounds the wait), then look again.
+                    self.limit.returned.notified().await;
+                    continue;
+                }
                 None => match self.connect_h1(connect_timeout).await {
                     Ok(s) => (s, true),
                     Err(e) => return Err((SendFailure::Connect(e), Some(req))),
@@ -205,6 +246,8 @@ impl Pool {
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }
+        drop(idle);
+        self.limit.returned.notify_one();
     }
 
     async fn dial(
@@ -232,15 +275,32 @@ impl Pool {
         &self,
         connect_timeout: Duration,
     ) -> Result<http1::SendRequest<Outgoing>, String> {
-        let io = self.dial(connect_timeout).await?;
-        let (mut sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| format!("handshake with {}: {}", self.authority, describe(&e)))?;
+        // Called with a slot reserved: give it back unless a connection takes it over.
+        let io = match self.dial(connect_timeout).await {
+            Ok(io) => io,
+            Err(e) => {
+                self.limit.release();
+                return Err(e);
+            }
+        };
+        let (mut sender, conn) = match http1::Builder::new().handshake(io).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.limit.release();
+                return Err(format!(
+                    "handshake with {}: {}",
+                    self.authority,
+                    describe(&e)
+                ));
+            }
+        };
+        // The slot the caller reserved is given back when the connection ends.
+        let limit = self.limit.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
+            limit.release();
         });
         sender
             .ready()

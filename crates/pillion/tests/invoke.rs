@@ -536,3 +536,39 @@ async fn calls_beyond_max_pending_get_503_not_unbounded_queueing() {
         "capacity comes back when the waiting calls end"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_callers_opens_at_most_128_connections_to_one_node() {
+    let hung = TestApp::start("hung").await;
+    hung.set_mode(Mode::Hang);
+    // Long deadlines, so that no retry adds requests while the test looks.
+    let sc = Sidecar::start(&[
+        "--handler",
+        "proxy",
+        "--per-try-timeout",
+        "1m",
+        "--timeout",
+        "1m",
+    ]);
+    register(&sc, "busy", "h1", &hung.addr().to_string(), &[]).await;
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
+        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        held.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async { hung.requests() == 128 }).await,
+        "got {}",
+        hung.requests()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        hung.requests(),
+        128,
+        "the other callers wait for a connection"
+    );
+    hung.set_mode(Mode::Echo);
+    drop(held);
+}
