@@ -255,11 +255,16 @@ async fn nats_restarted_mid_stream_publishing_resumes_without_restarting_pillion
     })
     .await;
     assert!(resumed, "publishing resumes once NATS is back");
-    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
-    assert_eq!(
-        got.iter().map(body).collect::<Vec<_>>(),
-        ["after"],
-        "the subscription survived the restart"
+    // A publish refused while NATS was going away may still have reached NATS's
+    // client buffer: it can arrive too (before "after"), but nothing else can.
+    let got: Vec<String> = receive(&mut ws, 2, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(body)
+        .collect();
+    assert!(
+        got == ["after"] || got == ["during", "after"],
+        "the subscription survived the restart: {got:?}"
     );
 }
 
