@@ -475,3 +475,40 @@ fn invalid_tcp_sections_are_refused_at_start_with_the_reason() {
         assert!(err.contains(want), "{text}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_at_once_and_idle_connections_are_closed() {
+    let backend = TcpBackend::start("hup", Reply::Echo).await;
+    let (l1, l2) = (listen_addr(), listen_addr());
+    let listener = |addr: SocketAddr, extra: &str| {
+        format!(
+            "[[tcp]]\nlisten = \"{addr}\"\n{extra}[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            backend.addr()
+        )
+    };
+    let config = config_file("hup", &listener(l1, "idle_timeout = \"300ms\"\n"));
+    // Polling once an hour: only SIGHUP can make it notice the change in time.
+    let sc = Sidecar::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--reload-period",
+        "1h",
+    ]);
+    ready(&sc, l1).await;
+
+    let (mut idle, _) = greet(l1).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "an idle connection is closed after idle_timeout"
+    );
+
+    std::fs::write(&config, format!("{}{}", listener(l1, ""), listener(l2, ""))).unwrap();
+    sc.process.signal("HUP");
+    assert!(
+        pillion_testkit::wait_for_port(l2, Duration::from_secs(5)),
+        "SIGHUP reloaded the file"
+    );
+    assert_eq!(greet(l2).await.1, "hup");
+}
