@@ -78,12 +78,8 @@ async fn rpc_path(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBo
         );
     }
     let (parts, body) = req.into_parts();
-    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
+    let (timeout, retry_any, body) = match controls_and_body(&inv, &parts.headers, body).await {
         Ok(c) => c,
-        Err(e) => return reply(e),
-    };
-    let body = match read_body(body, inv.config.max_body).await {
-        Ok(b) => b,
         Err(e) => return reply(e),
     };
     let uri = match method_uri(&route.method) {
@@ -117,12 +113,8 @@ pub async fn rpc_endpoint(
 
 async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
+    let (timeout, retry_any, body) = match controls_and_body(&inv, &parts.headers, body).await {
         Ok(c) => c,
-        Err(e) => return reply(e),
-    };
-    let body = match read_body(body, inv.config.max_body).await {
-        Ok(b) => b,
         Err(e) => return reply(e),
     };
     let is_form = parts
@@ -287,6 +279,22 @@ pub async fn tunnel(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnU
     let mut client = hyper_util::rt::TokioIo::new(client);
     let mut node = hyper_util::rt::TokioIo::new(node);
     let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+}
+
+/// The caller's controls and the whole body, for calls whose body is read before
+/// they are sent (rpc).
+async fn controls_and_body<B>(
+    inv: &Invoker,
+    headers: &HeaderMap,
+    body: B,
+) -> Result<(Duration, bool, Bytes), ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::pool::BoxError>,
+{
+    let (timeout, retry_any) = controls(headers, inv.config.timeout)?;
+    let body = read_body(body, inv.config.max_body).await?;
+    Ok((timeout, retry_any, body))
 }
 
 /// Reads `X-Pillion-Timeout` and `X-Pillion-Retry`.

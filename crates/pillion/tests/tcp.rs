@@ -512,3 +512,32 @@ async fn sighup_reloads_at_once_and_idle_connections_are_closed() {
     );
     assert_eq!(greet(l2).await.1, "hup");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_mark_a_dead_backend_down_before_any_client_needs_it() {
+    let first = TcpBackend::start("first", Reply::Echo).await;
+    let second = TcpBackend::start("second", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file("health", &format!(
+        "[[tcp]]\nlisten = \"{listen}\"\ndown_for = \"10s\"\n[[tcp.tiers]]\ntargets = [\"{}\", \"{}\"]\nhealth_check = \"200ms\"\n",
+        first.addr(), second.addr()
+    ));
+    let sc = start(&config);
+    ready(&sc, listen).await;
+    first.kill();
+    let marked = eventually(Duration::from_secs(5), || async {
+        let s = get(&sc.url("/statusz")).await.unwrap().json();
+        s["tcp"][0]["tiers"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["address"] == first.addr().to_string() && !b["down_for_secs"].is_null())
+    })
+    .await;
+    assert!(marked, "the probe found the dead backend");
+    let before = first.accepted();
+    for _ in 0..4 {
+        assert_eq!(greet(listen).await.1, "second");
+    }
+    assert_eq!(first.accepted(), before);
+}
