@@ -16,7 +16,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,7 +24,6 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::task::AbortHandle;
 
 /// What `GET /health` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +54,7 @@ struct State {
     health_checks: AtomicU64,
     requests: AtomicU64,
     cancelled: AtomicU64,
-    tasks: Mutex<Vec<AbortHandle>>,
+    tasks: crate::process::Tasks,
 }
 
 /// A running test app; it stops when dropped.
@@ -82,7 +81,7 @@ impl TestApp {
             health_checks: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
-            tasks: Mutex::new(Vec::new()),
+            tasks: crate::process::Tasks::default(),
         });
         serve(listener, state.clone());
         TestApp { addr, state }
@@ -127,39 +126,18 @@ impl TestApp {
 
     /// Closes the listener and every connection at once, like a crash.
     pub fn kill(&self) {
-        self.abort_tasks();
-        // An aborted task drops its listener a moment later: wait until it has, so a
-        // test never reaches a backend it just killed. (Needs a multi-thread runtime.)
-        crate::process::wait_until_refused(self.addr, std::time::Duration::from_secs(2));
-    }
-
-    fn abort_tasks(&self) {
-        for t in self.state.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
+        self.state.tasks.kill(self.addr);
     }
 
     /// Serves again on the same port after [`TestApp::kill`].
     pub async fn restart(&self) {
-        let mut tries = 0;
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("rebinding test app on {}: {e}", self.addr),
-            }
-        };
-        serve(listener, self.state.clone());
+        serve(crate::process::rebind(self.addr).await, self.state.clone());
     }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        self.abort_tasks();
+        self.state.tasks.abort();
     }
 }
 
@@ -177,12 +155,10 @@ fn serve(listener: TcpListener, st: Arc<State>) {
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
-            let mut tasks = state.tasks.lock().unwrap();
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(conn.abort_handle());
+            state.tasks.add(conn.abort_handle());
         }
     });
-    st.tasks.lock().unwrap().push(accept.abort_handle());
+    st.tasks.add(accept.abort_handle());
 }
 
 /// Counts a cancellation when a hanging handler is dropped by its caller.

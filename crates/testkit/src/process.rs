@@ -38,6 +38,44 @@ pub fn wait_until_refused(addr: SocketAddr, limit: Duration) -> bool {
     false
 }
 
+/// The tasks of an in-process test server (its accept loop and its connections), so
+/// that a test can make it vanish at once, as a crashed process would.
+#[derive(Default)]
+pub struct Tasks(std::sync::Mutex<Vec<tokio::task::AbortHandle>>);
+
+impl Tasks {
+    pub fn add(&self, task: tokio::task::AbortHandle) {
+        let mut tasks = self.0.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// Aborts every task (the sockets close when the runtime drops them).
+    pub fn abort(&self) {
+        for t in self.0.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Aborts every task and waits until `addr` refuses connections, so a test never
+    /// reaches a server it just killed. Needs a multi-thread runtime.
+    pub fn kill(&self, addr: SocketAddr) {
+        self.abort();
+        wait_until_refused(addr, Duration::from_secs(2));
+    }
+}
+
+/// Listens on `addr` again after a kill; the old socket may linger for a moment.
+pub async fn rebind(addr: SocketAddr) -> tokio::net::TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = tokio::net::TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not listen again on {addr}");
+}
+
 /// A child process that is killed when the test lets go of it.
 pub struct Daemon {
     name: String,

@@ -8,11 +8,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::task::AbortHandle;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
@@ -24,7 +23,7 @@ struct State {
     name: String,
     reply: Reply,
     accepted: AtomicU64,
-    tasks: Mutex<Vec<AbortHandle>>,
+    tasks: crate::process::Tasks,
 }
 
 pub struct TcpBackend {
@@ -46,7 +45,7 @@ impl TcpBackend {
             name: name.to_string(),
             reply,
             accepted: AtomicU64::new(0),
-            tasks: Mutex::new(Vec::new()),
+            tasks: crate::process::Tasks::default(),
         });
         serve(listener, state.clone());
         TcpBackend { addr, state }
@@ -62,33 +61,17 @@ impl TcpBackend {
     }
 
     pub fn kill(&self) {
-        self.abort_tasks();
-        // An aborted task drops its listener a moment later: wait until it has, so a
-        // test never reaches a backend it just killed. (Needs a multi-thread runtime.)
-        crate::process::wait_until_refused(self.addr, std::time::Duration::from_secs(2));
-    }
-
-    fn abort_tasks(&self) {
-        for t in self.state.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
+        self.state.tasks.kill(self.addr);
     }
 
     pub async fn restart(&self) {
-        for _ in 0..100 {
-            if let Ok(l) = TcpListener::bind(self.addr).await {
-                serve(l, self.state.clone());
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("could not listen again on {}", self.addr);
+        serve(crate::process::rebind(self.addr).await, self.state.clone());
     }
 }
 
 impl Drop for TcpBackend {
     fn drop(&mut self) {
-        self.abort_tasks();
+        self.state.tasks.abort();
     }
 }
 
@@ -128,12 +111,10 @@ fn serve(listener: TcpListener, state: Arc<State>) {
                     }
                 }
             });
-            let mut tasks = st.tasks.lock().unwrap();
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task.abort_handle());
+            st.tasks.add(task.abort_handle());
         }
     });
-    state.tasks.lock().unwrap().push(accept.abort_handle());
+    state.tasks.add(accept.abort_handle());
 }
 
 /// An FNV-1a style hash over a byte stream, eight bytes at a time: cheap enough for a
