@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{Method, Request};
 use pillion_core::{Node, Service};
 use pillion_invoke::pool::{Outgoing, Pool};
-use pillion_registry::Registry;
+use pillion_registry::{Catalog, Registry};
 
 use crate::hub::{Hub, Scope};
 use crate::metrics::BrokerMetrics;
@@ -35,12 +35,16 @@ pub struct EmbeddedBroker {
     registry: Arc<dyn Registry>,
     node: Node,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// The other sidecars' subscriptions, parsed once per catalog (publishes read it).
+    peers: Mutex<(Option<Arc<Catalog>>, Arc<Peers>)>,
     metrics: Arc<BrokerMetrics>,
     advertiser: tokio::task::JoinHandle<()>,
 }
 
 /// The subscriptions a sidecar advertises: (pattern, queue group).
 type Advertised = Vec<(String, Option<String>)>;
+/// Other sidecars' addresses and subscriptions.
+type Peers = Vec<(String, Advertised)>;
 
 impl EmbeddedBroker {
     /// Starts the broker; `advertise` is the `host:port` of this sidecar's API, where
@@ -62,6 +66,7 @@ impl EmbeddedBroker {
             registry,
             node,
             pools: Mutex::new(HashMap::new()),
+            peers: Mutex::new((None, Arc::default())),
             metrics,
             advertiser,
         })
@@ -76,12 +81,15 @@ impl EmbeddedBroker {
     }
 
     /// The other sidecars' subscriptions, from the registry.
-    fn peers(&self) -> Vec<(String, Advertised)> {
+    fn peers(&self) -> Arc<Peers> {
         let catalog = self.registry.catalog();
-        let Some(versions) = catalog.get(SERVICE) else {
-            return Vec::new();
-        };
-        versions
+        let mut cache = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, &catalog)) {
+            return cache.1.clone();
+        }
+        let parsed: Peers = catalog
+            .get(SERVICE)
+            .unwrap_or_default()
             .iter()
             .flat_map(|s| s.nodes.iter())
             .filter(|n| n.id != self.node.id)
@@ -90,7 +98,9 @@ impl EmbeddedBroker {
                 let subs: Advertised = serde_json::from_str(subs).ok()?;
                 Some((n.endpoint(), subs))
             })
-            .collect()
+            .collect();
+        *cache = (Some(catalog), Arc::new(parsed));
+        cache.1.clone()
     }
 
     fn pool(&self, authority: &str) -> Arc<Pool> {
@@ -190,7 +200,7 @@ impl Broker for EmbeddedBroker {
         for g in self.hub.groups_for(topic) {
             candidates.entry(g).or_default().push(None);
         }
-        for (authority, subs) in &peers {
+        for (authority, subs) in peers.iter() {
             let groups: BTreeSet<&String> = subs
                 .iter()
                 .filter(|(p, q)| q.is_some() && crate::topic::matches(p, topic))
@@ -222,7 +232,7 @@ impl Broker for EmbeddedBroker {
         );
 
         let encoded = Bytes::from(message.to_json());
-        for (authority, subs) in peers {
+        for (authority, subs) in peers.iter() {
             let plain = subs
                 .iter()
                 .any(|(p, q)| q.is_none() && crate::topic::matches(p, topic));
@@ -239,7 +249,7 @@ impl Broker for EmbeddedBroker {
                 groups: Some(groups),
             };
             // Sequential per publish keeps the order of messages to each sidecar.
-            self.forward(authority, topic.to_string(), encoded.clone(), scope)
+            self.forward(authority.clone(), topic.to_string(), encoded.clone(), scope)
                 .await;
         }
         Ok(())
