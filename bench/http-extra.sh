@@ -22,16 +22,7 @@ RATE_GEN="$ROOT/target/release/examples/http_rate"
 B=$(free_port); B2=$(free_port)
 start_backend "$B"
 # An h2c backend (prior knowledge) for the HTTP/2 scenario.
-mkdir -p "$WORK/h2backend"
-cat > "$WORK/h2backend/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/h2backend/nginx.pid;
-error_log $WORK/h2backend/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:$B2 http2; location / { return 200 "hello world\n"; } } }
-CONF
-nginx -c "$WORK/h2backend/nginx.conf" -p "$WORK/h2backend" & PIDS+=($!)
+start_nginx "$WORK/h2backend" "  server { listen 127.0.0.1:$B2 http2; location / { return 200 \"hello world\\n\"; } }"
 wait_port "$B2"
 
 N=$(free_port); H=$(free_port); P=$(free_port)
@@ -42,38 +33,17 @@ curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$P/registry" \
   -d "{\"name\":\"bench2\",\"nodes\":[{\"id\":\"bench2-1\",\"address\":\"127.0.0.1:$B2\"}]}" >/dev/null
 # h2c front ends for haproxy (to the h2c backend) and nginx (to the HTTP/1.1 backend).
 H2H=$(free_port); H2N=$(free_port)
-cat > "$WORK/haproxy-h2.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
+{ haproxy_config http; cat <<CONF
 frontend fe
   bind 127.0.0.1:$H2H proto h2
   default_backend be
 backend be
   server s1 127.0.0.1:$B2 proto h2
 CONF
+} > "$WORK/haproxy-h2.cfg"
 haproxy -f "$WORK/haproxy-h2.cfg" -db & PIDS+=($!)
-mkdir -p "$WORK/nginx-h2"
-cat > "$WORK/nginx-h2/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx-h2/nginx.pid;
-error_log $WORK/nginx-h2/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$B; keepalive 64; }
-  server { listen 127.0.0.1:$H2N http2; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-CONF
-nginx -c "$WORK/nginx-h2/nginx.conf" -p "$WORK/nginx-h2" & PIDS+=($!)
+start_nginx "$WORK/nginx-h2" "  upstream backend { server 127.0.0.1:$B; keepalive 64; }
+  server { listen 127.0.0.1:$H2N http2; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 wait_port "$H2H"; wait_port "$H2N"
 
 PID_PILLION=$(pgrep -f -- "--address 127.0.0.1:$P" || true)

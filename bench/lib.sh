@@ -50,9 +50,10 @@ wait_port() {
   say "nothing listens on port $1"; return 1
 }
 
-# start_backend PORT: nginx, one worker, answering 12 bytes to every path
-start_backend() {
-  local port=$1 dir="$WORK/backend"
+# start_nginx DIR SERVERS: nginx with one worker, the given server/upstream blocks
+# inside its http { } section, files in DIR
+start_nginx() {
+  local dir=$1 servers=$2
   mkdir -p "$dir"
   cat > "$dir/nginx.conf" <<CONF
 worker_processes 1;
@@ -63,66 +64,60 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$port reuseport backlog=4096;
-    location / { return 200 "hello world\n"; }
-  }
+$servers
 }
 CONF
   nginx -c "$dir/nginx.conf" -p "$dir" & PIDS+=($!)
-  wait_port "$port"
+}
+
+# haproxy_config MODE: the global and defaults sections every haproxy here shares,
+# one thread, for mode http (connection reuse) or tcp (splice)
+haproxy_config() {
+  local extra="http-reuse always"
+  [ "$1" = tcp ] && extra="option splice-auto"
+  cat <<CONF
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode $1
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  $extra
+CONF
+}
+
+# start_backend PORT: nginx, one worker, answering 12 bytes to every path
+start_backend() {
+  start_nginx "$WORK/backend" "  server { listen 127.0.0.1:$1 reuseport backlog=4096; location / { return 200 \"hello world\\n\"; } }"
+  wait_port "$1"
 }
 
 # start_nginx_proxy PORT BACKEND_PORT
 start_nginx_proxy() {
-  local port=$1 backend=$2 dir="$WORK/nginx-proxy"
-  mkdir -p "$dir"
-  cat > "$dir/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$backend; keepalive 64; }
+  start_nginx "$WORK/nginx-proxy" "  upstream backend { server 127.0.0.1:$2; keepalive 64; }
   server {
-    listen 127.0.0.1:$port backlog=4096;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
-  nginx -c "$dir/nginx.conf" -p "$dir" & PIDS+=($!)
-  wait_port "$port"
+    listen 127.0.0.1:$1 backlog=4096;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }
+  }"
+  wait_port "$1"
 }
 
 # start_haproxy PORT BACKEND_PORT
 start_haproxy() {
-  local port=$1 backend=$2 dir="$WORK/haproxy"
+  local dir="$WORK/haproxy"
   mkdir -p "$dir"
-  cat > "$dir/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
+  { haproxy_config http; cat <<CONF
 frontend fe
-  bind 127.0.0.1:$port
+  bind 127.0.0.1:$1
   default_backend be
 backend be
-  server s1 127.0.0.1:$backend
+  server s1 127.0.0.1:$2
 CONF
+  } > "$dir/haproxy.cfg"
   haproxy -f "$dir/haproxy.cfg" -db & PIDS+=($!)
-  wait_port "$port"
+  wait_port "$1"
 }
 
 # start_pillion PORT BACKEND_PORT ARGS... : the proxy handler, one worker thread,

@@ -31,16 +31,7 @@ listen = "127.0.0.1:$P2"
 targets = ["127.0.0.1:$B"]
 CONF
 RUST_LOG=warn "$PILLION" run --address "127.0.0.1:$(free_port)" --worker-threads 1 --config "$WORK/pillion.toml" & PIDS+=($!)
-cat > "$WORK/haproxy-tcp.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4000
-defaults
-  mode tcp
-  option splice-auto
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
+{ haproxy_config tcp; cat <<CONF
 listen iperf
   bind 127.0.0.1:$H1
   server s1 127.0.0.1:$IP
@@ -48,6 +39,7 @@ listen web
   bind 127.0.0.1:$H2
   server s1 127.0.0.1:$B
 CONF
+} > "$WORK/haproxy-tcp.cfg"
 haproxy -f "$WORK/haproxy-tcp.cfg" -db & PIDS+=($!)
 socat "TCP-LISTEN:$S1,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$IP" & PIDS+=($!)
 socat "TCP-LISTEN:$S2,bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$B" & PIDS+=($!)
