@@ -572,3 +572,44 @@ async fn a_burst_of_callers_opens_at_most_128_connections_to_one_node() {
     hung.set_mode(Mode::Echo);
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_retried_on_503_only_when_the_caller_opts_in() {
+    let bad = TestApp::start("bad").await;
+    let good = TestApp::start("good").await;
+    bad.set_mode(Mode::Status(503));
+    let sc = Sidecar::start(&["--balancer", "round-robin"]);
+    register(&sc, "pay", "a-bad", &bad.addr().to_string(), &[]).await;
+    register(&sc, "pay", "b-good", &good.addr().to_string(), &[]).await;
+
+    // Round-robin starts with the bad node: without opting in, its 503 comes back.
+    let reply = post_json(&sc.url("/pay/charge"), "{}").await.unwrap();
+    assert_eq!(reply.status, 503, "a POST is not retried by default");
+    let _ = post_json(&sc.url("/pay/charge"), "{}").await.unwrap(); // the good node's turn
+
+    let reply = request(
+        http::Method::POST,
+        &sc.url("/pay/charge"),
+        &[("x-pillion-retry", "always")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["app"], "good");
+    assert!(
+        reply.json()["headers"].get("x-pillion-retry").is_none(),
+        "the control header does not travel"
+    );
+
+    let reply = request(
+        http::Method::POST,
+        &sc.url("/pay/charge"),
+        &[("x-pillion-retry", "sometimes")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["detail"].as_str().unwrap().contains("always"));
+}
