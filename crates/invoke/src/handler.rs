@@ -241,10 +241,13 @@ async fn finish(
     call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
-    let res = match forward(&inv.endpoints, &inv.config.policy, call).await {
+    // Boxed: each async layer above would otherwise hold (and move) a copy of this,
+    // the largest future of a call, several kilobytes.
+    let res = match Box::pin(forward(&inv.endpoints, &inv.config.policy, call)).await {
         Ok(res) => res,
         Err(e) => return reply(e),
     };
+    tokio::task::yield_now().await;
     relay(res, upgrade)
 }
 
@@ -255,8 +258,7 @@ pub fn relay(
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = upgrade {
-            let node = hyper::upgrade::on(&mut res);
+        if let (Some(client), Some(node)) = (upgrade, res.body_mut().take_upgrade()) {
             tokio::spawn(tunnel(client, node));
             let (parts, _) = res.into_parts();
             return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
@@ -268,17 +270,23 @@ pub fn relay(
 }
 
 /// Copies bytes both ways between an upgraded client connection and node connection.
-pub async fn tunnel(client: hyper::upgrade::OnUpgrade, node: hyper::upgrade::OnUpgrade) {
-    let (client, node) = match tokio::try_join!(client, node) {
-        Ok(pair) => pair,
+pub async fn tunnel(client: hyper::upgrade::OnUpgrade, node: crate::h1::Upgraded) {
+    let client = match client.await {
+        Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
     let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut node = hyper_util::rt::TokioIo::new(node);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut node).await;
+    let crate::h1::Upgraded { mut io, read_ahead } = node;
+    if tokio::io::AsyncWriteExt::write_all(&mut client, &read_ahead)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
 }
 
 /// The caller's controls and the whole body, for calls whose body is read before

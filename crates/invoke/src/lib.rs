@@ -23,6 +23,7 @@ pub mod balance;
 pub mod budget;
 pub mod endpoints;
 pub mod forward;
+pub mod h1;
 pub mod handler;
 pub mod mapping;
 pub mod metrics;

@@ -1,16 +1,17 @@
 //! Connections to one node, kept alive and reused.
 //!
-//! HTTP/1.1 connections sit in an idle list; a connection goes back to the list when
-//! the response body that used it has been read (or dropped), so a slow streaming
-//! response never blocks another request behind it. HTTP/2 (h2c, for gRPC) uses one
-//! shared, multiplexed connection per node.
+//! HTTP/1.1 connections ([`h1`], spoken on the caller's task) sit in an idle list; a
+//! connection goes back to the list when the response body that used it has been read
+//! to its end, so a slow streaming response never blocks another request behind it.
+//! An idle connection the node closed is noticed at checkout and dropped. HTTP/2 (h2c,
+//! for gRPC) uses one shared, multiplexed hyper connection per node.
 //!
 //! A connection is made *before* the request is handed over, so a failed dial leaves
 //! the request with the caller, who can send it elsewhere even when its body is a
-//! stream. A pooled connection found closed at send time gives the request back too
-//! (hyper's `try_send_request`), and a fresh connection is tried.
+//! stream.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,8 +20,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::h1;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -81,7 +84,7 @@ pub enum SendFailure {
 
 pub struct Pool {
     authority: String,
-    idle: Mutex<Vec<http1::SendRequest<Outgoing>>>,
+    idle: Mutex<Vec<h1::Conn>>,
     h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
     limit: Arc<Limit>,
 }
@@ -90,29 +93,32 @@ pub struct Pool {
 /// one to come back rather than opening more, so a burst of callers cannot make the
 /// sidecar (and the node) hold thousands of connections and their buffers.
 struct Limit {
-    open: std::sync::atomic::AtomicUsize,
+    open: AtomicUsize,
     returned: tokio::sync::Notify,
 }
 
 /// Open HTTP/1.1 connections per node.
 pub const MAX_OPEN: usize = 128;
 
-impl Limit {
-    /// Takes a slot for a new connection, if one is free.
-    fn reserve(&self) -> bool {
-        self.open
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |n| (n < MAX_OPEN).then_some(n + 1),
-            )
-            .is_ok()
-    }
+/// One open connection's share of the [`Limit`], given back when dropped.
+pub(crate) struct Slot(Arc<Limit>);
 
-    /// Gives a slot back (a connection closed, or was never made).
-    fn release(&self) {
-        self.open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.returned.notify_one();
+impl Slot {
+    fn reserve(limit: &Arc<Limit>) -> Option<Slot> {
+        limit
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_OPEN).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(limit.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.returned.notify_one();
     }
 }
 
@@ -123,7 +129,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             limit: Arc::new(Limit {
-                open: std::sync::atomic::AtomicUsize::new(0),
+                open: AtomicUsize::new(0),
                 returned: tokio::sync::Notify::new(),
             }),
         }
@@ -138,44 +144,33 @@ impl Pool {
     /// before the request left, it is handed back for another attempt.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Outgoing>,
+        req: Request<Outgoing>,
         h2: bool,
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, (SendFailure, Option<Request<Outgoing>>)> {
         if h2 {
-            return self.send_h2(req, connect_timeout).await;
+            // Boxed, as the dial below: the common case (a pooled HTTP/1.1
+            // connection) then keeps the future every call moves around small.
+            return Box::pin(self.send_h2(req, connect_timeout)).await;
         }
-        loop {
-            let (mut sender, fresh) = match self.checkout() {
-                Some(s) => (s, false),
-                None if !self.limit.reserve() => {
-                    // Full: wait for a connection to come back (the caller's deadline
-                    // bounds the wait), then look again.
-                    self.limit.returned.notified().await;
-                    continue;
-                }
-                None => match self.connect_h1(connect_timeout).await {
-                    Ok(s) => (s, true),
-                    Err(e) => return Err((SendFailure::Connect(e), Some(req))),
-                },
-            };
-            match sender.try_send_request(req).await {
-                Ok(res) => {
-                    let (parts, body) = res.into_parts();
-                    let body = PooledBody {
-                        inner: body,
-                        sender: Some(sender),
-                        pool: self.clone(),
-                    };
-                    return Ok(Response::from_parts(parts, body));
-                }
-                Err(mut e) => match e.take_message() {
-                    // A pooled connection that closed meanwhile: try a new one.
-                    Some(r) if !fresh => req = r,
-                    Some(r) => return Err((SendFailure::Connect(describe(e.error())), Some(r))),
-                    None => return Err((SendFailure::Sent(describe(e.error())), None)),
-                },
+        let conn = loop {
+            if let Some(conn) = self.checkout() {
+                break conn;
             }
+            let Some(slot) = Slot::reserve(&self.limit) else {
+                // Full: wait for a connection to come back (the caller's deadline
+                // bounds the wait), then look again.
+                self.limit.returned.notified().await;
+                continue;
+            };
+            match Box::pin(self.dial(connect_timeout)).await {
+                Ok(io) => break h1::Conn::new(io, slot),
+                Err(e) => return Err((SendFailure::Connect(e), Some(req))),
+            }
+        };
+        match h1::send(conn, req, self.clone()).await {
+            Ok(res) => Ok(res.map(PooledBody::H1)),
+            Err(e) => Err((SendFailure::Sent(e), None)),
         }
     }
 
@@ -199,17 +194,7 @@ impl Pool {
             },
         };
         match sender.try_send_request(req).await {
-            Ok(res) => {
-                let (parts, body) = res.into_parts();
-                Ok(Response::from_parts(
-                    parts,
-                    PooledBody {
-                        inner: body,
-                        sender: None,
-                        pool: self.clone(),
-                    },
-                ))
-            }
+            Ok(res) => Ok(res.map(PooledBody::H2)),
             Err(mut e) => {
                 let msg = describe(e.error());
                 match e.take_message() {
@@ -220,40 +205,28 @@ impl Pool {
         }
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<Outgoing>> {
+    /// An idle connection that is still open; closed ones are dropped on the way.
+    fn checkout(&self) -> Option<h1::Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let mut busy = Vec::new();
-        let mut found = None;
-        while let Some(s) = idle.pop() {
-            if s.is_closed() {
-                continue;
+        while let Some(conn) = idle.pop() {
+            if conn.is_usable() {
+                return Some(conn);
             }
-            if s.is_ready() {
-                found = Some(s);
-                break;
-            }
-            busy.push(s); // finishing its previous response; keep it for later
         }
-        idle.extend(busy);
-        found
+        None
     }
 
-    fn checkin(&self, sender: http1::SendRequest<Outgoing>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Takes back a connection whose exchange ended cleanly.
+    pub(crate) fn checkin(&self, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(conn);
         }
         drop(idle);
         self.limit.returned.notify_one();
     }
 
-    async fn dial(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<TokioIo<tokio::net::TcpStream>, String> {
+    async fn dial(&self, connect_timeout: Duration) -> Result<tokio::net::TcpStream, String> {
         let stream = tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect(&self.authority),
@@ -268,52 +241,14 @@ impl Pool {
         })?
         .map_err(|e| format!("connect to {}: {e}", self.authority))?;
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
-    }
-
-    async fn connect_h1(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<http1::SendRequest<Outgoing>, String> {
-        // Called with a slot reserved: give it back unless a connection takes it over.
-        let io = match self.dial(connect_timeout).await {
-            Ok(io) => io,
-            Err(e) => {
-                self.limit.release();
-                return Err(e);
-            }
-        };
-        let (mut sender, conn) = match http1::Builder::new().handshake(io).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.limit.release();
-                return Err(format!(
-                    "handshake with {}: {}",
-                    self.authority,
-                    describe(&e)
-                ));
-            }
-        };
-        // The slot the caller reserved is given back when the connection ends.
-        let limit = self.limit.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-            limit.release();
-        });
-        sender
-            .ready()
-            .await
-            .map_err(|e| format!("connection to {}: {}", self.authority, describe(&e)))?;
-        Ok(sender)
+        Ok(stream)
     }
 
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
     ) -> Result<http2::SendRequest<Outgoing>, String> {
-        let io = self.dial(connect_timeout).await?;
+        let io = TokioIo::new(self.dial(connect_timeout).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
@@ -327,52 +262,49 @@ impl Pool {
     }
 }
 
-/// A response body that returns its HTTP/1.1 connection to the pool once read or
-/// dropped.
-pub struct PooledBody {
-    inner: Incoming,
-    sender: Option<http1::SendRequest<Outgoing>>,
-    pool: Arc<Pool>,
+/// A node's response body. An HTTP/1.1 one returns its connection to the pool once
+/// read (a body dropped before its end closes the connection).
+pub enum PooledBody {
+    H1(h1::ResponseBody),
+    H2(Incoming),
 }
 
 impl PooledBody {
-    fn release(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.checkin(sender);
+    /// The node's connection after `101 Switching Protocols`.
+    pub fn take_upgrade(&mut self) -> Option<h1::Upgraded> {
+        match self {
+            PooledBody::H1(body) => body.take_upgrade(),
+            PooledBody::H2(_) => None,
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = res {
-            this.release();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            PooledBody::H1(body) => Pin::new(body).poll_frame(cx),
+            PooledBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            PooledBody::H1(body) => body.is_end_stream(),
+            PooledBody::H2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // A body dropped before its end leaves the connection mid-response; hyper
-        // closes it then, and checkout skips closed connections.
-        self.release();
+        match self {
+            PooledBody::H1(body) => body.size_hint(),
+            PooledBody::H2(body) => body.size_hint(),
+        }
     }
 }
 

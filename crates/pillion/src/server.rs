@@ -103,7 +103,9 @@ pub async fn serve<F, Fut, B>(
 
 async fn route(api: Router, invoker: Arc<Invoker>, req: Request<Incoming>) -> Response<Body> {
     if API_PATHS.contains(&req.uri().path()) {
-        match api.oneshot(req).await {
+        // Boxed: the API is off the data path, and its future would make every
+        // call's future larger.
+        match Box::pin(api.oneshot(req)).await {
             Ok(res) => res.map(Either::Right),
             Err(never) => match never {},
         }

@@ -1,0 +1,192 @@
+//! pillion's own HTTP/1.1 client towards nodes, against a node that writes raw bytes:
+//! each framing RFC 9112 allows, interim answers, a node that closes idle
+//! connections, a node that answers before reading the body, and one that does not
+//! speak HTTP.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{register, Sidecar};
+use pillion_testkit::http::request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A node that answers by the last path segment with fixed bytes; counts the
+/// connections it accepted.
+async fn scripted_node() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+async fn serve(mut s: TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.drain(..head_end);
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if path.ends_with("/early") {
+            // Refuse before reading the body, then drain it as servers do.
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+                .await;
+            while let Ok(n) = s.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            return;
+        }
+        while buf.len() < length {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..length);
+        let (reply, close): (&[u8], bool) = match path.rsplit('/').next().unwrap_or("") {
+            "chunked" => (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                false,
+            ),
+            "eof" => (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+                true,
+            ),
+            "head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", false),
+            "continue" => (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                false,
+            ),
+            // Answers, then closes the connection as an idle keep-alive timeout would.
+            "bye" => (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye", true),
+            "garbage" => (b"NOT HTTP AT ALL\r\n\r\n", true),
+            _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain", false),
+        };
+        if s.write_all(reply).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_reaches_the_caller_and_connections_are_reused() {
+    let (node, accepted) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let call = |method: http::Method, path: &str| {
+        let url = sc.url(&format!("/raw/{path}"));
+        async move { request(method, &url, &[], "").await.unwrap() }
+    };
+
+    let r = call(http::Method::GET, "plain").await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "plain".to_string()));
+    let r = call(http::Method::GET, "chunked").await;
+    assert_eq!(r.text(), "hello world", "chunked, with a chunk extension");
+    let r = call(http::Method::HEAD, "head").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-length"], "100", "HEAD keeps the length");
+    assert!(r.body.is_empty(), "and has no body");
+    let r = call(http::Method::GET, "continue").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (200, "ok".to_string()),
+        "100 Continue is skipped"
+    );
+    let before_eof = accepted.load(Ordering::SeqCst);
+    assert_eq!(
+        before_eof, 1,
+        "plain, chunked, HEAD and 100-continue answers all left the connection reusable"
+    );
+
+    let r = call(http::Method::GET, "eof").await;
+    assert_eq!(
+        r.text(),
+        "until the end",
+        "a body delimited by the end of the connection"
+    );
+    let r = call(http::Method::GET, "plain").await;
+    assert_eq!(r.text(), "plain");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a connection that ended its body by closing is not reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_node_closed_while_idle_is_not_used_again() {
+    let (node, accepted) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let url = |p: &str| sc.url(&format!("/raw/{p}"));
+
+    let r = request(http::Method::GET, &url("bye"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "bye");
+    tokio::time::sleep(Duration::from_millis(200)).await; // the node's FIN arrives
+                                                          // A POST is never retried once sent: it succeeds only if the closed connection
+                                                          // was noticed before sending.
+    for _ in 0..3 {
+        let r = request(http::Method::POST, &url("plain"), &[], "x")
+            .await
+            .unwrap();
+        assert_eq!((r.status.as_u16(), r.text()), (200, "plain".to_string()));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_body_is_read_reaches_the_caller() {
+    let (node, _) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    // 4 MiB: streamed (over the retry buffer) and more than the socket buffers hold.
+    let body = vec![b'x'; 4 << 20];
+    let r = request(http::Method::POST, &sc.url("/raw/early"), &[], body)
+        .await
+        .unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (413, "too big!".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_does_not_speak_http_gets_a_502_that_says_so() {
+    let (node, _) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let r = request(http::Method::GET, &sc.url("/raw/garbage"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("invalid response"), "{}", r.text());
+}
