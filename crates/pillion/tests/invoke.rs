@@ -613,3 +613,37 @@ async fn a_post_is_retried_on_503_only_when_the_caller_opts_in() {
     assert_eq!(reply.status, 400);
     assert!(reply.json()["detail"].as_str().unwrap().contains("always"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_calls_in_flight_finish_then_exits_without_waiting_out_the_grace() {
+    let app = TestApp::start("slow").await;
+    let mut sc = Sidecar::start(&["--handler", "proxy", "--grace-period", "30s"]);
+    register(&sc, "slow", "s1", &app.addr().to_string(), &[]).await;
+
+    // An idle keep-alive connection, held open by its client.
+    let mut idle = std::net::TcpStream::connect(sc.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(b"GET /slow/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+
+    let url = sc.url("/slow/busy?delay=1000");
+    let call = tokio::spawn(async move { pillion_testkit::http::get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sc.process.signal("TERM");
+
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.status, 200, "the call in flight is answered");
+    assert_eq!(
+        idle.read(&mut buf).unwrap(),
+        0,
+        "the idle connection is closed"
+    );
+    assert!(
+        sc.process.wait_exit(Duration::from_secs(5)).is_some(),
+        "pillion exits once its connections are done, not after the 30 s grace period"
+    );
+}
