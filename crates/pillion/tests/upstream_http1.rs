@@ -92,6 +92,20 @@ async fn serve(mut s: TcpStream) {
             "garbage" => (b"NOT HTTP AT ALL\r\n\r\n", true),
             _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain", false),
         };
+        if path.ends_with("/big") {
+            // 4 MiB with a length, written in pieces as a node streaming a file would.
+            let _ = s
+                .write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 4 << 20).as_bytes(),
+                )
+                .await;
+            for _ in 0..64 {
+                if s.write_all(&[b'b'; 64 * 1024]).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         if s.write_all(reply).await.is_err() || close {
             return;
         }
@@ -141,6 +155,76 @@ async fn every_response_framing_reaches_the_caller_and_connections_are_reused() 
         2,
         "a connection that ended its body by closing is not reused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    let (node, accepted) = scripted_node().await;
+    let app = pillion_testkit::TestApp::start("echo").await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    register(&sc, "echo", "echo-1", &app.addr().to_string(), &[]).await;
+
+    let r = request(http::Method::GET, &sc.url("/raw/big"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.body.len(), 4 << 20);
+    assert!(r.body.iter().all(|&b| b == b'b'));
+    let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "plain");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "read to its end, the connection is reused"
+    );
+
+    // A chunked upload of unknown length is sent on chunked, and arrives whole.
+    let mut s = TcpStream::connect(sc.addr).await.unwrap();
+    let mut raw = b"POST /echo/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let piece = "u".repeat(100_000);
+    for _ in 0..3 {
+        raw.extend_from_slice(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes());
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&raw).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut reply))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["body"].as_str().unwrap().len(), 300_000);
+}
+
+/// The body of a chunked message (for a test reading raw HTTP).
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size, 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
