@@ -6,12 +6,15 @@
 //! inbound (session) proxy.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use futures_util::future::{self, FutureExt};
+use futures_util::future;
 use http::{Request, Response};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -60,7 +63,7 @@ pub async fn serve<F, Fut, B>(
     handle: F,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -81,10 +84,7 @@ pub async fn serve<F, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
-        // `map`, not an async block: the call's future is then moved once less.
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            handle(req, peer).map(Ok::<_, Infallible>)
-        });
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -99,23 +99,47 @@ pub async fn serve<F, Fut, B>(
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `fut.map(f)` for futures that are never in error, without moving `fut`:
+    /// futures-util's `Map` moves the whole inner future out when it completes, and
+    /// a call's future is kilobytes.
+    pub struct OkMap<F, G> {
+        #[pin]
+        fut: F,
+        f: G,
+    }
+}
+
+impl<F, G> OkMap<F, G> {
+    pub fn new(fut: F, f: G) -> Self {
+        OkMap { fut, f }
+    }
+}
+
+impl<F: Future, G: FnMut(F::Output) -> T, T> Future for OkMap<F, G> {
+    type Output = Result<T, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.fut.poll(cx).map(|out| Ok((this.f)(out)))
+    }
+}
+
 /// The API router for its fixed paths (boxed: off the data path, and its future would
 /// make every call's future larger), the data path for the rest.
 fn route(
     api: Router,
     invoker: Arc<Invoker>,
     req: Request<Incoming>,
-) -> impl std::future::Future<Output = Response<Body>> + Send {
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
     if API_PATHS.contains(&req.uri().path()) {
         future::Either::Left(Box::pin(async move {
-            match api.oneshot(req).await {
-                Ok(res) => res.map(Either::Right),
-                Err(never) => match never {},
-            }
+            api.oneshot(req).await.map(|res| res.map(Either::Right))
         }))
     } else {
-        future::Either::Right(
-            pillion_invoke::handler::service_call(invoker, req).map(|res| res.map(Either::Left)),
-        )
+        future::Either::Right(OkMap::new(
+            pillion_invoke::handler::service_call(invoker, req),
+            |res: Response<ProxyBody>| res.map(Either::Left),
+        ))
     }
 }

@@ -159,7 +159,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             listener,
             shutdown.clone(),
             settings.grace_period,
-            move |req, peer| inbound.clone().handle(req, peer),
+            move |req, peer| crate::server::OkMap::new(inbound.clone().handle(req, peer), |r| r),
         )));
     }
     shutdown.wait().await;
