@@ -15,8 +15,8 @@
 //! owned is written again: registrations are restored without restarting pillion.
 //!
 //! etcd is spoken to through its v3 JSON gateway (`/v3/kv/put`, `/v3/watch`, ...) with
-//! the same hyper client as the rest of pillion, which keeps gRPC code generation and
-//! a protobuf compiler out of the build.
+//! hyper's client (hyper is in the build for pillion's HTTP server anyway), which keeps
+//! gRPC code generation and a protobuf compiler out of the build.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
