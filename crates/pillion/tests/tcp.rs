@@ -541,3 +541,35 @@ async fn health_checks_mark_a_dead_backend_down_before_any_client_needs_it() {
     }
     assert_eq!(first.accepted(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_mid_transfer_leave_nothing_for_the_next_ones() {
+    let backend = TcpBackend::start("cut", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file(
+        "cut",
+        &format!(
+            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            backend.addr()
+        ),
+    );
+    let sc = start(&config);
+    ready(&sc, listen).await;
+    // Clients that send megabytes to an echo and reset without reading: the
+    // proxy's pipes still hold bytes when their connections fail.
+    for _ in 0..4 {
+        let (mut conn, _) = greet(listen).await;
+        let junk = vec![b'j'; 4 << 20];
+        let _ =
+            tokio::time::timeout(Duration::from_millis(300), conn.get_mut().write_all(&junk)).await;
+        conn.get_ref().set_linger(Some(Duration::ZERO)).unwrap();
+        drop(conn);
+    }
+    // Pipes are reused for later connections: each must see exactly its own bytes.
+    for i in 0..20 {
+        let (mut conn, name) = greet(listen).await;
+        assert_eq!(name, "cut");
+        let text = format!("message {i}");
+        assert_eq!(echo(&mut conn, &text).await, text);
+    }
+}

@@ -3,6 +3,7 @@
 //!
 //! On Linux each direction goes socket -> pipe -> socket with splice(2), so the bytes
 //! never enter user space; elsewhere `tokio::io::copy_bidirectional` does the work.
+//! Empty pipes are kept for the next connections.
 //! Half-close is kept: when one side finishes sending, the other side's write half
 //! is shut (it sees end-of-file) and the reverse direction goes on. This module is
 //! the crate's only `unsafe` code: the splice, pipe and shutdown system calls.
@@ -86,6 +87,11 @@ mod splice {
     /// Asked for the pipe; the kernel may give less (then the default 64 KiB).
     const PIPE_SIZE: usize = 1 << 20;
 
+    /// Empty pipes kept for the next connections: a new one costs four system calls
+    /// (pipe2, fcntl, and two closes when done), a quarter of a short connection's.
+    static SPARE: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+    const MAX_SPARE: usize = 64;
+
     struct Pipe {
         read: OwnedFd,
         write: OwnedFd,
@@ -93,6 +99,24 @@ mod splice {
     }
 
     impl Pipe {
+        /// A spare pipe, or a new one.
+        fn take() -> io::Result<Pipe> {
+            let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match spare {
+                Some(pipe) => Ok(pipe),
+                None => Pipe::new(),
+            }
+        }
+
+        /// Keeps an *empty* pipe for another connection (one with bytes left in it
+        /// is dropped, and so closed, instead).
+        fn give_back(self) {
+            let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < MAX_SPARE {
+                spare.push(self);
+            }
+        }
+
         fn new() -> io::Result<Pipe> {
             let mut fds = [0 as RawFd; 2];
             // SAFETY: `fds` is a valid array of two ints for pipe2(2) to fill.
@@ -145,7 +169,7 @@ mod splice {
         traffic: &Traffic<'_>,
         up: bool,
     ) -> io::Result<()> {
-        let pipe = Pipe::new()?;
+        let pipe = Pipe::take()?;
         loop {
             // Fill the pipe from the source socket.
             let filled = loop {
@@ -159,6 +183,9 @@ mod splice {
                 }
             };
             if filled == 0 {
+                // Everything spliced in was spliced out: the pipe is empty. (On an
+                // error or a cancel it is dropped with whatever it holds.)
+                pipe.give_back();
                 super::shutdown_write(dst);
                 return Ok(());
             }
