@@ -562,7 +562,7 @@ async fn connections_cut_mid_transfer_leave_nothing_for_the_next_ones() {
         let junk = vec![b'j'; 4 << 20];
         let _ =
             tokio::time::timeout(Duration::from_millis(300), conn.get_mut().write_all(&junk)).await;
-        conn.get_ref().set_linger(Some(Duration::ZERO)).unwrap();
+        conn.get_ref().set_zero_linger().unwrap();
         drop(conn);
     }
     // Pipes are reused for later connections: each must see exactly its own bytes.
