@@ -11,6 +11,7 @@
 //! - [`balance`]: which node for the next attempt (p2c over peak-EWMA, round-robin).
 //! - [`budget`]: the retry budget (20% of requests + 10/s).
 //! - [`pool`]: keep-alive connections per node, HTTP/1.1 and h2c.
+//! - [`h1`]: HTTP/1.1 to a node, spoken on the caller's task (no connection task).
 //! - [`forward`]: one call across attempts: timeouts, retries, backoff, ejection.
 //! - [`handler`]: the HTTP surface: `/{service}/{method}`, `/rpc`, the proxy handler.
 //! - [`metrics`]: per-service counters and latency histograms.
