@@ -46,7 +46,14 @@ pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
     _slot: Slot,
+    /// When it went back to the pool.
+    idle_since: Option<std::time::Instant>,
 }
+
+/// An idle connection older than this is asked directly whether the node closed
+/// it: tokio only knows what its last look at the sockets told it, and nodes close
+/// idle connections after a few seconds (Node.js after 5 s).
+const PROBE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
     pub(crate) fn new(io: TcpStream, slot: Slot) -> Conn {
@@ -54,14 +61,33 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             _slot: slot,
+            idle_since: None,
         }
     }
 
+    /// Marks the connection idle, as it goes back to the pool.
+    pub(crate) fn set_idle(&mut self) {
+        self.idle_since = Some(std::time::Instant::now());
+    }
+
     /// Whether an idle connection can take a request: still open, nothing unasked
-    /// for waiting on it. Costs no system call unless the socket became readable.
+    /// for waiting on it. Costs no system call unless the socket became readable or
+    /// the connection was idle for a while.
     pub(crate) fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        // Ask the socket itself (one system call) after a long idle, or when out of
+        // tokio's cooperative budget (`poll_read_ready` then says Pending whatever the
+        // socket's state); otherwise tokio's view of it is enough.
+        let probe = !tokio::task::coop::has_budget_remaining()
+            || self
+                .idle_since
+                .is_some_and(|t| t.elapsed() >= PROBE_AFTER_IDLE);
+        let readiness = if probe {
+            Poll::Ready(Ok(()))
+        } else {
+            self.io.poll_read_ready(&mut cx)
+        };
+        match readiness {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             // Readable: closed, reset, stray bytes, or readiness left over from the
@@ -233,30 +259,38 @@ fn framing(head: &Head, head_only: bool, upgrade: bool) -> Result<(Framing, bool
         return Ok((Framing::Empty, keep_alive));
     }
     if h.contains_key(header::TRANSFER_ENCODING) {
-        let last = h
+        let codings: Vec<&str> = h
             .get_all(header::TRANSFER_ENCODING)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .rfind(|t| !t.is_empty())
-            .unwrap_or("");
-        if h.contains_key(header::CONTENT_LENGTH) {
-            keep_alive = false; // RFC 9112 6.3: both present, close afterwards
+            .filter(|t| !t.is_empty())
+            .collect();
+        // Only `chunked` is undone here; any other coding would reach the caller
+        // undecoded and unlabelled (Transfer-Encoding is hop-by-hop).
+        if let Some(other) = codings.iter().find(|c| !c.eq_ignore_ascii_case("chunked")) {
+            return Err(format!(
+                "the node used the transfer coding {other:?}; only chunked is supported"
+            ));
         }
-        return Ok(if last.eq_ignore_ascii_case("chunked") {
-            (Framing::Chunked(Chunked::Size), keep_alive)
-        } else {
-            (Framing::Close, false)
-        });
+        // RFC 9112 6.1 and 6.3: with Content-Length too, or in HTTP/1.0, the framing is
+        // suspect: read it as chunked, then close.
+        if h.contains_key(header::CONTENT_LENGTH) || head.version != Version::HTTP_11 {
+            keep_alive = false;
+        }
+        return Ok((Framing::Chunked(Chunked::Size), keep_alive));
     }
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
         for part in v.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
             let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| format!("the node sent an invalid Content-Length {v:?}"))?;
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| part.parse().ok())
+                .flatten()
+                .ok_or_else(|| format!("the node sent an invalid Content-Length {v:?}"))?;
             if length.is_some_and(|l| l != n) {
                 return Err("the node sent different Content-Length values".into());
             }
@@ -353,10 +387,15 @@ impl Chunked {
                         return Ok(Decoded::NeedMore);
                     };
                     let line = &buf[..end];
-                    let digits = line.split(|&b| b == b';').next().unwrap_or(b"");
+                    // RFC 9112 7.1: hex digits, then optional whitespace and extensions.
+                    let digits = line
+                        .split(|&b| b == b';' || b == b' ' || b == b'\t')
+                        .next()
+                        .unwrap_or(b"");
                     let size = std::str::from_utf8(digits)
                         .ok()
-                        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
                         .ok_or_else(|| "the node sent an invalid chunk size".to_string())?;
                     buf.advance(end + 2);
                     *self = if size == 0 {
@@ -455,8 +494,10 @@ impl ResponseBody {
     /// The connection, after `101 Switching Protocols`.
     pub fn take_upgrade(&mut self) -> Option<Upgraded> {
         match &self.exchange {
+            // The whole request must have gone before the tunnel takes over.
             Some(Exchange {
                 framing: Framing::Upgrade,
+                write: Write::Done,
                 ..
             }) => {}
             _ => return None,
@@ -757,6 +798,16 @@ mod tests {
 
         assert!(decode_all(b"zz\r\n").is_err(), "bad size");
         assert!(
+            decode_all(b"+2\r\nab\r\n").is_err(),
+            "a sign is not a hex digit"
+        );
+        let (data, _, ended) = decode_all(b"2 ;x\r\nab\r\n0\r\n\r\n").unwrap();
+        assert_eq!(
+            (data.as_slice(), ended),
+            (&b"ab"[..], true),
+            "whitespace before ;"
+        );
+        assert!(
             decode_all(b"2\r\nabc\r\n").is_err(),
             "chunk longer than its size"
         );
@@ -808,5 +859,16 @@ mod tests {
             frame_of(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").is_err()
         );
         assert!(frame_of(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").is_err());
+        assert!(frame_of(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n").is_err());
+        assert!(
+            frame_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").is_err(),
+            "a coding pillion cannot undo is refused"
+        );
+        assert!(matches!(
+            frame_of(
+                b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
+            ),
+            Ok((Framing::Chunked(_), false))
+        ));
     }
 }

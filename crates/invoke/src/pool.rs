@@ -184,13 +184,18 @@ impl Pool {
         connect_timeout: Duration,
     ) -> Sent {
         let conn = loop {
+            // Registered before looking, so a connection or slot freed between the
+            // look and the wait still wakes this call (Notify keeps only one permit).
+            let returned = self.limit.returned.notified();
+            let mut returned = std::pin::pin!(returned);
+            returned.as_mut().enable();
             if let Some(conn) = self.checkout() {
                 break conn;
             }
             let Some(slot) = Slot::reserve(&self.limit) else {
                 // Full: wait for a connection to come back (the caller's deadline
                 // bounds the wait), then look again.
-                self.limit.returned.notified().await;
+                returned.await;
                 continue;
             };
             match self.dial(connect_timeout).await {
@@ -240,7 +245,8 @@ impl Pool {
     }
 
     /// Takes back a connection whose exchange ended cleanly.
-    pub(crate) fn checkin(&self, conn: h1::Conn) {
+    pub(crate) fn checkin(&self, mut conn: h1::Conn) {
+        conn.set_idle();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(conn);
