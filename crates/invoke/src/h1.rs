@@ -46,14 +46,7 @@ pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
     _slot: Slot,
-    /// When it went back to the pool.
-    idle_since: Option<std::time::Instant>,
 }
-
-/// An idle connection older than this is asked directly whether the node closed
-/// it: tokio only knows what its last look at the sockets told it, and nodes close
-/// idle connections after a few seconds (Node.js after 5 s).
-const PROBE_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Conn {
     pub(crate) fn new(io: TcpStream, slot: Slot) -> Conn {
@@ -61,28 +54,18 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             _slot: slot,
-            idle_since: None,
         }
     }
 
-    /// Marks the connection idle, as it goes back to the pool.
-    pub(crate) fn set_idle(&mut self) {
-        self.idle_since = Some(std::time::Instant::now());
-    }
-
     /// Whether an idle connection can take a request: still open, nothing unasked
-    /// for waiting on it. Costs no system call unless the socket became readable or
-    /// the connection was idle for a while.
+    /// for waiting on it. Costs no system call unless the socket became readable.
+    /// (A close the node sends while the request is on its way cannot be seen here;
+    /// that request fails as sent, and is retried if it may be.)
     pub(crate) fn is_usable(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        // Ask the socket itself (one system call) after a long idle, or when out of
-        // tokio's cooperative budget (`poll_read_ready` then says Pending whatever the
-        // socket's state); otherwise tokio's view of it is enough.
-        let probe = !tokio::task::coop::has_budget_remaining()
-            || self
-                .idle_since
-                .is_some_and(|t| t.elapsed() >= PROBE_AFTER_IDLE);
-        let readiness = if probe {
+        // Out of tokio's cooperative budget, `poll_read_ready` says Pending whatever
+        // the socket's state: then ask the socket itself (one system call).
+        let readiness = if !tokio::task::coop::has_budget_remaining() {
             Poll::Ready(Ok(()))
         } else {
             self.io.poll_read_ready(&mut cx)

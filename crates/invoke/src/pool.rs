@@ -245,8 +245,7 @@ impl Pool {
     }
 
     /// Takes back a connection whose exchange ended cleanly.
-    pub(crate) fn checkin(&self, mut conn: h1::Conn) {
-        conn.set_idle();
+    pub(crate) fn checkin(&self, conn: h1::Conn) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(conn);
