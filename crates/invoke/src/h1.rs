@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write as _};
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
@@ -318,9 +318,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
     let count = res.headers.len();
     for (span, f) in spans.iter_mut().zip(res.headers.iter()) {
-        let name = f.name.as_ptr() as usize - base;
-        let value = f.value.as_ptr() as usize - base;
-        *span = (name, name + f.name.len(), value, value + f.value.len());
+        *span = field_span(base, f);
     }
     let head = buf.split_to(len).freeze();
     let headers = header_map(&head, &spans[..count])?;
@@ -329,6 +327,14 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, String> {
         version,
         headers,
     }))
+}
+
+/// Where a parsed field's name and value are, as offsets from `base` (the address
+/// of the buffer it was parsed from).
+fn field_span(base: usize, f: &httparse::Header<'_>) -> (usize, usize, usize, usize) {
+    let name = f.name.as_ptr() as usize - base;
+    let value = f.value.as_ptr() as usize - base;
+    (name, name + f.name.len(), value, value + f.value.len())
 }
 
 fn header_map(head: &Bytes, spans: &[(usize, usize, usize, usize)]) -> Result<HeaderMap, String> {
@@ -428,14 +434,7 @@ impl Chunked {
                         _ => return Err("the node sent invalid trailers".into()),
                     };
                     let base = block.as_ptr() as usize;
-                    let spans: Vec<_> = parsed
-                        .iter()
-                        .map(|f| {
-                            let n = f.name.as_ptr() as usize - base;
-                            let v = f.value.as_ptr() as usize - base;
-                            (n, n + f.name.len(), v, v + f.value.len())
-                        })
-                        .collect();
+                    let spans: Vec<_> = parsed.iter().map(|f| field_span(base, f)).collect();
                     let trailers = header_map(&block, &spans)?;
                     *self = Chunked::Done;
                     return Ok(Decoded::Frame(Frame::trailers(trailers)));
@@ -629,7 +628,7 @@ impl Writer {
             Outgoing::Full(bytes) => {
                 let len = bytes.as_ref().map_or(0, |b| b.len());
                 if len > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
-                    head.extend_from_slice(format!("content-length: {len}\r\n").as_bytes());
+                    let _ = write!(head, "content-length: {len}\r\n");
                 }
                 head.extend_from_slice(b"\r\n");
                 match bytes {
@@ -650,7 +649,7 @@ impl Writer {
                     .and_then(|v| v.trim().parse::<u64>().ok());
                 match declared {
                     Some(n) => {
-                        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes())
+                        let _ = write!(head, "content-length: {n}\r\n");
                     }
                     None => {
                         chunked = true;
