@@ -19,7 +19,7 @@ start_haproxy "$H" "$B"
 start_pillion "$P" "$B"
 PID_PILLION=$(pgrep -f -- "--address 127.0.0.1:$P")
 PID_HAPROXY=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg")
-PID_BACKEND=$(pgrep -f -- "nginx: worker" | while read -r p; do grep -q "$WORK/backend" "/proc/$(ps -o ppid= -p "$p" | tr -d ' ')/cmdline" 2>/dev/null && echo "$p"; done | head -1)
+PID_BACKEND=$(nginx_worker "$WORK/backend")
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
 idle() { awk '/^cpu / {print $5}' /proc/stat; }

@@ -48,7 +48,7 @@ wait_port "$H2H"; wait_port "$H2N"
 
 PID_PILLION=$(pgrep -f -- "--address 127.0.0.1:$P" || true)
 PID_HAPROXY=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg" || true)
-PID_NGINX=$(pgrep -f -- "nginx: worker" | while read -r p; do grep -q "$WORK/nginx-proxy" "/proc/$(ps -o ppid= -p "$p" | tr -d ' ')/cmdline" 2>/dev/null && echo "$p"; done | head -1 || true)
+PID_NGINX=$(nginx_worker "$WORK/nginx-proxy")
 rss() { awk '/VmRSS/ {print $2/1024}' "/proc/$1/status"; }
 
 declare -A URL=([direct]="http://127.0.0.1:$B/bench/x" [pillion]="http://127.0.0.1:$P/bench/x" [haproxy]="http://127.0.0.1:$H/bench/x" [nginx]="http://127.0.0.1:$N/bench/x")

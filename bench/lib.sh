@@ -70,6 +70,13 @@ CONF
   nginx -c "$dir/nginx.conf" -p "$dir" & PIDS+=($!)
 }
 
+# nginx_worker DIR: the pid of the worker of the nginx started by start_nginx in DIR
+nginx_worker() {
+  pgrep -f -- "nginx: worker" | while read -r p; do
+    grep -q "$1" "/proc/$(ps -o ppid= -p "$p" | tr -d ' ')/cmdline" 2>/dev/null && echo "$p"
+  done | head -1 || true
+}
+
 # haproxy_config MODE: the global and defaults sections every haproxy here shares,
 # one thread, for mode http (connection reuse) or tcp (splice)
 haproxy_config() {

@@ -397,12 +397,11 @@ impl Chunked {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let take = (*left).min(buf.len() as u64) as usize;
-                    *left -= take as u64;
+                    let data = take(buf, left);
                     if *left == 0 {
                         *self = Chunked::DataEnd;
                     }
-                    return Ok(Decoded::Frame(Frame::data(buf.split_to(take).freeze())));
+                    return Ok(Decoded::Frame(Frame::data(data)));
                 }
                 Chunked::DataEnd => {
                     if buf.len() < 2 {
@@ -442,6 +441,13 @@ impl Chunked {
             }
         }
     }
+}
+
+/// Up to `left` bytes of body from the front of `buf`, counted off `left`.
+fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
+    let n = (*left).min(buf.len() as u64) as usize;
+    *left -= n as u64;
+    buf.split_to(n).freeze()
 }
 
 fn find_crlf(buf: &[u8]) -> Option<usize> {
@@ -513,11 +519,7 @@ impl Body for ResponseBody {
             let buf = &mut ex.conn.buf;
             let frame = match &mut ex.framing {
                 Framing::Empty | Framing::Upgrade | Framing::Length(0) => None,
-                Framing::Length(left) if !buf.is_empty() => {
-                    let take = (*left).min(buf.len() as u64) as usize;
-                    *left -= take as u64;
-                    Some(Frame::data(buf.split_to(take).freeze()))
-                }
+                Framing::Length(left) if !buf.is_empty() => Some(Frame::data(take(buf, left))),
                 Framing::Close if !buf.is_empty() => Some(Frame::data(buf.split().freeze())),
                 Framing::Chunked(state) => match state.decode(buf) {
                     Ok(Decoded::Frame(f)) => Some(f),

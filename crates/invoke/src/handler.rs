@@ -262,11 +262,21 @@ pub fn relay(
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let (Some(client), Some(node)) = (upgrade, res.body_mut().take_upgrade()) {
-            tokio::spawn(tunnel(client, node));
-            let (parts, _) = res.into_parts();
-            return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-        }
+        let Some(client) = upgrade else {
+            return bad(
+                StatusCode::BAD_GATEWAY,
+                "the node switched protocols without being asked to",
+            );
+        };
+        let Some(node) = res.body_mut().take_upgrade() else {
+            return bad(
+                StatusCode::BAD_GATEWAY,
+                "the node switched protocols before it had the whole request",
+            );
+        };
+        tokio::spawn(tunnel(client, node));
+        let (parts, _) = res.into_parts();
+        return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
     }
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -462,15 +472,19 @@ pub fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
 
 /// Removes hop-by-hop headers, and those the `Connection` header lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut gone: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(k))
-        .cloned()
-        .collect();
-    if gone.is_empty() {
+    // Which of the fixed names are there, without allocating: most messages carry
+    // one (`Connection: keep-alive`) or none.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return; // and so no Connection header listing others either
     }
-    let listed = headers
+    // Names the Connection header lists beyond the fixed ones (rare).
+    let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -481,9 +495,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .iter()
                 .any(|h| h.as_str().eq_ignore_ascii_case(t))
         })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
-    gone.extend(listed);
-    for name in gone {
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in listed {
         headers.remove(name);
     }
 }

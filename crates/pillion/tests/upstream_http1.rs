@@ -54,6 +54,13 @@ async fn serve(mut s: TcpStream) {
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
+        if path.ends_with("/switch-early") {
+            // Switches protocols without reading the request's body.
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+                .await;
+            std::future::pending::<()>().await;
+        }
         if path.ends_with("/early") {
             // Refuse before reading the body, then drain it as servers do.
             let _ = s
@@ -301,4 +308,34 @@ async fn a_node_that_does_not_speak_http_gets_a_502_that_says_so() {
         .unwrap();
     assert_eq!(r.status, 502);
     assert!(r.text().contains("invalid response"), "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_switching_protocols_before_the_request_is_sent_gets_a_502() {
+    let (node, _) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    // An upgrade request with a 4 MiB body of which only the head and a little go
+    // out: the node's 101 comes while pillion still has body to send.
+    let mut client = TcpStream::connect(sc.addr).await.unwrap();
+    let head = format!(
+        "POST /raw/switch-early HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\nContent-Length: {}\r\n\r\n",
+        4 << 20
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(&[b'x'; 1024]).await.unwrap();
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !reply.windows(4).any(|w| w == b"\r\n\r\n") || !reply.ends_with(b"}") {
+            match client.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.contains("before it had the whole request"), "{reply}");
 }
