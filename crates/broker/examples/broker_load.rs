@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full};
+use pillion_http::pool::Outgoing;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -92,9 +92,7 @@ async fn main() {
         let nats = nats.clone();
         let target = target.clone();
         publishers.push(tokio::spawn(async move {
-            let client =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http::<Full<Bytes>>();
+            let client = pillion_http::Client::new(Default::default(), Duration::from_secs(1));
             let url: http::Uri = format!("http://{target}/broker?topic={topic}")
                 .parse()
                 .unwrap();
@@ -107,15 +105,13 @@ async fn main() {
                     }
                     None => {
                         let req = http::Request::post(url.clone())
-                            .body(Full::new(body))
+                            .body(Outgoing::full(body))
                             .unwrap();
-                        let res = client.request(req).await.expect("publish");
-                        assert!(
-                            res.status().is_success(),
-                            "publish answered {}",
-                            res.status()
-                        );
-                        let _ = res.into_body().collect().await;
+                        let (status, _) = client
+                            .fetch(req, Duration::from_secs(10))
+                            .await
+                            .expect("publish");
+                        assert!(status.is_success(), "publish answered {status}");
                     }
                 }
                 published.fetch_add(1, Ordering::Relaxed);

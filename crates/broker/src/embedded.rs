@@ -11,14 +11,16 @@
 //! Delivery is at-most-once: a sidecar that cannot be reached, or a subscriber too slow
 //! to keep up, loses the message (logged, and counted as dropped).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request};
+use pillion_core::url::encode_component;
 use pillion_core::{Node, Service};
-use pillion_invoke::pool::{Outgoing, Pool};
+use pillion_http::pool::Outgoing;
+use pillion_http::Client;
 use pillion_registry::{Catalog, Registry};
 
 use crate::hub::{Hub, Scope};
@@ -34,7 +36,7 @@ pub struct EmbeddedBroker {
     hub: Arc<Hub>,
     registry: Arc<dyn Registry>,
     node: Node,
-    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    client: Client,
     /// The other sidecars' subscriptions, parsed once per catalog (publishes read it).
     peers: Mutex<(Option<Arc<Catalog>>, Arc<Peers>)>,
     metrics: Arc<BrokerMetrics>,
@@ -65,7 +67,7 @@ impl EmbeddedBroker {
             hub,
             registry,
             node,
-            pools: Mutex::new(HashMap::new()),
+            client: Client::new(Default::default(), FORWARD_TIMEOUT),
             peers: Mutex::new((None, Arc::default())),
             metrics,
             advertiser,
@@ -103,37 +105,33 @@ impl EmbeddedBroker {
         cache.1.clone()
     }
 
-    fn pool(&self, authority: &str) -> Arc<Pool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .entry(authority.to_string())
-            .or_insert_with(|| Arc::new(Pool::new(authority.to_string())))
-            .clone()
-    }
-
     async fn forward(&self, authority: String, topic: String, message: Bytes, scope: Scope) {
-        let pool = self.pool(&authority);
-        let mut query = format!("/broker/deliver?topic={topic}&plain={}", scope.plain);
+        // Topics and groups are the user's: encoded, so `&`, `=`, `#` or `"` in them
+        // cannot cut or add parameters.
+        let mut url = format!(
+            "http://{authority}/broker/deliver?topic={}&plain={}",
+            encode_component(&topic),
+            scope.plain
+        );
         if let Some(groups) = &scope.groups {
-            query.push_str("&groups=");
-            query.push_str(&groups.join(","));
+            url.push_str("&groups=");
+            url.push_str(&encode_component(&groups.join(",")));
         }
         let req = Request::builder()
             .method(Method::POST)
-            .uri(query)
-            .header(http::header::HOST, authority.as_str())
+            .uri(url)
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Outgoing::full(message))
-            .expect("request builds");
-        let sent =
-            tokio::time::timeout(FORWARD_TIMEOUT, pool.send(req, false, FORWARD_TIMEOUT)).await;
-        let ok = matches!(&sent, Ok(Ok(res)) if res.status().is_success());
+            .body(Outgoing::full(message));
+        let sent = match req {
+            Ok(req) => self.client.fetch(req, FORWARD_TIMEOUT).await,
+            Err(e) => Err(pillion_http::client::ClientError::BadUrl(e.to_string())),
+        };
+        let ok = matches!(&sent, Ok((status, _)) if status.is_success());
         if !ok {
             self.metrics.dropped(&topic, 1);
             let why = match sent {
-                Err(_) => "no answer in time".to_string(),
-                Ok(Err((e, _))) => format!("{e:?}"),
-                Ok(Ok(res)) => format!("answered {}", res.status()),
+                Err(e) => pillion_http::describe(&e),
+                Ok((status, _)) => format!("answered {status}"),
             };
             tracing::warn!(%topic, sidecar = %authority, why, "message not delivered to another sidecar (at-most-once)");
         }

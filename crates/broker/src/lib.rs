@@ -83,12 +83,22 @@ pub enum BrokerError {
     Invalid(String),
 }
 
+/// How a durable backend learns what became of a delivery. The port knows only this;
+/// each adapter implements it for its own message type.
+#[async_trait::async_trait]
+pub trait Acknowledge: Send + Sync {
+    /// The message was handled.
+    async fn ack(self: Box<Self>) -> Result<(), String>;
+    /// The message was not handled: deliver it again after `delay`.
+    async fn retry_later(self: Box<Self>, delay: Duration);
+}
+
 /// How a delivery is acknowledged.
-pub enum Ack {
+enum Ack {
     /// At-most-once: nothing to acknowledge.
     None,
-    /// A JetStream message: acknowledged, or not (redelivered).
-    JetStream(Box<async_nats::jetstream::Message>),
+    /// Acknowledged, or not (and then redelivered), to the backend.
+    Durable(Box<dyn Acknowledge>),
 }
 
 /// One message handed to a subscriber.
@@ -110,9 +120,24 @@ impl Delivery {
         }
     }
 
+    /// A delivery the backend redelivers until it is acknowledged.
+    pub fn durable(
+        topic: String,
+        message: Message,
+        attempt: u64,
+        ack: Box<dyn Acknowledge>,
+    ) -> Delivery {
+        Delivery {
+            topic,
+            message,
+            attempt,
+            ack: Ack::Durable(ack),
+        }
+    }
+
     /// The message was handled.
     pub async fn ack(self) {
-        if let Ack::JetStream(m) = self.ack {
+        if let Ack::Durable(m) = self.ack {
             if let Err(e) = m.ack().await {
                 tracing::warn!(topic = %self.topic, error = %e, "could not acknowledge a message; it will be delivered again");
             }
@@ -122,16 +147,14 @@ impl Delivery {
     /// The message was not handled: deliver it again after `delay` (durable topics;
     /// a no-op otherwise).
     pub async fn retry_later(self, delay: Duration) {
-        if let Ack::JetStream(m) = self.ack {
-            let _ = m
-                .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
-                .await;
+        if let Ack::Durable(m) = self.ack {
+            m.retry_later(delay).await;
         }
     }
 
     /// Whether the delivery can be redelivered by the backend if not acknowledged.
-    pub fn durable(&self) -> bool {
-        matches!(self.ack, Ack::JetStream(_))
+    pub fn is_durable(&self) -> bool {
+        matches!(self.ack, Ack::Durable(_))
     }
 }
 
@@ -240,5 +263,5 @@ pub fn check_url(url: &str) -> Result<(), BrokerError> {
 
 /// A random index below `n` (n > 0), for spreading choices.
 fn pick(n: usize) -> usize {
-    (pillion_invoke::balance::random() % n.max(1) as u64) as usize
+    (pillion_core::id::fast_random() % n.max(1) as u64) as usize
 }

@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::metrics::BrokerMetrics;
-use crate::{Ack, Broker, BrokerError, Delivery, Message, NatsSettings, Subscription};
+use crate::{Acknowledge, Broker, BrokerError, Delivery, Message, NatsSettings, Subscription};
 
 /// Deadline of a publish (and of stream and consumer set-up).
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -408,18 +408,31 @@ async fn pump_durable(
                 metrics.redelivered(&topic);
             }
             let message = from_nats(m.headers.as_ref(), m.payload.clone());
-            let delivery = Delivery {
-                topic: topic.clone(),
-                message,
-                attempt,
-                ack: Ack::JetStream(Box::new(m)),
-            };
+            let delivery =
+                Delivery::durable(topic.clone(), message, attempt, Box::new(JetStreamAck(m)));
             // Back-pressure, not drops: the messages wait in JetStream meanwhile.
             if tx.send(delivery).await.is_err() {
                 return;
             }
             metrics.delivered(&topic, 1);
         }
+    }
+}
+
+/// A JetStream message's acknowledgement, behind the port's [`Acknowledge`].
+struct JetStreamAck(async_nats::jetstream::Message);
+
+#[async_trait::async_trait]
+impl Acknowledge for JetStreamAck {
+    async fn ack(self: Box<Self>) -> Result<(), String> {
+        self.0.ack().await.map_err(|e| e.to_string())
+    }
+
+    async fn retry_later(self: Box<Self>, delay: Duration) {
+        let _ = self
+            .0
+            .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+            .await;
     }
 }
 

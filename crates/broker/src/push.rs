@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request};
-use pillion_invoke::pool::{Outgoing, Pool};
+use pillion_http::pool::Outgoing;
+use pillion_http::Client;
 
 use crate::metrics::BrokerMetrics;
 use crate::{Broker, Delivery};
@@ -55,7 +56,7 @@ pub fn start(
     queue: String,
     metrics: Arc<BrokerMetrics>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let pool = Arc::new(Pool::new(app.clone()));
+    let client = Arc::new(Client::new(Default::default(), Duration::from_secs(1)));
     routes
         .into_iter()
         .map(|route| {
@@ -63,7 +64,7 @@ pub fn start(
                 broker.clone(),
                 route,
                 app.clone(),
-                pool.clone(),
+                client.clone(),
                 queue.clone(),
                 metrics.clone(),
             ))
@@ -75,7 +76,7 @@ async fn run(
     broker: Arc<dyn Broker>,
     route: PushRoute,
     app: String,
-    pool: Arc<Pool>,
+    client: Arc<Client>,
     queue: String,
     metrics: Arc<BrokerMetrics>,
 ) {
@@ -90,27 +91,27 @@ async fn run(
         };
         tracing::info!(topic = %route.topic, app = %app, path = %route.path, "pushing messages to the app");
         while let Some(delivery) = sub.next().await {
-            handle(&pool, &app, &route, delivery, &metrics).await;
+            handle(&client, &app, &route, delivery, &metrics).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn handle(
-    pool: &Arc<Pool>,
+    client: &Client,
     app: &str,
     route: &PushRoute,
     delivery: Delivery,
     metrics: &BrokerMetrics,
 ) {
-    let attempts = if delivery.durable() {
+    let attempts = if delivery.is_durable() {
         1
     } else {
         PLAIN_ATTEMPTS
     };
     let mut last = String::new();
     for attempt in 1..=attempts {
-        match post(pool, app, route, &delivery).await {
+        match post(client, app, route, &delivery).await {
             Ok(()) => {
                 delivery.ack().await;
                 return;
@@ -121,7 +122,7 @@ async fn handle(
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
     }
-    if delivery.durable() {
+    if delivery.is_durable() {
         let delay = Duration::from_millis((100 * delivery.attempt).min(5_000));
         tracing::warn!(topic = %delivery.topic, attempt = delivery.attempt, error = %last, "push delivery failed; JetStream will deliver it again");
         delivery.retry_later(delay).await;
@@ -132,15 +133,14 @@ async fn handle(
 }
 
 async fn post(
-    pool: &Arc<Pool>,
+    client: &Client,
     app: &str,
     route: &PushRoute,
     delivery: &Delivery,
 ) -> Result<(), String> {
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(route.path.as_str())
-        .header(http::header::HOST, app)
+        .uri(format!("http://{app}{}", route.path))
         .header("pillion-topic", delivery.topic.as_str())
         .header("pillion-attempt", delivery.attempt.to_string());
     for (k, v) in &delivery.message.header {
@@ -156,13 +156,11 @@ async fn post(
     let req = req
         .body(Outgoing::full(delivery.message.body.clone()))
         .map_err(|e| e.to_string())?;
-    let res = tokio::time::timeout(TIMEOUT, pool.send(req, false, Duration::from_secs(1)))
+    // The whole answer is read, so the connection can be reused.
+    let (status, _) = client
+        .fetch(req, TIMEOUT)
         .await
-        .map_err(|_| format!("the app did not answer within {TIMEOUT:?}"))?
-        .map_err(|(e, _)| format!("{e:?}"))?;
-    let status = res.status();
-    // Read the answer so the connection can be reused.
-    let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+        .map_err(|e| pillion_http::describe(&e))?;
     if status.is_success() {
         Ok(())
     } else {

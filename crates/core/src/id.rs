@@ -11,6 +11,23 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     buf
 }
 
+/// A fast per-thread pseudo-random number (xorshift64*), seeded from the OS once.
+/// For balancing and jitter only: never for anything that must not be guessed.
+pub fn fast_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(random_bytes::<8>()) | 1);
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
+}
+
 /// A random (version 4) UUID in its usual 8-4-4-4-12 hex form.
 pub fn uuid_v4() -> String {
     let mut b = random_bytes::<16>();

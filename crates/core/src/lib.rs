@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod secret;
 pub mod service;
 pub mod size;
+pub mod url;
 
 pub use duration::Dur;
 pub use error::ApiError;

@@ -6,9 +6,10 @@
 //! ejection's 50% cap prevents except in races), ejected ones are used rather than
 //! failing outright.
 
-use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use pillion_core::id::fast_random as random;
 
 use crate::endpoints::{clock, NodeState, ServiceSet};
 
@@ -36,15 +37,33 @@ impl std::str::FromStr for Strategy {
 /// Whether the node at an index may be chosen.
 type Filter<'a> = &'a dyn Fn(usize, &NodeState) -> bool;
 
-/// Picks a node for the next attempt, avoiding the indices set in the `tried` bit
-/// mask (nodes past the 64th are never marked).
-pub fn pick(set: &ServiceSet, strategy: Strategy, tried: u64) -> Option<usize> {
+/// The nodes one call has tried, by index in its service's snapshot. A call tries a
+/// few nodes at most, so a list is smaller and faster than a set, and empty (no
+/// allocation) until the first attempt fails.
+#[derive(Debug, Default)]
+pub struct Tried(Vec<usize>);
+
+impl Tried {
+    pub fn insert(&mut self, index: usize) {
+        if !self.0.contains(&index) {
+            self.0.push(index);
+        }
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        self.0.contains(&index)
+    }
+}
+
+/// Picks a node for the next attempt, avoiding the `tried` ones while others are
+/// available.
+pub fn pick(set: &ServiceSet, strategy: Strategy, tried: &Tried) -> Option<usize> {
     if set.nodes.is_empty() {
         return None;
     }
     let now_ms = clock().as_millis() as u64;
     let filters: [Filter; 3] = [
-        &|i, n| !n.is_ejected(now_ms) && (i >= 64 || tried & (1 << i) == 0),
+        &|i, n| !n.is_ejected(now_ms) && !tried.contains(i),
         &|_, n| !n.is_ejected(now_ms),
         &|_, _| true,
     ];
@@ -94,21 +113,6 @@ pub fn node(set: &ServiceSet, index: usize) -> &Arc<NodeState> {
     &set.nodes[index]
 }
 
-/// A fast per-thread pseudo-random number (xorshift64*), seeded from the OS once.
-pub fn random() -> u64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(pillion_core::id::random_bytes::<8>()) | 1);
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        s.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,7 +138,7 @@ mod tests {
         s.nodes[0].observe(Duration::from_millis(200));
         s.nodes[1].observe(Duration::from_millis(1));
         let fast = (0..100)
-            .filter(|_| pick(&s, Strategy::PeakEwma, 0) == Some(1))
+            .filter(|_| pick(&s, Strategy::PeakEwma, &Tried::default()) == Some(1))
             .count();
         assert_eq!(fast, 100, "with two nodes p2c always compares both");
     }
@@ -143,22 +147,46 @@ mod tests {
     fn round_robin_cycles() {
         let s = set(&[0, 0, 0]);
         let picks: Vec<_> = (0..6)
-            .map(|_| pick(&s, Strategy::RoundRobin, 0).unwrap())
+            .map(|_| pick(&s, Strategy::RoundRobin, &Tried::default()).unwrap())
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn nearest_tier_first_then_spill_and_tried_nodes_are_avoided() {
+        let tried = |indices: &[usize]| {
+            let mut t = Tried::default();
+            indices.iter().for_each(|&i| t.insert(i));
+            t
+        };
         let s = set(&[1, 0, 2]);
-        assert_eq!(pick(&s, Strategy::PeakEwma, 0), Some(1));
-        assert_eq!(pick(&s, Strategy::PeakEwma, 0b010), Some(0));
-        assert_eq!(pick(&s, Strategy::PeakEwma, 0b011), Some(2));
+        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[])), Some(1));
+        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[1])), Some(0));
+        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[0, 1])), Some(2));
         assert_eq!(
-            pick(&s, Strategy::PeakEwma, 0b111),
+            pick(&s, Strategy::PeakEwma, &tried(&[0, 1, 2])),
             Some(1),
             "all tried: start over"
         );
-        assert_eq!(pick(&set(&[]), Strategy::PeakEwma, 0), None);
+        assert_eq!(pick(&set(&[]), Strategy::PeakEwma, &tried(&[])), None);
+    }
+
+    #[test]
+    fn tried_nodes_past_the_64th_are_avoided_too() {
+        // 100 nodes in one tier; all but the last tried: the last is the only choice.
+        let s = set(&[0; 100]);
+        let all_but_last: Vec<usize> = (0..99).collect();
+        let mut t = Tried::default();
+        all_but_last.iter().for_each(|&i| t.insert(i));
+        for _ in 0..20 {
+            assert_eq!(pick(&s, Strategy::PeakEwma, &t), Some(99));
+            assert_eq!(pick(&s, Strategy::RoundRobin, &t), Some(99));
+        }
+        t.insert(99);
+        t.insert(98); // twice: no double entry
+        assert!(
+            pick(&s, Strategy::PeakEwma, &t).is_some(),
+            "all tried: start over"
+        );
     }
 }

@@ -16,7 +16,7 @@ use pillion_registry::{Catalog, Registry};
 
 use crate::budget::RetryBudget;
 use crate::metrics::ServiceMetrics;
-use crate::pool::Pool;
+use pillion_http::pool::{self, Pool};
 
 /// Where this sidecar runs, from its app's `zone` and `region` metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -75,6 +75,8 @@ pub struct NodeState {
     /// `authority` as a Host header, made once.
     pub host: http::HeaderValue,
     pub tier: u8,
+    /// What the node speaks, from its `protocol` metadata.
+    pub protocol: Protocol,
     pub pool: Arc<Pool>,
     /// Peak-EWMA of response latency in nanoseconds (f64 bits).
     ewma_ns: AtomicU64,
@@ -86,6 +88,48 @@ pub struct NodeState {
     ejections: AtomicU32,
     /// Ejected until this time (ms since [`clock`]'s epoch); 0 when not ejected.
     ejected_until_ms: AtomicU64,
+}
+
+/// What a node speaks, from its (or its service's) `protocol` metadata. pillion
+/// translates between the caller's protocol and the node's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `protocol=http1`: HTTP/1.1 only; a gRPC call to it is refused with 502.
+    Http1,
+    /// `protocol=h2c`: HTTP/2 with prior knowledge, for every call.
+    H2c,
+    /// No `protocol` metadata: gRPC calls go as h2c (gRPC needs HTTP/2), the rest as
+    /// HTTP/1.1.
+    Unset,
+}
+
+impl Protocol {
+    /// From the metadata value; an unknown value is reported and treated as unset.
+    pub fn from_metadata(value: Option<&str>) -> Result<Protocol, String> {
+        match value {
+            None => Ok(Protocol::Unset),
+            Some(v) if v.eq_ignore_ascii_case("http1") || v.eq_ignore_ascii_case("http/1.1") => {
+                Ok(Protocol::Http1)
+            }
+            Some(v) if v.eq_ignore_ascii_case("h2c") || v.eq_ignore_ascii_case("http2") => {
+                Ok(Protocol::H2c)
+            }
+            Some(v) => Err(format!(
+                "unknown protocol {v:?} in the node's metadata: use http1 or h2c"
+            )),
+        }
+    }
+
+    /// Whether a call goes to the node as h2c; `Err` when it cannot be carried.
+    pub fn h2_for(self, grpc: bool) -> Result<bool, &'static str> {
+        match (self, grpc) {
+            (Protocol::H2c, _) | (Protocol::Unset, true) => Ok(true),
+            (Protocol::Http1, true) => {
+                Err("gRPC needs HTTP/2 but the node is registered with protocol=http1")
+            }
+            (Protocol::Http1 | Protocol::Unset, false) => Ok(false),
+        }
+    }
 }
 
 /// Latency assumed for a node before the first answer (linkerd's default).
@@ -100,9 +144,16 @@ pub fn clock() -> Duration {
 }
 
 impl NodeState {
-    fn new(id: String, authority: String, tier: u8) -> NodeState {
+    fn new(
+        id: String,
+        authority: String,
+        tier: u8,
+        protocol: Protocol,
+        pool: &pool::Settings,
+    ) -> NodeState {
         NodeState {
-            pool: Arc::new(Pool::new(authority.clone())),
+            pool: Arc::new(Pool::with_settings(authority.clone(), pool.clone())),
+            protocol,
             host: http::HeaderValue::from_str(&authority)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             id,
@@ -259,16 +310,22 @@ pub struct Endpoints {
     current: ArcSwap<EndpointSet>,
     shared: Mutex<HashMap<String, Arc<ServiceShared>>>,
     locality: Locality,
+    pool: pool::Settings,
     max_retry_percent: f64,
 }
 
 impl Endpoints {
     /// Builds the first snapshot and follows the registry's changes in a task.
-    pub fn follow(registry: Arc<dyn Registry>, locality: Locality) -> Arc<Endpoints> {
+    pub fn follow(
+        registry: Arc<dyn Registry>,
+        locality: Locality,
+        pool: pool::Settings,
+    ) -> Arc<Endpoints> {
         let endpoints = Arc::new(Endpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
             shared: Mutex::new(HashMap::new()),
             locality,
+            pool,
             max_retry_percent: 0.2,
         });
         let mut changes = registry.changes();
@@ -330,14 +387,27 @@ impl Endpoints {
                             .map(String::as_str)
                     };
                     let tier = self.locality.tier(meta("zone"), meta("region"));
+                    let protocol = Protocol::from_metadata(meta("protocol")).unwrap_or_else(|e| {
+                        tracing::warn!(service = %name, node = %node.id, "{e}");
+                        Protocol::Unset
+                    });
                     let kept = previous.and_then(|p| {
-                        p.nodes
-                            .iter()
-                            .find(|n| n.id == node.id && n.authority == authority && n.tier == tier)
+                        p.nodes.iter().find(|n| {
+                            n.id == node.id
+                                && n.authority == authority
+                                && n.tier == tier
+                                && n.protocol == protocol
+                        })
                     });
                     nodes.push(match kept {
                         Some(n) => n.clone(),
-                        None => Arc::new(NodeState::new(node.id.clone(), authority, tier)),
+                        None => Arc::new(NodeState::new(
+                            node.id.clone(),
+                            authority,
+                            tier,
+                            protocol,
+                            &self.pool,
+                        )),
                     });
                 }
             }
@@ -357,7 +427,13 @@ impl Endpoints {
 #[cfg(test)]
 impl NodeState {
     pub(crate) fn test(id: String, tier: u8) -> NodeState {
-        NodeState::new(id, "127.0.0.1:9".into(), tier)
+        NodeState::new(
+            id,
+            "127.0.0.1:9".into(),
+            tier,
+            Protocol::Unset,
+            &pool::Settings::default(),
+        )
     }
 }
 
@@ -392,7 +468,13 @@ mod tests {
 
     #[test]
     fn peak_ewma_takes_peaks_at_once_and_decays_towards_fast_samples() {
-        let n = NodeState::new("n".into(), "127.0.0.1:1".into(), 0);
+        let n = NodeState::new(
+            "n".into(),
+            "127.0.0.1:1".into(),
+            0,
+            Protocol::Unset,
+            &pool::Settings::default(),
+        );
         n.observe(Duration::from_millis(100));
         assert_eq!(n.ewma(), Duration::from_millis(100));
         n.observe(Duration::from_millis(1));
@@ -412,7 +494,15 @@ mod tests {
             pending: AtomicUsize::new(0),
         });
         let nodes: Vec<_> = (0..3)
-            .map(|i| Arc::new(NodeState::new(format!("n{i}"), format!("127.0.0.1:{i}"), 0)))
+            .map(|i| {
+                Arc::new(NodeState::new(
+                    format!("n{i}"),
+                    format!("127.0.0.1:{i}"),
+                    0,
+                    Protocol::Unset,
+                    &pool::Settings::default(),
+                ))
+            })
             .collect();
         let set = ServiceSet {
             name: "s".into(),

@@ -8,9 +8,11 @@
 //!   again (it was read whole).
 //! - Every retry but those after connect failures spends from the service's
 //!   [`RetryBudget`](crate::budget::RetryBudget); retries back off exponentially with
-//!   jitter; the overall deadline bounds everything.
-//! - Failures feed outlier ejection and the peak-EWMA (as a 1 s latency penalty, so a
-//!   node that fails fast does not look fast).
+//!   jitter; the overall deadline bounds everything. [`retry::decide`] says which.
+//! - Only the node's faults feed outlier ejection and the peak-EWMA (as a 1 s latency
+//!   penalty, so a node that fails fast does not look fast). A caller whose upload
+//!   breaks off gets 400 (413 over the limit) and the node's record is untouched; a
+//!   sidecar out of sockets answers 503 and blames nobody else.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -20,9 +22,12 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use pillion_core::ApiError;
 
-use crate::balance::{self, Strategy};
+use pillion_http::pool::{Outgoing, PooledBody};
+use pillion_http::{Blame, SendError};
+
+use crate::balance::{self, Strategy, Tried};
 use crate::endpoints::{EjectionPolicy, Endpoints, ServiceSet};
-use crate::pool::{Outgoing, PooledBody, SendFailure};
+use crate::retry::{self, Decision, Rules};
 
 pub const ID: &str = "pillion.invoke";
 
@@ -50,22 +55,14 @@ pub struct Call {
     /// Headers to send, hop-by-hop ones already removed.
     pub headers: HeaderMap,
     pub body: Outgoing,
-    /// HTTP/2 prior knowledge to the node (when the caller spoke HTTP/2).
-    pub h2: bool,
+    /// A gRPC call (it needs HTTP/2 to the node, whatever the caller spoke).
+    pub grpc: bool,
     /// Send to the node with this address or id only.
     pub pin: Option<String>,
     /// Until the response headers arrive.
     pub timeout: Duration,
     /// Retry 5xx answers and resets even for a non-idempotent method.
     pub retry_any_method: bool,
-}
-
-/// Retry failures that may have reached the node only for these methods.
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 fn error(status: StatusCode, detail: String) -> ApiError {
@@ -85,7 +82,7 @@ enum Outcome {
     Answer(Response<PooledBody>),
     /// The node answered 502/503/504.
     BadGateway(Response<PooledBody>),
-    Failed(SendFailure, Option<Request<Outgoing>>),
+    Failed(SendError, Option<Request<Outgoing>>),
     TimedOut,
 }
 
@@ -167,27 +164,41 @@ fn attempts<'a>(
             Outgoing::Stream(_) => None,
         };
         // Only a whole body can be sent again after the node may have seen it.
-        let may_retry_sent =
-            full_body.is_some() && (call.retry_any_method || idempotent(&call.method));
+        let rules = Rules {
+            retries: policy.retries,
+            replayable: full_body.is_some()
+                && (call.retry_any_method || pillion_http::idempotent(&call.method)),
+        };
         let mut first_body = Some(std::mem::replace(&mut call.body, Outgoing::Full(None)));
         // A request that never left (connect failure) comes back whole for the next try.
         let mut returned: Option<Request<Outgoing>> = None;
-        let mut tried = 0u64;
+        let mut tried = Tried::default();
         let mut attempt = 0u32;
         let mut last_problem = String::new();
         let mut only_connect_failures = true;
 
         loop {
-            let Some(index) = pinned.or_else(|| balance::pick(set, policy.strategy, tried)) else {
+            let Some(index) = pinned.or_else(|| balance::pick(set, policy.strategy, &tried)) else {
                 return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("service {:?} has no node", call.service),
                 ));
             };
-            tried |= 1u64.checked_shl(index as u32).unwrap_or(0);
             let node = balance::node(set, index).clone();
+            let h2 = match node.protocol.h2_for(call.grpc) {
+                Ok(h2) => h2,
+                Err(mismatch) => {
+                    return Err(error(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "cannot call node {} of service {:?}: {mismatch}",
+                            node.authority, call.service
+                        ),
+                    ))
+                }
+            };
             let req = match returned.take() {
-                Some(req) => readdress(req, &call, &node.host),
+                Some(req) => readdress(req, &call, h2, &node.host),
                 None => {
                     let body = match first_body.take() {
                         Some(b) => b,
@@ -197,12 +208,12 @@ fn attempts<'a>(
                         },
                     };
                     // Keep the headers for later attempts only if there can be any.
-                    let headers = if may_retry_sent {
+                    let headers = if rules.replayable {
                         call.headers.clone()
                     } else {
                         std::mem::take(&mut call.headers)
                     };
-                    build(&call, headers, &node.host, body)
+                    build(&call, headers, h2, &node.host, body)
                 }
             };
 
@@ -220,7 +231,7 @@ fn attempts<'a>(
             let outcome = match tokio::time::timeout_at(
                 (now + try_limit).into(),
                 node.pool
-                    .send(req, call.h2, policy.connect_timeout.min(try_limit)),
+                    .send(req, h2, policy.connect_timeout.min(try_limit)),
             )
             .await
             {
@@ -234,7 +245,7 @@ fn attempts<'a>(
             drop(pending);
             let rtt = now.elapsed();
 
-            match outcome {
+            let verdict = match outcome {
                 Outcome::Answer(res) => {
                     node.observe(rtt);
                     node.record_success();
@@ -244,42 +255,36 @@ fn attempts<'a>(
                     node.observe(FAILURE_PENALTY.max(rtt));
                     set.record_failure(&node, &policy.ejection);
                     only_connect_failures = false;
-                    if !may_retry_sent
-                        || !can_retry(policy, attempt, deadline)
-                        || !shared.budget.withdraw()
-                    {
+                    last_problem = format!("node {} answered {}", node.authority, res.status());
+                    let decision =
+                        decide(retry::Outcome::Unavailable, attempt, rules, deadline, set);
+                    if decision == Decision::Stop {
                         return Ok(res);
                     }
-                    last_problem = format!("node {} answered {}", node.authority, res.status());
+                    decision
                 }
-                Outcome::Failed(SendFailure::Connect(e), back) => {
-                    node.observe(FAILURE_PENALTY);
-                    set.record_failure(&node, &policy.ejection);
-                    last_problem = e;
-                    returned = back;
-                    // Not charged to the budget: the node never saw the request.
-                    if !can_retry(policy, attempt, deadline) {
-                        break;
-                    }
-                }
-                Outcome::Failed(SendFailure::Sent(e), _) => {
-                    if e.contains("length limit exceeded") {
+                Outcome::Failed(e, back) => match e.blame() {
+                    Blame::Caller => {
                         return Err(error(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            format!("request body is larger than the limit: {e}"),
-                        ));
+                            e.status(),
+                            format!("the request was not sent whole: {e}"),
+                        ))
                     }
-                    node.observe(FAILURE_PENALTY);
-                    set.record_failure(&node, &policy.ejection);
-                    only_connect_failures = false;
-                    last_problem = format!("node {} failed: {e}", node.authority);
-                    if !may_retry_sent
-                        || !can_retry(policy, attempt, deadline)
-                        || !shared.budget.withdraw()
-                    {
-                        break;
+                    Blame::Pillion => return Err(error(e.status(), e.to_string())),
+                    Blame::Node => {
+                        node.observe(FAILURE_PENALTY);
+                        set.record_failure(&node, &policy.ejection);
+                        if e.may_have_reached_node() {
+                            only_connect_failures = false;
+                            last_problem = format!("node {} failed: {e}", node.authority);
+                            decide(retry::Outcome::Failed, attempt, rules, deadline, set)
+                        } else {
+                            last_problem = e.to_string();
+                            returned = back;
+                            decide(retry::Outcome::NotSent, attempt, rules, deadline, set)
+                        }
                     }
-                }
+                },
                 Outcome::TimedOut => {
                     node.observe(rtt);
                     set.record_failure(&node, &policy.ejection);
@@ -292,14 +297,17 @@ fn attempts<'a>(
                         node.authority,
                         pillion_core::duration::format(try_limit)
                     );
-                    if !may_retry_sent
-                        || !can_retry(policy, attempt, deadline)
-                        || !shared.budget.withdraw()
-                    {
+                    let decision = decide(retry::Outcome::TimedOut, attempt, rules, deadline, set);
+                    if decision == Decision::Stop {
                         return Err(error(StatusCode::GATEWAY_TIMEOUT, last_problem));
                     }
+                    decision
                 }
+            };
+            if verdict == Decision::Stop {
+                break;
             }
+            tried.insert(index);
             attempt += 1;
             shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
             let backoff = backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
@@ -320,14 +328,23 @@ fn attempts<'a>(
     }
 }
 
-fn can_retry(policy: &Policy, attempt: u32, deadline: Instant) -> bool {
-    attempt < policy.retries && Instant::now() < deadline
+/// [`retry::decide`] with this call's clock and its service's budget.
+fn decide(
+    outcome: retry::Outcome,
+    attempt: u32,
+    rules: Rules,
+    deadline: Instant,
+    set: &ServiceSet,
+) -> Decision {
+    retry::decide(outcome, attempt, rules, Instant::now() < deadline, || {
+        set.shared.budget.withdraw()
+    })
 }
 
 /// Exponential backoff with full jitter: up to 10 ms, 20 ms, 40 ms, ... 200 ms.
 fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_millis(10u64 << attempt.min(5)).min(Duration::from_millis(200));
-    let jitter = balance::random() % (cap.as_micros() as u64 + 1);
+    let jitter = pillion_core::id::fast_random() % (cap.as_micros() as u64 + 1);
     Duration::from_micros(jitter)
 }
 
@@ -342,17 +359,29 @@ fn timeout_error(call: &Call) -> ApiError {
     )
 }
 
-fn build(call: &Call, headers: HeaderMap, host: &HeaderValue, body: Outgoing) -> Request<Outgoing> {
+fn build(
+    call: &Call,
+    headers: HeaderMap,
+    h2: bool,
+    host: &HeaderValue,
+    body: Outgoing,
+) -> Request<Outgoing> {
     let mut req = Request::new(body);
     *req.method_mut() = call.method.clone();
     *req.uri_mut() = call.uri.clone();
     *req.headers_mut() = headers;
-    readdress(req, call, host)
+    readdress(req, call, h2, host)
 }
 
-/// Points a request at a node: `Host` for HTTP/1.1, an absolute URI for HTTP/2.
-fn readdress(mut req: Request<Outgoing>, call: &Call, host: &HeaderValue) -> Request<Outgoing> {
-    if call.h2 {
+/// Points a request at a node in the node's protocol: `Host` and HTTP/1.1, or an
+/// absolute URI and HTTP/2 (whatever the caller spoke).
+fn readdress(
+    mut req: Request<Outgoing>,
+    call: &Call,
+    h2: bool,
+    host: &HeaderValue,
+) -> Request<Outgoing> {
+    if h2 {
         let absolute = format!(
             "http://{}{}",
             host.to_str().unwrap_or("localhost"),
@@ -364,6 +393,7 @@ fn readdress(mut req: Request<Outgoing>, call: &Call, host: &HeaderValue) -> Req
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().remove(http::header::HOST);
     } else {
+        *req.version_mut() = http::Version::HTTP_11;
         req.headers_mut().insert(http::header::HOST, host.clone());
     }
     req

@@ -17,18 +17,19 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::State;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Version};
+use http::{Method, StatusCode};
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pillion_core::ApiError;
 use serde_json::Value;
 
+use pillion_http::pool::Outgoing;
+use pillion_http::relay::{self, is_upgrade, origin_form, relay, reply, ProxyBody};
+
 use crate::forward::{forward, Call, ID};
 use crate::mapping;
-use crate::pool::{Outgoing, PooledBody};
 use crate::{Handler, Invoker};
 
 pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
@@ -40,12 +41,23 @@ pub const METHOD_HEADER: &str = "x-pillion-method";
 /// retried; larger ones stream and are sent once.
 const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
-/// A response of the data path: the node's body, streamed, or one pillion made.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+/// Headers meant for this sidecar, removed before a call leaves.
+fn control_headers() -> [HeaderName; 2] {
+    [
+        HeaderName::from_static(TIMEOUT_HEADER),
+        HeaderName::from_static(RETRY_HEADER),
+    ]
+}
 
-fn reply(e: ApiError) -> Response<ProxyBody> {
-    e.into_response()
-        .map(|s| Either::Right(Full::new(Bytes::from(s))))
+fn outbound_headers(headers: HeaderMap, upgrade: bool) -> HeaderMap {
+    relay::outbound_headers(headers, upgrade, &control_headers())
+}
+
+/// `content-type: application/grpc[+proto|;...]`.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
@@ -90,6 +102,7 @@ async fn rpc_path(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBo
         Ok(u) => u,
         Err(e) => return reply(e),
     };
+    let grpc = is_grpc(&parts.headers);
     let mut headers = outbound_headers(parts.headers, false);
     insert(&mut headers, SERVICE_HEADER, &route.service);
     insert(&mut headers, METHOD_HEADER, &route.method);
@@ -99,7 +112,7 @@ async fn rpc_path(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBo
         method: Method::POST,
         headers,
         body: Outgoing::full(body),
-        h2: parts.version == Version::HTTP_2,
+        grpc,
         pin: None,
         timeout,
         retry_any_method: retry_any,
@@ -183,7 +196,7 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         method: Method::POST,
         headers,
         body: Outgoing::full(request),
-        h2: false,
+        grpc: false,
         pin: text("address"),
         timeout,
         retry_any_method: retry_any,
@@ -229,9 +242,9 @@ async fn proxy(inv: Arc<Invoker>, mut req: Request<Incoming>) -> Response<ProxyB
         service,
         method: parts.method.clone(),
         uri: origin_form(parts.uri),
+        grpc: is_grpc(&parts.headers),
         headers: outbound_headers(parts.headers, upgrade.is_some()),
         body,
-        h2: parts.version == Version::HTTP_2,
         pin: None,
         timeout,
         retry_any_method: retry_any,
@@ -255,54 +268,6 @@ async fn finish(
     relay(res, upgrade)
 }
 
-/// Turns an upstream response into the caller's: hop-by-hop headers removed, and on
-/// `101 Switching Protocols` a tunnel between the two upgraded connections.
-pub fn relay(
-    mut res: Response<PooledBody>,
-    upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Response<ProxyBody> {
-    if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client) = upgrade else {
-            return bad(
-                StatusCode::BAD_GATEWAY,
-                "the node switched protocols without being asked to",
-            );
-        };
-        let Some(node) = res.body_mut().take_upgrade() else {
-            return bad(
-                StatusCode::BAD_GATEWAY,
-                "the node switched protocols before it had the whole request",
-            );
-        };
-        tokio::spawn(tunnel(client, node));
-        let (parts, _) = res.into_parts();
-        return Response::from_parts(parts, Either::Right(Full::new(Bytes::new())));
-    }
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Either::Left(body))
-}
-
-/// Copies bytes both ways between an upgraded client connection and node connection.
-pub async fn tunnel(client: hyper::upgrade::OnUpgrade, node: crate::h1::Upgraded) {
-    let client = match client.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let crate::h1::Upgraded { mut io, read_ahead } = node;
-    if tokio::io::AsyncWriteExt::write_all(&mut client, &read_ahead)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
-}
-
 /// The caller's controls and the whole body, for calls whose body is read before
 /// they are sent (rpc).
 async fn controls_and_body<B>(
@@ -312,7 +277,7 @@ async fn controls_and_body<B>(
 ) -> Result<(Duration, bool, Bytes), ApiError>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: Into<crate::pool::BoxError>,
+    B::Error: Into<pillion_http::BoxError>,
 {
     let (timeout, retry_any) = controls(headers, inv.config.timeout)?;
     let body = read_body(body, inv.config.max_body).await?;
@@ -360,7 +325,7 @@ fn too_large(limit: u64) -> ApiError {
 async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: Into<crate::pool::BoxError>,
+    B::Error: Into<pillion_http::BoxError>,
 {
     match http_body_util::Limited::new(body, limit as usize)
         .collect()
@@ -382,129 +347,6 @@ fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
     format!("/{method}")
         .parse()
         .map_err(|_| invalid(format!("method {method:?} cannot be part of a URL path")))
-}
-
-/// The request target as HTTP/1.1 sends it: `/path?query` (HTTP/2 requests arrive with
-/// scheme and authority).
-pub fn origin_form(uri: http::Uri) -> http::Uri {
-    if uri.scheme().is_none() {
-        return uri;
-    }
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    http::Uri::from(pq)
-}
-
-/// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// The caller's headers minus hop-by-hop ones (RFC 9110 7.6.1) and pillion's own
-/// controls. An upgrade keeps `Connection: upgrade` and `Upgrade`.
-pub fn outbound_headers(mut headers: HeaderMap, upgrade: bool) -> HeaderMap {
-    // One pass to see what is there: most requests carry none of what goes, and a
-    // removal costs a hash lookup each.
-    let (mut host, mut controls, mut te, mut has_upgrade) = (false, false, false, false);
-    for name in headers.keys() {
-        if name == header::HOST {
-            host = true;
-        } else if name == header::TE {
-            te = true;
-        } else if name == header::UPGRADE {
-            has_upgrade = true;
-        } else if name == TIMEOUT_HEADER || name == RETRY_HEADER {
-            controls = true;
-        }
-    }
-    let h2_trailers = te
-        && headers
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let upgrade_to = if has_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    strip_hop_by_hop(&mut headers);
-    if host {
-        headers.remove(header::HOST);
-    }
-    if controls {
-        headers.remove(TIMEOUT_HEADER);
-        headers.remove(RETRY_HEADER);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if let Some(u) = upgrade_to {
-            headers.insert(header::UPGRADE, u);
-        }
-    } else if has_upgrade {
-        headers.remove(header::UPGRADE);
-    }
-    if h2_trailers {
-        // gRPC needs `te: trailers`; it is the one TE value allowed end to end.
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    headers
-}
-
-/// Removes hop-by-hop headers, and those the `Connection` header lists.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Which of the fixed names are there, without allocating: most messages carry
-    // one (`Connection: keep-alive`) or none.
-    let mut present = 0u8;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return; // and so no Connection header listing others either
-    }
-    // Names the Connection header lists beyond the fixed ones (rare).
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(t))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-    for name in listed {
-        headers.remove(name);
-    }
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -559,31 +401,5 @@ mod tests {
             "%é",
             "no panic on non-ASCII after %"
         );
-    }
-
-    #[test]
-    fn hop_by_hop_headers_do_not_travel() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8081"));
-        h.insert(TIMEOUT_HEADER, HeaderValue::from_static("2s"));
-        h.insert("x-request-id", HeaderValue::from_static("abc"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let out = outbound_headers(h, false);
-        let names: Vec<_> = out.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names.len(), 2, "{names:?}");
-        assert!(out.contains_key("x-request-id") && out.contains_key(header::CONTENT_TYPE));
     }
 }

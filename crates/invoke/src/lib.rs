@@ -10,11 +10,12 @@
 //!   ejection) and locality tiers (zone, then region, then anywhere).
 //! - [`balance`]: which node for the next attempt (p2c over peak-EWMA, round-robin).
 //! - [`budget`]: the retry budget (20% of requests + 10/s).
-//! - [`pool`]: keep-alive connections per node, HTTP/1.1 and h2c.
-//! - [`h1`]: HTTP/1.1 to a node, spoken on the caller's task (no connection task).
+//! - [`retry`]: whether a failed attempt may go again, decided from who is to blame.
 //! - [`forward`]: one call across attempts: timeouts, retries, backoff, ejection.
 //! - [`handler`]: the HTTP surface: `/{service}/{method}`, `/rpc`, the proxy handler.
 //! - [`metrics`]: per-service counters and latency histograms.
+//!
+//! Connections to nodes (pools, HTTP/1.1 and h2c) are `pillion-http`'s.
 //!
 //! It must never hold a lock across a request, nor buffer a body it was told to
 //! stream.
@@ -24,11 +25,10 @@ pub mod balance;
 pub mod budget;
 pub mod endpoints;
 pub mod forward;
-pub mod h1;
 pub mod handler;
 pub mod mapping;
 pub mod metrics;
-pub mod pool;
+pub mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +39,7 @@ use pillion_registry::Registry;
 use serde_json::json;
 
 pub use balance::Strategy;
-pub use endpoints::{EjectionPolicy, Locality};
+pub use endpoints::{EjectionPolicy, Locality, Protocol};
 pub use forward::Policy;
 
 /// How `/{service}/...` is handled.
@@ -71,6 +71,8 @@ pub struct Config {
     pub timeout: Duration,
     pub max_body: u64,
     pub policy: Policy,
+    /// How connections to nodes are kept.
+    pub pool: pillion_http::pool::Settings,
 }
 
 impl Default for Config {
@@ -88,6 +90,7 @@ impl Default for Config {
                 max_pending: 1024,
                 ejection: EjectionPolicy::default(),
             },
+            pool: Default::default(),
         }
     }
 }
@@ -102,7 +105,7 @@ impl Invoker {
     /// Starts following the registry. Must be called within a tokio runtime.
     pub fn new(registry: Arc<dyn Registry>, locality: Locality, config: Config) -> Arc<Invoker> {
         Arc::new(Invoker {
-            endpoints: endpoints::Endpoints::follow(registry, locality),
+            endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone()),
             config,
         })
     }

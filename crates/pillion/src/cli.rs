@@ -184,6 +184,15 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_GRACE_PERIOD", value_name = "DUR")]
     pub grace_period: Option<Dur>,
 
+    /// How long a client may take to send a request's head, on every listener; a
+    /// slower one is disconnected (slowloris). [default: 10s]
+    #[arg(long, env = "PILLION_READ_HEADER_TIMEOUT", value_name = "DUR")]
+    pub read_header_timeout: Option<NonZeroDur>,
+
+    /// How long idle keep-alive connections to nodes and the app are kept. [default: 90s]
+    #[arg(long, env = "PILLION_POOL_IDLE_TIMEOUT", value_name = "DUR")]
+    pub pool_idle_timeout: Option<NonZeroDur>,
+
     /// Inbound proxy: listen here and pass every request to --app, with the visitor's
     /// session as X-Session-* headers (needs --app).
     #[arg(long, env = "PILLION_LISTEN", value_name = "ADDR")]
@@ -192,6 +201,15 @@ pub struct RunArgs {
     /// The app behind the inbound proxy: http://host:port (needs --listen).
     #[arg(long, env = "PILLION_APP", value_name = "URL")]
     pub app: Option<AppUrl>,
+
+    /// How long the app behind --listen may take to answer (its headers); then the
+    /// client gets 504 with a JSON error. [default: 30s]
+    #[arg(long, env = "PILLION_APP_TIMEOUT", value_name = "DUR")]
+    pub app_timeout: Option<NonZeroDur>,
+
+    /// Connections open at once on --listen; more wait to be accepted. [default: 10000]
+    #[arg(long, env = "PILLION_LISTEN_MAX_CONNECTIONS", value_name = "N")]
+    pub listen_max_connections: Option<NonZeroUsize>,
 
     /// Session store shared by every sidecar that uses it: `memory` (this process
     /// only) or redis://[:password@]host:port[/db] (rediss:// for TLS; CAs from the

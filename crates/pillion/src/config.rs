@@ -24,6 +24,10 @@ pub const DEFAULT_REGISTER_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEALTHCHECK_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+pub const DEFAULT_READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub const DEFAULT_LISTEN_MAX_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +66,10 @@ pub struct FileConfig {
     pub healthcheck_interval: Option<NonZeroDur>,
     pub healthcheck_timeout: Option<NonZeroDur>,
     pub grace_period: Option<Dur>,
+    pub read_header_timeout: Option<NonZeroDur>,
+    pub pool_idle_timeout: Option<NonZeroDur>,
+    pub app_timeout: Option<NonZeroDur>,
+    pub listen_max_connections: Option<NonZeroUsize>,
     pub worker_threads: Option<NonZeroUsize>,
     pub listen: Option<SocketAddr>,
     pub app: Option<AppUrl>,
@@ -146,6 +154,8 @@ pub struct Settings {
     pub reload_period: Duration,
     pub dns_servers: Vec<SocketAddr>,
     pub tcp: Vec<pillion_tcp::ListenerConfig>,
+    pub read_header_timeout: Duration,
+    pub listen_max_connections: usize,
 }
 
 pub const DEFAULT_RELOAD_PERIOD: Duration = Duration::from_secs(1);
@@ -182,7 +192,14 @@ impl Settings {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let inbound = resolve_inbound(&args, &file)?;
+        let pool = pillion_http::pool::Settings {
+            idle_timeout: args
+                .pool_idle_timeout
+                .clone()
+                .or(file.pool_idle_timeout.clone())
+                .map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
+        };
+        let inbound = resolve_inbound(&args, &file, &pool)?;
         let broker = resolve_broker(&args, &file, inbound.as_ref())?;
         let server_name = args.server_name.or(file.server_name);
         let server_address = args.server_address.or(file.server_address);
@@ -254,6 +271,7 @@ impl Settings {
                     .map_or(defaults.policy.max_pending, NonZeroUsize::get),
                 ejection: defaults.policy.ejection,
             },
+            pool,
         };
         let app = match (server_name, server_address) {
             (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
@@ -293,6 +311,15 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
+            read_header_timeout: args
+                .read_header_timeout
+                .clone()
+                .or(file.read_header_timeout.clone())
+                .map_or(DEFAULT_READ_HEADER_TIMEOUT, |d| d.0),
+            listen_max_connections: args
+                .listen_max_connections
+                .or(file.listen_max_connections)
+                .map_or(DEFAULT_LISTEN_MAX_CONNECTIONS, NonZeroUsize::get),
             config_file: args.config.clone(),
             reload_period: args
                 .reload_period
@@ -437,6 +464,7 @@ fn resolve_broker(
 fn resolve_inbound(
     args: &RunArgs,
     file: &FileConfig,
+    pool: &pillion_http::pool::Settings,
 ) -> Result<Option<InboundSettings>, ConfigError> {
     use pillion_session::{codec, cookie, inbound};
     let listen = args.listen.or(file.listen);
@@ -466,6 +494,14 @@ fn resolve_inbound(
             "--session-store-down",
             args.session_store_down.is_some() || file.session_store_down.is_some(),
         ),
+        (
+            "--app-timeout",
+            args.app_timeout.is_some() || file.app_timeout.is_some(),
+        ),
+        (
+            "--listen-max-connections",
+            args.listen_max_connections.is_some() || file.listen_max_connections.is_some(),
+        ),
     ];
     let (listen, app) = match (listen, app) {
         (Some(l), Some(a)) => (l, a),
@@ -482,7 +518,7 @@ fn resolve_inbound(
         (None, None) => {
             if let Some((flag, _)) = session_flags.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::Invalid(format!(
-                    "{flag} needs --listen and --app: sessions live in the inbound proxy"
+                    "{flag} needs --listen and --app: it is an option of the inbound proxy"
                 )));
             }
             return Ok(None);
@@ -568,6 +604,12 @@ fn resolve_inbound(
                 .unwrap_or_default(),
             limits,
             connect_timeout: Duration::from_secs(1),
+            app_timeout: args
+                .app_timeout
+                .clone()
+                .or(file.app_timeout.clone())
+                .map_or(DEFAULT_APP_TIMEOUT, |d| d.0),
+            pool: pool.clone(),
         },
     }))
 }

@@ -4,14 +4,13 @@
 //! - [`cli`]: the commands and flags (clap), each flag also a `PILLION_*` variable.
 //! - [`config`]: the one loader that merges defaults, file, environment and flags.
 //! - [`sidecar`]: wiring of the registry, the app's registration and the HTTP API.
-//! - [`server`]: the HTTP server: API routes, and calls to services without a router.
+//! - [`api`]: the API listener: fixed routes, and calls to services without a router.
 //! - [`shutdown`]: signals to a graceful stop.
 #![forbid(unsafe_code)]
 
+mod api;
 mod cli;
 mod config;
-mod drain;
-mod server;
 mod shutdown;
 mod sidecar;
 

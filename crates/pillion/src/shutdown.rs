@@ -42,4 +42,9 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.rx.wait_for(|down| *down).await;
     }
+
+    /// [`Shutdown::wait`] as an owned future, for a task to hold.
+    pub async fn begun(mut self) {
+        self.wait().await
+    }
 }

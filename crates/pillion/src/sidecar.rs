@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use http::StatusCode;
 use pillion_broker::metrics::BrokerMetrics;
 use pillion_broker::Broker;
+use pillion_http::server::{Limits, OkMap};
 use pillion_invoke::Invoker;
 use pillion_registry::health::AppRegistration;
 use pillion_registry::Registry;
@@ -147,19 +148,28 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         app = settings.app.as_ref().map(|a| a.name.as_str()).unwrap_or("-"),
         "pillion listening"
     );
-    let mut servers = vec![tokio::spawn(crate::server::serve_api(
+    let limits = Limits {
+        read_header_timeout: settings.read_header_timeout,
+        max_connections: None,
+        grace: settings.grace_period,
+    };
+    let mut servers = vec![tokio::spawn(crate::api::serve_api(
         listener,
         router,
         invoker,
-        shutdown.clone(),
-        settings.grace_period,
+        limits.clone(),
+        shutdown.clone().begun(),
     ))];
     if let Some((inbound, listener)) = inbound {
-        servers.push(tokio::spawn(crate::server::serve(
+        let limits = Limits {
+            max_connections: Some(settings.listen_max_connections),
+            ..limits
+        };
+        servers.push(tokio::spawn(pillion_http::server::serve(
             listener,
-            shutdown.clone(),
-            settings.grace_period,
-            move |req, peer| crate::server::OkMap::new(inbound.clone().handle(req, peer), |r| r),
+            limits,
+            shutdown.clone().begun(),
+            move |req, peer| OkMap::new(inbound.clone().handle(req, peer), |r| r),
         )));
     }
     shutdown.wait().await;

@@ -15,8 +15,8 @@
 //! owned is written again: registrations are restored without restarting pillion.
 //!
 //! etcd is spoken to through its v3 JSON gateway (`/v3/kv/put`, `/v3/watch`, ...) with
-//! hyper's client (hyper is in the build for pillion's HTTP server anyway), which keeps
-//! gRPC code generation and a protobuf compiler out of the build.
+//! pillion-http's client (the one every other HTTP call of the sidecar uses), which
+//! keeps gRPC code generation and a protobuf compiler out of the build.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,11 +27,10 @@ use arc_swap::ArcSwap;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use pillion_core::Service;
+use pillion_http::pool::{Outgoing, PooledBody};
+use pillion_http::{describe, Client};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -389,7 +388,7 @@ async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), Gat
         .await?;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| GatewayError::Unreachable(describe(&e)))?;
+        let frame = frame.map_err(|e| GatewayError::Unreachable(describe(&*e)))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -609,34 +608,19 @@ impl GatewayError {
     }
 }
 
-/// An error and its causes, `outer: inner: root`.
-fn describe(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 /// etcd's v3 JSON gateway on one or more endpoints, failing over between them.
 struct Gateway {
     endpoints: Vec<String>,
     current: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client,
 }
 
 impl Gateway {
     fn new(endpoints: Vec<String>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        connector.set_nodelay(true);
         Gateway {
             endpoints,
             current: AtomicUsize::new(0),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::new(Default::default(), Duration::from_secs(1)),
         }
     }
 
@@ -644,7 +628,7 @@ impl Gateway {
         &self,
         path: &str,
         body: &Value,
-    ) -> Result<http::Response<hyper::body::Incoming>, GatewayError> {
+    ) -> Result<http::Response<PooledBody>, GatewayError> {
         let n = self.endpoints.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = String::new();
@@ -653,9 +637,9 @@ impl Gateway {
             let endpoint = &self.endpoints[idx];
             let req = http::Request::post(format!("http://{endpoint}{path}"))
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body.to_string())))
+                .body(Outgoing::full(Bytes::from(body.to_string())))
                 .expect("request builds");
-            match self.client.request(req).await {
+            match self.client.send(req, CALL_TIMEOUT).await {
                 Ok(res) => {
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(res);
@@ -675,7 +659,7 @@ impl Gateway {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| GatewayError::Unreachable(describe(&e)))?
+                .map_err(|e| GatewayError::Unreachable(describe(&*e)))?
                 .to_bytes();
             let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if !status.is_success() {
@@ -694,7 +678,7 @@ impl Gateway {
     }
 
     /// A streaming call (watch): the response body, read by the caller.
-    async fn stream(&self, path: &str, body: Value) -> Result<hyper::body::Incoming, GatewayError> {
+    async fn stream(&self, path: &str, body: Value) -> Result<PooledBody, GatewayError> {
         let res = tokio::time::timeout(CALL_TIMEOUT, self.send(path, &body))
             .await
             .map_err(|_| {

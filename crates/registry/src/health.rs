@@ -10,12 +10,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use pillion_core::{Node, Service};
+use pillion_http::pool::Outgoing;
+use pillion_http::Client;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
@@ -142,8 +139,7 @@ async fn run(
     service: Service,
     status: Arc<Mutex<AppStatus>>,
 ) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client = Client::new(Default::default(), cfg.healthcheck_timeout);
     let node = service.nodes[0].id.clone();
     let update =
         |f: &dyn Fn(&mut AppStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
@@ -211,32 +207,21 @@ async fn run(
     }
 }
 
-async fn check(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    url: &str,
-    timeout: Duration,
-) -> CheckResult {
+async fn check(client: &Client, url: &str, timeout: Duration) -> CheckResult {
     let at = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let req = http::Request::get(url)
+        .header(http::header::USER_AGENT, "pillion-healthcheck")
+        .body(Outgoing::Full(None));
     let attempt = async {
-        let req = http::Request::get(url)
-            .header(http::header::USER_AGENT, "pillion-healthcheck")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let res = client.request(req).await.map_err(|e| {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(inner) = src {
-                s = format!("{s}: {inner}");
-                src = inner.source();
-            }
-            s
-        })?;
-        let status = res.status();
-        // Drain the body so the connection can be reused.
-        let _ = res.into_body().collect().await;
+        let req = req.map_err(|e| e.to_string())?;
+        // The whole answer is read so the connection can be reused.
+        let (status, _) = client
+            .fetch(req, timeout)
+            .await
+            .map_err(|e| pillion_http::describe(&e))?;
         Ok::<_, String>(status)
     };
     match tokio::time::timeout(timeout, attempt).await {

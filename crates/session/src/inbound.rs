@@ -25,8 +25,9 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pillion_core::ApiError;
-use pillion_invoke::handler::{is_upgrade, origin_form, outbound_headers, relay, ProxyBody};
-use pillion_invoke::pool::{Outgoing, Pool, SendFailure};
+use pillion_http::pool::{self, Outgoing, Pool};
+use pillion_http::relay::{is_upgrade, origin_form, outbound_headers, relay, ProxyBody};
+use pillion_http::Blame;
 
 use crate::codec::{check_limits, Limits, Scheme};
 use crate::cookie::CookieConfig;
@@ -68,6 +69,10 @@ pub struct Config {
     pub store_down: StoreDown,
     pub limits: Limits,
     pub connect_timeout: Duration,
+    /// How long the app may take to answer's headers (`--app-timeout`); then 504.
+    pub app_timeout: Duration,
+    /// How connections to the app are kept.
+    pub pool: pool::Settings,
 }
 
 /// Parses `--app`: an `http://host:port` URL.
@@ -113,7 +118,7 @@ fn reply(status: StatusCode, detail: String) -> Response<ProxyBody> {
 impl Inbound {
     pub fn new(store: Arc<dyn SessionStore>, cfg: Config) -> Arc<Inbound> {
         Arc::new(Inbound {
-            pool: Arc::new(Pool::new(cfg.app.clone())),
+            pool: Arc::new(Pool::with_settings(cfg.app.clone(), cfg.pool.clone())),
             cfg,
             store,
             metrics: SessionMetrics::default(),
@@ -193,7 +198,7 @@ impl Inbound {
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let host = parts.headers.get(HOST).cloned();
-        let mut headers = outbound_headers(parts.headers, upgrade.is_some());
+        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[]);
         cfg.scheme.strip(&mut headers);
         match &loaded {
             Loaded::Known(_, data) => cfg.scheme.inject(&mut headers, data),
@@ -219,19 +224,32 @@ impl Inbound {
         *out.version_mut() = Version::HTTP_11;
         *out.headers_mut() = headers;
 
-        let mut res = match self.pool.send(out, false, cfg.connect_timeout).await {
-            Ok(res) => res,
-            Err((SendFailure::Connect(e), _)) => {
+        let sent = tokio::time::timeout(
+            cfg.app_timeout,
+            self.pool.send(out, false, cfg.connect_timeout),
+        );
+        let mut res = match sent.await {
+            Ok(Ok(res)) => res,
+            Err(_) => {
                 return reply(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the app at {} is unreachable: {e}", cfg.app_url),
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the app at {} did not answer within {} (--app-timeout)",
+                        cfg.app_url,
+                        pillion_core::duration::format(cfg.app_timeout)
+                    ),
                 )
             }
-            Err((SendFailure::Sent(e), _)) => {
-                return reply(
-                    StatusCode::BAD_GATEWAY,
-                    format!("the app at {} failed to answer: {e}", cfg.app_url),
-                )
+            Ok(Err((e, _))) => {
+                let detail = match e.blame() {
+                    Blame::Caller => format!("the request was not sent whole: {e}"),
+                    Blame::Pillion => e.to_string(),
+                    Blame::Node if !e.may_have_reached_node() => {
+                        format!("the app at {} is unreachable: {e}", cfg.app_url)
+                    }
+                    Blame::Node => format!("the app at {} failed to answer: {e}", cfg.app_url),
+                };
+                return reply(e.status(), detail);
             }
         };
 

@@ -1,9 +1,6 @@
-//! The HTTP servers: accept connections, speak HTTP/1.1 and h2c, drain on shutdown.
-//!
-//! On `--address`, each request goes either to the API router (the fixed paths) or
-//! straight to the invocation data path (every other path), so a call to a service
-//! pays for no router and no boxed body. On `--listen`, every request goes to the
-//! inbound (session) proxy.
+//! The server side of every listener: accept connections, speak HTTP/1.1 and h2c,
+//! time out a request head that does not arrive, bound the open connections, drain
+//! on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,53 +10,30 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
-use futures_util::future;
 use http::{Request, Response};
-use http_body_util::Either;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use pillion_invoke::handler::ProxyBody;
-use pillion_invoke::Invoker;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::drain::Drain;
-use crate::shutdown::Shutdown;
 
-/// Paths the API router answers; everything else is a call to a service.
-const API_PATHS: [&str; 7] = [
-    "/registry",
-    "/rpc",
-    "/broker",
-    "/broker/deliver",
-    "/healthz",
-    "/statusz",
-    "/metrics",
-];
-
-type Body = Either<ProxyBody, axum::body::Body>;
-
-/// The API server: fixed paths to the router, the rest to the invocation data path.
-pub async fn serve_api(
-    listener: TcpListener,
-    api: Router,
-    invoker: Arc<Invoker>,
-    shutdown: Shutdown,
-    grace: Duration,
-) {
-    serve(listener, shutdown, grace, move |req, _peer| {
-        route(api.clone(), invoker.clone(), req)
-    })
-    .await
+/// The clocks and limits of one listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A connection whose request head has not arrived within this is closed.
+    pub read_header_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: Option<usize>,
+    /// After shutdown begins, how long requests in flight may take to finish.
+    pub grace: Duration,
 }
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
 /// connections finish their requests for up to `grace`.
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
-    mut shutdown: Shutdown,
-    grace: Duration,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
     handle: F,
 ) where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -68,8 +42,25 @@ pub async fn serve<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let drain = Drain::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.read_header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let permits = limits
+        .max_connections
+        .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // A permit first: at the limit, new connections wait in the kernel's backlog.
+        let permit = match &permits {
+            None => None,
+            Some(p) => tokio::select! {
+                permit = p.clone().acquire_owned() => permit.ok(),
+                _ = &mut shutdown => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -80,7 +71,7 @@ pub async fn serve<F, Fut, B>(
                     continue;
                 }
             },
-            _ = shutdown.wait() => break,
+            _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
@@ -88,12 +79,19 @@ pub async fn serve<F, Fut, B>(
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        tokio::spawn(drain.watch(conn, |c| c.graceful_shutdown()));
+        let conn = drain.watch(conn, |c| c.graceful_shutdown());
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
     drop(listener);
-    if tokio::time::timeout(grace, drain.drain()).await.is_err() {
+    if tokio::time::timeout(limits.grace, drain.drain())
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            grace_period = %pillion_core::duration::format(grace),
+            grace_period = %pillion_core::duration::format(limits.grace),
             "in-flight requests did not finish within the grace period"
         );
     }
@@ -122,24 +120,5 @@ impl<F: Future, G: FnMut(F::Output) -> T, T> Future for OkMap<F, G> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         this.fut.poll(cx).map(|out| Ok((this.f)(out)))
-    }
-}
-
-/// The API router for its fixed paths (boxed: off the data path, and its future would
-/// make every call's future larger), the data path for the rest.
-fn route(
-    api: Router,
-    invoker: Arc<Invoker>,
-    req: Request<Incoming>,
-) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
-    if API_PATHS.contains(&req.uri().path()) {
-        future::Either::Left(Box::pin(async move {
-            api.oneshot(req).await.map(|res| res.map(Either::Right))
-        }))
-    } else {
-        future::Either::Right(OkMap::new(
-            pillion_invoke::handler::service_call(invoker, req),
-            |res: Response<ProxyBody>| res.map(Either::Left),
-        ))
     }
 }

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::{Either, FutureExt};
@@ -26,8 +26,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::h1;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::{describe, BoxError, SendError};
 
 /// At most this many idle HTTP/1.1 connections are kept per node.
 const MAX_IDLE: usize = 256;
@@ -54,7 +53,11 @@ impl Body for Outgoing {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Outgoing::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Outgoing::Stream(body) => Pin::new(body).poll_frame(cx),
+            // Typed here, so that whichever client sends it (h1 or hyper's h2) the
+            // failure is known to be the caller's.
+            Outgoing::Stream(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| SendError::from_body(e).into()),
         }
     }
 
@@ -76,30 +79,46 @@ impl Body for Outgoing {
 }
 
 /// A node's answer, or why there is none and the request if it never left.
-pub type Sent = Result<Response<PooledBody>, (SendFailure, Option<Request<Outgoing>>)>;
+pub type Sent = Result<Response<PooledBody>, (SendError, Option<Request<Outgoing>>)>;
 
 #[allow(clippy::result_large_err)] // the error hands the request back
-fn h1_result(r: Result<Response<h1::ResponseBody>, String>) -> Sent {
+fn h1_result(r: Result<Response<h1::ResponseBody>, SendError>) -> Sent {
     match r {
         Ok(res) => Ok(res.map(PooledBody::H1)),
-        Err(e) => Err((SendFailure::Sent(e), None)),
+        Err(e) => Err((e, None)),
     }
 }
 
-/// Why a send failed, and whether the node can have seen the request.
-#[derive(Debug)]
-pub enum SendFailure {
-    /// No connection could be made: the node has not seen the request.
-    Connect(String),
-    /// The request may have reached the node (connection reset, closed mid-way).
-    Sent(String),
+/// How a pool keeps its connections.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// An idle connection unused for this long is closed (`--pool-idle-timeout`).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
 }
 
 pub struct Pool {
     authority: String,
-    idle: Mutex<Vec<h1::Conn>>,
+    settings: Settings,
+    idle: Mutex<Idle>,
     h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
     limit: Arc<Limit>,
+}
+
+/// Idle HTTP/1.1 connections, the most recently used last, each with the time it
+/// came back.
+#[derive(Default)]
+struct Idle {
+    conns: Vec<(h1::Conn, Instant)>,
+    /// Whether a sweeper task is closing the expired ones.
+    sweeping: bool,
 }
 
 /// At most [`MAX_OPEN`] HTTP/1.1 connections per node: beyond it a request waits for
@@ -137,9 +156,14 @@ impl Drop for Slot {
 
 impl Pool {
     pub fn new(authority: String) -> Pool {
+        Pool::with_settings(authority, Settings::default())
+    }
+
+    pub fn with_settings(authority: String, settings: Settings) -> Pool {
         Pool {
             authority,
-            idle: Mutex::new(Vec::new()),
+            settings,
+            idle: Mutex::new(Idle::default()),
             h2: Mutex::new(None),
             limit: Arc::new(Limit {
                 open: AtomicUsize::new(0),
@@ -150,7 +174,7 @@ impl Pool {
 
     /// Idle HTTP/1.1 connections, for `/statusz`.
     pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock_idle().conns.len()
     }
 
     /// Sends `req` (origin-form URI for HTTP/1.1, absolute for HTTP/2). On a failure
@@ -200,7 +224,7 @@ impl Pool {
             };
             match self.dial(connect_timeout).await {
                 Ok(io) => break h1::Conn::new(io, slot),
-                Err(e) => return Err((SendFailure::Connect(e), Some(req))),
+                Err(e) => return Err((e, Some(req))),
             }
         };
         h1_result(h1::send(conn, req, self.clone()).await)
@@ -218,7 +242,7 @@ impl Pool {
                     *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
                     s
                 }
-                Err(e) => return Err((SendFailure::Connect(e), Some(req))),
+                Err(e) => return Err((e, Some(req))),
             },
         };
         match sender.try_send_request(req).await {
@@ -226,8 +250,18 @@ impl Pool {
             Err(mut e) => {
                 let msg = describe(e.error());
                 match e.take_message() {
-                    Some(r) => Err((SendFailure::Connect(msg), Some(r))),
-                    None => Err((SendFailure::Sent(msg), None)),
+                    // Refused before it left (the connection was closing).
+                    Some(r) => Err((
+                        SendError::Handshake {
+                            authority: self.authority.clone(),
+                            detail: msg,
+                        },
+                        Some(r),
+                    )),
+                    None => Err((
+                        SendError::callers_in(e.error()).unwrap_or(SendError::H2(msg)),
+                        None,
+                    )),
                 }
             }
         }
@@ -235,8 +269,8 @@ impl Pool {
 
     /// An idle connection that is still open; closed ones are dropped on the way.
     fn checkout(&self) -> Option<h1::Conn> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(conn) = idle.pop() {
+        let mut idle = self.lock_idle();
+        while let Some((conn, _)) = idle.conns.pop() {
             if conn.is_usable() {
                 return Some(conn);
             }
@@ -244,30 +278,35 @@ impl Pool {
         None
     }
 
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Takes back a connection whose exchange ended cleanly.
-    pub(crate) fn checkin(&self, conn: h1::Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+    pub(crate) fn checkin(self: &Arc<Self>, conn: h1::Conn) {
+        let mut idle = self.lock_idle();
+        if idle.conns.len() < MAX_IDLE {
+            idle.conns.push((conn, Instant::now()));
+            if !idle.sweeping {
+                idle.sweeping = true;
+                tokio::spawn(sweep(Arc::downgrade(self)));
+            }
         }
         drop(idle);
         self.limit.returned.notify_one();
     }
 
-    async fn dial(&self, connect_timeout: Duration) -> Result<tokio::net::TcpStream, String> {
+    async fn dial(&self, connect_timeout: Duration) -> Result<tokio::net::TcpStream, SendError> {
         let stream = tokio::time::timeout(
             connect_timeout,
             tokio::net::TcpStream::connect(&self.authority),
         )
         .await
-        .map_err(|_| {
-            format!(
-                "connect to {} timed out after {}",
-                self.authority,
-                pillion_core::duration::format(connect_timeout)
-            )
+        .map_err(|_| SendError::ConnectTimeout {
+            authority: self.authority.clone(),
+            after: connect_timeout,
         })?
-        .map_err(|e| format!("connect to {}: {e}", self.authority))?;
+        .map_err(|e| SendError::dial(&self.authority, e))?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
@@ -275,18 +314,44 @@ impl Pool {
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Outgoing>, String> {
+    ) -> Result<http2::SendRequest<Outgoing>, SendError> {
         let io = TokioIo::new(self.dial(connect_timeout).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
-            .map_err(|e| format!("h2c handshake with {}: {}", self.authority, describe(&e)))?;
+            .map_err(|e| SendError::Handshake {
+                authority: self.authority.clone(),
+                detail: describe(&e),
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
         Ok(sender)
+    }
+}
+
+/// Closes the pool's idle connections once they have been idle for its idle timeout,
+/// checking a few times per timeout; ends when none is left (the next check-in starts
+/// another) or the pool is gone.
+async fn sweep(pool: std::sync::Weak<Pool>) {
+    loop {
+        let period = match pool.upgrade() {
+            Some(p) => (p.settings.idle_timeout / 4).max(Duration::from_millis(100)),
+            None => return,
+        };
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let timeout = pool.settings.idle_timeout;
+        let mut idle = pool.lock_idle();
+        let now = Instant::now();
+        idle.conns
+            .retain(|(_, since)| now.duration_since(*since) < timeout);
+        if idle.conns.is_empty() {
+            idle.sweeping = false;
+            return;
+        }
     }
 }
 
@@ -334,19 +399,4 @@ impl Body for PooledBody {
             PooledBody::H2(body) => body.size_hint(),
         }
     }
-}
-
-/// An error with its causes: `outer: inner: root`.
-pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        src = inner.source();
-    }
-    s
 }

@@ -30,7 +30,8 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::pool::{describe, BoxError, Outgoing, Pool, Slot};
+use crate::pool::{Outgoing, Pool, Slot};
+use crate::{BoxError, SendError};
 
 /// Header fields in a response head, as hyper allows.
 const MAX_HEADERS: usize = 100;
@@ -106,7 +107,7 @@ pub(crate) fn send(
     conn: Conn,
     req: Request<Outgoing>,
     pool: Arc<Pool>,
-) -> impl Future<Output = Result<Response<ResponseBody>, String>> + Send {
+) -> impl Future<Output = Result<Response<ResponseBody>, SendError>> + Send {
     // The request is encoded before the future is made, so the future holds only
     // the exchange (it is moved with every call).
     let (parts, body) = req.into_parts();
@@ -129,7 +130,8 @@ pub(crate) fn send(
         // node and for the caller each.
         tokio::task::yield_now().await;
         let head = std::future::poll_fn(|cx| exchange.poll_head(cx)).await?;
-        let (framing, keep_alive) = framing(&head, head_only, upgrade)?;
+        let (framing, keep_alive) =
+            framing(&head, head_only, upgrade).map_err(SendError::Protocol)?;
         exchange.framing = framing;
         exchange.keep_alive = keep_alive;
         let mut body = ResponseBody {
@@ -168,24 +170,22 @@ struct Exchange {
 impl Exchange {
     /// Moves the request body along; an error of the body itself is returned, a
     /// write error only recorded (the answer may still be there to read).
-    fn poll_write_side(&mut self, cx: &mut Context<'_>) -> Result<(), String> {
+    fn poll_write_side(&mut self, cx: &mut Context<'_>) -> Result<(), SendError> {
         if let Write::Writing(w) = &mut self.write {
             match w.poll_write(&mut self.conn.io, cx) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => self.write = Write::Done,
                 Poll::Ready(Err(WriteError::Io(e))) => self.write = Write::Failed(e),
-                Poll::Ready(Err(WriteError::Body(e))) => {
-                    return Err(format!("reading the request body: {}", describe(&*e)))
-                }
+                Poll::Ready(Err(WriteError::Body(e))) => return Err(e),
             }
         }
         Ok(())
     }
 
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, String>> {
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, SendError>> {
         loop {
             self.poll_write_side(cx)?;
-            match parse_head(&mut self.conn.buf)? {
+            match parse_head(&mut self.conn.buf).map_err(SendError::Protocol)? {
                 Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
                     continue; // 100 Continue and the like
                 }
@@ -194,13 +194,14 @@ impl Exchange {
             }
             match ready!(self.conn.poll_fill(cx)) {
                 Ok(0) => {
-                    return Poll::Ready(Err(match &self.write {
-                        Write::Failed(e) => format!("sending the request: {e}"),
-                        _ => "the node closed the connection before answering".to_string(),
-                    }))
+                    let write = std::mem::replace(&mut self.write, Write::Done);
+                    return Poll::Ready(Err(match write {
+                        Write::Failed(e) => SendError::Write(e),
+                        _ => SendError::Closed,
+                    }));
                 }
                 Ok(_) => {}
-                Err(e) => return Poll::Ready(Err(format!("reading the answer: {e}"))),
+                Err(e) => return Poll::Ready(Err(SendError::Read(e))),
             }
         }
     }
@@ -591,15 +592,21 @@ impl Body for ResponseBody {
 
 enum WriteError {
     Io(io::Error),
-    Body(BoxError),
+    /// The caller's body failed or had the wrong length.
+    Body(SendError),
 }
 
 /// Writes a request: the head, then the body as it comes (chunked when its length
-/// is not known).
+/// is not known). The length sent is the body's own (its size hint), never a
+/// header's, and the bytes written are counted against it: a body that turns out
+/// longer or shorter aborts the exchange instead of desynchronising the connection.
 struct Writer {
     queue: VecDeque<Bytes>,
     body: Option<Outgoing>,
     chunked: bool,
+    /// For a streamed body with a length: the length sent and the bytes so far.
+    declared: u64,
+    written: u64,
 }
 
 impl Writer {
@@ -626,6 +633,7 @@ impl Writer {
         }
         let mut queue = VecDeque::with_capacity(4);
         let mut chunked = false;
+        let mut declared = 0;
         let body = match body {
             Outgoing::Full(bytes) => {
                 let len = bytes.as_ref().map_or(0, |b| b.len());
@@ -644,13 +652,9 @@ impl Writer {
                 None
             }
             Outgoing::Stream(stream) => {
-                let declared = parts
-                    .headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                match declared {
+                match stream.size_hint().exact() {
                     Some(n) => {
+                        declared = n;
                         let _ = write!(head, "content-length: {n}\r\n");
                     }
                     None => {
@@ -669,7 +673,16 @@ impl Writer {
             queue,
             body,
             chunked,
+            declared,
+            written: 0,
         }
+    }
+
+    fn length_error(&self) -> WriteError {
+        WriteError::Body(SendError::BodyLength {
+            declared: self.declared,
+            written: self.written,
+        })
     }
 
     fn poll_write(
@@ -709,9 +722,11 @@ impl Writer {
                     self.body = None;
                     if self.chunked {
                         self.queue.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                    } else if self.written != self.declared {
+                        return Poll::Ready(Err(self.length_error()));
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Err(WriteError::Body(e))),
+                Some(Err(e)) => return Poll::Ready(Err(WriteError::Body(SendError::from_body(e)))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) if data.is_empty() => {}
                     Ok(data) if self.chunked => {
@@ -720,7 +735,13 @@ impl Writer {
                         self.queue.push_back(data);
                         self.queue.push_back(Bytes::from_static(b"\r\n"));
                     }
-                    Ok(data) => self.queue.push_back(data),
+                    Ok(data) => {
+                        self.written += data.len() as u64;
+                        if self.written > self.declared {
+                            return Poll::Ready(Err(self.length_error()));
+                        }
+                        self.queue.push_back(data)
+                    }
                     Err(frame) => {
                         if let (Ok(trailers), true) = (frame.into_trailers(), self.chunked) {
                             let mut block = b"0\r\n".to_vec();

@@ -1,0 +1,157 @@
+//! One-shot requests to a URL, over the same pools as calls to nodes: health checks
+//! of the app, etcd's gateway, peer sidecars. One [`Pool`] per authority, made on
+//! first use.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri};
+
+use crate::pool::{Outgoing, Pool, PooledBody, Settings};
+use crate::SendError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0:?} is not an http:// URL")]
+    BadUrl(String),
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error("no answer within {}", pillion_core::duration::format(*.0))]
+    Timeout(Duration),
+}
+
+pub struct Client {
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    settings: Settings,
+    connect_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(settings: Settings, connect_timeout: Duration) -> Client {
+        Client {
+            pools: Mutex::new(HashMap::new()),
+            settings,
+            connect_timeout,
+        }
+    }
+
+    /// The pool of one authority, shared by every request to it.
+    pub fn pool(&self, authority: &str) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(authority.to_string())
+            .or_insert_with(|| {
+                Arc::new(Pool::with_settings(
+                    authority.to_string(),
+                    self.settings.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// Sends `req`, whose URI is absolute (`http://host:port/path`), and waits at most
+    /// `timeout` for the answer's head. A request that fails on a pooled connection
+    /// the node had closed meanwhile is sent again once on a new one when the node
+    /// cannot have acted on it (it never saw it) or it is idempotent.
+    pub async fn send(
+        &self,
+        mut req: Request<Outgoing>,
+        timeout: Duration,
+    ) -> Result<Response<PooledBody>, ClientError> {
+        let uri = req.uri().clone();
+        let authority = match (uri.scheme_str(), uri.authority()) {
+            (Some("http"), Some(a)) => a.as_str().to_string(),
+            _ => return Err(ClientError::BadUrl(uri.to_string())),
+        };
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        *req.uri_mut() = Uri::try_from(path).map_err(|_| ClientError::BadUrl(uri.to_string()))?;
+        if let Ok(host) = HeaderValue::from_str(&authority) {
+            req.headers_mut().entry(header::HOST).or_insert(host);
+        }
+        let pool = self.pool(&authority);
+        let again = replayable(&req);
+        let first = tokio::time::timeout(timeout, pool.send(req, false, self.connect_timeout));
+        let failure = match first.await {
+            Err(_) => return Err(ClientError::Timeout(timeout)),
+            Ok(Ok(res)) => return Ok(res),
+            Ok(Err((e, _))) => e,
+        };
+        match again {
+            Some(req) if stale_connection(&failure) => {
+                let second =
+                    tokio::time::timeout(timeout, pool.send(req, false, self.connect_timeout));
+                match second.await {
+                    Err(_) => Err(ClientError::Timeout(timeout)),
+                    Ok(Ok(res)) => Ok(res),
+                    Ok(Err((e, _))) => Err(e.into()),
+                }
+            }
+            _ => Err(failure.into()),
+        }
+    }
+
+    /// `GET url`, the whole answer read within `timeout`.
+    pub async fn get(
+        &self,
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(http::StatusCode, Bytes), ClientError> {
+        let req = Request::get(url)
+            .header(header::USER_AGENT, "pillion")
+            .body(Outgoing::Full(None))
+            .map_err(|_| ClientError::BadUrl(url.to_string()))?;
+        self.fetch(req, timeout).await
+    }
+
+    /// Sends `req` and reads the whole answer, both within `timeout`.
+    pub async fn fetch(
+        &self,
+        req: Request<Outgoing>,
+        timeout: Duration,
+    ) -> Result<(http::StatusCode, Bytes), ClientError> {
+        use http_body_util::BodyExt;
+        let attempt = async {
+            let res = self.send(req, timeout).await?;
+            let status = res.status();
+            let body = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| {
+                    SendError::Protocol(format!("reading the answer: {}", crate::describe(&*e)))
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+}
+
+/// A copy of an idempotent request with a whole body, to send again if a kept-alive
+/// connection turns out to have been closed by the node.
+fn replayable(req: &Request<Outgoing>) -> Option<Request<Outgoing>> {
+    let Outgoing::Full(body) = req.body() else {
+        return None;
+    };
+    if !crate::idempotent(req.method()) {
+        return None;
+    }
+    let mut copy = Request::new(Outgoing::Full(body.clone()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The failures of a connection the node closed while it sat in the pool.
+fn stale_connection(e: &SendError) -> bool {
+    matches!(
+        e,
+        SendError::Closed | SendError::Write(_) | SendError::Read(_)
+    )
+}

@@ -1,0 +1,57 @@
+//! pillion's one HTTP layer: every HTTP connection the sidecar makes or accepts goes
+//! through this crate.
+//!
+//! - [`pool`]: keep-alive connections per node (HTTP/1.1 and h2c), idle expiry, a cap
+//!   on open connections, and [`pool::Outgoing`], a request body that is whole
+//!   (replayable) or a stream (sent once).
+//! - [`h1`]: pillion's own HTTP/1.1 client, spoken on the caller's task.
+//! - [`error`]: [`SendError`], why a send failed: whose fault it was, and whether the
+//!   node may have seen the request. Policy code matches on it, never on text.
+//! - [`relay`]: hop-by-hop header removal and the upgrade tunnel.
+//! - [`client`]: one-shot requests to a URL (health checks, etcd, peer sidecars) over
+//!   the same pools.
+//! - [`server`]: the accept loop of every listener: header-read timeout, a bound on
+//!   open connections, graceful drain.
+//! - [`drain`]: the drain primitive that every connection registers with.
+//!
+//! It knows nothing of services, sessions or the registry: those crates use it.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod drain;
+pub mod error;
+pub mod h1;
+pub mod pool;
+pub mod relay;
+pub mod server;
+
+pub use client::Client;
+pub use error::{Blame, SendError};
+
+/// The error type of request and response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error with its causes: `outer: inner: root`.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Methods whose effect is the same however many times they are sent (RFC 9110 9.2.2):
+/// a failed one may be sent again after the node may have seen it.
+pub fn idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}

@@ -1,0 +1,64 @@
+//! The API listener (`--address`): each request goes either to the API router (the
+//! fixed paths) or straight to the invocation data path (every other path), so a call
+//! to a service pays for no router and no boxed body.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use futures_util::future;
+use http::{Request, Response};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use pillion_http::relay::ProxyBody;
+use pillion_http::server::{serve, Limits, OkMap};
+use pillion_invoke::Invoker;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// Paths the API router answers; everything else is a call to a service.
+const API_PATHS: [&str; 7] = [
+    "/registry",
+    "/rpc",
+    "/broker",
+    "/broker/deliver",
+    "/healthz",
+    "/statusz",
+    "/metrics",
+];
+
+type Body = Either<ProxyBody, axum::body::Body>;
+
+/// The API server: fixed paths to the router, the rest to the invocation data path.
+pub async fn serve_api(
+    listener: TcpListener,
+    api: Router,
+    invoker: Arc<Invoker>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve(listener, limits, shutdown, move |req, _peer| {
+        route(api.clone(), invoker.clone(), req)
+    })
+    .await
+}
+
+/// The API router for its fixed paths (boxed: off the data path, and its future would
+/// make every call's future larger), the data path for the rest.
+fn route(
+    api: Router,
+    invoker: Arc<Invoker>,
+    req: Request<Incoming>,
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
+    if API_PATHS.contains(&req.uri().path()) {
+        future::Either::Left(Box::pin(async move {
+            api.oneshot(req).await.map(|res| res.map(Either::Right))
+        }))
+    } else {
+        future::Either::Right(OkMap::new(
+            pillion_invoke::handler::service_call(invoker, req),
+            |res: Response<ProxyBody>| res.map(Either::Left),
+        ))
+    }
+}
