@@ -8,6 +8,9 @@
 //!
 //! The subscription is in a queue group (`push-<service>`), so when the app runs as
 //! several instances, each message goes to one of them.
+//!
+//! On shutdown ([`Pushes::stop`]) no new message is taken, and a delivery under way
+//! is finished (within the grace period) rather than cut off mid-request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +51,27 @@ impl std::str::FromStr for PushRoute {
 const PLAIN_ATTEMPTS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The running delivery tasks, one per route.
+pub struct Pushes {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Pushes {
+    /// Stops taking messages and waits for deliveries under way, at most `grace`;
+    /// what is still running then is cut off (a durable message is redelivered).
+    pub async fn stop(mut self, grace: Duration) {
+        self.stop.send_replace(true);
+        let all = futures_util::future::join_all(self.tasks.iter_mut());
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("push deliveries still running after the grace period; cut off");
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
 /// Starts one delivery task per route.
 pub fn start(
     broker: Arc<dyn Broker>,
@@ -55,9 +79,10 @@ pub fn start(
     app: String,
     queue: String,
     metrics: Arc<BrokerMetrics>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Pushes {
     let client = Arc::new(Client::new(Default::default(), Duration::from_secs(1)));
-    routes
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = routes
         .into_iter()
         .map(|route| {
             tokio::spawn(run(
@@ -67,9 +92,11 @@ pub fn start(
                 client.clone(),
                 queue.clone(),
                 metrics.clone(),
+                stopped.clone(),
             ))
         })
-        .collect()
+        .collect();
+    Pushes { tasks, stop }
 }
 
 async fn run(
@@ -79,21 +106,31 @@ async fn run(
     client: Arc<Client>,
     queue: String,
     metrics: Arc<BrokerMetrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    loop {
+    while !*stop.borrow() {
         let mut sub = match broker.subscribe(&route.topic, Some(&queue), 64).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(topic = %route.topic, error = %e, "push subscription failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await;
                 continue;
             }
         };
         tracing::info!(topic = %route.topic, app = %app, path = %route.path, "pushing messages to the app");
-        while let Some(delivery) = sub.next().await {
+        loop {
+            let delivery = tokio::select! {
+                d = sub.next() => d,
+                _ = stop.changed() => return,
+            };
+            let Some(delivery) = delivery else { break };
+            // Not raced against the stop signal: a delivery under way is finished.
             handle(&client, &app, &route, delivery, &metrics).await;
+            if *stop.borrow() {
+                return;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), stop.changed()).await;
     }
 }
 

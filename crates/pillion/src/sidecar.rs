@@ -2,7 +2,7 @@
 //! take it all down in order on shutdown.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -101,14 +101,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         metrics: broker_metrics.clone(),
     });
     let pushes = match &settings.broker.push_to {
-        Some(app) if !settings.broker.push.is_empty() => pillion_broker::push::start(
+        Some(app) if !settings.broker.push.is_empty() => Some(pillion_broker::push::start(
             broker.clone(),
             settings.broker.push.clone(),
             app.clone(),
             settings.broker.push_queue.clone(),
             broker_metrics.clone(),
-        ),
-        _ => Vec::new(),
+        )),
+        _ => None,
     };
 
     let app = settings
@@ -178,8 +178,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     if let Some(app) = &app {
         app.stop().await;
     }
-    for push in pushes {
-        push.abort();
+    if let Some(pushes) = pushes {
+        pushes.stop(settings.grace_period).await;
     }
     if let Some(r) = reloader {
         r.abort();
@@ -198,20 +198,50 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// 200 while the sidecar serves and its registry backend is reachable, 503 otherwise.
+/// 200 while the sidecar serves and every backend it depends on is reachable (the
+/// registry, the broker, the session store); 503 otherwise, naming the ones that are
+/// not.
 async fn healthz(State(status): State<Arc<Status>>) -> Response {
     let registry = status.registry.status();
-    let code = if registry.healthy {
+    let mut down = Vec::new();
+    if !registry.healthy {
+        down.push("registry");
+    }
+    let broker_healthy = status.broker.healthy();
+    if !broker_healthy {
+        down.push("broker");
+    }
+    let sessions = match &status.inbound {
+        None => serde_json::Value::Null,
+        Some(inbound) => match inbound.check_store(STORE_CHECK_TIMEOUT).await {
+            Ok(()) => json!({ "healthy": true }),
+            Err(e) => {
+                down.push("session store");
+                json!({ "healthy": false, "error": e })
+            }
+        },
+    };
+    let code = if down.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
-        "status": if registry.healthy { "ok" } else { "unavailable" },
+    let mut body = json!({
+        "status": if down.is_empty() { "ok" } else { "unavailable" },
         "registry": registry,
+        "broker": { "backend": status.broker.backend(), "healthy": broker_healthy },
     });
+    if !sessions.is_null() {
+        body["session_store"] = sessions;
+    }
+    if !down.is_empty() {
+        body["error"] = json!(format!("unreachable: {}", down.join(", ")));
+    }
     (code, Json(body)).into_response()
 }
+
+/// How long `/healthz` waits for the session store's answer.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn statusz(State(status): State<Arc<Status>>) -> Response {
     let catalog = status.registry.catalog();

@@ -17,17 +17,28 @@ use tokio::net::{TcpListener, TcpStream};
 /// A node that answers by the last path segment with fixed bytes; counts the
 /// connections it accepted.
 async fn scripted_node() -> (String, Arc<AtomicUsize>) {
+    let (addr, accepted, _) = counting_node().await;
+    (addr, accepted)
+}
+
+/// [`scripted_node`], also counting the connections that ended.
+async fn counting_node() -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let ended = Arc::new(AtomicUsize::new(0));
+    let (count, end) = (accepted.clone(), ended.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(stream));
+            let end = end.clone();
+            tokio::spawn(async move {
+                serve(stream).await;
+                end.fetch_add(1, Ordering::SeqCst);
+            });
         }
     });
-    (addr, accepted)
+    (addr, accepted, ended)
 }
 
 async fn serve(mut s: TcpStream) {
@@ -83,6 +94,11 @@ async fn serve(mut s: TcpStream) {
         let (reply, close): (&[u8], bool) = match path.rsplit('/').next().unwrap_or("") {
             "chunked" => (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                false,
+            ),
+            // Both lengths: chunked wins, and the 3 must not reach the caller.
+            "both-lengths" => (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                 false,
             ),
             "eof" => (
@@ -338,4 +354,114 @@ async fn a_node_switching_protocols_before_the_request_is_sent_gets_a_502() {
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
     assert!(reply.contains("before it had the whole request"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_sending_both_lengths_is_read_as_chunked_and_its_length_is_not_relayed() {
+    let (node, accepted) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let r = request(http::Method::GET, &sc.url("/raw/both-lengths"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!((r.status.as_u16(), r.text()), (200, "hello".to_string()));
+    assert_ne!(
+        r.headers.get("content-length").map(|v| v.as_bytes()),
+        Some(&b"3"[..]),
+        "the node's Content-Length: 3 was relayed with a 5-byte body"
+    );
+    let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "plain");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a connection with suspect framing is closed, not reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_a_node_are_closed_after_the_pool_idle_timeout() {
+    let (node, accepted, ended) = counting_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy", "--pool-idle-timeout", "300ms"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "plain");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            ended.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the idle connection was kept past --pool-idle-timeout"
+    );
+    // The next call opens a new connection and succeeds.
+    let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "plain");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+/// An h2c (prior knowledge) connection to the sidecar, as `curl --http2-prior-knowledge`
+/// and gRPC clients open it.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2_call(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> (http::StatusCode, String) {
+    let res = sender.send_request(req).await.unwrap();
+    let status = res.status();
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_caller_reaches_an_http1_node_and_grpc_to_it_is_refused_by_name() {
+    let (node, _) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "plain", "p-1", &node, &[]).await;
+    register(&sc, "old", "o-1", &node, &[("protocol", "http1")]).await;
+    let mut sender = h2c(sc.addr).await;
+
+    for service in ["plain", "old"] {
+        let req = http::Request::get(format!("http://{}/{service}/plain", sc.addr))
+            .body(Default::default())
+            .unwrap();
+        let (status, body) = h2_call(&mut sender, req).await;
+        assert_eq!(
+            (status.as_u16(), body.as_str()),
+            (200, "plain"),
+            "h2c caller to the HTTP/1.1 node of {service}"
+        );
+    }
+
+    let req = http::Request::post(format!("http://{}/old/grpc.Svc/Call", sc.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    let (status, body) = h2_call(&mut sender, req).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("protocol=http1"), "{body}");
 }

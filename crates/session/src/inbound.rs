@@ -126,6 +126,20 @@ impl Inbound {
         })
     }
 
+    /// Whether the session store answers within `limit` (`/healthz`); the error
+    /// says why not.
+    pub async fn check_store(&self, limit: Duration) -> Result<(), String> {
+        match tokio::time::timeout(limit, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "session store {} did not answer within {}",
+                self.store.backend(),
+                pillion_core::duration::format(limit)
+            )),
+        }
+    }
+
     /// For `/statusz`.
     pub fn status(&self) -> serde_json::Value {
         let error = self

@@ -97,6 +97,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// `memory` or `redis://host:port/db` (never with the password).
     fn backend(&self) -> String;
+
+    /// Whether the store answers now (`/healthz`).
+    async fn ping(&self) -> Result<(), StoreError>;
 }
 
 /// Opens the store named by `url`: `memory`, or `redis://[:password@]host:port[/db]`

@@ -104,6 +104,10 @@ impl SessionStore for MemoryStore {
             .map(|(_, expires)| *expires - now))
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     fn backend(&self) -> String {
         "memory".into()
     }

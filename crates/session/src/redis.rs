@@ -163,4 +163,13 @@ impl SessionStore for RedisStore {
     fn backend(&self) -> String {
         self.backend.clone()
     }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
 }

@@ -1,0 +1,187 @@
+//! The HTTP layer as a user meets it: whose fault a failure is, the timers on every
+//! listener and towards the app, and `/healthz` naming each backend that is down.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::{eventually, inbound, register, Sidecar};
+use pillion_testkit::http::get;
+use pillion_testkit::{Server, TestApp};
+
+/// The node's `consecutive_failures` in `/statusz`.
+async fn failures(sc: &Sidecar, service: &str) -> u64 {
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    let svc = status["invoke"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .cloned()
+        .unwrap_or_else(|| panic!("{service} not in /statusz: {status}"));
+    svc["nodes"][0]["consecutive_failures"].as_u64().unwrap()
+}
+
+/// Sends raw bytes on a fresh connection and reads the answer until the sidecar
+/// closes it or 5 s pass.
+fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.windows(4).any(|w| w == b"\r\n\r\n") && out.ends_with(b"}") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_upload_is_the_callers_fault_and_leaves_the_node_unblamed() {
+    let app = TestApp::start("healthy").await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "up", "up-1", &app.addr().to_string(), &[]).await;
+
+    // More broken uploads than would eject the node (5) if they counted against it.
+    for _ in 0..6 {
+        let answer = raw(
+            sc.addr,
+            b"POST /up/items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("not sent whole"), "{answer}");
+    }
+    assert_eq!(failures(&sc, "up").await, 0, "the node was blamed");
+
+    // Over the limit while streaming: 413, and still not the node's fault.
+    let sc2 = Sidecar::start(&["--handler", "proxy", "--max-body-size", "1KiB"]);
+    register(&sc2, "up", "up-1", &app.addr().to_string(), &[]).await;
+    let mut upload =
+        b"POST /up/items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".to_vec();
+    upload.extend_from_slice(&[b'x'; 0x800]);
+    upload.extend_from_slice(b"\r\n0\r\n\r\n");
+    let answer = raw(sc2.addr, &upload);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(failures(&sc2, "up").await, 0, "the node was blamed");
+
+    // The node still answers calls.
+    let ok = get(&sc.url("/up/items")).await.unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+/// Whether the peer closes the connection after a half-sent request head, within
+/// `limit`.
+fn closes_a_half_sent_head(addr: std::net::SocketAddr, limit: Duration) -> bool {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // A 408 before closing is fine too; keep reading to the close.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_head_is_cut_off_on_every_listener() {
+    let app = TestApp::start("app").await;
+    let (sc, listen) = inbound(&app.url(), &["--read-header-timeout", "300ms"]);
+    for addr in [sc.addr, listen] {
+        let started = Instant::now();
+        assert!(
+            closes_a_half_sent_head(addr, Duration::from_secs(5)),
+            "{addr} kept a half-sent head open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
+    // A complete request on a fresh connection is served as usual.
+    assert_eq!(get(&sc.url("/healthz")).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_slower_than_app_timeout_gets_the_client_a_504_that_says_so() {
+    let app = TestApp::start("slow").await;
+    let (_sc, listen) = inbound(&app.url(), &["--app-timeout", "300ms"]);
+    let reply = get(&format!("http://{listen}/page?delay=3000"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    let body = reply.json();
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--app-timeout"),
+        "{body}"
+    );
+    // A prompt answer still passes.
+    let reply = get(&format!("http://{listen}/page")).await.unwrap();
+    assert_eq!(reply.status, 200);
+}
+
+/// Polls `/healthz` for 10 s until it answers 503 naming `backend`; the last answer.
+async fn healthz_reports(sc: &Sidecar, backend: &str) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = get(&sc.url("/healthz")).await.unwrap();
+        let named = r.status == 503
+            && r.json()["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(backend);
+        if named || Instant::now() > deadline {
+            return (named, r.text());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_names_the_session_store_while_it_is_down() {
+    let mut redis = Server::redis();
+    let app = TestApp::start("app").await;
+    let (sc, _listen) = inbound(&app.url(), &["--session-store", &redis.url()]);
+    let health = get(&sc.url("/healthz")).await.unwrap();
+    assert_eq!(health.status, 200, "{}", health.text());
+
+    redis.kill();
+    let (down, last) = healthz_reports(&sc, "session store").await;
+    assert!(down, "healthz did not report the store: {last}");
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            get(&sc.url("/healthz")).await.unwrap().status == 200
+        })
+        .await,
+        "healthz did not recover with the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_names_the_broker_while_nats_is_down() {
+    let mut nats = Server::nats();
+    let sc = Sidecar::start(&["--broker", &nats.url()]);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&sc.url("/healthz")).await.unwrap().status == 200
+        })
+        .await
+    );
+    nats.kill();
+    let (down, last) = healthz_reports(&sc, "broker").await;
+    assert!(down, "healthz did not report the broker: {last}");
+}
