@@ -115,12 +115,22 @@ const NOT_MESSAGE_HEADERS: [&str; 9] = [
     "proxy-connection",
 ];
 
+/// The request's headers as the message's: a header given several times keeps every
+/// value, joined with `, ` (as Go's `Header.Get` callers of micro expect).
 fn message_headers(headers: &HeaderMap) -> std::collections::BTreeMap<String, String> {
-    headers
-        .iter()
-        .filter(|(k, _)| !NOT_MESSAGE_HEADERS.contains(&k.as_str()))
-        .filter_map(|(k, v)| Some((canonical(k.as_str()), v.to_str().ok()?.to_string())))
-        .collect()
+    let mut out = std::collections::BTreeMap::new();
+    for name in headers.keys() {
+        if NOT_MESSAGE_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let values: Vec<_> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        out.insert(canonical(name.as_str()), values.join(", "));
+    }
+    out
 }
 
 async fn publish(
@@ -347,5 +357,14 @@ mod tests {
         h.insert("content-length", "12".parse().unwrap());
         let m = message_headers(&h);
         assert_eq!(m.keys().collect::<Vec<_>>(), ["Content-Type", "Timestamp"]);
+    }
+
+    #[test]
+    fn a_repeated_header_keeps_every_value() {
+        let mut h = HeaderMap::new();
+        h.append("x-tag", "a".parse().unwrap());
+        h.append("x-tag", "b".parse().unwrap());
+        h.append("x-tag", "c".parse().unwrap());
+        assert_eq!(message_headers(&h)["X-Tag"], "a, b, c");
     }
 }

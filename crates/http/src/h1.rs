@@ -121,6 +121,7 @@ pub(crate) fn send(
         framing: Framing::Empty,
         keep_alive: false,
         pool,
+        interim: 0,
     };
     async move {
         // Let the other connections with a request ready read theirs first, so the
@@ -136,6 +137,12 @@ pub(crate) fn send(
             // Chunked framing wins over a Content-Length (RFC 9112 6.3): the length
             // is not the body's and must not reach the caller.
             head.headers.remove(header::CONTENT_LENGTH);
+            // A first chunk size that came with the head is checked now, so a broken
+            // one is a 502 rather than a 200 whose body breaks at once.
+            let buf = &exchange.conn.buf;
+            if let Some(end) = line_end(buf).map_err(SendError::Protocol)? {
+                chunk_size(&buf[..end]).map_err(SendError::Protocol)?;
+            }
         }
         exchange.framing = framing;
         exchange.keep_alive = keep_alive;
@@ -170,7 +177,12 @@ struct Exchange {
     framing: Framing,
     keep_alive: bool,
     pool: Arc<Pool>,
+    /// Interim (1xx) answers skipped so far.
+    interim: u32,
 }
+
+/// Interim answers (100 Continue, 103 Early Hints) allowed before the answer.
+const MAX_INTERIM: u32 = 16;
 
 impl Exchange {
     /// Moves the request body along; an error of the body itself is returned, a
@@ -192,7 +204,15 @@ impl Exchange {
             self.poll_write_side(cx)?;
             match parse_head(&mut self.conn.buf).map_err(SendError::Protocol)? {
                 Some(head) if head.status.is_informational() && head.status.as_u16() != 101 => {
-                    continue; // 100 Continue and the like
+                    // 100 Continue and the like, skipped; a node that sends them
+                    // without end is refused rather than read until the deadline.
+                    self.interim += 1;
+                    if self.interim > MAX_INTERIM {
+                        return Poll::Ready(Err(SendError::Protocol(format!(
+                            "the node sent more than {MAX_INTERIM} interim (1xx) answers"
+                        ))));
+                    }
+                    continue;
                 }
                 Some(head) => return Poll::Ready(Ok(head)),
                 None => {}
@@ -375,23 +395,13 @@ impl Chunked {
         loop {
             match self {
                 Chunked::Size => {
-                    let Some(end) = find_crlf(buf) else {
+                    let Some(end) = line_end(buf)? else {
                         if buf.len() > 1024 {
                             return Err("the node sent a chunk size line over 1 KiB".into());
                         }
                         return Ok(Decoded::NeedMore);
                     };
-                    let line = &buf[..end];
-                    // RFC 9112 7.1: hex digits, then optional whitespace and extensions.
-                    let digits = line
-                        .split(|&b| b == b';' || b == b' ' || b == b'\t')
-                        .next()
-                        .unwrap_or(b"");
-                    let size = std::str::from_utf8(digits)
-                        .ok()
-                        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()))
-                        .and_then(|s| u64::from_str_radix(s, 16).ok())
-                        .ok_or_else(|| "the node sent an invalid chunk size".to_string())?;
+                    let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
                     *self = if size == 0 {
                         Chunked::Trailers
@@ -426,7 +436,12 @@ impl Chunked {
                         *self = Chunked::Done;
                         return Ok(Decoded::End);
                     }
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+                    let block = end.map_or(&buf[..], |e| &buf[..e + 4]);
+                    if bare_lf(block).is_some() {
+                        return Err("the node ended a trailer line with a bare LF".into());
+                    }
+                    let Some(end) = end else {
                         if buf.len() > MAX_HEAD {
                             return Err("the node's trailers are too large".into());
                         }
@@ -456,8 +471,36 @@ fn take(buf: &mut BytesMut, left: &mut u64) -> Bytes {
     buf.split_to(n).freeze()
 }
 
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
+/// The end of the first line of `buf` (the index of its CR), once a whole line is
+/// there; a line ended by a bare LF is an error (a reader accepting it would frame
+/// the body differently from one that does not).
+fn line_end(buf: &[u8]) -> Result<Option<usize>, String> {
+    match buf.iter().position(|&b| b == b'\n') {
+        None => Ok(None),
+        Some(i) if i > 0 && buf[i - 1] == b'\r' => Ok(Some(i - 1)),
+        Some(_) => Err("the node ended a chunk size line with a bare LF".into()),
+    }
+}
+
+/// The first LF of `buf` that has no CR before it.
+fn bare_lf(buf: &[u8]) -> Option<usize> {
+    buf.iter()
+        .enumerate()
+        .position(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'))
+}
+
+/// A chunk size line (RFC 9112 7.1): hex digits, then optional whitespace and
+/// extensions.
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    let digits = line
+        .split(|&b| b == b';' || b == b' ' || b == b'\t')
+        .next()
+        .unwrap_or(b"");
+    std::str::from_utf8(digits)
+        .ok()
+        .filter(|s| !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
+        .ok_or_else(|| "the node sent an invalid chunk size".to_string())
 }
 
 /// The node's response body; it owns the connection until the body ends, then gives

@@ -36,6 +36,29 @@ pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
 pub const RETRY_HEADER: &str = "x-pillion-retry";
 pub const SERVICE_HEADER: &str = "x-pillion-service";
 pub const METHOD_HEADER: &str = "x-pillion-method";
+/// Marks each sidecar a call went out through; a call that comes back to a sidecar
+/// it already went through is a loop (a node registered at the sidecar's own
+/// address), answered 508 at once instead of recursing.
+pub const HOP_HEADER: &str = "x-pillion-hop";
+
+/// Whether this sidecar already sent the request on (it is looping back).
+fn looped(inv: &Invoker, headers: &HeaderMap) -> bool {
+    headers.get_all(HOP_HEADER).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|id| id.trim_ascii() == inv.hop.as_bytes())
+    })
+}
+
+fn loop_detected(inv: &Invoker) -> Response<ProxyBody> {
+    bad(
+        StatusCode::LOOP_DETECTED,
+        format!(
+            "loop detected: this call already went out through this sidecar ({}); is a node registered at the sidecar's own address?",
+            inv.hop.to_str().unwrap_or_default()
+        ),
+    )
+}
 
 /// Bodies up to this size are read whole before a proxied call, so the call can be
 /// retried; larger ones stream and are sent once.
@@ -71,9 +94,13 @@ pub fn service_call(
     req: Request<Incoming>,
 ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
     // Not an async fn: that would hold the request twice and both handlers' futures.
+    use futures_util::future::{ready, Either};
+    if looped(&inv, req.headers()) {
+        return Either::Left(ready(loop_detected(&inv)));
+    }
     match inv.config.handler {
-        Handler::Rpc => futures_util::future::Either::Left(rpc_path(inv, req)),
-        Handler::Proxy => futures_util::future::Either::Right(proxy(inv, req)),
+        Handler::Rpc => Either::Right(Either::Left(rpc_path(inv, req))),
+        Handler::Proxy => Either::Right(Either::Right(proxy(inv, req))),
     }
 }
 
@@ -129,6 +156,9 @@ pub async fn rpc_endpoint(
 }
 
 async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response<ProxyBody> {
+    if looped(&inv, req.headers()) {
+        return loop_detected(&inv);
+    }
     let (parts, body) = req.into_parts();
     let (timeout, retry_any, body) = match controls_and_body(&inv, &parts.headers, body).await {
         Ok(c) => c,
@@ -255,9 +285,11 @@ async fn proxy(inv: Arc<Invoker>, mut req: Request<Incoming>) -> Response<ProxyB
 /// Forwards the call and turns the node's response into ours.
 async fn finish(
     inv: &Invoker,
-    call: Call,
+    mut call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
+    call.headers
+        .append(HeaderName::from_static(HOP_HEADER), inv.hop.clone());
     // Boxed: each async layer above would otherwise hold (and move) a copy of this,
     // the largest future of a call, several kilobytes.
     let res = match Box::pin(forward(&inv.endpoints, &inv.config.policy, call)).await {

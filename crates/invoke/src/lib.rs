@@ -99,6 +99,8 @@ impl Default for Config {
 pub struct Invoker {
     pub config: Config,
     pub endpoints: Arc<endpoints::Endpoints>,
+    /// This sidecar's mark in [`handler::HOP_HEADER`], random per process.
+    pub hop: http::HeaderValue,
 }
 
 impl Invoker {
@@ -106,6 +108,8 @@ impl Invoker {
     pub fn new(registry: Arc<dyn Registry>, locality: Locality, config: Config) -> Arc<Invoker> {
         Arc::new(Invoker {
             endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone()),
+            hop: http::HeaderValue::from_str(&pillion_core::id::uuid_v4()[..8])
+                .expect("hex is a header value"),
             config,
         })
     }

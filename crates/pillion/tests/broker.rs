@@ -404,3 +404,51 @@ async fn a_topic_with_url_delimiters_crosses_sidecars_whole() {
     assert_eq!(got.len(), 1, "the message did not reach the other sidecar");
     assert_eq!(body(&got[0]), "whole");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_published_several_times_keeps_every_value() {
+    let sc = Sidecar::start(&[]);
+    let mut ws = subscribe(&sc, "topic=tags").await;
+    let reply = publish(&sc, "tags", "x", &[("X-Tag", "a"), ("X-Tag", "b")]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["Header"]["X-Tag"], "a, b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_wildcard_topic_works_as_curl_sends_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sc = Sidecar::start(&[]);
+    // curl 'http://.../broker?topic=events.>' sends the `>` raw.
+    let mut sse = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    sse.write_all(
+        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Wait for the subscription's response head before publishing.
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sse.read(&mut buf))
+            .await
+            .expect("no answer to the subscription")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&seen).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let reply = publish(&sc, "events.todos.created", "milk", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let encoded = base64::engine::general_purpose::STANDARD.encode("milk");
+    while !String::from_utf8_lossy(&seen).contains(&encoded) {
+        let n = tokio::time::timeout(Duration::from_secs(5), sse.read(&mut buf))
+            .await
+            .expect("the event did not arrive")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}

@@ -185,3 +185,40 @@ async fn healthz_names_the_broker_while_nats_is_down() {
     let (down, last) = healthz_reports(&sc, "broker").await;
     assert!(down, "healthz did not report the broker: {last}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_registered_at_the_sidecars_own_address_is_a_508_not_a_recursion() {
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "me", "me-1", &sc.addr.to_string(), &[]).await;
+    let reply = get(&sc.url("/me/anything")).await.unwrap();
+    assert_eq!(reply.status, 508, "{}", reply.text());
+    assert!(reply.text().contains("loop detected"), "{}", reply.text());
+    // The rpc handler too.
+    let rpc = Sidecar::start(&[]);
+    register(&rpc, "me", "me-1", &rpc.addr.to_string(), &[]).await;
+    let reply = pillion_testkit::http::post_json(&rpc.url("/me/call"), "{}")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 508, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_host_or_with_two_are_refused_with_400() {
+    let app = TestApp::start("app").await;
+    let (sc, listen) = inbound(&app.url(), &[]);
+    for addr in [sc.addr, listen] {
+        let none = raw(addr, b"GET /healthz HTTP/1.1\r\n\r\n");
+        assert!(none.starts_with("HTTP/1.1 400"), "{addr}: {none}");
+        assert!(none.contains("no Host header"), "{addr}: {none}");
+        let two = raw(addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+        assert!(two.starts_with("HTTP/1.1 400"), "{addr}: {two}");
+        assert!(two.contains("more than one Host"), "{addr}: {two}");
+    }
+    assert_eq!(app.requests(), 0, "a refused request reached the app");
+    // HTTP/1.0 without Host is fine.
+    let old = raw(sc.addr, b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert!(
+        old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"),
+        "{old}"
+    );
+}

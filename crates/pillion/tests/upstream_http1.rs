@@ -65,6 +65,23 @@ async fn serve(mut s: TcpStream) {
                     .then(|| v.trim().parse().ok())?
             })
             .unwrap_or(0);
+        if path.ends_with("/endless-continue") {
+            // 100 Continue without end, as a broken node might.
+            while s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+            return;
+        }
+        if path.ends_with("/bare-lf-late") {
+            // The head, then (in a later packet) chunks with bare-LF line ends, and
+            // the connection left open.
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = s.write_all(b"5\nhello\n0\n\n").await;
+            std::future::pending::<()>().await;
+        }
         if path.ends_with("/switch-early") {
             // Switches protocols without reading the request's body.
             let _ = s
@@ -99,6 +116,16 @@ async fn serve(mut s: TcpStream) {
             // Both lengths: chunked wins, and the 3 must not reach the caller.
             "both-lengths" => (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                false,
+            ),
+            // Bare-LF chunk lines in the same packet as the head; the connection stays
+            // open, so only refusing the framing ends the call.
+            "bare-lf" => (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n",
+                false,
+            ),
+            "bad-chunk-size" => (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
                 false,
             ),
             "eof" => (
@@ -464,4 +491,33 @@ async fn an_http2_caller_reaches_an_http1_node_and_grpc_to_it_is_refused_by_name
     let (status, body) = h2_call(&mut sender, req).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("protocol=http1"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_chunked_framing_and_endless_interim_answers_are_a_502_not_a_hang() {
+    let (node, _) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    for (path, says) in [
+        ("bare-lf", "bare LF"),
+        ("bad-chunk-size", "invalid chunk size"),
+        ("endless-continue", "interim"),
+    ] {
+        let r = request(http::Method::GET, &sc.url(&format!("/raw/{path}")), &[], "")
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert!(r.text().contains(says), "{path}: {}", r.text());
+    }
+    // Bare LFs after the head went out: the body breaks off instead of hanging.
+    let late = request(http::Method::GET, &sc.url("/raw/bare-lf-late"), &[], "").await;
+    match late {
+        Ok(r) => assert_ne!(r.text(), "hello", "a bare-LF body was accepted"),
+        Err(e) => assert!(!e.contains("within 10s"), "the call hung: {e}"),
+    }
+    // The node's other answers still pass.
+    let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "plain");
 }
