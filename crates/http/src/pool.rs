@@ -94,12 +94,15 @@ fn h1_result(r: Result<Response<h1::ResponseBody>, SendError>) -> Sent {
 pub struct Settings {
     /// An idle connection unused for this long is closed (`--pool-idle-timeout`).
     pub idle_timeout: Duration,
+    /// Open HTTP/1.1 connections at most; more requests wait for one to come back.
+    pub max_open: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             idle_timeout: Duration::from_secs(90),
+            max_open: MAX_OPEN,
         }
     }
 }
@@ -121,15 +124,16 @@ struct Idle {
     sweeping: bool,
 }
 
-/// At most [`MAX_OPEN`] HTTP/1.1 connections per node: beyond it a request waits for
+/// At most [`Settings::max_open`] HTTP/1.1 connections per node: beyond it a request waits for
 /// one to come back rather than opening more, so a burst of callers cannot make the
 /// sidecar (and the node) hold thousands of connections and their buffers.
 struct Limit {
     open: AtomicUsize,
+    max: usize,
     returned: tokio::sync::Notify,
 }
 
-/// Open HTTP/1.1 connections per node.
+/// Open HTTP/1.1 connections per node, by default.
 pub const MAX_OPEN: usize = 128;
 
 /// One open connection's share of the [`Limit`], given back when dropped.
@@ -140,7 +144,7 @@ impl Slot {
         limit
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_OPEN).then_some(n + 1)
+                (n < limit.max).then_some(n + 1)
             })
             .ok()
             .map(|_| Slot(limit.clone()))
@@ -162,13 +166,14 @@ impl Pool {
     pub fn with_settings(authority: String, settings: Settings) -> Pool {
         Pool {
             authority,
+            limit: Arc::new(Limit {
+                open: AtomicUsize::new(0),
+                max: settings.max_open.max(1),
+                returned: tokio::sync::Notify::new(),
+            }),
             settings,
             idle: Mutex::new(Idle::default()),
             h2: Mutex::new(None),
-            limit: Arc::new(Limit {
-                open: AtomicUsize::new(0),
-                returned: tokio::sync::Notify::new(),
-            }),
         }
     }
 

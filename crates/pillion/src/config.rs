@@ -198,6 +198,7 @@ impl Settings {
                 .clone()
                 .or(file.pool_idle_timeout.clone())
                 .map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
+            ..Default::default()
         };
         let inbound = resolve_inbound(&args, &file, &pool)?;
         let broker = resolve_broker(&args, &file, inbound.as_ref())?;

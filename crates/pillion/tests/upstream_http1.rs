@@ -82,6 +82,35 @@ async fn serve(mut s: TcpStream) {
             let _ = s.write_all(b"5\nhello\n0\n\n").await;
             std::future::pending::<()>().await;
         }
+        if path.ends_with("/oversized") {
+            // A head that never ends within any sane limit.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            for i in 0..20_000 {
+                let line = format!("x-filler-{i}: {}\r\n", "f".repeat(40));
+                if s.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            return;
+        }
+        if path.ends_with("/cut") {
+            // Promises 10 bytes, sends 3, closes.
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                .await;
+            return;
+        }
+        if path.ends_with("/extra") {
+            // Bytes after the body, in a later packet: not the head of any answer.
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+                .await;
+            std::future::pending::<()>().await;
+        }
         if path.ends_with("/switch-early") {
             // Switches protocols without reading the request's body.
             let _ = s
@@ -520,4 +549,41 @@ async fn broken_chunked_framing_and_endless_interim_answers_are_a_502_not_a_hang
         .await
         .unwrap();
     assert_eq!(r.text(), "plain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_cut_bodies_and_bytes_after_the_body_do_not_reach_other_callers() {
+    let (node, accepted) = scripted_node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "raw", "raw-1", &node, &[]).await;
+    let r = request(http::Method::GET, &sc.url("/raw/oversized"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+
+    let cut = request(http::Method::GET, &sc.url("/raw/cut"), &[], "").await;
+    if let Ok(r) = &cut {
+        assert_ne!(r.body.len(), 10, "a cut body was passed off as whole");
+    }
+
+    let r = request(http::Method::GET, &sc.url("/raw/extra"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "hello");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let r = request(http::Method::GET, &sc.url("/raw/plain"), &[], "")
+            .await
+            .unwrap();
+        assert_eq!(
+            r.text(),
+            "plain",
+            "the bytes after a body were read as an answer"
+        );
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) > before,
+        "the connection with bytes after its body was used again"
+    );
 }
