@@ -222,3 +222,33 @@ async fn requests_without_a_host_or_with_two_are_refused_with_400() {
         "{old}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_max_connections_holds_further_connections_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::start("app").await;
+    let (_sc, listen) = inbound(&app.url(), &["--listen-max-connections", "2"]);
+    let request = b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n";
+    async fn answered(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(request).await.unwrap();
+        assert!(answered(&mut s, Duration::from_secs(5)).await);
+        held.push(s); // kept alive, still counted
+    }
+    let mut third = tokio::net::TcpStream::connect(listen).await.unwrap();
+    third.write_all(request).await.unwrap();
+    assert!(
+        !answered(&mut third, Duration::from_millis(500)).await,
+        "a third connection was served beyond --listen-max-connections 2"
+    );
+    drop(held.pop());
+    assert!(
+        answered(&mut third, Duration::from_secs(5)).await,
+        "the waiting connection was not served once one closed"
+    );
+}
