@@ -303,11 +303,16 @@ impl ServiceSet {
 #[derive(Default)]
 pub struct EndpointSet {
     pub services: HashMap<String, Arc<ServiceSet>>,
+    /// The catalog this set was built from.
+    catalog: Arc<Catalog>,
 }
 
 /// Keeps an [`EndpointSet`] equal to the registry's catalog.
 pub struct Endpoints {
     current: ArcSwap<EndpointSet>,
+    registry: Arc<dyn Registry>,
+    /// Held while a snapshot is built, so that an older one never replaces a newer.
+    building: Mutex<()>,
     shared: Mutex<HashMap<String, Arc<ServiceShared>>>,
     locality: Locality,
     pool: pool::Settings,
@@ -323,20 +328,22 @@ impl Endpoints {
     ) -> Arc<Endpoints> {
         let endpoints = Arc::new(Endpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
+            registry: registry.clone(),
+            building: Mutex::new(()),
             shared: Mutex::new(HashMap::new()),
             locality,
             pool,
             max_retry_percent: 0.2,
         });
         let mut changes = registry.changes();
-        endpoints.rebuild(&registry.catalog());
+        endpoints.rebuild();
         let weak = Arc::downgrade(&endpoints);
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let Some(endpoints) = weak.upgrade() else {
                     return;
                 };
-                endpoints.rebuild(&registry.catalog());
+                endpoints.rebuild();
             }
         });
         endpoints
@@ -344,6 +351,21 @@ impl Endpoints {
 
     pub fn load(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
         self.current.load()
+    }
+
+    /// The nodes of `name`. A name missing from the snapshot is looked up again in
+    /// the registry's current catalog, so that a call made right after a
+    /// registration through this sidecar finds it (the snapshot follows the
+    /// catalog in a task, a moment later).
+    pub fn service(&self, name: &str) -> Option<Arc<ServiceSet>> {
+        if let Some(set) = self.current.load().services.get(name) {
+            return Some(set.clone());
+        }
+        if Arc::ptr_eq(&self.registry.catalog(), &self.current.load().catalog) {
+            return None;
+        }
+        self.rebuild();
+        self.current.load().services.get(name).cloned()
     }
 
     /// The metrics and budget of `name`, created on first use (a call to a service
@@ -371,7 +393,9 @@ impl Endpoints {
         all
     }
 
-    fn rebuild(&self, catalog: &Catalog) {
+    fn rebuild(&self) {
+        let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
+        let catalog = self.registry.catalog();
         let old = self.current.load_full();
         let mut services = HashMap::new();
         for name in catalog.names() {
@@ -420,7 +444,8 @@ impl Endpoints {
                 }),
             );
         }
-        self.current.store(Arc::new(EndpointSet { services }));
+        self.current
+            .store(Arc::new(EndpointSet { services, catalog }));
     }
 }
 
@@ -452,6 +477,25 @@ impl ServiceShared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_service_registered_a_moment_ago_is_found_before_the_snapshot_follows() {
+        let registry: Arc<dyn Registry> = Arc::new(pillion_registry::memory::MemoryRegistry::new());
+        let endpoints =
+            Endpoints::follow(registry.clone(), Locality::default(), Default::default());
+        assert!(endpoints.service("fresh").is_none());
+        let svc = pillion_core::service::Service::from_json(
+            br#"{"name":"fresh","nodes":[{"id":"fresh-1","address":"127.0.0.1:9"}]}"#,
+        )
+        .unwrap();
+        registry.register(&svc, None).await.unwrap();
+        // On a current-thread runtime the following task has not run yet.
+        assert!(endpoints.load().services.get("fresh").is_none());
+        let set = endpoints
+            .service("fresh")
+            .expect("found in the current catalog");
+        assert_eq!(set.nodes[0].id, "fresh-1");
+    }
 
     #[test]
     fn tiers_prefer_zone_then_region() {

@@ -98,8 +98,8 @@ pub fn forward<'a>(
     // keeps its arguments twice, and this future is the largest of a call.
     async move {
         let started = Instant::now();
-        let set: Arc<ServiceSet> = match endpoints.load().services.get(&call.service) {
-            Some(s) => s.clone(),
+        let set: Arc<ServiceSet> = match endpoints.service(&call.service) {
+            Some(s) => s,
             None => {
                 return Err(error(
                     StatusCode::NOT_FOUND,
