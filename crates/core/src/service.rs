@@ -66,16 +66,29 @@ impl Service {
     }
 
     /// Checks what the registry and the callers rely on: a name and node ids that are
-    /// usable as key segments, an address with a port for every node, unique node ids.
+    /// usable as key segments (see [`MAX_SEGMENT`]), an address with a port for every
+    /// node, unique node ids, and a `protocol` the callers can speak.
     pub fn validate(&self) -> Result<(), ServiceError> {
         let invalid = |m: String| Err(ServiceError::Invalid(m));
         check_segment("name", &self.name)?;
         if self.version.contains('/') {
-            return invalid(format!("version {:?} must not contain '/'", self.version));
+            return invalid(format!(
+                "version {} must not contain '/'",
+                shown(&self.version)
+            ));
         }
+        if self.version.len() > MAX_SEGMENT {
+            return invalid(format!(
+                "version {} is {} bytes long; at most {MAX_SEGMENT} are allowed",
+                shown(&self.version),
+                self.version.len()
+            ));
+        }
+        check_protocol("metadata", &self.metadata)?;
         let mut seen = std::collections::HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             check_segment(&format!("nodes[{i}].id"), &node.id)?;
+            check_protocol(&format!("nodes[{i}].metadata"), &node.metadata)?;
             if !seen.insert(node.id.as_str()) {
                 return invalid(format!(
                     "node id {:?} appears twice in one request; node ids must be unique",
@@ -128,16 +141,61 @@ fn split_port(address: &str) -> Option<u16> {
     port.parse::<u16>().ok().filter(|p| *p != 0)
 }
 
+/// The longest service name or node id, in bytes. Both are key segments in etcd
+/// (`/pillion/registry/{name}/{id}`) and appear in every catalog copy and log line.
+pub const MAX_SEGMENT: usize = 256;
+
+/// The rule for service names and node ids, as error messages state it.
+const SEGMENT_RULE: &str =
+    "must be 1 to 256 printable ASCII characters without spaces or '/' (such as foo.bar-1)";
+
+/// Service names and node ids: 1 to [`MAX_SEGMENT`] printable ASCII characters
+/// (`!` to `~`) other than `/`. No whitespace, no control characters, no Unicode that
+/// could look like another name in a log.
 fn check_segment(what: &str, value: &str) -> Result<(), ServiceError> {
     if value.trim().is_empty() {
         return Err(ServiceError::Invalid(format!("{what} is missing")));
     }
-    if value.contains('/') || value.chars().any(char::is_control) {
+    let allowed = |b: u8| b.is_ascii_graphic() && b != b'/';
+    if value.len() > MAX_SEGMENT {
         return Err(ServiceError::Invalid(format!(
-            "{what} {value:?} must not contain '/' or control characters"
+            "{what} {} is {} bytes long: it {SEGMENT_RULE}",
+            shown(value),
+            value.len()
+        )));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| u8::try_from(*c).map_or(true, |b| !allowed(b)))
+    {
+        return Err(ServiceError::Invalid(format!(
+            "{what} {} contains {bad:?}: it {SEGMENT_RULE}",
+            shown(value)
         )));
     }
     Ok(())
+}
+
+/// The values of the `protocol` metadata key that callers can speak to a node.
+fn check_protocol(what: &str, metadata: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    match metadata.get("protocol") {
+        Some(p) if !p.eq_ignore_ascii_case("http1") && !p.eq_ignore_ascii_case("h2c") => {
+            Err(ServiceError::Invalid(format!(
+                "unknown protocol {} in {what}: use http1 or h2c",
+                shown(p)
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A value quoted for an error message, cut short so a huge input is not echoed back.
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 40;
+    match value.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}...", &value[..end]),
+        None => format!("{value:?}"),
+    }
 }
 
 /// Lower-cases the keys micro defines (service and node fields), not user keys inside
@@ -220,7 +278,22 @@ mod tests {
             (b"[]", "expected a JSON object"),
             (br#"{"nodes":[]}"#, "missing field `name`"),
             (br#"{"name":" "}"#, "name is missing"),
-            (br#"{"name":"a/b"}"#, "must not contain '/'"),
+            (br#"{"name":"a/b"}"#, "contains '/'"),
+            (br#"{"name":"a b"}"#, "contains ' ': it must be 1 to 256 printable ASCII"),
+            (br#"{"name":"caf\u00e9"}"#, "contains 'é'"),
+            (br#"{"name":"a\u0000"}"#, "contains '\\0'"),
+            (
+                br#"{"name":"a","nodes":[{"id":"n\tx","address":"h:1"}]}"#,
+                "nodes[0].id \"n\\tx\" contains '\\t'",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"h:1","metadata":{"protocol":"http3"}}]}"#,
+                "unknown protocol \"http3\" in nodes[0].metadata: use http1 or h2c",
+            ),
+            (
+                br#"{"name":"a","metadata":{"protocol":"grpc"},"nodes":[]}"#,
+                "unknown protocol \"grpc\" in metadata: use http1 or h2c",
+            ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h"}]}"#,
                 "has no port",
@@ -254,6 +327,34 @@ mod tests {
                 "{}: got {err:?}, want {want:?}",
                 String::from_utf8_lossy(body)
             );
+        }
+    }
+
+    #[test]
+    fn names_and_ids_are_bounded_and_the_error_does_not_echo_them() {
+        let long = "a".repeat(MAX_SEGMENT + 1);
+        for body in [
+            format!(r#"{{"name":"{long}"}}"#),
+            format!(r#"{{"name":"a","nodes":[{{"id":"{long}","address":"h:1"}}]}}"#),
+        ] {
+            let err = Service::from_json(body.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains("257 bytes long"), "{err}");
+            assert!(err.contains("1 to 256 printable ASCII"), "{err}");
+            assert!(err.len() < 200, "the whole value was echoed: {err}");
+        }
+        let longest = "a".repeat(MAX_SEGMENT);
+        let body =
+            format!(r#"{{"name":"{longest}","nodes":[{{"id":"{longest}","address":"h:1"}}]}}"#);
+        Service::from_json(body.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn protocol_metadata_is_http1_or_h2c_in_any_case() {
+        for p in ["http1", "HTTP1", "h2c", "H2C"] {
+            let body = format!(
+                r#"{{"name":"a","nodes":[{{"id":"1","address":"h:1","metadata":{{"protocol":"{p}"}}}}]}}"#
+            );
+            Service::from_json(body.as_bytes()).unwrap();
         }
     }
 }

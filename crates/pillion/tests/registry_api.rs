@@ -128,7 +128,7 @@ async fn mistakes_get_a_400_413_or_404_that_says_what_is_wrong_and_change_nothin
             "?ttl=0s",
             r#"{"name":"x","nodes":[{"id":"1","address":"h:1"}]}"#,
             400,
-            "more than 0",
+            "must be between 1s and 24h",
         ),
     ];
     for (query, body, status, detail) in cases {
@@ -173,4 +173,76 @@ async fn mistakes_get_a_400_413_or_404_that_says_what_is_wrong_and_change_nothin
         "an unknown path is a call to an unknown service"
     );
     assert_eq!(reply.json()["id"], "pillion.invoke");
+}
+
+#[tokio::test]
+async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_the_rule() {
+    let sc = Sidecar::start(&[]);
+    let url = sc.url("/registry");
+    let node = |id: &str, meta: &str| {
+        format!(
+            r#"{{"name":"svc","nodes":[{{"id":"{id}","address":"127.0.0.1:1","metadata":{{{meta}}}}}]}}"#
+        )
+    };
+    let huge_name = format!(
+        r#"{{"name":"{}","nodes":[{{"id":"1","address":"127.0.0.1:1"}}]}}"#,
+        "n".repeat(100_000)
+    );
+    let rule = "must be 1 to 256 printable ASCII characters without spaces or '/'";
+    let cases: Vec<(&str, String, String)> = vec![
+        ("", huge_name, format!("is 100000 bytes long: it {rule}")),
+        ("", node(&"i".repeat(257), ""), "257 bytes long".into()),
+        ("", node("has space", ""), format!("contains ' ': it {rule}")),
+        ("", node("tab\\t", ""), rule.into()),
+        ("?ttl=1ns", node("1", ""), "ttl 1ns is out of range: it must be between 1s and 24h".into()),
+        ("?ttl=999ms", node("1", ""), "between 1s and 24h".into()),
+        ("?ttl=25h", node("1", ""), "ttl 25h is out of range".into()),
+        (
+            "",
+            node("1", r#""protocol":"http3""#),
+            "unknown protocol \"http3\" in nodes[0].metadata: use http1 or h2c".into(),
+        ),
+        (
+            "",
+            r#"{"name":"svc","metadata":{"protocol":"grpc"},"nodes":[{"id":"1","address":"127.0.0.1:1"}]}"#.into(),
+            "unknown protocol \"grpc\" in metadata: use http1 or h2c".into(),
+        ),
+    ];
+    for (query, body, want) in &cases {
+        let reply = post_json(&format!("{url}{query}"), body).await.unwrap();
+        let shown: String = body.chars().take(80).collect();
+        assert_eq!(reply.status, 400, "{query} {shown}: {}", reply.text());
+        let err = reply.json();
+        assert_eq!(err["id"], "pillion.registry");
+        assert_eq!(err["code"], 400);
+        assert_eq!(err["status"], "Bad Request");
+        let detail = err["detail"].as_str().unwrap();
+        assert!(detail.contains(want.as_str()), "{query} {shown}: {detail}");
+        assert!(
+            detail.len() < 300,
+            "the input is echoed back whole: {detail}"
+        );
+    }
+    assert_eq!(
+        get(&url).await.unwrap().json(),
+        serde_json::json!([]),
+        "nothing was registered"
+    );
+
+    // The edges of each rule are accepted.
+    let longest = "a".repeat(256);
+    let ok = [
+        ("?ttl=1s", node("edge-1", r#""protocol":"H2C""#)),
+        ("?ttl=24h", node("edge-2", r#""protocol":"http1""#)),
+        ("", node(&longest, "")),
+        ("", node("~!#$%&*+-.:;<=>?@[]^_{|}", "")),
+    ];
+    for (query, body) in &ok {
+        let reply = post_json(&format!("{url}{query}"), body).await.unwrap();
+        assert_eq!(reply.status, 200, "{query} {body}: {}", reply.text());
+    }
+    let mut ids = node_ids(&sc, "svc").await;
+    ids.sort();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert!(ids.contains(&longest));
 }

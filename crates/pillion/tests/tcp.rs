@@ -1,6 +1,8 @@
 //! The TCP proxy with real sockets on loopback: tiered failover and failback,
-//! max_connections, DNS expansion, hot reload, a gigabyte through splice, half-close,
-//! bootstrap and graceful shutdown.
+//! max_connections, DNS expansion, hot reload (and what it must not do: act on an
+//! emptied file, log an unchanged one), a gigabyte through splice, half-close, more
+//! connections than the inherited soft open-file limit, bootstrap and graceful
+//! shutdown.
 
 mod common;
 
@@ -8,11 +10,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{eventually, run_to_end, Sidecar};
+use common::{eventually, run_to_end, Sidecar, BIN};
 use pillion_testkit::dns::DnsServer;
-use pillion_testkit::free_port;
 use pillion_testkit::http::get;
 use pillion_testkit::tcp::{Checksum, Reply, TcpBackend};
+use pillion_testkit::{free_port, Daemon};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -71,6 +73,46 @@ async fn ready(sc: &Sidecar, listen: SocketAddr) {
     })
     .await;
     assert!(idle, "connections did not settle");
+}
+
+/// A `pillion run` on `config` whose log (stderr) goes to a file the test reads, and
+/// whose soft open-file limit is `soft_nofile` when given (set by the shell, as a
+/// service manager would).
+fn start_logged(
+    config: &std::path::Path,
+    args: &[&str],
+    rust_log: &str,
+    soft_nofile: Option<u32>,
+) -> (Sidecar, PathBuf) {
+    let addr = listen_addr();
+    let log = config.with_file_name("pillion.log");
+    let mut cmd = std::process::Command::new("sh");
+    let limit = soft_nofile.map_or(String::new(), |n| format!("ulimit -S -n {n} && "));
+    cmd.arg("-c")
+        .arg(format!("{limit}exec \"$0\" \"$@\""))
+        .arg(BIN)
+        .args(["run", "--address", &addr.to_string(), "--config"])
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let process = Daemon::spawn("pillion", cmd);
+    assert!(
+        pillion_testkit::wait_for_port(addr, Duration::from_secs(10)),
+        "pillion did not listen on {addr}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (Sidecar { process, addr }, log)
+}
+
+/// The lines of the log that contain `text`.
+fn log_lines(log: &std::path::Path, text: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(text))
+        .map(str::to_string)
+        .collect()
 }
 
 fn start(config: &std::path::Path) -> Sidecar {
@@ -572,4 +614,149 @@ async fn connections_cut_mid_transfer_leave_nothing_for_the_next_ones() {
         let text = format!("message {i}");
         assert_eq!(echo(&mut conn, &text).await, text);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_config_file_keeps_the_running_listeners_until_a_valid_one_arrives() {
+    let one = TcpBackend::start("one", Reply::Echo).await;
+    let two = TcpBackend::start("two", Reply::Echo).await;
+    let listen = listen_addr();
+    let listener = |target: SocketAddr| {
+        format!("[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{target}\"]\n")
+    };
+    let config = config_file("emptied", &listener(one.addr()));
+    let (sc, log) = start_logged(&config, &["--reload-period", "100ms"], "info", None);
+    ready(&sc, listen).await;
+    let (mut live, name) = greet(listen).await;
+    assert_eq!(name, "one");
+
+    // An editor's write in progress: the file has zero bytes.
+    std::fs::File::create(&config).unwrap();
+    let warned = eventually(Duration::from_secs(5), || async {
+        !log_lines(&log, "config file is empty").is_empty()
+    })
+    .await;
+    assert!(warned, "no warning about the empty file");
+    let line = &log_lines(&log, "config file is empty")[0];
+    assert!(
+        line.contains("WARN") && line.contains("keeping the running configuration"),
+        "{line}"
+    );
+    // Several reload periods later, everything still runs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(greet(listen).await.1, "one", "the listener is still there");
+    assert_eq!(
+        echo(&mut live, "still").await,
+        "still",
+        "the live connection goes on"
+    );
+
+    // The write completes: the new file applies.
+    std::fs::write(&config, listener(two.addr())).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            greet(listen).await.1 == "two"
+        })
+        .await,
+        "the valid file was applied"
+    );
+    assert_eq!(log_lines(&log, "configuration reloaded").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_nothing_logs_nothing() {
+    let backend = TcpBackend::start("same", Reply::Echo).await;
+    let listen = listen_addr();
+    let text = format!(
+        "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+        backend.addr()
+    );
+    let config = config_file("unchanged", &text);
+    // The debug line of the reload module tells the test when a reading was judged.
+    let (sc, log) = start_logged(
+        &config,
+        &["--reload-period", "100ms"],
+        "info,pillion_tcp::reload=debug",
+        None,
+    );
+    ready(&sc, listen).await;
+    let judged = |n: usize| {
+        let log = log.clone();
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                log_lines(&log, "its tcp listeners are unchanged").len()
+                    + log_lines(&log, "reloaded").len()
+                    >= n
+            })
+            .await
+        }
+    };
+
+    // The same bytes written again (a new mtime), then a SIGHUP.
+    std::fs::write(&config, &text).unwrap();
+    assert!(judged(1).await, "the rewritten file was not read");
+    sc.process.signal("HUP");
+    assert!(judged(2).await, "SIGHUP did not make pillion read the file");
+    assert_eq!(
+        log_lines(&log, "reloaded"),
+        Vec::<String>::new(),
+        "an unchanged file was logged as reloaded"
+    );
+    assert_eq!(greet(listen).await.1, "same");
+
+    // A real change is still logged, once.
+    std::fs::write(
+        &config,
+        text.replace("[[tcp.tiers]]", "idle_timeout = \"1h\"\n[[tcp.tiers]]"),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            log_lines(&log, "configuration reloaded").len() == 1
+        })
+        .await,
+        "the change was not logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_the_inherited_soft_open_file_limit_all_echo() {
+    const SOFT_LIMIT: u32 = 256;
+    const CONNECTIONS: usize = 400;
+    let backend = TcpBackend::start("many", Reply::Echo).await;
+    let listen = listen_addr();
+    let config = config_file(
+        "nofile",
+        &format!(
+            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            backend.addr()
+        ),
+    );
+    let (sc, log) = start_logged(&config, &[], "info", Some(SOFT_LIMIT));
+    ready(&sc, listen).await;
+
+    // All open at once: each holds two sockets (and pipes) in pillion.
+    let mut open = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let stream = TcpStream::connect(listen).await.expect("the proxy accepts");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        let greeted = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        assert!(
+            matches!(greeted, Some(n) if n > 0) && line.trim() == "many",
+            "connection {i} (soft limit {SOFT_LIMIT}) got no greeting: {:?}; pillion's log:\n{}",
+            line,
+            log_lines(&log, "").join("\n")
+        );
+        open.push(reader);
+    }
+    for (i, conn) in open.iter_mut().enumerate() {
+        let text = format!("conn {i}");
+        assert_eq!(echo(conn, &text).await, text);
+    }
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["tcp"][0]["active"], CONNECTIONS);
 }

@@ -1,6 +1,6 @@
 //! The `/registry` HTTP API, compatible with the micro sidecar's:
 //!
-//! - `POST /registry[?ttl=10s]` with `{"name","version"?,"metadata"?,"nodes":[...]}`
+//! - `POST /registry[?ttl=10s]` (a TTL between [`MIN_TTL`] and [`MAX_TTL`]) with `{"name","version"?,"metadata"?,"nodes":[...]}`
 //!   registers (keys in any case);
 //! - `DELETE /registry` with the same body deregisters the listed nodes (all nodes of
 //!   the service when none are listed);
@@ -9,6 +9,7 @@
 //! - `GET /registry` answers every service.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -25,6 +26,12 @@ use crate::{Registry, RegistryError};
 const ID: &str = "pillion.registry";
 /// Registration bodies are small; anything larger is a mistake.
 pub const MAX_BODY: usize = 1 << 20;
+/// The shortest registration TTL: a node renews every third of its TTL, so shorter ones
+/// are renewal storms, and etcd's leases last at least about 2 s anyway.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// The longest registration TTL: a node that stopped renewing must not linger for days.
+/// For no expiry at all, register without a TTL.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The routes, over any registry adapter.
 pub fn router(registry: Arc<dyn Registry>) -> Router {
@@ -109,10 +116,15 @@ async fn register(
     };
     let ttl = match query.ttl.as_deref().map(duration::parse) {
         None => None,
-        Some(Ok(t)) if t.is_zero() => {
+        Some(Ok(t)) if !(MIN_TTL..=MAX_TTL).contains(&t) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "ttl must be more than 0 (omit it for no expiry)",
+                format!(
+                    "ttl {} is out of range: it must be between {} and {} (omit it for no expiry)",
+                    duration::format(t),
+                    duration::format(MIN_TTL),
+                    duration::format(MAX_TTL),
+                ),
             )
         }
         Some(Ok(t)) => Some(t),

@@ -9,6 +9,9 @@
 //! The catalog is a local cache of the prefix: one range read, then a watch from the
 //! next revision, re-done from scratch whenever the watch breaks. Writes wait until the
 //! watch has seen them, so a client reads its own registration right after `POST`.
+//! The watch asks for progress notifications; one that stays silent (no event, no
+//! notification) for [`WATCH_SILENCE_LIMIT`] is presumed cut by a partition that
+//! closed nothing, and is re-done, so the catalog cannot stay stale unnoticed.
 //!
 //! This sidecar remembers what it registered. When etcd comes back after an outage, or
 //! reports the sidecar's lease gone (etcd restarted without its data), everything still
@@ -49,6 +52,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a write waits for the watch to show it before returning anyway.
 const READ_YOUR_WRITE_LIMIT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a watch may go without any message (event or progress notification)
+/// before it is re-done from a range read. etcd sends progress notifications every
+/// 10 min by default (`--experimental-watch-progress-notify-interval`), so on a quiet
+/// prefix the watch is re-done once a minute (one range read); with an etcd interval
+/// under a minute, only a partition triggers it. Either way a cut that closed no
+/// connection is caught within a minute.
+pub const WATCH_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+/// gRPC status NOT_FOUND, the `code` etcd's gateway answers for a lease it does not have.
+const GRPC_NOT_FOUND: i64 = 5;
 
 pub struct EtcdRegistry {
     inner: Arc<Inner>,
@@ -58,6 +70,8 @@ pub struct EtcdRegistry {
 struct Inner {
     backend: String,
     gateway: Gateway,
+    /// [`WATCH_SILENCE_LIMIT`], shorter in tests.
+    watch_silence: Duration,
     /// key -> registration, as last seen by the watch.
     cache: Mutex<HashMap<String, Service>>,
     catalog: ArcSwap<Catalog>,
@@ -99,11 +113,16 @@ impl EtcdRegistry {
     /// tasks. Does not wait for etcd: until it answers, the registry reports itself
     /// unhealthy and writes fail with [`RegistryError::Unavailable`].
     pub fn connect(url: &str) -> Result<Self, RegistryError> {
+        Self::connect_with(url, WATCH_SILENCE_LIMIT)
+    }
+
+    fn connect_with(url: &str, watch_silence: Duration) -> Result<Self, RegistryError> {
         let endpoints = parse_url(url)?;
         let backend = format!("etcd://{}", endpoints.join(","));
         let inner = Arc::new(Inner {
             gateway: Gateway::new(endpoints),
             backend,
+            watch_silence,
             cache: Mutex::new(HashMap::new()),
             catalog: ArcSwap::from_pointee(Catalog::default()),
             changes: watch::channel(0).0,
@@ -177,6 +196,20 @@ fn ttl_secs(ttl: Duration) -> i64 {
     (ttl.as_secs_f64().ceil() as i64).max(1)
 }
 
+/// The lease id of a `/v3/lease/grant` answer. Anything but a positive integer is an
+/// error: lease 0 means "no lease" to etcd, a key that never expires.
+fn lease_id(res: &Value) -> Result<i64, GatewayError> {
+    let id = match &res["ID"] {
+        Value::String(s) => s.parse::<i64>().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    };
+    id.filter(|id| *id > 0).ok_or_else(|| GatewayError::Etcd {
+        code: None,
+        message: format!("lease grant answered without a usable lease id: {res}"),
+    })
+}
+
 /// etcd's gateway writes 64-bit integers as JSON strings.
 fn int(v: &Value) -> i64 {
     match v {
@@ -229,7 +262,7 @@ impl Inner {
             .gateway
             .call("/v3/lease/grant", json!({ "TTL": ttl }))
             .await?;
-        Ok(int(&res["ID"]))
+        lease_id(&res)
     }
 
     async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<i64, GatewayError> {
@@ -345,15 +378,48 @@ async fn keepalive_loop(inner: Arc<Inner>) {
 async fn watch_loop(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        if let Err(e) = sync_and_watch(&inner, &mut backoff).await {
-            inner.set_health(false, Some(e.to_string()));
+        match sync_and_watch(&inner, &mut backoff).await {
+            // Not an outage (etcd may just be quiet): re-sync at once, health unchanged.
+            // If etcd is really cut off, the range read of the re-sync says so.
+            Err(GatewayError::Silent(limit)) => {
+                tracing::debug!(backend = %inner.backend, "no watch event or progress notification for {limit:?}; watching again");
+                continue;
+            }
+            Err(e) => inner.set_health(false, Some(e.to_string())),
+            Ok(never) => match never {},
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), GatewayError> {
+/// The watch of the whole registry prefix from `revision` on, with progress
+/// notifications so that a healthy watch is never silent for long.
+fn watch_request(revision: i64) -> Value {
+    json!({ "create_request": {
+        "key": B64.encode(PREFIX),
+        "range_end": B64.encode(prefix_end(PREFIX)),
+        "start_revision": revision.to_string(),
+        "progress_notify": true,
+    }})
+}
+
+/// Waits for the next frame of a watch stream; none within `limit` is
+/// [`GatewayError::Silent`].
+async fn within_silence<T>(
+    limit: Duration,
+    next: impl std::future::Future<Output = T>,
+) -> Result<T, GatewayError> {
+    tokio::time::timeout(limit, next)
+        .await
+        .map_err(|_| GatewayError::Silent(limit))
+}
+
+/// Syncs the cache and follows the watch; returns only when the watch ends.
+async fn sync_and_watch(
+    inner: &Inner,
+    backoff: &mut Duration,
+) -> Result<std::convert::Infallible, GatewayError> {
     let end = prefix_end(PREFIX);
     let res = inner
         .gateway
@@ -377,17 +443,10 @@ async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), Gat
 
     let mut body = inner
         .gateway
-        .stream(
-            "/v3/watch",
-            json!({ "create_request": {
-                "key": B64.encode(PREFIX),
-                "range_end": B64.encode(&end),
-                "start_revision": (revision + 1).to_string(),
-            }}),
-        )
+        .stream("/v3/watch", watch_request(revision + 1))
         .await?;
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) = within_silence(inner.watch_silence, body.frame()).await? {
         let frame = frame.map_err(|e| GatewayError::Unreachable(describe(&*e)))?;
         let Ok(data) = frame.into_data() else {
             continue;
@@ -404,14 +463,22 @@ async fn sync_and_watch(inner: &Inner, backoff: &mut Duration) -> Result<(), Gat
                     consumed = stream.byte_offset();
                 }
                 Err(e) if e.is_eof() => break,
-                Err(e) => return Err(GatewayError::Etcd(format!("bad watch message: {e}"))),
+                Err(e) => {
+                    return Err(GatewayError::Etcd {
+                        code: None,
+                        message: format!("bad watch message: {e}"),
+                    })
+                }
             }
         }
         buf.advance(consumed);
         for msg in messages {
             let result = &msg["result"];
             if msg.get("error").is_some() || result["canceled"] == json!(true) {
-                return Err(GatewayError::Etcd(format!("watch ended: {msg}")));
+                return Err(GatewayError::Etcd {
+                    code: None,
+                    message: format!("watch ended: {msg}"),
+                });
             }
             if let Some(events) = result["events"].as_array() {
                 let mut cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -598,13 +665,40 @@ impl Registry for EtcdRegistry {
 enum GatewayError {
     #[error("{0}")]
     Unreachable(String),
-    #[error("etcd answered: {0}")]
-    Etcd(String),
+    /// An error etcd reported; `code` is the gRPC status code of the gateway's JSON.
+    #[error("etcd answered: {message}")]
+    Etcd { code: Option<i64>, message: String },
+    /// The watch stream stayed open but carried nothing for this long.
+    #[error("the watch was silent for {0:?}")]
+    Silent(Duration),
 }
 
 impl GatewayError {
+    /// The error of a gateway answer that is not a success: the gateway's JSON
+    /// (`{"error","message","code"}`), or the status and body when it is not JSON.
+    fn from_answer(status: http::StatusCode, body: &[u8]) -> GatewayError {
+        let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let message = value["message"]
+            .as_str()
+            .or(value["error"].as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{status}: {}", String::from_utf8_lossy(body)));
+        GatewayError::Etcd {
+            code: value["code"].as_i64(),
+            message,
+        }
+    }
+
+    /// etcd does not have the lease (it expired, or etcd lost its data). Decided by
+    /// the gRPC code, never by the message's wording.
     fn is_lease_not_found(&self) -> bool {
-        matches!(self, GatewayError::Etcd(m) if m.contains("lease not found"))
+        matches!(
+            self,
+            GatewayError::Etcd {
+                code: Some(GRPC_NOT_FOUND),
+                ..
+            }
+        )
     }
 }
 
@@ -661,16 +755,10 @@ impl Gateway {
                 .await
                 .map_err(|e| GatewayError::Unreachable(describe(&*e)))?
                 .to_bytes();
-            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if !status.is_success() {
-                let msg = value["message"]
-                    .as_str()
-                    .or(value["error"].as_str())
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{status}: {}", String::from_utf8_lossy(&bytes)));
-                return Err(GatewayError::Etcd(msg));
+                return Err(GatewayError::from_answer(status, &bytes));
             }
-            Ok(value)
+            Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
         };
         tokio::time::timeout(CALL_TIMEOUT, attempt)
             .await
@@ -685,10 +773,10 @@ impl Gateway {
                 GatewayError::Unreachable(format!("no answer within {CALL_TIMEOUT:?}"))
             })??;
         if !res.status().is_success() {
-            return Err(GatewayError::Etcd(format!(
-                "watch refused: {}",
-                res.status()
-            )));
+            return Err(GatewayError::Etcd {
+                code: None,
+                message: format!("watch refused: {}", res.status()),
+            });
         }
         Ok(res.into_body())
     }
@@ -720,6 +808,186 @@ mod tests {
         let err = parse_url("etcd://u:secret@a:1").unwrap_err().to_string();
         assert!(err.contains("credentials"), "{err}");
         assert!(!err.contains("secret"), "the password leaked: {err}");
+    }
+
+    #[test]
+    fn a_lease_id_that_is_not_a_positive_integer_is_an_error_not_lease_0() {
+        assert_eq!(
+            lease_id(&json!({"ID": "7587899321681467910"})).unwrap(),
+            7587899321681467910
+        );
+        assert_eq!(lease_id(&json!({"ID": 42})).unwrap(), 42);
+        for bad in [
+            json!({"ID": "abc"}),
+            json!({"ID": ""}),
+            json!({"ID": "0"}),
+            json!({"ID": "-3"}),
+            json!({"ID": "99999999999999999999"}),
+            json!({"TTL": "5"}),
+            json!(null),
+        ] {
+            let err = lease_id(&bad).unwrap_err().to_string();
+            assert!(err.contains("without a usable lease id"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_lost_lease_is_known_by_its_grpc_code_not_its_message() {
+        let answer = |status: u16, body: &str| {
+            GatewayError::from_answer(http::StatusCode::from_u16(status).unwrap(), body.as_bytes())
+        };
+        // What etcd 3.4's gateway answers to a put under a lease it does not have.
+        let lost = answer(
+            404,
+            r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#,
+        );
+        assert!(lost.is_lease_not_found());
+        assert_eq!(
+            lost.to_string(),
+            "etcd answered: etcdserver: requested lease not found"
+        );
+        // Another wording with the same code is the same condition...
+        assert!(answer(404, r#"{"message":"lease gone","code":5}"#).is_lease_not_found());
+        // ...and the wording without the code is not.
+        for other in [
+            answer(400, r#"{"message":"requested lease not found","code":3}"#),
+            answer(404, "lease not found"),
+            answer(
+                503,
+                r#"{"error":"etcdserver: request timed out","code":14}"#,
+            ),
+            GatewayError::Unreachable("lease not found".into()),
+        ] {
+            assert!(!other.is_lease_not_found(), "{other}");
+        }
+        assert_eq!(
+            answer(502, "bad gateway").to_string(),
+            "etcd answered: 502 Bad Gateway: bad gateway"
+        );
+    }
+
+    #[test]
+    fn the_watch_asks_for_progress_notifications() {
+        let req = watch_request(8);
+        assert_eq!(req["create_request"]["progress_notify"], true);
+        assert_eq!(req["create_request"]["start_revision"], "8");
+    }
+
+    #[tokio::test]
+    async fn a_silent_watch_stream_is_an_error_and_a_talking_one_is_not() {
+        let limit = Duration::from_millis(50);
+        let silent = within_silence(limit, std::future::pending::<()>()).await;
+        assert!(matches!(silent, Err(GatewayError::Silent(l)) if l == limit));
+        assert_eq!(within_silence(limit, async { 7 }).await.unwrap(), 7);
+    }
+
+    /// A TCP relay to `to` that can cut its open connections the way a partition does:
+    /// nothing is closed, bytes just stop arriving. New connections pass.
+    struct Relay {
+        addr: std::net::SocketAddr,
+        generation: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Relay {
+        async fn start(to: std::net::SocketAddr) -> Relay {
+            use std::sync::atomic::AtomicU64;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let generation = Arc::new(AtomicU64::new(0));
+            let g = generation.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let born = g.load(Ordering::SeqCst);
+                    let g = g.clone();
+                    tokio::spawn(async move {
+                        let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                            return;
+                        };
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::join!(
+                            Self::pipe(cr, sw, born, g.clone()),
+                            Self::pipe(sr, cw, born, g)
+                        );
+                    });
+                }
+            });
+            Relay { addr, generation }
+        }
+
+        async fn pipe(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            born: u64,
+            generation: Arc<std::sync::atomic::AtomicU64>,
+        ) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let cut = || generation.load(Ordering::SeqCst) != born;
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if cut() {
+                    continue; // swallowed
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            if cut() {
+                // Not even the close gets through.
+                std::future::pending::<()>().await;
+            }
+        }
+
+        /// Every connection open now stops carrying bytes, both ways, for good.
+        fn cut_open_connections(&self) {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn healthy(reg: &EtcdRegistry) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !reg.status().healthy {
+            assert!(Instant::now() < deadline, "{:?}", reg.status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_cut_without_a_close_is_watched_again_and_catches_up() {
+        let etcd = pillion_testkit::Server::etcd();
+        let relay = Relay::start(etcd.addr()).await;
+        let silence = Duration::from_millis(500);
+        let behind_relay =
+            EtcdRegistry::connect_with(&format!("etcd://{}", relay.addr), silence).unwrap();
+        let direct = EtcdRegistry::connect(&etcd.url()).unwrap();
+        healthy(&behind_relay).await;
+        healthy(&direct).await;
+
+        relay.cut_open_connections();
+        let service = Service {
+            name: "late".into(),
+            nodes: vec![pillion_core::Node {
+                id: "late-1".into(),
+                address: "127.0.0.1:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        direct.register(&service, None).await.unwrap();
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while behind_relay.catalog().get("late").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the cut watch never saw the registration: the catalog stayed stale"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        direct.close().await;
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! diagnostics need to know about it. Counters are atomics; the data path never locks.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -19,6 +20,28 @@ pub enum Close {
     Graceful,
     /// Drop it (its backend was removed from the configuration).
     Now,
+}
+
+/// Whose fault a failed dial (or accept) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// pillion ran out of file descriptors, socket buffers or memory: no backend was
+    /// reached, so none is marked down, counted as failing or failed over from.
+    Local,
+    /// The backend refused, reset, did not answer in time, or is unreachable.
+    Backend,
+}
+
+impl Blame {
+    /// EMFILE, ENFILE, ENOBUFS and ENOMEM are this process's (or host's) exhaustion;
+    /// every other error is the backend's or the network's.
+    pub fn of(e: &io::Error) -> Blame {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Blame::Local,
+            _ if e.kind() == io::ErrorKind::OutOfMemory => Blame::Local,
+            _ => Blame::Backend,
+        }
+    }
 }
 
 pub struct Backend {
@@ -109,6 +132,8 @@ impl Backend {
                 .compare_exchange(0, now.max(1), Ordering::Relaxed, Ordering::Relaxed);
     }
 
+    /// A dial the backend is to blame for ([`Blame::Backend`]): counted, and the
+    /// backend is down for `down_for`.
     pub fn dial_failed(&self, down_for: Duration) {
         let now = clock().as_millis() as u64;
         self.dial_failures.fetch_add(1, Ordering::Relaxed);
@@ -167,5 +192,30 @@ impl Backend {
             "bytes_up": self.bytes_up.load(Ordering::Relaxed),
             "bytes_down": self.bytes_down.load(Ordering::Relaxed),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_or_memory_is_blamed_on_pillion() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(Blame::of(&e), Blame::Local, "{e}");
+        }
+        assert_eq!(Blame::of(&io::ErrorKind::OutOfMemory.into()), Blame::Local);
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+            libc::ENETUNREACH,
+            libc::EADDRNOTAVAIL,
+        ] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert_eq!(Blame::of(&e), Blame::Backend, "{e}");
+        }
     }
 }

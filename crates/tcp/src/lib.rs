@@ -6,17 +6,22 @@
 //! - [`listener`]: one listener: backend choice, dialing, failover, failback, DNS
 //!   expansion and re-resolution, health probes.
 //! - [`backend`]: one backend address and its counters.
-//! - [`copy`]: bytes both ways with splice(2) on Linux, half-close kept; the crate's
-//!   only `unsafe` code.
+//! - [`copy`]: bytes both ways with splice(2) on Linux, half-close kept.
+//! - [`fd_limit`]: the open-file limit, raised to the hard limit at start.
 //! - [`TcpProxy`]: the set of listeners, changed in place when the file is reloaded.
+//! - [`reload`]: following the config file (polling and SIGHUP); an emptied or
+//!   invalid file keeps the running listeners.
 //!
 //! A reload never cuts a connection unless its target was removed from the file.
+//! Only [`copy`] and [`fd_limit`] have `unsafe` code: system calls.
 #![deny(unsafe_code)]
 
 pub mod backend;
 pub mod config;
 pub mod copy;
+pub mod fd_limit;
 pub mod listener;
+pub mod reload;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -69,15 +74,30 @@ pub struct TcpProxy {
     listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, Arc<Listener>>>,
     /// Listeners removed by a reload, still carrying connections.
     retired: std::sync::Mutex<Vec<Arc<Listener>>>,
+    /// The configurations of the listeners that run, as last applied.
+    running: std::sync::Mutex<Vec<ListenerConfig>>,
 }
 
 impl TcpProxy {
+    /// The proxy, without listeners. Raises the process's open-file limit to the hard
+    /// limit first (see [`fd_limit`]), for the proxy and every other listener.
     pub fn new(resolver: TokioResolver) -> Arc<TcpProxy> {
+        let _ = fd_limit::raise_to_hard_limit();
         Arc::new(TcpProxy {
             resolver: Arc::new(resolver),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
+            running: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The configurations of the running listeners (without those that could not
+    /// start, so applying the same file again retries them).
+    pub fn running(&self) -> Vec<ListenerConfig> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Makes the running listeners match `configs`: new ones start, removed ones
@@ -102,6 +122,7 @@ impl TcpProxy {
                     .push(l);
             }
         }
+        let mut running = Vec::new();
         for config in configs {
             match listeners.get(&config.listen) {
                 Some(l) => l.update(config.clone()).await,
@@ -109,10 +130,15 @@ impl TcpProxy {
                     Ok(l) => {
                         listeners.insert(config.listen, l);
                     }
-                    Err(e) => errors.push(format!("cannot listen on {} (tcp): {e}", config.listen)),
+                    Err(e) => {
+                        errors.push(format!("cannot listen on {} (tcp): {e}", config.listen));
+                        continue;
+                    }
                 },
             }
+            running.push(config.clone());
         }
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = running;
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())

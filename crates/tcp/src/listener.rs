@@ -5,7 +5,8 @@
 //! fails (refused, or slower than `dial_timeout`) marks the backend down for
 //! `down_for` and the next one is tried, until `connect_timeout`; backends marked down
 //! are tried last rather than never, so a client is refused only when no backend
-//! answers at all.
+//! answers at all. A dial that fails because pillion itself is out of file
+//! descriptors or memory ([`Blame::Local`]) blames no backend: the client is closed.
 //!
 //! Targets that are names expand to every address they resolve to, re-resolved when
 //! their records expire (between 1 s and 60 s); an address that vanishes is drained
@@ -29,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{Backend, Close};
+use crate::backend::{Backend, Blame, Close};
 use crate::clock;
 use crate::config::{split_target, ListenerConfig};
 use crate::copy::{self, Traffic};
@@ -272,40 +273,51 @@ impl Listener {
         order.into_iter().map(|(_, b)| b).collect()
     }
 
-    async fn dial(&self, backend: &Backend, limit: Duration) -> Option<TcpStream> {
+    /// Dials `backend`; a failure it is to blame for marks it down.
+    async fn dial(&self, backend: &Backend, limit: Duration) -> Result<TcpStream, Blame> {
         let started = Instant::now();
         let down_for = self.config.load().down_for.0;
         match tokio::time::timeout(limit, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 backend.dial_succeeded(started.elapsed());
                 let _ = stream.set_nodelay(true);
-                Some(stream)
+                Ok(stream)
             }
-            Ok(Err(e)) => {
-                tracing::debug!(address = %backend.addr, error = %e, "dial failed");
-                backend.dial_failed(down_for);
-                None
-            }
+            Ok(Err(e)) => match Blame::of(&e) {
+                Blame::Local => {
+                    tracing::debug!(address = %backend.addr, error = %e, "dial failed for want of local resources");
+                    Err(Blame::Local)
+                }
+                Blame::Backend => {
+                    tracing::debug!(address = %backend.addr, error = %e, "dial failed");
+                    backend.dial_failed(down_for);
+                    Err(Blame::Backend)
+                }
+            },
             Err(_) => {
                 tracing::debug!(address = %backend.addr, "dial timed out");
                 backend.dial_failed(down_for);
-                None
+                Err(Blame::Backend)
             }
         }
     }
 
-    async fn connect(&self) -> Option<(Arc<Backend>, TcpStream)> {
+    /// The first backend that accepts. Stops at a [`Blame::Local`] failure: every
+    /// other backend would fail the same way, and be marked down for nothing.
+    async fn connect(&self) -> Result<(Arc<Backend>, TcpStream), Blame> {
         let deadline = Instant::now() + self.config.load().connect_timeout.0;
         for backend in self.order() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            if let Some(stream) = self.dial(&backend, backend.dial_timeout().min(left)).await {
-                return Some((backend, stream));
+            match self.dial(&backend, backend.dial_timeout().min(left)).await {
+                Ok(stream) => return Ok((backend, stream)),
+                Err(Blame::Local) => return Err(Blame::Local),
+                Err(Blame::Backend) => {}
             }
         }
-        None
+        Err(Blame::Backend)
     }
 
     async fn accept_loop(self: Arc<Self>, socket: TcpListener) {
@@ -315,7 +327,11 @@ impl Listener {
                 accepted = socket.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(e) => {
-                        tracing::warn!(listen = %self.addr, error = %e, "accept failed");
+                        if Blame::of(&e) == Blame::Local {
+                            tracing::warn!(listen = %self.addr, error = %e, "accept failed: pillion is out of file descriptors or memory (raise `ulimit -n`)");
+                        } else {
+                            tracing::warn!(listen = %self.addr, error = %e, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -334,9 +350,16 @@ impl Listener {
     }
 
     async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let Some((backend, mut server)) = self.connect().await else {
-            tracing::warn!(listen = %self.addr, %peer, "no backend accepted the connection; closing it");
-            return;
+        let (backend, mut server) = match self.connect().await {
+            Ok(pair) => pair,
+            Err(Blame::Backend) => {
+                tracing::warn!(listen = %self.addr, %peer, "no backend accepted the connection; closing it");
+                return;
+            }
+            Err(Blame::Local) => {
+                tracing::warn!(listen = %self.addr, %peer, "cannot dial a backend: pillion is out of file descriptors or memory (raise `ulimit -n`); closing the connection, no backend is blamed");
+                return;
+            }
         };
         self.active.fetch_add(1, Ordering::Relaxed);
         let (id, mut close) = backend.open();
