@@ -108,12 +108,8 @@ impl Protocol {
     pub fn from_metadata(value: Option<&str>) -> Result<Protocol, String> {
         match value {
             None => Ok(Protocol::Unset),
-            Some(v) if v.eq_ignore_ascii_case("http1") || v.eq_ignore_ascii_case("http/1.1") => {
-                Ok(Protocol::Http1)
-            }
-            Some(v) if v.eq_ignore_ascii_case("h2c") || v.eq_ignore_ascii_case("http2") => {
-                Ok(Protocol::H2c)
-            }
+            Some(v) if v.eq_ignore_ascii_case("http1") => Ok(Protocol::Http1),
+            Some(v) if v.eq_ignore_ascii_case("h2c") => Ok(Protocol::H2c),
             Some(v) => Err(format!(
                 "unknown protocol {v:?} in the node's metadata: use http1 or h2c"
             )),

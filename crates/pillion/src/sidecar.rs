@@ -70,7 +70,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let reloader = settings
         .config_file
         .clone()
-        .map(|file| tokio::spawn(reload(file, settings.reload_period, tcp.clone())));
+        .map(|file| {
+            tokio::spawn(pillion_tcp::reload::follow(
+                file,
+                settings.reload_period,
+                tcp.clone(),
+                |text| crate::config::FileConfig::parse(text).map(|f| f.tcp.unwrap_or_default()),
+            ))
+        });
     let broker_metrics = Arc::new(BrokerMetrics::default());
     let (broker, embedded): (Arc<dyn Broker>, _) = if settings.broker.url.starts_with("nats://") {
         let nats = pillion_broker::nats::NatsBroker::connect(
@@ -290,43 +297,3 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
         .into_response()
 }
 
-/// Re-reads the config file when it changes (checked every `period`) or on SIGHUP
-/// and applies its `[[tcp]]` listeners. An invalid file is reported with its line and
-/// the running configuration stays. Other keys take effect at the next start.
-async fn reload(file: std::path::PathBuf, period: std::time::Duration, tcp: Arc<TcpProxy>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP; the file is still polled");
-            None
-        }
-    };
-    let modified = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&file);
-    loop {
-        let forced = tokio::select! {
-            _ = tokio::time::sleep(period) => false,
-            _ = async {
-                match hup.as_mut() {
-                    Some(h) => { h.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => true,
-        };
-        let now = modified(&file);
-        if !forced && now == seen {
-            continue;
-        }
-        seen = now;
-        match crate::config::FileConfig::load(&file) {
-            Ok(config) => match tcp.apply(config.tcp.as_deref().unwrap_or_default()).await {
-                Ok(()) => tracing::info!(file = %file.display(), "configuration reloaded"),
-                Err(e) => {
-                    tracing::error!(file = %file.display(), error = %e, "configuration reloaded, but not every listener could start")
-                }
-            },
-            Err(e) => tracing::error!("{e}; keeping the running configuration"),
-        }
-    }
-}
