@@ -486,7 +486,7 @@ mod tests {
         .unwrap();
         registry.register(&svc, None).await.unwrap();
         // On a current-thread runtime the following task has not run yet.
-        assert!(endpoints.load().services.get("fresh").is_none());
+        assert!(!endpoints.load().services.contains_key("fresh"));
         let set = endpoints
             .service("fresh")
             .expect("found in the current catalog");
