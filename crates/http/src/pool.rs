@@ -31,6 +31,12 @@ use crate::{describe, BoxError, SendError};
 /// At most this many idle HTTP/1.1 connections are kept per node.
 const MAX_IDLE: usize = 256;
 
+/// Put in a request's extensions, edits the trailers of its streamed body before
+/// they are written to an HTTP/1.1 node (the inbound proxy strips session headers
+/// from them). Without it, trailers pass as they came.
+#[derive(Clone)]
+pub struct TrailerFilter(pub Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
+
 /// A request body: whole (and so replayable for retries) or a stream (sent once).
 pub enum Outgoing {
     Full(Option<Bytes>),

@@ -67,17 +67,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
 
     let tcp = TcpProxy::new(pillion_tcp::resolver(&settings.dns_servers));
     tcp.apply(&settings.tcp).await?;
-    let reloader = settings
-        .config_file
-        .clone()
-        .map(|file| {
-            tokio::spawn(pillion_tcp::reload::follow(
-                file,
-                settings.reload_period,
-                tcp.clone(),
-                |text| crate::config::FileConfig::parse(text).map(|f| f.tcp.unwrap_or_default()),
-            ))
-        });
+    let reloader = settings.config_file.clone().map(|file| {
+        tokio::spawn(pillion_tcp::reload::follow(
+            file,
+            settings.reload_period,
+            tcp.clone(),
+            |text| crate::config::FileConfig::parse(text).map(|f| f.tcp.unwrap_or_default()),
+        ))
+    });
     let broker_metrics = Arc::new(BrokerMetrics::default());
     let (broker, embedded): (Arc<dyn Broker>, _) = if settings.broker.url.starts_with("nats://") {
         let nats = pillion_broker::nats::NatsBroker::connect(
@@ -296,4 +293,3 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
     )
         .into_response()
 }
-

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{inbound, run_to_end};
 use pillion_testkit::http::{request, Reply};
 use pillion_testkit::{free_port, Server, TestApp};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET `path` on the inbound proxy at `at`, with an optional session cookie.
 async fn visit(at: SocketAddr, path: &str, cookie: Option<&str>, extra: &[(&str, &str)]) -> Reply {
@@ -73,8 +74,10 @@ async fn login_on_one_service_is_seen_by_another_and_logout_ends_it() {
     let (_a, users_at) = inbound(&users.url(), &store);
     let (_b, todo_at) = inbound(&todo.url(), &store);
 
-    // First visit: a session is issued.
-    let first = visit(users_at, "/", None, &[]).await;
+    // A first visit that keeps nothing gets no session.
+    assert!(issued(&visit(users_at, "/", None, &[]).await).is_none());
+    // Something put in the cart: a session is issued.
+    let first = visit(users_at, "/?h=X-Session-Set-Cart:1", None, &[]).await;
     let id = issued(&first).expect("a session cookie");
     assert!(first.headers["set-cookie"]
         .to_str()
@@ -97,7 +100,10 @@ async fn login_on_one_service_is_seen_by_another_and_logout_ends_it() {
     let todos = visit(todo_at, "/todos", Some(&id), &[]).await;
     assert_eq!(
         session_headers_seen(&todos),
-        [("x-session-user-id".to_string(), "42".to_string())]
+        [
+            ("x-session-cart".to_string(), "1".to_string()),
+            ("x-session-user-id".to_string(), "42".to_string())
+        ]
     );
     assert_eq!(todos.json()["app"], "todo");
     let cookie_seen = todos.json()["headers"]["cookie"]
@@ -127,7 +133,10 @@ async fn login_on_one_service_is_seen_by_another_and_logout_ends_it() {
     .await;
     no_control_headers(&logout);
     let todos = visit(todo_at, "/todos", Some(&id), &[]).await;
-    assert!(session_headers_seen(&todos).is_empty());
+    assert_eq!(
+        session_headers_seen(&todos),
+        [("x-session-cart".to_string(), "1".to_string())]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,11 +159,12 @@ async fn clients_cannot_forge_session_data_or_pick_their_session_id() {
         "a client's X-Session-* never reaches the app"
     );
 
-    // An id the store does not know is replaced, never adopted.
+    // An id the store does not know is never adopted: keeping nothing, the visit
+    // gets no session; setting data, it gets a fresh id.
     let offered = pillion_session::new_id();
     let reply = visit(at, "/", Some(&offered), &[]).await;
-    let issued_id = issued(&reply).expect("a fresh id");
-    assert_ne!(issued_id, offered);
+    assert!(session_headers_seen(&reply).is_empty());
+    assert!(issued(&reply).is_none(), "{:?}", reply.headers);
     let reply = visit(at, "/?h=X-Session-Set-User-Id:7", Some(&offered), &[]).await;
     let other = issued(&reply).unwrap();
     assert_ne!(
@@ -168,8 +178,8 @@ async fn clients_cannot_forge_session_data_or_pick_their_session_id() {
     assert!(session_headers_seen(&visit(at, "/", Some(&offered), &[]).await).is_empty());
 
     // A malformed cookie is ignored the same way.
-    let reply = visit(at, "/", Some("../../etc/passwd"), &[]).await;
-    assert!(issued(&reply).is_some());
+    let reply = visit(at, "/?h=X-Session-Set-A:1", Some("../../etc/passwd"), &[]).await;
+    assert!(issued(&reply).is_some_and(|id| pillion_session::is_valid_id(&id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +225,7 @@ async fn two_concurrent_responses_setting_different_keys_both_survive() {
     let redis = Server::redis();
     let app = TestApp::start("app").await;
     let (_sc, at) = inbound(&app.url(), &["--session-store", &redis.url()]);
-    let id = issued(&visit(at, "/", None, &[]).await).unwrap();
+    let id = issued(&visit(at, "/?h=X-Session-Set-C:0", None, &[]).await).unwrap();
     let (a, b) = tokio::join!(
         visit(at, "/a?delay=300&h=X-Session-Set-A:1", Some(&id), &[]),
         visit(at, "/b?delay=300&h=X-Session-Set-B:2", Some(&id), &[]),
@@ -229,7 +239,8 @@ async fn two_concurrent_responses_setting_different_keys_both_survive() {
         seen,
         [
             ("x-session-a".into(), "1".into()),
-            ("x-session-b".into(), "2".into())
+            ("x-session-b".into(), "2".into()),
+            ("x-session-c".into(), "0".into())
         ]
     );
 }
@@ -353,7 +364,7 @@ async fn the_proxy_forwards_like_a_proxy_should() {
     assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
     assert_eq!(seen["headers"]["x-forwarded-host"], at.to_string());
-    let id = issued(&reply).unwrap();
+    let id = issued(&visit(at, "/?h=X-Session-Set-Cart:1", None, &[]).await).unwrap();
     // Rolling: every response refreshes the cookie, with its attributes.
     let again = visit(at, "/", Some(&id), &[]).await;
     let cookie = again.headers["set-cookie"].to_str().unwrap().to_string();
@@ -438,11 +449,328 @@ async fn the_readme_environment_example_starts() {
         listen.parse().unwrap(),
         Duration::from_secs(10)
     ));
-    let reply = visit(listen.parse().unwrap(), "/", None, &[]).await;
+    let reply = visit(
+        listen.parse().unwrap(),
+        "/?h=X-Session-Set-User-Id:1",
+        None,
+        &[],
+    )
+    .await;
     assert!(issued(&reply).is_some());
     let status = pillion_testkit::http::get(&sc.url("/statusz"))
         .await
         .unwrap()
         .json();
     assert_eq!(status["sessions"]["store"], redis.url());
+}
+
+/// How many keys the Redis at `addr` holds (`DBSIZE`, spoken over a raw connection).
+async fn redis_keys(addr: SocketAddr) -> u64 {
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"*1\r\n$6\r\nDBSIZE\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"\r\n") {
+            let mut buf = [0u8; 64];
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "redis closed the connection");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .expect("DBSIZE within 5 s");
+    let text = String::from_utf8_lossy(&answer);
+    text.trim()
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("DBSIZE answered {text:?}"))
+}
+
+/// Writes `raw` to `at` on a new connection and reads until the server closes it (the
+/// request should say `Connection: close`).
+async fn raw_exchange(at: SocketAddr, raw: &[u8]) -> String {
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(at).await.unwrap();
+        conn.write_all(raw).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// An app that keeps every request exactly as its bytes arrived (head, chunked body and
+/// trailers), for what no HTTP library would show, and answers `200 ok`.
+struct RawApp {
+    addr: SocketAddr,
+    received: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl RawApp {
+    async fn start() -> RawApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut conn).await else {
+                        return;
+                    };
+                    let _ = tx.send(request);
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        RawApp {
+            addr,
+            received,
+            _accept: accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next request that arrived whole, lower-cased (waits up to 10 s).
+    async fn next(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.received.recv())
+            .await
+            .expect("a request at the app within 10 s")
+            .expect("the app is running")
+    }
+}
+
+/// Reads one request: its head, then a chunked body up to its end (last chunk,
+/// trailers, blank line) or a `Content-Length` body. `None` if the peer went away.
+async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut bytes = Vec::new();
+    let complete = |b: &[u8]| {
+        let text = String::from_utf8_lossy(b).to_ascii_lowercase();
+        let Some(end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let (head, body) = (&text[..end], &text[end + 4..]);
+        if head.contains("transfer-encoding: chunked") {
+            (body.starts_with("0\r\n") || body.contains("\r\n0\r\n")) && body.ends_with("\r\n\r\n")
+        } else {
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            body.len() >= length
+        }
+    };
+    while !complete(&bytes) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    Some(String::from_utf8_lossy(&bytes).to_ascii_lowercase())
+}
+
+/// Whether a header name a server might read as session data: `_` folded into `-`,
+/// case ignored, it starts with the prefix.
+fn reads_as_session_header(name: &str) -> bool {
+    name.to_ascii_lowercase()
+        .replace('_', "-")
+        .starts_with("x-session-")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_fail_refuses_visitors_without_a_cookie_too() {
+    let mut redis = Server::redis();
+    let app = TestApp::start("app").await;
+    let (_sc, at) = inbound(
+        &app.url(),
+        &[
+            "--session-store",
+            &redis.url(),
+            "--session-store-down",
+            "fail",
+        ],
+    );
+    assert_eq!(visit(at, "/", None, &[]).await.status, 200);
+
+    redis.kill();
+    let before = app.requests();
+    for cookie in [None, Some("not-a-session-id")] {
+        let reply = visit(at, "/", cookie, &[]).await;
+        assert_eq!(reply.status, 503, "cookie {cookie:?}: {}", reply.text());
+        let error = reply.json();
+        assert_eq!(error["id"], "pillion.session", "{error}");
+        assert_eq!(error["code"], 503, "{error}");
+        assert_eq!(error["status"], "Service Unavailable", "{error}");
+        let detail = error["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("unavailable") && detail.contains(&redis.url()),
+            "{detail}"
+        );
+    }
+    assert_eq!(app.requests(), before, "nothing reached the app");
+
+    redis.restart();
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            visit(at, "/", None, &[]).await.status == 200
+        })
+        .await,
+        "visitors without a cookie are served again once Redis is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_write_after_redis_restarts_is_stored() {
+    let mut redis = Server::redis();
+    let app = TestApp::start("app").await;
+    let (_sc, at) = inbound(&app.url(), &["--session-store", &redis.url()]);
+    let first = visit(at, "/?h=X-Session-Set-User-Id:1", None, &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+
+    // A visitor without a cookie logs in: the new session is the first write.
+    redis.kill();
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let login = visit(at, "/?h=X-Session-Set-User-Id:42", None, &[]).await;
+    assert_eq!(login.status, 200, "{}", login.text());
+    let id = issued(&login).expect("a session cookie");
+    assert_eq!(
+        session_headers_seen(&visit(at, "/", Some(&id), &[]).await),
+        [("x-session-user-id".into(), "42".into())]
+    );
+
+    // A visitor with a cookie changes the session: a load, then a write. (The test
+    // Redis keeps nothing across a restart, so the session is a new one.)
+    redis.kill();
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let change = visit(at, "/?h=X-Session-Set-Role:admin", Some(&id), &[]).await;
+    assert_eq!(change.status, 200, "{}", change.text());
+    let id = issued(&change).unwrap_or(id);
+    assert_eq!(
+        session_headers_seen(&visit(at, "/", Some(&id), &[]).await),
+        [("x-session-role".into(), "admin".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_headers_in_any_spelling_never_reach_the_app() {
+    let app = TestApp::start("app").await;
+    let (_sc, at) = inbound(&app.url(), &[]);
+    let id = issued(&visit(at, "/?h=X-Session-Set-User-Id:7", None, &[]).await).unwrap();
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nHost: app\r\nCookie: session={id}\r\n\
+         X_Session_User_Id: admin\r\nX-Session_Role: root\r\nx_session-foo: 1\r\n\
+         X-SESSION-BAR: 2\r\nx-session-user-id: 0\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\n\r\n"
+    );
+    let answer = raw_exchange(at, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let echo: serde_json::Value =
+        serde_json::from_str(&answer[answer.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(echo["body"], "hello");
+    let forged: Vec<_> = echo["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| reads_as_session_header(k))
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    assert_eq!(
+        forged,
+        ["x-session-user-id: \"7\""],
+        "only the session's own data reaches the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_trailers_never_reach_the_app() {
+    let mut app = RawApp::start().await;
+    let (_sc, at) = inbound(&app.url(), &[]);
+    let request = "POST /upload HTTP/1.1\r\nHost: app\r\nTrailer: X-Session-User-Id\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         5\r\nhello\r\n0\r\nX-Session-User-Id: admin\r\nx_session_role: root\r\n\
+         X-Checksum: 1\r\n\r\n";
+    let answer = raw_exchange(at, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = app.next().await;
+    assert!(seen.contains("\r\n\r\n5\r\nhello\r\n"), "{seen}");
+    let forged: Vec<_> = seen
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(name, _)| reads_as_session_header(name))
+        .collect();
+    assert!(forged.is_empty(), "reached the app: {forged:?} in {seen}");
+    assert!(
+        seen.contains("\r\nx-checksum: 1\r\n"),
+        "other trailers pass: {seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visit_that_sets_nothing_stores_no_session() {
+    let redis = Server::redis();
+    let app = TestApp::start("app").await;
+    let (sc, at) = inbound(
+        &app.url(),
+        &["--session-store", &redis.url(), "--session-rolling"],
+    );
+    let unknown = pillion_session::new_id();
+    for cookie in [None, Some(unknown.as_str()), Some("malformed")] {
+        let reply = visit(at, "/", cookie, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert!(
+            reply.headers.get("set-cookie").is_none(),
+            "cookie {cookie:?}: {:?}",
+            reply.headers
+        );
+    }
+    // Deleting a key or rotating the id of a session that does not exist keeps nothing.
+    let reply = visit(
+        at,
+        "/?h=X-Session-Del-Cart:1&h=X-Session-Rotate:1",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(issued(&reply).is_none());
+    no_control_headers(&reply);
+    assert_eq!(redis_keys(redis.addr()).await, 0, "the store is empty");
+
+    // The app sets a key: now there is a session, and its cookie.
+    let reply = visit(at, "/?h=X-Session-Set-Cart:1", None, &[]).await;
+    let id = issued(&reply).expect("a session cookie once the app sets a key");
+    assert_eq!(redis_keys(redis.addr()).await, 1);
+    assert_eq!(
+        session_headers_seen(&visit(at, "/", Some(&id), &[]).await),
+        [("x-session-cart".into(), "1".into())]
+    );
+    let metrics = pillion_testkit::http::get(&sc.url("/metrics"))
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("pillion_session_created_total 1"),
+        "{metrics}"
+    );
 }

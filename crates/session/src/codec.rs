@@ -1,7 +1,9 @@
 //! The header scheme between pillion and the app (bailiff's, prefix configurable):
 //!
 //! - to the app: every incoming `X-Session-*` header is removed (a client cannot
-//!   forge session data), then `X-Session-<Key>: value` is added per stored value;
+//!   forge session data), in any spelling a server could read as one (`_` for `-`,
+//!   as CGI-style servers fold them), then `X-Session-<Key>: value` is added per
+//!   stored value;
 //! - from the app: `X-Session-Set-<Key>: v` sets a key (several headers: several
 //!   values), `X-Session-Del-<Key>` deletes one, `X-Session-Destroy` ends the session,
 //!   `X-Session-Rotate` gives it a new id; every `X-Session-*` header is removed before
@@ -86,11 +88,27 @@ impl Scheme {
         &self.error
     }
 
-    /// Removes every header of the scheme.
+    /// Whether `name` (lower case, as a `HeaderName` is) belongs to the scheme in any
+    /// spelling: servers that fold `_` into `-` read `X_Session_User_Id` as
+    /// `X-Session-User-Id`.
+    pub fn claims(&self, name: &str) -> bool {
+        let fold = |b: u8| if b == b'_' { b'-' } else { b };
+        name.len() >= self.prefix.len()
+            && name
+                .bytes()
+                .zip(self.prefix.bytes())
+                .all(|(n, p)| fold(n) == fold(p))
+    }
+
+    /// Removes every header of the scheme, in any spelling.
     pub fn strip(&self, headers: &mut HeaderMap) {
+        // Most messages carry none: look before collecting.
+        if !headers.keys().any(|k| self.claims(k.as_str())) {
+            return;
+        }
         let doomed: Vec<HeaderName> = headers
             .keys()
-            .filter(|k| k.as_str().starts_with(&self.prefix))
+            .filter(|k| self.claims(k.as_str()))
             .cloned()
             .collect();
         for name in doomed {
@@ -214,10 +232,19 @@ mod tests {
         let mut h = map(&[
             ("x-session-user-id", "spoofed"),
             ("X-Session-Anything", "x"),
+            ("X_Session_User_Id", "spoofed"),
+            ("X-Session_Role", "root"),
+            ("x_session-foo", "1"),
+            ("x-session", "not the prefix"),
+            ("x-sessions-id", "not the prefix"),
             ("accept", "*/*"),
         ]);
         s.strip(&mut h);
-        assert_eq!(h.len(), 1);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "x-session", "x-sessions-id"]);
+        h.remove("x-session");
+        h.remove("x-sessions-id");
         let mut data = SessionData::new();
         data.insert("user-id".into(), vec!["42".into()]);
         data.insert("role".into(), vec!["a".into(), "b".into()]);

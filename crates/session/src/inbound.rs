@@ -2,16 +2,21 @@
 //! the visitor's session as headers; the app's answer may change the session.
 //!
 //! Per request: the `session` cookie is taken out of the request; an id the store
-//! knows gives its data, any other (unknown, expired, malformed, absent) gets a fresh
-//! id, never the one the client offered. Incoming `X-Session-*` headers are dropped
-//! and the session's own are added. The app's control headers are applied to the
-//! store in one atomic write, then removed, and `Set-Cookie` is added when the id is
-//! new, rotated, refreshed (`--session-rolling`) or destroyed.
+//! knows gives its data, any other (unknown, expired, malformed, absent) means no
+//! session. Incoming `X-Session-*` headers (in any spelling, see [`Scheme::claims`])
+//! are dropped and the session's own are added. The app's control headers are
+//! applied to the store in one atomic write, then removed, and `Set-Cookie` is added
+//! when the id is new, rotated, refreshed (`--session-rolling`) or destroyed.
+//!
+//! A session is created only when the app sets a key in it, under a fresh id (never
+//! one the client offered): a visit that keeps nothing stores nothing, so crawlers
+//! and load tests do not fill the store with empty sessions.
 //!
 //! When the store is unavailable, requests still reach the app without session
-//! headers and with `X-Session-Error` (or get 503 with `--session-store-down fail`);
-//! a change the app asked for that could not be stored turns the response into a 503,
-//! so the client knows and nothing is dropped silently.
+//! headers and with `X-Session-Error` (or get 503 with `--session-store-down fail`,
+//! with or without a cookie: for a visitor without one the store is pinged); a change
+//! the app asked for that could not be stored turns the response into a 503, so the
+//! client knows and nothing is dropped silently.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -25,7 +30,7 @@ use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pillion_core::ApiError;
-use pillion_http::pool::{self, Outgoing, Pool};
+use pillion_http::pool::{self, Outgoing, Pool, TrailerFilter};
 use pillion_http::relay::{is_upgrade, origin_form, outbound_headers, relay, ProxyBody};
 use pillion_http::Blame;
 
@@ -95,8 +100,8 @@ pub fn app_authority(url: &str) -> Result<String, String> {
 enum Loaded {
     /// A session the store knows.
     Known(String, SessionData),
-    /// No usable session: this new id is issued.
-    Fresh(String),
+    /// No usable session; one is made if the app sets a key.
+    Fresh,
     /// The store could not be asked.
     Unavailable(String),
 }
@@ -105,6 +110,9 @@ pub struct Inbound {
     cfg: Config,
     store: Arc<dyn SessionStore>,
     pool: Arc<Pool>,
+    /// Takes the scheme's headers out of request trailers too: a server that reads
+    /// trailers as headers would see them as session data.
+    trailer_filter: TrailerFilter,
     pub metrics: SessionMetrics,
     last_store_error: Mutex<Option<String>>,
 }
@@ -119,6 +127,10 @@ impl Inbound {
     pub fn new(store: Arc<dyn SessionStore>, cfg: Config) -> Arc<Inbound> {
         Arc::new(Inbound {
             pool: Arc::new(Pool::with_settings(cfg.app.clone(), cfg.pool.clone())),
+            trailer_filter: {
+                let scheme = cfg.scheme.clone();
+                TrailerFilter(Arc::new(move |trailers| scheme.strip(trailers)))
+            },
             cfg,
             store,
             metrics: SessionMetrics::default(),
@@ -197,10 +209,18 @@ impl Inbound {
         let loaded = match offered.filter(|id| is_valid_id(id)) {
             Some(id) => match self.store(self.store.load(&id)).await {
                 Ok(Some(data)) => Loaded::Known(id, data),
-                Ok(None) => Loaded::Fresh(new_id()),
+                Ok(None) => Loaded::Fresh,
                 Err(e) => Loaded::Unavailable(e.to_string()),
             },
-            None => Loaded::Fresh(new_id()),
+            // Nothing to load, but `fail` promises that no request is served while the
+            // store is down: ask it.
+            None if cfg.store_down == StoreDown::Fail => {
+                match self.store(self.store.ping()).await {
+                    Ok(()) => Loaded::Fresh,
+                    Err(e) => Loaded::Unavailable(e.to_string()),
+                }
+            }
+            None => Loaded::Fresh,
         };
         if let (Loaded::Unavailable(e), StoreDown::Fail) = (&loaded, cfg.store_down) {
             return reply(
@@ -221,18 +241,22 @@ impl Inbound {
                     headers.insert(cfg.scheme.error_header().clone(), v);
                 }
             }
-            Loaded::Fresh(_) => {}
+            Loaded::Fresh => {}
         }
         forwarded(&mut headers, peer, host.as_ref());
         if let Some(host) = host {
             headers.insert(HOST, host);
         }
-        let body = if body.is_end_stream() {
-            Outgoing::Full(None)
-        } else {
+        let streamed = !body.is_end_stream();
+        let body = if streamed {
             Outgoing::Stream(http_body_util::Limited::new(body, usize::MAX))
+        } else {
+            Outgoing::Full(None)
         };
         let mut out = Request::new(body);
+        if streamed {
+            out.extensions_mut().insert(self.trailer_filter.clone());
+        }
         *out.method_mut() = parts.method;
         *out.uri_mut() = origin_form(parts.uri);
         *out.version_mut() = Version::HTTP_11;
@@ -290,7 +314,7 @@ impl Inbound {
                 self.metrics.destroyed.fetch_add(1, Ordering::Relaxed);
                 res.headers_mut().append(SET_COOKIE, cfg.cookie.clear());
             }
-            Loaded::Fresh(_) if controls.destroy => {
+            Loaded::Fresh if controls.destroy => {
                 res.headers_mut().append(SET_COOKIE, cfg.cookie.clear());
             }
             Loaded::Known(mut id, data) => {
@@ -320,24 +344,23 @@ impl Inbound {
                     res.headers_mut().append(SET_COOKIE, cfg.cookie.set(&id));
                 }
             }
-            Loaded::Fresh(id) => {
+            // Deleting keys of, or rotating, a session that does not exist keeps
+            // nothing either: there is no session until the app sets a key.
+            Loaded::Fresh if controls.change.set.is_empty() => {}
+            Loaded::Fresh => {
                 let after = controls.change.apply(&SessionData::new());
                 if let Err(refused) = check_limits(&after, &controls.change, cfg.limits) {
                     return self.refuse(refused.to_string());
                 }
-                match self
+                let id = new_id();
+                if let Err(e) = self
                     .store(self.store.save(&id, &controls.change, ttl))
                     .await
                 {
-                    Ok(()) => {
-                        self.metrics.created.fetch_add(1, Ordering::Relaxed);
-                        res.headers_mut().append(SET_COOKIE, cfg.cookie.set(&id));
-                    }
-                    // The app asked for nothing: the page is still good, just without
-                    // a session this time.
-                    Err(_) if controls.change.is_empty() => {}
-                    Err(e) => return unstored(e),
+                    return unstored(e);
                 }
+                self.metrics.created.fetch_add(1, Ordering::Relaxed);
+                res.headers_mut().append(SET_COOKIE, cfg.cookie.set(&id));
             }
         }
 

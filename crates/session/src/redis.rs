@@ -6,16 +6,22 @@
 //!
 //! The connection is made lazily and re-made after a failure (redis-rs's connection
 //! manager); every command has a deadline, so a Redis that hangs makes requests fail
-//! fast instead of piling up.
+//! fast instead of piling up. The manager learns that its connection died (Redis
+//! restarted) only from a command that fails on it, so an operation that fails that
+//! way is sent once more, on the new connection: every operation here is idempotent
+//! (reads, HSET/HDEL/EXPIRE, RENAME then EXPIRE, DEL), so a replay of one that did
+//! reach Redis changes nothing, and a visitor's change is not lost to a connection
+//! that was already dead before it was sent.
 //!
 //! `rediss://` speaks TLS (rustls with the ring provider); the server certificate is
 //! checked against the system's CAs, or the PEM file named by `SSL_CERT_FILE`.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, RedisResult};
 
 use crate::{redact, Change, SessionData, SessionStore, StoreError, CREATED_FIELD};
 
@@ -59,6 +65,23 @@ impl RedisStore {
         })
     }
 
+    /// Runs `op` on the connection, and once more when the connection turned out to
+    /// be dead (see the module comment); `op` must be idempotent. A timeout is not
+    /// replayed: a Redis that hangs should fail the request fast.
+    async fn run<T, F, Fut>(&self, op: F) -> RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        match op(self.conn.clone()).await {
+            Err(e) if e.is_connection_dropped() && !e.is_timeout() => {
+                tracing::debug!(store = %self.backend, error = %e, "redis connection lost; sending again");
+                op(self.conn.clone()).await
+            }
+            done => done,
+        }
+    }
+
     fn err(&self, e: redis::RedisError) -> StoreError {
         StoreError::Unavailable {
             backend: self.backend.clone(),
@@ -82,9 +105,14 @@ fn join(values: &[String]) -> String {
 #[async_trait::async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, id: &str) -> Result<Option<SessionData>, StoreError> {
-        let mut conn = self.conn.clone();
-        let fields: HashMap<String, String> =
-            conn.hgetall(key(id)).await.map_err(|e| self.err(e))?;
+        let k = key(id);
+        let fields: HashMap<String, String> = self
+            .run(|mut conn| {
+                let k = &k;
+                async move { conn.hgetall(k).await }
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -113,8 +141,8 @@ impl SessionStore for RedisStore {
             pipe.hdel(&k, &change.del).ignore();
         }
         pipe.expire(&k, ttl_secs(ttl)).ignore();
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn)
+        let pipe = &pipe;
+        self.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
             .map_err(|e| self.err(e))
     }
@@ -126,14 +154,17 @@ impl SessionStore for RedisStore {
         data: &SessionData,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let moved = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .rename(key(old), key(new))
             .ignore()
             .expire(key(new), ttl_secs(ttl))
-            .ignore()
-            .query_async::<()>(&mut conn)
+            .ignore();
+        let pipe = &pipe;
+        // Replayed after a rename that did happen, RENAME finds no old key, and the
+        // session is rewritten from `data` below: the same session under the new id.
+        let moved = self
+            .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await;
         match moved {
             Ok(()) => Ok(()),
@@ -150,13 +181,24 @@ impl SessionStore for RedisStore {
     }
 
     async fn destroy(&self, id: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        conn.del::<_, ()>(key(id)).await.map_err(|e| self.err(e))
+        let k = key(id);
+        self.run(|mut conn| {
+            let k = &k;
+            async move { conn.del::<_, ()>(k).await }
+        })
+        .await
+        .map_err(|e| self.err(e))
     }
 
     async fn ttl(&self, id: &str) -> Result<Option<Duration>, StoreError> {
-        let mut conn = self.conn.clone();
-        let secs: i64 = conn.ttl(key(id)).await.map_err(|e| self.err(e))?;
+        let k = key(id);
+        let secs: i64 = self
+            .run(|mut conn| {
+                let k = &k;
+                async move { conn.ttl(k).await }
+            })
+            .await
+            .map_err(|e| self.err(e))?;
         Ok((secs >= 0).then(|| Duration::from_secs(secs as u64)))
     }
 
@@ -165,11 +207,11 @@ impl SessionStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        self.run(
+            |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 }
