@@ -21,6 +21,7 @@ pub mod client;
 pub mod drain;
 pub mod error;
 pub mod h1;
+mod heads;
 pub mod pool;
 pub mod relay;
 pub mod server;

@@ -62,10 +62,14 @@ pub async fn serve<F, Fut, B>(
     .await
 }
 
-/// Why a request is refused before any handler sees it: RFC 9112 3.2 wants exactly
+/// Why a request is refused before any handler sees it: its head was refused by
+/// [`crate::heads`] (a bare LF), or it breaks RFC 9112 3.2, which wants exactly
 /// one `Host` in an HTTP/1.1 request (none is allowed in HTTP/1.0, never two); two
 /// could be read differently by pillion and the app behind it.
 fn refuse<T>(req: &Request<T>) -> Option<&'static str> {
+    if let Some(why) = req.headers().get(crate::heads::REFUSED) {
+        return Some(crate::heads::refusal(why));
+    }
     let hosts = req.headers().get_all(http::header::HOST).iter().count();
     match (req.version(), hosts) {
         (_, n) if n > 1 => Some("the request has more than one Host header"),
@@ -123,7 +127,13 @@ async fn serve_checked<F, Fut, B>(
         let handle = handle.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(FirstLine::new(stream)), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(crate::heads::Heads::new(
+                    stream,
+                    Some(limits.read_header_timeout),
+                )),
+                service,
+            )
             .into_owned();
         let conn = drain.watch(conn, |c| c.graceful_shutdown());
         tokio::spawn(async move {
@@ -166,183 +176,5 @@ impl<F: Future, G: FnMut(F::Output) -> T, T> Future for OkMap<F, G> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         this.fut.poll(cx).map(|out| Ok((this.f)(out)))
-    }
-}
-
-/// A connection whose first request line has its request-target made acceptable to
-/// hyper: printable bytes that RFC 3986 wants percent-encoded but clients send raw
-/// (curl sends `?topic=events.>` as typed) are encoded (`>` -> `%3E`), so the request
-/// reaches pillion's handlers, which decode them. Only the first line of a
-/// connection is touched, where no framing can be misread; the rest passes as is.
-struct FirstLine<T> {
-    io: T,
-    /// The first line as read so far, until it is whole.
-    line: Vec<u8>,
-    /// The rewritten line, and how much of it was handed out.
-    out: Vec<u8>,
-    sent: usize,
-    done: bool,
-}
-
-/// A request line longer than this is passed on untouched (hyper refuses it).
-const MAX_FIRST_LINE: usize = 16 * 1024;
-
-impl<T> FirstLine<T> {
-    fn new(io: T) -> Self {
-        FirstLine {
-            io,
-            line: Vec::new(),
-            out: Vec::new(),
-            sent: 0,
-            done: false,
-        }
-    }
-}
-
-/// `line` with the request-target (between the first two spaces) percent-encoded
-/// where it holds bytes the `http` crate refuses in a URI.
-fn encode_target(line: &[u8]) -> Vec<u8> {
-    let Some(start) = line.iter().position(|&b| b == b' ') else {
-        return line.to_vec();
-    };
-    let end = line[start + 1..]
-        .iter()
-        .position(|&b| b == b' ')
-        .map_or(line.len(), |i| start + 1 + i);
-    let mut out = Vec::with_capacity(line.len() + 16);
-    out.extend_from_slice(&line[..=start]);
-    for &b in &line[start + 1..end] {
-        if matches!(
-            b,
-            b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
-        ) {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        } else {
-            out.push(b);
-        }
-    }
-    out.extend_from_slice(&line[end..]);
-    out
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstLine<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if this.sent < this.out.len() {
-                let n = buf.remaining().min(this.out.len() - this.sent);
-                buf.put_slice(&this.out[this.sent..this.sent + n]);
-                this.sent += n;
-                if this.sent == this.out.len() {
-                    this.out = Vec::new();
-                    this.sent = 0;
-                }
-                return Poll::Ready(Ok(()));
-            }
-            if this.done {
-                return Pin::new(&mut this.io).poll_read(cx, buf);
-            }
-            let mut chunk = [0u8; 2048];
-            let mut read = tokio::io::ReadBuf::new(&mut chunk);
-            std::task::ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
-            let got = read.filled();
-            let eof = got.is_empty();
-            this.line.extend_from_slice(got);
-            let newline = this.line.iter().position(|&b| b == b'\n');
-            if newline.is_none() && !eof && this.line.len() < MAX_FIRST_LINE {
-                continue;
-            }
-            this.done = true;
-            let line = std::mem::take(&mut this.line);
-            this.out = match newline {
-                Some(i) => {
-                    let mut out = encode_target(&line[..i]);
-                    out.extend_from_slice(&line[i..]);
-                    out
-                }
-                None => line,
-            };
-            if this.out.is_empty() {
-                return Poll::Ready(Ok(())); // end of stream
-            }
-        }
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstLine<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_request_target_of_the_first_line_is_encoded() {
-        assert_eq!(
-            encode_target(b"GET /broker?topic=events.> HTTP/1.1\r"),
-            b"GET /broker?topic=events.%3E HTTP/1.1\r".to_vec()
-        );
-        assert_eq!(
-            encode_target(b"GET /a?q=\"x\"&t={1} HTTP/1.1\r"),
-            b"GET /a?q=%22x%22&t=%7B1%7D HTTP/1.1\r".to_vec()
-        );
-        let plain = b"GET /healthz HTTP/1.1\r";
-        assert_eq!(encode_target(plain), plain.to_vec());
-        assert_eq!(
-            encode_target(b"PRI * HTTP/2.0\r"),
-            b"PRI * HTTP/2.0\r".to_vec()
-        );
-    }
-
-    #[tokio::test]
-    async fn the_rest_of_the_connection_passes_unchanged() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut server = FirstLine::new(server);
-        let sent = b"POST /p?t=<a> HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n<b>".to_vec();
-        let writer = tokio::spawn(async move {
-            for piece in sent.chunks(5) {
-                client.write_all(piece).await.unwrap();
-            }
-            client.shutdown().await.unwrap();
-        });
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        writer.await.unwrap();
-        assert_eq!(
-            String::from_utf8(got).unwrap(),
-            "POST /p?t=%3Ca%3E HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n<b>"
-        );
     }
 }

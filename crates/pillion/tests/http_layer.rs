@@ -43,6 +43,17 @@ fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Writes `bytes` and reads until the server closes the connection (5 s at most).
+fn raw_to_end(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("the server closes the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_upload_is_the_callers_fault_and_leaves_the_node_unblamed() {
     let app = TestApp::start("healthy").await;
@@ -203,7 +214,7 @@ async fn a_node_registered_at_the_sidecars_own_address_is_a_508_not_a_recursion(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_without_a_host_or_with_two_are_refused_with_400() {
+async fn requests_without_a_host_with_two_or_with_bare_lf_lines_are_refused() {
     let app = TestApp::start("app").await;
     let (sc, listen) = inbound(&app.url(), &[]);
     for addr in [sc.addr, listen] {
@@ -213,8 +224,30 @@ async fn requests_without_a_host_or_with_two_are_refused_with_400() {
         let two = raw(addr, b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
         assert!(two.starts_with("HTTP/1.1 400"), "{addr}: {two}");
         assert!(two.contains("more than one Host"), "{addr}: {two}");
+        let bare = raw(addr, b"GET /healthz HTTP/1.1\nHost: a\n\n");
+        assert!(bare.starts_with("HTTP/1.1 400"), "{addr}: {bare}");
+        assert!(
+            bare.contains("\"code\":400") && bare.contains("bare LF"),
+            "{addr}: {bare}"
+        );
+        // After a good request on the same connection: the good one is answered,
+        // then the bare-LF one is refused, and the connection closes.
+        let after = raw_to_end(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /healthz HTTP/1.1\nHost: a\n\n",
+        );
+        let statuses: Vec<&str> = after
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &after[i + 9..i + 12])
+            .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
+            .collect();
+        assert_eq!(statuses, ["200", "400"], "{addr}: {after}");
+        assert!(
+            after.ends_with("}") && after.contains("bare LF"),
+            "{addr}: {after}"
+        );
     }
-    assert_eq!(app.requests(), 0, "a refused request reached the app");
+    assert_eq!(app.requests(), 1, "only the good request reached the app");
     // HTTP/1.0 without Host is fine.
     let old = raw(sc.addr, b"GET /healthz HTTP/1.0\r\n\r\n");
     assert!(
