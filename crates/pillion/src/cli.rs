@@ -83,22 +83,32 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML config file; its keys are these options with '_' for '-'.
     #[arg(long, short = 'c', env = "PILLION_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
     /// Address of the HTTP API (/registry, /rpc, /{service}/..., /healthz, /statusz,
-    /// /metrics). [default: 127.0.0.1:8081]
-    #[arg(long, env = "PILLION_ADDRESS", value_name = "ADDR")]
-    pub address: Option<SocketAddr>,
+    /// /metrics).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8081",
+        env = "PILLION_ADDRESS",
+        value_name = "ADDR"
+    )]
+    pub address: SocketAddr,
 
     /// How /{service}/... is handled: `rpc` maps POST /{service}/{method} to
     /// POST http://{node}/{Method} (micro's table); `proxy` passes any method and path
-    /// through to a node of /{service}, streaming. [default: rpc]
-    #[arg(long, env = "PILLION_HANDLER", value_name = "rpc|proxy")]
-    pub handler: Option<pillion_invoke::Handler>,
+    /// through to a node of /{service}, streaming.
+    #[arg(
+        long,
+        default_value = "rpc",
+        env = "PILLION_HANDLER",
+        value_name = "rpc|proxy"
+    )]
+    pub handler: pillion_invoke::Handler,
 
     /// Prefix of service names in path mapping: with `go.micro.srv`, /foo/bar calls
     /// service go.micro.srv.foo. [default: none]
@@ -107,46 +117,86 @@ pub struct RunArgs {
 
     /// Node selection: `peak-ewma` (power of two choices over latency x load) or
     /// `round-robin`. Nodes in this sidecar's zone are preferred, then its region
-    /// (zone and region come from --server-metadata). [default: peak-ewma]
-    #[arg(long, env = "PILLION_BALANCER", value_name = "NAME")]
-    pub balancer: Option<pillion_invoke::Strategy>,
+    /// (zone and region come from --server-metadata).
+    #[arg(
+        long,
+        default_value = "peak-ewma",
+        env = "PILLION_BALANCER",
+        value_name = "NAME"
+    )]
+    pub balancer: pillion_invoke::Strategy,
 
     /// Deadline for a call's answer (its headers); X-Pillion-Timeout overrides it per
-    /// request. Past it the caller gets 504. [default: 15s]
-    #[arg(long, env = "PILLION_TIMEOUT", value_name = "DUR")]
-    pub timeout: Option<NonZeroDur>,
+    /// request. Past it the caller gets 504.
+    #[arg(
+        long,
+        default_value = "15s",
+        env = "PILLION_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub timeout: NonZeroDur,
 
     /// Deadline of one attempt; a slower node is given up and, for idempotent calls,
-    /// another is tried. [default: 5s]
-    #[arg(long, env = "PILLION_PER_TRY_TIMEOUT", value_name = "DUR")]
-    pub per_try_timeout: Option<NonZeroDur>,
+    /// another is tried.
+    #[arg(
+        long,
+        default_value = "5s",
+        env = "PILLION_PER_TRY_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub per_try_timeout: NonZeroDur,
 
-    /// Deadline for connecting to a node. [default: 1s]
-    #[arg(long, env = "PILLION_CONNECT_TIMEOUT", value_name = "DUR")]
-    pub connect_timeout: Option<NonZeroDur>,
+    /// Deadline for connecting to a node.
+    #[arg(
+        long,
+        default_value = "1s",
+        env = "PILLION_CONNECT_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub connect_timeout: NonZeroDur,
 
     /// Retries after a failed attempt (connect failures always; 502/503/504 and resets
     /// for idempotent methods or with X-Pillion-Retry: always), within a budget of 20%
-    /// of requests plus 10/s. [default: 2]
-    #[arg(long, env = "PILLION_RETRIES", value_name = "N")]
-    pub retries: Option<u32>,
+    /// of requests plus 10/s.
+    #[arg(long, default_value = "2", env = "PILLION_RETRIES", value_name = "N")]
+    pub retries: u32,
 
-    /// Calls waiting for one service at once; more get 503. [default: 1024]
-    #[arg(long, env = "PILLION_MAX_PENDING", value_name = "N")]
-    pub max_pending: Option<NonZeroUsize>,
+    /// Calls waiting for one service at once; more get 503.
+    #[arg(
+        long,
+        default_value = "1024",
+        env = "PILLION_MAX_PENDING",
+        value_name = "N"
+    )]
+    pub max_pending: NonZeroUsize,
 
-    /// Largest request body a call may carry; larger ones get 413. [default: 10MiB]
-    #[arg(long, env = "PILLION_MAX_BODY_SIZE", value_name = "SIZE")]
-    pub max_body_size: Option<pillion_core::Size>,
+    /// Largest request body a call may carry; larger ones get 413.
+    #[arg(
+        long,
+        default_value = "10MiB",
+        env = "PILLION_MAX_BODY_SIZE",
+        value_name = "SIZE"
+    )]
+    pub max_body_size: pillion_core::Size,
 
     /// Service registry: `memory` (this process only) or etcd://host:port[,host:port]
-    /// (shared by every sidecar on that etcd). [default: memory]
-    #[arg(long, env = "PILLION_REGISTRY", value_name = "URL")]
-    pub registry: Option<RegistryUrl>,
+    /// (shared by every sidecar on that etcd).
+    #[arg(
+        long,
+        default_value = "memory",
+        env = "PILLION_REGISTRY",
+        value_name = "URL"
+    )]
+    pub registry: RegistryUrl,
 
-    /// TTL of the app's registration; it is renewed every third of it. [default: 30s]
-    #[arg(long, env = "PILLION_REGISTER_TTL", value_name = "DUR")]
-    pub register_ttl: Option<NonZeroDur>,
+    /// TTL of the app's registration; it is renewed every third of it.
+    #[arg(
+        long,
+        default_value = "30s",
+        env = "PILLION_REGISTER_TTL",
+        value_name = "DUR"
+    )]
+    pub register_ttl: NonZeroDur,
 
     /// Register the local app under this service name (needs --server-address).
     #[arg(long, env = "PILLION_SERVER_NAME", value_name = "NAME")]
@@ -171,27 +221,52 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_HEALTHCHECK_URL", value_name = "URL")]
     pub healthcheck_url: Option<HealthUrl>,
 
-    /// How often the health URL is checked. [default: 30s]
-    #[arg(long, env = "PILLION_HEALTHCHECK_INTERVAL", value_name = "DUR")]
-    pub healthcheck_interval: Option<NonZeroDur>,
+    /// How often the health URL is checked.
+    #[arg(
+        long,
+        default_value = "30s",
+        env = "PILLION_HEALTHCHECK_INTERVAL",
+        value_name = "DUR"
+    )]
+    pub healthcheck_interval: NonZeroDur,
 
-    /// How long one health check may take before it counts as a failure. [default: 5s]
-    #[arg(long, env = "PILLION_HEALTHCHECK_TIMEOUT", value_name = "DUR")]
-    pub healthcheck_timeout: Option<NonZeroDur>,
+    /// How long one health check may take before it counts as a failure.
+    #[arg(
+        long,
+        default_value = "5s",
+        env = "PILLION_HEALTHCHECK_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub healthcheck_timeout: NonZeroDur,
 
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the
-    /// sidecar exits; a second signal exits at once. [default: 10s]
-    #[arg(long, env = "PILLION_GRACE_PERIOD", value_name = "DUR")]
-    pub grace_period: Option<Dur>,
+    /// sidecar exits; a second signal exits at once.
+    #[arg(
+        long,
+        default_value = "10s",
+        env = "PILLION_GRACE_PERIOD",
+        value_name = "DUR"
+    )]
+    pub grace_period: Dur,
 
     /// How long a client may take to send a request's head, on every listener; a
-    /// slower one is disconnected (slowloris). [default: 10s]
-    #[arg(long, env = "PILLION_READ_HEADER_TIMEOUT", value_name = "DUR")]
-    pub read_header_timeout: Option<NonZeroDur>,
+    /// slower one is disconnected (slowloris).
+    #[arg(
+        long,
+        default_value = "10s",
+        env = "PILLION_READ_HEADER_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub read_header_timeout: NonZeroDur,
 
-    /// How long idle keep-alive connections to nodes and the app are kept. [default: 90s]
-    #[arg(long, env = "PILLION_POOL_IDLE_TIMEOUT", value_name = "DUR")]
-    pub pool_idle_timeout: Option<NonZeroDur>,
+    /// How long idle keep-alive connections to nodes and the app are kept.
+    #[arg(
+        long,
+        default_value = "90s",
+        env = "PILLION_POOL_IDLE_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub pool_idle_timeout: NonZeroDur,
 
     /// Inbound proxy: listen here and pass every request to --app, with the visitor's
     /// session as X-Session-* headers (needs --app).
@@ -203,81 +278,137 @@ pub struct RunArgs {
     pub app: Option<AppUrl>,
 
     /// How long the app behind --listen may take to answer (its headers); then the
-    /// client gets 504 with a JSON error. [default: 30s]
-    #[arg(long, env = "PILLION_APP_TIMEOUT", value_name = "DUR")]
-    pub app_timeout: Option<NonZeroDur>,
+    /// client gets 504 with a JSON error.
+    #[arg(
+        long,
+        default_value = "30s",
+        env = "PILLION_APP_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub app_timeout: NonZeroDur,
 
-    /// Connections open at once on --listen; more wait to be accepted. [default: 10000]
-    #[arg(long, env = "PILLION_LISTEN_MAX_CONNECTIONS", value_name = "N")]
-    pub listen_max_connections: Option<NonZeroUsize>,
+    /// Connections open at once on --listen; more wait to be accepted.
+    #[arg(
+        long,
+        default_value = "10000",
+        env = "PILLION_LISTEN_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub listen_max_connections: NonZeroUsize,
 
     /// Session store shared by every sidecar that uses it: `memory` (this process
     /// only) or redis://[:password@]host:port[/db] (rediss:// for TLS; CAs from the
-    /// system or SSL_CERT_FILE). [default: memory]
-    #[arg(long, env = "PILLION_SESSION_STORE", value_name = "URL")]
-    pub session_store: Option<SessionStoreUrl>,
+    /// system or SSL_CERT_FILE).
+    #[arg(
+        long,
+        default_value = "memory",
+        env = "PILLION_SESSION_STORE",
+        value_name = "URL"
+    )]
+    pub session_store: SessionStoreUrl,
 
     /// Session lifetime, in seconds or as a duration (3600, 1h): the cookie's
-    /// Max-Age and the store's TTL. Must be more than 0. [default: 3600]
+    /// Max-Age and the store's TTL. Must be more than 0.
     #[arg(
+        default_value = "3600",
         long,
         env = "PILLION_SESSION_MAX_AGE",
         value_name = "SECS",
         allow_hyphen_values = true
     )]
-    pub session_max_age: Option<MaxAge>,
+    pub session_max_age: MaxAge,
 
-    /// Refresh the session's TTL and cookie on every response. [default: false]
-    #[arg(long, env = "PILLION_SESSION_ROLLING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub session_rolling: Option<bool>,
+    /// Refresh the session's TTL and cookie on every response.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_SESSION_ROLLING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_rolling: bool,
 
-    /// Name of the session cookie. [default: session]
-    #[arg(long, env = "PILLION_SESSION_COOKIE", value_name = "NAME")]
-    pub session_cookie: Option<CookieName>,
+    /// Name of the session cookie.
+    #[arg(
+        long,
+        default_value = "session",
+        env = "PILLION_SESSION_COOKIE",
+        value_name = "NAME"
+    )]
+    pub session_cookie: CookieName,
 
-    /// Path attribute of the cookie. [default: /]
-    #[arg(long, env = "PILLION_SESSION_COOKIE_PATH", value_name = "PATH")]
-    pub session_cookie_path: Option<String>,
+    /// Path attribute of the cookie.
+    #[arg(
+        long,
+        default_value = "/",
+        env = "PILLION_SESSION_COOKIE_PATH",
+        value_name = "PATH"
+    )]
+    pub session_cookie_path: String,
 
     /// Domain attribute of the cookie. [default: none, the request's host]
     #[arg(long, env = "PILLION_SESSION_COOKIE_DOMAIN", value_name = "DOMAIN")]
     pub session_cookie_domain: Option<String>,
 
-    /// Secure attribute of the cookie (send it over HTTPS only). [default: false]
-    #[arg(long, env = "PILLION_SESSION_COOKIE_SECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub session_cookie_secure: Option<bool>,
+    /// Secure attribute of the cookie (send it over HTTPS only).
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_SESSION_COOKIE_SECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_cookie_secure: bool,
 
-    /// HttpOnly attribute of the cookie (hidden from scripts). [default: true]
-    #[arg(long, env = "PILLION_SESSION_COOKIE_HTTP_ONLY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub session_cookie_http_only: Option<bool>,
+    /// HttpOnly attribute of the cookie (hidden from scripts).
+    #[arg(long, default_value = "true", action = clap::ArgAction::Set, env = "PILLION_SESSION_COOKIE_HTTP_ONLY", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub session_cookie_http_only: bool,
 
     /// SameSite attribute of the cookie: strict, lax or none (none needs
-    /// --session-cookie-secure). [default: lax]
-    #[arg(long, env = "PILLION_SESSION_COOKIE_SAME_SITE", value_name = "MODE")]
-    pub session_cookie_same_site: Option<pillion_session::cookie::SameSite>,
+    /// --session-cookie-secure).
+    #[arg(
+        long,
+        default_value = "lax",
+        env = "PILLION_SESSION_COOKIE_SAME_SITE",
+        value_name = "MODE"
+    )]
+    pub session_cookie_same_site: pillion_session::cookie::SameSite,
 
-    /// Prefix of the session headers between pillion and the app. [default: X-Session-]
-    #[arg(long, env = "PILLION_SESSION_HEADER_PREFIX", value_name = "PREFIX")]
-    pub session_header_prefix: Option<String>,
+    /// Prefix of the session headers between pillion and the app.
+    #[arg(
+        long,
+        default_value = "X-Session-",
+        env = "PILLION_SESSION_HEADER_PREFIX",
+        value_name = "PREFIX"
+    )]
+    pub session_header_prefix: String,
 
     /// While the session store is unreachable: `pass` requests to the app without
     /// session headers and with X-Session-Error, or `fail` them with 503. A change the
-    /// app asks for that cannot be stored is always a 503. [default: pass]
-    #[arg(long, env = "PILLION_SESSION_STORE_DOWN", value_name = "pass|fail")]
-    pub session_store_down: Option<pillion_session::inbound::StoreDown>,
+    /// app asks for that cannot be stored is always a 503.
+    #[arg(
+        long,
+        default_value = "pass",
+        env = "PILLION_SESSION_STORE_DOWN",
+        value_name = "pass|fail"
+    )]
+    pub session_store_down: pillion_session::inbound::StoreDown,
 
-    /// Largest value of one session key; a larger one is refused. [default: 4KiB]
-    #[arg(long, env = "PILLION_SESSION_MAX_VALUE_SIZE", value_name = "SIZE")]
-    pub session_max_value_size: Option<pillion_core::Size>,
+    /// Largest value of one session key; a larger one is refused.
+    #[arg(
+        long,
+        default_value = "4KiB",
+        env = "PILLION_SESSION_MAX_VALUE_SIZE",
+        value_name = "SIZE"
+    )]
+    pub session_max_value_size: pillion_core::Size,
 
-    /// Largest total size of a session; a change beyond it is refused. [default: 64KiB]
-    #[arg(long, env = "PILLION_SESSION_MAX_SIZE", value_name = "SIZE")]
-    pub session_max_size: Option<pillion_core::Size>,
+    /// Largest total size of a session; a change beyond it is refused.
+    #[arg(
+        long,
+        default_value = "64KiB",
+        env = "PILLION_SESSION_MAX_SIZE",
+        value_name = "SIZE"
+    )]
+    pub session_max_size: pillion_core::Size,
 
     /// Message broker: `embedded` (in process, and to other sidecars found through the
-    /// registry; at-most-once) or nats://host:port[,host:port]. [default: embedded]
-    #[arg(long, env = "PILLION_BROKER", value_name = "URL")]
-    pub broker: Option<BrokerUrl>,
+    /// registry; at-most-once) or nats://host:port[,host:port].
+    #[arg(
+        long,
+        default_value = "embedded",
+        env = "PILLION_BROKER",
+        value_name = "URL"
+    )]
+    pub broker: BrokerUrl,
 
     /// Topics kept in NATS JetStream (at-least-once: acknowledged, redelivered,
     /// dead-lettered), as subject patterns like 'orders.*'; repeatable
@@ -291,27 +422,51 @@ pub struct RunArgs {
     pub broker_durable: Vec<String>,
 
     /// Deliveries of a durable message before it goes to the dead-letter subject.
-    /// [default: 5]
-    #[arg(long, env = "PILLION_BROKER_MAX_DELIVER", value_name = "N")]
-    pub broker_max_deliver: Option<std::num::NonZeroU64>,
+    #[arg(
+        long,
+        default_value = "5",
+        env = "PILLION_BROKER_MAX_DELIVER",
+        value_name = "N"
+    )]
+    pub broker_max_deliver: std::num::NonZeroU64,
 
     /// How long a durable message may stay unacknowledged before it is delivered
-    /// again. [default: 30s]
-    #[arg(long, env = "PILLION_BROKER_ACK_WAIT", value_name = "DUR")]
-    pub broker_ack_wait: Option<NonZeroDur>,
+    /// again.
+    #[arg(
+        long,
+        default_value = "30s",
+        env = "PILLION_BROKER_ACK_WAIT",
+        value_name = "DUR"
+    )]
+    pub broker_ack_wait: NonZeroDur,
 
-    /// Dead letters of topic T are published to PREFIX.T. [default: dead-letter]
-    #[arg(long, env = "PILLION_BROKER_DEAD_LETTER_PREFIX", value_name = "PREFIX")]
-    pub broker_dead_letter_prefix: Option<String>,
+    /// Dead letters of topic T are published to PREFIX.T.
+    #[arg(
+        long,
+        default_value = "dead-letter",
+        env = "PILLION_BROKER_DEAD_LETTER_PREFIX",
+        value_name = "PREFIX"
+    )]
+    pub broker_dead_letter_prefix: String,
 
-    /// Largest message; larger publishes get 413. [default: 1MiB]
-    #[arg(long, env = "PILLION_BROKER_MAX_MESSAGE_SIZE", value_name = "SIZE")]
-    pub broker_max_message_size: Option<pillion_core::Size>,
+    /// Largest message; larger publishes get 413.
+    #[arg(
+        long,
+        default_value = "1MiB",
+        env = "PILLION_BROKER_MAX_MESSAGE_SIZE",
+        value_name = "SIZE"
+    )]
+    pub broker_max_message_size: pillion_core::Size,
 
     /// Messages one subscriber may have waiting; a slower one is disconnected with
-    /// the reason. [default: 1024]
-    #[arg(long, env = "PILLION_BROKER_SUBSCRIBER_BUFFER", value_name = "N")]
-    pub broker_subscriber_buffer: Option<NonZeroUsize>,
+    /// the reason.
+    #[arg(
+        long,
+        default_value = "1024",
+        env = "PILLION_BROKER_SUBSCRIBER_BUFFER",
+        value_name = "N"
+    )]
+    pub broker_subscriber_buffer: NonZeroUsize,
 
     /// Push messages of TOPIC to the app: TOPIC=/path, repeatable. pillion POSTs each
     /// message to the app (--app, else --server-address); 2xx acknowledges it.
@@ -329,9 +484,14 @@ pub struct RunArgs {
     pub broker_advertise: Option<HostPort>,
 
     /// How often the config file is checked for changes; [[tcp]] listeners are
-    /// reloaded from it (SIGHUP checks at once). [default: 1s]
-    #[arg(long, env = "PILLION_RELOAD_PERIOD", value_name = "DUR")]
-    pub reload_period: Option<NonZeroDur>,
+    /// reloaded from it (SIGHUP checks at once).
+    #[arg(
+        long,
+        default_value = "1s",
+        env = "PILLION_RELOAD_PERIOD",
+        value_name = "DUR"
+    )]
+    pub reload_period: NonZeroDur,
 
     /// DNS server for the TCP proxy's target names, host:port; repeatable.
     /// [default: the system's resolv.conf and hosts file]

@@ -1,33 +1,28 @@
 //! The one config loader: defaults, then the TOML file, then `PILLION_*` environment
 //! variables, then flags, each overriding the one before.
 //!
-//! Every flag of `pillion run` is a key of the file with dashes turned to underscores
-//! (`--healthcheck-interval` is `healthcheck_interval`) and an environment variable
-//! (`PILLION_HEALTHCHECK_INTERVAL`). Values check themselves when parsed, from a flag
-//! or from the file alike, so a bad value in the file is reported with its line, and
-//! a key the loader does not know is an error rather than silently ignored.
+//! Every option is declared once, in [`RunArgs`]: its flag, its environment variable
+//! and its default (which `--help` shows). A key of the file is the flag with dashes
+//! turned to underscores (`--healthcheck-interval` is `healthcheck_interval`), and its
+//! value goes through the same parser as the flag's, so a bad value in the file is
+//! reported with its line, and a key the loader does not know is an error rather
+//! than silently ignored. The file's values are given to clap as flags placed
+//! before the command line's, for the options that neither a flag nor the
+//! environment set.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use pillion_core::Dur;
+use clap::parser::ValueSource;
+use clap::{ArgAction, Args, Command, FromArgMatches};
 use serde::Deserialize;
 
 use crate::cli::RunArgs;
-
-pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8081";
-pub const DEFAULT_REGISTER_TTL: Duration = Duration::from_secs(30);
-pub const DEFAULT_HEALTHCHECK_INTERVAL: Duration = Duration::from_secs(30);
-pub const DEFAULT_HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
-pub const DEFAULT_READ_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-pub const DEFAULT_LISTEN_MAX_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,63 +37,20 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The config file. Keys are the flags of `pillion run` with `_` for `-`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A config file, checked: the options it sets, as flags, and its `[[tcp]]`
+/// listeners.
+#[derive(Debug, Default)]
 pub struct FileConfig {
-    pub address: Option<SocketAddr>,
-    pub handler: Option<FromText<pillion_invoke::Handler>>,
-    pub namespace: Option<String>,
-    pub balancer: Option<FromText<pillion_invoke::Strategy>>,
-    pub timeout: Option<NonZeroDur>,
-    pub per_try_timeout: Option<NonZeroDur>,
-    pub connect_timeout: Option<NonZeroDur>,
-    pub retries: Option<u32>,
-    pub max_pending: Option<NonZeroUsize>,
-    pub max_body_size: Option<pillion_core::Size>,
-    pub registry: Option<RegistryUrl>,
-    pub register_ttl: Option<NonZeroDur>,
-    pub server_name: Option<ServiceName>,
-    pub server_address: Option<HostPort>,
-    /// A table: `[server_metadata]` then `zone = "eu-1a"`.
-    pub server_metadata: Option<BTreeMap<String, String>>,
-    pub healthcheck_url: Option<HealthUrl>,
-    pub healthcheck_interval: Option<NonZeroDur>,
-    pub healthcheck_timeout: Option<NonZeroDur>,
-    pub grace_period: Option<Dur>,
-    pub read_header_timeout: Option<NonZeroDur>,
-    pub pool_idle_timeout: Option<NonZeroDur>,
-    pub app_timeout: Option<NonZeroDur>,
-    pub listen_max_connections: Option<NonZeroUsize>,
-    pub worker_threads: Option<NonZeroUsize>,
-    pub listen: Option<SocketAddr>,
-    pub app: Option<AppUrl>,
-    pub session_store: Option<SessionStoreUrl>,
-    pub session_max_age: Option<MaxAge>,
-    pub session_rolling: Option<bool>,
-    pub session_cookie: Option<CookieName>,
-    pub session_cookie_path: Option<String>,
-    pub session_cookie_domain: Option<String>,
-    pub session_cookie_secure: Option<bool>,
-    pub session_cookie_http_only: Option<bool>,
-    pub session_cookie_same_site: Option<FromText<pillion_session::cookie::SameSite>>,
-    pub session_header_prefix: Option<String>,
-    pub session_store_down: Option<FromText<pillion_session::inbound::StoreDown>>,
-    pub session_max_value_size: Option<pillion_core::Size>,
-    pub session_max_size: Option<pillion_core::Size>,
-    pub broker: Option<BrokerUrl>,
-    pub broker_durable: Option<Vec<String>>,
-    pub broker_max_deliver: Option<std::num::NonZeroU64>,
-    pub broker_ack_wait: Option<NonZeroDur>,
-    pub broker_dead_letter_prefix: Option<String>,
-    pub broker_max_message_size: Option<pillion_core::Size>,
-    pub broker_subscriber_buffer: Option<NonZeroUsize>,
-    pub broker_push: Option<Vec<FromText<pillion_broker::push::PushRoute>>>,
-    pub broker_advertise: Option<HostPort>,
-    pub reload_period: Option<NonZeroDur>,
-    pub dns_server: Option<Vec<SocketAddr>>,
-    /// `[[tcp]]` listeners of the TCP proxy.
-    pub tcp: Option<Vec<pillion_tcp::ListenerConfig>>,
+    /// Option id (`healthcheck_interval`) and its values, each checked by the flag's
+    /// parser.
+    pub options: Vec<(String, Vec<String>)>,
+    pub tcp: Vec<pillion_tcp::ListenerConfig>,
+}
+
+/// The `pillion run` options as clap sees them: a repeated single-valued flag
+/// overrides the one before (the file's come first).
+fn run_command() -> Command {
+    RunArgs::augment_args(Command::new("pillion run").no_binary_name(true)).args_override_self(true)
 }
 
 impl FileConfig {
@@ -107,32 +59,190 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let file = Self::parse(&text).map_err(|message| ConfigError::File {
+        Self::parse(&text).map_err(|message| ConfigError::File {
             path: path.to_path_buf(),
             message,
-        })?;
-        pillion_tcp::config::validate(file.tcp.as_deref().unwrap_or_default()).map_err(
-            |message| ConfigError::File {
-                path: path.to_path_buf(),
-                message,
-            },
-        )?;
-        Ok(file)
+        })
     }
 
-    /// Parses the file's text; the error names the line and the key.
+    /// Parses and checks the file's text; an error names the line and the key.
     pub fn parse(text: &str) -> Result<FileConfig, String> {
-        toml::from_str(text).map_err(|e| {
-            let message = e.message().to_string();
-            match e.span() {
-                Some(span) => {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    let content = text.lines().nth(line - 1).unwrap_or("").trim();
-                    format!("line {line}: {message}\n    {line} | {content}")
-                }
-                None => message,
+        type Spanned<T> = toml::Spanned<T>;
+        let table: BTreeMap<Spanned<String>, Spanned<toml::Value>> =
+            toml::from_str(text).map_err(|e| located(text, e.span(), e.message()))?;
+        let cmd = run_command();
+        let mut options = Vec::new();
+        for (key, value) in &table {
+            let name = key.get_ref().as_str();
+            if name == "tcp" {
+                continue;
             }
-        })
+            let at = |message: String| located(text, Some(key.span()), &message);
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_id() == name && name != "config")
+                .ok_or_else(|| at(unknown_key(name, &cmd)))?;
+            let repeatable = matches!(arg.get_action(), ArgAction::Append);
+            let values = match value.get_ref() {
+                toml::Value::Array(items) if repeatable => {
+                    items.iter().map(scalar).collect::<Result<Vec<_>, _>>()
+                }
+                toml::Value::Table(t) if repeatable => t
+                    .iter()
+                    .map(|(k, v)| scalar(v).map(|v| format!("{k}={v}")))
+                    .collect(),
+                toml::Value::Array(_) | toml::Value::Table(_) => {
+                    Err(format!("`{name}` takes one value, not a list or a table"))
+                }
+                v => scalar(v).map(|v| vec![v]),
+            }
+            .map_err(at)?;
+            let flag = format!("--{}", name.replace('_', "-"));
+            for v in &values {
+                // The flag's own parser: the value alone, as a flag.
+                let alone = run_command().mut_args(|a| a.env(None::<&str>));
+                if let Err(e) = alone.try_get_matches_from([format!("{flag}={v}")]) {
+                    let why = std::error::Error::source(&e)
+                        .map_or_else(|| first_line(&e.to_string()), |s| s.to_string());
+                    return Err(located(
+                        text,
+                        Some(value.span()),
+                        &format!("{name} = {v:?}: {why}"),
+                    ));
+                }
+            }
+            options.push((name.to_string(), values));
+        }
+        #[derive(Deserialize)]
+        struct Tcp {
+            #[serde(default)]
+            tcp: Vec<pillion_tcp::ListenerConfig>,
+        }
+        let tcp = toml::from_str::<Tcp>(text)
+            .map_err(|e| located(text, e.span(), e.message()))?
+            .tcp;
+        pillion_tcp::config::validate(&tcp)?;
+        Ok(FileConfig { options, tcp })
+    }
+}
+
+/// A TOML scalar as the text a flag would carry.
+fn scalar(value: &toml::Value) -> Result<String, String> {
+    match value {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Datetime(d) => Ok(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => {
+            Err("a list or table where one value belongs".into())
+        }
+    }
+}
+
+fn first_line(message: &str) -> String {
+    let line = message.lines().next().unwrap_or(message);
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
+/// `message` prefixed with the line of `span` in `text`, and that line shown.
+fn located(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let content = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("line {line}: {message}\n    {line} | {content}")
+        }
+        None => message.to_string(),
+    }
+}
+
+/// The error for a key that is no option, with the closest option's name.
+fn unknown_key(name: &str, cmd: &Command) -> String {
+    let closest = cmd
+        .get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| *id != "config")
+        .map(|id| (edit_distance(name, id), id))
+        .min();
+    match closest {
+        Some((d, id)) if d <= 3 => format!("unknown key `{name}`; did you mean `{id}`?"),
+        _ => format!(
+            "unknown key `{name}`: the keys are the options of `pillion run --help` with '_' for '-'"
+        ),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// `pillion run`'s options after merging, and which were given (by a flag, the
+/// environment or the file) rather than defaulted.
+pub struct Loaded {
+    pub args: RunArgs,
+    given: BTreeSet<String>,
+    tcp: Vec<pillion_tcp::ListenerConfig>,
+}
+
+impl Loaded {
+    /// Merges `argv` (what follows `pillion run`) and the environment over the file
+    /// named by `--config` (or `PILLION_CONFIG`) over the defaults.
+    pub fn from_args(argv: Vec<OsString>) -> Result<Loaded, ConfigError> {
+        let clap_error = |e: clap::Error| ConfigError::Invalid(first_line(&e.to_string()));
+        let first = run_command()
+            .try_get_matches_from(&argv)
+            .map_err(clap_error)?;
+        let mut merged: Vec<OsString> = Vec::new();
+        let mut tcp = Vec::new();
+        if let Some(path) = first.get_one::<PathBuf>("config") {
+            let file = FileConfig::load(path)?;
+            for (id, values) in file.options {
+                let set_elsewhere = matches!(
+                    first.value_source(&id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
+                if !set_elsewhere {
+                    let flag = id.replace('_', "-");
+                    merged.extend(values.iter().map(|v| format!("--{flag}={v}").into()));
+                }
+            }
+            tcp = file.tcp;
+        }
+        merged.extend(argv);
+        let matches = run_command()
+            .try_get_matches_from(merged)
+            .map_err(clap_error)?;
+        let given = run_command()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| {
+                matches!(
+                    matches.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+            .collect();
+        let args = RunArgs::from_arg_matches(&matches).map_err(clap_error)?;
+        Ok(Loaded { args, given, tcp })
+    }
+
+    /// Whether the option `id` was set by a flag, the environment or the file.
+    fn given(&self, id: &str) -> bool {
+        self.given.contains(id)
     }
 }
 
@@ -158,8 +268,6 @@ pub struct Settings {
     pub listen_max_connections: usize,
 }
 
-pub const DEFAULT_RELOAD_PERIOD: Duration = Duration::from_secs(1);
-
 /// The message broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -182,107 +290,51 @@ pub struct InboundSettings {
     pub proxy: pillion_session::inbound::Config,
 }
 
-pub const DEFAULT_SESSION_MAX_AGE: Duration = Duration::from_secs(3600);
-
 impl Settings {
-    /// Merges flags and environment (already merged by clap) over the file over the
-    /// defaults, then checks what only makes sense together.
-    pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.config {
-            Some(path) => FileConfig::load(path)?,
-            None => FileConfig::default(),
-        };
+    /// Checks what only makes sense together and builds the settings of each part.
+    pub fn resolve(loaded: Loaded) -> Result<Settings, ConfigError> {
+        let args = &loaded.args;
         let pool = pillion_http::pool::Settings {
-            idle_timeout: args
-                .pool_idle_timeout
-                .clone()
-                .or(file.pool_idle_timeout.clone())
-                .map_or(DEFAULT_POOL_IDLE_TIMEOUT, |d| d.0),
+            idle_timeout: args.pool_idle_timeout.0,
             ..Default::default()
         };
-        let inbound = resolve_inbound(&args, &file, &pool)?;
-        let broker = resolve_broker(&args, &file, inbound.as_ref())?;
-        let server_name = args.server_name.or(file.server_name);
-        let server_address = args.server_address.or(file.server_address);
-        let healthcheck_url = args.healthcheck_url.or(file.healthcheck_url);
-        let mut metadata = file.server_metadata.unwrap_or_default();
-        if !args.server_metadata.is_empty() {
-            // Flags replace the file's table as a whole, like any other key.
-            metadata = args
-                .server_metadata
-                .into_iter()
-                .map(|kv| (kv.0, kv.1))
-                .collect();
-        }
-        let register_ttl = args
-            .register_ttl
-            .or(file.register_ttl)
-            .map_or(DEFAULT_REGISTER_TTL, |d| d.0);
-        let healthcheck_interval = args
-            .healthcheck_interval
-            .or(file.healthcheck_interval)
-            .map_or(DEFAULT_HEALTHCHECK_INTERVAL, |d| d.0);
-        let healthcheck_timeout = args
-            .healthcheck_timeout
-            .or(file.healthcheck_timeout)
-            .map_or(DEFAULT_HEALTHCHECK_TIMEOUT, |d| d.0);
-
+        let inbound = resolve_inbound(&loaded, &pool)?;
+        let broker = resolve_broker(args, inbound.as_ref())?;
+        let metadata: BTreeMap<String, String> = args
+            .server_metadata
+            .iter()
+            .map(|kv| (kv.0.clone(), kv.1.clone()))
+            .collect();
         let locality = pillion_invoke::Locality {
             zone: metadata.get("zone").cloned(),
             region: metadata.get("region").cloned(),
         };
         let defaults = pillion_invoke::Config::default();
         let invoke = pillion_invoke::Config {
-            handler: args
-                .handler
-                .or(file.handler.map(|h| h.0))
-                .unwrap_or(defaults.handler),
-            namespace: args
-                .namespace
-                .or(file.namespace)
-                .unwrap_or(defaults.namespace),
-            timeout: args
-                .timeout
-                .or(file.timeout)
-                .map_or(defaults.timeout, |d| d.0),
-            max_body: args
-                .max_body_size
-                .or(file.max_body_size)
-                .map_or(defaults.max_body, |s| s.0),
+            handler: args.handler,
+            namespace: args.namespace.clone().unwrap_or(defaults.namespace),
+            timeout: args.timeout.0,
+            max_body: args.max_body_size.0,
             policy: pillion_invoke::Policy {
-                strategy: args
-                    .balancer
-                    .or(file.balancer.map(|b| b.0))
-                    .unwrap_or(defaults.policy.strategy),
-                connect_timeout: args
-                    .connect_timeout
-                    .or(file.connect_timeout)
-                    .map_or(defaults.policy.connect_timeout, |d| d.0),
-                per_try_timeout: args
-                    .per_try_timeout
-                    .or(file.per_try_timeout)
-                    .map_or(defaults.policy.per_try_timeout, |d| d.0),
-                retries: args
-                    .retries
-                    .or(file.retries)
-                    .unwrap_or(defaults.policy.retries),
-                max_pending: args
-                    .max_pending
-                    .or(file.max_pending)
-                    .map_or(defaults.policy.max_pending, NonZeroUsize::get),
+                strategy: args.balancer,
+                connect_timeout: args.connect_timeout.0,
+                per_try_timeout: args.per_try_timeout.0,
+                retries: args.retries,
+                max_pending: args.max_pending.get(),
                 ejection: defaults.policy.ejection,
             },
             pool,
         };
-        let app = match (server_name, server_address) {
+        let healthcheck_url = args.healthcheck_url.clone();
+        let app = match (args.server_name.clone(), args.server_address.clone()) {
             (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
                 name: name.0,
                 address: address.0,
                 metadata,
                 healthcheck_url: healthcheck_url.map(|u| u.0),
-                healthcheck_interval,
-                healthcheck_timeout,
-                register_ttl,
+                healthcheck_interval: args.healthcheck_interval.0,
+                healthcheck_timeout: args.healthcheck_timeout.0,
+                register_ttl: args.register_ttl.0,
             }),
             (Some(_), None) => {
                 return Err(ConfigError::Invalid(
@@ -312,68 +364,32 @@ impl Settings {
             (None, None) => None,
         };
         Ok(Settings {
-            read_header_timeout: args
-                .read_header_timeout
-                .clone()
-                .or(file.read_header_timeout.clone())
-                .map_or(DEFAULT_READ_HEADER_TIMEOUT, |d| d.0),
-            listen_max_connections: args
-                .listen_max_connections
-                .or(file.listen_max_connections)
-                .map_or(DEFAULT_LISTEN_MAX_CONNECTIONS, NonZeroUsize::get),
+            read_header_timeout: args.read_header_timeout.0,
+            listen_max_connections: args.listen_max_connections.get(),
             config_file: args.config.clone(),
-            reload_period: args
-                .reload_period
-                .clone()
-                .or(file.reload_period.clone())
-                .map_or(DEFAULT_RELOAD_PERIOD, |d| d.0),
-            dns_servers: if args.dns_server.is_empty() {
-                file.dns_server.clone().unwrap_or_default()
-            } else {
-                args.dns_server.clone()
-            },
-            tcp: file.tcp.clone().unwrap_or_default(),
+            reload_period: args.reload_period.0,
+            dns_servers: args.dns_server.clone(),
+            tcp: loaded.tcp.clone(),
             broker,
             inbound,
             invoke,
             locality,
-            address: args
-                .address
-                .or(file.address)
-                .unwrap_or_else(|| DEFAULT_ADDRESS.parse().expect("default address")),
-            registry: args
-                .registry
-                .or(file.registry)
-                .map_or_else(|| "memory".to_string(), |r| r.0),
+            address: args.address,
+            registry: args.registry.0.clone(),
             app,
-            grace_period: args
-                .grace_period
-                .or(file.grace_period)
-                .map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
-            worker_threads: args
-                .worker_threads
-                .or(file.worker_threads)
-                .map(NonZeroUsize::get),
+            grace_period: args.grace_period.0,
+            worker_threads: args.worker_threads.map(NonZeroUsize::get),
         })
     }
 }
 
 fn resolve_broker(
     args: &RunArgs,
-    file: &FileConfig,
     inbound: Option<&InboundSettings>,
 ) -> Result<BrokerSettings, ConfigError> {
     use pillion_broker::{api::ApiConfig, topic, NatsSettings};
-    let url = args
-        .broker
-        .clone()
-        .or(file.broker.clone())
-        .map_or_else(|| "embedded".to_string(), |b| b.0);
-    let durable = if args.broker_durable.is_empty() {
-        file.broker_durable.clone().unwrap_or_default()
-    } else {
-        args.broker_durable.clone()
-    };
+    let url = args.broker.0.clone();
+    let durable = args.broker_durable.clone();
     for pattern in &durable {
         topic::check_pattern(pattern)
             .map_err(|e| ConfigError::Invalid(format!("--broker-durable (broker_durable): {e}")))?;
@@ -383,128 +399,60 @@ fn resolve_broker(
             "--broker-durable (broker_durable) needs --broker nats://...: durable topics live in NATS JetStream".into(),
         ));
     }
-    let defaults = NatsSettings::default();
-    let prefix = args
-        .broker_dead_letter_prefix
-        .clone()
-        .or(file.broker_dead_letter_prefix.clone())
-        .unwrap_or(defaults.dead_letter_prefix);
+    let prefix = args.broker_dead_letter_prefix.clone();
     topic::check_publish(&prefix).map_err(|e| {
         ConfigError::Invalid(format!(
             "--broker-dead-letter-prefix (broker_dead_letter_prefix): {e}"
         ))
     })?;
-    let push: Vec<_> = if args.broker_push.is_empty() {
-        file.broker_push
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|p| p.0)
-            .collect()
-    } else {
-        args.broker_push.clone()
-    };
-    let server_address = args.server_address.clone().or(file.server_address.clone());
+    let push = args.broker_push.clone();
     let push_to = inbound
         .map(|i| i.proxy.app.clone())
-        .or(server_address.map(|a| a.0));
+        .or(args.server_address.clone().map(|a| a.0));
     if !push.is_empty() && push_to.is_none() {
         return Err(ConfigError::Invalid(
             "--broker-push (broker_push) needs the app's address: give --app or --server-address"
                 .into(),
         ));
     }
-    let server_name = args.server_name.clone().or(file.server_name.clone());
     let api_defaults = ApiConfig::default();
     Ok(BrokerSettings {
         url,
         nats: NatsSettings {
             durable,
-            max_deliver: args
-                .broker_max_deliver
-                .or(file.broker_max_deliver)
-                .map_or(defaults.max_deliver, |n| n.get()),
-            ack_wait: args
-                .broker_ack_wait
-                .clone()
-                .or(file.broker_ack_wait.clone())
-                .map_or(defaults.ack_wait, |d| d.0),
+            max_deliver: args.broker_max_deliver.get(),
+            ack_wait: args.broker_ack_wait.0,
             dead_letter_prefix: prefix,
         },
         api: ApiConfig {
-            max_message: args
-                .broker_max_message_size
-                .or(file.broker_max_message_size)
-                .map_or(api_defaults.max_message, |s| s.0 as usize),
-            buffer: args
-                .broker_subscriber_buffer
-                .or(file.broker_subscriber_buffer)
-                .map_or(api_defaults.buffer, NonZeroUsize::get),
+            max_message: args.broker_max_message_size.0 as usize,
+            buffer: args.broker_subscriber_buffer.get(),
             ping_interval: api_defaults.ping_interval,
         },
         push,
         push_to,
         push_queue: format!(
             "push-{}",
-            server_name
+            args.server_name
+                .as_ref()
                 .map(|n| n
                     .0
                     .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"))
                 .unwrap_or_else(|| "app".into())
         ),
-        advertise: args
-            .broker_advertise
-            .clone()
-            .or(file.broker_advertise.clone())
-            .map(|a| a.0),
+        advertise: args.broker_advertise.clone().map(|a| a.0),
     })
 }
 
-/// The inbound proxy's settings, if `--listen` and `--app` are set; session options
+/// The inbound proxy's settings, if `--listen` and `--app` are set; its options
 /// without them are an error rather than silently unused.
 fn resolve_inbound(
-    args: &RunArgs,
-    file: &FileConfig,
+    loaded: &Loaded,
     pool: &pillion_http::pool::Settings,
 ) -> Result<Option<InboundSettings>, ConfigError> {
     use pillion_session::{codec, cookie, inbound};
-    let listen = args.listen.or(file.listen);
-    let app = args.app.clone().or(file.app.clone());
-    let session_flags = [
-        (
-            "--session-store",
-            args.session_store.is_some() || file.session_store.is_some(),
-        ),
-        (
-            "--session-max-age",
-            args.session_max_age.is_some() || file.session_max_age.is_some(),
-        ),
-        (
-            "--session-rolling",
-            args.session_rolling.is_some() || file.session_rolling.is_some(),
-        ),
-        (
-            "--session-cookie",
-            args.session_cookie.is_some() || file.session_cookie.is_some(),
-        ),
-        (
-            "--session-header-prefix",
-            args.session_header_prefix.is_some() || file.session_header_prefix.is_some(),
-        ),
-        (
-            "--session-store-down",
-            args.session_store_down.is_some() || file.session_store_down.is_some(),
-        ),
-        (
-            "--app-timeout",
-            args.app_timeout.is_some() || file.app_timeout.is_some(),
-        ),
-        (
-            "--listen-max-connections",
-            args.listen_max_connections.is_some() || file.listen_max_connections.is_some(),
-        ),
-    ];
-    let (listen, app) = match (listen, app) {
+    let args = &loaded.args;
+    let (listen, app) = match (args.listen, args.app.clone()) {
         (Some(l), Some(a)) => (l, a),
         (Some(_), None) => return Err(ConfigError::Invalid(
             "--listen (listen) needs --app (app): the http://host:port of the app behind the proxy"
@@ -517,105 +465,63 @@ fn resolve_inbound(
             ))
         }
         (None, None) => {
-            if let Some((flag, _)) = session_flags.iter().find(|(_, set)| *set) {
+            let inbound_only = run_command()
+                .get_arguments()
+                .map(|a| a.get_id().to_string())
+                .find(|id| {
+                    (id.starts_with("session_")
+                        || id == "app_timeout"
+                        || id == "listen_max_connections")
+                        && loaded.given(id)
+                });
+            if let Some(id) = inbound_only {
                 return Err(ConfigError::Invalid(format!(
-                    "{flag} needs --listen and --app: it is an option of the inbound proxy"
+                    "--{} needs --listen and --app: it is an option of the inbound proxy",
+                    id.replace('_', "-")
                 )));
             }
             return Ok(None);
         }
     };
-    let defaults = cookie::CookieConfig::default();
     let cookie = cookie::CookieConfig {
-        name: args
-            .session_cookie
-            .clone()
-            .or(file.session_cookie.clone())
-            .map_or(defaults.name, |c| c.0),
-        path: args
-            .session_cookie_path
-            .clone()
-            .or(file.session_cookie_path.clone())
-            .unwrap_or(defaults.path),
-        domain: args
-            .session_cookie_domain
-            .clone()
-            .or(file.session_cookie_domain.clone()),
-        secure: args
-            .session_cookie_secure
-            .or(file.session_cookie_secure)
-            .unwrap_or(defaults.secure),
-        http_only: args
-            .session_cookie_http_only
-            .or(file.session_cookie_http_only)
-            .unwrap_or(defaults.http_only),
-        same_site: Some(
-            args.session_cookie_same_site
-                .or(file.session_cookie_same_site.as_ref().map(|s| s.0))
-                .unwrap_or(cookie::SameSite::Lax),
-        ),
-        max_age: args
-            .session_max_age
-            .clone()
-            .or(file.session_max_age.clone())
-            .map_or(DEFAULT_SESSION_MAX_AGE, |m| m.0),
+        name: args.session_cookie.0.clone(),
+        path: args.session_cookie_path.clone(),
+        domain: args.session_cookie_domain.clone(),
+        secure: args.session_cookie_secure,
+        http_only: args.session_cookie_http_only,
+        same_site: Some(args.session_cookie_same_site),
+        max_age: args.session_max_age.0,
     };
     if cookie.same_site == Some(cookie::SameSite::None) && !cookie.secure {
         return Err(ConfigError::Invalid(
             "--session-cookie-same-site none needs --session-cookie-secure: browsers drop SameSite=None cookies that are not Secure".into(),
         ));
     }
-    let prefix = args
-        .session_header_prefix
-        .clone()
-        .or(file.session_header_prefix.clone())
-        .unwrap_or_else(|| "X-Session-".into());
-    let scheme = codec::Scheme::new(&prefix)
+    let scheme = codec::Scheme::new(&args.session_header_prefix)
         .map_err(|e| ConfigError::Invalid(format!("--session-header-prefix: {e}")))?;
-    let limit_defaults = codec::Limits::default();
     let limits = codec::Limits {
-        max_value: args
-            .session_max_value_size
-            .or(file.session_max_value_size)
-            .map_or(limit_defaults.max_value, |s| s.0 as usize),
-        max_size: args
-            .session_max_size
-            .or(file.session_max_size)
-            .map_or(limit_defaults.max_size, |s| s.0 as usize),
+        max_value: args.session_max_value_size.0 as usize,
+        max_size: args.session_max_size.0 as usize,
     };
     Ok(Some(InboundSettings {
         listen,
-        store: args
-            .session_store
-            .clone()
-            .or(file.session_store.clone())
-            .map_or_else(|| "memory".to_string(), |s| s.0),
+        store: args.session_store.0.clone(),
         proxy: inbound::Config {
             app: app.1,
             app_url: app.0,
             cookie,
             scheme,
-            rolling: args
-                .session_rolling
-                .or(file.session_rolling)
-                .unwrap_or(false),
-            store_down: args
-                .session_store_down
-                .or(file.session_store_down.as_ref().map(|s| s.0))
-                .unwrap_or_default(),
+            rolling: args.session_rolling,
+            store_down: args.session_store_down,
             limits,
             connect_timeout: Duration::from_secs(1),
-            app_timeout: args
-                .app_timeout
-                .clone()
-                .or(file.app_timeout.clone())
-                .map_or(DEFAULT_APP_TIMEOUT, |d| d.0),
+            app_timeout: args.app_timeout.0,
             pool: pool.clone(),
         },
     }))
 }
 
-/// Implements `FromStr` (for flags) and `Deserialize` (for the file) from one check.
+/// A value type whose `FromStr` is one check, for a flag and the file alike.
 macro_rules! checked_value {
     ($(#[$doc:meta])* $name:ident($inner:ty), $check:expr) => {
         $(#[$doc])*
@@ -627,13 +533,6 @@ macro_rules! checked_value {
             fn from_str(s: &str) -> Result<Self, String> {
                 let check: fn(&str) -> Result<$inner, String> = $check;
                 check(s).map($name)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
             }
         }
     };
@@ -736,28 +635,6 @@ impl FromStr for AppUrl {
     }
 }
 
-impl<'de> Deserialize<'de> for AppUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Any value read from text by its `FromStr`, in the config file.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FromText<T>(pub T);
-
-impl<'de, T> Deserialize<'de> for FromText<T>
-where
-    T: FromStr,
-    T::Err: std::fmt::Display,
-{
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map(FromText).map_err(serde::de::Error::custom)
-    }
-}
-
 /// `key=value`, one entry of `--server-metadata`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyValue(pub String, pub String);
@@ -830,8 +707,114 @@ zone = "eu-1a"
 "#,
         )
         .unwrap();
-        assert_eq!(f.register_ttl, Some(NonZeroDur(Duration::from_secs(60))));
-        assert_eq!(f.server_metadata.unwrap()["zone"], "eu-1a");
+        let options: BTreeMap<_, _> = f.options.into_iter().collect();
+        assert_eq!(options["register_ttl"], ["1m"]);
+        assert_eq!(options["server_metadata"], ["zone=eu-1a"]);
+        assert_eq!(options["worker_threads"], ["1"]);
+        assert_eq!(options["session_rolling"], ["true"]);
+        assert_eq!(options["broker_durable"], ["orders.*"]);
+        assert_eq!(options.len(), 46, "every key is read: {:?}", options.keys());
+    }
+
+    /// Loads `argv` with `file` as the config file.
+    fn load(argv: &[&str], file: Option<&str>) -> Result<Loaded, ConfigError> {
+        let mut all: Vec<OsString> = argv.iter().map(OsString::from).collect();
+        let path = file.map(|text| {
+            let dir = std::env::temp_dir().join(format!(
+                "pillion-config-unit-{}-{}",
+                std::process::id(),
+                pillion_core::id::uuid_v4()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("pillion.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        if let Some(p) = &path {
+            all.extend(["--config".into(), p.into()]);
+        }
+        Loaded::from_args(all)
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_which_beats_the_default() {
+        let file = "retries = 7\ntimeout = \"3s\"\nbroker_durable = [\"a.*\", \"b.*\"]\n";
+        let l = load(&["--retries", "1"], Some(file)).unwrap();
+        assert_eq!(l.args.retries, 1, "the flag wins");
+        assert_eq!(
+            l.args.timeout.0,
+            Duration::from_secs(3),
+            "the file beats the default"
+        );
+        assert_eq!(l.args.broker_durable, ["a.*", "b.*"]);
+        assert_eq!(
+            l.args.per_try_timeout.0,
+            Duration::from_secs(5),
+            "the default"
+        );
+        assert!(l.given("retries") && l.given("timeout") && !l.given("per_try_timeout"));
+    }
+
+    #[test]
+    fn the_defaults_of_the_flags_are_the_libraries_defaults() {
+        let s = Settings::resolve(
+            load(
+                &["--listen", "127.0.0.1:1", "--app", "http://127.0.0.1:2"],
+                None,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let invoke = pillion_invoke::Config::default();
+        assert_eq!(s.invoke.handler, invoke.handler);
+        assert_eq!(s.invoke.timeout, invoke.timeout);
+        assert_eq!(s.invoke.max_body, invoke.max_body);
+        assert_eq!(s.invoke.policy.strategy, invoke.policy.strategy);
+        assert_eq!(
+            s.invoke.policy.connect_timeout,
+            invoke.policy.connect_timeout
+        );
+        assert_eq!(
+            s.invoke.policy.per_try_timeout,
+            invoke.policy.per_try_timeout
+        );
+        assert_eq!(s.invoke.policy.retries, invoke.policy.retries);
+        assert_eq!(s.invoke.policy.max_pending, invoke.policy.max_pending);
+        assert_eq!(s.invoke.pool.idle_timeout, invoke.pool.idle_timeout);
+        let inbound = s.inbound.unwrap().proxy;
+        let cookie = pillion_session::cookie::CookieConfig::default();
+        assert_eq!(
+            (
+                &inbound.cookie.name,
+                &inbound.cookie.path,
+                inbound.cookie.secure,
+                inbound.cookie.http_only,
+                inbound.cookie.same_site,
+                inbound.cookie.max_age
+            ),
+            (
+                &cookie.name,
+                &cookie.path,
+                cookie.secure,
+                cookie.http_only,
+                cookie.same_site,
+                cookie.max_age
+            )
+        );
+        let limits = pillion_session::codec::Limits::default();
+        assert_eq!(
+            (inbound.limits.max_value, inbound.limits.max_size),
+            (limits.max_value, limits.max_size)
+        );
+        let nats = pillion_broker::NatsSettings::default();
+        assert_eq!(s.broker.nats.max_deliver, nats.max_deliver);
+        assert_eq!(s.broker.nats.ack_wait, nats.ack_wait);
+        assert_eq!(s.broker.nats.dead_letter_prefix, nats.dead_letter_prefix);
+        let api = pillion_broker::api::ApiConfig::default();
+        assert_eq!(
+            (s.broker.api.max_message, s.broker.api.buffer),
+            (api.max_message, api.buffer)
+        );
     }
 
     #[test]
@@ -840,7 +823,7 @@ zone = "eu-1a"
             (
                 "address = \"127.0.0.1:1\"\nadress = \"x\"\n",
                 "line 2",
-                "unknown field `adress`",
+                "unknown key `adress`; did you mean `address`?",
             ),
             (
                 "healthcheck_interval = \"30\"\n",
@@ -863,7 +846,18 @@ zone = "eu-1a"
                 "line 1",
                 "https health checks",
             ),
-            ("worker_threads = 0\n", "line 1", "nonzero"),
+            ("worker_threads = 0\n", "line 1", "zero"),
+            ("retries = [1, 2]\n", "line 1", "takes one value"),
+            (
+                "config = \"other.toml\"\n",
+                "line 1",
+                "unknown key `config`",
+            ),
+            (
+                "[[tcp]]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n",
+                "line",
+                "bogus",
+            ),
             ("address = \n", "line 1", ""),
             ("handler = \"grpc\"\n", "line 1", "use rpc or proxy"),
             (
@@ -907,6 +901,41 @@ zone = "eu-1a"
             assert!(err.starts_with(line), "{text:?}: {err}");
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    /// README's option table lists every option with the default its declaration
+    /// has (backticked; an option without a declared default shows none or a word).
+    #[test]
+    fn the_readme_table_lists_every_option_with_its_declared_default() {
+        let readme = include_str!("../../../README.md");
+        let rows: BTreeMap<String, String> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `--"))
+            .map(|l| l.replace("\\|", "/"))
+            .map(|l| {
+                let flag = l.split([' ', '`']).next().unwrap().to_string();
+                let default = l.split('|').nth(1).unwrap().trim().to_string();
+                (flag, default)
+            })
+            .collect();
+        for arg in run_command().get_arguments() {
+            let flag = arg.get_long().unwrap();
+            let row = rows
+                .get(flag)
+                .unwrap_or_else(|| panic!("--{flag} is missing from README's option table"));
+            match arg.get_default_values() {
+                [d] => assert_eq!(row, &format!("`{}`", d.to_string_lossy()), "--{flag}"),
+                _ => assert!(
+                    !row.starts_with('`') || row == "`--address`",
+                    "--{flag}: {row}"
+                ),
+            }
+        }
+        assert_eq!(
+            rows.len(),
+            run_command().get_arguments().count(),
+            "README lists options that do not exist"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::{FileConfig, Settings};
+use crate::config::{FileConfig, Loaded, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -59,7 +59,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            let settings = match Settings::resolve(*args) {
+            // Parsed again with the file's values in place, from what follows `run`.
+            drop(args);
+            let argv: Vec<std::ffi::OsString> = std::env::args_os()
+                .skip_while(|a| a != "run")
+                .skip(1)
+                .collect();
+            let settings = match Loaded::from_args(argv).and_then(Settings::resolve) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -72,7 +72,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             file,
             settings.reload_period,
             tcp.clone(),
-            |text| crate::config::FileConfig::parse(text).map(|f| f.tcp.unwrap_or_default()),
+            |text| crate::config::FileConfig::parse(text).map(|f| f.tcp),
         ))
     });
     let broker_metrics = Arc::new(BrokerMetrics::default());

@@ -212,7 +212,7 @@ async fn durable_queue_subscriber_offline_while_100_are_published_gets_all_100()
         );
     }
     let mut ws = subscribe(&sc, "topic=orders.new&queue=workers").await;
-    let got: Vec<String> = receive(&mut ws, 100, Duration::from_secs(3))
+    let got: Vec<String> = receive(&mut ws, 100, Duration::from_secs(10))
         .await
         .iter()
         .map(body)
