@@ -30,7 +30,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::pool::{Outgoing, Pool, Slot, TrailerFilter};
+use crate::pool::{Outgoing, Pool, Slot};
 use crate::{BoxError, SendError};
 
 /// Header fields in a response head, as hyper allows.
@@ -680,7 +680,6 @@ struct Writer {
     queue: VecDeque<Bytes>,
     body: Option<Outgoing>,
     chunked: bool,
-    trailer_filter: Option<TrailerFilter>,
     /// For a streamed body with a length: the length sent and the bytes so far.
     declared: u64,
     written: u64,
@@ -728,7 +727,7 @@ impl Writer {
                 }
                 None
             }
-            Outgoing::Stream(stream) => {
+            Outgoing::Stream(stream, filter) => {
                 match stream.size_hint().exact() {
                     Some(n) => {
                         declared = n;
@@ -740,7 +739,7 @@ impl Writer {
                     }
                 }
                 head.extend_from_slice(b"\r\n");
-                Some(Outgoing::Stream(stream))
+                Some(Outgoing::Stream(stream, filter))
             }
         };
         if !head.is_empty() {
@@ -750,7 +749,6 @@ impl Writer {
             queue,
             body,
             chunked,
-            trailer_filter: parts.extensions.get::<TrailerFilter>().cloned(),
             declared,
             written: 0,
         }
@@ -821,10 +819,7 @@ impl Writer {
                         self.queue.push_back(data)
                     }
                     Err(frame) => {
-                        if let (Ok(mut trailers), true) = (frame.into_trailers(), self.chunked) {
-                            if let Some(TrailerFilter(filter)) = &self.trailer_filter {
-                                filter(&mut trailers);
-                            }
+                        if let (Ok(trailers), true) = (frame.into_trailers(), self.chunked) {
                             let mut block = b"0\r\n".to_vec();
                             for (name, value) in &trailers {
                                 block.extend_from_slice(name.as_str().as_bytes());

@@ -40,16 +40,16 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 /// At most this many idle HTTP/1.1 connections are kept per node.
 const MAX_IDLE: usize = 256;
 
-/// Put in a request's extensions, edits the trailers of its streamed body before
-/// they are written to an HTTP/1.1 node (the inbound proxy strips session headers
-/// from them). Without it, trailers pass as they came.
+/// Edits the trailers of a streamed body before they are sent on, by either client
+/// (the inbound proxy strips session headers from them).
 #[derive(Clone)]
 pub struct TrailerFilter(pub Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
 
-/// A request body: whole (and so replayable for retries) or a stream (sent once).
+/// A request body: whole (and so replayable for retries) or a stream (sent once),
+/// whose trailers may be filtered.
 pub enum Outgoing {
     Full(Option<Bytes>),
-    Stream(http_body_util::Limited<Incoming>),
+    Stream(http_body_util::Limited<Incoming>, Option<TrailerFilter>),
 }
 
 impl Outgoing {
@@ -70,16 +70,25 @@ impl Body for Outgoing {
             Outgoing::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             // Typed here, so that whichever client sends it (h1 or hyper's h2) the
             // failure is known to be the caller's.
-            Outgoing::Stream(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map_err(|e| SendError::from_body(e).into()),
+            Outgoing::Stream(body, filter) => {
+                let frame = std::task::ready!(Pin::new(body).poll_frame(cx))
+                    .map(|f| f.map_err(|e| BoxError::from(SendError::from_body(e))));
+                Poll::Ready(match (frame, filter.as_ref()) {
+                    (Some(Ok(frame)), Some(TrailerFilter(filter))) if frame.is_trailers() => {
+                        let mut trailers = frame.into_trailers().unwrap_or_default();
+                        filter(&mut trailers);
+                        Some(Ok(Frame::trailers(trailers)))
+                    }
+                    (frame, _) => frame,
+                })
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Outgoing::Full(bytes) => bytes.is_none(),
-            Outgoing::Stream(body) => body.is_end_stream(),
+            Outgoing::Stream(body, _) => body.is_end_stream(),
         }
     }
 
@@ -88,7 +97,7 @@ impl Body for Outgoing {
             Outgoing::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Outgoing::Stream(body) => body.size_hint(),
+            Outgoing::Stream(body, _) => body.size_hint(),
         }
     }
 }

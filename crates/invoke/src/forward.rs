@@ -161,7 +161,7 @@ fn attempts<'a>(
 
         let full_body = match &call.body {
             Outgoing::Full(b) => Some(b.clone()),
-            Outgoing::Stream(_) => None,
+            Outgoing::Stream(..) => None,
         };
         // Only a whole body can be sent again after the node may have seen it.
         let rules = Rules {

@@ -263,10 +263,10 @@ async fn proxy(inv: Arc<Invoker>, mut req: Request<Incoming>) -> Response<ProxyB
             Err(e) => return reply(e),
         }
     } else {
-        Outgoing::Stream(http_body_util::Limited::new(
-            body,
-            inv.config.max_body as usize,
-        ))
+        Outgoing::Stream(
+            http_body_util::Limited::new(body, inv.config.max_body as usize),
+            None,
+        )
     };
     let call = Call {
         service,

@@ -18,7 +18,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 use crate::cli::{Cli, Command};
-use crate::config::{FileConfig, Loaded, Settings};
+use crate::config::{Loaded, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,16 +48,22 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match FileConfig::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        // The file as `run --config FILE` would take it: its keys, values and the
+        // combinations of options (with the environment's PILLION_* as `run` would).
+        Command::Check { config } => {
+            match Loaded::from_args(vec!["--config".into(), config.clone().into()])
+                .and_then(Settings::resolve)
+            {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run(args) => {
             // Parsed again with the file's values in place, from what follows `run`.
             drop(args);

@@ -42,6 +42,14 @@ fn check_rejects_unknown_keys_and_bad_values_naming_key_and_line() {
         ),
         ("badaddr", "address = \"localhost\"\n", "line 1", "address"),
     ];
+    // Options that only make sense together are checked as `run` checks them.
+    let alone = write("combination", "session_store = \"memory\"\n");
+    let (code, _, err) = run_to_end(&["check", "--config", alone.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--session-store needs --listen and --app"),
+        "{err}"
+    );
     for (name, text, line, key) in cases {
         let path = write(name, text);
         let (code, _, err) = run_to_end(&["check", "--config", path.to_str().unwrap()], &[]);

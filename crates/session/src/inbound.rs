@@ -247,16 +247,15 @@ impl Inbound {
         if let Some(host) = host {
             headers.insert(HOST, host);
         }
-        let streamed = !body.is_end_stream();
-        let body = if streamed {
-            Outgoing::Stream(http_body_util::Limited::new(body, usize::MAX))
-        } else {
+        let body = if body.is_end_stream() {
             Outgoing::Full(None)
+        } else {
+            Outgoing::Stream(
+                http_body_util::Limited::new(body, usize::MAX),
+                Some(self.trailer_filter.clone()),
+            )
         };
         let mut out = Request::new(body);
-        if streamed {
-            out.extensions_mut().insert(self.trailer_filter.clone());
-        }
         *out.method_mut() = parts.method;
         *out.uri_mut() = origin_form(parts.uri);
         *out.version_mut() = Version::HTTP_11;
