@@ -179,15 +179,48 @@ pub struct RunArgs {
     )]
     pub max_body_size: pillion_core::Size,
 
-    /// Service registry: `memory` (this process only) or etcd://host:port[,host:port]
-    /// (shared by every sidecar on that etcd).
+    /// Service registry: `cluster` (sidecars find each other by gossip, no server),
+    /// `memory` (this process only) or etcd://host:port[,host:port] (shared by every
+    /// sidecar on that etcd).
     #[arg(
         long,
-        default_value = "memory",
+        default_value = "cluster",
         env = "PILLION_REGISTRY",
         value_name = "URL"
     )]
     pub registry: RegistryUrl,
+
+    /// Gossip address of the cluster registry. On loopback without --cluster-join it
+    /// is where this host's sidecars meet: the first to start binds it, the others
+    /// join through it, and another takes it over when its holder stops.
+    #[arg(
+        long,
+        default_value = pillion_registry::cluster::DEFAULT_BIND,
+        env = "PILLION_CLUSTER_BIND",
+        value_name = "ADDR"
+    )]
+    pub cluster_bind: SocketAddr,
+
+    /// Seeds of the cluster registry, host:port (repeatable, or comma-separated).
+    /// With seeds nothing is discovered automatically, so separate clusters stay
+    /// apart.
+    #[arg(
+        long,
+        env = "PILLION_CLUSTER_JOIN",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub cluster_join: Vec<HostPort>,
+
+    /// Shared secret (16+ characters, the same on every sidecar) that authenticates
+    /// and encrypts gossip; required when --cluster-bind is not a loopback address.
+    #[arg(
+        long,
+        env = "PILLION_CLUSTER_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_key: Option<String>,
 
     /// TTL of the app's registration; it is renewed every third of it.
     #[arg(

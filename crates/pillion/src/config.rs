@@ -254,6 +254,7 @@ pub struct Settings {
     /// This sidecar's zone and region (from the app's metadata), for locality.
     pub locality: pillion_invoke::Locality,
     pub registry: String,
+    pub cluster: pillion_registry::cluster::ClusterOptions,
     pub app: Option<pillion_registry::health::AppConfig>,
     pub grace_period: Duration,
     pub worker_threads: Option<usize>,
@@ -376,11 +377,32 @@ impl Settings {
             locality,
             address: args.address,
             registry: args.registry.0.clone(),
+            cluster: resolve_cluster(&loaded)?,
             app,
             grace_period: args.grace_period.0,
             worker_threads: args.worker_threads.map(NonZeroUsize::get),
         })
     }
+}
+
+fn resolve_cluster(
+    loaded: &Loaded,
+) -> Result<pillion_registry::cluster::ClusterOptions, ConfigError> {
+    let args = &loaded.args;
+    let options = pillion_registry::cluster::ClusterOptions {
+        bind: args.cluster_bind,
+        join: args.cluster_join.iter().map(|h| h.0.clone()).collect(),
+        key: args.cluster_key.clone(),
+    };
+    // The cluster options are checked only when they are used: a deployment may set
+    // PILLION_CLUSTER_* for every sidecar and --registry etcd://... for some.
+    if args.registry.0 != "cluster" {
+        return Ok(options);
+    }
+    options
+        .check()
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    Ok(options)
 }
 
 fn resolve_broker(
@@ -549,7 +571,7 @@ checked_value!(
 );
 
 checked_value!(
-    /// `memory` or `etcd://host:port[,host:port]`.
+    /// `cluster`, `memory` or `etcd://host:port[,host:port]`.
     RegistryUrl(String),
     |s| pillion_registry::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 );

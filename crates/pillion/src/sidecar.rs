@@ -38,7 +38,9 @@ struct Status {
 pub async fn run(settings: Settings) -> Result<(), String> {
     let mut shutdown =
         Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
-    let registry = pillion_registry::open(&settings.registry).map_err(|e| e.to_string())?;
+    let registry = pillion_registry::open(&settings.registry, &settings.cluster)
+        .await
+        .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(settings.address)
         .await
         .map_err(|e| {
@@ -265,6 +267,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
         "uptime_secs": status.started.elapsed().as_secs(),
         "address": status.address,
         "registry": status.registry.status(),
+        "cluster": status.registry.cluster(),
         "services": services,
         "app": status.app.as_ref().map(|a| a.status()),
         "invoke": status.invoker.status(),
@@ -287,6 +290,9 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
     }
     status.broker_metrics.render(&mut out);
     status.tcp.render_metrics(&mut out).await;
+    if let Some(cluster) = status.registry.cluster() {
+        cluster.render_metrics(&mut out);
+    }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         out,

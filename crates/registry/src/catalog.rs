@@ -37,6 +37,20 @@ impl Catalog {
         Catalog { services }
     }
 
+    /// The same catalog with the entry of `name` rebuilt from its per-node
+    /// `registrations` (none: the name is removed).
+    pub fn with_service<'a>(
+        &self,
+        name: &str,
+        registrations: impl IntoIterator<Item = &'a Service>,
+    ) -> Catalog {
+        let mut services = self.services.clone();
+        services.remove(name);
+        let rebuilt = Catalog::build(registrations.into_iter().filter(|r| r.name == name));
+        services.extend(rebuilt.services);
+        Catalog { services }
+    }
+
     /// Every version of the service `name`, if any node serves it.
     pub fn get(&self, name: &str) -> Option<&[Service]> {
         self.services.get(name).map(Vec::as_slice)

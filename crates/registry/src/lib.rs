@@ -2,7 +2,9 @@
 //!
 //! - [`Registry`] is the port: register and deregister nodes, read a [`Catalog`]
 //!   snapshot without locks, and be told when it changes.
-//! - [`memory`] is the embedded adapter (the default): one process, TTLs honoured.
+//! - [`cluster`] is the default: sidecars find each other by gossip (no server), each
+//!   one's registrations living as long as it does.
+//! - [`memory`] is the embedded adapter for one process: TTLs honoured.
 //! - [`etcd`] keeps registrations in etcd v3 under leases, so they vanish when their
 //!   TTL lapses or the sidecar that made them dies, and watches the registry prefix so
 //!   every sidecar's catalog follows within milliseconds.
@@ -16,6 +18,7 @@
 
 pub mod api;
 mod catalog;
+pub mod cluster;
 pub mod etcd;
 pub mod health;
 pub mod memory;
@@ -77,30 +80,55 @@ pub trait Registry: Send + Sync + 'static {
     /// Graceful shutdown: release what this sidecar holds (etcd: revoke its leases, so
     /// its registrations vanish now rather than when they time out).
     async fn close(&self);
-}
 
-/// Opens the registry named by `url`: `memory` or `etcd://host:port[,host:port...]`.
-///
-/// An etcd that is down is not an error here: the adapter keeps retrying in the
-/// background and reports itself unhealthy until it connects.
-pub fn open(url: &str) -> Result<Arc<dyn Registry>, RegistryError> {
-    check_url(url)?;
-    if url.starts_with("etcd://") {
-        Ok(Arc::new(etcd::EtcdRegistry::connect(url)?))
-    } else {
-        Ok(Arc::new(memory::MemoryRegistry::new()))
+    /// The cluster as this sidecar sees it, for the cluster registry.
+    fn cluster(&self) -> Option<cluster::ClusterStatus> {
+        None
     }
 }
 
-/// Checks a registry URL without connecting: `memory` or
+/// Opens the registry named by `url`: `cluster` (gossiping as `cluster` says),
+/// `memory` or `etcd://host:port[,host:port...]`.
+///
+/// An etcd that is down is not an error here: the adapter keeps retrying in the
+/// background and reports itself unhealthy until it connects.
+pub async fn open(
+    url: &str,
+    cluster: &cluster::ClusterOptions,
+) -> Result<Arc<dyn Registry>, RegistryError> {
+    check_url(url)?;
+    if url.starts_with("etcd://") {
+        Ok(Arc::new(etcd::EtcdRegistry::connect(url)?))
+    } else if url.starts_with("memory") {
+        Ok(Arc::new(memory::MemoryRegistry::new()))
+    } else {
+        Ok(Arc::new(
+            cluster::ClusterRegistry::start(cluster.clone()).await?,
+        ))
+    }
+}
+
+/// Checks a registry URL without connecting: `cluster`, `memory` or
 /// `etcd://host:port[,host:port...]`.
 pub fn check_url(url: &str) -> Result<(), RegistryError> {
     match url {
-        "memory" | "memory://" => Ok(()),
+        "cluster" | "memory" | "memory://" => Ok(()),
         u if u.starts_with("etcd://") => etcd::parse_url(u).map(|_| ()),
         other => Err(RegistryError::Invalid(format!(
-            "unknown registry {other:?}: use memory or etcd://host:port[,host:port]"
+            "unknown registry {other:?}: use cluster, memory or etcd://host:port[,host:port]"
         ))),
+    }
+}
+
+/// Sleeps until the next TTL lapses (`next`) or a registration changes the deadlines
+/// (`changed`), and at most a second, so an expiry task notices when its registry is
+/// gone.
+async fn wait_for_expiry(next: Option<tokio::time::Instant>, changed: &tokio::sync::Notify) {
+    let second = tokio::time::Instant::now() + Duration::from_secs(1);
+    let until = next.unwrap_or(second).min(second);
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => {}
+        _ = changed.notified() => {}
     }
 }
 

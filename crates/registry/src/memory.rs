@@ -1,6 +1,6 @@
-//! The embedded registry: registrations live in this process only. It is the default,
-//! so a sidecar works with no other server; two sidecars do not see each other through
-//! it (use etcd for that).
+//! The in-process registry: registrations live in this process only (`--registry
+//! memory`); two sidecars do not see each other through it (the default, `cluster`,
+//! and etcd are for that).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -79,14 +79,7 @@ async fn expire(inner: Weak<Inner>) {
         };
         let wake = strong.clone();
         drop(strong);
-        // Re-check at least every second so the task notices when the registry is gone.
-        let until = next
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1))
-            .min(Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            _ = tokio::time::sleep_until(until) => {}
-            _ = wake.expiry_changed.notified() => {}
-        }
+        crate::wait_for_expiry(next, &wake.expiry_changed).await;
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pillion_core::{Node, Service};
+use pillion_registry::cluster::ClusterOptions;
 use pillion_registry::{open, Registry};
-use pillion_testkit::Server;
+use pillion_testkit::{free_udp_port, Server};
 
 fn service(name: &str, version: &str, nodes: &[(&str, &str)]) -> Service {
     Service {
@@ -167,7 +168,7 @@ async fn contract(reg: Arc<dyn Registry>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_registry_passes_the_contract() {
-    let reg = open("memory").unwrap();
+    let reg = open("memory", &ClusterOptions::default()).await.unwrap();
     assert_eq!(reg.status().backend, "memory");
     contract(reg).await;
 }
@@ -175,7 +176,7 @@ async fn memory_registry_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_registry_passes_the_contract() {
     let etcd = Server::etcd();
-    let reg = open(&etcd.url()).unwrap();
+    let reg = open(&etcd.url(), &ClusterOptions::default()).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || reg.status().healthy).await,
         "{:?}",
@@ -185,8 +186,25 @@ async fn etcd_registry_passes_the_contract() {
     contract(reg).await;
 }
 
-#[test]
-fn unknown_registry_urls_are_refused_with_the_forms_that_work() {
-    let err = open("consul://x:1").err().unwrap().to_string();
-    assert!(err.contains("memory or etcd://host:port"), "{err}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_registry_passes_the_contract() {
+    let options = ClusterOptions {
+        bind: format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(),
+        ..ClusterOptions::default()
+    };
+    let reg = open("cluster", &options).await.unwrap();
+    // A second sidecar in the same cluster, so gossip runs while the contract does.
+    let other = open("cluster", &options).await.unwrap();
+    contract(reg.clone()).await;
+    other.close().await;
+}
+
+#[tokio::test]
+async fn unknown_registry_urls_are_refused_with_the_forms_that_work() {
+    let err = open("consul://x:1", &ClusterOptions::default())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("cluster, memory or etcd://host:port"), "{err}");
 }

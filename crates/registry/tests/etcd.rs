@@ -39,7 +39,7 @@ async fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> Option<Durat
 }
 
 async fn connected(url: &str) -> Arc<dyn Registry> {
-    let reg = open(url).unwrap();
+    let reg = open(url, &Default::default()).await.unwrap();
     within(Duration::from_secs(5), || reg.status().healthy)
         .await
         .expect("registry connects to etcd");
@@ -122,7 +122,7 @@ async fn registrations_of_a_sidecar_vanish_when_it_dies_or_closes() {
 async fn etcd_down_at_start_reports_unavailable_then_connects_when_it_comes_up() {
     let mut etcd = Server::etcd();
     etcd.kill();
-    let reg = open(&etcd.url()).unwrap();
+    let reg = open(&etcd.url(), &Default::default()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = reg.status();
     assert!(!status.healthy);

@@ -20,5 +20,5 @@ pub mod server;
 pub mod tcp;
 
 pub use app::{Health, Mode, TestApp};
-pub use process::{free_port, wait_for_port, Daemon};
+pub use process::{free_port, free_udp_port, wait_for_port, Daemon};
 pub use server::Server;

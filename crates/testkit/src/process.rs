@@ -13,6 +13,16 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 for a free port")
 }
 
+/// A loopback port free for both TCP and UDP now (for gossip addresses).
+pub fn free_udp_port() -> u16 {
+    loop {
+        let port = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Waits until something accepts TCP connections on `addr`; false after `limit`.
 pub fn wait_for_port(addr: SocketAddr, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;

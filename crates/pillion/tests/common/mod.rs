@@ -28,6 +28,12 @@ impl Sidecar {
             .arg(addr.to_string())
             .args(args);
         cmd.env("RUST_LOG", "info");
+        // Each sidecar its own cluster unless the test says otherwise: never the
+        // well-known gossip port, never another test's sidecars.
+        cmd.env(
+            "PILLION_CLUSTER_BIND",
+            format!("127.0.0.1:{}", pillion_testkit::free_udp_port()),
+        );
         for (k, v) in env {
             cmd.env(k, v);
         }
