@@ -222,6 +222,11 @@ pub struct RunArgs {
     )]
     pub cluster_key: Option<String>,
 
+    /// Announce this sidecar and browse for others on the LAN by mDNS (UDP 5353);
+    /// needs --cluster-bind with this host's LAN address, and --cluster-key.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_CLUSTER_MDNS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cluster_mdns: bool,
+
     /// TTL of the app's registration; it is renewed every third of it.
     #[arg(
         long,

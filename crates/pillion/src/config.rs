@@ -393,6 +393,7 @@ fn resolve_cluster(
         bind: args.cluster_bind,
         join: args.cluster_join.iter().map(|h| h.0.clone()).collect(),
         key: args.cluster_key.clone(),
+        mdns: args.cluster_mdns,
     };
     // The cluster options are checked only when they are used: a deployment may set
     // PILLION_CLUSTER_* for every sidecar and --registry etcd://... for some.

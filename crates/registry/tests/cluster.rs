@@ -189,6 +189,7 @@ async fn seeds_keep_clusters_apart_and_keys_keep_strangers_out() {
         bind: SocketAddr::from(([127, 0, 0, 1], port)),
         join: vec![format!("127.0.0.1:{seed_one}")],
         key: Some("key-of-cluster-one-0123".into()),
+        mdns: false,
     };
     let a = start(&one(seed_one)).await;
     let b = start(&one(0)).await;
@@ -257,7 +258,7 @@ async fn unsafe_or_unusable_options_are_refused_naming_the_flag() {
     let msg = refuse(ClusterOptions {
         bind: busy.local_addr().unwrap(),
         join: vec!["127.0.0.1:9".into()],
-        key: None,
+        ..ClusterOptions::default()
     })
     .await;
     assert!(msg.contains("cannot bind the gossip address"), "{msg}");

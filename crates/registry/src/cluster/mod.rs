@@ -24,6 +24,7 @@
 //! The catalog is rebuilt incrementally: a change of one sidecar's keys rebuilds
 //! only the services those keys name.
 
+pub mod mdns;
 pub mod wire;
 
 use std::collections::{BTreeSet, HashMap};
@@ -72,6 +73,8 @@ pub struct ClusterOptions {
     pub join: Vec<String>,
     /// The shared secret that seals gossip.
     pub key: Option<String>,
+    /// Announce and browse on the LAN by mDNS (needs a LAN address and a key).
+    pub mdns: bool,
 }
 
 impl Default for ClusterOptions {
@@ -80,6 +83,7 @@ impl Default for ClusterOptions {
             bind: DEFAULT_BIND.parse().expect("a valid address"),
             join: Vec::new(),
             key: None,
+            mdns: false,
         }
     }
 }
@@ -109,6 +113,13 @@ impl ClusterOptions {
                 "--cluster-bind {} is not a loopback address: gossip that leaves this host \
                  must be authenticated and encrypted; give --cluster-key SECRET (the same on \
                  every sidecar of the cluster)",
+                self.bind
+            ));
+        }
+        if self.mdns && (ip.is_loopback() || !ip.is_ipv4()) {
+            return invalid(format!(
+                "--cluster-mdns announces on the LAN, but --cluster-bind {} is not a LAN IPv4 \
+                 address: give this host's address on the LAN (and --cluster-key)",
                 self.bind
             ));
         }
@@ -213,6 +224,14 @@ impl ClusterRegistry {
             stats: stats.clone(),
             bound: Mutex::new(Some(socket)),
         };
+        let mdns = match (options.mdns, options.bind.ip()) {
+            (true, std::net::IpAddr::V4(ip)) => Some(mdns::socket(ip).map_err(|e| {
+                RegistryError::Invalid(format!(
+                    "--cluster-mdns: cannot join the mDNS group on {ip}: {e}"
+                ))
+            })?),
+            _ => None,
+        };
         let seeds = if local {
             vec![options.bind.to_string()]
         } else {
@@ -265,10 +284,24 @@ impl ClusterRegistry {
             stats,
             options,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(follow(Arc::downgrade(&inner), watcher)),
             tokio::spawn(expire(Arc::downgrade(&inner))),
         ];
+        if let Some(socket) = mdns {
+            let me = mdns::Announcement {
+                node_id: inner.me.node_id.clone(),
+                gossip: advertise,
+            };
+            let weak = Arc::downgrade(&inner);
+            tasks.push(tokio::spawn(mdns::run(socket, me, move |peer| {
+                if let Some(inner) = weak.upgrade() {
+                    if let Some(handle) = inner.handle().as_ref() {
+                        let _ = handle.gossip(peer);
+                    }
+                }
+            })));
+        }
         Ok(ClusterRegistry { inner, tasks })
     }
 
