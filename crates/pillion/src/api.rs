@@ -17,6 +17,8 @@ use pillion_invoke::Invoker;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::door::Door;
+
 /// Paths the API router answers; everything else is a call to a service.
 const API_PATHS: [&str; 7] = [
     "/registry",
@@ -35,11 +37,20 @@ pub async fn serve_api(
     listener: TcpListener,
     api: Router,
     invoker: Arc<Invoker>,
+    door: Arc<Door>,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     serve(listener, limits, shutdown, move |req, _peer| {
-        route(api.clone(), invoker.clone(), req)
+        let refused = door.refusal(&req);
+        let api = api.clone();
+        let invoker = invoker.clone();
+        async move {
+            match refused {
+                None => route(api, invoker, req).await,
+                Some(refused) => Ok(refused.map(|b| Either::Right(axum::body::Body::from(b)))),
+            }
+        }
     })
     .await
 }

@@ -99,6 +99,16 @@ pub struct RunArgs {
     )]
     pub address: SocketAddr,
 
+    /// Bearer token every API request but /healthz must carry (Authorization:
+    /// Bearer TOKEN), 16+ characters; required when --address is not loopback.
+    #[arg(
+        long,
+        env = "PILLION_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
     /// How /{service}/... is handled: `rpc` maps POST /{service}/{method} to
     /// POST http://{node}/{Method} (micro's table); `proxy` passes any method and path
     /// through to a node of /{service}, streaming.

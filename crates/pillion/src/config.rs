@@ -267,6 +267,7 @@ pub struct Settings {
     pub tcp: Vec<pillion_tcp::ListenerConfig>,
     pub read_header_timeout: Duration,
     pub listen_max_connections: usize,
+    pub api_token: Option<String>,
 }
 
 /// The message broker.
@@ -364,7 +365,26 @@ impl Settings {
             }
             (None, None) => None,
         };
+        let api_token = args.api_token.clone();
+        match &api_token {
+            Some(t) if t.len() < 16 => {
+                return Err(ConfigError::Invalid(format!(
+                    "--api-token (api_token) is {} characters long; use at least 16 \
+                     (such as the output of `openssl rand -hex 16`)",
+                    t.len()
+                )))
+            }
+            None if !args.address.ip().is_loopback() => {
+                return Err(ConfigError::Invalid(format!(
+                    "--address {} is not a loopback address: anyone who reaches it could \
+                     change the registry; give --api-token TOKEN (or PILLION_API_TOKEN)",
+                    args.address
+                )))
+            }
+            _ => {}
+        }
         Ok(Settings {
+            api_token,
             read_header_timeout: args.read_header_timeout.0,
             listen_max_connections: args.listen_max_connections.get(),
             config_file: args.config.clone(),

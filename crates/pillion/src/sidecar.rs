@@ -163,6 +163,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         listener,
         router,
         invoker,
+        Arc::new(crate::door::Door::new(settings.api_token.clone(), address)),
         limits.clone(),
         shutdown.clone().begun(),
     ))];

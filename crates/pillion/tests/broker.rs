@@ -310,7 +310,7 @@ async fn sse_subscribers_and_websocket_publishers() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(
-            b"GET /broker?topic=chat HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+            b"GET /broker?topic=chat HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
         )
         .await
         .unwrap();
@@ -423,7 +423,7 @@ async fn the_readme_wildcard_topic_works_as_curl_sends_it() {
     // curl 'http://.../broker?topic=events.>' sends the `>` raw.
     let mut sse = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
     sse.write_all(
-        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
     )
     .await
     .unwrap();

@@ -64,7 +64,7 @@ async fn a_broken_upload_is_the_callers_fault_and_leaves_the_node_unblamed() {
     for _ in 0..6 {
         let answer = raw(
             sc.addr,
-            b"POST /up/items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            b"POST /up/items HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
         );
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("not sent whole"), "{answer}");
@@ -75,7 +75,8 @@ async fn a_broken_upload_is_the_callers_fault_and_leaves_the_node_unblamed() {
     let sc2 = Sidecar::start(&["--handler", "proxy", "--max-body-size", "1KiB"]);
     register(&sc2, "up", "up-1", &app.addr().to_string(), &[]).await;
     let mut upload =
-        b"POST /up/items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n".to_vec();
+        b"POST /up/items HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n"
+            .to_vec();
     upload.extend_from_slice(&[b'x'; 0x800]);
     upload.extend_from_slice(b"\r\n0\r\n\r\n");
     let answer = raw(sc2.addr, &upload);
@@ -92,7 +93,7 @@ async fn a_broken_upload_is_the_callers_fault_and_leaves_the_node_unblamed() {
 fn closes_a_half_sent_head(addr: std::net::SocketAddr, limit: Duration) -> bool {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(limit)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .unwrap();
     let mut buf = [0u8; 1024];
     loop {
@@ -261,7 +262,7 @@ async fn listen_max_connections_holds_further_connections_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::start("app").await;
     let (_sc, listen) = inbound(&app.url(), &["--listen-max-connections", "2"]);
-    let request = b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n";
+    let request = b"GET /page HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     async fn answered(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
         let mut buf = [0u8; 4096];
         matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(n)) if n > 0)

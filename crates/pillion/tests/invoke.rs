@@ -324,7 +324,7 @@ async fn bodies_over_the_limit_get_413() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let chunk = "y".repeat(600);
     let req = format!(
-        "POST /upload/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        "POST /upload/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
         chunk.len(),
         chunk.len()
     );
@@ -341,7 +341,7 @@ async fn a_caller_that_disconnects_cancels_the_upstream_request() {
     let sc = Sidecar::start(&["--handler", "proxy"]);
     register(&sc, "svc", "s1", &app.addr().to_string(), &[]).await;
     let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
-    s.write_all(b"GET /svc/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /svc/hang HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     assert!(eventually(Duration::from_secs(5), || async { app.requests() == 1 }).await);
     drop(s);
@@ -458,7 +458,7 @@ async fn proxy_passes_methods_paths_upgrades_and_h2c_through() {
     let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(
-        b"GET /web/upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"GET /web/upgrade HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
     )
     .unwrap();
     let mut buf = vec![0u8; 1024];
@@ -511,7 +511,7 @@ async fn calls_beyond_max_pending_get_503_not_unbounded_queueing() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
-        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         held.push(s);
     }
@@ -554,7 +554,7 @@ async fn a_burst_of_callers_opens_at_most_128_connections_to_one_node() {
     let mut held = Vec::new();
     for _ in 0..150 {
         let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
-        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /busy/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .unwrap();
         held.push(s);
     }
@@ -624,7 +624,7 @@ async fn sigterm_lets_calls_in_flight_finish_then_exits_without_waiting_out_the_
     let mut idle = std::net::TcpStream::connect(sc.addr).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    idle.write_all(b"GET /slow/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /slow/idle HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = idle.read(&mut buf).unwrap();

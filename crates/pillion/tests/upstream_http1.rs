@@ -261,7 +261,7 @@ async fn large_bodies_stream_both_ways() {
 
     // A chunked upload of unknown length is sent on chunked, and arrives whole.
     let mut s = TcpStream::connect(sc.addr).await.unwrap();
-    let mut raw = b"POST /echo/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let mut raw = b"POST /echo/up HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
     let piece = "u".repeat(100_000);
     for _ in 0..3 {
         raw.extend_from_slice(format!("{:x}\r\n{piece}\r\n", piece.len()).as_bytes());
@@ -340,7 +340,7 @@ async fn an_answer_before_the_body_is_read_reaches_the_caller() {
     // answer counts.
     let (mut client, mut upload) = TcpStream::connect(sc.addr).await.unwrap().into_split();
     let head = format!(
-        "POST /raw/early HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        "POST /raw/early HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
         4 << 20
     );
     upload.write_all(head.as_bytes()).await.unwrap();
@@ -391,7 +391,7 @@ async fn a_node_switching_protocols_before_the_request_is_sent_gets_a_502() {
     // out: the node's 101 comes while pillion still has body to send.
     let mut client = TcpStream::connect(sc.addr).await.unwrap();
     let head = format!(
-        "POST /raw/switch-early HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\nContent-Length: {}\r\n\r\n",
+        "POST /raw/switch-early HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: upgrade\r\nUpgrade: echo\r\nContent-Length: {}\r\n\r\n",
         4 << 20
     );
     client.write_all(head.as_bytes()).await.unwrap();

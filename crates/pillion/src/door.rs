@@ -1,0 +1,353 @@
+//! The API's own door (`--address`): what a request must show before the API or a
+//! call by name serves it.
+//!
+//! A web page a developer opens can send requests to 127.0.0.1:8081 too, so even on
+//! loopback the API refuses what only a browser on a foreign page sends:
+//! - a `Host` that is not the API's address or a loopback name: 421 (a DNS
+//!   rebinding page reaches 127.0.0.1 under its own name). With `--api-token` the
+//!   token is the proof and any name is accepted;
+//! - an `Origin` that is not the API's own: 403 (a cross-site request);
+//! - a JSON route (`/registry`, `/rpc`) written with another content type: 415 (a
+//!   `text/plain` POST needs no CORS preflight; `application/json` does);
+//! - with `--api-token`, a request without `Authorization: Bearer <token>`: 401.
+//!
+//! `/healthz` is open to all, so probes need no secret.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use pillion_core::error::ApiError;
+
+const ID: &str = "pillion.api";
+
+#[derive(Debug, Clone)]
+pub struct Door {
+    token: Option<String>,
+    listen: SocketAddr,
+}
+
+impl Door {
+    pub fn new(token: Option<String>, listen: SocketAddr) -> Door {
+        Door { token, listen }
+    }
+
+    /// The error response that refuses the request, or `None` to serve it.
+    pub fn refusal<B>(&self, req: &Request<B>) -> Option<Response<String>> {
+        let path = req.uri().path();
+        if path == "/healthz" {
+            return None;
+        }
+        let refuse = |status: StatusCode, detail: String| {
+            Some(ApiError::new(ID, status, detail).into_response())
+        };
+        let headers = req.headers();
+        if self.token.is_none() {
+            if let Some(host) = host_of(req) {
+                if !self.is_own_host(&host) {
+                    return refuse(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        format!(
+                            "Host {host:?} is not this sidecar's API address ({}) nor a \
+                             loopback name; give --api-token to reach the API under other names",
+                            self.listen
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            if !self.is_own_origin(origin) {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "requests from web pages of other origins ({origin:?}) are refused: \
+                         call the API from the app, not from a browser"
+                    ),
+                );
+            }
+        }
+        if let Some(token) = &self.token {
+            if !bearer_matches(headers, token) {
+                let mut res = ApiError::new(
+                    ID,
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong API token: send Authorization: Bearer <the --api-token>",
+                )
+                .into_response();
+                res.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return Some(res);
+            }
+        }
+        if writes(req.method()) {
+            let form_ok = path == "/rpc";
+            if (path == "/registry" || path == "/rpc") && !json_or_form(headers, form_ok) {
+                let given = headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none");
+                let wanted = if form_ok {
+                    "application/json or application/x-www-form-urlencoded"
+                } else {
+                    "application/json"
+                };
+                return refuse(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("{path} takes Content-Type: {wanted}, not {given:?}"),
+                );
+            }
+        }
+        None
+    }
+
+    fn is_own_host(&self, host: &str) -> bool {
+        let name = strip_port(host);
+        if name.eq_ignore_ascii_case("localhost") {
+            return true;
+        }
+        match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => ip.is_loopback() || ip == self.listen.ip(),
+            Err(_) => false,
+        }
+    }
+
+    fn is_own_origin(&self, origin: &str) -> bool {
+        let Some(rest) = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+        else {
+            return false; // "null", file://, extensions
+        };
+        let port_ok = match rest.rsplit_once(':') {
+            Some((_, port)) if !rest.ends_with(']') => port.parse() == Ok(self.listen.port()),
+            _ => self.listen.port() == 80,
+        };
+        port_ok && self.is_own_host(rest)
+    }
+}
+
+/// The request's host: the `Host` header, or the authority of an absolute URI (h2).
+fn host_of<B>(req: &Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(h, _)| h)
+            .trim_start_matches('[');
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+fn writes(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn json_or_form(headers: &HeaderMap, form_ok: bool) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (form_ok && essence.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+}
+
+/// Compares the bearer token in constant time (a timing difference must not reveal
+/// how much of a guess was right).
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn status(door: &Door, r: Request<()>) -> u16 {
+        door.refusal(&r).map_or(200, |res| res.status().as_u16())
+    }
+
+    const JSON: (&str, &str) = ("content-type", "application/json");
+
+    #[test]
+    fn a_browser_on_a_foreign_page_is_refused_and_the_app_is_not() {
+        let door = Door::new(None, "127.0.0.1:8081".parse().unwrap());
+        let host = ("host", "127.0.0.1:8081");
+        assert_eq!(
+            status(&door, req(Method::POST, "/registry", &[host, JSON])),
+            200
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::GET,
+                    "/greeter/Say.Hello",
+                    &[("host", "localhost:8081")]
+                )
+            ),
+            200
+        );
+        // DNS rebinding: the attacker's name resolving to 127.0.0.1.
+        assert_eq!(
+            status(
+                &door,
+                req(Method::GET, "/registry", &[("host", "evil.example:8081")])
+            ),
+            421
+        );
+        // A cross-site POST, with or without a simple content type.
+        let evil = ("origin", "https://evil.example");
+        assert_eq!(
+            status(&door, req(Method::POST, "/registry", &[host, evil, JSON])),
+            403
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(Method::POST, "/registry", &[host, ("origin", "null")])
+            ),
+            403
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::POST,
+                    "/registry",
+                    &[host, ("origin", "http://127.0.0.1:8081"), JSON]
+                )
+            ),
+            200
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::POST,
+                    "/registry",
+                    &[host, ("origin", "http://127.0.0.1:9999"), JSON]
+                )
+            ),
+            403,
+            "another port is another origin"
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::POST,
+                    "/registry",
+                    &[host, ("content-type", "text/plain")]
+                )
+            ),
+            415
+        );
+        assert_eq!(
+            status(&door, req(Method::DELETE, "/registry", &[host])),
+            415
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::POST,
+                    "/rpc",
+                    &[host, ("content-type", "application/x-www-form-urlencoded")]
+                )
+            ),
+            200
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(Method::GET, "/healthz", &[("host", "evil.example")])
+            ),
+            200
+        );
+    }
+
+    #[test]
+    fn the_token_is_required_everywhere_but_healthz() {
+        let door = Door::new(
+            Some("s3cret-token-0123".into()),
+            "0.0.0.0:8081".parse().unwrap(),
+        );
+        let host = ("host", "sidecar.internal:8081");
+        assert_eq!(status(&door, req(Method::GET, "/registry", &[host])), 401);
+        assert_eq!(
+            status(&door, req(Method::GET, "/greeter/Say.Hello", &[host])),
+            401
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::GET,
+                    "/registry",
+                    &[host, ("authorization", "Bearer wrong-token-000000")]
+                )
+            ),
+            401
+        );
+        assert_eq!(
+            status(
+                &door,
+                req(
+                    Method::GET,
+                    "/registry",
+                    &[host, ("authorization", "Bearer s3cret-token-0123")]
+                )
+            ),
+            200
+        );
+        assert_eq!(status(&door, req(Method::GET, "/healthz", &[])), 200);
+    }
+
+    #[test]
+    fn hosts_and_ports_are_split_the_way_browsers_write_them() {
+        assert_eq!(strip_port("[::1]:8081"), "::1");
+        assert_eq!(strip_port("localhost"), "localhost");
+        assert_eq!(strip_port("127.0.0.1:80"), "127.0.0.1");
+        let door = Door::new(None, "[::1]:8081".parse().unwrap());
+        assert!(door.is_own_origin("http://[::1]:8081"));
+        assert!(!door.is_own_origin("http://[::1]:8082"));
+    }
+}
