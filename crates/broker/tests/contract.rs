@@ -109,7 +109,9 @@ async fn contract(broker: Arc<dyn Broker>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_passes_the_contract() {
-    let registry = pillion_registry::open("memory").unwrap();
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
     let broker = pillion_broker::embedded::EmbeddedBroker::new(
         registry,
         "127.0.0.1:1".into(),

@@ -25,6 +25,7 @@ mod heads;
 pub mod pool;
 pub mod relay;
 pub mod server;
+pub mod tls;
 
 pub use client::Client;
 pub use error::{Blame, SendError};

@@ -26,6 +26,9 @@ pub struct Limits {
     pub max_connections: Option<usize>,
     /// After shutdown begins, how long requests in flight may take to finish.
     pub grace: Duration,
+    /// HTTPS: the server config (certificates) of every handshake. The handshake must
+    /// finish within `read_header_timeout` too.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
@@ -126,19 +129,21 @@ async fn serve_checked<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(crate::heads::Heads::new(
-                    stream,
-                    Some(limits.read_header_timeout),
-                )),
-                service,
-            )
-            .into_owned();
-        let conn = drain.watch(conn, |c| c.graceful_shutdown());
+        let (builder, drain, head_timeout) =
+            (builder.clone(), drain.clone(), limits.read_header_timeout);
+        let tls = limits.tls.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
+            let Some(config) = tls else {
+                return serve_one(&builder, &drain, stream, head_timeout, service, permit).await;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    serve_one(&builder, &drain, tls, head_timeout, service, permit).await
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
         });
     }
     drop(listener);
@@ -151,6 +156,33 @@ async fn serve_checked<F, Fut, B>(
             "in-flight requests did not finish within the grace period"
         );
     }
+}
+
+/// Serves one connection (plain or TLS) until it closes or drains.
+async fn serve_one<IO, S, B>(
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    drain: &Arc<Drain>,
+    io: IO,
+    head_timeout: Duration,
+    service: S,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder
+        .serve_connection_with_upgrades(
+            TokioIo::new(crate::heads::Heads::new(io, Some(head_timeout))),
+            service,
+        )
+        .into_owned();
+    let _ = drain.watch(conn, |c| c.graceful_shutdown()).await;
+    drop(permit);
 }
 
 pin_project_lite::pin_project! {

@@ -325,6 +325,15 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_APP", value_name = "URL")]
     pub app: Option<AppUrl>,
 
+    /// HTTPS on --listen: the PEM certificate chain (needs --tls-key). Read again
+    /// when it changes (checked every --reload-period).
+    #[arg(long, env = "PILLION_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "PILLION_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// How long the app behind --listen may take to answer (its headers); then the
     /// client gets 504 with a JSON error.
     #[arg(
@@ -531,8 +540,9 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_BROKER_ADVERTISE", value_name = "HOST:PORT")]
     pub broker_advertise: Option<HostPort>,
 
-    /// How often the config file is checked for changes; [[tcp]] listeners are
-    /// reloaded from it (SIGHUP checks at once).
+    /// How often the config file and the --tls-cert/--tls-key files are checked for
+    /// changes; [[tcp]] listeners and certificates are reloaded from them (SIGHUP
+    /// checks the config file at once).
     #[arg(
         long,
         default_value = "1s",

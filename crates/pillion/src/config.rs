@@ -288,6 +288,8 @@ pub struct BrokerSettings {
 #[derive(Debug, Clone)]
 pub struct InboundSettings {
     pub listen: SocketAddr,
+    /// HTTPS on `listen`.
+    pub tls: Option<pillion_http::tls::CertFiles>,
     pub store: String,
     pub proxy: pillion_session::inbound::Config,
 }
@@ -513,6 +515,7 @@ fn resolve_inbound(
                 .map(|a| a.get_id().to_string())
                 .find(|id| {
                     (id.starts_with("session_")
+                        || id.starts_with("tls_")
                         || id == "app_timeout"
                         || id == "listen_max_connections")
                         && loaded.given(id)
@@ -546,8 +549,30 @@ fn resolve_inbound(
         max_value: args.session_max_value_size.0 as usize,
         max_size: args.session_max_size.0 as usize,
     };
+    let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
+        (Some(cert), Some(key)) => {
+            let files = pillion_http::tls::CertFiles { cert, key };
+            // Refused at start rather than at the first handshake.
+            files
+                .load()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            Some(files)
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid(
+                "--tls-cert (tls_cert) needs --tls-key (tls_key)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--tls-key (tls_key) needs --tls-cert (tls_cert)".into(),
+            ))
+        }
+    };
     Ok(Some(InboundSettings {
         listen,
+        tls,
         store: args.session_store.0.clone(),
         proxy: inbound::Config {
             app: app.1,

@@ -158,6 +158,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         read_header_timeout: settings.read_header_timeout,
         max_connections: None,
         grace: settings.grace_period,
+        tls: None,
     };
     let mut servers = vec![tokio::spawn(crate::api::serve_api(
         listener,
@@ -168,8 +169,18 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         shutdown.clone().begun(),
     ))];
     if let Some((inbound, listener)) = inbound {
+        let tls = match settings.inbound.as_ref().and_then(|i| i.tls.as_ref()) {
+            Some(files) => {
+                let certificates = files
+                    .watch(settings.reload_period)
+                    .map_err(|e| e.to_string())?;
+                Some(pillion_http::tls::server_config(certificates))
+            }
+            None => None,
+        };
         let limits = Limits {
             max_connections: Some(settings.listen_max_connections),
+            tls,
             ..limits
         };
         servers.push(tokio::spawn(pillion_http::server::serve(

@@ -21,4 +21,4 @@ pub mod tcp;
 
 pub use app::{Health, Mode, TestApp};
 pub use process::{free_port, free_udp_port, wait_for_port, Daemon};
-pub use server::Server;
+pub use server::{make_certificates, Server};

@@ -299,8 +299,9 @@ impl Drop for Server {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost, made with openssl(1).
-fn make_certificates(dir: &Path) {
+/// A CA and a server certificate for 127.0.0.1 and localhost, made with openssl(1),
+/// in `dir`: `ca.pem`, `server.pem` (the certificate) and `server.key`.
+pub fn make_certificates(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)

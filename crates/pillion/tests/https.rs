@@ -1,0 +1,204 @@
+//! HTTPS on --listen from certificate files: served over TLS (h2 and HTTP/1.1 by
+//! ALPN), a renewed certificate used by the next handshakes without a restart, open
+//! connections kept, and a broken renewal never taking HTTPS down.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, run_to_end, Sidecar};
+use pillion_testkit::{free_port, make_certificates, wait_for_port, TestApp};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pillion-https-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+/// A TLS client trusting the given CAs, offering `alpn`.
+fn connector(cas: &[&Path], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(CertificateDer::from_pem_file(ca).unwrap())
+            .unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+async fn connect(
+    tls: &tokio_rustls::TlsConnector,
+    port: u16,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tls.connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// One keep-alive HTTP/1.1 request; the status line's code.
+async fn get(stream: &mut TlsStream<TcpStream>, path: &str) -> u16 {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The test app's bodies are small: read what follows the head too.
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await;
+    String::from_utf8_lossy(&got[9..12]).parse().unwrap()
+}
+
+fn served_cert(stream: &TlsStream<TcpStream>) -> Vec<u8> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_on_listen_follows_its_certificate_files() {
+    let (one, two) = (temp("one"), temp("two"));
+    make_certificates(&one);
+    make_certificates(&two);
+    let live = temp("live");
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(one.join(f), live.join(f)).unwrap();
+    }
+    let app = TestApp::start("app").await;
+    let listen = free_port();
+    let _sc = Sidecar::start(&[
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--app",
+        &app.url(),
+        "--tls-cert",
+        live.join("server.pem").to_str().unwrap(),
+        "--tls-key",
+        live.join("server.key").to_str().unwrap(),
+        "--reload-period",
+        "200ms",
+    ]);
+    assert!(wait_for_port(
+        format!("127.0.0.1:{listen}").parse().unwrap(),
+        Duration::from_secs(10)
+    ));
+    let both = connector(&[&one.join("ca.pem"), &two.join("ca.pem")], &[b"http/1.1"]);
+
+    let mut old = connect(&both, listen).await.unwrap();
+    assert_eq!(served_cert(&old), der(&one.join("server.pem")));
+    assert_eq!(get(&mut old, "/hello").await, 200);
+
+    // h2 is offered by ALPN.
+    let h2 = connect(
+        &connector(&[&one.join("ca.pem")], &[b"h2", b"http/1.1"]),
+        listen,
+    )
+    .await
+    .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Plain HTTP on the HTTPS port gets no answer.
+    let mut plain = TcpStream::connect(("127.0.0.1", listen)).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert!(!String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1 200"));
+
+    // A renewal: the next handshakes get the new certificate, without a restart.
+    std::fs::copy(two.join("server.key"), live.join("server.key")).unwrap();
+    std::fs::copy(two.join("server.pem"), live.join("server.pem")).unwrap();
+    let renewed = der(&two.join("server.pem"));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            connect(&both, listen)
+                .await
+                .is_ok_and(|s| served_cert(&s) == renewed)
+        })
+        .await,
+        "the renewed certificate was never served"
+    );
+    // The connection made before keeps working.
+    assert_eq!(get(&mut old, "/again").await, 200);
+
+    // A broken renewal (half-written file) leaves the working certificate in place.
+    std::fs::write(
+        live.join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut after = connect(&both, listen).await.unwrap();
+    assert_eq!(served_cert(&after), renewed);
+    assert_eq!(get(&mut after, "/still").await, 200);
+    for dir in [one, two, live] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn unusable_certificate_files_are_refused_at_start() {
+    let dir = temp("bad");
+    make_certificates(&dir);
+    let other = temp("other");
+    make_certificates(&other);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = |cert: &Path, key: &Path| {
+        vec![
+            "run".to_string(),
+            "--listen".into(),
+            listen.clone(),
+            "--app".into(),
+            "http://127.0.0.1:9".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_to_end(&a, &[])
+    };
+    let (code, _, err) = run(args(&dir.join("missing.pem"), &dir.join("server.key")));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--tls-cert") && err.contains("missing.pem"),
+        "{err}"
+    );
+    let (code, _, err) = run(args(&dir.join("server.pem"), &other.join("server.key")));
+    assert_ne!(code, 0);
+    assert!(err.contains("is not the key of --tls-cert"), "{err}");
+    let (code, _, err) = run_to_end(&["run", "--tls-cert", "x.pem", "--tls-key", "x.key"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs --listen and --app"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(other);
+}
