@@ -334,6 +334,23 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
+    /// Verify bearer JWTs on --listen against this JWKS: a file or an http(s) URL
+    /// (read again on an unknown kid). RS256, ES256 and EdDSA.
+    #[arg(long, env = "PILLION_JWT_JWKS", value_name = "FILE|URL")]
+    pub jwt_jwks: Option<pillion_mesh::jwt::Jwks>,
+
+    /// The `iss` tokens must have (needs --jwt-jwks).
+    #[arg(long, env = "PILLION_JWT_ISSUER", value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` tokens must include (needs --jwt-jwks).
+    #[arg(long, env = "PILLION_JWT_AUDIENCE", value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Refuse requests without a token (401); otherwise they pass without a subject.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_JWT_REQUIRED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub jwt_required: bool,
+
     /// How long the app behind --listen may take to answer (its headers); then the
     /// client gets 504 with a JSON error.
     #[arg(

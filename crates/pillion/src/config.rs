@@ -290,6 +290,8 @@ pub struct InboundSettings {
     pub listen: SocketAddr,
     /// HTTPS on `listen`.
     pub tls: Option<pillion_http::tls::CertFiles>,
+    /// JWT verification on `listen`.
+    pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
     pub store: String,
     pub proxy: pillion_session::inbound::Config,
 }
@@ -516,6 +518,7 @@ fn resolve_inbound(
                 .find(|id| {
                     (id.starts_with("session_")
                         || id.starts_with("tls_")
+                        || id.starts_with("jwt_")
                         || id == "app_timeout"
                         || id == "listen_max_connections")
                         && loaded.given(id)
@@ -570,9 +573,30 @@ fn resolve_inbound(
             ))
         }
     };
+    let jwt = match args.jwt_jwks.clone() {
+        Some(jwks) => Some(pillion_mesh::jwt::JwtConfig {
+            jwks,
+            issuer: args.jwt_issuer.clone(),
+            audience: args.jwt_audience.clone(),
+            required: args.jwt_required,
+        }),
+        None => {
+            if let Some(id) = ["jwt_issuer", "jwt_audience", "jwt_required"]
+                .into_iter()
+                .find(|id| loaded.given(id))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",
+                    id.replace('_', "-")
+                )));
+            }
+            None
+        }
+    };
     Ok(Some(InboundSettings {
         listen,
         tls,
+        jwt,
         store: args.session_store.0.clone(),
         proxy: inbound::Config {
             app: app.1,

@@ -183,11 +183,27 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             tls,
             ..limits
         };
+        let jwt = match settings.inbound.as_ref().and_then(|i| i.jwt.clone()) {
+            Some(config) => Some(pillion_mesh::jwt::Verifier::new(config).await?),
+            None => None,
+        };
         servers.push(tokio::spawn(pillion_http::server::serve(
             listener,
             limits,
             shutdown.clone().begun(),
-            move |req, peer| OkMap::new(inbound.clone().handle(req, peer), |r| r),
+            move |mut req, peer| {
+                use futures_util::future::Either;
+                let inbound = inbound.clone();
+                match jwt.clone() {
+                    None => Either::Left(OkMap::new(inbound.handle(req, peer), |r| r)),
+                    Some(jwt) => Either::Right(async move {
+                        if let Err(e) = jwt.admit(req.headers_mut()).await {
+                            return Ok(pillion_http::relay::reply(e.to_api_error()));
+                        }
+                        Ok::<_, std::convert::Infallible>(inbound.handle(req, peer).await)
+                    }),
+                }
+            },
         )));
     }
     shutdown.wait().await;

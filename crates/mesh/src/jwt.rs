@@ -1,0 +1,270 @@
+//! JWT verification at the edge (`--jwt-jwks` on `--listen`, gateway mode).
+//!
+//! The keys come from a JWKS (a file, or an `http(s)://` URL); a token whose `kid` is
+//! unknown makes the set be read again (at most every [`REFRESH_GAP`]), so a key
+//! rotation at the identity provider needs no restart. Only RS256, ES256 and EdDSA
+//! are accepted, and a token's `alg` must be its key's: no algorithm confusion.
+//!
+//! A valid token gives the app `X-Pillion-Subject: <sub>`; that header is always
+//! removed from what the client sent, so only pillion can set it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use pillion_core::error::ApiError;
+use tokio::time::Instant;
+
+use crate::fetch;
+
+pub const SUBJECT: &str = "x-pillion-subject";
+const ID: &str = "pillion.jwt";
+/// The least time between two reads of the key set caused by unknown `kid`s.
+pub const REFRESH_GAP: Duration = Duration::from_secs(10);
+
+/// Where the keys are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Jwks {
+    File(PathBuf),
+    Url(String),
+}
+
+impl std::str::FromStr for Jwks {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            fetch::check_url(s)?;
+            Ok(Jwks::Url(s.to_string()))
+        } else if s.contains("://") {
+            Err(format!("{s:?}: give a file or an http(s):// URL"))
+        } else {
+            Ok(Jwks::File(PathBuf::from(s)))
+        }
+    }
+}
+
+impl std::fmt::Display for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Jwks::File(p) => write!(f, "{}", p.display()),
+            Jwks::Url(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtConfig {
+    pub jwks: Jwks,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Refuse requests without a token (else they pass, without a subject).
+    pub required: bool,
+}
+
+#[derive(Default)]
+struct Keys {
+    by_kid: HashMap<String, (DecodingKey, Algorithm)>,
+    /// Keys without a `kid`, tried in turn for tokens without one.
+    unnamed: Vec<(DecodingKey, Algorithm)>,
+}
+
+pub struct Verifier {
+    config: JwtConfig,
+    keys: ArcSwap<Keys>,
+    last_read: Mutex<Option<Instant>>,
+    reading: tokio::sync::Mutex<()>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("a bearer token is required (Authorization: Bearer <JWT>)")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("the signing keys ({0}) cannot be read: {1}")]
+    KeysUnavailable(String, String),
+}
+
+impl JwtError {
+    /// The refusal in pillion's JSON error shape.
+    pub fn to_api_error(&self) -> ApiError {
+        let status = match self {
+            JwtError::KeysUnavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        ApiError::new(ID, status, self.to_string())
+    }
+}
+
+impl Verifier {
+    /// Reads the key set once: a file that does not load is an error now; a URL that
+    /// does not answer is read again at the first token.
+    pub async fn new(config: JwtConfig) -> Result<Arc<Verifier>, String> {
+        let verifier = Arc::new(Verifier {
+            config,
+            keys: ArcSwap::from_pointee(Keys::default()),
+            last_read: Mutex::new(None),
+            reading: tokio::sync::Mutex::new(()),
+        });
+        match (verifier.read().await, &verifier.config.jwks) {
+            (Ok(()), _) => {}
+            (Err(e), Jwks::File(_)) => return Err(format!("--jwt-jwks: {e}")),
+            (Err(e), Jwks::Url(url)) => {
+                tracing::warn!(jwks = %url, error = %e, "JWKS not read yet; retried at the first token")
+            }
+        }
+        Ok(verifier)
+    }
+
+    /// Checks the request's token: `Ok(Some(sub))` for a valid one, `Ok(None)` for no
+    /// token when none is required. Removes any `X-Pillion-Subject` the client sent
+    /// and sets it from the token.
+    pub async fn admit(&self, headers: &mut HeaderMap) -> Result<Option<String>, JwtError> {
+        headers.remove(SUBJECT);
+        let token = match bearer(headers) {
+            Some(t) => t.to_string(),
+            None if self.config.required => return Err(JwtError::Missing),
+            None => return Ok(None),
+        };
+        let kid = jsonwebtoken::decode_header(&token)
+            .map_err(|e| JwtError::Invalid(e.to_string()))?
+            .kid;
+        let mut claims = self.verify(&token, kid.as_deref());
+        if matches!(&claims, Err(JwtError::Invalid(m)) if m.starts_with("unknown key")) {
+            // The provider may have rotated its keys: read them again, then retry.
+            if self.read_if_due().await? {
+                claims = self.verify(&token, kid.as_deref());
+            }
+        }
+        let sub = claims?;
+        if let Ok(value) = HeaderValue::from_str(&sub) {
+            headers.insert(SUBJECT, value);
+        }
+        Ok(Some(sub))
+    }
+
+    fn verify(&self, token: &str, kid: Option<&str>) -> Result<String, JwtError> {
+        let keys = self.keys.load();
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let candidates: Vec<&(DecodingKey, Algorithm)> = match kid {
+            Some(kid) => keys.by_kid.get(kid).into_iter().collect(),
+            None => keys.unnamed.iter().collect(),
+        };
+        if candidates.is_empty() {
+            return Err(JwtError::Invalid(format!(
+                "unknown key {:?} (not in the JWKS)",
+                kid.unwrap_or("without kid")
+            )));
+        }
+        let mut last = String::new();
+        for (key, alg) in candidates {
+            if header.alg != *alg {
+                last = format!("alg {:?} is not its key's ({alg:?})", header.alg);
+                continue;
+            }
+            let mut validation = Validation::new(*alg);
+            validation.leeway = 30;
+            validation.validate_nbf = true;
+            match &self.config.issuer {
+                Some(iss) => validation.set_issuer(&[iss]),
+                None => validation.iss = None,
+            }
+            match &self.config.audience {
+                Some(aud) => validation.set_audience(&[aud]),
+                None => validation.validate_aud = false,
+            }
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return Ok(data.claims.sub),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(JwtError::Invalid(last))
+    }
+
+    /// Reads the key set again unless it was read within [`REFRESH_GAP`]; whether it
+    /// did.
+    async fn read_if_due(&self) -> Result<bool, JwtError> {
+        let _one = self.reading.lock().await;
+        let due = self
+            .last_read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= REFRESH_GAP);
+        if !due {
+            return Ok(false);
+        }
+        self.read()
+            .await
+            .map_err(|e| JwtError::KeysUnavailable(self.config.jwks.to_string(), e))?;
+        Ok(true)
+    }
+
+    async fn read(&self) -> Result<(), String> {
+        *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let bytes = match &self.config.jwks {
+            Jwks::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            Jwks::Url(url) => fetch::get(url, Duration::from_secs(5)).await?,
+        };
+        let keys = parse(&bytes)?;
+        tracing::info!(jwks = %self.config.jwks, keys = keys.by_kid.len() + keys.unnamed.len(), "JWKS read");
+        self.keys.store(Arc::new(keys));
+        Ok(())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The usable keys of a JWKS document: RSA (RS256), P-256 (ES256) and Ed25519
+/// (EdDSA); others are skipped.
+fn parse(bytes: &[u8]) -> Result<Keys, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Keys::default();
+    for jwk in &set.keys {
+        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
+            (AlgorithmParameters::RSA(_), None | Some(KeyAlgorithm::RS256)) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
+                if ec.curve == EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            (AlgorithmParameters::OctetKeyPair(okp), None | Some(KeyAlgorithm::EdDSA))
+                if okp.curve == EllipticCurve::Ed25519 =>
+            {
+                Algorithm::EdDSA
+            }
+            _ => continue,
+        };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        match &jwk.common.key_id {
+            Some(kid) => {
+                keys.by_kid.insert(kid.clone(), (key, alg));
+            }
+            None => keys.unnamed.push((key, alg)),
+        }
+    }
+    if keys.by_kid.is_empty() && keys.unnamed.is_empty() {
+        return Err("no RS256, ES256 or EdDSA key in the JWKS".into());
+    }
+    Ok(keys)
+}

@@ -1,0 +1,260 @@
+//! JWT at the edge (gateway mode): tokens signed with RS256, ES256 and EdDSA keys
+//! from a JWKS are verified on --listen; the app sees the subject, never a client's
+//! forgery of it; every bad token gets 401; a rotated key is found by reading the
+//! JWKS again.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use common::{inbound, run_to_end};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use pillion_testkit::http::request;
+use pillion_testkit::TestApp;
+use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+const ISSUER: &str = "https://id.example";
+const AUDIENCE: &str = "orders";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pillion-jwt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A signing key and its public JWK.
+struct Signer {
+    kid: String,
+    alg: Algorithm,
+    key: EncodingKey,
+    jwk: serde_json::Value,
+}
+
+fn ed25519(kid: &str) -> Signer {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    Signer {
+        kid: kid.into(),
+        alg: Algorithm::EdDSA,
+        key: EncodingKey::from_ed_der(pkcs8.as_ref()),
+        jwk: serde_json::json!({"kty":"OKP","crv":"Ed25519","kid":kid,"x":b64(pair.public_key().as_ref())}),
+    }
+}
+
+fn es256(kid: &str) -> Signer {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref(); // 0x04 || x || y
+    Signer {
+        kid: kid.into(),
+        alg: Algorithm::ES256,
+        key: EncodingKey::from_ec_der(pkcs8.as_ref()),
+        jwk: serde_json::json!({"kty":"EC","crv":"P-256","kid":kid,"x":b64(&point[1..33]),"y":b64(&point[33..])}),
+    }
+}
+
+fn rs256(kid: &str, dir: &Path) -> Signer {
+    let key = dir.join(format!("{kid}.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .output()
+        .expect("openssl is needed");
+    assert!(ok.status.success());
+    let modulus = Command::new("openssl")
+        .args(["rsa", "-noout", "-modulus", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    let hex = String::from_utf8(modulus.stdout).unwrap();
+    let hex = hex.trim().trim_start_matches("Modulus=");
+    let n: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    Signer {
+        kid: kid.into(),
+        alg: Algorithm::RS256,
+        key: EncodingKey::from_rsa_pem(&std::fs::read(&key).unwrap()).unwrap(),
+        jwk: serde_json::json!({"kty":"RSA","kid":kid,"n":b64(&n),"e":"AQAB"}),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(signer: &Signer, claims: serde_json::Value) -> String {
+    let mut header = Header::new(signer.alg);
+    header.kid = Some(signer.kid.clone());
+    encode(&header, &claims, &signer.key).unwrap()
+}
+
+fn good(sub: &str) -> serde_json::Value {
+    serde_json::json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600})
+}
+
+fn write_jwks(path: &Path, signers: &[&Signer]) {
+    let keys: Vec<_> = signers.iter().map(|s| s.jwk.clone()).collect();
+    std::fs::write(path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+}
+
+/// GET through the gateway with these headers: (status, what the app saw or the error).
+async fn call(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let reply = request(
+        http::Method::GET,
+        &format!("http://{addr}/orders"),
+        headers,
+        String::new(),
+    )
+    .await
+    .unwrap();
+    (reply.status.as_u16(), reply.json())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_verifies_tokens_and_tells_the_app_who_called() {
+    let d = dir("gateway");
+    let (rsa, ec, ed) = (rs256("rsa-1", &d), es256("ec-1"), ed25519("ed-1"));
+    let jwks = d.join("jwks.json");
+    write_jwks(&jwks, &[&rsa, &ec, &ed]);
+    let app = TestApp::start("app").await;
+    let (_sc, addr) = inbound(
+        &app.url(),
+        &[
+            "--jwt-jwks",
+            jwks.to_str().unwrap(),
+            "--jwt-issuer",
+            ISSUER,
+            "--jwt-audience",
+            AUDIENCE,
+            "--jwt-required",
+        ],
+    );
+    for (signer, sub) in [(&rsa, "alice"), (&ec, "bob"), (&ed, "carol")] {
+        let auth = format!("Bearer {}", token(signer, good(sub)));
+        let (status, seen) = call(
+            addr,
+            &[("authorization", &auth), ("x-pillion-subject", "root")],
+        )
+        .await;
+        assert_eq!(status, 200, "{:?}: {seen}", signer.alg);
+        assert_eq!(seen["headers"]["x-pillion-subject"], sub, "{seen}");
+    }
+    let bad = |claims: serde_json::Value| format!("Bearer {}", token(&ed, claims));
+    let cases = [
+        ("missing", String::new()),
+        (
+            "expired",
+            bad(serde_json::json!({"sub":"x","iss":ISSUER,"aud":AUDIENCE,"exp":now() - 3600})),
+        ),
+        (
+            "wrong issuer",
+            bad(
+                serde_json::json!({"sub":"x","iss":"https://evil","aud":AUDIENCE,"exp":now() + 600}),
+            ),
+        ),
+        (
+            "wrong audience",
+            bad(serde_json::json!({"sub":"x","iss":ISSUER,"aud":"billing","exp":now() + 600})),
+        ),
+        ("garbage", "Bearer not.a.jwt".to_string()),
+        ("tampered", {
+            let t = token(&ed, good("alice"));
+            let (head, _) = t.rsplit_once('.').unwrap();
+            format!("Bearer {head}.{}", b64(&[0u8; 64]))
+        }),
+    ];
+    for (what, auth) in cases {
+        let headers: Vec<(&str, &str)> = if auth.is_empty() {
+            vec![]
+        } else {
+            vec![("authorization", auth.as_str())]
+        };
+        let (status, body) = call(addr, &headers).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["id"], "pillion.jwt", "{what}: {body}");
+    }
+    // An RS256 token presented as signed by the EC key's kid: alg confusion refused.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("ec-1".into());
+    let confused = encode(&header, &good("mallory"), &rsa.key).unwrap();
+    let (status, body) = call(addr, &[("authorization", &format!("Bearer {confused}"))]).await;
+    assert_eq!(status, 401, "{body}");
+
+    // Key rotation: a token from a key added to the JWKS later is accepted once the
+    // set is read again (on the unknown kid).
+    let rotated = ed25519("ed-2");
+    write_jwks(&jwks, &[&rsa, &ec, &ed, &rotated]);
+    tokio::time::sleep(pillion_mesh::jwt::REFRESH_GAP).await;
+    let auth = format!("Bearer {}", token(&rotated, good("dave")));
+    let (status, seen) = call(addr, &[("authorization", &auth)]).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["headers"]["x-pillion-subject"], "dave");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_required_an_anonymous_call_passes_with_no_subject() {
+    let d = dir("optional");
+    let ed = ed25519("ed-1");
+    let jwks = d.join("jwks.json");
+    write_jwks(&jwks, &[&ed]);
+    let app = TestApp::start("app").await;
+    let (_sc, addr) = inbound(&app.url(), &["--jwt-jwks", jwks.to_str().unwrap()]);
+    let (status, seen) = call(addr, &[("x-pillion-subject", "forged")]).await;
+    assert_eq!(status, 200);
+    assert!(seen["headers"]["x-pillion-subject"].is_null(), "{seen}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn unusable_jwt_options_are_refused_at_start() {
+    let d = dir("bad");
+    let empty = d.join("empty.json");
+    std::fs::write(&empty, r#"{"keys":[]}"#).unwrap();
+    let base = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--app",
+        "http://127.0.0.1:9",
+    ];
+    let (code, _, err) = run_to_end(
+        &[&base[..], &["--jwt-jwks", empty.to_str().unwrap()]].concat(),
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--jwt-jwks") && err.contains("no RS256, ES256 or EdDSA key"),
+        "{err}"
+    );
+    let (code, _, err) = run_to_end(&[&base[..], &["--jwt-issuer", ISSUER]].concat(), &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs --jwt-jwks"), "{err}");
+    let (code, _, err) = run_to_end(&[&base[..], &["--jwt-jwks", "ftp://x/jwks"]].concat(), &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("http(s)"), "{err}");
+    let _ = std::fs::remove_dir_all(d);
+}
