@@ -30,6 +30,15 @@ const API_PATHS: [&str; 7] = [
     "/metrics",
 ];
 
+/// Paths under this prefix are the API's too: `GET /health/{service}`.
+const API_PREFIX: &str = "/health/";
+
+/// Whether the API router answers `path`; a service named `health` cannot be called
+/// by path.
+fn is_api(path: &str) -> bool {
+    API_PATHS.contains(&path) || path.starts_with(API_PREFIX)
+}
+
 type Body = Either<ProxyBody, axum::body::Body>;
 
 /// The API server: fixed paths to the router, the rest to the invocation data path.
@@ -62,7 +71,7 @@ fn route(
     invoker: Arc<Invoker>,
     req: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
-    if API_PATHS.contains(&req.uri().path()) {
+    if is_api(req.uri().path()) {
         future::Either::Left(Box::pin(async move {
             api.oneshot(req).await.map(|res| res.map(Either::Right))
         }))

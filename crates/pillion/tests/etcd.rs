@@ -91,3 +91,40 @@ async fn etcd_outage_is_reported_and_registrations_come_back_without_a_restart()
     );
     assert_eq!(get(&sc.url("/healthz")).await.unwrap().status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sidecars_app_leaves_the_registry_within_10s_whatever_its_ttl() {
+    let etcd = Server::etcd();
+    let app = pillion_testkit::TestApp::start("ledger").await;
+    let address = app.addr().to_string();
+    let mut owner = Sidecar::start(&[
+        "--registry",
+        &etcd.url(),
+        "--server-name",
+        "ledger",
+        "--server-address",
+        &address,
+        "--register-ttl",
+        "1h",
+    ]);
+    let observer = Sidecar::start(&["--registry", &etcd.url()]);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node_ids(&observer, "ledger").await.len() == 1
+        })
+        .await,
+        "the observer sees the app"
+    );
+
+    owner.process.signal("KILL");
+    let killed = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node_ids(&observer, "ledger").await.is_empty()
+        })
+        .await,
+        "a dead sidecar's app must leave the registry within 10 s, not when its 1h TTL lapses"
+    );
+    eprintln!("gone {:?} after the SIGKILL", killed.elapsed());
+    owner.process.kill();
+}

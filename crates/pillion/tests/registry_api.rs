@@ -246,3 +246,103 @@ async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_th
     assert_eq!(ids.len(), 4, "{ids:?}");
     assert!(ids.contains(&longest));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_health_checks_every_node_and_names_the_failing_ones() {
+    use pillion_testkit::{Health, TestApp};
+    let sc = Sidecar::start(&[]);
+    let app = TestApp::start("pay").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed); // nothing listens there any more
+
+    // One node checked by its health path, one by a TCP connect.
+    common::register(
+        &sc,
+        "pay",
+        "pay-http",
+        &app.addr().to_string(),
+        &[("health", "/health")],
+    )
+    .await;
+    common::register(&sc, "pay", "pay-tcp", &app.addr().to_string(), &[]).await;
+    let reply = get(&sc.url("/health/pay")).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        serde_json::json!({"service":"pay","nodes":[
+            {"id":"pay-http","address":app.addr().to_string(),"healthy":true},
+            {"id":"pay-tcp","address":app.addr().to_string(),"healthy":true},
+        ]})
+    );
+    assert!(app.health_checks() >= 1, "the health path was fetched");
+
+    // A node on a closed port, and the app's health path failing.
+    common::register(&sc, "pay", "pay-gone", &closed_addr, &[]).await;
+    app.set_health(Health::Failing);
+    let reply = get(&sc.url("/health/pay")).await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(
+        body["unhealthy"],
+        serde_json::json!(["pay-gone", "pay-http"])
+    );
+    let node = |id: &str| {
+        body["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(node("pay-tcp")["healthy"], true);
+    assert_eq!(node("pay-gone")["healthy"], false);
+    let why = node("pay-gone")["error"].as_str().unwrap().to_string();
+    assert!(
+        why.contains(&closed_addr) && why.contains("refused"),
+        "{why}"
+    );
+    let why = node("pay-http")["error"].as_str().unwrap().to_string();
+    assert!(why.contains("/health") && why.contains("500"), "{why}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("2 of 3"),
+        "{body}"
+    );
+
+    // A health path that never answers is a failure after the deadline, not a hang.
+    app.set_health(Health::Hanging);
+    let start = Instant::now();
+    let reply = get(&sc.url("/health/pay")).await.unwrap();
+    assert_eq!(reply.status, 503);
+    let body = reply.json();
+    let http = body["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "pay-http")
+        .cloned()
+        .unwrap();
+    assert!(
+        http["error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 2s"),
+        "{body}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the checks have a deadline"
+    );
+
+    // An unknown service: 404 in the API's error shape.
+    let reply = get(&sc.url("/health/nobody")).await.unwrap();
+    assert_eq!(reply.status, 404);
+    let err = reply.json();
+    assert_eq!(err["code"], 404);
+    assert_eq!(err["status"], "Not Found");
+    assert!(err["detail"].as_str().unwrap().contains("nobody"), "{err}");
+    assert!(err["id"].is_string(), "{err}");
+    let reply = get(&sc.url("/health/")).await.unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+}

@@ -6,14 +6,17 @@
 //!   the service when none are listed);
 //! - `GET /registry?service=NAME` answers a JSON array of the service's versions, 404
 //!   when no node serves it;
-//! - `GET /registry` answers every service.
+//! - `GET /registry` answers every service;
+//! - `GET /health/{service}` checks every node of the service at once (see
+//!   [`crate::health::check_nodes`]): 200 when all are healthy, 503 naming the failing
+//!   nodes and why, 404 for a service with no node.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,6 +24,7 @@ use http::StatusCode;
 use pillion_core::{duration, ApiError, Service, ServiceError};
 use serde::Deserialize;
 
+use crate::health::{check_nodes, NODE_CHECK_TIMEOUT};
 use crate::{Registry, RegistryError};
 
 const ID: &str = "pillion.registry";
@@ -35,10 +39,30 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The routes, over any registry adapter.
 pub fn router(registry: Arc<dyn Registry>) -> Router {
+    let health = Checker {
+        registry: registry.clone(),
+        client: Arc::new(pillion_http::Client::new(
+            Default::default(),
+            NODE_CHECK_TIMEOUT,
+        )),
+    };
     Router::new()
         .route("/registry", get(lookup).post(register).delete(deregister))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(registry)
+        .merge(
+            Router::new()
+                .route("/health/", get(health_without_name))
+                .route("/health/{*service}", get(service_health))
+                .with_state(health),
+        )
+}
+
+/// What `GET /health/{service}` needs: the catalog, and a client for the checks.
+#[derive(Clone)]
+struct Checker {
+    registry: Arc<dyn Registry>,
+    client: Arc<pillion_http::Client>,
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {
@@ -162,4 +186,36 @@ async fn deregister(
         Ok(_) => Json(serde_json::json!({})).into_response(),
         Err(e) => registry_error(e),
     }
+}
+
+async fn health_without_name() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "name the service to check: GET /health/{service}",
+    )
+}
+
+async fn service_health(State(checker): State<Checker>, Path(name): Path<String>) -> Response {
+    let catalog = checker.registry.catalog();
+    let Some(versions) = catalog.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("service {name:?} not found"));
+    };
+    let nodes = check_nodes(&checker.client, versions, NODE_CHECK_TIMEOUT).await;
+    let failing: Vec<&str> = nodes
+        .iter()
+        .filter(|n| !n.healthy)
+        .map(|n| n.id.as_str())
+        .collect();
+    let mut body = serde_json::json!({ "service": name, "nodes": nodes });
+    if failing.is_empty() {
+        return Json(body).into_response();
+    }
+    body["detail"] = serde_json::json!(format!(
+        "{} of {} nodes of {name:?} are unhealthy: {}",
+        failing.len(),
+        nodes.len(),
+        failing.join(", ")
+    ));
+    body["unhealthy"] = serde_json::json!(failing);
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }

@@ -1,29 +1,43 @@
 //! The etcd v3 adapter.
 //!
 //! Each node is one key, `/pillion/registry/{service}/{node id}`, whose value is the
-//! service with that one node (as micro's etcd registry does). Keys are written under
-//! leases: a registration with a TTL gets a lease of that TTL; one without gets this
-//! sidecar's own lease ([`SESSION_TTL`]), kept alive every second, so the keys vanish
-//! when the sidecar dies. etcd's minimum lease is about 2 s, so shorter TTLs last 2 s.
+//! service with that one node (as micro's etcd registry does).
+//!
+//! Every write is an event in every sidecar's watch, so with n sidecars a write per
+//! renewal would make watch traffic grow as n². Writes are therefore kept to changes:
+//!
+//! - each sidecar holds one lease ([`LEASE_TTL`]), kept alive over one gRPC
+//!   `LeaseKeepAlive` stream, and writes every key under it: when the sidecar dies,
+//!   its keys vanish within [`LEASE_TTL`], whatever their own TTL;
+//! - a registration equal to what etcd already holds under that lease (a renewal)
+//!   writes nothing;
+//! - a registration's own TTL is a deadline kept by this sidecar, which deletes the
+//!   key when it lapses.
 //!
 //! The catalog is a local cache of the prefix: one range read, then a watch from the
-//! next revision, re-done from scratch whenever the watch breaks. Writes wait until the
-//! watch has seen them, so a client reads its own registration right after `POST`.
+//! next revision, re-done from scratch whenever the watch breaks; each watch event
+//! rebuilds only the services it names ([`Catalog::with_service`]). Writes wait until
+//! the watch has seen them, so a client reads its own registration right after `POST`.
 //! The watch asks for progress notifications; one that stays silent (no event, no
 //! notification) for [`WATCH_SILENCE_LIMIT`] is presumed cut by a partition that
 //! closed nothing, and is re-done, so the catalog cannot stay stale unnoticed.
 //!
-//! This sidecar remembers what it registered. When etcd comes back after an outage, or
-//! reports the sidecar's lease gone (etcd restarted without its data), everything still
-//! owned is written again: registrations are restored without restarting pillion.
+//! This sidecar remembers what it registered. When etcd says the lease is gone (etcd
+//! restarted without its data, or the lease expired while this sidecar was cut off),
+//! a new lease is granted and everything still owned is written again under it:
+//! registrations are restored without restarting pillion.
 //!
 //! etcd is spoken to through its v3 JSON gateway (`/v3/kv/put`, `/v3/watch`, ...) with
-//! pillion-http's client (the one every other HTTP call of the sidecar uses), which
-//! keeps gRPC code generation and a protobuf compiler out of the build.
+//! pillion-http's client (the one every other HTTP call of the sidecar uses), except
+//! the keep-alive: the gateway cannot carry a stream of requests, so that one call is
+//! gRPC over h2c, its two small messages encoded by hand. That keeps gRPC code
+//! generation and a protobuf compiler out of the build.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -31,23 +45,27 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
+use hyper::body::Frame;
 use pillion_core::Service;
 use pillion_http::pool::{Outgoing, PooledBody};
 use pillion_http::{describe, Client};
 use serde_json::{json, Value};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{deregisters, per_node, BackendStatus, Catalog, Registry, RegistryError};
+use crate::{deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError};
 
 /// Where registrations live in etcd's keyspace.
 pub const PREFIX: &str = "/pillion/registry/";
-/// TTL of the lease that holds registrations made without a TTL.
-pub const SESSION_TTL: Duration = Duration::from_secs(10);
-/// How often the sidecar's lease is kept alive (and etcd's reachability checked).
+/// TTL of the sidecar's lease, which holds every key the sidecar writes: how long its
+/// registrations outlive it when it dies without closing (plus etcd's expiry check,
+/// half a second). etcd's own minimum lease is 3 s.
+pub const LEASE_TTL: Duration = Duration::from_secs(5);
+/// How often the lease is kept alive: a keep-alive may be lost or late several
+/// times before the lease lapses.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
-/// Limit for one unary gateway call.
+/// Limit for one unary gateway call, and for one keep-alive's answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a write waits for the watch to show it before returning anyway.
 const READ_YOUR_WRITE_LIMIT: Duration = Duration::from_secs(2);
@@ -72,33 +90,106 @@ struct Inner {
     gateway: Gateway,
     /// [`WATCH_SILENCE_LIMIT`], shorter in tests.
     watch_silence: Duration,
-    /// key -> registration, as last seen by the watch.
-    cache: Mutex<HashMap<String, Service>>,
+    /// The prefix as last seen by the watch.
+    cache: Mutex<Cache>,
     catalog: ArcSwap<Catalog>,
     changes: watch::Sender<u64>,
     seen_revision: watch::Sender<i64>,
     health: Mutex<Health>,
     /// What this sidecar wrote. An async mutex: it is held across calls to etcd so a
-    /// restore and a registration never interleave.
+    /// restore, a registration and an expiry never interleave.
     owned: tokio::sync::Mutex<Owned>,
+    /// The lease of `owned` (0: none yet), for the keep-alive, which must not wait
+    /// behind a registration's calls to etcd for the lock.
+    lease: AtomicI64,
+    /// Woken when a registration sets a deadline, so the expiry task sleeps until the
+    /// new first one.
+    deadline_set: Notify,
 }
 
 #[derive(Default)]
 struct Owned {
-    session_lease: Option<i64>,
-    keys: HashMap<String, OwnedKey>,
+    /// The sidecar's lease, which holds every key in `keys`.
+    lease: Option<i64>,
+    /// key -> the value written.
+    keys: HashMap<String, Vec<u8>>,
+    /// When the keys registered with a TTL lapse.
+    deadlines: Deadlines<String>,
 }
 
-struct OwnedKey {
-    value: Vec<u8>,
-    /// None: held by the session lease.
-    deadline: Option<Instant>,
-    lease: i64,
+/// The registry prefix as the watch shows it.
+#[derive(Default)]
+struct Cache {
+    /// key -> the registration and the lease it is held by.
+    regs: HashMap<String, (Service, i64)>,
+    /// service name -> its keys, so one service's registrations are found without a
+    /// scan of every key.
+    keys: HashMap<String, BTreeSet<String>>,
 }
 
+impl Cache {
+    /// Records a put; `touched` gets the names whose entry changed.
+    fn put(&mut self, key: String, reg: Service, lease: i64, touched: &mut BTreeSet<String>) {
+        let name = reg.name.clone();
+        match self.regs.insert(key.clone(), (reg, lease)) {
+            // The same registration written again (a restore): the catalog is unchanged.
+            Some((old, _)) if old == self.regs[&key].0 => return,
+            Some((old, _)) if old.name != name => {
+                self.unindex(&old.name, &key);
+                touched.insert(old.name);
+            }
+            _ => {}
+        }
+        self.keys.entry(name.clone()).or_default().insert(key);
+        touched.insert(name);
+    }
+
+    fn delete(&mut self, key: &str, touched: &mut BTreeSet<String>) {
+        if let Some((old, _)) = self.regs.remove(key) {
+            self.unindex(&old.name, key);
+            touched.insert(old.name);
+        }
+    }
+
+    fn unindex(&mut self, name: &str, key: &str) {
+        if let Some(keys) = self.keys.get_mut(name) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.keys.remove(name);
+            }
+        }
+    }
+
+    /// The registrations of `name`, in key order.
+    fn registrations<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a Service> + 'a {
+        let keys = self.keys.get(name);
+        keys.into_iter()
+            .flatten()
+            .filter_map(|k| self.regs.get(k).map(|(reg, _)| reg))
+    }
+
+    /// Whether etcd holds `reg` at `key` under `lease`, as far as the watch shows.
+    fn holds(&self, key: &str, reg: &Service, lease: i64) -> bool {
+        self.regs
+            .get(key)
+            .is_some_and(|(r, l)| *l == lease && r == reg)
+    }
+}
+
+/// Whether etcd is reachable, as both long-lived calls see it: the backend is healthy
+/// when the watch and the keep-alive both work.
 struct Health {
     state: Connection,
-    error: Option<String>,
+    /// Why the watch, or the keep-alive, does not work; `None` once it does. Both
+    /// start as "connecting".
+    watch: Option<String>,
+    lease: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Watch,
+    Lease,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,9 +200,9 @@ enum Connection {
 }
 
 impl EtcdRegistry {
-    /// Parses `etcd://host:port[,host:port...]` and starts the watch and keep-alive
-    /// tasks. Does not wait for etcd: until it answers, the registry reports itself
-    /// unhealthy and writes fail with [`RegistryError::Unavailable`].
+    /// Parses `etcd://host:port[,host:port...]` and starts the watch, keep-alive and
+    /// expiry tasks. Does not wait for etcd: until it answers, the registry reports
+    /// itself unhealthy and writes fail with [`RegistryError::Unavailable`].
     pub fn connect(url: &str) -> Result<Self, RegistryError> {
         Self::connect_with(url, WATCH_SILENCE_LIMIT)
     }
@@ -123,19 +214,23 @@ impl EtcdRegistry {
             gateway: Gateway::new(endpoints),
             backend,
             watch_silence,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             catalog: ArcSwap::from_pointee(Catalog::default()),
             changes: watch::channel(0).0,
             seen_revision: watch::channel(0).0,
             health: Mutex::new(Health {
                 state: Connection::Connecting,
-                error: Some("connecting".into()),
+                watch: Some("connecting".into()),
+                lease: Some("connecting".into()),
             }),
             owned: tokio::sync::Mutex::new(Owned::default()),
+            lease: AtomicI64::new(0),
+            deadline_set: Notify::new(),
         });
         let tasks = vec![
             tokio::spawn(watch_loop(inner.clone())),
-            tokio::spawn(keepalive_loop(inner.clone())),
+            tokio::spawn(lease_loop(inner.clone())),
+            tokio::spawn(expiry_loop(inner.clone())),
         ];
         Ok(EtcdRegistry { inner, tasks })
     }
@@ -227,9 +322,23 @@ impl Inner {
         }
     }
 
-    fn set_health(&self, ok: bool, error: Option<String>) {
+    /// Records whether `part` works (`None`) or why not.
+    fn set_health(&self, part: Part, result: Option<String>) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        let next = if ok { Connection::Up } else { Connection::Down };
+        let failed = result.is_some();
+        match part {
+            Part::Watch => h.watch = result,
+            Part::Lease => h.lease = result,
+        }
+        let error = h.watch.clone().or_else(|| h.lease.clone());
+        let next = if error.is_none() {
+            Connection::Up
+        } else if h.state == Connection::Connecting && !failed {
+            // One part works and the other has not answered yet.
+            Connection::Connecting
+        } else {
+            Connection::Down
+        };
         match (h.state, next) {
             (Connection::Connecting, Connection::Up) => {
                 tracing::info!(backend = %self.backend, "registry backend connected")
@@ -245,16 +354,38 @@ impl Inner {
             _ => {}
         }
         h.state = next;
-        h.error = error;
     }
 
     fn is_up(&self) -> bool {
         self.health.lock().unwrap_or_else(|e| e.into_inner()).state == Connection::Up
     }
 
-    fn publish(&self, cache: &HashMap<String, Service>) {
-        self.catalog.store(Arc::new(Catalog::build(cache.values())));
-        self.changes.send_modify(|v| *v += 1);
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Swaps in a catalog whose entries for `touched` follow the cache, sharing the
+    /// rest. Called with the cache locked, so catalogs never go back in time.
+    fn publish(&self, cache: &Cache, touched: &BTreeSet<String>) {
+        let current = self.catalog.load_full();
+        let mut next: Option<Catalog> = None;
+        for name in touched {
+            let base = next.as_ref().unwrap_or(&current);
+            next = Some(base.with_service(name, cache.registrations(name)));
+        }
+        if let Some(next) = next {
+            self.catalog.store(Arc::new(next));
+            self.changes.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Swaps in a catalog built from the whole cache, unless it equals the current one.
+    fn publish_all(&self, cache: &Cache) {
+        let next = Catalog::build(cache.keys.keys().flat_map(|n| cache.registrations(n)));
+        if **self.catalog.load() != next {
+            self.catalog.store(Arc::new(next));
+            self.changes.send_modify(|v| *v += 1);
+        }
     }
 
     async fn grant(&self, ttl: i64) -> Result<i64, GatewayError> {
@@ -276,50 +407,87 @@ impl Inner {
         Ok(int(&res["header"]["revision"]))
     }
 
-    /// The session lease, granted on first use.
+    /// Deletes `key`: (keys deleted, revision).
+    async fn delete(&self, key: &str) -> Result<(usize, i64), GatewayError> {
+        let res = self
+            .gateway
+            .call("/v3/kv/deleterange", json!({ "key": B64.encode(key) }))
+            .await?;
+        Ok((
+            int(&res["deleted"]) as usize,
+            int(&res["header"]["revision"]),
+        ))
+    }
+
+    /// The sidecar's lease. A new one (the first, or one replacing a lost lease) has
+    /// every key this sidecar owns written under it before it is used.
     async fn session_lease(&self, owned: &mut Owned) -> Result<i64, GatewayError> {
-        if let Some(id) = owned.session_lease {
+        if let Some(id) = owned.lease {
             return Ok(id);
         }
-        let id = self.grant(SESSION_TTL.as_secs() as i64).await?;
-        owned.session_lease = Some(id);
+        let id = self.grant(ttl_secs(LEASE_TTL)).await?;
+        // A put that fails leaves the keys written so far under a lease nobody keeps
+        // alive: they lapse with it, unless the next lease's restore rewrites them first.
+        let mut rev = 0;
+        for (key, value) in &owned.keys {
+            rev = self.put(key, value, id).await?;
+        }
+        if !owned.keys.is_empty() {
+            tracing::info!(
+                backend = %self.backend,
+                registrations = owned.keys.len(),
+                "registrations written again under a new lease"
+            );
+        }
+        owned.lease = Some(id);
+        self.lease.store(id, Ordering::Relaxed);
+        if rev > 0 {
+            self.wait_seen(rev).await;
+        }
         Ok(id)
     }
 
-    /// Writes every registration this sidecar still owns again, under fresh leases.
-    async fn restore(&self, owned: &mut Owned) -> Result<(), GatewayError> {
-        let now = Instant::now();
-        owned.keys.retain(|_, k| k.deadline.is_none_or(|d| d > now));
-        owned.session_lease = None;
-        if owned.keys.is_empty() {
-            return Ok(());
+    /// Forgets `lost` (if it is still the lease), so that the next use grants a new
+    /// one and restores the keys under it.
+    fn lose_lease(&self, owned: &mut Owned, lost: i64) {
+        if owned.lease == Some(lost) {
+            owned.lease = None;
+            self.lease.store(0, Ordering::Relaxed);
         }
-        let keys: Vec<String> = owned.keys.keys().cloned().collect();
+    }
+
+    /// The current lease without waiting for the lock, or a new one.
+    async fn current_lease(&self) -> Result<i64, GatewayError> {
+        match self.lease.load(Ordering::Relaxed) {
+            0 => self.session_lease(&mut *self.owned.lock().await).await,
+            id => Ok(id),
+        }
+    }
+
+    /// Writes the per-node registrations `regs` (key, registration, value) that etcd
+    /// does not already hold under the lease, and records them as owned with
+    /// `deadline`. Returns the revision of the last write (0: nothing written).
+    async fn write(
+        &self,
+        owned: &mut Owned,
+        regs: &[(String, Service, Vec<u8>)],
+        deadline: Option<Instant>,
+    ) -> Result<i64, (GatewayError, i64)> {
+        let lease = self.session_lease(owned).await.map_err(|e| (e, 0))?;
+        // While etcd is out of reach, nothing is taken as held: the write is tried,
+        // and refused, so that no registration is acknowledged that etcd may not have.
+        let up = self.is_up();
         let mut rev = 0;
-        for key in keys {
-            let (value, deadline) = {
-                let k = &owned.keys[&key];
-                (k.value.clone(), k.deadline)
-            };
-            let lease = match deadline {
-                None => self.session_lease(owned).await?,
-                Some(d) => {
-                    self.grant(ttl_secs(d.saturating_duration_since(now)))
-                        .await?
-                }
-            };
-            rev = self.put(&key, &value, lease).await?;
-            if let Some(k) = owned.keys.get_mut(&key) {
-                k.lease = lease;
+        for (key, reg, value) in regs {
+            let held =
+                up && owned.keys.get(key) == Some(value) && self.cache().holds(key, reg, lease);
+            if !held {
+                rev = self.put(key, value, lease).await.map_err(|e| (e, lease))?;
             }
+            owned.keys.insert(key.clone(), value.clone());
+            owned.deadlines.set(key, deadline);
         }
-        tracing::info!(
-            backend = %self.backend,
-            registrations = owned.keys.len(),
-            "registrations restored in the registry backend"
-        );
-        self.wait_seen(rev).await;
-        Ok(())
+        Ok(rev)
     }
 
     async fn wait_seen(&self, revision: i64) {
@@ -328,48 +496,75 @@ impl Inner {
     }
 }
 
-/// Keeps the session lease alive, notices outages, and restores registrations after
-/// one (or when etcd lost the lease).
-async fn keepalive_loop(inner: Arc<Inner>) {
-    let mut was_down = false;
+/// Keeps the sidecar's lease alive over a keep-alive stream, opened again whenever it
+/// breaks. When etcd answers that the lease is gone, a new one is granted and this
+/// sidecar's keys are written again under it.
+async fn lease_loop(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(100);
     loop {
+        let Err(e) = keep_lease(&inner, &mut backoff).await;
+        inner.set_health(Part::Lease, Some(e.to_string()));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One keep-alive stream, followed until it breaks.
+async fn keep_lease(
+    inner: &Inner,
+    backoff: &mut Duration,
+) -> Result<std::convert::Infallible, GatewayError> {
+    let mut stream = KeepAlive::connect(&inner.gateway).await?;
+    loop {
+        let id = inner.current_lease().await?;
+        let ttl = stream.keep_alive(id).await?;
+        *backoff = Duration::from_millis(100);
+        inner.set_health(Part::Lease, None);
+        if ttl <= 0 {
+            tracing::warn!(
+                backend = %inner.backend,
+                "registry lease lost (etcd restarted without its data, or the lease lapsed while etcd was out of reach); writing this sidecar's registrations again"
+            );
+            let mut owned = inner.owned.lock().await;
+            inner.lose_lease(&mut owned, id);
+            inner.session_lease(&mut owned).await?;
+            continue;
+        }
         tokio::time::sleep(KEEPALIVE_EVERY).await;
-        let mut owned = inner.owned.lock().await;
-        let now = Instant::now();
-        owned.keys.retain(|_, k| k.deadline.is_none_or(|d| d > now));
-        let alive = match owned.session_lease {
-            Some(id) => inner
-                .gateway
-                .call("/v3/lease/keepalive", json!({ "ID": id.to_string() }))
-                .await
-                .map(|res| int(&res["result"]["TTL"]) > 0),
-            None => inner
-                .gateway
-                .call("/v3/maintenance/status", json!({}))
-                .await
-                .map(|_| true),
-        };
-        match alive {
-            Err(e) => {
-                if !was_down {
-                    inner.set_health(false, Some(e.to_string()));
-                }
-                was_down = true;
-            }
-            Ok(lease_alive) => {
-                if was_down || !lease_alive {
-                    if !lease_alive {
-                        tracing::warn!(backend = %inner.backend, "registry lease lost (etcd restarted without its data?); restoring registrations");
+    }
+}
+
+/// Deletes this sidecar's registrations whose own TTL lapsed, sleeping until the next
+/// deadline.
+async fn expiry_loop(inner: Arc<Inner>) {
+    /// How soon a deletion that etcd did not take is tried again.
+    const RETRY: Duration = Duration::from_secs(1);
+    loop {
+        let next = {
+            let mut owned = inner.owned.lock().await;
+            let now = Instant::now();
+            let mut lapsed = owned.deadlines.lapsed(now).into_iter();
+            while let Some(key) = lapsed.next() {
+                match inner.delete(&key).await {
+                    Ok(_) => {
+                        owned.keys.remove(&key);
                     }
-                    match inner.restore(&mut owned).await {
-                        Ok(()) => was_down = false,
-                        Err(e) => {
-                            inner.set_health(false, Some(e.to_string()));
-                            was_down = true;
+                    Err(e) => {
+                        // etcd is out of reach: keep these for the next round. (Should
+                        // this sidecar die meanwhile, the keys lapse with its lease.)
+                        tracing::debug!(backend = %inner.backend, error = %e, "could not delete a lapsed registration; retrying");
+                        for key in std::iter::once(key).chain(lapsed.by_ref()) {
+                            owned.deadlines.set(&key, Some(now + RETRY));
                         }
                     }
                 }
             }
+            owned.deadlines.next()
+        };
+        let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = inner.deadline_set.notified() => {}
         }
     }
 }
@@ -385,7 +580,7 @@ async fn watch_loop(inner: Arc<Inner>) {
                 tracing::debug!(backend = %inner.backend, "no watch event or progress notification for {limit:?}; watching again");
                 continue;
             }
-            Err(e) => inner.set_health(false, Some(e.to_string())),
+            Err(e) => inner.set_health(Part::Watch, Some(e.to_string())),
             Ok(never) => match never {},
         }
         tokio::time::sleep(backoff).await;
@@ -430,15 +625,16 @@ async fn sync_and_watch(
         .await?;
     let revision = int(&res["header"]["revision"]);
     {
-        let mut cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.clear();
+        let mut cache = inner.cache();
+        *cache = Cache::default();
+        let mut touched = BTreeSet::new();
         for kv in res["kvs"].as_array().into_iter().flatten() {
-            apply_put(&mut cache, kv);
+            apply_put(&mut cache, kv, &mut touched);
         }
-        inner.publish(&cache);
+        inner.publish_all(&cache);
     }
     inner.seen_revision.send_replace(revision);
-    inner.set_health(true, None);
+    inner.set_health(Part::Watch, None);
     *backoff = Duration::from_millis(100);
 
     let mut body = inner
@@ -481,16 +677,17 @@ async fn sync_and_watch(
                 });
             }
             if let Some(events) = result["events"].as_array() {
-                let mut cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+                let mut cache = inner.cache();
+                let mut touched = BTreeSet::new();
                 for ev in events {
                     if ev["type"] == "DELETE" {
                         let key = decode(&ev["kv"]["key"]);
-                        cache.remove(&String::from_utf8_lossy(&key).into_owned());
+                        cache.delete(&String::from_utf8_lossy(&key), &mut touched);
                     } else {
-                        apply_put(&mut cache, &ev["kv"]);
+                        apply_put(&mut cache, &ev["kv"], &mut touched);
                     }
                 }
-                inner.publish(&cache);
+                inner.publish(&cache, &touched);
             }
             let rev = int(&result["header"]["revision"]);
             inner.seen_revision.send_if_modified(|s| {
@@ -511,12 +708,10 @@ fn decode(v: &Value) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn apply_put(cache: &mut HashMap<String, Service>, kv: &Value) {
+fn apply_put(cache: &mut Cache, kv: &Value, touched: &mut BTreeSet<String>) {
     let key = String::from_utf8_lossy(&decode(&kv["key"])).into_owned();
     match serde_json::from_slice::<Service>(&decode(&kv["value"])) {
-        Ok(reg) if !reg.nodes.is_empty() => {
-            cache.insert(key, reg);
-        }
+        Ok(reg) if !reg.nodes.is_empty() => cache.put(key, reg, int(&kv["lease"]), touched),
         // A value another program wrote under our prefix: ignore it, loudly.
         _ => tracing::warn!(%key, "ignoring a registry key whose value is not a registration"),
     }
@@ -530,91 +725,71 @@ impl Registry for EtcdRegistry {
         ttl: Option<Duration>,
     ) -> Result<(), RegistryError> {
         let inner = &self.inner;
-        let mut owned = inner.owned.lock().await;
-        let attempt = async {
-            let (lease, deadline) = match ttl {
-                Some(t) => (inner.grant(ttl_secs(t)).await?, Some(Instant::now() + t)),
-                None => (inner.session_lease(&mut owned).await?, None),
-            };
-            let mut rev = 0;
-            for reg in per_node(service) {
-                let key = key_for(&reg);
+        let deadline = ttl.map(|t| Instant::now() + t);
+        let regs: Vec<(String, Service, Vec<u8>)> = per_node(service)
+            .map(|reg| {
                 let value = serde_json::to_vec(&reg).expect("service serializes");
-                rev = inner.put(&key, &value, lease).await?;
-                owned.keys.insert(
-                    key,
-                    OwnedKey {
-                        value,
-                        deadline,
-                        lease,
-                    },
-                );
-            }
-            Ok::<i64, GatewayError>(rev)
-        };
-        let rev = match attempt.await {
+                (key_for(&reg), reg, value)
+            })
+            .collect();
+        let mut owned = inner.owned.lock().await;
+        let rev = match inner.write(&mut owned, &regs, deadline).await {
             Ok(rev) => rev,
-            Err(e) if e.is_lease_not_found() => {
-                // The session lease is gone (etcd lost its data): restore everything
-                // we own, this registration included.
-                drop(owned);
-                let mut owned = inner.owned.lock().await;
-                owned.session_lease = None;
-                for reg in per_node(service) {
-                    owned.keys.insert(
-                        key_for(&reg),
-                        OwnedKey {
-                            value: serde_json::to_vec(&reg).expect("service serializes"),
-                            deadline: ttl.map(|t| Instant::now() + t),
-                            lease: 0,
-                        },
-                    );
-                }
+            Err((e, lease)) if e.is_lease_not_found() => {
+                // etcd lost the lease before the keep-alive noticed: take a new one
+                // (which restores everything owned) and write this registration again.
+                inner.lose_lease(&mut owned, lease);
                 inner
-                    .restore(&mut owned)
+                    .write(&mut owned, &regs, deadline)
                     .await
-                    .map_err(|e| inner.unavailable(e))?;
-                return Ok(());
+                    .map_err(|(e, _)| inner.unavailable(e))?
             }
-            Err(e) => return Err(inner.unavailable(e)),
+            Err((e, _)) => return Err(inner.unavailable(e)),
         };
         drop(owned);
-        inner.wait_seen(rev).await;
+        if deadline.is_some() {
+            inner.deadline_set.notify_one();
+        }
+        if rev > 0 {
+            inner.wait_seen(rev).await;
+        }
         Ok(())
     }
 
     async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
         let inner = &self.inner;
         let mut keys: Vec<String> = {
-            let cache = inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = inner.cache();
             cache
-                .iter()
-                .filter(|(_, reg)| deregisters(service, reg))
-                .map(|(k, _)| k.clone())
+                .keys
+                .get(&service.name)
+                .into_iter()
+                .flatten()
+                .filter(|k| {
+                    cache
+                        .regs
+                        .get(*k)
+                        .is_some_and(|(reg, _)| deregisters(service, reg))
+                })
+                .cloned()
                 .collect()
         };
         let mut owned = inner.owned.lock().await;
         // Also keys we wrote that the watch has not shown yet.
-        for key in owned.keys.keys() {
-            let named = service
-                .nodes
-                .iter()
-                .any(|n| *key == format!("{PREFIX}{}/{}", service.name, n.id));
-            if named && !keys.contains(key) {
-                keys.push(key.clone());
+        for node in &service.nodes {
+            let key = format!("{PREFIX}{}/{}", service.name, node.id);
+            if owned.keys.contains_key(&key) && !keys.contains(&key) {
+                keys.push(key);
             }
         }
         let mut removed = 0;
         let mut rev = 0;
         for key in &keys {
-            let res = inner
-                .gateway
-                .call("/v3/kv/deleterange", json!({ "key": B64.encode(key) }))
-                .await
-                .map_err(|e| inner.unavailable(e))?;
-            removed += int(&res["deleted"]) as usize;
-            rev = int(&res["header"]["revision"]);
+            let (deleted, at) = inner.delete(key).await.map_err(|e| inner.unavailable(e))?;
+            removed += deleted;
+            rev = at;
             owned.keys.remove(key);
+            owned.deadlines.set(key, None);
         }
         drop(owned);
         inner.wait_seen(rev).await;
@@ -634,7 +809,7 @@ impl Registry for EtcdRegistry {
         BackendStatus {
             backend: self.inner.backend.clone(),
             healthy: h.state == Connection::Up,
-            error: h.error.clone(),
+            error: h.watch.clone().or_else(|| h.lease.clone()),
         }
     }
 
@@ -643,12 +818,8 @@ impl Registry for EtcdRegistry {
             t.abort();
         }
         let mut owned = self.inner.owned.lock().await;
-        let mut leases: Vec<i64> = owned.keys.values().map(|k| k.lease).collect();
-        leases.extend(owned.session_lease);
-        leases.sort_unstable();
-        leases.dedup();
-        if self.inner.is_up() {
-            for id in leases {
+        if let Some(id) = owned.lease.take() {
+            if self.inner.is_up() {
                 let _ = self
                     .inner
                     .gateway
@@ -656,8 +827,9 @@ impl Registry for EtcdRegistry {
                     .await;
             }
         }
+        self.inner.lease.store(0, Ordering::Relaxed);
         owned.keys.clear();
-        owned.session_lease = None;
+        owned.deadlines = Deadlines::default();
     }
 }
 
@@ -780,6 +952,242 @@ impl Gateway {
         }
         Ok(res.into_body())
     }
+}
+
+/// etcd's gRPC `Lease/LeaseKeepAlive` stream over h2c: one request message per
+/// keep-alive on one long-lived HTTP/2 stream, one answer to each.
+///
+/// The messages are encoded by hand: the request is `LeaseKeepAliveRequest { int64 ID
+/// = 1 }`; of the answer, `LeaseKeepAliveResponse { header = 1; int64 ID = 2; int64 TTL
+/// = 3 }`, only the TTL is read (0 or absent: etcd does not have the lease).
+struct KeepAlive {
+    endpoint: String,
+    send: hyper::client::conn::http2::SendRequest<Pings>,
+    /// The open call: where requests go, where answers come from.
+    call: Option<(mpsc::Sender<Bytes>, hyper::body::Incoming)>,
+    buf: BytesMut,
+    connection: JoinHandle<()>,
+}
+
+/// The request body of the keep-alive call: gRPC messages as they are queued.
+struct Pings(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Pings {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+const KEEPALIVE_PATH: &str = "/etcdserverpb.Lease/LeaseKeepAlive";
+
+impl KeepAlive {
+    /// Opens an HTTP/2 connection to the first endpoint that takes one, starting with
+    /// the one the gateway uses.
+    async fn connect(gateway: &Gateway) -> Result<KeepAlive, GatewayError> {
+        let n = gateway.endpoints.len();
+        let start = gateway.current.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for i in 0..n {
+            let endpoint = &gateway.endpoints[(start + i) % n];
+            match tokio::time::timeout(CALL_TIMEOUT, Self::connect_to(endpoint)).await {
+                Ok(Ok(k)) => return Ok(k),
+                Ok(Err(e)) => last = format!("{endpoint}: {e}"),
+                Err(_) => last = format!("{endpoint}: no connection within {CALL_TIMEOUT:?}"),
+            }
+        }
+        Err(GatewayError::Unreachable(last))
+    }
+
+    async fn connect_to(endpoint: &str) -> Result<KeepAlive, String> {
+        let tcp = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (send, connection) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| describe(&e))?;
+        Ok(KeepAlive {
+            endpoint: endpoint.to_string(),
+            send,
+            call: None,
+            buf: BytesMut::new(),
+            connection: tokio::spawn(async move {
+                let _ = connection.await;
+            }),
+        })
+    }
+
+    /// Keeps `lease` alive once; its remaining TTL in seconds, 0 when etcd does not
+    /// have it.
+    async fn keep_alive(&mut self, lease: i64) -> Result<i64, GatewayError> {
+        let endpoint = self.endpoint.clone();
+        tokio::time::timeout(CALL_TIMEOUT, self.exchange(lease))
+            .await
+            .map_err(|_| {
+                GatewayError::Unreachable(format!(
+                    "{endpoint}: no keep-alive answer within {CALL_TIMEOUT:?}"
+                ))
+            })?
+    }
+
+    async fn exchange(&mut self, lease: i64) -> Result<i64, GatewayError> {
+        let closed = |what: &str| GatewayError::Unreachable(format!("keep-alive stream {what}"));
+        let message = keepalive_request(lease);
+        match &self.call {
+            Some((pings, _)) => pings.send(message).await.map_err(|_| closed("closed"))?,
+            None => {
+                // etcd answers the call's headers with the first answer, so the first
+                // request must be queued before the call is made.
+                let (pings, queue) = mpsc::channel(4);
+                pings.try_send(message).expect("a new channel has room");
+                let req = http::Request::post(format!("http://{}{KEEPALIVE_PATH}", self.endpoint))
+                    .header(http::header::CONTENT_TYPE, "application/grpc")
+                    .header(http::header::TE, "trailers")
+                    .body(Pings(queue))
+                    .expect("request builds");
+                let res = self
+                    .send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| GatewayError::Unreachable(describe(&e)))?;
+                if let Some(e) = grpc_error(res.headers()) {
+                    return Err(e);
+                }
+                if !res.status().is_success() {
+                    return Err(GatewayError::Etcd {
+                        code: None,
+                        message: format!("keep-alive refused: {}", res.status()),
+                    });
+                }
+                self.call = Some((pings, res.into_body()));
+            }
+        }
+        loop {
+            if let Some(ttl) = self.next_answer()? {
+                return Ok(ttl);
+            }
+            let (_, answers) = self.call.as_mut().expect("the call is open");
+            let frame = match answers.frame().await {
+                None => return Err(closed("ended")),
+                Some(Err(e)) => return Err(GatewayError::Unreachable(describe(&e))),
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => self.buf.extend_from_slice(&data),
+                Err(frame) => {
+                    let error = frame.trailers_ref().and_then(grpc_error);
+                    return Err(error.unwrap_or_else(|| closed("ended")));
+                }
+            }
+        }
+    }
+
+    /// The TTL of the next complete answer in the buffer, if there is one.
+    fn next_answer(&mut self) -> Result<Option<i64>, GatewayError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(GatewayError::Etcd {
+                code: None,
+                message: "keep-alive answer is compressed, which was not asked for".into(),
+            });
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let len = len as usize;
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let message = self.buf.split_to(5 + len);
+        keepalive_ttl(&message[5..]).map(Some)
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// A gRPC error in the `grpc-status` of headers or trailers (None for status 0).
+fn grpc_error(headers: &http::HeaderMap) -> Option<GatewayError> {
+    let code: i64 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    (code != 0).then(|| GatewayError::Etcd {
+        code: Some(code),
+        message: headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .unwrap_or("keep-alive failed")
+            .to_string(),
+    })
+}
+
+/// A framed `LeaseKeepAliveRequest { ID: lease }`.
+fn keepalive_request(lease: i64) -> Bytes {
+    let mut message = vec![0x08]; // field 1, varint
+    let mut v = lease as u64;
+    while v >= 0x80 {
+        message.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    message.push(v as u8);
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0); // not compressed
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    Bytes::from(framed)
+}
+
+fn varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// The TTL (field 3) of a `LeaseKeepAliveResponse`; 0 when absent, as protobuf
+/// leaves out zero values.
+fn keepalive_ttl(mut message: &[u8]) -> Result<i64, GatewayError> {
+    let bad = || GatewayError::Etcd {
+        code: None,
+        message: "malformed keep-alive answer".into(),
+    };
+    let mut ttl = 0;
+    while !message.is_empty() {
+        let tag = varint(&mut message).ok_or_else(bad)?;
+        let skip = match tag & 7 {
+            0 => {
+                let v = varint(&mut message).ok_or_else(bad)?;
+                if tag >> 3 == 3 {
+                    ttl = v as i64;
+                }
+                0
+            }
+            1 => 8,
+            2 => varint(&mut message).ok_or_else(bad)? as usize,
+            5 => 4,
+            _ => return Err(bad()),
+        };
+        message = message.get(skip..).ok_or_else(bad)?;
+    }
+    Ok(ttl)
 }
 
 #[cfg(test)]
@@ -988,6 +1396,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         direct.close().await;
+    }
+
+    #[test]
+    fn keepalive_messages_are_grpc_framed_protobuf() {
+        // LeaseKeepAliveRequest{ID: 300}: field 1 varint 300 = 0x08 0xac 0x02.
+        assert_eq!(
+            &keepalive_request(300)[..],
+            [0, 0, 0, 0, 3, 0x08, 0xac, 0x02]
+        );
+        let big = keepalive_request(7587899321681467910);
+        assert_eq!(big[4] as usize, big.len() - 5);
+        // An answer with a header (field 1, bytes), ID (2) and TTL (3) = 5.
+        let answer = [0x0a, 0x02, 0x08, 0x01, 0x10, 0xac, 0x02, 0x18, 0x05];
+        assert_eq!(keepalive_ttl(&answer).unwrap(), 5);
+        // No TTL field: protobuf's zero, the lease is gone.
+        assert_eq!(keepalive_ttl(&[0x10, 0x01]).unwrap(), 0);
+        for bad in [&[0x0a, 0x09, 0x01][..], &[0x18][..], &[0x0f][..]] {
+            assert!(keepalive_ttl(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

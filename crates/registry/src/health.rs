@@ -5,6 +5,9 @@
 //! URL, the URL is fetched every interval: an error, a timeout or a non-2xx answer
 //! takes the node out of the registry, and the next success puts it back. On shutdown
 //! [`AppRegistration::stop`] deregisters it. Each change of state is one log line.
+//!
+//! [`check_nodes`] checks the nodes of any registered service on demand, for
+//! `GET /health/{service}`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -243,5 +246,95 @@ async fn check(client: &Client, url: &str, timeout: Duration) -> CheckResult {
             ),
             at,
         },
+    }
+}
+
+/// How long one node's check may take in [`check_nodes`].
+pub const NODE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One node's health as `GET /health/{service}` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeHealth {
+    pub id: String,
+    /// `host:port` that was checked.
+    pub address: String,
+    pub healthy: bool,
+    /// Why the node is unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Checks every node of `versions` at once, each within `timeout`: a GET of the path
+/// in the node's `health` metadata (or its service's), where a 2xx answer is healthy;
+/// without one, a TCP connect to the node. The answer lists the nodes in order.
+pub async fn check_nodes(
+    client: &Arc<Client>,
+    versions: &[Service],
+    timeout: Duration,
+) -> Vec<NodeHealth> {
+    let mut checks = tokio::task::JoinSet::new();
+    let mut order = Vec::new();
+    for service in versions {
+        for node in &service.nodes {
+            let address = node.endpoint();
+            let path = node
+                .metadata
+                .get("health")
+                .or_else(|| service.metadata.get("health"))
+                .cloned();
+            let client = client.clone();
+            let i = order.len();
+            order.push((node.id.clone(), address.clone()));
+            checks.spawn(async move { (i, check_node(&client, &address, path, timeout).await) });
+        }
+    }
+    let mut results: Vec<Option<Result<(), String>>> = vec![None; order.len()];
+    while let Some(done) = checks.join_next().await {
+        if let Ok((i, result)) = done {
+            results[i] = Some(result);
+        }
+    }
+    order
+        .into_iter()
+        .zip(results)
+        .map(|((id, address), result)| {
+            let result = result.unwrap_or_else(|| Err("the check did not finish".into()));
+            NodeHealth {
+                id,
+                address,
+                healthy: result.is_ok(),
+                error: result.err(),
+            }
+        })
+        .collect()
+}
+
+async fn check_node(
+    client: &Client,
+    address: &str,
+    path: Option<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let within = pillion_core::duration::format(timeout);
+    let Some(path) = path else {
+        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("TCP connect to {address}: {e}")),
+            Err(_) => Err(format!(
+                "TCP connect to {address}: no answer within {within}"
+            )),
+        };
+    };
+    let slash = if path.starts_with('/') { "" } else { "/" };
+    let url = format!("http://{address}{slash}{path}");
+    let req = http::Request::get(&url)
+        .header(http::header::USER_AGENT, "pillion-healthcheck")
+        .body(Outgoing::Full(None))
+        .map_err(|e| format!("health path {path:?} does not make a URL: {e}"))?;
+    match tokio::time::timeout(timeout, client.fetch(req, timeout)).await {
+        Ok(Ok((status, _))) if status.is_success() => Ok(()),
+        Ok(Ok((status, _))) => Err(format!("GET {url} answered {status}")),
+        Ok(Err(e)) => Err(format!("GET {url}: {}", pillion_http::describe(&e))),
+        Err(_) => Err(format!("GET {url}: no answer within {within}")),
     }
 }

@@ -11,18 +11,32 @@ use pillion_core::Service;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::{deregisters, per_node, BackendStatus, Catalog, Registry, RegistryError};
+use crate::{deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError};
 
-/// (service name, node id) -> the node's registration and when it expires.
-type Entries = HashMap<(String, String), (Service, Option<Instant>)>;
+/// What the catalog does not show of the registrations, and their deadlines.
+///
+/// The catalog holds the registrations already: node n of version v was registered as
+/// v's service (its name, version, metadata and endpoints) with node n. It cannot tell
+/// them when nodes of one version were registered with different service metadata or
+/// endpoints, as it keeps only the first one's: for those services alone the
+/// registrations are kept here too, so that each registration is stored once in the
+/// common case (this is most of the registry's memory at 50,000 services).
+#[derive(Default)]
+struct State {
+    /// name -> its per-node registrations, sorted by node id, for the services whose
+    /// catalog entry cannot reproduce them.
+    unlike: HashMap<String, Vec<Service>>,
+    /// (name, node id) of the registrations with a TTL.
+    deadlines: Deadlines<(String, String)>,
+}
 
 pub struct MemoryRegistry {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    // The mutex serialises writers (registrations are rare); readers use `catalog`.
-    entries: Mutex<Entries>,
+    // The mutex serialises writers; readers use `catalog`.
+    state: Mutex<State>,
     catalog: ArcSwap<Catalog>,
     changes: watch::Sender<u64>,
     expiry_changed: Notify,
@@ -32,7 +46,7 @@ impl MemoryRegistry {
     /// Creates the registry and its expiry task. Must be called within a tokio runtime.
     pub fn new() -> Self {
         let inner = Arc::new(Inner {
-            entries: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
             catalog: ArcSwap::from_pointee(Catalog::default()),
             changes: watch::channel(0).0,
             expiry_changed: Notify::new(),
@@ -48,17 +62,72 @@ impl Default for MemoryRegistry {
     }
 }
 
+fn node_id(reg: &Service) -> &str {
+    &reg.nodes[0].id
+}
+
+/// Whether the catalog entry `versions` tells every one of `regs` as it was made.
+fn reproduces(versions: Option<&[Service]>, regs: &[Service]) -> bool {
+    let versions = versions.unwrap_or_default();
+    regs.iter().all(|reg| {
+        versions
+            .iter()
+            .find(|v| v.version == reg.version)
+            .is_some_and(|v| v.metadata == reg.metadata && v.endpoints == reg.endpoints)
+    })
+}
+
 impl Inner {
-    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind, still usable.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, entries: &Entries) {
-        self.catalog
-            .store(Arc::new(Catalog::build(entries.values().map(|(s, _)| s))));
+    /// Applies `edit` to the per-node registrations of `name` (sorted by node id) and,
+    /// when it reports a change, swaps in a catalog with that service rebuilt and
+    /// every other shared. Called with the state locked, so writers never publish out
+    /// of order.
+    fn change<R>(
+        &self,
+        state: &mut State,
+        name: &str,
+        edit: impl FnOnce(&mut Vec<Service>) -> (bool, R),
+    ) -> R {
+        let current = self.catalog.load_full();
+        let mut regs = match state.unlike.get(name) {
+            Some(regs) => regs.clone(),
+            None => {
+                let mut regs: Vec<Service> = current
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(per_node)
+                    .collect();
+                regs.sort_by(|a, b| node_id(a).cmp(node_id(b)));
+                regs
+            }
+        };
+        let (changed, result) = edit(&mut regs);
+        if !changed {
+            return result;
+        }
+        let next = current.with_service(name, &regs);
+        if reproduces(next.get(name), &regs) {
+            state.unlike.remove(name);
+        } else {
+            state.unlike.insert(name.to_string(), regs);
+        }
+        self.catalog.store(Arc::new(next));
         self.changes.send_modify(|v| *v += 1);
+        result
     }
+}
+
+/// Removes the registrations of `ids` from `regs`; whether any was there.
+fn remove_ids(regs: &mut Vec<Service>, ids: &[&str]) -> (bool, ()) {
+    let before = regs.len();
+    regs.retain(|r| !ids.contains(&node_id(r)));
+    (regs.len() != before, ())
 }
 
 /// Removes registrations whose TTL lapsed, sleeping until the next one is due.
@@ -68,14 +137,14 @@ async fn expire(inner: Weak<Inner>) {
             return;
         };
         let next = {
-            let mut entries = strong.entries();
-            let now = Instant::now();
-            let before = entries.len();
-            entries.retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
-            if entries.len() != before {
-                strong.publish(&entries);
+            let mut state = strong.state();
+            let mut lapsed = state.deadlines.lapsed(Instant::now());
+            lapsed.sort_unstable();
+            for group in lapsed.chunk_by(|a, b| a.0 == b.0) {
+                let ids: Vec<&str> = group.iter().map(|(_, id)| id.as_str()).collect();
+                strong.change(&mut state, &group[0].0, |regs| remove_ids(regs, &ids));
             }
-            entries.values().filter_map(|(_, d)| *d).min()
+            state.deadlines.next()
         };
         let wake = strong.clone();
         drop(strong);
@@ -91,26 +160,44 @@ impl Registry for MemoryRegistry {
         ttl: Option<Duration>,
     ) -> Result<(), RegistryError> {
         let deadline = ttl.map(|t| Instant::now() + t);
-        let mut entries = self.inner.entries();
-        for reg in per_node(service) {
-            let key = (reg.name.clone(), reg.nodes[0].id.clone());
-            entries.insert(key, (reg, deadline));
+        let mut state = self.inner.state();
+        self.inner.change(&mut state, &service.name, |regs| {
+            for reg in per_node(service) {
+                match regs.binary_search_by(|r| node_id(r).cmp(node_id(&reg))) {
+                    Ok(i) => regs[i] = reg,
+                    Err(i) => regs.insert(i, reg),
+                }
+            }
+            (true, ())
+        });
+        for node in &service.nodes {
+            state
+                .deadlines
+                .set(&(service.name.clone(), node.id.clone()), deadline);
         }
-        self.inner.publish(&entries);
-        drop(entries);
+        drop(state);
         self.inner.expiry_changed.notify_one();
         Ok(())
     }
 
     async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
-        let mut entries = self.inner.entries();
-        let before = entries.len();
-        entries.retain(|_, (reg, _)| !deregisters(service, reg));
-        let removed = before - entries.len();
-        if removed > 0 {
-            self.inner.publish(&entries);
+        let mut state = self.inner.state();
+        let removed: Vec<String> = self.inner.change(&mut state, &service.name, |regs| {
+            let ids: Vec<String> = regs
+                .iter()
+                .filter(|reg| deregisters(service, reg))
+                .map(|reg| node_id(reg).to_string())
+                .collect();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            remove_ids(regs, &refs);
+            (!ids.is_empty(), ids)
+        });
+        for id in &removed {
+            state
+                .deadlines
+                .set(&(service.name.clone(), id.clone()), None);
         }
-        Ok(removed)
+        Ok(removed.len())
     }
 
     fn catalog(&self) -> Arc<Catalog> {

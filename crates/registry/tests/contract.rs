@@ -123,6 +123,35 @@ async fn contract(reg: Arc<dyn Registry>) {
     assert!(reg.catalog().get("greeter").is_none());
     assert!(reg.catalog().is_empty());
 
+    // Nodes of one version registered with different service metadata: the version
+    // shows the first node's (by id), and each registration is kept as it was made,
+    // so the other's shows once the first is gone.
+    let with_meta = |id: &str, tier: &str| Service {
+        metadata: [("tier".to_string(), tier.to_string())].into(),
+        ..service("meta", "", &[(id, "127.0.0.1:7")])
+    };
+    reg.register(&with_meta("m1", "gold"), None).await.unwrap();
+    reg.register(&with_meta("m2", "silver"), None)
+        .await
+        .unwrap();
+    let tier = |reg: &dyn Registry| {
+        let versions = reg
+            .catalog()
+            .get("meta")
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        assert_eq!(versions.len(), 1);
+        versions[0].metadata["tier"].clone()
+    };
+    assert_eq!(tier(&*reg), "gold");
+    assert_eq!(addresses(&*reg, "meta").len(), 2);
+    reg.deregister(&service("meta", "", &[("m1", "x:1")]))
+        .await
+        .unwrap();
+    assert_eq!(tier(&*reg), "silver");
+    reg.deregister(&service("meta", "", &[])).await.unwrap();
+    assert!(reg.catalog().get("meta").is_none());
+
     // A TTL lapses unless the registration is renewed; the renewed one stays.
     let ttl = Duration::from_secs(2);
     reg.register(&service("short", "", &[("s1", "127.0.0.1:5")]), Some(ttl))

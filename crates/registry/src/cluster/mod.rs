@@ -165,7 +165,7 @@ struct Book {
     /// The peers the catalog was built from, with the state version it saw of each.
     seen: HashMap<ChitchatId, Version>,
     /// Keys of this sidecar's registrations that have a TTL, and when it lapses.
-    deadlines: HashMap<String, Instant>,
+    deadlines: crate::Deadlines<String>,
 }
 
 /// How the cluster looks from here, for `/statusz`.
@@ -516,19 +516,7 @@ async fn expire(inner: Weak<Inner>) {
         let next = {
             let mut cc = strong.chitchat.lock().await;
             let now = Instant::now();
-            let lapsed: Vec<String> = {
-                let mut book = strong.book();
-                let lapsed: Vec<String> = book
-                    .deadlines
-                    .iter()
-                    .filter(|(_, d)| **d <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &lapsed {
-                    book.deadlines.remove(k);
-                }
-                lapsed
-            };
+            let lapsed = strong.book().deadlines.lapsed(now);
             if !lapsed.is_empty() {
                 let state = cc.self_node_state();
                 for k in &lapsed {
@@ -537,7 +525,7 @@ async fn expire(inner: Weak<Inner>) {
                 strong.rebuild(&cc, lapsed.iter().filter_map(|k| name_of(k)));
                 strong.push(&cc, PUSH_TO);
             }
-            strong.book().deadlines.values().min().copied()
+            strong.book().deadlines.next()
         };
         let wake = strong.clone();
         drop(strong);
@@ -563,10 +551,7 @@ impl Registry for ClusterRegistry {
                 let value = serde_json::to_string(&reg).expect("a service serialises");
                 // The same content again changes nothing: no new version to gossip.
                 state.set(k.clone(), value);
-                match deadline {
-                    Some(d) => book.deadlines.insert(k, d),
-                    None => book.deadlines.remove(&k),
-                };
+                book.deadlines.set(&k, deadline);
             }
         }
         inner.rebuild(&cc, [service.name.as_str()]);
@@ -616,7 +601,7 @@ impl Registry for ClusterRegistry {
         {
             let mut book = inner.book();
             for k in &mine {
-                book.deadlines.remove(k);
+                book.deadlines.set(k, None);
             }
         }
         inner.rebuild(&cc, [service.name.as_str()]);
@@ -657,7 +642,7 @@ impl Registry for ClusterRegistry {
             for k in &mine {
                 state.delete(k);
             }
-            inner.book().deadlines.clear();
+            inner.book().deadlines = Default::default();
             if !mine.is_empty() {
                 inner.rebuild(&cc, mine.iter().filter_map(|k| name_of(k)));
                 inner.push(&cc, usize::MAX);
