@@ -4,6 +4,12 @@
 //!
 //!   broker_load sidecar 127.0.0.1:8081 [CONCURRENCY] [SECONDS]
 //!   broker_load nats nats://127.0.0.1:4222 [CONCURRENCY] [SECONDS]
+//!   broker_load across A B[,B...] [CONCURRENCY] [SECONDS]
+//!
+//! `across` publishes on sidecar A and subscribes on each sidecar B (embedded broker,
+//! shared registry): it waits until A sees every B's subscription, and at the end
+//! until every message arrived (or 5 s pass without one); `received` counts them over
+//! all the subscribers, `expected` is `published` times their number.
 //!
 //! Each publisher waits for its publish to be accepted before the next (an HTTP
 //! answer from the sidecar; a flush from nats-server when used directly), so both
@@ -41,6 +47,7 @@ async fn main() {
     let topic = "bench.load";
     let stop = Arc::new(AtomicBool::new(false));
     let published = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
 
     // The subscriber.
     let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
@@ -53,34 +60,62 @@ async fn main() {
     } else {
         None
     };
-    let subscriber = if let Some(client) = &nats {
+    let subscribe_on: Vec<String> = match mode.as_str() {
+        "across" => args[2].split(',').map(str::to_string).collect(),
+        _ => vec![target.clone()],
+    };
+    let (target, subscribe_on) = if mode == "across" {
+        let mut all = subscribe_on;
+        (all.remove(0), all)
+    } else {
+        (target, subscribe_on)
+    };
+    let mut subscribers = Vec::new();
+    if let Some(client) = &nats {
         let mut sub = client.subscribe(topic).await.unwrap();
         client.flush().await.unwrap();
-        tokio::spawn(async move {
+        subscribers.push(tokio::spawn(async move {
             while let Some(m) = sub.next().await {
                 let sent: u64 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
                 let _ = lat_tx.send(now_ns().saturating_sub(sent));
             }
-        })
+        }));
     } else {
-        let url = format!("ws://{target}/broker?topic={topic}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket");
-        tokio::spawn(async move {
-            while let Some(Ok(frame)) = ws.next().await {
-                if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
-                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                    use base64::Engine;
-                    let body = base64::engine::general_purpose::STANDARD
-                        .decode(v["Body"].as_str().unwrap())
-                        .unwrap();
-                    let sent: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
-                    let _ = lat_tx.send(now_ns().saturating_sub(sent));
+        for on in &subscribe_on {
+            let url = format!("ws://{on}/broker?topic={topic}");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                .await
+                .expect("websocket");
+            let lat_tx = lat_tx.clone();
+            subscribers.push(tokio::spawn(async move {
+                while let Some(frame) = ws.next().await {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        Err(e) => {
+                            eprintln!("subscriber: {e}");
+                            break;
+                        }
+                    };
+                    if let tokio_tungstenite::tungstenite::Message::Close(c) = &frame {
+                        eprintln!("subscriber closed: {c:?}");
+                    }
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        use base64::Engine;
+                        let body = base64::engine::general_purpose::STANDARD
+                            .decode(v["Body"].as_str().unwrap())
+                            .unwrap();
+                        let sent: u64 = std::str::from_utf8(&body).unwrap().parse().unwrap();
+                        let _ = lat_tx.send(now_ns().saturating_sub(sent));
+                    }
                 }
-            }
-        })
-    };
+            }));
+        }
+        drop(lat_tx);
+    }
+    if mode == "across" {
+        wait_advertised(&target, topic, subscribe_on.len()).await;
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The publishers.
@@ -89,6 +124,7 @@ async fn main() {
     for _ in 0..concurrency {
         let stop = stop.clone();
         let published = published.clone();
+        let refused = refused.clone();
         let nats = nats.clone();
         let target = target.clone();
         publishers.push(tokio::spawn(async move {
@@ -107,11 +143,19 @@ async fn main() {
                         let req = http::Request::post(url.clone())
                             .body(Outgoing::full(body))
                             .unwrap();
-                        let (status, _) = client
+                        let (status, body) = client
                             .fetch(req, Duration::from_secs(10))
                             .await
                             .expect("publish");
-                        assert!(status.is_success(), "publish answered {status}");
+                        if !status.is_success() {
+                            if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                                eprintln!(
+                                    "publish answered {status}: {}",
+                                    String::from_utf8_lossy(&body)
+                                );
+                            }
+                            continue;
+                        }
                     }
                 }
                 published.fetch_add(1, Ordering::Relaxed);
@@ -124,22 +168,73 @@ async fn main() {
         let _ = p.await;
     }
     let elapsed = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    subscriber.abort();
+    let expected = published.load(Ordering::Relaxed) * subscribe_on.len().max(1) as u64;
     let mut latencies = Vec::new();
+    // Until every message arrived, or none came for the quiet period.
+    let quiet = if mode == "across" {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_millis(500)
+    };
+    while (latencies.len() as u64) < expected {
+        match tokio::time::timeout(quiet, lat_rx.recv()).await {
+            Ok(Some(l)) => latencies.push(l),
+            _ => break,
+        }
+    }
+    for s in subscribers {
+        s.abort();
+    }
     while let Ok(l) = lat_rx.try_recv() {
         latencies.push(l);
     }
     latencies.sort_unstable();
     let received = latencies.len() as f64;
+    let accepted = published.load(Ordering::Relaxed) as f64;
     println!(
         "{}",
         serde_json::json!({
             "published": published.load(Ordering::Relaxed),
+            "refused": refused.load(Ordering::Relaxed),
             "received": latencies.len(),
+            "expected": expected,
+            "accepted_per_sec": accepted / elapsed.as_secs_f64(),
             "msgs_per_sec": received / elapsed.as_secs_f64(),
             "p50_ms": percentile(&latencies, 0.50),
             "p99_ms": percentile(&latencies, 0.99),
         })
     );
+}
+
+/// Waits until sidecar `at` shows `n` broker nodes subscribed to `topic`.
+async fn wait_advertised(at: &str, topic: &str, n: usize) {
+    let client = pillion_http::Client::new(Default::default(), Duration::from_secs(1));
+    for _ in 0..200 {
+        let req = http::Request::get(format!("http://{at}/registry?service=pillion.broker"))
+            .body(Outgoing::full(Bytes::new()))
+            .unwrap();
+        if let Ok((status, body)) = client.fetch(req, Duration::from_secs(2)).await {
+            if status.is_success() {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let seen = v[0]["nodes"]
+                    .as_array()
+                    .map(|nodes| {
+                        nodes
+                            .iter()
+                            .filter(|n| {
+                                n["metadata"]["subscriptions"]
+                                    .as_str()
+                                    .is_some_and(|s| s.contains(topic))
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0);
+                if seen >= n {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{at} does not see {n} subscribers to {topic}");
 }

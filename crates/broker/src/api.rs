@@ -6,12 +6,14 @@
 //!   backend accepted it, 400 for a bad topic, 413 over the size limit, 503 when the
 //!   backend is unreachable.
 //! - `GET /broker?topic=T[&queue=Q]` as a websocket receives one text frame per
-//!   message, `{"Header":{...},"Body":"<base64>"}`; frames the client sends are
+//!   message, `{"Header":{...},"Body":"<base64>","Topic":"<topic>"}` (the topic it was
+//!   published to, which a wildcard subscriber needs); frames the client sends are
 //!   published to the topic. The sidecar pings every `ping_interval` and closes a
 //!   connection that stopped answering, or whose reader is too slow (with the reason).
 //! - The same `GET` with `Accept: text/event-stream` streams the messages as
 //!   server-sent events, for clients without websockets.
-//! - `POST /broker/deliver` takes messages from other sidecars (embedded broker).
+//! - `GET /broker/deliver` with `Upgrade: pillion-broker/1` takes the stream of
+//!   messages another sidecar's embedded broker sends this one ([`crate::intake`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::{Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
@@ -31,11 +33,12 @@ use pillion_core::ApiError;
 use serde::Deserialize;
 
 use crate::embedded::EmbeddedBroker;
-use crate::hub::Scope;
 use crate::metrics::BrokerMetrics;
 use crate::{topic, Broker, BrokerError, Message, Subscription};
 
 const ID: &str = "pillion.broker";
+/// Messages a websocket takes from its subscription per write.
+const WS_BATCH: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -68,7 +71,7 @@ pub fn router(api: Arc<BrokerApi>) -> Router {
     let limit = api.config.max_message;
     Router::new()
         .route("/broker", get(subscribe).post(publish))
-        .route("/broker/deliver", post(deliver))
+        .route("/broker/deliver", axum::routing::any(deliver))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(api)
 }
@@ -83,6 +86,7 @@ fn broker_error(e: BrokerError) -> Response {
     match e {
         BrokerError::Unavailable { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         BrokerError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        BrokerError::TooLarge(m) => error(StatusCode::PAYLOAD_TOO_LARGE, m),
     }
 }
 
@@ -238,10 +242,25 @@ async fn serve_websocket(
                     let _ = tx.send(close(1013, reason)).await;
                     return;
                 };
-                if tx.send(WsMessage::Text(delivery.message.to_json().into())).await.is_err() {
-                    return; // not acknowledged: a durable message comes again
+                // What is waiting goes out in one write.
+                let mut sent = vec![delivery];
+                while sent.len() < WS_BATCH {
+                    match sub.try_next() {
+                        Some(d) => sent.push(d),
+                        None => break,
+                    }
                 }
-                delivery.ack().await;
+                for d in &sent {
+                    if tx.feed(WsMessage::Text(d.to_json().into())).await.is_err() {
+                        return; // not acknowledged: a durable message comes again
+                    }
+                }
+                if tx.flush().await.is_err() {
+                    return;
+                }
+                for d in sent {
+                    d.ack().await;
+                }
             }
             frame = rx.next() => {
                 last_seen = Instant::now();
@@ -283,63 +302,39 @@ fn serve_sse(
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     let events = futures_util::stream::unfold(sub, |mut sub| async move {
         let delivery = sub.next().await?;
-        let event = Event::default().data(delivery.message.to_json());
+        let event = Event::default().data(delivery.to_json());
         delivery.ack().await;
         Some((Ok(event), sub))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
 
-#[derive(Deserialize)]
-struct DeliverQuery {
-    topic: String,
-    plain: bool,
-    groups: Option<String>,
-}
-
-/// Messages sent on by another sidecar's embedded broker.
-async fn deliver(
-    State(api): State<Arc<BrokerApi>>,
-    query: Result<Query<DeliverQuery>, axum::extract::rejection::QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// Streams opened by other sidecars' embedded brokers.
+async fn deliver(State(api): State<Arc<BrokerApi>>, mut req: axum::extract::Request) -> Response {
     let Some(embedded) = &api.embedded else {
         return error(
             StatusCode::NOT_FOUND,
             "this sidecar's broker is not the embedded one",
         );
     };
-    let Ok(Query(q)) = query else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected ?topic=T&plain=true|false[&groups=a,b]",
-        );
-    };
-    let Ok(body) = body else {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "message too large");
-    };
-    let message: Message = match serde_json::from_slice(&body) {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed message: {e}")),
-    };
-    let groups = q
-        .groups
-        .map(|g| {
-            g.split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    embedded.deliver_local(
-        &q.topic,
-        &message,
-        &Scope {
-            plain: q.plain,
-            groups: Some(groups),
-        },
-    );
-    Json(serde_json::json!({})).into_response()
+    match embedded.open_stream(&mut req) {
+        Ok(()) => Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, crate::frame::PROTOCOL)
+            .body(axum::body::Body::empty())
+            .expect("a valid 101"),
+        Err((status, detail)) => {
+            let mut res = error(status, detail);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                res.headers_mut().insert(
+                    http::header::UPGRADE,
+                    http::HeaderValue::from_static(crate::frame::PROTOCOL),
+                );
+            }
+            res
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,58 +3,81 @@
 //!
 //! Each sidecar with subscribers registers itself as a node of the service
 //! `pillion.broker`, with its subscriptions (pattern and queue group) in the node's
-//! metadata, and keeps that up to date as subscribers come and go. A publish delivers to local plain subscribers,
-//! sends the message on to every other sidecar with a matching plain subscriber, and
-//! for each matching queue group picks one sidecar among those that have members (this
-//! one included), so each message reaches one member of a group across all sidecars.
+//! metadata, and keeps that up to date as subscribers come and go. A publish delivers
+//! to local plain subscribers, sends the message on to every other sidecar with a
+//! matching plain subscriber, and for each matching queue group picks one sidecar
+//! among those that have members (this one included), so each message reaches one
+//! member of a group across all sidecars.
 //!
-//! Delivery is at-most-once: a sidecar that cannot be reached, or a subscriber too slow
-//! to keep up, loses the message (logged, and counted as dropped).
+//! Messages travel to another sidecar on one ordered stream per sidecar
+//! ([`crate::link`] sends, [`crate::intake`] receives, [`crate::frame`] is the wire
+//! format). While both sidecars live nothing accepted is lost: a broken stream is
+//! opened again and what was not acknowledged is sent again (and skipped by the
+//! receiver if it had it). A publish waits for room in the queues it joins, and is
+//! refused (nothing published) when one stays full. A sidecar that leaves the
+//! registry, or restarts as a new node, loses what was queued for it (logged and
+//! counted), as does a subscriber too slow to keep up.
+//!
+//! Only the [`Registry`] port is used (`catalog`, `changes`, `register`), so any
+//! registry adapter carries the brokers' addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request};
-use pillion_core::url::encode_component;
 use pillion_core::{Node, Service};
-use pillion_http::pool::Outgoing;
-use pillion_http::Client;
 use pillion_registry::{Catalog, Registry};
+use tokio::time::Instant;
 
 use crate::hub::{Hub, Scope};
+use crate::intake::Intake;
+use crate::link::{LinkSettings, Links, Peer, Refused};
 use crate::metrics::BrokerMetrics;
-use crate::{Broker, BrokerError, Message, Subscription};
+use crate::{frame, Broker, BrokerError, Message, Subscription};
 
 /// The registry service every embedded broker registers under.
 pub const SERVICE: &str = "pillion.broker";
 const METADATA_KEY: &str = "subscriptions";
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long [`Broker::close`] waits for the other sidecars to acknowledge what is
+/// queued for them.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct EmbeddedBroker {
     hub: Arc<Hub>,
     registry: Arc<dyn Registry>,
     node: Node,
-    client: Client,
+    settings: LinkSettings,
     /// The other sidecars' subscriptions, parsed once per catalog (publishes read it).
-    peers: Mutex<(Option<Arc<Catalog>>, Arc<Peers>)>,
+    peers: Mutex<PeersOf>,
+    links: Arc<Links>,
+    intake: Arc<Intake>,
     metrics: Arc<BrokerMetrics>,
     advertiser: tokio::task::JoinHandle<()>,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 /// The subscriptions a sidecar advertises: (pattern, queue group).
 type Advertised = Vec<(String, Option<String>)>;
-/// Other sidecars' addresses and subscriptions.
-type Peers = Vec<(String, Advertised)>;
+/// The other sidecars, and the catalog they were read from.
+type PeersOf = (Option<Arc<Catalog>>, Arc<Vec<Peer>>);
 
 impl EmbeddedBroker {
     /// Starts the broker; `advertise` is the `host:port` of this sidecar's API, where
-    /// other sidecars send messages. Must be called within a tokio runtime.
+    /// other sidecars open their streams. Must be called within a tokio runtime.
     pub fn new(
         registry: Arc<dyn Registry>,
         advertise: String,
         metrics: Arc<BrokerMetrics>,
+    ) -> Arc<EmbeddedBroker> {
+        Self::with_settings(registry, advertise, metrics, LinkSettings::default())
+    }
+
+    /// [`EmbeddedBroker::new`] with the streams' clocks and bounds.
+    pub fn with_settings(
+        registry: Arc<dyn Registry>,
+        advertise: String,
+        metrics: Arc<BrokerMetrics>,
+        settings: LinkSettings,
     ) -> Arc<EmbeddedBroker> {
         let hub = Hub::new();
         let node = Node {
@@ -62,85 +85,97 @@ impl EmbeddedBroker {
             address: advertise,
             ..Node::default()
         };
+        let links = Arc::new(Links::new(
+            node.id.clone(),
+            settings.clone(),
+            metrics.clone(),
+        ));
+        let intake = Arc::new(Intake::new(
+            node.id.clone(),
+            hub.clone(),
+            metrics.clone(),
+            settings.clone(),
+        ));
         let advertiser = tokio::spawn(advertise_loop(hub.clone(), registry.clone(), node.clone()));
+        let sweeper = tokio::spawn(sweep_loop(links.clone(), registry.clone(), node.id.clone()));
         Arc::new(EmbeddedBroker {
             hub,
             registry,
             node,
-            client: Client::new(Default::default(), FORWARD_TIMEOUT),
+            settings,
             peers: Mutex::new((None, Arc::default())),
+            links,
+            intake,
             metrics,
             advertiser,
+            sweeper,
         })
     }
 
-    /// Delivers a message another sidecar sent here, to the local subscribers in
-    /// `scope` only (never sent on again).
-    pub fn deliver_local(&self, topic: &str, message: &Message, scope: &Scope) {
+    /// This sidecar's node id in the registry.
+    pub fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    /// Takes a stream another sidecar opens (`GET /broker/deliver` with an upgrade),
+    /// or says why not: the status and detail of the error answer. On `Ok`, answer
+    /// `101` with `Upgrade: pillion-broker/1`.
+    pub fn open_stream<B>(
+        &self,
+        req: &mut http::Request<B>,
+    ) -> Result<(), (http::StatusCode, String)> {
+        self.intake.open(req)
+    }
+
+    /// Delivers to the local subscribers in `scope` only.
+    fn deliver_local(&self, topic: &str, message: &Message, scope: &Scope) {
         let out = self.hub.deliver(topic, message, scope);
         self.metrics.delivered(topic, out.delivered);
         self.metrics.dropped(topic, out.dropped);
     }
 
     /// The other sidecars' subscriptions, from the registry.
-    fn peers(&self) -> Arc<Peers> {
+    fn peers(&self) -> Arc<Vec<Peer>> {
         let catalog = self.registry.catalog();
         let mut cache = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if cache.0.as_ref().is_some_and(|c| Arc::ptr_eq(c, &catalog)) {
             return cache.1.clone();
         }
-        let parsed: Peers = catalog
-            .get(SERVICE)
-            .unwrap_or_default()
-            .iter()
-            .flat_map(|s| s.nodes.iter())
-            .filter(|n| n.id != self.node.id)
+        let mut parsed: Vec<Peer> = nodes(&catalog, &self.node.id)
             .filter_map(|n| {
                 let subs = n.metadata.get(METADATA_KEY)?;
                 let subs: Advertised = serde_json::from_str(subs).ok()?;
-                Some((n.endpoint(), subs))
+                Some(Peer {
+                    node: n.id.clone(),
+                    address: n.endpoint(),
+                    subs,
+                })
             })
             .collect();
+        // Room is reserved in this order, so two publishes never wait on each other.
+        parsed.sort_by(|a, b| a.node.cmp(&b.node));
+        parsed.dedup_by(|a, b| a.node == b.node);
         *cache = (Some(catalog), Arc::new(parsed));
         cache.1.clone()
     }
+}
 
-    async fn forward(&self, authority: String, topic: String, message: Bytes, scope: Scope) {
-        // Topics and groups are the user's: encoded, so `&`, `=`, `#` or `"` in them
-        // cannot cut or add parameters.
-        let mut url = format!(
-            "http://{authority}/broker/deliver?topic={}&plain={}",
-            encode_component(&topic),
-            scope.plain
-        );
-        if let Some(groups) = &scope.groups {
-            url.push_str("&groups=");
-            url.push_str(&encode_component(&groups.join(",")));
-        }
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri(url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Outgoing::full(message));
-        let sent = match req {
-            Ok(req) => self.client.fetch(req, FORWARD_TIMEOUT).await,
-            Err(e) => Err(pillion_http::client::ClientError::BadUrl(e.to_string())),
-        };
-        let ok = matches!(&sent, Ok((status, _)) if status.is_success());
-        if !ok {
-            self.metrics.dropped(&topic, 1);
-            let why = match sent {
-                Err(e) => pillion_http::describe(&e),
-                Ok((status, _)) => format!("answered {status}"),
-            };
-            tracing::warn!(%topic, sidecar = %authority, why, "message not delivered to another sidecar (at-most-once)");
-        }
-    }
+/// The other brokers' nodes in `catalog`.
+fn nodes<'a>(catalog: &'a Catalog, own: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+    catalog
+        .get(SERVICE)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .filter(move |n| n.id != own)
 }
 
 impl Drop for EmbeddedBroker {
     fn drop(&mut self) {
         self.advertiser.abort();
+        self.sweeper.abort();
+        self.links.abort();
+        self.intake.abort();
     }
 }
 
@@ -185,21 +220,36 @@ async fn advertise_loop(hub: Arc<Hub>, registry: Arc<dyn Registry>, node: Node) 
     }
 }
 
+/// Follows the registry for the links: on each change, and each second (for the
+/// grace of sidecars that went missing).
+async fn sweep_loop(links: Arc<Links>, registry: Arc<dyn Registry>, own: String) {
+    let mut changes = registry.changes();
+    loop {
+        let catalog = registry.catalog();
+        let present: BTreeMap<String, String> = nodes(&catalog, &own)
+            .map(|n| (n.id.clone(), n.endpoint()))
+            .collect();
+        links.sweep(&present).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+    }
+}
+
 #[async_trait::async_trait]
 impl Broker for EmbeddedBroker {
-    /// Accepted means: queued for the local subscribers and on its way to the other
-    /// sidecars that want it (at-most-once).
+    /// Accepted means: handed to the local subscribers and queued, in order, for every
+    /// other sidecar that wants it. Refused (`Unavailable`, nothing published) when a
+    /// sidecar's queue stays full for `publish_wait`.
     async fn publish(&self, topic: &str, message: Message) -> Result<(), BrokerError> {
-        self.metrics.published(topic);
         let peers = self.peers();
         // Queue groups: one sidecar per group, among all that have members.
-        let mut chosen: BTreeMap<String, Option<String>> = BTreeMap::new();
-        let mut candidates: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+        let mut chosen: BTreeMap<String, Option<&str>> = BTreeMap::new();
+        let mut candidates: BTreeMap<String, Vec<Option<&str>>> = BTreeMap::new();
         for g in self.hub.groups_for(topic) {
             candidates.entry(g).or_default().push(None);
         }
-        for (authority, subs) in peers.iter() {
-            let groups: BTreeSet<&String> = subs
+        for peer in peers.iter() {
+            let groups: BTreeSet<&String> = peer
+                .subs
                 .iter()
                 .filter(|(p, q)| q.is_some() && crate::topic::matches(p, topic))
                 .filter_map(|(_, q)| q.as_ref())
@@ -208,13 +258,54 @@ impl Broker for EmbeddedBroker {
                 candidates
                     .entry(g.clone())
                     .or_default()
-                    .push(Some(authority.clone()));
+                    .push(Some(peer.node.as_str()));
             }
         }
         for (group, sidecars) in candidates {
             let pick = crate::pick(sidecars.len());
-            chosen.insert(group, sidecars[pick].clone());
+            chosen.insert(group, sidecars[pick]);
         }
+
+        let mut targets = Vec::new();
+        for peer in peers.iter() {
+            let plain = peer
+                .subs
+                .iter()
+                .any(|(p, q)| q.is_none() && crate::topic::matches(p, topic));
+            let groups: Vec<String> = chosen
+                .iter()
+                .filter(|(_, s)| **s == Some(peer.node.as_str()))
+                .map(|(g, _)| g.clone())
+                .collect();
+            if !plain && groups.is_empty() {
+                continue;
+            }
+            let scope = Scope {
+                plain,
+                groups: Some(groups),
+            };
+            let frame = frame::encode_message(topic, &scope, &message)
+                .map_err(|e| BrokerError::TooLarge(e.to_string()))?;
+            if let Some(link) = self.links.get(peer) {
+                targets.push((link, frame));
+            }
+        }
+        // Room in every queue first (in node order), so a refused publish went nowhere.
+        let deadline = Instant::now() + self.settings.publish_wait;
+        let mut reserved = Vec::with_capacity(targets.len());
+        for (link, frame) in targets {
+            match link.reserve(frame.len(), deadline).await {
+                Ok(room) => reserved.push((link, frame, room)),
+                Err(Refused::Gone) => self.metrics.dropped(topic, 1),
+                Err(Refused::Full) => {
+                    return Err(BrokerError::Unavailable {
+                        backend: "embedded".into(),
+                        detail: link.full(),
+                    })
+                }
+            }
+        }
+        self.metrics.published(topic);
         let local_groups: Vec<String> = chosen
             .iter()
             .filter(|(_, s)| s.is_none())
@@ -228,27 +319,10 @@ impl Broker for EmbeddedBroker {
                 groups: Some(local_groups),
             },
         );
-
-        let encoded = Bytes::from(message.to_json());
-        for (authority, subs) in peers.iter() {
-            let plain = subs
-                .iter()
-                .any(|(p, q)| q.is_none() && crate::topic::matches(p, topic));
-            let groups: Vec<String> = chosen
-                .iter()
-                .filter(|(_, s)| s.as_deref() == Some(authority.as_str()))
-                .map(|(g, _)| g.clone())
-                .collect();
-            if !plain && groups.is_empty() {
-                continue;
+        for (link, frame, room) in reserved {
+            if !link.push(frame, room) {
+                self.metrics.dropped(topic, 1);
             }
-            let scope = Scope {
-                plain,
-                groups: Some(groups),
-            };
-            // Sequential per publish keeps the order of messages to each sidecar.
-            self.forward(authority.clone(), topic.to_string(), encoded.clone(), scope)
-                .await;
         }
         Ok(())
     }
@@ -261,7 +335,7 @@ impl Broker for EmbeddedBroker {
     ) -> Result<Subscription, BrokerError> {
         let sub = self.hub.subscribe(pattern, queue, buffer);
         // Give the advertisement a moment, so a publish on another sidecar right after
-        // this returns finds it (best effort: at-most-once either way).
+        // this returns finds it.
         let mut tries = 0;
         while tries < 50 && !self.advertised(pattern, queue) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -278,6 +352,8 @@ impl Broker for EmbeddedBroker {
         true
     }
 
+    /// Stops advertising, gives the other sidecars up to 5 s to acknowledge what is
+    /// queued for them, then ends every stream.
     async fn close(&self) {
         self.advertiser.abort();
         let service = Service {
@@ -286,6 +362,9 @@ impl Broker for EmbeddedBroker {
             ..Service::default()
         };
         let _ = self.registry.deregister(&service).await;
+        self.sweeper.abort();
+        self.links.close(Instant::now() + CLOSE_WAIT).await;
+        self.intake.close(Duration::from_secs(1)).await;
     }
 }
 

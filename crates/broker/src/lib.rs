@@ -5,7 +5,9 @@
 //!   alone or in a queue group (each message to one member of a group, to every plain
 //!   subscriber).
 //! - [`embedded`] (the default) fans out in process, and to the other sidecars that
-//!   have subscribers, found through the registry. At-most-once.
+//!   have subscribers, found through the registry, on one ordered stream per sidecar
+//!   ([`link`] sends, [`intake`] receives, [`frame`] is the wire format): nothing
+//!   accepted is lost while both sidecars live.
 //! - [`nats`] uses NATS: core NATS for plain topics, JetStream for topics configured
 //!   durable (stored, acknowledged, redelivered, dead-lettered after N attempts).
 //! - [`hub`]: in-process fan-out with queue groups and bounded buffers, used by the
@@ -14,12 +16,16 @@
 //!   [`metrics`]: per-topic counters.
 //!
 //! A slow subscriber must never make memory grow without bound: its buffer is bounded
-//! and it is disconnected with a reason when the buffer is full.
+//! and it is disconnected with a reason when the buffer is full. Likewise a slow or
+//! unreachable sidecar: its queue is bounded and publishers wait, then are refused.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod embedded;
+pub mod frame;
 pub mod hub;
+mod intake;
+pub mod link;
 pub mod metrics;
 pub mod nats;
 pub mod push;
@@ -63,7 +69,8 @@ mod base64_body {
 }
 
 impl Message {
-    /// The websocket/SSE frame: `{"Header":{...},"Body":"<base64>"}`.
+    /// The message as JSON: `{"Header":{...},"Body":"<base64>"}` (subscribers get
+    /// [`Delivery::to_json`], which adds the topic).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("message serializes")
     }
@@ -81,6 +88,9 @@ pub enum BrokerError {
     /// A bad topic, queue or URL.
     #[error("{0}")]
     Invalid(String),
+    /// A message too large for the backend.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// How a durable backend learns what became of a delivery. The port knows only this;
@@ -110,7 +120,34 @@ pub struct Delivery {
     ack: Ack,
 }
 
+/// A delivery as websocket and SSE subscribers get it.
+#[derive(Serialize)]
+struct Frame<'a> {
+    #[serde(rename = "Header")]
+    header: &'a BTreeMap<String, String>,
+    #[serde(rename = "Body", serialize_with = "base64_ref")]
+    body: &'a Bytes,
+    #[serde(rename = "Topic")]
+    topic: &'a str,
+}
+
+fn base64_ref<S: serde::Serializer>(b: &&Bytes, s: S) -> Result<S::Ok, S::Error> {
+    base64_body::serialize(b, s)
+}
+
 impl Delivery {
+    /// The websocket/SSE frame: `{"Header":{...},"Body":"<base64>","Topic":"<topic>"}`,
+    /// with the topic the message was published to (a subscriber to `events.todos.*`
+    /// tells `events.todos.created` from `events.todos.removed`).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Frame {
+            header: &self.message.header,
+            body: &self.message.body,
+            topic: &self.topic,
+        })
+        .expect("a delivery serializes")
+    }
+
     pub fn new(topic: String, message: Message) -> Delivery {
         Delivery {
             topic,
@@ -186,6 +223,11 @@ impl Subscription {
     /// [`Subscription::end_reason`]).
     pub async fn next(&mut self) -> Option<Delivery> {
         self.rx.recv().await
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_next(&mut self) -> Option<Delivery> {
+        self.rx.try_recv().ok()
     }
 
     /// Why the subscription ended, when the broker ended it.

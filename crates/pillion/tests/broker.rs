@@ -452,3 +452,328 @@ async fn the_readme_wildcard_topic_works_as_curl_sends_it() {
         seen.extend_from_slice(&buf[..n]);
     }
 }
+
+/// A `pillion run` on `addr` (a sidecar restarted where it was).
+fn start_at(addr: std::net::SocketAddr, args: &[&str]) -> Sidecar {
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.arg("run")
+        .arg("--address")
+        .arg(addr.to_string())
+        .args(args)
+        .env("RUST_LOG", "info");
+    let process = pillion_testkit::Daemon::spawn("pillion", cmd);
+    assert!(
+        pillion_testkit::wait_for_port(addr, Duration::from_secs(10)),
+        "pillion did not listen on {addr} again"
+    );
+    Sidecar { process, addr }
+}
+
+/// The broker node ids `sc` sees in the registry.
+async fn broker_nodes(sc: &Sidecar) -> BTreeSet<String> {
+    common::node_ids(sc, "pillion.broker")
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// `(publisher, index)` of a `p{k}-{i}` body.
+fn numbered(frame: &serde_json::Value) -> (usize, usize) {
+    let b = body(frame);
+    let (k, i) = b[1..].split_once('-').unwrap();
+    (k.parse().unwrap(), i.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_eight_publishers_all_cross_sidecars_in_per_publisher_order() {
+    let etcd = Server::etcd();
+    let (a, b) = pair("embedded", &etcd.url());
+    let mut ws = subscribe(&b, "topic=orders.new").await;
+    wait_advertised(&a, "orders.new", 1).await;
+    let (publishers, each) = (8, 250);
+    let sends: Vec<_> = (0..publishers)
+        .map(|k| {
+            let url = a.url("/broker?topic=orders.new");
+            tokio::spawn(async move {
+                for i in 0..each {
+                    let reply = request(http::Method::POST, &url, &[], format!("p{k}-{i}"))
+                        .await
+                        .unwrap();
+                    assert_eq!(reply.status, 200, "{}", reply.text());
+                }
+            })
+        })
+        .collect();
+    let got = receive(&mut ws, publishers * each, Duration::from_secs(10)).await;
+    for s in sends {
+        s.await.unwrap();
+    }
+    let mut by_publisher = vec![Vec::new(); publishers];
+    for frame in &got {
+        let (k, i) = numbered(frame);
+        by_publisher[k].push(i);
+    }
+    let want: Vec<usize> = (0..each).collect();
+    for (k, seen) in by_publisher.iter().enumerate() {
+        assert_eq!(seen, &want, "publisher {k}: all, once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_restarted_mid_stream_gets_all_accepted_after_it_is_back_once_in_order() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let etcd = Server::etcd();
+    let args = ["--registry", &etcd.url()];
+    let a = Sidecar::start(&args);
+    let mut b = Sidecar::start(&args);
+    let mut ws = subscribe(&b, "topic=ticks").await;
+    wait_advertised(&a, "ticks", 1).await;
+    let before = broker_nodes(&a).await;
+
+    // Two publishers publish all along; each retries an index until it is accepted,
+    // so what was accepted is 0..=last, per publisher.
+    let stop = Arc::new(AtomicBool::new(false));
+    let next: Arc<Vec<AtomicUsize>> = Arc::new((0..2).map(|_| AtomicUsize::new(0)).collect());
+    let sends: Vec<_> = (0..2)
+        .map(|k| {
+            let (url, stop, next) = (a.url("/broker?topic=ticks"), stop.clone(), next.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let i = next[k].load(Ordering::SeqCst);
+                    match request(http::Method::POST, &url, &[], format!("p{k}-{i}")).await {
+                        Ok(r) if r.status == 200 => {
+                            next[k].store(i + 1, Ordering::SeqCst);
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    assert_eq!(
+        receive(&mut ws, 100, Duration::from_secs(5)).await.len(),
+        100,
+        "the stream flows before the restart"
+    );
+
+    b.process.kill();
+    drop(ws);
+    let addr = b.addr;
+    b = start_at(addr, &args);
+    let mut ws = subscribe(&b, "topic=ticks").await;
+    // Once A sees the restarted sidecar's new node, every message it accepts is for it.
+    let back = common::eventually(Duration::from_secs(10), || async {
+        broker_nodes(&a).await.difference(&before).count() == 1
+    })
+    .await;
+    assert!(back, "A never saw the restarted sidecar");
+    let marks: Vec<usize> = next.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    let moved_on = common::eventually(Duration::from_secs(20), || async {
+        next.iter()
+            .zip(&marks)
+            .all(|(n, m)| n.load(Ordering::SeqCst) >= m + 200)
+    })
+    .await;
+    assert!(moved_on, "publishing goes on");
+    stop.store(true, Ordering::SeqCst);
+    for s in sends {
+        s.await.unwrap();
+    }
+    let last: Vec<usize> = next.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    let want: usize = last.iter().zip(&marks).map(|(l, m)| l - m).sum();
+    let got = receive(&mut ws, usize::MAX, Duration::from_secs(3)).await;
+    assert!(got.len() >= want, "{} of at least {want}", got.len());
+    let mut by_publisher = vec![Vec::new(); 2];
+    for frame in &got {
+        let (k, i) = numbered(frame);
+        by_publisher[k].push(i);
+    }
+    for k in 0..2 {
+        let seen = &by_publisher[k];
+        // What the subscriber sees: one unbroken run of each publisher's messages, no
+        // repeats, ending with the last accepted, starting no later than the first
+        // accepted once A knew the new node.
+        let first = seen[0];
+        let run: Vec<usize> = (first..last[k]).collect();
+        assert_eq!(seen, &run, "publisher {k}");
+        assert!(
+            first <= marks[k] + 1,
+            "publisher {k} starts at {first}, mark {}",
+            marks[k]
+        );
+    }
+    // What was queued for the node that died is dropped, counted.
+    let dropped = common::eventually(Duration::from_secs(15), || async {
+        get(&a.url("/metrics"))
+            .await
+            .map(|r| {
+                r.text()
+                    .contains("pillion_broker_peer_queues_dropped_total 1")
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(dropped, "the dead node's queue is dropped and counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_and_sse_frames_name_the_topic_a_wildcard_matched() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = Server::etcd();
+    let (a, b) = pair("embedded", &etcd.url());
+    // websocat 'ws://B/broker?topic=events.todos.*'
+    let mut ws = subscribe(&b, "topic=events.todos.*").await;
+    // curl -N -H 'Accept: text/event-stream' 'http://B/broker?topic=events.>'
+    let mut sse = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    sse.write_all(
+        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    wait_advertised(&a, "events.todos.*", 1).await;
+    wait_advertised(&a, "events.>", 1).await;
+    for (event, record) in [("created", r#"{"id":7}"#), ("removed", r#"{"id":7}"#)] {
+        let reply = publish(&a, &format!("events.todos.{event}"), record, &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let got = receive(&mut ws, 2, Duration::from_secs(5)).await;
+    let topics: Vec<&str> = got.iter().map(|f| f["Topic"].as_str().unwrap()).collect();
+    assert_eq!(topics, ["events.todos.created", "events.todos.removed"]);
+    assert_eq!(body(&got[0]), r#"{"id":7}"#);
+
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&seen).matches("data: ").count() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(5), sse.read(&mut buf))
+            .await
+            .expect("the events did not arrive")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&seen).to_string();
+    let events: Vec<serde_json::Value> = text
+        .split("data: ")
+        .skip(1)
+        .map(|d| serde_json::from_str(d.lines().next().unwrap()).unwrap())
+        .collect();
+    assert_eq!(events[0]["Topic"], "events.todos.created");
+    assert_eq!(events[1]["Topic"], "events.todos.removed");
+}
+
+/// Opens a broker stream to `sc` by hand: the answer's head, and the connection.
+async fn open_stream(sc: &Sidecar, node: &str, upgrade: bool) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
+    let upgrade = if upgrade {
+        "Connection: Upgrade\r\nUpgrade: pillion-broker/1\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "GET /broker/deliver HTTP/1.1\r\nHost: x\r\n{upgrade}Pillion-Broker-Node: {node}\r\nPillion-Broker-Stream: test.1\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1];
+    // Byte by byte, so nothing after the head is taken.
+    while !seen.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.push(buf[0]);
+    }
+    (String::from_utf8(seen).unwrap(), tcp)
+}
+
+/// Everything the sidecar sends until it closes (within 5 s).
+async fn read_to_close(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out))
+        .await
+        .expect("the sidecar did not close the stream")
+        .unwrap_or_default();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_is_refused_and_the_sidecar_keeps_working() {
+    use tokio::io::AsyncWriteExt;
+    let sc = Sidecar::start(&[]);
+    let mut ws = subscribe(&sc, "topic=foo").await;
+    let node = common::node_ids(&sc, "pillion.broker").await.remove(0);
+
+    // A stream for a node that is not this one (it restarted): 410, in the JSON shape.
+    let (head, mut tcp) = open_stream(&sc, "broker-old", true).await;
+    assert!(head.starts_with("HTTP/1.1 410"), "{head}");
+    let _ = tcp.shutdown().await;
+    // Without the upgrade: 426, saying what to send.
+    let (head, _) = open_stream(&sc, &node, false).await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("upgrade: pillion-broker/1"),
+        "{head}"
+    );
+
+    // Garbage after the upgrade: an error reply naming the fault, then the close.
+    let (head, mut tcp) = open_stream(&sc, &node, true).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp.write_all(&[0, 0, 0, 3, 9, 9, 9]).await.unwrap();
+    let reply = read_to_close(&mut tcp).await;
+    assert_eq!(reply[0], 2, "an error reply: {reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply[3..]).contains("unknown frame kind 0x09"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    // A length over the limit is refused before its bytes arrive.
+    let (_, mut tcp) = open_stream(&sc, &node, true).await;
+    tcp.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+    let reply = read_to_close(&mut tcp).await;
+    assert!(
+        String::from_utf8_lossy(&reply).contains("over the limit"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    // A well-formed stream delivers and is acknowledged; the same message sent again
+    // on a new connection of the same stream is skipped.
+    let scope = pillion_broker::hub::Scope {
+        plain: true,
+        groups: Some(vec![]),
+    };
+    let message = pillion_broker::Message {
+        body: bytes::Bytes::from_static(b"by hand"),
+        ..Default::default()
+    };
+    let frame = pillion_broker::frame::encode_message("foo", &scope, &message)
+        .unwrap()
+        .with_seq(1);
+    for _ in 0..2 {
+        let (_, mut tcp) = open_stream(&sc, &node, true).await;
+        tcp.write_all(&frame).await.unwrap();
+        let mut ack = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), {
+            use tokio::io::AsyncReadExt;
+            tcp.read_exact(&mut ack)
+        })
+        .await
+        .expect("no ack")
+        .unwrap();
+        assert_eq!(ack, [1, 0, 0, 0, 0, 0, 0, 0, 1]);
+    }
+    let got = receive(&mut ws, 2, Duration::from_secs(2)).await;
+    assert_eq!(got.len(), 1, "once: {got:?}");
+    assert_eq!(body(&got[0]), "by hand");
+
+    // The sidecar still publishes and delivers.
+    assert_eq!(publish(&sc, "foo", "still here", &[]).await.status, 200);
+    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(body(&got[0]), "still here");
+}
