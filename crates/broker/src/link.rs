@@ -59,6 +59,9 @@ pub struct LinkSettings {
     pub absent_grace: Duration,
     /// Bytes taken from the queue for one write.
     pub batch_bytes: usize,
+    /// The other sidecars' `--api-token` (the same in one cluster), sent with the
+    /// upgrade.
+    pub api_token: Option<String>,
 }
 
 impl Default for LinkSettings {
@@ -73,6 +76,7 @@ impl Default for LinkSettings {
             idle_timeout: Duration::from_secs(30),
             absent_grace: Duration::from_secs(5),
             batch_bytes: 256 << 10,
+            api_token: None,
         }
     }
 }
@@ -287,8 +291,14 @@ impl Link {
             .map_err(|_| LinkError::Timeout("connecting"))?
             .map_err(LinkError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        let authorization = self
+            .settings
+            .api_token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let head = format!(
-            "GET /broker/deliver HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nPillion-Broker-Node: {}\r\nPillion-Broker-Stream: {}\r\n\r\n",
+            "GET /broker/deliver HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nPillion-Broker-Node: {}\r\nPillion-Broker-Stream: {}\r\n{authorization}\r\n",
             frame::PROTOCOL,
             self.node,
             self.stream

@@ -184,7 +184,9 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_mid_flight_is_resumed_without_loss_or_duplicates() {
-    let registry = pillion_registry::open("memory").unwrap();
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay = Relay::start(listener.local_addr().unwrap()).await;
     // The receiver is reached through the relay.

@@ -93,10 +93,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             .advertise
             .clone()
             .unwrap_or_else(|| address.to_string());
-        let embedded = pillion_broker::embedded::EmbeddedBroker::new(
+        let embedded = pillion_broker::embedded::EmbeddedBroker::with_settings(
             registry.clone(),
             advertise,
             broker_metrics.clone(),
+            pillion_broker::link::LinkSettings {
+                api_token: settings.api_token.clone(),
+                ..Default::default()
+            },
         );
         (embedded.clone() as Arc<dyn Broker>, Some(embedded))
     };

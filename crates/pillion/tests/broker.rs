@@ -777,3 +777,59 @@ async fn a_hostile_peer_is_refused_and_the_sidecar_keeps_working() {
     let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
     assert_eq!(body(&got[0]), "still here");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_publish_on_a_receive_on_b_over_the_default_cluster_registry() {
+    let bind = format!("127.0.0.1:{}", pillion_testkit::free_udp_port());
+    let a = Sidecar::start(&["--cluster-bind", &bind]);
+    let b = Sidecar::start(&["--cluster-bind", &bind]);
+    let mut ws = subscribe(&b, "topic=gossiped").await;
+    wait_advertised(&a, "gossiped", 1).await;
+    let reply = publish(&a, "gossiped", "over gossip", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = receive(&mut ws, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "nothing crossed over the cluster registry");
+    assert_eq!(body(&got[0]), "over gossip");
+    assert_eq!(got[0]["Topic"], "gossiped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_with_an_api_token_stream_messages_to_each_other() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let token = "shared-api-token-0123456789";
+    let auth = format!("Bearer {token}");
+    let bind = format!("127.0.0.1:{}", pillion_testkit::free_udp_port());
+    let args = ["--cluster-bind", bind.as_str(), "--api-token", token];
+    let (a, b) = (Sidecar::start(&args), Sidecar::start(&args));
+    let mut req = format!("ws://{}/broker?topic=secret", b.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", auth.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // Publish until the subscription is known on A (at-most-once before that).
+    let mut got = Vec::new();
+    for i in 0..50 {
+        let reply = publish(&a, "secret", &format!("m{i}"), &[("authorization", &auth)]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        got = receive(&mut ws, 1, Duration::from_millis(200)).await;
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        got.len(),
+        1,
+        "the stream between sidecars did not carry the token"
+    );
+    // Without the token, the stream's door stays shut to strangers.
+    let stranger = request(
+        http::Method::GET,
+        &b.url("/broker/deliver"),
+        &[("connection", "upgrade"), ("upgrade", "pillion-broker")],
+        String::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stranger.status, 401, "{}", stranger.text());
+}
