@@ -252,7 +252,9 @@ async fn a_stream_cut_mid_flight_is_resumed_without_loss_or_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_makes_the_publisher_wait_then_refuses_naming_the_sidecar() {
-    let registry = pillion_registry::open("memory").unwrap();
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
     // The receiver's address, where nothing listens yet.
     let spot = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b_addr = spot.local_addr().unwrap();
@@ -306,7 +308,9 @@ async fn a_full_queue_makes_the_publisher_wait_then_refuses_naming_the_sidecar()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_that_leaves_the_registry_has_its_queue_dropped_and_counted() {
-    let registry = pillion_registry::open("memory").unwrap();
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
     let spot = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b_addr = spot.local_addr().unwrap();
     drop(spot);
