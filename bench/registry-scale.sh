@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The registry's own cost at scale: SERVICES one-node services registered one by one
 # through a sidecar's HTTP API (POST /registry, one keep-alive connection), on the
-# embedded memory registry. Prints the total time, the latency of the last 1,000
+# default cluster registry (REGISTRY=memory for the in-process one). Prints the total time, the latency of the last 1,000
 # registrations, the sidecar's resident memory per service, and the latency of
 # GET /registry?service=NAME at that size.
 #
 #   bench/registry-scale.sh
 #   SERVICES=12000 bench/registry-scale.sh
+#   REGISTRY=memory bench/registry-scale.sh
 #   PILLION=/path/to/pillion bench/registry-scale.sh   # a binary built before
 source "$(dirname "$0")/lib.sh"
 SERVICES=${SERVICES:-50000}
 
 [ -n "${PILLION:-}" ] || build_pillion
 PORT=$(free_port)
-RUST_LOG=warn "$PILLION" run --address "127.0.0.1:$PORT" --registry memory & PIDS+=($!)
+REGISTRY=${REGISTRY:-cluster}
+RUST_LOG=warn "$PILLION" run --address "127.0.0.1:$PORT" --registry "$REGISTRY" \
+  --cluster-bind "127.0.0.1:$(free_port)" & PIDS+=($!)
 PID=$!
 wait_port "$PORT"
 

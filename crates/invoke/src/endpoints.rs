@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use pillion_registry::{Catalog, Registry};
+use pillion_registry::Registry;
 
 use crate::budget::RetryBudget;
 use crate::metrics::ServiceMetrics;
@@ -295,12 +295,11 @@ impl ServiceSet {
     }
 }
 
-/// Every service's nodes: the snapshot the data path reads.
+/// The nodes of every service called through this sidecar: the snapshot the data
+/// path reads.
 #[derive(Default)]
 pub struct EndpointSet {
     pub services: HashMap<String, Arc<ServiceSet>>,
-    /// The catalog this set was built from.
-    catalog: Arc<Catalog>,
 }
 
 /// Keeps an [`EndpointSet`] equal to the registry's catalog.
@@ -332,14 +331,14 @@ impl Endpoints {
             max_retry_percent: 0.2,
         });
         let mut changes = registry.changes();
-        endpoints.rebuild();
+        endpoints.rebuild(None);
         let weak = Arc::downgrade(&endpoints);
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
                 let Some(endpoints) = weak.upgrade() else {
                     return;
                 };
-                endpoints.rebuild();
+                endpoints.rebuild(None);
             }
         });
         endpoints
@@ -349,18 +348,17 @@ impl Endpoints {
         self.current.load()
     }
 
-    /// The nodes of `name`. A name missing from the snapshot is looked up again in
-    /// the registry's current catalog, so that a call made right after a
-    /// registration through this sidecar finds it (the snapshot follows the
-    /// catalog in a task, a moment later).
+    /// The nodes of `name`. The snapshot holds only the services called through this
+    /// sidecar (a registry of 50,000 services costs nothing here until they are
+    /// called); a name missing from it is looked up in the registry's current
+    /// catalog, so the first call, even right after a registration through this
+    /// sidecar, finds it.
     pub fn service(&self, name: &str) -> Option<Arc<ServiceSet>> {
         if let Some(set) = self.current.load().services.get(name) {
             return Some(set.clone());
         }
-        if Arc::ptr_eq(&self.registry.catalog(), &self.current.load().catalog) {
-            return None;
-        }
-        self.rebuild();
+        self.registry.catalog().get(name)?;
+        self.rebuild(Some(name));
         self.current.load().services.get(name).cloned()
     }
 
@@ -389,59 +387,71 @@ impl Endpoints {
         all
     }
 
-    fn rebuild(&self) {
+    /// Rebuilds the snapshot's services (and `add`) from the current catalog; those
+    /// no longer registered leave it.
+    fn rebuild(&self, add: Option<&str>) {
         let _building = self.building.lock().unwrap_or_else(|e| e.into_inner());
         let catalog = self.registry.catalog();
         let old = self.current.load_full();
+        let names = old.services.keys().map(String::as_str).chain(add);
         let mut services = HashMap::new();
-        for name in catalog.names() {
-            let previous = old.services.get(name);
-            let mut nodes = Vec::new();
-            for svc in catalog.get(name).unwrap_or_default() {
-                for node in &svc.nodes {
-                    let authority = node.endpoint();
-                    let meta = |k: &str| {
-                        node.metadata
-                            .get(k)
-                            .or_else(|| svc.metadata.get(k))
-                            .map(String::as_str)
-                    };
-                    let tier = self.locality.tier(meta("zone"), meta("region"));
-                    let protocol = Protocol::from_metadata(meta("protocol")).unwrap_or_else(|e| {
-                        tracing::warn!(service = %name, node = %node.id, "{e}");
-                        Protocol::Unset
-                    });
-                    let kept = previous.and_then(|p| {
-                        p.nodes.iter().find(|n| {
-                            n.id == node.id
-                                && n.authority == authority
-                                && n.tier == tier
-                                && n.protocol == protocol
-                        })
-                    });
-                    nodes.push(match kept {
-                        Some(n) => n.clone(),
-                        None => Arc::new(NodeState::new(
-                            node.id.clone(),
-                            authority,
-                            tier,
-                            protocol,
-                            &self.pool,
-                        )),
-                    });
-                }
+        for name in names {
+            if let Some(versions) = catalog.get(name) {
+                let set = self.build(name, versions, old.services.get(name));
+                services.insert(name.to_string(), set);
             }
-            services.insert(
-                name.to_string(),
-                Arc::new(ServiceSet {
-                    name: name.to_string(),
-                    nodes,
-                    shared: self.shared(name),
-                }),
-            );
         }
-        self.current
-            .store(Arc::new(EndpointSet { services, catalog }));
+        self.current.store(Arc::new(EndpointSet { services }));
+    }
+
+    /// The nodes of one service, keeping the state (load, ejection) of nodes that
+    /// did not change.
+    fn build(
+        &self,
+        name: &str,
+        versions: &[pillion_core::Service],
+        previous: Option<&Arc<ServiceSet>>,
+    ) -> Arc<ServiceSet> {
+        let mut nodes = Vec::new();
+        for svc in versions {
+            for node in &svc.nodes {
+                let authority = node.endpoint();
+                let meta = |k: &str| {
+                    node.metadata
+                        .get(k)
+                        .or_else(|| svc.metadata.get(k))
+                        .map(String::as_str)
+                };
+                let tier = self.locality.tier(meta("zone"), meta("region"));
+                let protocol = Protocol::from_metadata(meta("protocol")).unwrap_or_else(|e| {
+                    tracing::warn!(service = %name, node = %node.id, "{e}");
+                    Protocol::Unset
+                });
+                let kept = previous.and_then(|p| {
+                    p.nodes.iter().find(|n| {
+                        n.id == node.id
+                            && n.authority == authority
+                            && n.tier == tier
+                            && n.protocol == protocol
+                    })
+                });
+                nodes.push(match kept {
+                    Some(n) => n.clone(),
+                    None => Arc::new(NodeState::new(
+                        node.id.clone(),
+                        authority,
+                        tier,
+                        protocol,
+                        &self.pool,
+                    )),
+                });
+            }
+        }
+        Arc::new(ServiceSet {
+            name: name.to_string(),
+            nodes,
+            shared: self.shared(name),
+        })
     }
 }
 

@@ -122,8 +122,8 @@ impl Invoker {
             .with_state(self.clone())
     }
 
-    /// For `/statusz`: every service's nodes with their tier, load, latency estimate,
-    /// failures and ejection.
+    /// For `/statusz`: the nodes of every service called through this sidecar, with
+    /// their tier, load, latency estimate, failures and ejection.
     pub fn status(&self) -> serde_json::Value {
         let set = self.endpoints.load();
         let mut names: Vec<&String> = set.services.keys().collect();

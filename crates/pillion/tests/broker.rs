@@ -627,7 +627,7 @@ async fn websocket_and_sse_frames_name_the_topic_a_wildcard_matched() {
     // curl -N -H 'Accept: text/event-stream' 'http://B/broker?topic=events.>'
     let mut sse = tokio::net::TcpStream::connect(b.addr).await.unwrap();
     sse.write_all(
-        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        b"GET /broker?topic=events.> HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
     )
     .await
     .unwrap();
@@ -672,7 +672,7 @@ async fn open_stream(sc: &Sidecar, node: &str, upgrade: bool) -> (String, tokio:
         ""
     };
     let head = format!(
-        "GET /broker/deliver HTTP/1.1\r\nHost: x\r\n{upgrade}Pillion-Broker-Node: {node}\r\nPillion-Broker-Stream: test.1\r\n\r\n"
+        "GET /broker/deliver HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}Pillion-Broker-Node: {node}\r\nPillion-Broker-Stream: test.1\r\n\r\n"
     );
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut seen = Vec::new();
