@@ -295,9 +295,9 @@ impl Default for NatsSettings {
 pub fn check_url(url: &str) -> Result<(), BrokerError> {
     match url {
         "embedded" => Ok(()),
-        u if u.starts_with("nats://") => nats::parse(u).map(|_| ()),
+        u if nats::is_nats(u) => nats::parse(u).map(|_| ()),
         other => Err(BrokerError::Invalid(format!(
-            "unknown broker {:?}: use embedded or nats://host:port[,host:port]",
+            "unknown broker {:?}: use embedded, nats://host:port[,host:port] or tls://host:port",
             pillion_core::secret::redact_url(other)
         ))),
     }

@@ -39,23 +39,34 @@ pub struct NatsBroker {
     metrics: Arc<BrokerMetrics>,
 }
 
-/// Parses `nats://host:port[,host:port...]`.
+/// Parses `nats://host:port[,host:port...]`, or `tls://...` for servers that must
+/// speak TLS.
 pub fn parse(url: &str) -> Result<Vec<ServerAddr>, BrokerError> {
     let shown = pillion_core::secret::redact_url(url);
-    let rest = url.strip_prefix("nats://").ok_or_else(|| {
-        BrokerError::Invalid(format!("broker URL {shown:?} must start with nats://"))
-    })?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .filter(|(s, _)| *s == "nats" || *s == "tls")
+        .ok_or_else(|| {
+            BrokerError::Invalid(format!(
+                "broker URL {shown:?} must start with nats:// (or tls:// for TLS)"
+            ))
+        })?;
     rest.split(',')
         .map(|host| {
-            format!("nats://{}", host.trim())
+            format!("{scheme}://{}", host.trim())
                 .parse::<ServerAddr>()
                 .map_err(|e| {
                     BrokerError::Invalid(format!(
-                        "broker URL {shown:?}: {e}; write nats://host:port[,host:port]"
+                        "broker URL {shown:?}: {e}; write {scheme}://host:port[,host:port]"
                     ))
                 })
         })
         .collect()
+}
+
+/// Whether `url` names a NATS broker (`nats://` or `tls://`).
+pub fn is_nats(url: &str) -> bool {
+    url.starts_with("nats://") || url.starts_with("tls://")
 }
 
 fn stream_name(pattern: &str) -> String {
@@ -121,6 +132,9 @@ impl NatsBroker {
         let backend = pillion_core::secret::redact_url(url);
         let events_backend = backend.clone();
         let client = async_nats::ConnectOptions::new()
+            // tls://: the server's certificate is checked against the system's CAs,
+            // or the PEM file named by SSL_CERT_FILE.
+            .require_tls(url.starts_with("tls://"))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))

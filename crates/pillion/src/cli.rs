@@ -475,7 +475,8 @@ pub struct RunArgs {
     pub session_max_size: pillion_core::Size,
 
     /// Message broker: `embedded` (in process, and to other sidecars found through the
-    /// registry; at-most-once) or nats://host:port[,host:port].
+    /// registry; at-most-once) or nats://host:port[,host:port] (tls://... for a NATS
+    /// that requires TLS; its CA from the system or SSL_CERT_FILE).
     #[arg(
         long,
         default_value = "embedded",

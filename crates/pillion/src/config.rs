@@ -441,7 +441,7 @@ fn resolve_broker(
         topic::check_pattern(pattern)
             .map_err(|e| ConfigError::Invalid(format!("--broker-durable (broker_durable): {e}")))?;
     }
-    if !durable.is_empty() && !url.starts_with("nats://") {
+    if !durable.is_empty() && !pillion_broker::nats::is_nats(&url) {
         return Err(ConfigError::Invalid(
             "--broker-durable (broker_durable) needs --broker nats://...: durable topics live in NATS JetStream".into(),
         ));
@@ -683,7 +683,7 @@ checked_value!(
 );
 
 checked_value!(
-    /// `embedded` or `nats://host:port[,host:port]`.
+    /// `embedded`, `nats://host:port[,host:port]` or `tls://host:port[,host:port]`.
     BrokerUrl(String),
     |s| pillion_broker::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 );
@@ -981,11 +981,7 @@ zone = "eu-1a"
                 "not a valid cookie name",
             ),
             ("session_store_down = \"retry\"\n", "line 1", "pass or fail"),
-            (
-                "broker = \"kafka://x:1\"\n",
-                "line 1",
-                "embedded or nats://",
-            ),
+            ("broker = \"kafka://x:1\"\n", "line 1", "embedded, nats://"),
             ("broker_push = [\"orders\"]\n", "line 1", "TOPIC=/path"),
         ];
         for (text, line, want) in cases {

@@ -833,3 +833,35 @@ async fn sidecars_with_an_api_token_stream_messages_to_each_other() {
     .unwrap();
     assert_eq!(stranger.status, 401, "{}", stranger.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_carries_messages_and_an_unknown_ca_is_reported() {
+    let nats = Server::nats_tls();
+    assert!(nats.url().starts_with("tls://"), "{}", nats.url());
+    let ca = nats.ca_file();
+    let trusted = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let a = Sidecar::start_with_env(&["--broker", &nats.url()], &trusted);
+    let b = Sidecar::start_with_env(&["--broker", &nats.url()], &trusted);
+    let healthy = eventually(Duration::from_secs(10), || async {
+        get(&a.url("/healthz")).await.unwrap().status == 200
+    })
+    .await;
+    assert!(healthy, "the sidecar never connected to NATS over TLS");
+    let mut ws = subscribe(&b, "topic=sealed").await;
+    let mut got = Vec::new();
+    for i in 0..50 {
+        let reply = publish(&a, "sealed", &format!("m{i}"), &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        got = receive(&mut ws, 1, Duration::from_millis(200)).await;
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got.len(), 1, "nothing crossed NATS over TLS");
+    // A sidecar that does not trust the server's CA never connects, and says so.
+    let stranger = Sidecar::start(&["--broker", &nats.url()]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let health = get(&stranger.url("/healthz")).await.unwrap();
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(health.text().contains("broker"), "{}", health.text());
+}

@@ -20,6 +20,8 @@ pub enum Kind {
     /// redis-server speaking only TLS, with a certificate from a CA made for the test.
     RedisTls,
     Nats,
+    /// nats-server requiring TLS, with a certificate from a CA made for the test.
+    NatsTls,
 }
 
 impl Kind {
@@ -27,7 +29,7 @@ impl Kind {
         match self {
             Kind::Etcd => "etcd",
             Kind::Redis | Kind::RedisTls => "redis-server",
-            Kind::Nats => "nats-server",
+            Kind::Nats | Kind::NatsTls => "nats-server",
         }
     }
 
@@ -35,7 +37,7 @@ impl Kind {
         match self {
             Kind::Etcd => "etcd-server",
             Kind::Redis | Kind::RedisTls => "redis-server",
-            Kind::Nats => "nats-server",
+            Kind::Nats | Kind::NatsTls => "nats-server",
         }
     }
 
@@ -45,6 +47,7 @@ impl Kind {
             Kind::Redis => "redis",
             Kind::RedisTls => "rediss",
             Kind::Nats => "nats",
+            Kind::NatsTls => "tls",
         }
     }
 }
@@ -79,6 +82,11 @@ impl Server {
         Server::start(Kind::RedisTls)
     }
 
+    /// nats-server that requires TLS (`tls://`); its CA is [`Server::ca_file`].
+    pub fn nats_tls() -> Server {
+        Server::start(Kind::NatsTls)
+    }
+
     /// The CA certificate that signed a TLS server's certificate.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -100,7 +108,7 @@ impl Server {
             )
         });
         let dir = temp_dir(kind.binary());
-        if kind == Kind::RedisTls {
+        if kind == Kind::RedisTls || kind == Kind::NatsTls {
             make_certificates(&dir);
         }
         // Ports are picked free, then bound by the child: if another process wins the
@@ -187,6 +195,15 @@ impl Server {
                 cmd.args(["-a", host, "-p", &self.port.to_string(), "-js", "-sd"])
                     .arg(self.dir.join("jetstream"));
             }
+            Kind::NatsTls => {
+                cmd.args(["-a", host, "-p", &self.port.to_string(), "-js", "-sd"])
+                    .arg(self.dir.join("jetstream"))
+                    .arg("--tls")
+                    .arg("--tlscert")
+                    .arg(self.dir.join("server.pem"))
+                    .arg("--tlskey")
+                    .arg(self.dir.join("server.key"));
+            }
         }
         self.child = Some(cmd.spawn().map_err(|e| format!("spawn failed: {e}"))?);
         let deadline = Instant::now() + READY_LIMIT;
@@ -217,7 +234,7 @@ impl Server {
                 "\"health\":\"true\"",
             ),
             Kind::Redis => (b"PING\r\n", "+PONG"),
-            Kind::Nats => (b"", "INFO "),
+            Kind::Nats | Kind::NatsTls => (b"", "INFO "),
         };
         if s.write_all(probe).is_err() {
             return false;
