@@ -118,6 +118,26 @@ async fn https_on_listen_follows_its_certificate_files() {
     .await
     .unwrap();
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let answer = sender
+        .send_request(
+            http::Request::get("https://localhost/over-h2")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status(),
+        200,
+        "an h2 request over TLS reaches the app"
+    );
 
     // Plain HTTP on the HTTPS port gets no answer.
     let mut plain = TcpStream::connect(("127.0.0.1", listen)).await.unwrap();
