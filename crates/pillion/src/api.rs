@@ -51,14 +51,12 @@ pub async fn serve_api(
     shutdown: impl Future<Output = ()>,
 ) {
     serve(listener, limits, shutdown, move |req, _peer| {
-        let refused = door.refusal(&req);
-        let api = api.clone();
-        let invoker = invoker.clone();
-        async move {
-            match refused {
-                None => route(api, invoker, req).await,
-                Some(refused) => Ok(refused.map(|b| Either::Right(axum::body::Body::from(b)))),
-            }
+        // Decided before any future is made, so an admitted call pays for no wrapper.
+        match door.refusal(&req) {
+            None => future::Either::Left(route(api.clone(), invoker.clone(), req)),
+            Some(refused) => future::Either::Right(future::ready(Ok(
+                refused.map(|b| Either::Right(axum::body::Body::from(b)))
+            ))),
         }
     })
     .await
