@@ -75,6 +75,8 @@ struct Keys {
 
 pub struct Verifier {
     config: JwtConfig,
+    /// The checks of each accepted algorithm, made once (not per request).
+    validations: Vec<(Algorithm, Validation)>,
     keys: ArcSwap<Keys>,
     last_read: Mutex<Option<Instant>>,
     reading: tokio::sync::Mutex<()>,
@@ -106,7 +108,12 @@ impl Verifier {
     /// Reads the key set once: a file that does not load is an error now; a URL that
     /// does not answer is read again at the first token.
     pub async fn new(config: JwtConfig) -> Result<Arc<Verifier>, String> {
+        let validations = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+            .into_iter()
+            .map(|alg| (alg, validation(&config, alg)))
+            .collect();
         let verifier = Arc::new(Verifier {
+            validations,
             config,
             keys: ArcSwap::from_pointee(Keys::default()),
             last_read: Mutex::new(None),
@@ -132,14 +139,13 @@ impl Verifier {
             None if self.config.required => return Err(JwtError::Missing),
             None => return Ok(None),
         };
-        let kid = jsonwebtoken::decode_header(&token)
-            .map_err(|e| JwtError::Invalid(e.to_string()))?
-            .kid;
-        let mut claims = self.verify(&token, kid.as_deref());
+        let header =
+            jsonwebtoken::decode_header(&token).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let mut claims = self.verify(&token, &header);
         if matches!(&claims, Err(JwtError::Invalid(m)) if m.starts_with("unknown key")) {
             // The provider may have rotated its keys: read them again, then retry.
             if self.read_if_due().await? {
-                claims = self.verify(&token, kid.as_deref());
+                claims = self.verify(&token, &header);
             }
         }
         let sub = claims?;
@@ -149,10 +155,9 @@ impl Verifier {
         Ok(Some(sub))
     }
 
-    fn verify(&self, token: &str, kid: Option<&str>) -> Result<String, JwtError> {
+    fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<String, JwtError> {
         let keys = self.keys.load();
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| JwtError::Invalid(e.to_string()))?;
+        let kid = header.kid.as_deref();
         let candidates: Vec<&(DecodingKey, Algorithm)> = match kid {
             Some(kid) => keys.by_kid.get(kid).into_iter().collect(),
             None => keys.unnamed.iter().collect(),
@@ -169,19 +174,12 @@ impl Verifier {
                 last = format!("alg {:?} is not its key's ({alg:?})", header.alg);
                 continue;
             }
-            let mut validation = Validation::new(*alg);
-            validation.leeway = 30;
-            validation.validate_nbf = true;
-            match &self.config.issuer {
-                Some(iss) => validation.set_issuer(&[iss]),
-                None => validation.iss = None,
-            }
-            match &self.config.audience {
-                Some(aud) => validation.set_audience(&[aud]),
-                None => validation.validate_aud = false,
-            }
-            validation.set_required_spec_claims(&["exp", "sub"]);
-            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+            let (_, validation) = self
+                .validations
+                .iter()
+                .find(|(a, _)| a == alg)
+                .expect("a validation for every accepted algorithm");
+            match jsonwebtoken::decode::<Claims>(token, key, validation) {
                 Ok(data) => return Ok(data.claims.sub),
                 Err(e) => last = e.to_string(),
             }
@@ -220,6 +218,24 @@ impl Verifier {
         self.keys.store(Arc::new(keys));
         Ok(())
     }
+}
+
+/// What a token signed with `alg` must satisfy: a 30 s leeway on `exp` and `nbf`,
+/// the issuer and audience given, and the claims pillion relies on.
+fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = 30;
+    validation.validate_nbf = true;
+    match &config.issuer {
+        Some(iss) => validation.set_issuer(&[iss]),
+        None => validation.iss = None,
+    }
+    match &config.audience {
+        Some(aud) => validation.set_audience(&[aud]),
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation
 }
 
 #[derive(serde::Deserialize)]

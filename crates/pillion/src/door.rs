@@ -43,7 +43,7 @@ impl Door {
         let headers = req.headers();
         if self.token.is_none() {
             if let Some(host) = host_of(req) {
-                if !self.is_own_host(&host) {
+                if !self.is_own_host(host) {
                     return refuse(
                         StatusCode::MISDIRECTED_REQUEST,
                         format!(
@@ -134,12 +134,12 @@ impl Door {
 }
 
 /// The request's host: the `Host` header, or the authority of an absolute URI (h2).
-fn host_of<B>(req: &Request<B>) -> Option<String> {
+/// Borrowed: this runs on every call.
+fn host_of<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
 }
 
 fn strip_port(host: &str) -> &str {
