@@ -21,6 +21,10 @@ pub mod service;
 pub mod size;
 pub mod url;
 
+/// The header naming the calling service to an app. Only a mesh listener sets it,
+/// from the caller's verified certificate; every other way into pillion removes it.
+pub const CALLER_HEADER: &str = "x-pillion-caller";
+
 pub use duration::Dur;
 pub use error::ApiError;
 pub use service::{Node, Service, ServiceError};

@@ -117,7 +117,16 @@ impl Service {
     }
 }
 
+/// The node metadata key holding `host:port` of the node's mesh listener: calls to
+/// such a node go there over mTLS instead of to its address.
+pub const MESH_METADATA: &str = "mesh";
+
 impl Node {
+    /// `host:port` of the node's mesh listener, when it has one.
+    pub fn mesh(&self) -> Option<&str> {
+        self.metadata.get(MESH_METADATA).map(String::as_str)
+    }
+
     /// `host:port` to dial, whether the port was given inside `address` or apart.
     pub fn endpoint(&self) -> String {
         if self.port == 0 {

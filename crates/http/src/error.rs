@@ -38,6 +38,10 @@ pub enum SendError {
         #[source]
         source: io::Error,
     },
+    /// The TLS handshake failed (a certificate not trusted, an identity other than
+    /// the one expected, a peer that refused ours): the node has not seen the request.
+    #[error("TLS handshake with {authority}: {detail}")]
+    Tls { authority: String, detail: String },
     /// The h2c handshake failed: the node has not seen the request.
     #[error("h2c handshake with {authority}: {detail}")]
     Handshake { authority: String, detail: String },
@@ -99,6 +103,7 @@ impl SendError {
                 | SendError::ConnectTimeout { .. }
                 | SendError::Local { .. }
                 | SendError::Handshake { .. }
+                | SendError::Tls { .. }
         )
     }
 

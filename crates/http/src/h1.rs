@@ -21,16 +21,16 @@ use std::future::Future;
 use std::io::{self, IoSlice, Write as _};
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Waker};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
 
 use crate::pool::{Outgoing, Pool, Slot};
+use crate::stream::Stream;
 use crate::{BoxError, SendError};
 
 /// Header fields in a response head, as hyper allows.
@@ -44,13 +44,13 @@ const COALESCE: usize = 16 * 1024;
 
 /// An open connection to a node, with what was read from it and not yet used.
 pub struct Conn {
-    io: TcpStream,
+    io: Stream,
     buf: BytesMut,
     _slot: Slot,
 }
 
 impl Conn {
-    pub(crate) fn new(io: TcpStream, slot: Slot) -> Conn {
+    pub(crate) fn new(io: Stream, slot: Slot) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
@@ -62,25 +62,8 @@ impl Conn {
     /// for waiting on it. Costs no system call unless the socket became readable.
     /// (A close the node sends while the request is on its way cannot be seen here;
     /// that request fails as sent, and is retried if it may be.)
-    pub(crate) fn is_usable(&self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        // Out of tokio's cooperative budget, `poll_read_ready` says Pending whatever
-        // the socket's state: then ask the socket itself (one system call).
-        let readiness = if !tokio::task::coop::has_budget_remaining() {
-            Poll::Ready(Ok(()))
-        } else {
-            self.io.poll_read_ready(&mut cx)
-        };
-        match readiness {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readable: closed, reset, stray bytes, or readiness left over from the
-            // last read. Only the last leaves nothing to read.
-            Poll::Ready(Ok(())) => matches!(
-                self.io.try_read(&mut [0u8; 1]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
-        }
+    pub(crate) fn is_usable(&mut self) -> bool {
+        self.io.is_idle_open()
     }
 
     /// Reads more from the node into the buffer; `Ok(0)` is the end of the stream.
@@ -97,7 +80,7 @@ impl Conn {
 /// A connection handed over after `101 Switching Protocols`, with any bytes the node
 /// sent after its answer.
 pub struct Upgraded {
-    pub io: TcpStream,
+    pub io: Stream,
     pub read_ahead: Bytes,
 }
 
@@ -763,7 +746,7 @@ impl Writer {
 
     fn poll_write(
         &mut self,
-        io: &mut TcpStream,
+        io: &mut Stream,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), WriteError>> {
         loop {
@@ -791,9 +774,22 @@ impl Writer {
                 }
             }
             let Some(body) = self.body.as_mut() else {
+                // What TLS still holds goes out too (a no-op on plain TCP).
+                ready!(Pin::new(&mut *io).poll_flush(cx)).map_err(WriteError::Io)?;
                 return Poll::Ready(Ok(()));
             };
-            match ready!(Pin::new(body).poll_frame(cx)) {
+            let frame = match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    // The body waits for its caller: what was written must not wait
+                    // in a TLS buffer meanwhile.
+                    if let Poll::Ready(Err(e)) = Pin::new(&mut *io).poll_flush(cx) {
+                        return Poll::Ready(Err(WriteError::Io(e)));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match frame {
                 None => {
                     self.body = None;
                     if self.chunked {

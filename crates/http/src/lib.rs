@@ -12,6 +12,9 @@
 //!   the same pools.
 //! - [`server`]: the accept loop of every listener: header-read timeout, a bound on
 //!   open connections, graceful drain.
+//! - [`stream`]: a connection to a node, plain or TLS (mTLS in the mesh), and the
+//!   [`stream::Connector`] that makes the TLS ones.
+//! - [`tls`]: HTTPS certificates for listeners, from files that are followed.
 //! - [`drain`]: the drain primitive that every connection registers with.
 //!
 //! It knows nothing of services, sessions or the registry: those crates use it.
@@ -25,6 +28,7 @@ mod heads;
 pub mod pool;
 pub mod relay;
 pub mod server;
+pub mod stream;
 pub mod tls;
 
 pub use client::Client;

@@ -26,6 +26,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::h1;
+use crate::stream::{Carry, Connector, Stream};
 use crate::{describe, BoxError, SendError};
 
 /// TCP keep-alive on every connection to a node: a peer gone without a word (a
@@ -133,6 +134,8 @@ impl Default for Settings {
 
 pub struct Pool {
     authority: String,
+    /// TLS over every connection, when set.
+    tls: Option<Connector>,
     settings: Settings,
     idle: Mutex<Idle>,
     h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
@@ -188,8 +191,14 @@ impl Pool {
     }
 
     pub fn with_settings(authority: String, settings: Settings) -> Pool {
+        Pool::with_tls(authority, settings, None)
+    }
+
+    /// A pool whose connections are TLS (made by `tls`) when it is given.
+    pub fn with_tls(authority: String, settings: Settings, tls: Option<Connector>) -> Pool {
         Pool {
             authority,
+            tls,
             limit: Arc::new(Limit {
                 open: AtomicUsize::new(0),
                 max: settings.max_open.max(1),
@@ -251,7 +260,7 @@ impl Pool {
                 returned.await;
                 continue;
             };
-            match self.dial(connect_timeout).await {
+            match self.dial(connect_timeout, Carry::Http1).await {
                 Ok(io) => break h1::Conn::new(io, slot),
                 Err(e) => return Err((e, Some(req))),
             }
@@ -299,7 +308,7 @@ impl Pool {
     /// An idle connection that is still open; closed ones are dropped on the way.
     fn checkout(&self) -> Option<h1::Conn> {
         let mut idle = self.lock_idle();
-        while let Some((conn, _)) = idle.conns.pop() {
+        while let Some((mut conn, _)) = idle.conns.pop() {
             if conn.is_usable() {
                 return Some(conn);
             }
@@ -325,27 +334,43 @@ impl Pool {
         self.limit.returned.notify_one();
     }
 
-    async fn dial(&self, connect_timeout: Duration) -> Result<tokio::net::TcpStream, SendError> {
-        let stream = tokio::time::timeout(
-            connect_timeout,
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| SendError::ConnectTimeout {
+    /// A new connection, TLS included, within `connect_timeout`.
+    async fn dial(&self, connect_timeout: Duration, carry: Carry) -> Result<Stream, SendError> {
+        let timed_out = || SendError::ConnectTimeout {
             authority: self.authority.clone(),
             after: connect_timeout,
-        })?
-        .map_err(|e| SendError::dial(&self.authority, e))?;
+        };
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let stream =
+            tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(&self.authority))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(|e| SendError::dial(&self.authority, e))?;
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&KEEPALIVE);
-        Ok(stream)
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Plain(stream));
+        };
+        tokio::time::timeout_at(deadline, tls.connect(stream, carry))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| SendError::Tls {
+                authority: self.authority.clone(),
+                detail: describe(&e),
+            })
+    }
+
+    /// A connection for a raw TCP tunnel (through a mesh listener: TLS with the
+    /// tunnel's ALPN).
+    pub async fn connect_tunnel(&self, connect_timeout: Duration) -> Result<Stream, SendError> {
+        self.dial(connect_timeout, Carry::Tunnel).await
     }
 
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
     ) -> Result<http2::SendRequest<Outgoing>, SendError> {
-        let io = TokioIo::new(self.dial(connect_timeout).await?);
+        let io = TokioIo::new(self.dial(connect_timeout, Carry::H2).await?);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::drain::Drain;
 
 /// The clocks and limits of one listener.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Limits {
     /// A connection whose request head has not arrived within this is closed.
     pub read_header_timeout: Duration,
@@ -29,6 +29,32 @@ pub struct Limits {
     /// HTTPS: the server config (certificates) of every handshake. The handshake must
     /// finish within `read_header_timeout` too.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// mTLS: names the client from its verified certificate chain; the name is in
+    /// every request's extensions as a [`TlsPeer`].
+    pub identify: Option<Identify>,
+    /// mTLS: takes a connection whose ALPN is [`crate::stream::TUNNEL_ALPN`] (a raw
+    /// TCP tunnel) instead of serving HTTP on it.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// Names a TLS client from its certificate chain (leaf first).
+pub type Identify = fn(&[rustls::pki_types::CertificateDer<'_>]) -> Option<Arc<str>>;
+
+/// Serves a tunnel connection after its handshake.
+pub type Tunnel = Arc<
+    dyn Fn(
+            tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+            SocketAddr,
+            TlsPeer,
+        ) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Who the client of a TLS connection is, by its certificate.
+#[derive(Debug, Clone)]
+pub struct TlsPeer {
+    pub identity: Option<Arc<str>>,
 }
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
@@ -128,22 +154,43 @@ async fn serve_checked<F, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
         let (builder, drain, head_timeout) =
             (builder.clone(), drain.clone(), limits.read_header_timeout);
-        let tls = limits.tls.clone();
+        let Some(config) = limits.tls.clone() else {
+            let service =
+                hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
+            tokio::spawn(async move {
+                serve_one(&builder, &drain, stream, head_timeout, service, permit).await
+            });
+            continue;
+        };
+        let (identify, tunnel) = (limits.identify, limits.tunnel.clone());
         tokio::spawn(async move {
-            let Some(config) = tls else {
-                return serve_one(&builder, &drain, stream, head_timeout, service, permit).await;
-            };
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => {
-                    serve_one(&builder, &drain, tls, head_timeout, service, permit).await
+            let tls = match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let (_, conn) = tls.get_ref();
+            let client = TlsPeer {
+                identity: identify.and_then(|f| conn.peer_certificates().and_then(f)),
+            };
+            if conn.alpn_protocol() == Some(crate::stream::TUNNEL_ALPN) {
+                match tunnel {
+                    Some(tunnel) => tunnel(tls, peer, client).await,
+                    None => tracing::debug!(%peer, "a tunnel asked of a listener without them"),
                 }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                drop(permit);
+                return;
             }
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                if identify.is_some() {
+                    req.extensions_mut().insert(client.clone());
+                }
+                handle(req, peer)
+            });
+            serve_one(&builder, &drain, tls, head_timeout, service, permit).await
         });
     }
     drop(listener);

@@ -67,13 +67,21 @@ impl Default for EjectionPolicy {
     }
 }
 
+/// The mTLS connector to the mesh listeners of a service, presenting this sidecar's
+/// identity and checking theirs.
+pub type MeshConnect = Arc<dyn Fn(&str) -> pillion_http::stream::Connector + Send + Sync>;
+
 /// One node of a service and what the data path knows about it.
 pub struct NodeState {
     pub id: String,
-    /// `host:port` to dial.
+    /// `host:port` to dial: the node's address, or its mesh listener's.
     pub authority: String,
-    /// `authority` as a Host header, made once.
+    /// The node's address as a Host header, made once.
     pub host: http::HeaderValue,
+    /// Reached through its mesh listener, over mTLS.
+    pub meshed: bool,
+    /// The node takes calls only over the mesh, and this sidecar has no identity.
+    pub needs_identity: bool,
     pub tier: u8,
     /// What the node speaks, from its `protocol` metadata.
     pub protocol: Protocol,
@@ -139,18 +147,46 @@ pub fn clock() -> Duration {
     EPOCH.get_or_init(Instant::now).elapsed()
 }
 
+/// Where a node is dialled and how.
+struct Route {
+    authority: String,
+    host: String,
+    tls: Option<pillion_http::stream::Connector>,
+    needs_identity: bool,
+}
+
+#[cfg(test)]
+impl Route {
+    fn plain(authority: String) -> Route {
+        Route {
+            host: authority.clone(),
+            authority,
+            tls: None,
+            needs_identity: false,
+        }
+    }
+}
+
 impl NodeState {
     fn new(
         id: String,
-        authority: String,
+        route: Route,
         tier: u8,
         protocol: Protocol,
         pool: &pool::Settings,
     ) -> NodeState {
+        let Route {
+            authority,
+            host,
+            tls,
+            needs_identity,
+        } = route;
         NodeState {
-            pool: Arc::new(Pool::with_settings(authority.clone(), pool.clone())),
+            meshed: tls.is_some(),
+            needs_identity,
+            pool: Arc::new(Pool::with_tls(authority.clone(), pool.clone(), tls)),
             protocol,
-            host: http::HeaderValue::from_str(&authority)
+            host: http::HeaderValue::from_str(&host)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("localhost")),
             id,
             authority,
@@ -311,6 +347,7 @@ pub struct Endpoints {
     shared: Mutex<HashMap<String, Arc<ServiceShared>>>,
     locality: Locality,
     pool: pool::Settings,
+    mesh: Option<MeshConnect>,
     max_retry_percent: f64,
 }
 
@@ -320,6 +357,7 @@ impl Endpoints {
         registry: Arc<dyn Registry>,
         locality: Locality,
         pool: pool::Settings,
+        mesh: Option<MeshConnect>,
     ) -> Arc<Endpoints> {
         let endpoints = Arc::new(Endpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
@@ -328,6 +366,7 @@ impl Endpoints {
             shared: Mutex::new(HashMap::new()),
             locality,
             pool,
+            mesh,
             max_retry_percent: 0.2,
         });
         let mut changes = registry.changes();
@@ -415,7 +454,8 @@ impl Endpoints {
         let mut nodes = Vec::new();
         for svc in versions {
             for node in &svc.nodes {
-                let authority = node.endpoint();
+                let address = node.endpoint();
+                let authority = node.mesh().unwrap_or(&address).to_string();
                 let meta = |k: &str| {
                     node.metadata
                         .get(k)
@@ -439,7 +479,14 @@ impl Endpoints {
                     Some(n) => n.clone(),
                     None => Arc::new(NodeState::new(
                         node.id.clone(),
-                        authority,
+                        Route {
+                            tls: node
+                                .mesh()
+                                .and_then(|_| self.mesh.as_ref().map(|connect| connect(name))),
+                            needs_identity: node.mesh().is_some() && self.mesh.is_none(),
+                            authority,
+                            host: address,
+                        },
                         tier,
                         protocol,
                         &self.pool,
@@ -460,7 +507,7 @@ impl NodeState {
     pub(crate) fn test(id: String, tier: u8) -> NodeState {
         NodeState::new(
             id,
-            "127.0.0.1:9".into(),
+            Route::plain("127.0.0.1:9".into()),
             tier,
             Protocol::Unset,
             &pool::Settings::default(),
@@ -487,8 +534,12 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_service_registered_a_moment_ago_is_found_before_the_snapshot_follows() {
         let registry: Arc<dyn Registry> = Arc::new(pillion_registry::memory::MemoryRegistry::new());
-        let endpoints =
-            Endpoints::follow(registry.clone(), Locality::default(), Default::default());
+        let endpoints = Endpoints::follow(
+            registry.clone(),
+            Locality::default(),
+            Default::default(),
+            None,
+        );
         assert!(endpoints.service("fresh").is_none());
         let svc = pillion_core::service::Service::from_json(
             br#"{"name":"fresh","nodes":[{"id":"fresh-1","address":"127.0.0.1:9"}]}"#,
@@ -520,7 +571,7 @@ mod tests {
     fn peak_ewma_takes_peaks_at_once_and_decays_towards_fast_samples() {
         let n = NodeState::new(
             "n".into(),
-            "127.0.0.1:1".into(),
+            Route::plain("127.0.0.1:1".into()),
             0,
             Protocol::Unset,
             &pool::Settings::default(),
@@ -547,7 +598,7 @@ mod tests {
             .map(|i| {
                 Arc::new(NodeState::new(
                     format!("n{i}"),
-                    format!("127.0.0.1:{i}"),
+                    Route::plain(format!("127.0.0.1:{i}")),
                     0,
                     Protocol::Unset,
                     &pool::Settings::default(),

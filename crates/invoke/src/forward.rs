@@ -185,6 +185,15 @@ fn attempts<'a>(
                 ));
             };
             let node = balance::node(set, index).clone();
+            if node.needs_identity {
+                return Err(error(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "node {} of service {:?} takes calls only over the mesh (mTLS), and this sidecar has no mesh identity: start it with --mesh-ca-cert and --mesh-ca-key",
+                        node.id, call.service
+                    ),
+                ));
+            }
             let h2 = match node.protocol.h2_for(call.grpc) {
                 Ok(h2) => h2,
                 Err(mismatch) => {

@@ -64,11 +64,13 @@ fn loop_detected(inv: &Invoker) -> Response<ProxyBody> {
 /// retried; larger ones stream and are sent once.
 const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
-/// Headers meant for this sidecar, removed before a call leaves.
-fn control_headers() -> [HeaderName; 2] {
+/// Headers meant for this sidecar, removed before a call leaves, and the caller's
+/// name, which only the receiving mesh listener may set.
+fn control_headers() -> [HeaderName; 3] {
     [
         HeaderName::from_static(TIMEOUT_HEADER),
         HeaderName::from_static(RETRY_HEADER),
+        HeaderName::from_static(pillion_core::CALLER_HEADER),
     ]
 }
 

@@ -105,9 +105,16 @@ pub struct Invoker {
 
 impl Invoker {
     /// Starts following the registry. Must be called within a tokio runtime.
-    pub fn new(registry: Arc<dyn Registry>, locality: Locality, config: Config) -> Arc<Invoker> {
+    /// `mesh` reaches nodes registered with a mesh listener (none: this sidecar is
+    /// not in the mesh, and calls to such nodes are refused).
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        locality: Locality,
+        config: Config,
+        mesh: Option<endpoints::MeshConnect>,
+    ) -> Arc<Invoker> {
         Arc::new(Invoker {
-            endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone()),
+            endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone(), mesh),
             hop: http::HeaderValue::from_str(&pillion_core::id::uuid_v4()[..8])
                 .expect("hex is a header value"),
             config,

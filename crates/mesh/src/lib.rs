@@ -1,11 +1,20 @@
 //! pillion's security parts that are not plain HTTP:
 //!
+//! - [`ca`]: the mesh's certificate authority (`pillion mesh init`) and the
+//!   certificates a sidecar issues itself with it.
+//! - [`identity`]: this sidecar's mesh identity, `spiffe://pillion/svc/<service>`,
+//!   renewed at two thirds of its life, and the mTLS configs that present it and
+//!   check the peer's; [`der`] reads the identity out of a certificate.
+//! - [`inbound`]: the mesh listener's side of a call: allow list, `X-Pillion-Caller`,
+//!   distributed JWT, and the forward to the app (HTTP or a TCP tunnel).
 //! - [`jwt`] verifies bearer tokens against a JWKS (a file or a URL, read again on an
-//!   unknown key) and hands the app the token's subject; gateway mode on `--listen`.
+//!   unknown key) and hands the app the token's subject.
 //! - [`fetch`] reads one small document over HTTP or HTTPS (a JWKS URL).
-//!
-//! mTLS between sidecars, identities and ACME are not built yet.
 #![forbid(unsafe_code)]
 
+pub mod ca;
+pub mod der;
 pub mod fetch;
+pub mod identity;
+pub mod inbound;
 pub mod jwt;

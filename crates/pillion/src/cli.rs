@@ -75,11 +75,31 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// The mesh's certificate authority.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
     /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
     Check {
         /// The TOML file to check.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Make a new mesh CA: DIR/ca.crt and DIR/ca.key (mode 0600). Give both files to
+    /// every sidecar of the mesh (--mesh-ca-cert, --mesh-ca-key). Existing files are
+    /// never overwritten.
+    ///
+    /// Example:
+    ///
+    ///   pillion mesh init --out /etc/pillion/mesh
+    #[command(verbatim_doc_comment)]
+    Init {
+        /// The directory to write to (made if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -334,7 +354,47 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
-    /// Verify bearer JWTs on --listen against this JWKS: a file or an http(s) URL
+    /// The mesh's CA certificate (from `pillion mesh init`; needs --mesh-ca-key and
+    /// --server-name). The sidecar issues itself a certificate for
+    /// spiffe://pillion/svc/<server-name>, and calls services whose nodes have a mesh
+    /// listener over mTLS.
+    #[arg(long, env = "PILLION_MESH_CA_CERT", value_name = "FILE")]
+    pub mesh_ca_cert: Option<PathBuf>,
+
+    /// The mesh CA's private key (needs --mesh-ca-cert).
+    #[arg(long, env = "PILLION_MESH_CA_KEY", value_name = "FILE")]
+    pub mesh_ca_key: Option<PathBuf>,
+
+    /// Receive mTLS calls for the app here, from other sidecars of the mesh (needs
+    /// --mesh-ca-cert and --server-address); the app's registration advertises it.
+    #[arg(long, env = "PILLION_MESH_LISTEN", value_name = "ADDR")]
+    pub mesh_listen: Option<SocketAddr>,
+
+    /// host:port other sidecars reach --mesh-listen at (default: --mesh-listen, or the
+    /// host of --server-address with its port when it listens on 0.0.0.0 or [::]).
+    #[arg(long, env = "PILLION_MESH_ADVERTISE", value_name = "HOST:PORT")]
+    pub mesh_advertise: Option<HostPort>,
+
+    /// A service that may call the app through --mesh-listen; repeat it (none: any
+    /// service of the mesh). Others get 403.
+    #[arg(
+        long,
+        env = "PILLION_MESH_ALLOW",
+        value_name = "SERVICE",
+        value_delimiter = ','
+    )]
+    pub mesh_allow: Vec<ServiceName>,
+
+    /// How long each mesh certificate lives; it is renewed at two thirds of it.
+    #[arg(
+        long,
+        default_value = "24h",
+        env = "PILLION_MESH_CERT_LIFETIME",
+        value_name = "DUR"
+    )]
+    pub mesh_cert_lifetime: NonZeroDur,
+
+    /// Verify bearer JWTs on --listen (and on --mesh-listen) against this JWKS: a file or an http(s) URL
     /// (read again on an unknown kid). RS256, ES256 and EdDSA.
     #[arg(long, env = "PILLION_JWT_JWKS", value_name = "FILE|URL")]
     pub jwt_jwks: Option<pillion_mesh::jwt::Jwks>,

@@ -268,6 +268,140 @@ pub struct Settings {
     pub read_header_timeout: Duration,
     pub listen_max_connections: usize,
     pub api_token: Option<String>,
+    pub mesh: Option<MeshSettings>,
+}
+
+/// The mesh: this sidecar's identity, and its mesh listener.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    pub identity: pillion_mesh::identity::MeshConfig,
+    pub listen: Option<MeshListen>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeshListen {
+    pub addr: SocketAddr,
+    /// The app's `host:port`, where calls are forwarded.
+    pub app: String,
+    pub allow: Vec<String>,
+    /// Distributed JWT: tokens travelling with calls are verified here.
+    pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
+}
+
+/// The mesh, from its flags; `app` gains the `mesh` metadata that advertises the
+/// mesh listener.
+fn resolve_mesh(
+    loaded: &Loaded,
+    app: Option<&mut pillion_registry::health::AppConfig>,
+) -> Result<Option<MeshSettings>, ConfigError> {
+    let args = &loaded.args;
+    let invalid = |s: String| Err(ConfigError::Invalid(s));
+    let (ca_cert, ca_key) = match (args.mesh_ca_cert.clone(), args.mesh_ca_key.clone()) {
+        (Some(c), Some(k)) => (c, k),
+        (Some(_), None) => {
+            return invalid(
+                "--mesh-ca-cert (mesh_ca_cert) needs --mesh-ca-key (mesh_ca_key)".into(),
+            )
+        }
+        (None, Some(_)) => {
+            return invalid(
+                "--mesh-ca-key (mesh_ca_key) needs --mesh-ca-cert (mesh_ca_cert)".into(),
+            )
+        }
+        (None, None) => {
+            let given = [
+                "mesh_listen",
+                "mesh_advertise",
+                "mesh_allow",
+                "mesh_cert_lifetime",
+            ]
+            .into_iter()
+            .find(|id| loaded.given(id));
+            if let Some(id) = given {
+                return invalid(format!(
+                    "--{} ({id}) needs --mesh-ca-cert and --mesh-ca-key: the mesh CA (make one with `pillion mesh init --out DIR`)",
+                    id.replace('_', "-")
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let Some(service) = args.server_name.clone() else {
+        return invalid("--mesh-ca-cert (mesh_ca_cert) needs --server-name (server_name): the service this sidecar's mesh identity names".into());
+    };
+    // Refused at start (and by `pillion check`) rather than at the first call.
+    pillion_mesh::ca::Authority::load(&ca_cert, &ca_key)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let identity = pillion_mesh::identity::MeshConfig {
+        ca_cert,
+        ca_key,
+        service: service.0,
+        lifetime: args.mesh_cert_lifetime.0,
+    };
+    let Some(addr) = args.mesh_listen else {
+        for id in ["mesh_advertise", "mesh_allow"] {
+            if loaded.given(id) {
+                return invalid(format!(
+                    "--{} ({id}) needs --mesh-listen (mesh_listen)",
+                    id.replace('_', "-")
+                ));
+            }
+        }
+        return Ok(Some(MeshSettings {
+            identity,
+            listen: None,
+        }));
+    };
+    let Some(app) = app else {
+        return invalid("--mesh-listen (mesh_listen) needs --server-address (server_address): the app that mesh calls are forwarded to".into());
+    };
+    let advertise = match &args.mesh_advertise {
+        Some(a) => a.0.clone(),
+        None if addr.ip().is_unspecified() => {
+            let host = app
+                .address
+                .rsplit_once(':')
+                .map_or(app.address.as_str(), |(h, _)| h);
+            format!("{host}:{}", addr.port())
+        }
+        None => addr.to_string(),
+    };
+    app.metadata
+        .insert(pillion_core::service::MESH_METADATA.to_string(), advertise);
+    Ok(Some(MeshSettings {
+        identity,
+        listen: Some(MeshListen {
+            addr,
+            app: app.address.clone(),
+            allow: args.mesh_allow.iter().map(|s| s.0.clone()).collect(),
+            jwt: resolve_jwt(loaded)?,
+        }),
+    }))
+}
+
+/// `--jwt-*`, verified on --listen and --mesh-listen.
+fn resolve_jwt(loaded: &Loaded) -> Result<Option<pillion_mesh::jwt::JwtConfig>, ConfigError> {
+    let args = &loaded.args;
+    match args.jwt_jwks.clone() {
+        Some(jwks) => Ok(Some(pillion_mesh::jwt::JwtConfig {
+            jwks,
+            issuer: args.jwt_issuer.clone(),
+            audience: args.jwt_audience.clone(),
+            required: args.jwt_required,
+        })),
+        None => {
+            if let Some(id) = ["jwt_issuer", "jwt_audience", "jwt_required"]
+                .into_iter()
+                .find(|id| loaded.given(id))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",
+                    id.replace('_', "-")
+                )));
+            }
+            Ok(None)
+        }
+    }
 }
 
 /// The message broker.
@@ -332,7 +466,7 @@ impl Settings {
             pool,
         };
         let healthcheck_url = args.healthcheck_url.clone();
-        let app = match (args.server_name.clone(), args.server_address.clone()) {
+        let mut app = match (args.server_name.clone(), args.server_address.clone()) {
             (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
                 name: name.0,
                 address: address.0,
@@ -369,6 +503,7 @@ impl Settings {
             }
             (None, None) => None,
         };
+        let mesh = resolve_mesh(&loaded, app.as_mut())?;
         let api_token = args.api_token.clone();
         match &api_token {
             Some(t) if t.len() < 16 => {
@@ -388,6 +523,7 @@ impl Settings {
             _ => {}
         }
         Ok(Settings {
+            mesh,
             api_token,
             read_header_timeout: args.read_header_timeout.0,
             listen_max_connections: args.listen_max_connections.get(),
@@ -518,7 +654,7 @@ fn resolve_inbound(
                 .find(|id| {
                     (id.starts_with("session_")
                         || id.starts_with("tls_")
-                        || id.starts_with("jwt_")
+                        || (id.starts_with("jwt_") && args.mesh_listen.is_none())
                         || id == "app_timeout"
                         || id == "listen_max_connections")
                         && loaded.given(id)
@@ -573,26 +709,7 @@ fn resolve_inbound(
             ))
         }
     };
-    let jwt = match args.jwt_jwks.clone() {
-        Some(jwks) => Some(pillion_mesh::jwt::JwtConfig {
-            jwks,
-            issuer: args.jwt_issuer.clone(),
-            audience: args.jwt_audience.clone(),
-            required: args.jwt_required,
-        }),
-        None => {
-            if let Some(id) = ["jwt_issuer", "jwt_audience", "jwt_required"]
-                .into_iter()
-                .find(|id| loaded.given(id))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",
-                    id.replace('_', "-")
-                )));
-            }
-            None
-        }
-    };
+    let jwt = resolve_jwt(loaded)?;
     Ok(Some(InboundSettings {
         listen,
         tls,

@@ -51,6 +51,23 @@ fn main() -> ExitCode {
         }
         // The file as `run --config FILE` would take it: its keys, values and the
         // combinations of options (with the environment's PILLION_* as `run` would).
+        Command::Mesh(crate::cli::MeshCommand::Init { out }) => {
+            match pillion_mesh::ca::init(&out) {
+                Ok((cert, key)) => {
+                    println!("{}\n{}", cert.display(), key.display());
+                    eprintln!(
+                        "wrote the mesh CA; start each sidecar with --mesh-ca-cert {} --mesh-ca-key {}",
+                        cert.display(),
+                        key.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => {
             match Loaded::from_args(vec!["--config".into(), config.clone().into()])
                 .and_then(Settings::resolve)

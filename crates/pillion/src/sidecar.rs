@@ -33,6 +33,8 @@ struct Status {
     broker: Arc<dyn Broker>,
     broker_metrics: Arc<BrokerMetrics>,
     tcp: Arc<TcpProxy>,
+    identity: Option<Arc<pillion_mesh::identity::Identity>>,
+    mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -126,11 +128,47 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .app
         .clone()
         .map(|cfg| Arc::new(AppRegistration::start(registry.clone(), cfg)));
+    let identity = match &settings.mesh {
+        Some(mesh) => Some(
+            pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let invoker = Invoker::new(
         registry.clone(),
         settings.locality.clone(),
         settings.invoke.clone(),
+        identity.clone().map(|identity| {
+            Arc::new(move |service: &str| identity.connector(service))
+                as pillion_invoke::endpoints::MeshConnect
+        }),
     );
+    let mesh_inbound = match settings.mesh.as_ref().and_then(|m| m.listen.as_ref()) {
+        Some(cfg) => {
+            let listener = tokio::net::TcpListener::bind(cfg.addr)
+                .await
+                .map_err(|e| format!("cannot listen on {} (--mesh-listen): {e}", cfg.addr))?;
+            let jwt = match cfg.jwt.clone() {
+                Some(config) => Some(pillion_mesh::jwt::Verifier::new(config).await?),
+                None => None,
+            };
+            let inbound = pillion_mesh::inbound::MeshInbound::new(
+                settings
+                    .app
+                    .as_ref()
+                    .map(|a| a.name.clone())
+                    .unwrap_or_default(),
+                cfg.app.clone(),
+                cfg.allow.clone(),
+                jwt,
+                settings.invoke.timeout,
+                settings.invoke.policy.connect_timeout,
+            );
+            tracing::info!(listen = %cfg.addr, app = %cfg.app, "mesh listener listening");
+            Some((inbound, listener))
+        }
+        None => None,
+    };
     let status = Arc::new(Status {
         started: Instant::now(),
         address: address.to_string(),
@@ -141,6 +179,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         broker: broker.clone(),
         broker_metrics,
         tcp: tcp.clone(),
+        identity: identity.clone(),
+        mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -164,6 +204,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         max_connections: None,
         grace: settings.grace_period,
         tls: None,
+        identify: None,
+        tunnel: None,
     };
     let mut servers = vec![tokio::spawn(crate::api::serve_api(
         listener,
@@ -186,7 +228,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         let limits = Limits {
             max_connections: Some(settings.listen_max_connections),
             tls,
-            ..limits
+            ..limits.clone()
         };
         let jwt = match settings.inbound.as_ref().and_then(|i| i.jwt.clone()) {
             Some(config) => Some(pillion_mesh::jwt::Verifier::new(config).await?),
@@ -209,6 +251,23 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                     }),
                 }
             },
+        )));
+    }
+    if let (Some((inbound, listener)), Some(identity)) = (mesh_inbound, &identity) {
+        let tunnels = inbound.clone();
+        let limits = Limits {
+            tls: Some(identity.server_config().map_err(|e| e.to_string())?),
+            identify: Some(pillion_mesh::identity::caller),
+            tunnel: Some(Arc::new(move |tls, peer, client| {
+                Box::pin(tunnels.clone().tunnel(tls, peer, client))
+            })),
+            ..limits.clone()
+        };
+        servers.push(tokio::spawn(pillion_http::server::serve(
+            listener,
+            limits,
+            shutdown.clone().begun(),
+            move |req, peer| OkMap::new(inbound.clone().handle(req, peer), |r| r),
         )));
     }
     shutdown.wait().await;
@@ -310,6 +369,13 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
             "healthy": status.broker.healthy(),
         },
         "tcp": status.tcp.status().await,
+        "mesh": status.identity.as_ref().map(|identity| {
+            let mut mesh = identity.status();
+            if let Some(inbound) = &status.mesh_inbound {
+                mesh["listener"] = inbound.status();
+            }
+            mesh
+        }),
     }))
     .into_response()
 }

@@ -232,7 +232,12 @@ impl Inbound {
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let host = parts.headers.get(HOST).cloned();
-        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[]);
+        // Only a mesh listener names the caller; a client's claim is removed.
+        let mut headers = outbound_headers(
+            parts.headers,
+            upgrade.is_some(),
+            &[HeaderName::from_static(pillion_core::CALLER_HEADER)],
+        );
         cfg.scheme.strip(&mut headers);
         match &loaded {
             Loaded::Known(_, data) => cfg.scheme.inject(&mut headers, data),

@@ -1,0 +1,191 @@
+//! A connection to a node: plain TCP, or TLS over TCP (the mesh's mTLS, an etcd or
+//! peer reached over `https://`).
+//!
+//! [`Connector`] says how a pool reaches its node: the client configs (one per ALPN
+//! protocol: HTTP/1.1, h2, a raw TCP tunnel) and the name the node's certificate
+//! must be valid for.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// ALPN of a raw TCP tunnel through a mesh listener: after the handshake the bytes
+/// are the app's own protocol (a database's, say).
+pub const TUNNEL_ALPN: &[u8] = b"pillion-tcp/1";
+
+/// How to wrap a pool's TCP connections in TLS.
+#[derive(Clone)]
+pub struct Connector {
+    /// Offers `http/1.1`.
+    pub h1: Arc<rustls::ClientConfig>,
+    /// Offers `h2`.
+    pub h2: Arc<rustls::ClientConfig>,
+    /// Offers [`TUNNEL_ALPN`].
+    pub tunnel: Arc<rustls::ClientConfig>,
+    /// What the node's certificate is checked against (the verifier of a mesh
+    /// config checks the service identity instead, and ignores it).
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the connection will carry, which picks the ALPN offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    Http1,
+    H2,
+    Tunnel,
+}
+
+impl Connector {
+    /// One config for all three uses, with its ALPN lists set.
+    pub fn new(config: rustls::ClientConfig, server_name: ServerName<'static>) -> Connector {
+        let with = |alpn: &[u8]| {
+            let mut c = config.clone();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            Arc::new(c)
+        };
+        Connector {
+            h1: with(b"http/1.1"),
+            h2: with(b"h2"),
+            tunnel: with(TUNNEL_ALPN),
+            server_name,
+        }
+    }
+
+    /// The TLS handshake over `tcp`.
+    pub async fn connect(&self, tcp: TcpStream, carry: Carry) -> io::Result<Stream> {
+        let config = match carry {
+            Carry::Http1 => &self.h1,
+            Carry::H2 => &self.h2,
+            Carry::Tunnel => &self.tunnel,
+        };
+        let tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+}
+
+/// An open connection to a node.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Whether an idle connection is still open with nothing unasked for waiting on
+    /// it. Costs no system call unless the socket became readable.
+    pub(crate) fn is_idle_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        // Out of tokio's cooperative budget, `poll_read_ready` says Pending whatever
+        // the socket's state: then look at the socket itself.
+        let readiness = if !tokio::task::coop::has_budget_remaining() {
+            Poll::Ready(Ok(()))
+        } else {
+            self.tcp().poll_read_ready(&mut cx)
+        };
+        match readiness {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            // Readable: closed, reset, stray bytes, or readiness left over from the
+            // last read. Only the last leaves nothing to read.
+            Poll::Ready(Ok(())) => match self {
+                Stream::Plain(tcp) => matches!(
+                    tcp.try_read(&mut [0u8; 1]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
+                ),
+                // TLS records that carry no data (a TLS 1.3 session ticket) are
+                // consumed here; any application byte, the end, or an error means
+                // the connection cannot take a request.
+                Stream::Tls(tls) => {
+                    let mut byte = [0u8; 1];
+                    let mut buf = ReadBuf::new(&mut byte);
+                    matches!(Pin::new(tls).poll_read(&mut cx, &mut buf), Poll::Pending)
+                }
+            },
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(tcp: TcpStream) -> Stream {
+        Stream::Plain(tcp)
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

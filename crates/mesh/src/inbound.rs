@@ -1,0 +1,212 @@
+//! The mesh listener's side of a call: the caller's sidecar is known by its
+//! certificate; the allow list decides; in distributed JWT mode the token travelling
+//! with the call is verified here; the app gets `X-Pillion-Caller` and the request.
+//!
+//! HTTP/1.1 (websocket upgrades included) goes to the app as HTTP/1.1, h2 (gRPC) as
+//! h2c, and a TCP tunnel as bytes to the app's port.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use pillion_core::ApiError;
+use pillion_http::pool::{Outgoing, Pool};
+use pillion_http::relay::{is_upgrade, origin_form, outbound_headers, relay, reply, ProxyBody};
+use pillion_http::server::TlsPeer;
+use pillion_http::Blame;
+
+use crate::jwt::Verifier;
+
+/// [`pillion_core::CALLER_HEADER`].
+pub const CALLER: HeaderName = HeaderName::from_static(pillion_core::CALLER_HEADER);
+
+/// The id of the errors this module answers with.
+pub const ID: &str = "pillion.mesh";
+
+pub struct MeshInbound {
+    /// This sidecar's service.
+    pub service: String,
+    /// The app's `host:port`.
+    pub app: String,
+    pool: Arc<Pool>,
+    /// Services that may call; empty: any service of the mesh.
+    pub allow: Vec<String>,
+    pub jwt: Option<Arc<Verifier>>,
+    pub app_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+impl MeshInbound {
+    pub fn new(
+        service: String,
+        app: String,
+        allow: Vec<String>,
+        jwt: Option<Arc<Verifier>>,
+        app_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Arc<MeshInbound> {
+        Arc::new(MeshInbound {
+            pool: Arc::new(Pool::new(app.clone())),
+            service,
+            app,
+            allow,
+            jwt,
+            app_timeout,
+            connect_timeout,
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// For `/statusz`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "app": self.app,
+            "allow": self.allow,
+            "accepted": self.accepted.load(Ordering::Relaxed),
+            "refused": self.refused.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Whether `caller` may call this service, and if not, why.
+    fn admit(&self, caller: Option<&Arc<str>>) -> Result<Arc<str>, String> {
+        let Some(caller) = caller else {
+            return Err("the client certificate names no pillion service".into());
+        };
+        if self.allow.is_empty() || self.allow.iter().any(|a| **a == **caller) {
+            return Ok(caller.clone());
+        }
+        Err(format!(
+            "service {caller:?} may not call {:?} (allowed: {}; --mesh-allow)",
+            self.service,
+            self.allow.join(", ")
+        ))
+    }
+
+    fn refuse(&self, status: StatusCode, why: String) -> Response<ProxyBody> {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        reply(ApiError::new(ID, status, why))
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let caller = match self.admit(
+            req.extensions()
+                .get::<TlsPeer>()
+                .and_then(|p| p.identity.as_ref()),
+        ) {
+            Ok(caller) => caller,
+            Err(why) => {
+                tracing::info!(%peer, "mesh call refused: {why}");
+                return self.refuse(StatusCode::FORBIDDEN, why);
+            }
+        };
+        if let Some(jwt) = &self.jwt {
+            if let Err(e) = jwt.admit(req.headers_mut()).await {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return reply(e.to_api_error());
+            }
+        } else {
+            req.headers_mut().remove(crate::jwt::SUBJECT);
+        }
+        let h2 = req.version() == Version::HTTP_2;
+        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let host = parts.headers.get(HOST).cloned();
+        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[CALLER]);
+        if let Ok(v) = HeaderValue::from_str(&caller) {
+            headers.insert(CALLER, v);
+        }
+        let body = if body.is_end_stream() {
+            Outgoing::Full(None)
+        } else {
+            Outgoing::Stream(http_body_util::Limited::new(body, usize::MAX), None)
+        };
+        let mut out = Request::new(body);
+        *out.method_mut() = parts.method;
+        *out.headers_mut() = headers;
+        if h2 {
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            if let Ok(uri) = format!("http://{}{path}", self.app).parse() {
+                *out.uri_mut() = uri;
+            }
+            *out.version_mut() = Version::HTTP_2;
+        } else {
+            *out.uri_mut() = origin_form(parts.uri);
+            *out.version_mut() = Version::HTTP_11;
+            let host = host.or_else(|| HeaderValue::from_str(&self.app).ok());
+            if let Some(host) = host {
+                out.headers_mut().insert(HOST, host);
+            }
+        }
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        let sent = tokio::time::timeout(
+            self.app_timeout,
+            self.pool.send(out, h2, self.connect_timeout),
+        );
+        match sent.await {
+            Ok(Ok(res)) => relay(res, upgrade),
+            Err(_) => reply(ApiError::new(
+                ID,
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the app at {} did not answer within {}",
+                    self.app,
+                    pillion_core::duration::format(self.app_timeout)
+                ),
+            )),
+            Ok(Err((e, _))) => {
+                let detail = match e.blame() {
+                    Blame::Node if !e.may_have_reached_node() => {
+                        format!("the app at {} is unreachable: {e}", self.app)
+                    }
+                    Blame::Node => format!("the app at {} failed to answer: {e}", self.app),
+                    _ => e.to_string(),
+                };
+                reply(ApiError::new(ID, e.status(), detail))
+            }
+        }
+    }
+
+    /// A TCP tunnel: the allowed caller's bytes go to the app's port and back.
+    pub async fn tunnel(
+        self: Arc<Self>,
+        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        peer: SocketAddr,
+        client: TlsPeer,
+    ) {
+        if let Err(why) = self.admit(client.identity.as_ref()) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, "mesh tunnel refused: {why}");
+            return;
+        }
+        let app = match tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&self.app),
+        )
+        .await
+        {
+            Ok(Ok(app)) => app,
+            Ok(Err(e)) => {
+                return tracing::warn!(app = %self.app, error = %e, "mesh tunnel: the app is unreachable")
+            }
+            Err(_) => {
+                return tracing::warn!(app = %self.app, "mesh tunnel: connecting to the app timed out")
+            }
+        };
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = app.set_nodelay(true);
+        let mut app = app;
+        let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
+    }
+}
