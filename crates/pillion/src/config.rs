@@ -476,6 +476,9 @@ impl Settings {
                 healthcheck_timeout: args.healthcheck_timeout.0,
                 register_ttl: args.register_ttl.0,
             }),
+            // In the mesh, a sidecar without an app (a gateway) still has a name: its
+            // identity.
+            (Some(_), None) if args.mesh_ca_cert.is_some() => None,
             (Some(_), None) => {
                 return Err(ConfigError::Invalid(
                     "--server-name (server_name) needs --server-address (server_address): \

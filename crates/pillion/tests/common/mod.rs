@@ -144,3 +144,90 @@ pub fn inbound(app: &str, args: &[&str]) -> (Sidecar, SocketAddr) {
     );
     (sc, listen)
 }
+
+/// A new mesh CA, made by `pillion mesh init` in a directory of its own; returns the
+/// directory (with `ca.crt` and `ca.key`).
+pub fn mesh_ca(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pillion-mesh-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (code, _, err) = run_to_end(&["mesh", "init", "--out", dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    dir
+}
+
+/// The flags that put a sidecar in the mesh of `ca` as `service`.
+pub fn mesh_flags(ca: &std::path::Path, service: &str) -> Vec<String> {
+    vec![
+        "--mesh-ca-cert".into(),
+        ca.join("ca.crt").display().to_string(),
+        "--mesh-ca-key".into(),
+        ca.join("ca.key").display().to_string(),
+        "--server-name".into(),
+        service.into(),
+    ]
+}
+
+/// A sidecar whose app `service` at `app` takes mesh calls on a free port, in a
+/// cluster of its own others join at `gossip`.
+pub struct MeshReceiver {
+    pub sidecar: Sidecar,
+    pub gossip: u16,
+    pub mesh: SocketAddr,
+}
+
+pub fn mesh_receiver(
+    ca: &std::path::Path,
+    service: &str,
+    app: SocketAddr,
+    extra: &[&str],
+) -> MeshReceiver {
+    let mesh: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gossip = pillion_testkit::free_udp_port();
+    let mut args = mesh_flags(ca, service);
+    args.extend([
+        "--handler".into(),
+        "proxy".into(),
+        "--server-address".into(),
+        app.to_string(),
+        "--mesh-listen".into(),
+        mesh.to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bind = format!("127.0.0.1:{gossip}");
+    let sidecar = Sidecar::start_with_env(&refs, &[("PILLION_CLUSTER_BIND", &bind)]);
+    assert!(wait_for_port(mesh, Duration::from_secs(10)));
+    MeshReceiver {
+        sidecar,
+        gossip,
+        mesh,
+    }
+}
+
+/// A calling sidecar (`--handler proxy`) joined to `receiver`'s cluster, in the mesh
+/// as `service` when `ca` is given; returns once it sees `target` registered.
+pub async fn mesh_caller(
+    receiver: &MeshReceiver,
+    ca: Option<(&std::path::Path, &str)>,
+    target: &str,
+) -> Sidecar {
+    let mut args = vec![
+        "--handler".to_string(),
+        "proxy".into(),
+        "--cluster-join".into(),
+        format!("127.0.0.1:{}", receiver.gossip),
+    ];
+    if let Some((ca, service)) = ca {
+        args.extend(mesh_flags(ca, service));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let caller = Sidecar::start(&refs);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !node_ids(&caller, target).await.is_empty()
+        })
+        .await,
+        "the caller never saw {target} registered"
+    );
+    caller
+}

@@ -1,0 +1,373 @@
+//! mTLS between sidecars: calls by name to a service with a mesh listener go over
+//! mTLS with the caller's identity; the receiving sidecar checks the allow list, sets
+//! X-Pillion-Caller and forwards HTTP/1.1, upgrades and h2c to its app; clients
+//! without a mesh certificate are refused at the handshake, and a caller never
+//! accepts a listener that is not the service it called.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, mesh_ca, mesh_caller, mesh_flags, mesh_receiver, register, run_to_end};
+use pillion_testkit::http::{get, request};
+use pillion_testkit::TestApp;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_by_name_crosses_the_mesh_with_the_callers_identity() {
+    let ca = mesh_ca("cross");
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver(&ca, "orders", app.addr(), &["--mesh-allow", "front"]);
+    let front = mesh_caller(&orders, Some((&ca, "front")), "orders").await;
+
+    // HTTP/1.1; a caller's own X-Pillion-Caller never reaches the app.
+    let reply = request(
+        http::Method::PUT,
+        &front.url("/orders/a/b?c=d"),
+        &[("x-pillion-caller", "admin"), ("x-k", "v")],
+        "payload",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = reply.json();
+    assert_eq!(seen["headers"]["x-pillion-caller"], "front", "{seen}");
+    assert_eq!(seen["headers"]["x-k"], "v");
+    assert_eq!(seen["path"], "/orders/a/b?c=d");
+    assert_eq!(seen["body"], "payload");
+
+    // A large body, streamed through both sidecars.
+    let big = "z".repeat(300_000);
+    let reply = request(
+        http::Method::POST,
+        &front.url("/orders/big"),
+        &[],
+        big.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.json()["body"].as_str().unwrap().len(), big.len());
+
+    // An upgrade (websockets' way): a tunnel through the mesh.
+    let mut s = std::net::TcpStream::connect(front.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(
+        b"GET /orders/upgrade HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = s.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"ping through the mesh").unwrap();
+    let mut echoed = vec![0u8; 21];
+    s.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"ping through the mesh");
+
+    // gRPC (h2c from the client): h2 over mTLS, then h2c to the app.
+    let stream = tokio::net::TcpStream::connect(front.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/orders/grpc.Svc/Call", front.addr))
+        .header("te", "trailers")
+        .header("content-type", "application/grpc")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
+    assert_eq!(seen["headers"]["x-pillion-caller"], "front");
+
+    let status = get(&orders.sidecar.url("/statusz")).await.unwrap().json();
+    assert_eq!(status["mesh"]["identity"], "spiffe://pillion/svc/orders");
+    assert!(status["mesh"]["listener"]["accepted"].as_u64().unwrap() >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_not_allowed_or_not_in_the_mesh_are_refused_with_a_reason() {
+    let ca = mesh_ca("refused");
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver(&ca, "orders", app.addr(), &["--mesh-allow", "front"]);
+
+    let other = mesh_caller(&orders, Some((&ca, "reports")), "orders").await;
+    let reply = get(&other.url("/orders/x")).await.unwrap();
+    assert_eq!(reply.status, 403, "{}", reply.text());
+    let e = reply.json();
+    assert_eq!(e["id"], "pillion.mesh");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("\"reports\" may not call \"orders\""),
+        "{e}"
+    );
+
+    let outsider = mesh_caller(&orders, None, "orders").await;
+    let reply = get(&outsider.url("/orders/x")).await.unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(
+        reply.text().contains("takes calls only over the mesh"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(app.requests(), 0, "no refused call reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_accepts_only_the_service_it_called() {
+    // "payments" registered at the mesh listener of "orders": the listener's
+    // certificate names orders, so the caller refuses to send anything there.
+    let ca = mesh_ca("impostor");
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver(&ca, "orders", app.addr(), &[]);
+    let front = mesh_caller(&orders, Some((&ca, "front")), "orders").await;
+    let mesh = orders.mesh.to_string();
+    register(&front, "payments", "p1", "127.0.0.1:9", &[("mesh", &mesh)]).await;
+    let reply = get(&front.url("/payments/x")).await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains("the peer is spiffe://pillion/svc/orders, not spiffe://pillion/svc/payments"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(app.requests(), 0);
+}
+
+/// A TLS client of a mesh listener, with an optional client certificate.
+fn client(
+    ca: &std::path::Path,
+    cert: Option<pillion_mesh::ca::Issued>,
+) -> tokio_rustls::TlsConnector {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca.join("ca.crt")).unwrap())
+        .unwrap();
+    // The listener's name is its spiffe identity, not a DNS name: this client only
+    // checks the chain.
+    let verifier = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let builder = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ChainOnly(verifier)));
+    let mut config = match cert {
+        None => builder.with_no_client_auth(),
+        Some(issued) => builder
+            .with_client_auth_cert(issued.chain, issued.key)
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(
+            end_entity,
+            intermediates,
+            &ServerName::try_from("mesh.pillion").unwrap(),
+            ocsp,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            ))
+            | Ok(_) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            Err(e) => Err(e),
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A GET over a direct TLS connection to the mesh listener: the status, or the
+/// error that ended it (a refused handshake surfaces at the first read in TLS 1.3).
+async fn direct_get(
+    tls: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+) -> Result<u16, String> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut s = tls
+            .connect(ServerName::try_from("mesh.pillion").unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: orders\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        head.get(9..12)
+            .and_then(|c| c.parse().ok())
+            .ok_or(format!("no HTTP answer: {head:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_listener_wants_a_certificate_from_the_mesh_ca() {
+    let ca = mesh_ca("handshake");
+    let foreign = mesh_ca("foreign");
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver(&ca, "orders", app.addr(), &[]);
+
+    let none = direct_get(&client(&ca, None), orders.mesh).await;
+    assert!(none.is_err(), "no client certificate: {none:?}");
+    let stranger =
+        pillion_mesh::ca::Authority::load(&foreign.join("ca.crt"), &foreign.join("ca.key"))
+            .unwrap()
+            .issue("front", Duration::from_secs(3600))
+            .unwrap();
+    let other_ca = direct_get(&client(&ca, Some(stranger)), orders.mesh).await;
+    assert!(
+        other_ca.is_err(),
+        "a certificate of another CA: {other_ca:?}"
+    );
+    assert_eq!(app.requests(), 0);
+
+    // The same client with a certificate of this mesh gets through.
+    let member = pillion_mesh::ca::Authority::load(&ca.join("ca.crt"), &ca.join("ca.key"))
+        .unwrap()
+        .issue("front", Duration::from_secs(3600))
+        .unwrap();
+    assert_eq!(
+        direct_get(&client(&ca, Some(member)), orders.mesh).await,
+        Ok(200)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_and_calls_go_on() {
+    let ca = mesh_ca("renew");
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver(&ca, "orders", app.addr(), &["--mesh-cert-lifetime", "3s"]);
+    let front = mesh_caller(&orders, Some((&ca, "front")), "orders").await;
+    assert_eq!(get(&front.url("/orders/x")).await.unwrap().status, 200);
+    let renewed = eventually(Duration::from_secs(10), || async {
+        let s = get(&orders.sidecar.url("/statusz")).await.unwrap().json();
+        s["mesh"]["renewals"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert!(
+        renewed,
+        "renewed at two thirds of a 3 s life, twice within 10 s"
+    );
+    // Past the first certificate's end: new connections get the renewed one.
+    let reply = get(&front.url("/orders/y")).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn mesh_options_that_cannot_work_are_refused_at_start() {
+    let ca = mesh_ca("options");
+    let cert = ca.join("ca.crt").display().to_string();
+    let key = ca.join("ca.key").display().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--mesh-listen", "127.0.0.1:1"],
+            "--mesh-listen (mesh_listen) needs --mesh-ca-cert and --mesh-ca-key",
+        ),
+        (
+            vec!["--mesh-ca-cert", &cert],
+            "--mesh-ca-cert (mesh_ca_cert) needs --mesh-ca-key",
+        ),
+        (
+            vec!["--mesh-ca-cert", &cert, "--mesh-ca-key", &key],
+            "needs --server-name (server_name)",
+        ),
+        (
+            vec![
+                "--mesh-ca-cert",
+                &cert,
+                "--mesh-ca-key",
+                &key,
+                "--server-name",
+                "a",
+                "--mesh-listen",
+                "127.0.0.1:1",
+            ],
+            "--mesh-listen (mesh_listen) needs --server-address",
+        ),
+        (
+            vec![
+                "--mesh-ca-cert",
+                &key,
+                "--mesh-ca-key",
+                &key,
+                "--server-name",
+                "a",
+            ],
+            "no PEM certificate",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["run"];
+        all.extend(args.iter().copied());
+        let (code, _, err) = run_to_end(&all, &[]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let mut args = vec!["run".to_string()];
+    args.extend(mesh_flags(&ca, "a"));
+    args.extend(["--mesh-allow".to_string(), "b".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = run_to_end(&refs, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--mesh-allow (mesh_allow) needs --mesh-listen"),
+        "{err}"
+    );
+}
