@@ -258,3 +258,62 @@ fn unusable_jwt_options_are_refused_at_start() {
     assert!(err.contains("http(s)"), "{err}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// Distributed mode: the token travels with a call by name, and the receiving
+/// service's sidecar verifies it on --mesh-listen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_travelling_with_a_call_are_verified_by_the_receiving_sidecar() {
+    let d = dir("distributed");
+    let ed = ed25519("ed-1");
+    let jwks = d.join("jwks.json");
+    write_jwks(&jwks, &[&ed]);
+    let ca = common::mesh_ca("jwt");
+    let app = TestApp::start("orders").await;
+    let jwks_arg = jwks.display().to_string();
+    let orders = common::mesh_receiver(
+        &ca,
+        "orders",
+        app.addr(),
+        &[
+            "--jwt-jwks",
+            &jwks_arg,
+            "--jwt-issuer",
+            ISSUER,
+            "--jwt-audience",
+            AUDIENCE,
+            "--jwt-required",
+        ],
+    );
+    let front = common::mesh_caller(&orders, Some((&ca, "front")), "orders").await;
+
+    let (status, seen) = call(
+        front.addr,
+        &[
+            (
+                "authorization",
+                &format!("Bearer {}", token(&ed, good("alice"))),
+            ),
+            ("x-pillion-subject", "mallory"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["headers"]["x-pillion-subject"], "alice");
+    assert_eq!(seen["headers"]["x-pillion-caller"], "front");
+
+    let (status, e) = call(front.addr, &[]).await;
+    assert_eq!(
+        (status, &e["id"]),
+        (401, &serde_json::json!("pillion.jwt")),
+        "{e}"
+    );
+    let mut expired = good("alice");
+    expired["exp"] = serde_json::json!(now() - 600);
+    let (status, e) = call(
+        front.addr,
+        &[("authorization", &format!("Bearer {}", token(&ed, expired)))],
+    )
+    .await;
+    assert_eq!(status, 401, "{e}");
+    assert_eq!(app.requests(), 1, "only the valid call reached the app");
+}
