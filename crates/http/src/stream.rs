@@ -118,6 +118,12 @@ impl Stream {
         }
     }
 
+    /// The socket under it (for shutdown(2) of its write side).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.tcp().as_raw_fd()
+    }
+
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(tcp) => tcp,

@@ -22,6 +22,28 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::shutdown::Shutdown;
 
+/// Where TCP tiers that name services connect: their nodes' mesh listeners.
+struct MeshRoutes {
+    registry: Arc<dyn Registry>,
+    identity: Arc<pillion_mesh::identity::Identity>,
+}
+
+impl pillion_tcp::MeshNodes for MeshRoutes {
+    fn listeners(&self, service: &str) -> Vec<String> {
+        let catalog = self.registry.catalog();
+        let versions = catalog.get(service).unwrap_or_default();
+        versions
+            .iter()
+            .flat_map(|v| v.nodes.iter())
+            .filter_map(|n| n.mesh().map(str::to_string))
+            .collect()
+    }
+
+    fn connector(&self, service: &str) -> pillion_http::stream::Connector {
+        self.identity.connector(service)
+    }
+}
+
 /// What `/healthz` and `/statusz` read.
 struct Status {
     started: Instant,
@@ -69,7 +91,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }
     };
 
+    let identity = match &settings.mesh {
+        Some(mesh) => Some(
+            pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let tcp = TcpProxy::new(pillion_tcp::resolver(&settings.dns_servers));
+    if let Some(identity) = &identity {
+        tcp.set_mesh(Arc::new(MeshRoutes {
+            registry: registry.clone(),
+            identity: identity.clone(),
+        }));
+    }
     tcp.apply(&settings.tcp).await?;
     let reloader = settings.config_file.clone().map(|file| {
         tokio::spawn(pillion_tcp::reload::follow(
@@ -128,12 +162,6 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .app
         .clone()
         .map(|cfg| Arc::new(AppRegistration::start(registry.clone(), cfg)));
-    let identity = match &settings.mesh {
-        Some(mesh) => Some(
-            pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
-        ),
-        None => None,
-    };
     let invoker = Invoker::new(
         registry.clone(),
         settings.locality.clone(),

@@ -47,7 +47,12 @@ pub struct ListenerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TierConfig {
     /// `host:port` or `[v6]:port`; a host name expands to every address it resolves to.
+    #[serde(default)]
     pub targets: Vec<String>,
+    /// Registered services whose nodes are reached through their sidecars' mesh
+    /// listeners, over mTLS (the sidecar needs --mesh-ca-cert).
+    #[serde(default)]
+    pub services: Vec<String>,
     /// Connections per backend before the next backend (or tier) is used. 0: no limit.
     #[serde(default)]
     pub max_connections: usize,
@@ -97,8 +102,11 @@ pub fn validate(listeners: &[ListenerConfig]) -> Result<(), String> {
             return Err(format!("{at} has no [[tcp.tiers]]"));
         }
         for (t, tier) in l.tiers.iter().enumerate() {
-            if tier.targets.is_empty() {
-                return Err(format!("{at}, tier {}: targets is empty", t + 1));
+            if tier.targets.is_empty() && tier.services.is_empty() {
+                return Err(format!(
+                    "{at}, tier {}: give targets (host:port) or services (names in the registry)",
+                    t + 1
+                ));
             }
             for target in &tier.targets {
                 split_target(target).map_err(|e| format!("{at}, tier {}: {e}", t + 1))?;
@@ -222,6 +230,7 @@ health_check = "2s"
             listen: "127.0.0.1:1".parse().unwrap(),
             tiers: vec![TierConfig {
                 targets: vec!["db".into()],
+                services: vec![],
                 max_connections: 0,
                 dial_timeout: default_dial_timeout(),
                 health_check: Dur::default(),

@@ -69,8 +69,17 @@ pub fn resolver(servers: &[SocketAddr]) -> TokioResolver {
 }
 
 /// Every TCP listener of the sidecar.
+/// How tiers that name services reach them: through their nodes' mesh listeners.
+pub trait MeshNodes: Send + Sync {
+    /// `host:port` of the mesh listeners of `service`'s nodes.
+    fn listeners(&self, service: &str) -> Vec<String>;
+    /// The mTLS connector to them (this sidecar's identity, theirs checked).
+    fn connector(&self, service: &str) -> pillion_http::stream::Connector;
+}
+
 pub struct TcpProxy {
     resolver: Arc<TokioResolver>,
+    mesh: std::sync::OnceLock<Arc<dyn MeshNodes>>,
     listeners: tokio::sync::Mutex<BTreeMap<SocketAddr, Arc<Listener>>>,
     /// Listeners removed by a reload, still carrying connections.
     retired: std::sync::Mutex<Vec<Arc<Listener>>>,
@@ -85,10 +94,16 @@ impl TcpProxy {
         let _ = fd_limit::raise_to_hard_limit();
         Arc::new(TcpProxy {
             resolver: Arc::new(resolver),
+            mesh: std::sync::OnceLock::new(),
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
             running: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Lets tiers name services (before the first [`TcpProxy::apply`]).
+    pub fn set_mesh(&self, mesh: Arc<dyn MeshNodes>) {
+        let _ = self.mesh.set(mesh);
     }
 
     /// The configurations of the running listeners (without those that could not
@@ -126,7 +141,13 @@ impl TcpProxy {
         for config in configs {
             match listeners.get(&config.listen) {
                 Some(l) => l.update(config.clone()).await,
-                None => match Listener::start(config.clone(), self.resolver.clone()).await {
+                None => match Listener::start(
+                    config.clone(),
+                    self.resolver.clone(),
+                    self.mesh.get().cloned(),
+                )
+                .await
+                {
                     Ok(l) => {
                         listeners.insert(config.listen, l);
                     }

@@ -42,6 +42,7 @@ pub struct Listener {
     /// Last good addresses of each target.
     resolved: Mutex<HashMap<String, Vec<SocketAddr>>>,
     resolver: Arc<TokioResolver>,
+    mesh: Option<Arc<dyn crate::MeshNodes>>,
     rr: AtomicUsize,
     /// Open client connections.
     active: AtomicUsize,
@@ -55,6 +56,7 @@ impl Listener {
     pub async fn start(
         config: ListenerConfig,
         resolver: Arc<TokioResolver>,
+        mesh: Option<Arc<dyn crate::MeshNodes>>,
     ) -> std::io::Result<Arc<Listener>> {
         let socket = TcpListener::bind(config.listen).await?;
         let listener = Arc::new(Listener {
@@ -63,6 +65,7 @@ impl Listener {
             backends: ArcSwap::from_pointee(Vec::new()),
             resolved: Mutex::new(HashMap::new()),
             resolver,
+            mesh,
             rr: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             accepting: watch::channel(true).0,
@@ -119,7 +122,7 @@ impl Listener {
         let tiers: Vec<_> = (0..config.tiers.len())
             .map(|t| {
                 let list: Vec<_> = backends.iter().filter(|b| b.tier() == t).map(|b| b.status()).collect();
-                serde_json::json!({ "tier": t, "targets": config.tiers[t].targets, "backends": list })
+                serde_json::json!({ "tier": t, "targets": config.tiers[t].targets, "services": config.tiers[t].services, "backends": list })
             })
             .collect();
         serde_json::json!({
@@ -176,6 +179,34 @@ impl Listener {
                 }
             }
         }
+        for tier in &config.tiers {
+            for service in &tier.services {
+                let Some(mesh) = &self.mesh else {
+                    tracing::warn!(%service, "a tcp tier names a service, but this sidecar is not in the mesh (--mesh-ca-cert)");
+                    continue;
+                };
+                let mut addrs = Vec::new();
+                for listener in mesh.listeners(service) {
+                    match self.resolve(&listener).await {
+                        Ok((found, _)) => addrs.extend(found),
+                        Err(e) => {
+                            tracing::warn!(%service, %listener, error = %e, "mesh listener not resolved")
+                        }
+                    }
+                }
+                addrs.sort();
+                addrs.dedup();
+                self.resolved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(service_target(service), addrs);
+            }
+            // The registry changes without a TTL: look again soon.
+            if !tier.services.is_empty() {
+                let soon = Instant::now() + Duration::from_secs(1);
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+            }
+        }
         self.rebuild(&config);
         next
     }
@@ -189,7 +220,8 @@ impl Listener {
             .clone();
         let mut new: Vec<Arc<Backend>> = Vec::new();
         for (t, tier) in config.tiers.iter().enumerate() {
-            for target in &tier.targets {
+            let services: Vec<String> = tier.services.iter().map(|s| service_target(s)).collect();
+            for target in tier.targets.iter().chain(&services) {
                 for addr in resolved.get(target).into_iter().flatten() {
                     if new.iter().any(|b| b.target == *target && b.addr == *addr) {
                         continue; // the same target twice: one backend
@@ -213,13 +245,22 @@ impl Listener {
                 }
             }
         }
-        let configured: Vec<&String> = config.tiers.iter().flat_map(|t| t.targets.iter()).collect();
+        let configured: Vec<String> = config
+            .tiers
+            .iter()
+            .flat_map(|t| {
+                t.targets
+                    .iter()
+                    .cloned()
+                    .chain(t.services.iter().map(|s| service_target(s)))
+            })
+            .collect();
         for b in old.iter() {
             if new.iter().any(|n| Arc::ptr_eq(n, b)) {
                 continue;
             }
-            if configured.contains(&&b.target) {
-                // Gone from DNS: drained, its open connections finish on their own.
+            if configured.contains(&b.target) {
+                // Gone from DNS (or from the registry): drained, its open connections finish on their own.
                 b.draining.store(true, Ordering::Relaxed);
                 tracing::info!(target = %b.target, address = %b.addr, "address vanished from DNS; draining");
             } else {
@@ -273,15 +314,40 @@ impl Listener {
         order.into_iter().map(|(_, b)| b).collect()
     }
 
-    /// Dials `backend`; a failure it is to blame for marks it down.
-    async fn dial(&self, backend: &Backend, limit: Duration) -> Result<TcpStream, Blame> {
+    /// Dials `backend` (and, for a service's node, makes the mTLS handshake with its
+    /// mesh listener); a failure it is to blame for marks it down.
+    async fn dial(&self, backend: &Backend, limit: Duration) -> Result<Upstream, Blame> {
         let started = Instant::now();
         let down_for = self.config.load().down_for.0;
-        match tokio::time::timeout(limit, TcpStream::connect(backend.addr)).await {
+        let deadline = tokio::time::Instant::now() + limit;
+        let tls = backend
+            .target
+            .strip_prefix(SERVICE_PREFIX)
+            .and_then(|service| self.mesh.as_ref().map(|m| m.connector(service)));
+        match tokio::time::timeout_at(deadline, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
-                backend.dial_succeeded(started.elapsed());
                 let _ = stream.set_nodelay(true);
-                Ok(stream)
+                let upstream = match tls {
+                    None => Upstream::Plain(stream),
+                    Some(tls) => {
+                        let carry = pillion_http::stream::Carry::Tunnel;
+                        match tokio::time::timeout_at(deadline, tls.connect(stream, carry)).await {
+                            Ok(Ok(s)) => Upstream::Mesh(Box::new(s)),
+                            Ok(Err(e)) => {
+                                tracing::warn!(address = %backend.addr, error = %e, "mesh handshake failed");
+                                backend.dial_failed(down_for);
+                                return Err(Blame::Backend);
+                            }
+                            Err(_) => {
+                                tracing::debug!(address = %backend.addr, "mesh handshake timed out");
+                                backend.dial_failed(down_for);
+                                return Err(Blame::Backend);
+                            }
+                        }
+                    }
+                };
+                backend.dial_succeeded(started.elapsed());
+                Ok(upstream)
             }
             Ok(Err(e)) => match Blame::of(&e) {
                 Blame::Local => {
@@ -304,7 +370,7 @@ impl Listener {
 
     /// The first backend that accepts. Stops at a [`Blame::Local`] failure: every
     /// other backend would fail the same way, and be marked down for nothing.
-    async fn connect(&self) -> Result<(Arc<Backend>, TcpStream), Blame> {
+    async fn connect(&self) -> Result<(Arc<Backend>, Upstream), Blame> {
         let deadline = Instant::now() + self.config.load().connect_timeout.0;
         for backend in self.order() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -364,6 +430,7 @@ impl Listener {
         self.active.fetch_add(1, Ordering::Relaxed);
         let (id, mut close) = backend.open();
         let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
+        use futures_util::FutureExt;
         let idle = self.config.load().idle_timeout.0;
         let traffic = Traffic {
             up: &backend.bytes_up,
@@ -371,7 +438,22 @@ impl Listener {
             last_ms: (clock().as_millis() as u64).into(),
         };
         {
-            let copying = copy::both_ways(&mut client, &mut server, &traffic);
+            let copying = match &mut server {
+                Upstream::Plain(server) => futures_util::future::Either::Left(copy::both_ways(
+                    &mut client,
+                    server,
+                    &traffic,
+                )),
+                // Through TLS: no splice; the bytes are counted as they go.
+                Upstream::Mesh(server) => futures_util::future::Either::Right(
+                    tokio::io::copy_bidirectional(&mut client, server.as_mut()).map(|r| {
+                        r.map(|(up, down)| {
+                            traffic.up.fetch_add(up, Ordering::Relaxed);
+                            traffic.down.fetch_add(down, Ordering::Relaxed);
+                        })
+                    }),
+                ),
+            };
             tokio::pin!(copying);
             let tick = if idle.is_zero() {
                 Duration::from_secs(3600)
@@ -487,6 +569,28 @@ impl Listener {
                     self.probe(b).await;
                 }
             }
+        }
+    }
+}
+
+/// The target name under which a service's mesh listeners are kept.
+const SERVICE_PREFIX: &str = "service:";
+
+fn service_target(service: &str) -> String {
+    format!("{SERVICE_PREFIX}{service}")
+}
+
+/// A connection to a backend: plain (spliced), or mTLS to a mesh listener.
+enum Upstream {
+    Plain(TcpStream),
+    Mesh(Box<pillion_http::stream::Stream>),
+}
+
+impl Upstream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Upstream::Plain(s) => s.as_raw_fd(),
+            Upstream::Mesh(s) => s.raw_fd(),
         }
     }
 }

@@ -211,6 +211,16 @@ pub async fn mesh_caller(
     ca: Option<(&std::path::Path, &str)>,
     target: &str,
 ) -> Sidecar {
+    mesh_caller_with(receiver, ca, target, &[]).await
+}
+
+/// [`mesh_caller`] with more flags.
+pub async fn mesh_caller_with(
+    receiver: &MeshReceiver,
+    ca: Option<(&std::path::Path, &str)>,
+    target: &str,
+    extra: &[&str],
+) -> Sidecar {
     let mut args = vec![
         "--handler".to_string(),
         "proxy".into(),
@@ -220,6 +230,7 @@ pub async fn mesh_caller(
     if let Some((ca, service)) = ca {
         args.extend(mesh_flags(ca, service));
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let caller = Sidecar::start(&refs);
     assert!(
