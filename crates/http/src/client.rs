@@ -15,7 +15,7 @@ use crate::SendError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{0:?} is not an http:// URL")]
+    #[error("{0:?} is not an http:// URL (nor an https:// one this client may use)")]
     BadUrl(String),
     #[error(transparent)]
     Send(#[from] SendError),
@@ -24,32 +24,75 @@ pub enum ClientError {
 }
 
 pub struct Client {
+    /// By `authority` for http://, `https://authority` for https://.
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     settings: Settings,
     connect_timeout: Duration,
+    /// What https:// URLs are checked with; without it they are refused.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Client {
     pub fn new(settings: Settings, connect_timeout: Duration) -> Client {
+        Client::with_tls(settings, connect_timeout, None)
+    }
+
+    /// A client that also speaks https://, checking servers with `tls`.
+    pub fn with_tls(
+        settings: Settings,
+        connect_timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Client {
         Client {
             pools: Mutex::new(HashMap::new()),
             settings,
             connect_timeout,
+            tls,
         }
     }
 
-    /// The pool of one authority, shared by every request to it.
+    /// The pool of one authority (plain), shared by every request to it.
     pub fn pool(&self, authority: &str) -> Arc<Pool> {
+        self.pool_of(authority, false)
+            .expect("a plain pool always exists")
+    }
+
+    /// The pool of one authority, over TLS when `https`; `None` for https without a
+    /// TLS config.
+    pub fn pool_of(&self, authority: &str, https: bool) -> Option<Arc<Pool>> {
+        let tls = match (https, &self.tls) {
+            (false, _) => None,
+            (true, None) => return None,
+            (true, Some(config)) => Some(config),
+        };
+        let key = if https {
+            format!("https://{authority}")
+        } else {
+            authority.to_string()
+        };
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .entry(authority.to_string())
-            .or_insert_with(|| {
-                Arc::new(Pool::with_settings(
-                    authority.to_string(),
-                    self.settings.clone(),
-                ))
-            })
-            .clone()
+        if let Some(pool) = pools.get(&key) {
+            return Some(pool.clone());
+        }
+        let connector = match tls {
+            None => None,
+            Some(config) => {
+                let host = authority
+                    .rsplit_once(':')
+                    .map_or(authority, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string()).ok()?;
+                Some(crate::stream::Connector::new((**config).clone(), name))
+            }
+        };
+        let pool = Arc::new(Pool::with_tls(
+            authority.to_string(),
+            self.settings.clone(),
+            connector,
+        ));
+        pools.insert(key, pool.clone());
+        Some(pool)
     }
 
     /// Sends `req`, whose URI is absolute (`http://host:port/path`), and waits at most
@@ -62,8 +105,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<Response<PooledBody>, ClientError> {
         let uri = req.uri().clone();
-        let authority = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(a)) => a.as_str().to_string(),
+        let (authority, https) = match (uri.scheme_str(), uri.authority()) {
+            (Some("http"), Some(a)) => (a.as_str().to_string(), false),
+            (Some("https"), Some(a)) if self.tls.is_some() => (a.as_str().to_string(), true),
             _ => return Err(ClientError::BadUrl(uri.to_string())),
         };
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -71,7 +115,9 @@ impl Client {
         if let Ok(host) = HeaderValue::from_str(&authority) {
             req.headers_mut().entry(header::HOST).or_insert(host);
         }
-        let pool = self.pool(&authority);
+        let pool = self
+            .pool_of(&authority, https)
+            .ok_or_else(|| ClientError::BadUrl(uri.to_string()))?;
         let again = replayable(&req);
         let first = tokio::time::timeout(timeout, pool.send(req, false, self.connect_timeout));
         let failure = match first.await {

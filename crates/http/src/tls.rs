@@ -123,3 +123,16 @@ pub fn server_config(certificates: Arc<Certificates>) -> Arc<rustls::ServerConfi
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }
+
+/// A TLS client config trusting the system's roots, or the PEM file named by
+/// `SSL_CERT_FILE` (the engines reached over TLS: etcd, a JWKS URL).
+pub fn system_client_config() -> rustls::ClientConfig {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}

@@ -211,7 +211,8 @@ pub struct RunArgs {
 
     /// Service registry: `cluster` (sidecars find each other by gossip, no server),
     /// `memory` (this process only) or etcd://host:port[,host:port] (shared by every
-    /// sidecar on that etcd).
+    /// sidecar on that etcd; etcds:// for TLS, its CA from the system or
+    /// SSL_CERT_FILE).
     #[arg(
         long,
         default_value = "cluster",

@@ -128,3 +128,44 @@ async fn a_killed_sidecars_app_leaves_the_registry_within_10s_whatever_its_ttl()
     eprintln!("gone {:?} after the SIGKILL", killed.elapsed());
     owner.process.kill();
 }
+
+/// etcds://: the registry over TLS to etcd, its certificate checked against
+/// SSL_CERT_FILE; a sidecar that does not trust the CA says so in /healthz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_reaches_etcd_over_tls() {
+    let etcd = Server::etcd_tls();
+    assert!(etcd.url().starts_with("etcds://"), "{}", etcd.url());
+    let ca = etcd.ca_file().display().to_string();
+    let a = Sidecar::start_with_env(&["--registry", &etcd.url()], &[("SSL_CERT_FILE", &ca)]);
+    let b = Sidecar::start_with_env(&["--registry", &etcd.url()], &[("SSL_CERT_FILE", &ca)]);
+    let body = r#"{"name":"secure","nodes":[{"id":"s1","address":"127.0.0.1:9"}]}"#;
+    let registered = eventually(Duration::from_secs(10), || async {
+        post_json(&a.url("/registry"), body)
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    assert!(registered, "registered over TLS");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            node_ids(&b, "secure").await == ["s1"]
+        })
+        .await,
+        "seen through etcd by the other sidecar"
+    );
+    let health = get(&a.url("/healthz")).await.unwrap();
+    assert_eq!(health.status, 200, "{}", health.text());
+
+    // Without the CA: the certificate is not trusted, and /healthz says why.
+    let untrusting = Sidecar::start(&["--registry", &etcd.url()]);
+    let said = eventually(Duration::from_secs(10), || async {
+        let h = get(&untrusting.url("/healthz")).await.unwrap();
+        h.status == 503 && h.text().contains("certificate")
+    })
+    .await;
+    assert!(
+        said,
+        "{}",
+        get(&untrusting.url("/healthz")).await.unwrap().text()
+    );
+}

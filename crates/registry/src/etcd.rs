@@ -209,9 +209,14 @@ impl EtcdRegistry {
 
     fn connect_with(url: &str, watch_silence: Duration) -> Result<Self, RegistryError> {
         let endpoints = parse_url(url)?;
-        let backend = format!("etcd://{}", endpoints.join(","));
+        let tls = url.starts_with(TLS_SCHEME);
+        let backend = format!(
+            "{}{}",
+            if tls { TLS_SCHEME } else { "etcd://" },
+            endpoints.join(",")
+        );
         let inner = Arc::new(Inner {
-            gateway: Gateway::new(endpoints),
+            gateway: Gateway::new(endpoints, tls),
             backend,
             watch_silence,
             cache: Mutex::new(Cache::default()),
@@ -244,6 +249,10 @@ impl Drop for EtcdRegistry {
     }
 }
 
+/// etcd over TLS (https:// to its gateway), checked against the system's roots or
+/// the PEM file named by `SSL_CERT_FILE`.
+pub const TLS_SCHEME: &str = "etcds://";
+
 pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
     // Never repeat a password back: show the URL without what precedes an '@'.
     let shown = match url.split_once('@') {
@@ -252,11 +261,12 @@ pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
     };
     let invalid = |why: &str| {
         RegistryError::Invalid(format!(
-            "registry URL {shown:?} {why}: write etcd://host:port[,host:port...]"
+            "registry URL {shown:?} {why}: write etcd://host:port[,host:port...] (etcds:// for TLS)"
         ))
     };
     let rest = url
         .strip_prefix("etcd://")
+        .or_else(|| url.strip_prefix(TLS_SCHEME))
         .ok_or_else(|| invalid("is not an etcd URL"))?;
     if rest.contains('@') {
         return Err(invalid(
@@ -879,14 +889,20 @@ struct Gateway {
     endpoints: Vec<String>,
     current: AtomicUsize,
     client: Client,
+    /// `http` or `https`.
+    scheme: &'static str,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Gateway {
-    fn new(endpoints: Vec<String>) -> Self {
+    fn new(endpoints: Vec<String>, tls: bool) -> Self {
+        let tls = tls.then(|| Arc::new(pillion_http::tls::system_client_config()));
         Gateway {
             endpoints,
             current: AtomicUsize::new(0),
-            client: Client::new(Default::default(), Duration::from_secs(1)),
+            client: Client::with_tls(Default::default(), Duration::from_secs(1), tls.clone()),
+            scheme: if tls.is_some() { "https" } else { "http" },
+            tls,
         }
     }
 
@@ -901,7 +917,7 @@ impl Gateway {
         for i in 0..n {
             let idx = (start + i) % n;
             let endpoint = &self.endpoints[idx];
-            let req = http::Request::post(format!("http://{endpoint}{path}"))
+            let req = http::Request::post(format!("{}://{endpoint}{path}", self.scheme))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(Outgoing::full(Bytes::from(body.to_string())))
                 .expect("request builds");
@@ -998,7 +1014,8 @@ impl KeepAlive {
         let mut last = String::new();
         for i in 0..n {
             let endpoint = &gateway.endpoints[(start + i) % n];
-            match tokio::time::timeout(CALL_TIMEOUT, Self::connect_to(endpoint)).await {
+            match tokio::time::timeout(CALL_TIMEOUT, Self::connect_to(endpoint, &gateway.tls)).await
+            {
                 Ok(Ok(k)) => return Ok(k),
                 Ok(Err(e)) => last = format!("{endpoint}: {e}"),
                 Err(_) => last = format!("{endpoint}: no connection within {CALL_TIMEOUT:?}"),
@@ -1007,11 +1024,26 @@ impl KeepAlive {
         Err(GatewayError::Unreachable(last))
     }
 
-    async fn connect_to(endpoint: &str) -> Result<KeepAlive, String> {
+    async fn connect_to(
+        endpoint: &str,
+        tls: &Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<KeepAlive, String> {
         let tcp = tokio::net::TcpStream::connect(endpoint)
             .await
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
+        let tcp: pillion_http::stream::Stream = match tls {
+            None => tcp.into(),
+            Some(config) => {
+                let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{host}: {e}"))?;
+                pillion_http::stream::Connector::new((**config).clone(), name)
+                    .connect(tcp, pillion_http::stream::Carry::H2)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?
+            }
+        };
         let (send, connection) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .handshake(hyper_util::rt::TokioIo::new(tcp))

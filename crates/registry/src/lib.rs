@@ -104,7 +104,7 @@ pub async fn open(
     cluster: &cluster::ClusterOptions,
 ) -> Result<Arc<dyn Registry>, RegistryError> {
     check_url(url)?;
-    if url.starts_with("etcd://") {
+    if url.starts_with("etcd://") || url.starts_with(etcd::TLS_SCHEME) {
         Ok(Arc::new(etcd::EtcdRegistry::connect(url)?))
     } else if url.starts_with("memory") {
         Ok(Arc::new(memory::MemoryRegistry::new()))
@@ -120,9 +120,11 @@ pub async fn open(
 pub fn check_url(url: &str) -> Result<(), RegistryError> {
     match url {
         "cluster" | "memory" | "memory://" => Ok(()),
-        u if u.starts_with("etcd://") => etcd::parse_url(u).map(|_| ()),
+        u if u.starts_with("etcd://") || u.starts_with(etcd::TLS_SCHEME) => {
+            etcd::parse_url(u).map(|_| ())
+        }
         other => Err(RegistryError::Invalid(format!(
-            "unknown registry {other:?}: use cluster, memory or etcd://host:port[,host:port]"
+            "unknown registry {other:?}: use cluster, memory, etcd://host:port[,host:port] or etcds://host:port (TLS)"
         ))),
     }
 }

@@ -16,6 +16,8 @@ use crate::process::free_port;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Etcd,
+    /// etcd serving clients over TLS only, with a certificate from a CA made for the test.
+    EtcdTls,
     Redis,
     /// redis-server speaking only TLS, with a certificate from a CA made for the test.
     RedisTls,
@@ -27,7 +29,7 @@ pub enum Kind {
 impl Kind {
     fn binary(self) -> &'static str {
         match self {
-            Kind::Etcd => "etcd",
+            Kind::Etcd | Kind::EtcdTls => "etcd",
             Kind::Redis | Kind::RedisTls => "redis-server",
             Kind::Nats | Kind::NatsTls => "nats-server",
         }
@@ -35,7 +37,7 @@ impl Kind {
 
     fn package(self) -> &'static str {
         match self {
-            Kind::Etcd => "etcd-server",
+            Kind::Etcd | Kind::EtcdTls => "etcd-server",
             Kind::Redis | Kind::RedisTls => "redis-server",
             Kind::Nats | Kind::NatsTls => "nats-server",
         }
@@ -44,6 +46,7 @@ impl Kind {
     fn scheme(self) -> &'static str {
         match self {
             Kind::Etcd => "etcd",
+            Kind::EtcdTls => "etcds",
             Kind::Redis => "redis",
             Kind::RedisTls => "rediss",
             Kind::Nats => "nats",
@@ -78,6 +81,10 @@ impl Server {
     /// redis-server on a TLS-only port. Its certificate (for 127.0.0.1 and localhost)
     /// is signed by a CA made for this server, whose PEM file is [`Server::ca_file`].
     /// Needs the `openssl` command.
+    pub fn etcd_tls() -> Server {
+        Server::start(Kind::EtcdTls)
+    }
+
     pub fn redis_tls() -> Server {
         Server::start(Kind::RedisTls)
     }
@@ -108,7 +115,7 @@ impl Server {
             )
         });
         let dir = temp_dir(kind.binary());
-        if kind == Kind::RedisTls || kind == Kind::NatsTls {
+        if matches!(kind, Kind::RedisTls | Kind::NatsTls | Kind::EtcdTls) {
             make_certificates(&dir);
         }
         // Ports are picked free, then bound by the child: if another process wins the
@@ -153,8 +160,13 @@ impl Server {
             .stderr(log);
         let host = "127.0.0.1";
         match self.kind {
-            Kind::Etcd => {
-                let client = format!("http://{host}:{}", self.port);
+            Kind::Etcd | Kind::EtcdTls => {
+                let scheme = if self.kind == Kind::EtcdTls {
+                    "https"
+                } else {
+                    "http"
+                };
+                let client = format!("{scheme}://{host}:{}", self.port);
                 let peer = format!("http://{host}:{}", self.peer_port);
                 cmd.args(["--name", "default", "--data-dir"])
                     .arg(self.dir.join("data"))
@@ -164,6 +176,9 @@ impl Server {
                     .args(["--initial-advertise-peer-urls", &peer])
                     .args(["--initial-cluster", &format!("default={peer}")])
                     .args(["--log-level", "warn"]);
+                if self.kind == Kind::EtcdTls {
+                    cmd.args(["--cert-file", "server.pem", "--key-file", "server.key"]);
+                }
             }
             Kind::Redis => {
                 cmd.args(["--port", &self.port.to_string(), "--bind", host])
@@ -228,7 +243,7 @@ impl Server {
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let (probe, want): (&[u8], &str) = match self.kind {
             // The TLS handshake is the client's business: an open port will do.
-            Kind::RedisTls => return true,
+            Kind::RedisTls | Kind::EtcdTls => return true,
             Kind::Etcd => (
                 b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
                 "\"health\":\"true\"",
