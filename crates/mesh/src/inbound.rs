@@ -122,7 +122,12 @@ impl MeshInbound {
         let h2 = req.version() == Version::HTTP_2;
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let host = parts.headers.get(HOST).cloned();
+        let host = parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[CALLER]);
         if let Ok(v) = HeaderValue::from_str(&caller) {
             headers.insert(CALLER, v);

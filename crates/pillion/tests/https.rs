@@ -138,6 +138,17 @@ async fn https_on_listen_follows_its_certificate_files() {
         200,
         "an h2 request over TLS reaches the app"
     );
+    let seen: serde_json::Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        seen["headers"]["host"], "localhost",
+        "the app (HTTP/1.1) gets the h2 request's :authority as Host: {seen}"
+    );
 
     // Plain HTTP on the HTTPS port gets no answer.
     let mut plain = TcpStream::connect(("127.0.0.1", listen)).await.unwrap();

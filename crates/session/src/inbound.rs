@@ -231,7 +231,13 @@ impl Inbound {
 
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let host = parts.headers.get(HOST).cloned();
+        // An h2 client names the host in :authority, which HTTP/1.1 needs as Host.
+        let host = parts.headers.get(HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         // Only a mesh listener names the caller; a client's claim is removed.
         let mut headers = outbound_headers(
             parts.headers,
