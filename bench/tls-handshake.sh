@@ -47,8 +47,10 @@ RAW="$WORK/raw"
 for round in $(seq 1 "$ROUNDS"); do
   for t in pillion haproxy; do
     say "round $round: $t"
-    rps=$(wrk -t1 -c16 -d"${DURATION}s" -H 'Connection: close' "${URL[$t]}" \
-      | awk '/^Requests\/sec/ {print $2}')
+    out=$(wrk -t1 -c16 -d"${DURATION}s" -H 'Connection: close' "${URL[$t]}")
+    # Only answered requests count: an error page is not a handshake served.
+    if grep -q "Non-2xx" <<<"$out"; then say "$t: answers that are not 2xx:"; say "$out"; exit 1; fi
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     echo "$t|${rps:-0}" >> "$RAW"
   done
 done
