@@ -124,7 +124,7 @@ pub fn check_url(url: &str) -> Result<(), RegistryError> {
             etcd::parse_url(u).map(|_| ())
         }
         other => Err(RegistryError::Invalid(format!(
-            "unknown registry {other:?}: use cluster, memory, etcd://host:port[,host:port] or etcds://host:port (TLS)"
+            "unknown registry {other:?}: use cluster, memory or etcd://host:port[,host:port] (etcds:// for TLS)"
         ))),
     }
 }
