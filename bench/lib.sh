@@ -136,3 +136,20 @@ start_pillion() {
   curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$port/registry" \
     -d "{\"name\":\"bench\",\"nodes\":[{\"id\":\"bench-1\",\"address\":\"127.0.0.1:$backend\"}]}" >/dev/null
 }
+# On a shared machine: cpu_stat before and after a run,
+# busy_cores of the two for how busy the whole machine was; wait_quiet waits (up to
+# QUIET_WAIT s, 60) for a second in which the machine keeps less than 0.3 core busy.
+QUIET_WAIT=${QUIET_WAIT:-60}
+cpu_stat() { awk '/^cpu / {print $2+$3+$4+$6+$7+$8+$9, $5}' /proc/stat; }  # busy (steal included) idle, in ticks
+busy_cores() { # BUSY0 IDLE0 BUSY1 IDLE1
+  awk -v b0="$1" -v i0="$2" -v b1="$3" -v i1="$4" -v n="$(nproc)" \
+    'BEGIN { t = (b1 - b0) + (i1 - i0); printf "%.2f", t ? n * (b1 - b0) / t : 0 }'
+}
+wait_quiet() {
+  local end=$((SECONDS + QUIET_WAIT)) a b
+  while [ "$SECONDS" -lt "$end" ]; do
+    a=$(cpu_stat); sleep 1; b=$(cpu_stat)
+    awk -v c="$(busy_cores $a $b)" 'BEGIN { exit !(c < 0.3) }' && return 0
+  done
+  say "  the machine stayed busy; measuring anyway"
+}

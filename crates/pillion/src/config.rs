@@ -713,6 +713,7 @@ fn resolve_inbound(
         }
     };
     let jwt = resolve_jwt(loaded)?;
+    let https = tls.is_some();
     Ok(Some(InboundSettings {
         listen,
         tls,
@@ -729,6 +730,7 @@ fn resolve_inbound(
             connect_timeout: Duration::from_secs(1),
             app_timeout: args.app_timeout.0,
             pool: pool.clone(),
+            https,
         },
     }))
 }

@@ -149,6 +149,7 @@ async fn https_on_listen_follows_its_certificate_files() {
         seen["headers"]["host"], "localhost",
         "the app (HTTP/1.1) gets the h2 request's :authority as Host: {seen}"
     );
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https", "{seen}");
 
     // Plain HTTP on the HTTPS port gets no answer.
     let mut plain = TcpStream::connect(("127.0.0.1", listen)).await.unwrap();

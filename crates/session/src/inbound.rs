@@ -76,6 +76,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long the app may take to answer's headers (`--app-timeout`); then 504.
     pub app_timeout: Duration,
+    /// The listener serves HTTPS: the app gets `X-Forwarded-Proto: https`.
+    pub https: bool,
     /// How connections to the app are kept.
     pub pool: pool::Settings,
 }
@@ -254,7 +256,7 @@ impl Inbound {
             }
             Loaded::Fresh => {}
         }
-        forwarded(&mut headers, peer, host.as_ref());
+        forwarded(&mut headers, peer, host.as_ref(), cfg.https);
         if let Some(host) = host {
             headers.insert(HOST, host);
         }
@@ -395,7 +397,12 @@ fn unstored(e: StoreError) -> Response<ProxyBody> {
 }
 
 /// `X-Forwarded-For` (appended), `-Proto` and `-Host`.
-fn forwarded(headers: &mut http::HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+fn forwarded(
+    headers: &mut http::HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+    https: bool,
+) {
     let xff = HeaderName::from_static("x-forwarded-for");
     let ip = peer.ip().to_string();
     let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
@@ -407,7 +414,7 @@ fn forwarded(headers: &mut http::HeaderMap, peer: SocketAddr, host: Option<&Head
     }
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
+        HeaderValue::from_static(if https { "https" } else { "http" }),
     );
     if let Some(host) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
