@@ -87,6 +87,31 @@ pub fn origin_form(uri: http::Uri) -> http::Uri {
     http::Uri::from(pq)
 }
 
+/// Why a request to the app failed, for its caller: whose fault, and whether the app
+/// was reached at all, naming `app`.
+pub fn app_failure(e: &crate::SendError, app: &str) -> String {
+    use crate::Blame;
+    match e.blame() {
+        Blame::Caller => format!("the request was not sent whole: {e}"),
+        Blame::Pillion => e.to_string(),
+        Blame::Node if !e.may_have_reached_node() => {
+            format!("the app at {app} is unreachable: {e}")
+        }
+        Blame::Node => format!("the app at {app} failed to answer: {e}"),
+    }
+}
+
+/// The host a request names: its `Host`, or an h2 request's `:authority` (which an
+/// HTTP/1.1 app needs as `Host`).
+pub fn request_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
 /// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)

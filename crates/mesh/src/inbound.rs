@@ -16,9 +16,10 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use pillion_core::ApiError;
 use pillion_http::pool::{Outgoing, Pool};
-use pillion_http::relay::{is_upgrade, origin_form, outbound_headers, relay, reply, ProxyBody};
+use pillion_http::relay::{
+    app_failure, is_upgrade, origin_form, outbound_headers, relay, reply, request_host, ProxyBody,
+};
 use pillion_http::server::TlsPeer;
-use pillion_http::Blame;
 
 use crate::jwt::Verifier;
 
@@ -122,12 +123,7 @@ impl MeshInbound {
         let h2 = req.version() == Version::HTTP_2;
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = request_host(&parts);
         let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[CALLER]);
         if let Ok(v) = HeaderValue::from_str(&caller) {
             headers.insert(CALLER, v);
@@ -171,13 +167,7 @@ impl MeshInbound {
                 ),
             )),
             Ok(Err((e, _))) => {
-                let detail = match e.blame() {
-                    Blame::Node if !e.may_have_reached_node() => {
-                        format!("the app at {} is unreachable: {e}", self.app)
-                    }
-                    Blame::Node => format!("the app at {} failed to answer: {e}", self.app),
-                    _ => e.to_string(),
-                };
+                let detail = app_failure(&e, &self.app);
                 reply(ApiError::new(ID, e.status(), detail))
             }
         }

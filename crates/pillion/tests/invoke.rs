@@ -455,45 +455,11 @@ async fn proxy_passes_methods_paths_upgrades_and_h2c_through() {
     assert_eq!(reply.json()["body"].as_str().unwrap().len(), big.len());
 
     // Upgrade: the tunnel echoes bytes both ways.
-    let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(
-        b"GET /web/upgrade HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s.write_all(b"ping through the tunnel").unwrap();
-    let mut echoed = vec![0u8; 23];
-    s.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"ping through the tunnel");
+    common::assert_upgrade_echoes(sc.addr, "/web/upgrade", b"ping through the tunnel");
 
     // h2c prior knowledge, as gRPC clients speak it.
-    let stream = tokio::net::TcpStream::connect(sc.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                stream,
-            ))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}/web/grpc.Svc/Call", sc.addr))
-        .header("te", "trailers")
-        .header("content-type", "application/grpc")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"\0\0\0\0\0",
-        )))
-        .unwrap();
-    let res = sender.send_request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (status, seen) = common::grpc_call(sc.addr, "/web/grpc.Svc/Call").await;
+    assert_eq!(status, 200);
     assert_eq!(
         seen["version"], "HTTP/2.0",
         "the node is spoken to in HTTP/2: {seen}"

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,45 +52,11 @@ async fn a_call_by_name_crosses_the_mesh_with_the_callers_identity() {
     assert_eq!(reply.json()["body"].as_str().unwrap().len(), big.len());
 
     // An upgrade (websockets' way): a tunnel through the mesh.
-    let mut s = std::net::TcpStream::connect(front.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(
-        b"GET /orders/upgrade HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-    )
-    .unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = s.read(&mut buf).unwrap();
-    let head = String::from_utf8_lossy(&buf[..n]).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s.write_all(b"ping through the mesh").unwrap();
-    let mut echoed = vec![0u8; 21];
-    s.read_exact(&mut echoed).unwrap();
-    assert_eq!(&echoed, b"ping through the mesh");
+    common::assert_upgrade_echoes(front.addr, "/orders/upgrade", b"ping through the mesh");
 
     // gRPC (h2c from the client): h2 over mTLS, then h2c to the app.
-    let stream = tokio::net::TcpStream::connect(front.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                stream,
-            ))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}/orders/grpc.Svc/Call", front.addr))
-        .header("te", "trailers")
-        .header("content-type", "application/grpc")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-            b"\0\0\0\0\0",
-        )))
-        .unwrap();
-    let res = sender.send_request(req).await.unwrap();
-    assert_eq!(res.status(), 200);
-    let body = http_body_util::BodyExt::collect(res.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (status, seen) = common::grpc_call(front.addr, "/orders/grpc.Svc/Call").await;
+    assert_eq!(status, 200);
     assert_eq!(seen["version"], "HTTP/2.0", "{seen}");
     assert_eq!(seen["headers"]["x-pillion-caller"], "front");
 

@@ -774,3 +774,23 @@ async fn a_visit_that_sets_nothing_stores_no_session() {
         "{metrics}"
     );
 }
+
+/// HTTP/1.0 allows a request without Host; the app, spoken to in HTTP/1.1, still
+/// gets one (its own address), as nginx would refuse it otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_without_host_reaches_the_app_with_one() {
+    let app = TestApp::start("users").await;
+    let (_sc, listen) = inbound(&app.url(), &[]);
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    s.write_all(b"GET /who HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let seen: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(seen["headers"]["host"], app.addr().to_string(), "{seen}");
+}

@@ -31,8 +31,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use pillion_core::ApiError;
 use pillion_http::pool::{self, Outgoing, Pool, TrailerFilter};
-use pillion_http::relay::{is_upgrade, origin_form, outbound_headers, relay, ProxyBody};
-use pillion_http::Blame;
+use pillion_http::relay::{
+    app_failure, is_upgrade, origin_form, outbound_headers, relay, request_host, ProxyBody,
+};
 
 use crate::codec::{check_limits, Limits, Scheme};
 use crate::cookie::CookieConfig;
@@ -233,13 +234,7 @@ impl Inbound {
 
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        // An h2 client names the host in :authority, which HTTP/1.1 needs as Host.
-        let host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = request_host(&parts);
         // Only a mesh listener names the caller; a client's claim is removed.
         let mut headers = outbound_headers(
             parts.headers,
@@ -257,9 +252,11 @@ impl Inbound {
             Loaded::Fresh => {}
         }
         forwarded(&mut headers, peer, host.as_ref(), cfg.https);
-        if let Some(host) = host {
-            headers.insert(HOST, host);
-        }
+        // HTTP/1.0 allows a request without a Host; the HTTP/1.1 the app gets does not.
+        match host.or_else(|| HeaderValue::from_str(&cfg.app).ok()) {
+            Some(host) => headers.insert(HOST, host),
+            None => None,
+        };
         let body = if body.is_end_stream() {
             Outgoing::Full(None)
         } else {
@@ -291,14 +288,7 @@ impl Inbound {
                 )
             }
             Ok(Err((e, _))) => {
-                let detail = match e.blame() {
-                    Blame::Caller => format!("the request was not sent whole: {e}"),
-                    Blame::Pillion => e.to_string(),
-                    Blame::Node if !e.may_have_reached_node() => {
-                        format!("the app at {} is unreachable: {e}", cfg.app_url)
-                    }
-                    Blame::Node => format!("the app at {} failed to answer: {e}", cfg.app_url),
-                };
+                let detail = app_failure(&e, &cfg.app_url);
                 return reply(e.status(), detail);
             }
         };
