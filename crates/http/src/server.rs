@@ -173,6 +173,12 @@ async fn serve_checked<F, Fut, B>(
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
             };
             let (_, conn) = tls.get_ref();
+            if conn.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+                // A TLS-ALPN-01 validation: the certificate was the answer, and RFC 8737
+                // wants no data after the handshake.
+                drop(permit);
+                return;
+            }
             let client = TlsPeer {
                 identity: identify.and_then(|f| conn.peer_certificates().and_then(f)),
             };

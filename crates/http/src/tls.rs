@@ -113,8 +113,13 @@ impl ResolvesServerCert for Certificates {
     }
 }
 
-/// A server config for HTTPS with `certificates`, offering h2 and HTTP/1.1.
-pub fn server_config(certificates: Arc<Certificates>) -> Arc<rustls::ServerConfig> {
+/// ALPN of a TLS-ALPN-01 validation (RFC 8737): the handshake is all the ACME server
+/// wants, and the listener closes the connection after it.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A server config for HTTPS with `certificates` (files, or ACME's), offering h2 and
+/// HTTP/1.1.
+pub fn server_config(certificates: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {
     // One process-wide crypto provider; another part of pillion may have set it.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = rustls::ServerConfig::builder()
@@ -127,10 +132,18 @@ pub fn server_config(certificates: Arc<Certificates>) -> Arc<rustls::ServerConfi
 /// A TLS client config trusting the system's roots, or the PEM file named by
 /// `SSL_CERT_FILE` (the engines reached over TLS: etcd, a JWKS URL).
 pub fn system_client_config() -> rustls::ClientConfig {
+    client_config_trusting(&[])
+}
+
+/// [`system_client_config`] that also trusts `extra` (a test CA's root).
+pub fn client_config_trusting(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
+    }
+    for cert in extra {
+        let _ = roots.add(cert.clone());
     }
     rustls::ClientConfig::builder()
         .with_root_certificates(roots)

@@ -10,8 +10,11 @@
 //! - [`jwt`] verifies bearer tokens against a JWKS (a file or a URL, read again on an
 //!   unknown key) and hands the app the token's subject.
 //! - [`fetch`] reads one small document over HTTP or HTTPS (a JWKS URL).
+//! - [`acme`]: certificates for HTTPS on `--listen` from an ACME CA such as Let's
+//!   Encrypt, validated by TLS-ALPN-01 on that listener, cached and renewed.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod ca;
 pub mod der;
 pub mod fetch;

@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use pillion_core::Dur;
 
 use crate::config::{
-    AppUrl, BrokerUrl, CookieName, HealthUrl, HostPort, KeyValue, MaxAge, NonZeroDur, RegistryUrl,
-    ServiceName, SessionStoreUrl,
+    AcmeDirectory, AcmeDomain, AcmeEmail, AppUrl, BrokerUrl, CookieName, HealthUrl, HostPort,
+    KeyValue, MaxAge, NonZeroDur, RegistryUrl, ServiceName, SessionStoreUrl,
 };
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
@@ -354,6 +354,48 @@ pub struct RunArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "PILLION_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+
+    /// HTTPS on --listen with a certificate for NAME from an ACME CA (Let's Encrypt
+    /// unless --acme-directory says otherwise), ordered in the background, kept in
+    /// --acme-cache and renewed 30 days before it ends; repeat it for more names on
+    /// the certificate (PILLION_ACME_DOMAIN takes a comma-separated list). The CA
+    /// checks each name by TLS-ALPN-01: --listen must be reachable at NAME:443.
+    /// Until the first certificate arrives, HTTPS handshakes fail. Needs --listen and
+    /// --acme-cache; not with --tls-cert. Ordering agrees to the CA's terms of
+    /// service.
+    #[arg(
+        long,
+        env = "PILLION_ACME_DOMAIN",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub acme_domain: Vec<AcmeDomain>,
+
+    /// The ACME CA's directory URL; for tests, Let's Encrypt's staging CA is
+    /// https://acme-staging-v02.api.letsencrypt.org/directory.
+    #[arg(
+        long,
+        default_value = pillion_mesh::acme::LETS_ENCRYPT,
+        env = "PILLION_ACME_DIRECTORY",
+        value_name = "URL"
+    )]
+    pub acme_directory: AcmeDirectory,
+
+    /// Contact address of the ACME account (the CA's expiry and policy notices).
+    #[arg(long, env = "PILLION_ACME_EMAIL", value_name = "EMAIL")]
+    pub acme_email: Option<AcmeEmail>,
+
+    /// Directory where the ACME account key, the certificate and its key are kept
+    /// (keys mode 0600; one subdirectory per --acme-directory), so that a restart
+    /// orders nothing. Required with --acme-domain: keep it on a persistent volume,
+    /// or every restart orders again and soon meets the CA's rate limits.
+    #[arg(long, env = "PILLION_ACME_CACHE", value_name = "DIR")]
+    pub acme_cache: Option<PathBuf>,
+
+    /// A PEM root certificate trusted, besides the system's, for the ACME directory
+    /// (a test CA such as pebble).
+    #[arg(long, env = "PILLION_ACME_CA_ROOT", value_name = "FILE")]
+    pub acme_ca_root: Option<PathBuf>,
 
     /// The mesh's CA certificate (from `pillion mesh init`; needs --mesh-ca-key and
     /// --server-name). The sidecar issues itself a certificate for

@@ -424,6 +424,8 @@ pub struct InboundSettings {
     pub listen: SocketAddr,
     /// HTTPS on `listen`.
     pub tls: Option<pillion_http::tls::CertFiles>,
+    /// HTTPS on `listen` with certificates from an ACME CA (never with `tls`).
+    pub acme: Option<pillion_mesh::acme::AcmeConfig>,
     /// JWT verification on `listen`.
     pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
     pub store: String,
@@ -657,6 +659,7 @@ fn resolve_inbound(
                 .find(|id| {
                     (id.starts_with("session_")
                         || id.starts_with("tls_")
+                        || id.starts_with("acme_")
                         || (id.starts_with("jwt_") && args.mesh_listen.is_none())
                         || id == "app_timeout"
                         || id == "listen_max_connections")
@@ -691,6 +694,7 @@ fn resolve_inbound(
         max_value: args.session_max_value_size.0 as usize,
         max_size: args.session_max_size.0 as usize,
     };
+    let acme = resolve_acme(loaded)?;
     let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
         (Some(cert), Some(key)) => {
             let files = pillion_http::tls::CertFiles { cert, key };
@@ -717,6 +721,7 @@ fn resolve_inbound(
     Ok(Some(InboundSettings {
         listen,
         tls,
+        acme,
         jwt,
         store: args.session_store.0.clone(),
         proxy: inbound::Config {
@@ -732,6 +737,60 @@ fn resolve_inbound(
             pool: pool.clone(),
             https,
         },
+    }))
+}
+
+/// `--acme-*`: certificates for `--listen` from an ACME CA, or none.
+fn resolve_acme(loaded: &Loaded) -> Result<Option<pillion_mesh::acme::AcmeConfig>, ConfigError> {
+    let args = &loaded.args;
+    let invalid = |s: String| Err(ConfigError::Invalid(s));
+    if args.acme_domain.is_empty() {
+        let given = ["acme_directory", "acme_email", "acme_cache", "acme_ca_root"]
+            .into_iter()
+            .find(|id| loaded.given(id));
+        if let Some(id) = given {
+            return invalid(format!(
+                "--{} ({id}) needs --acme-domain (acme_domain): the name the certificate is for",
+                id.replace('_', "-")
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some(id) = ["tls_cert", "tls_key"]
+        .into_iter()
+        .find(|id| loaded.given(id))
+    {
+        return invalid(format!(
+            "--acme-domain (acme_domain) and --{} ({id}) both give --listen its certificate: \
+             keep --acme-domain for certificates from the CA, or --tls-cert and --tls-key \
+             for your own files",
+            id.replace('_', "-")
+        ));
+    }
+    let Some(cache) = args.acme_cache.clone() else {
+        return invalid(
+            "--acme-domain (acme_domain) needs --acme-cache DIR (acme_cache): where the \
+             account and the certificate are kept across restarts (a directory on a \
+             persistent volume, such as /var/lib/pillion/acme)"
+                .into(),
+        );
+    };
+    if let Some(root) = &args.acme_ca_root {
+        // Refused at start rather than at the first order.
+        pillion_mesh::acme::load_root(root).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    }
+    let mut domains: Vec<String> = Vec::new();
+    for d in &args.acme_domain {
+        if !domains.contains(&d.0) {
+            domains.push(d.0.clone());
+        }
+    }
+    Ok(Some(pillion_mesh::acme::AcmeConfig {
+        domains,
+        directory: args.acme_directory.0.clone(),
+        email: args.acme_email.clone().map(|e| e.0),
+        cache,
+        ca_root: args.acme_ca_root.clone(),
     }))
 }
 
@@ -836,6 +895,24 @@ checked_value!(
     } else {
         Err(format!("{s:?} is not a valid cookie name"))
     }
+);
+
+checked_value!(
+    /// An `--acme-domain`: a DNS name, in lower case.
+    AcmeDomain(String),
+    pillion_mesh::acme::check_domain
+);
+
+checked_value!(
+    /// An `--acme-directory`: an `https://` URL.
+    AcmeDirectory(String),
+    pillion_mesh::acme::check_directory
+);
+
+checked_value!(
+    /// An `--acme-email`.
+    AcmeEmail(String),
+    pillion_mesh::acme::check_email
 );
 
 /// `--app`: the URL as given and its `host:port`.

@@ -56,6 +56,7 @@ struct Status {
     broker_metrics: Arc<BrokerMetrics>,
     tcp: Arc<TcpProxy>,
     identity: Option<Arc<pillion_mesh::identity::Identity>>,
+    acme: Option<Arc<pillion_mesh::acme::Acme>>,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
 }
 
@@ -91,6 +92,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }
     };
 
+    let acme = match settings.inbound.as_ref().and_then(|i| i.acme.clone()) {
+        Some(config) => Some(pillion_mesh::acme::Acme::new(config).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let identity = match &settings.mesh {
         Some(mesh) => Some(
             pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
@@ -208,6 +213,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         broker_metrics,
         tcp: tcp.clone(),
         identity: identity.clone(),
+        acme: acme.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
@@ -244,14 +250,18 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         shutdown.clone().begun(),
     ))];
     if let Some((inbound, listener)) = inbound {
-        let tls = match settings.inbound.as_ref().and_then(|i| i.tls.as_ref()) {
-            Some(files) => {
+        let tls = match (
+            settings.inbound.as_ref().and_then(|i| i.tls.as_ref()),
+            &acme,
+        ) {
+            (Some(files), _) => {
                 let certificates = files
                     .watch(settings.reload_period)
                     .map_err(|e| e.to_string())?;
                 Some(pillion_http::tls::server_config(certificates))
             }
-            None => None,
+            (None, Some(acme)) => Some(acme.server_config()),
+            (None, None) => None,
         };
         let limits = Limits {
             max_connections: Some(settings.listen_max_connections),
@@ -281,6 +291,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             },
         )));
     }
+    // Orders start once --listen accepts: the CA validates the names through it.
+    let orders = acme.map(|acme| tokio::spawn(acme.run(shutdown.clone().begun())));
     if let (Some((inbound, listener)), Some(identity)) = (mesh_inbound, &identity) {
         let tunnels = inbound.clone();
         let limits = Limits {
@@ -314,6 +326,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         async {
             for server in servers {
                 let _ = server.await;
+            }
+            if let Some(orders) = orders {
+                let _ = orders.await;
             }
         },
         tcp.shutdown(settings.grace_period),
@@ -397,6 +412,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
             "healthy": status.broker.healthy(),
         },
         "tcp": status.tcp.status().await,
+        "acme": status.acme.as_ref().map(|acme| acme.status()),
         "mesh": status.identity.as_ref().map(|identity| {
             let mut mesh = identity.status();
             if let Some(inbound) = &status.mesh_inbound {

@@ -10,15 +10,18 @@
 //! - [`http`]: a minimal async HTTP client for asserting what a user would see.
 //! - [`tcp`]: raw TCP backends (greet-and-echo, reply-after-EOF) and a fast checksum.
 //! - [`dns`]: a small DNS server whose A records a test sets.
+//! - [`pebble`]: Let's Encrypt's test ACME CA, validating on a port the test gives.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod dns;
 pub mod http;
+pub mod pebble;
 pub mod process;
 pub mod server;
 pub mod tcp;
 
 pub use app::{Health, Mode, TestApp};
+pub use pebble::Pebble;
 pub use process::{free_port, free_udp_port, wait_for_port, Daemon};
 pub use server::{make_certificates, Server};

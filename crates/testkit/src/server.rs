@@ -399,7 +399,7 @@ pub fn make_certificates(dir: &Path) {
     ]);
 }
 
-fn find_binary(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin", "/sbin"].map(PathBuf::from))
@@ -407,7 +407,7 @@ fn find_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn temp_dir(kind: &str) -> PathBuf {
+pub(crate) fn temp_dir(kind: &str) -> PathBuf {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -422,7 +422,7 @@ fn temp_dir(kind: &str) -> PathBuf {
     dir
 }
 
-fn read_tail(path: &Path) -> String {
+pub(crate) fn read_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
