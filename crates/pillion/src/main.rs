@@ -6,12 +6,14 @@
 //! - [`sidecar`]: wiring of the registry, the app's registration and the HTTP API.
 //! - [`api`]: the API listener: fixed routes, and calls to services without a router.
 //! - [`shutdown`]: signals to a graceful stop.
+//! - [`migration`]: micro's, bailiff's and iaido's settings, rewritten or refused.
 #![forbid(unsafe_code)]
 
 mod api;
 mod cli;
 mod config;
 mod door;
+mod migration;
 mod shutdown;
 mod sidecar;
 
@@ -22,7 +24,28 @@ use crate::cli::{Cli, Command};
 use crate::config::{Loaded, Settings};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The old systems' settings first, while this is the only thread: a variable set
+    // here is read by clap like one the user set.
+    let old_env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("MICRO_") || k.starts_with("BAILIFF_"))
+        .collect();
+    let migrated = match migration::migrate(std::env::args_os().collect(), &old_env, |k| {
+        std::env::var_os(k).is_some()
+    }) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for notice in &migrated.notices {
+        eprintln!("{notice}");
+    }
+    for (key, value) in &migrated.env {
+        std::env::set_var(key, value);
+    }
+    let cli = Cli::parse_from(&migrated.argv);
     match cli.command {
         Command::Bootstrap {
             config,
@@ -85,7 +108,10 @@ fn main() -> ExitCode {
         Command::Run(args) => {
             // Parsed again with the file's values in place, from what follows `run`.
             drop(args);
-            let argv: Vec<std::ffi::OsString> = std::env::args_os()
+            let argv: Vec<std::ffi::OsString> = migrated
+                .argv
+                .iter()
+                .cloned()
                 .skip_while(|a| a != "run")
                 .skip(1)
                 .collect();
