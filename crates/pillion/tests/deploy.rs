@@ -217,8 +217,8 @@ fn the_dockerfile_builds_in_stages_and_runs_as_a_non_root_user() {
     let last = &lines[*stages.last().unwrap()..];
     let user = last
         .iter()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("the final stage sets USER");
     let uid = user.split(':').next().unwrap().trim();
     assert!(uid != "0" && uid != "root", "runs as root: USER {user}");
