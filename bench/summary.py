@@ -66,7 +66,8 @@ if tcp:
 
 b = load("broker")
 if b:
-    md += [f"## Broker ({b['concurrency']} closed-loop publishers, one subscriber)", "",
+    md += [f"## Broker ({b['concurrency']} closed-loop publishers, or `stream-*`: one connection with {b.get('window', '-')} messages in flight; one subscriber)", "",
+           "`stream-embedded` and `stream-nats` publish over one websocket (`publish=1`), compared with `stream-direct`, one NATS connection to nats-server.", "",
            "| target | msgs/s | p50 ms | p99 ms | msgs/s vs direct | lost |", "|---|---|---|---|---|---|"]
     for t, r in b["results"].items():
         md.append(f"| {t} | {r['msgs_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['msgs_vs_direct']:.2f} | {r['lost']} |")

@@ -5,6 +5,13 @@
 //!   broker_load sidecar 127.0.0.1:8081 [CONCURRENCY] [SECONDS]
 //!   broker_load nats nats://127.0.0.1:4222 [CONCURRENCY] [SECONDS]
 //!   broker_load across A B[,B...] [CONCURRENCY] [SECONDS]
+//!   broker_load ws 127.0.0.1:8081 [WINDOW] [SECONDS]
+//!   broker_load nats-stream nats://127.0.0.1:4222 [WINDOW] [SECONDS]
+//!
+//! `ws` publishes over one websocket (`/broker?topic=T&publish=1`) with up to WINDOW
+//! messages not yet acknowledged, counting a message once its acknowledgement says
+//! 200; `nats-stream` is the same on one NATS connection, flushing every WINDOW
+//! messages (as `nats bench` publishes).
 //!
 //! `across` publishes on sidecar A and subscribes on each sidecar B (embedded broker,
 //! shared registry): it waits until A sees every B's subscription, and at the end
@@ -51,7 +58,7 @@ async fn main() {
 
     // The subscriber.
     let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let nats = if mode == "nats" {
+    let nats = if mode.starts_with("nats") {
         Some(
             async_nats::connect(target.as_str())
                 .await
@@ -121,7 +128,35 @@ async fn main() {
     // The publishers.
     let started = Instant::now();
     let mut publishers = Vec::new();
-    for _ in 0..concurrency {
+    match mode.as_str() {
+        "ws" => publishers.push(tokio::spawn(publish_over_websocket(
+            target.clone(),
+            topic,
+            concurrency,
+            stop.clone(),
+            published.clone(),
+            refused.clone(),
+        ))),
+        "nats-stream" => {
+            let client = nats.clone().unwrap();
+            let (stop, published) = (stop.clone(), published.clone());
+            publishers.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..concurrency {
+                        client
+                            .publish(topic, Bytes::from(now_ns().to_string()))
+                            .await
+                            .unwrap();
+                    }
+                    client.flush().await.unwrap();
+                    published.fetch_add(concurrency as u64, Ordering::Relaxed);
+                }
+            }));
+        }
+        _ => {}
+    }
+    let closed_loop = !matches!(mode.as_str(), "ws" | "nats-stream");
+    for _ in 0..if closed_loop { concurrency } else { 0 } {
         let stop = stop.clone();
         let published = published.clone();
         let refused = refused.clone();
@@ -204,6 +239,57 @@ async fn main() {
             "p99_ms": percentile(&latencies, 0.99),
         })
     );
+}
+
+/// One publishing websocket with up to `window` messages unacknowledged.
+async fn publish_over_websocket(
+    target: String,
+    topic: &'static str,
+    window: usize,
+    stop: Arc<AtomicBool>,
+    published: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+    let url = format!("ws://{target}/broker?topic={topic}&publish=1");
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("publishing websocket");
+    let (mut tx, mut rx) = ws.split();
+    let credit = Arc::new(tokio::sync::Semaphore::new(window));
+    let acks = {
+        let credit = credit.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = rx.next().await {
+                let Ws::Text(t) = frame else { continue };
+                let ack: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if ack["status"] == 200 {
+                    published.fetch_add(1, Ordering::Relaxed);
+                } else if refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                    eprintln!("publish refused: {t}");
+                }
+                credit.add_permits(1);
+            }
+        })
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let permit = match credit.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                tx.flush().await.unwrap();
+                credit.acquire().await.unwrap()
+            }
+        };
+        permit.forget();
+        tx.feed(Ws::Text(now_ns().to_string().into()))
+            .await
+            .unwrap();
+    }
+    tx.flush().await.unwrap();
+    // The acknowledgements of what is in flight, for up to 5 s.
+    let _ = tokio::time::timeout(Duration::from_secs(5), credit.acquire_many(window as u32)).await;
+    acks.abort();
 }
 
 /// Waits until sidecar `at` shows `n` broker nodes subscribed to `topic`.

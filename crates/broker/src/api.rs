@@ -12,6 +12,12 @@
 //!   connection that stopped answering, or whose reader is too slow (with the reason).
 //! - The same `GET` with `Accept: text/event-stream` streams the messages as
 //!   server-sent events, for clients without websockets.
+//! - `GET /broker?topic=T&publish=1` as a websocket publishes: each frame the client
+//!   sends is one message to `T` (the upgrade request's headers are every message's
+//!   headers), and each is answered, in order, by a text frame
+//!   `{"seq":N,"status":200}` once the backend accepted it, or
+//!   `{"seq":N,"status":4xx|5xx,"id":..,"detail":..}` when it did not: a client can
+//!   send many messages without waiting, and knows which were taken.
 //! - `GET /broker/deliver` with `Upgrade: pillion-broker/1` takes the stream of
 //!   messages another sidecar's embedded broker sends this one ([`crate::intake`]).
 
@@ -83,10 +89,16 @@ fn error(status: StatusCode, detail: impl Into<String>) -> Response {
 }
 
 fn broker_error(e: BrokerError) -> Response {
+    broker_api_error(e).into_response().into_response()
+}
+
+fn broker_api_error(e: BrokerError) -> ApiError {
     match e {
-        BrokerError::Unavailable { .. } => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        BrokerError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
-        BrokerError::TooLarge(m) => error(StatusCode::PAYLOAD_TOO_LARGE, m),
+        BrokerError::Unavailable { .. } => {
+            ApiError::new(ID, StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        BrokerError::Invalid(m) => ApiError::new(ID, StatusCode::BAD_REQUEST, m),
+        BrokerError::TooLarge(m) => ApiError::new(ID, StatusCode::PAYLOAD_TOO_LARGE, m),
     }
 }
 
@@ -94,7 +106,13 @@ fn broker_error(e: BrokerError) -> Response {
 struct TopicQuery {
     topic: Option<String>,
     queue: Option<String>,
+    /// `1` (or `true`): the websocket publishes instead of subscribing.
+    publish: Option<String>,
 }
+
+/// Messages of a publishing websocket read before their acknowledgements are written
+/// in one flush.
+const ACK_BATCH: usize = 256;
 
 /// `content-type` -> `Content-Type`, as Go's canonical header names.
 fn canonical(name: &str) -> String {
@@ -107,8 +125,12 @@ fn canonical(name: &str) -> String {
     out
 }
 
-const NOT_MESSAGE_HEADERS: [&str; 9] = [
+const NOT_MESSAGE_HEADERS: [&str; 13] = [
     "host",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-protocol",
     "content-length",
     "connection",
     "keep-alive",
@@ -183,6 +205,16 @@ async fn subscribe(
         return error(StatusCode::BAD_REQUEST, "malformed query string");
     };
     let pattern = query.topic.unwrap_or_default();
+    match query.publish.as_deref() {
+        None | Some("0" | "false") => {}
+        Some("1" | "true") => return open_publisher(api, pattern, &headers, ws),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("publish={other:?}: give publish=1 to publish over this websocket"),
+            )
+        }
+    }
     if let Err(e) = topic::check_pattern(&pattern) {
         return error(StatusCode::BAD_REQUEST, e);
     }
@@ -295,6 +327,128 @@ async fn serve_websocket(
             }
         }
     }
+}
+
+/// `GET /broker?topic=T&publish=1`: checked before the upgrade, so a bad topic is a
+/// plain 400 the client can read.
+fn open_publisher(
+    api: Arc<BrokerApi>,
+    topic: String,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(e) = topic::check_publish(&topic) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let Ok(ws) = ws else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "publish=1 takes a websocket; to publish one message, POST it to /broker?topic=T",
+        );
+    };
+    let header = message_headers(headers);
+    ws.max_message_size(api.config.max_message)
+        .on_upgrade(move |socket| serve_publisher(api, socket, topic, header))
+        .into_response()
+}
+
+/// The acknowledgement of message `seq`: its status, and the error's id and detail.
+fn ack_frame(seq: u64, result: Result<(), ApiError>) -> WsMessage {
+    let text = match result {
+        Ok(()) => format!(r#"{{"seq":{seq},"status":200}}"#),
+        Err(e) => serde_json::json!({
+            "seq": seq, "status": e.code, "id": e.id, "detail": e.detail,
+        })
+        .to_string(),
+    };
+    WsMessage::Text(text.into())
+}
+
+/// Publishes each frame in the order it came and acknowledges it in that order;
+/// acknowledgements of frames that were already waiting go out in one write.
+async fn serve_publisher(
+    api: Arc<BrokerApi>,
+    socket: WebSocket,
+    topic: String,
+    header: std::collections::BTreeMap<String, String>,
+) {
+    use futures_util::FutureExt;
+    let (mut tx, mut rx) = socket.split();
+    let mut ping = tokio::time::interval(api.config.ping_interval);
+    ping.tick().await;
+    let mut last_seen = Instant::now();
+    let mut seq: u64 = 0;
+    loop {
+        let frame = tokio::select! {
+            frame = rx.next() => frame,
+            _ = ping.tick() => {
+                if last_seen.elapsed() > api.config.ping_interval * 2 {
+                    let _ = tx.send(close_frame(1001, "no answer to pings")).await;
+                    return;
+                }
+                if tx.send(WsMessage::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        // This frame, then every one already read, each published before the next.
+        let mut next = Some(frame);
+        let mut acks = 0;
+        while let Some(frame) = next.take() {
+            last_seen = Instant::now();
+            let body = match frame {
+                Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().to_string()),
+                Some(Ok(WsMessage::Binary(b))) => b,
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    let _ = tx.flush().await;
+                    return;
+                }
+                Some(Err(e)) => {
+                    // Over the size limit (the library refuses the frame) or broken.
+                    seq += 1;
+                    let detail = format!(
+                        "message {seq} not taken: {e} (largest message: {}, --broker-max-message-size)",
+                        pillion_core::size::format(api.config.max_message as u64)
+                    );
+                    let refused = ApiError::new(ID, StatusCode::PAYLOAD_TOO_LARGE, detail);
+                    let _ = tx.feed(ack_frame(seq, Err(refused))).await;
+                    let _ = tx
+                        .send(close_frame(1009, "message too large or malformed frame"))
+                        .await;
+                    return;
+                }
+                Some(Ok(_)) => {
+                    next = rx.next().now_or_never();
+                    continue; // ping/pong: answered by the library
+                }
+            };
+            seq += 1;
+            let message = Message {
+                header: header.clone(),
+                body,
+            };
+            let result = api.broker.publish(&topic, message).await;
+            let ack = ack_frame(seq, result.map_err(broker_api_error));
+            if tx.feed(ack).await.is_err() {
+                return;
+            }
+            acks += 1;
+            if acks < ACK_BATCH {
+                next = rx.next().now_or_never();
+            }
+        }
+        if tx.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn close_frame(code: u16, reason: &str) -> WsMessage {
+    WsMessage::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_string().into(),
+    }))
 }
 
 fn serve_sse(

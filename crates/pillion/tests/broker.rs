@@ -865,3 +865,164 @@ async fn nats_over_tls_carries_messages_and_an_unknown_ca_is_reported() {
     assert_eq!(health.status, 503, "{}", health.text());
     assert!(health.text().contains("broker"), "{}", health.text());
 }
+
+/// A publishing websocket (`publish=1`) on `sc`, with `headers` on its upgrade.
+async fn publisher(sc: &Sidecar, topic: &str, headers: &[(&str, &str)]) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{}/broker?topic={topic}&publish=1", sc.addr)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .expect("the upgrade within 5 s")
+    .expect("a publishing websocket");
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishing_websocket_acknowledges_each_message_in_order() {
+    use futures_util::SinkExt;
+    let sc = Sidecar::start(&[]);
+    let mut sub = subscribe(&sc, "topic=orders.new").await;
+    let mut ws = publisher(&sc, "orders.new", &[("x-tenant", "acme")]).await;
+    // 500 messages sent without waiting for any acknowledgement.
+    for i in 0..500 {
+        ws.feed(Ws::Text(format!("order {i}").into()))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    let acks = receive(&mut ws, 500, Duration::from_secs(10)).await;
+    let seqs: Vec<u64> = acks.iter().map(|a| a["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=500).collect::<Vec<_>>(),
+        "one acknowledgement each, in order"
+    );
+    assert!(
+        acks.iter().all(|a| a["status"] == 200),
+        "{:?}",
+        acks.iter().find(|a| a["status"] != 200)
+    );
+    // Each reached the subscriber, in the order sent, with the upgrade's headers.
+    let got = receive(&mut sub, 500, Duration::from_secs(10)).await;
+    let bodies: Vec<String> = got.iter().map(body).collect();
+    assert_eq!(
+        bodies,
+        (0..500).map(|i| format!("order {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(got[0]["Header"]["X-Tenant"], "acme");
+    assert!(
+        got[0]["Header"].get("Sec-Websocket-Key").is_none(),
+        "{}",
+        got[0]["Header"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishing_websocket_reports_what_it_could_not_take() {
+    use futures_util::SinkExt;
+    let mut nats = Server::nats();
+    let sc = Sidecar::start(&["--broker", &nats.url(), "--broker-max-message-size", "1KiB"]);
+    let mut sub = subscribe(&sc, "topic=ticks").await;
+
+    // Refused before the upgrade: a wildcard topic, a bad flag value, no websocket.
+    for (query, says) in [
+        ("topic=ticks.*&publish=1", "wildcard"),
+        ("topic=ticks&publish=maybe", "publish=1"),
+    ] {
+        let reply = get(&sc.url(&format!("/broker?{query}"))).await.unwrap();
+        assert_eq!(reply.status, 400, "{query}: {}", reply.text());
+        assert!(reply.text().contains(says), "{query}: {}", reply.text());
+    }
+    let reply = get(&sc.url("/broker?topic=ticks&publish=1")).await.unwrap();
+    assert_eq!(reply.status, 400);
+    assert!(
+        reply.json()["detail"].as_str().unwrap().contains("POST"),
+        "{}",
+        reply.text()
+    );
+
+    // NATS away: that message is refused with 503, the connection stays, and the
+    // next one after NATS is back is taken.
+    let mut ws = publisher(&sc, "ticks", &[]).await;
+    ws.send(Ws::Text("before".into())).await.unwrap();
+    assert_eq!(
+        receive(&mut ws, 1, Duration::from_secs(5)).await[0]["status"],
+        200
+    );
+    nats.kill();
+    ws.send(Ws::Text("during".into())).await.unwrap();
+    let refused = &receive(&mut ws, 1, Duration::from_secs(10)).await[0];
+    assert_eq!(
+        (refused["seq"].as_u64(), refused["status"].as_u64()),
+        (Some(2), Some(503)),
+        "{refused}"
+    );
+    assert_eq!(refused["id"], "pillion.broker");
+    assert!(
+        refused["detail"].as_str().unwrap().contains("unavailable"),
+        "{refused}"
+    );
+    nats.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut taken = false;
+    while !taken && std::time::Instant::now() < deadline {
+        ws.send(Ws::Text("after".into())).await.unwrap();
+        let ack = receive(&mut ws, 1, Duration::from_secs(5)).await;
+        taken = ack.first().is_some_and(|a| a["status"] == 200);
+        if !taken {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        taken,
+        "publishing resumes on the same websocket once NATS is back"
+    );
+    let bodies: Vec<String> = receive(&mut sub, 3, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(body)
+        .collect();
+    assert!(
+        bodies.starts_with(&["before".to_string()]) && bodies.ends_with(&["after".to_string()]),
+        "{bodies:?}"
+    );
+
+    // Over --broker-max-message-size: refused by number, then the socket is closed;
+    // what came before it was taken.
+    let mut ws = publisher(&sc, "ticks", &[]).await;
+    ws.send(Ws::Text("small".into())).await.unwrap();
+    ws.send(Ws::Binary(vec![b'x'; 4096].into())).await.unwrap();
+    let acks = receive(&mut ws, 2, Duration::from_secs(5)).await;
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert_eq!(acks[0]["status"], 200);
+    assert_eq!(
+        (acks[1]["seq"].as_u64(), acks[1]["status"].as_u64()),
+        (Some(2), Some(413)),
+        "{}",
+        acks[1]
+    );
+    assert!(
+        acks[1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--broker-max-message-size"),
+        "{}",
+        acks[1]
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Some(Ok(Ws::Close(_))) | None | Some(Err(_))),
+        "{closed:?}"
+    );
+}
