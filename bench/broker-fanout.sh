@@ -88,8 +88,13 @@ NP=$(free_port)
 nats-server -a 127.0.0.1 -p "$NP" >"$WORK/nats.log" 2>&1 & PIDS+=($!)
 wait_port "$NP"
 out=$("$LOAD" nats "nats://127.0.0.1:$NP" "$CONCURRENCY" "$SECONDS_PER_RUN")
-python3 - "$out" <<'PY'
+mkdir -p "$BENCH_DIR/results"
+python3 - "$out" "$(median "${ACROSS[@]}")" "$(median "${LOCAL[@]}")" "$CONCURRENCY" "$BENCH_DIR/results/broker-fanout.json" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
+across, local, conc, out = float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 print(f"reference, nats-server directly, same closed loop (publish + flush): {r['accepted_per_sec']:.0f} msgs/s, {r['received']} of {r['published']} delivered")
+json.dump({"concurrency": conc, "across_msgs_per_sec": across, "local_msgs_per_sec": local,
+           "nats_direct_msgs_per_sec": r["accepted_per_sec"]}, open(out, "w"), indent=2)
+print(f"written to {out}")
 PY

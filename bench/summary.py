@@ -74,6 +74,26 @@ if b:
         rows += [("broker", t, "msgs_per_sec", r["msgs_per_sec"]), ("broker", t, "p99_ms", r["p99_ms"])]
     md.append("")
 
+f = load("broker-fanout")
+if f:
+    md += [f"## Broker across sidecars (embedded, {f['concurrency']} closed-loop publishers on A, a websocket subscriber on B)", "",
+           "| path | msgs/s accepted, all delivered |", "|---|---|",
+           f"| A -> B (two sidecars) | {f['across_msgs_per_sec']:.0f} |",
+           f"| A -> A (one sidecar, reference) | {f['local_msgs_per_sec']:.0f} |",
+           f"| nats-server directly, same loop | {f['nats_direct_msgs_per_sec']:.0f} |", ""]
+    rows += [("broker-fanout", "across", "msgs_per_sec", f["across_msgs_per_sec"]),
+             ("broker-fanout", "local", "msgs_per_sec", f["local_msgs_per_sec"])]
+
+m = load("mesh-hop")
+if m:
+    md += [f"## A call by name at a fixed {m['rate']} req/s: one plain hop vs two sidecars over mTLS", "",
+           "| path | p50 ms | p99 ms | p99.9 ms |", "|---|---|---|---|"]
+    for t, r in m["results"].items():
+        md.append(f"| {t} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p999_ms']:.3f} |")
+        rows += [("mesh-hop", t, "p50_ms", r["p50_ms"]), ("mesh-hop", t, "p99_ms", r["p99_ms"])]
+    a = m["mesh_added_over_plain"]
+    md += ["", f"The mesh adds {a['p50_ms']:+.3f} ms p50 and {a['p99_ms']:+.3f} ms p99 over the plain hop.", ""]
+
 root = os.path.dirname(here)
 open(os.path.join(root, "BENCHMARKS.md"), "w").write("\n".join(md))
 with open(os.path.join(results, "summary.csv"), "w", newline="") as f:
