@@ -364,8 +364,9 @@ fn ack_frame(seq: u64, result: Result<(), ApiError>) -> WsMessage {
     WsMessage::Text(text.into())
 }
 
-/// Publishes each frame in the order it came and acknowledges it in that order;
-/// acknowledgements of frames that were already waiting go out in one write.
+/// Publishes each frame in the order it came and acknowledges it in that order. The
+/// frames already waiting are published together (one flush to NATS for all of them)
+/// and their acknowledgements go out in one write.
 async fn serve_publisher(
     api: Arc<BrokerApi>,
     socket: WebSocket,
@@ -392,53 +393,62 @@ async fn serve_publisher(
                 continue;
             }
         };
-        // This frame, then every one already read, each published before the next.
+        // This frame and every one already read, up to a batch; what ended the batch
+        // early: the client closing, or a frame the library refused.
+        let mut bodies = Vec::new();
+        let mut closed = false;
+        let mut refused = None;
         let mut next = Some(frame);
-        let mut acks = 0;
         while let Some(frame) = next.take() {
             last_seen = Instant::now();
-            let body = match frame {
-                Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().to_string()),
-                Some(Ok(WsMessage::Binary(b))) => b,
+            match frame {
+                Some(Ok(WsMessage::Text(t))) => bodies.push(Bytes::from(t.as_str().to_string())),
+                Some(Ok(WsMessage::Binary(b))) => bodies.push(b),
                 Some(Ok(WsMessage::Close(_))) | None => {
-                    let _ = tx.flush().await;
-                    return;
+                    closed = true;
+                    break;
                 }
+                // Over the size limit, or broken.
                 Some(Err(e)) => {
-                    // Over the size limit (the library refuses the frame) or broken.
-                    seq += 1;
-                    let detail = format!(
-                        "message {seq} not taken: {e} (largest message: {}, --broker-max-message-size)",
-                        pillion_core::size::format(api.config.max_message as u64)
-                    );
-                    let refused = ApiError::new(ID, StatusCode::PAYLOAD_TOO_LARGE, detail);
-                    let _ = tx.feed(ack_frame(seq, Err(refused))).await;
-                    let _ = tx
-                        .send(close_frame(1009, "message too large or malformed frame"))
-                        .await;
-                    return;
+                    refused = Some(e.to_string());
+                    break;
                 }
-                Some(Ok(_)) => {
-                    next = rx.next().now_or_never();
-                    continue; // ping/pong: answered by the library
-                }
-            };
-            seq += 1;
-            let message = Message {
-                header: header.clone(),
-                body,
-            };
-            let result = api.broker.publish(&topic, message).await;
-            let ack = ack_frame(seq, result.map_err(broker_api_error));
-            if tx.feed(ack).await.is_err() {
-                return;
+                Some(Ok(_)) => {} // ping/pong: answered by the library
             }
-            acks += 1;
-            if acks < ACK_BATCH {
+            if bodies.len() < ACK_BATCH {
                 next = rx.next().now_or_never();
             }
         }
-        if tx.flush().await.is_err() {
+        if !bodies.is_empty() {
+            let messages = bodies
+                .into_iter()
+                .map(|body| Message {
+                    header: header.clone(),
+                    body,
+                })
+                .collect();
+            for result in api.broker.publish_many(&topic, messages).await {
+                seq += 1;
+                let ack = ack_frame(seq, result.map_err(broker_api_error));
+                if tx.feed(ack).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if let Some(e) = refused {
+            seq += 1;
+            let detail = format!(
+                "message {seq} not taken: {e} (largest message: {}, --broker-max-message-size)",
+                pillion_core::size::format(api.config.max_message as u64)
+            );
+            let refused = ApiError::new(ID, StatusCode::PAYLOAD_TOO_LARGE, detail);
+            let _ = tx.feed(ack_frame(seq, Err(refused))).await;
+            let _ = tx
+                .send(close_frame(1009, "message too large or malformed frame"))
+                .await;
+            return;
+        }
+        if tx.flush().await.is_err() || closed {
             return;
         }
     }

@@ -248,6 +248,21 @@ pub trait Broker: Send + Sync + 'static {
     /// accepted the message (see each adapter for what that means).
     async fn publish(&self, topic: &str, message: Message) -> Result<(), BrokerError>;
 
+    /// Publishes `messages` to `topic` in their order, with one result each, as
+    /// [`Broker::publish`] would. An adapter that can confirm several at once (one
+    /// flush, JetStream's acknowledgements awaited together) does so.
+    async fn publish_many(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<(), BrokerError>> {
+        let mut out = Vec::with_capacity(messages.len());
+        for message in messages {
+            out.push(self.publish(topic, message).await);
+        }
+        out
+    }
+
     /// Subscribes to `pattern` (`*` one token, `>` the rest), in queue group `queue`
     /// if given. Each subscriber buffers at most `buffer` messages.
     async fn subscribe(

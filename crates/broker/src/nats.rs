@@ -267,6 +267,78 @@ impl Broker for NatsBroker {
         Ok(())
     }
 
+    /// Core NATS: every message into the client's buffer, then one flush for all.
+    /// JetStream: every message sent, then their acknowledgements awaited in order.
+    async fn publish_many(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> Vec<Result<(), BrokerError>> {
+        let n = messages.len();
+        if !self.healthy() {
+            let e = self.unavailable("not connected to NATS; try again later");
+            return vec![Err(e); n];
+        }
+        let results = match self.durable_for(topic) {
+            Some(pattern) => {
+                if let Err(e) = self.ensure_stream(pattern).await {
+                    return vec![Err(e); n];
+                }
+                let mut acks = Vec::with_capacity(n);
+                for m in messages {
+                    let sent = tokio::time::timeout(
+                        DEADLINE,
+                        self.js
+                            .publish_with_headers(topic.to_string(), to_nats(&m.header), m.body),
+                    )
+                    .await;
+                    acks.push(match sent {
+                        Ok(Ok(ack)) => Ok(ack),
+                        Ok(Err(e)) => Err(self.unavailable(e)),
+                        Err(_) => Err(self.unavailable("NATS did not take the message in time")),
+                    });
+                }
+                let mut out = Vec::with_capacity(n);
+                for ack in acks {
+                    out.push(match ack {
+                        Ok(ack) => match tokio::time::timeout(DEADLINE, ack).await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(self.unavailable(e)),
+                            Err(_) => Err(self
+                                .unavailable("JetStream did not acknowledge the message in time")),
+                        },
+                        Err(e) => Err(e),
+                    });
+                }
+                out
+            }
+            None => {
+                let sent = async {
+                    for m in messages {
+                        self.client
+                            .publish_with_headers(topic.to_string(), to_nats(&m.header), m.body)
+                            .await
+                            .map_err(|e| self.unavailable(e))?;
+                    }
+                    self.client.flush().await.map_err(|e| self.unavailable(e))
+                };
+                match tokio::time::timeout(DEADLINE, sent).await {
+                    Ok(Ok(())) => vec![Ok(()); n],
+                    Ok(Err(e)) => vec![Err(e); n],
+                    Err(_) => {
+                        vec![Err(self.unavailable("NATS did not take the messages in time")); n]
+                    }
+                }
+            }
+        };
+        for r in &results {
+            if r.is_ok() {
+                self.metrics.published(topic);
+            }
+        }
+        results
+    }
+
     async fn subscribe(
         &self,
         pattern: &str,

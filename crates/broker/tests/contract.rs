@@ -98,6 +98,23 @@ async fn contract(broker: Arc<dyn Broker>) {
     assert_eq!(d.message.header["Timestamp"], "1499951537");
     assert_eq!(d.topic, "headers.test");
 
+    // Many at once: one result each, delivered in order.
+    let mut batch = broker.subscribe("batch.test", None, 1000).await.unwrap();
+    let results = broker
+        .publish_many(
+            "batch.test",
+            (0..300).map(|i| message(format!("b{i}"))).collect(),
+        )
+        .await;
+    assert_eq!(results.len(), 300);
+    assert!(
+        results.iter().all(Result::is_ok),
+        "{:?}",
+        results.iter().find(|r| r.is_err())
+    );
+    let expected: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+    assert_eq!(drain(&mut batch, wait).await, expected);
+
     // Unsubscribing (dropping) stops delivery without disturbing others.
     drop(plain_a);
     broker
@@ -132,6 +149,42 @@ async fn nats_broker_passes_the_contract() {
     .await
     .unwrap();
     contract(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_durable_messages_at_once_are_each_stored_in_order_or_each_refused() {
+    let mut nats = Server::nats();
+    let broker = pillion_broker::nats::NatsBroker::connect(
+        &nats.url(),
+        durable_settings(5),
+        Arc::new(BrokerMetrics::default()),
+    )
+    .await
+    .unwrap();
+    let mut sub = broker
+        .subscribe("orders.new", Some("workers"), 500)
+        .await
+        .unwrap();
+    let results = broker
+        .publish_many(
+            "orders.new",
+            (0..200).map(|i| message(format!("j{i}"))).collect(),
+        )
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let expected: Vec<String> = (0..200).map(|i| format!("j{i}")).collect();
+    assert_eq!(drain(&mut sub, Duration::from_secs(2)).await, expected);
+
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let results = broker
+        .publish_many("orders.new", vec![message("x".into()), message("y".into())])
+        .await;
+    assert_eq!(results.len(), 2);
+    for r in results {
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("unavailable"), "{e}");
+    }
 }
 
 fn durable_settings(max_deliver: u64) -> NatsSettings {
