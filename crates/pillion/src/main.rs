@@ -11,6 +11,7 @@
 mod api;
 mod cli;
 mod config;
+mod dashboard;
 mod door;
 mod shutdown;
 mod sidecar;
