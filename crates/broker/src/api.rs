@@ -241,11 +241,15 @@ async fn subscribe(
         Ok(s) => s,
         Err(e) => return broker_error(e),
     };
+    let counted = api.metrics.subscriber(&pattern);
     match ws {
         Ok(ws) => ws
-            .on_upgrade(move |socket| serve_websocket(api, socket, sub, pattern))
+            .on_upgrade(move |socket| async move {
+                serve_websocket(api, socket, sub, pattern).await;
+                drop(counted);
+            })
             .into_response(),
-        Err(_) => serve_sse(sub).into_response(),
+        Err(_) => serve_sse(sub, counted).into_response(),
     }
 }
 
@@ -463,12 +467,13 @@ fn close_frame(code: u16, reason: &str) -> WsMessage {
 
 fn serve_sse(
     sub: Subscription,
+    counted: crate::metrics::Subscriber,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let events = futures_util::stream::unfold(sub, |mut sub| async move {
+    let events = futures_util::stream::unfold((sub, counted), |(mut sub, counted)| async move {
         let delivery = sub.next().await?;
         let event = Event::default().data(delivery.to_json());
         delivery.ack().await;
-        Some((Ok(event), sub))
+        Some((Ok(event), (sub, counted)))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

@@ -1,34 +1,59 @@
 //! Per-topic counters: published, delivered, dropped, redelivered. Topics are chosen
 //! by callers, so at most [`MAX_TOPICS`] are counted apart; the rest add up under
-//! `topic="_other"`. The streams between sidecars add two plain counters.
+//! `topic="_other"`. The streams between sidecars add two plain counters. The
+//! subscribers of this sidecar's API (websocket and SSE) are a gauge per pattern.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pillion_core::metrics::{escape, header};
 
 pub const MAX_TOPICS: usize = 1000;
 
-#[derive(Default, Clone, Copy)]
-struct Counts {
-    published: u64,
-    delivered: u64,
-    dropped: u64,
-    redelivered: u64,
+/// The counters of one topic.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub published: u64,
+    pub delivered: u64,
+    pub dropped: u64,
+    pub redelivered: u64,
 }
 
 #[derive(Default)]
 pub struct BrokerMetrics {
     topics: Mutex<BTreeMap<String, Counts>>,
+    subscribers: Arc<Mutex<BTreeMap<String, usize>>>,
     peer_queues_dropped: AtomicU64,
     peer_duplicates: AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One subscriber counted in [`BrokerMetrics::subscribers`]; uncounted when dropped.
+pub struct Subscriber {
+    subscribers: Arc<Mutex<BTreeMap<String, usize>>>,
+    pattern: String,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let mut subscribers = lock(&self.subscribers);
+        if let Some(n) = subscribers.get_mut(&self.pattern) {
+            *n -= 1;
+            if *n == 0 {
+                subscribers.remove(&self.pattern);
+            }
+        }
+    }
+}
+
 impl BrokerMetrics {
     fn add(&self, topic: &str, f: impl FnOnce(&mut Counts)) {
-        let mut topics = self.topics.lock().unwrap_or_else(|e| e.into_inner());
+        let mut topics = lock(&self.topics);
         if let Some(c) = topics.get_mut(topic) {
             return f(c);
         }
@@ -60,6 +85,27 @@ impl BrokerMetrics {
         self.add(topic, |c| c.redelivered += 1);
     }
 
+    /// Counts a subscriber of `pattern` until the returned guard is dropped.
+    pub fn subscriber(&self, pattern: &str) -> Subscriber {
+        *lock(&self.subscribers)
+            .entry(pattern.to_string())
+            .or_default() += 1;
+        Subscriber {
+            subscribers: self.subscribers.clone(),
+            pattern: pattern.to_string(),
+        }
+    }
+
+    /// The subscribers of this sidecar's API now, by pattern.
+    pub fn subscribers(&self) -> BTreeMap<String, usize> {
+        lock(&self.subscribers).clone()
+    }
+
+    /// Every topic's counters so far.
+    pub fn counts(&self) -> BTreeMap<String, Counts> {
+        lock(&self.topics).clone()
+    }
+
     /// Another sidecar's queue was dropped (it left, or restarted as a new node).
     pub fn peer_queue_dropped(&self) {
         self.peer_queues_dropped.fetch_add(1, Ordering::Relaxed);
@@ -71,11 +117,7 @@ impl BrokerMetrics {
     }
 
     pub fn render(&self, out: &mut String) {
-        let topics = self
-            .topics
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let topics = self.counts();
         type Get = fn(&Counts) -> u64;
         let metrics: [(&str, &str, Get); 4] = [
             (
@@ -105,6 +147,19 @@ impl BrokerMetrics {
                 let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", escape(topic), get(c));
             }
         }
+        header(
+            out,
+            "pillion_broker_subscribers",
+            "gauge",
+            "Websocket and SSE subscribers of this sidecar, by topic pattern.",
+        );
+        for (pattern, n) in self.subscribers() {
+            let _ = writeln!(
+                out,
+                "pillion_broker_subscribers{{topic=\"{}\"}} {n}",
+                escape(&pattern)
+            );
+        }
         let plain = [
             (
                 "pillion_broker_peer_queues_dropped_total",
@@ -121,5 +176,33 @@ impl BrokerMetrics {
             header(out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", count.load(Ordering::Relaxed));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_are_counted_while_they_live() {
+        let m = BrokerMetrics::default();
+        let a = m.subscriber("orders");
+        let b = m.subscriber("orders");
+        let c = m.subscriber("events.>");
+        assert_eq!(m.subscribers()["orders"], 2);
+        drop(a);
+        drop(c);
+        assert_eq!(
+            m.subscribers().into_iter().collect::<Vec<_>>(),
+            [("orders".to_string(), 1)]
+        );
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("pillion_broker_subscribers{topic=\"orders\"} 1"),
+            "{out}"
+        );
+        drop(b);
+        assert!(m.subscribers().is_empty());
     }
 }

@@ -27,6 +27,7 @@ use pillion_http::{Blame, SendError};
 
 use crate::balance::{self, Strategy, Tried};
 use crate::endpoints::{EjectionPolicy, Endpoints, ServiceSet};
+use crate::metrics::AnsweredBy;
 use crate::retry::{self, Decision, Rules};
 
 pub const ID: &str = "pillion.invoke";
@@ -108,13 +109,13 @@ pub fn forward<'a>(
             }
         };
         let result = attempts(&set, policy, call, started).await;
-        let status = match &result {
-            Ok(res) => res.status(),
-            Err(e) => e.status_code(),
+        let (status, by) = match &result {
+            Ok(res) => (res.status(), AnsweredBy::Node),
+            Err(e) => (e.status_code(), AnsweredBy::Sidecar),
         };
         set.shared
             .metrics
-            .record(status.as_u16(), started.elapsed());
+            .record(status.as_u16(), started.elapsed(), by);
         result
     }
 }

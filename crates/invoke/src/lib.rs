@@ -165,6 +165,19 @@ impl Invoker {
         })
     }
 
+    /// The call counters of every service called through this sidecar, for the
+    /// dashboard's windows, with the calls waiting for it now.
+    pub fn call_snapshots(&self) -> Vec<(String, metrics::Snapshot, usize)> {
+        self.endpoints
+            .all_shared()
+            .into_iter()
+            .map(|(name, s)| {
+                let pending = s.pending.load(std::sync::atomic::Ordering::Relaxed);
+                (name, s.metrics.snapshot(), pending)
+            })
+            .collect()
+    }
+
     /// Appends the invocation metrics in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
         let all = self.endpoints.all_shared();

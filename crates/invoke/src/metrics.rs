@@ -1,29 +1,81 @@
 //! Per-service counters for `/metrics` (Prometheus text format): requests by status
-//! class, a latency histogram, retries and ejections. Atomics only: recording a
-//! request costs a few relaxed additions.
+//! class, a latency histogram, retries and ejections; and, for the dashboard's
+//! windows, the calls the sidecar answered itself and a finer latency histogram,
+//! which a reader takes the difference of ([`ServiceMetrics::snapshot`]). Atomics
+//! only: recording a request costs a few relaxed additions.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pillion_core::metrics::{escape, header, Histogram};
+use pillion_core::metrics::{escape, header, FineHistogram, Histogram, FINE_BUCKETS};
 
-const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Who gave the caller its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsweredBy {
+    /// A node of the service (whatever its status).
+    Node,
+    /// The sidecar, with an error of its own: no healthy node, timeout, node
+    /// unreachable, too many calls waiting.
+    Sidecar,
+}
 
 #[derive(Default)]
 pub struct ServiceMetrics {
     by_class: [AtomicU64; 5],
+    by_sidecar: AtomicU64,
     latency: Histogram,
+    fine: FineHistogram,
     pub retries: AtomicU64,
     pub ejections: AtomicU64,
 }
 
+/// The counters of one service at one moment; two of them make a window.
+#[derive(Clone)]
+pub struct Snapshot {
+    /// Calls by status class, as [`CLASSES`].
+    pub by_class: [u64; 5],
+    /// Of those, the calls the sidecar answered with an error of its own.
+    pub by_sidecar: u64,
+    pub latency: [u64; FINE_BUCKETS],
+}
+
+impl Snapshot {
+    /// What was counted since `earlier`.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            by_class: std::array::from_fn(|i| self.by_class[i].saturating_sub(earlier.by_class[i])),
+            by_sidecar: self.by_sidecar.saturating_sub(earlier.by_sidecar),
+            latency: std::array::from_fn(|i| self.latency[i].saturating_sub(earlier.latency[i])),
+        }
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.by_class.iter().sum()
+    }
+}
+
 impl ServiceMetrics {
-    /// Records one call as the caller saw it: its final status and total latency.
-    pub fn record(&self, status: u16, latency: Duration) {
+    /// Records one call as the caller saw it: its final status, total latency, and
+    /// who answered.
+    pub fn record(&self, status: u16, latency: Duration, by: AnsweredBy) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        if by == AnsweredBy::Sidecar {
+            self.by_sidecar.fetch_add(1, Ordering::Relaxed);
+        }
         self.latency.record(latency);
+        self.fine.record(latency);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            by_class: std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
+            by_sidecar: self.by_sidecar.load(Ordering::Relaxed),
+            latency: self.fine.snapshot(),
+        }
     }
 
     pub fn requests(&self, class: &str) -> u64 {
@@ -95,8 +147,8 @@ mod tests {
     #[test]
     fn renders_counts_and_a_cumulative_histogram() {
         let m = ServiceMetrics::default();
-        m.record(200, Duration::from_millis(3));
-        m.record(503, Duration::from_millis(30));
+        m.record(200, Duration::from_millis(3), AnsweredBy::Node);
+        m.record(503, Duration::from_millis(30), AnsweredBy::Sidecar);
         m.retries.fetch_add(2, Ordering::Relaxed);
         let mut out = String::new();
         render(&mut out, [("greeter", &m)]);
@@ -110,5 +162,20 @@ mod tests {
         );
         assert!(out.contains("pillion_invoke_retries_total{service=\"greeter\"} 2"));
         assert_eq!(m.requests("5xx"), 1);
+    }
+
+    #[test]
+    fn a_window_is_the_difference_of_two_snapshots() {
+        let m = ServiceMetrics::default();
+        m.record(200, Duration::from_millis(3), AnsweredBy::Node);
+        let before = m.snapshot();
+        m.record(200, Duration::from_millis(4), AnsweredBy::Node);
+        m.record(404, Duration::from_millis(5), AnsweredBy::Node);
+        m.record(503, Duration::from_millis(6), AnsweredBy::Sidecar);
+        let window = m.snapshot().since(&before);
+        assert_eq!(window.by_class, [0, 1, 0, 1, 1]);
+        assert_eq!(window.by_sidecar, 1);
+        assert_eq!(window.calls(), 3);
+        assert_eq!(window.latency.iter().sum::<u64>(), 3);
     }
 }

@@ -34,9 +34,11 @@ const API_PATHS: [&str; 7] = [
 const API_PREFIX: &str = "/health/";
 
 /// Whether the API router answers `path`; a service named `health` cannot be called
-/// by path.
+/// by path, nor a method of a service named `dashboard` that the page uses.
 fn is_api(path: &str) -> bool {
-    API_PATHS.contains(&path) || path.starts_with(API_PREFIX)
+    API_PATHS.contains(&path)
+        || path.starts_with(API_PREFIX)
+        || crate::dashboard::PATHS.contains(&path)
 }
 
 type Body = Either<ProxyBody, axum::body::Body>;

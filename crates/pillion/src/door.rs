@@ -11,7 +11,9 @@
 //!   `text/plain` POST needs no CORS preflight; `application/json` does);
 //! - with `--api-token`, a request without `Authorization: Bearer <token>`: 401.
 //!
-//! `/healthz` is open to all, so probes need no secret.
+//! `/healthz` is open to all, so probes need no secret. The dashboard's page (not its
+//! data) needs no token, so that a browser can load it and then send the token it
+//! asks for (see [`crate::dashboard`]).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -68,7 +70,7 @@ impl Door {
             }
         }
         if let Some(token) = &self.token {
-            if !bearer_matches(headers, token) {
+            if !bearer_matches(headers, token) && !crate::dashboard::is_page(path) {
                 let mut res = ApiError::new(
                     ID,
                     StatusCode::UNAUTHORIZED,
@@ -339,6 +341,11 @@ mod tests {
             200
         );
         assert_eq!(status(&door, req(Method::GET, "/healthz", &[])), 200);
+        assert_eq!(status(&door, req(Method::GET, "/dashboard", &[host])), 200);
+        assert_eq!(
+            status(&door, req(Method::GET, "/dashboard/data", &[host])),
+            401
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 mod api;
 mod cli;
 mod config;
+mod dashboard;
 mod door;
 mod migration;
 mod shutdown;

@@ -58,6 +58,7 @@ struct Status {
     identity: Option<Arc<pillion_mesh::identity::Identity>>,
     acme: Option<Arc<pillion_mesh::acme::Acme>>,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
+    dashboard: Arc<crate::dashboard::Recorder>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
@@ -210,6 +211,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         invoker: invoker.clone(),
         inbound: inbound.as_ref().map(|(i, _)| i.clone()),
         broker: broker.clone(),
+        dashboard: crate::dashboard::Recorder::start(invoker.clone(), broker_metrics.clone()),
         broker_metrics,
         tcp: tcp.clone(),
         identity: identity.clone(),
@@ -222,6 +224,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .route("/healthz", get(healthz))
         .route("/statusz", get(statusz))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(crate::dashboard::page))
+        .route("/dashboard/app.js", get(crate::dashboard::script))
+        .route("/dashboard/style.css", get(crate::dashboard::style))
+        .route("/dashboard/data", get(dashboard_data))
         .with_state(status)
         .merge(pillion_registry::api::router(registry.clone()))
         .merge(pillion_broker::api::router(broker_api))
@@ -385,6 +391,28 @@ async fn healthz(State(status): State<Arc<Status>>) -> Response {
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn statusz(State(status): State<Arc<Status>>) -> Response {
+    Json(status_json(&status).await).into_response()
+}
+
+/// What `/dashboard` shows: `/statusz`, with the services' nodes and 5-second windows
+/// of calls, broker topics with subscribers and rates, and session counters.
+async fn dashboard_data(State(status): State<Arc<Status>>) -> Response {
+    let mut data = status_json(&status).await;
+    data["dashboard"] = status.dashboard.data(&status.registry.catalog());
+    if let Some(inbound) = &status.inbound {
+        let m = &inbound.metrics;
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        data["sessions"]["counts"] = json!({
+            "created": n(&m.created),
+            "destroyed": n(&m.destroyed),
+            "rotated": n(&m.rotated),
+            "store_errors": n(&m.store_errors),
+        });
+    }
+    ([(http::header::CACHE_CONTROL, "no-store")], Json(data)).into_response()
+}
+
+async fn status_json(status: &Status) -> serde_json::Value {
     let catalog = status.registry.catalog();
     let services: Vec<_> = catalog
         .names()
@@ -397,7 +425,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
             })
         })
         .collect();
-    Json(json!({
+    json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": status.started.elapsed().as_secs(),
         "address": status.address,
@@ -420,8 +448,7 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
             }
             mesh
         }),
-    }))
-    .into_response()
+    })
 }
 
 /// Prometheus text format.
