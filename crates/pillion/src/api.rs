@@ -52,10 +52,13 @@ pub async fn serve_api(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve(listener, limits, shutdown, move |req, _peer| {
+    serve(listener, limits, shutdown, move |mut req, _peer| {
         // Decided before any future is made, so an admitted call pays for no wrapper.
         match door.refusal(&req) {
-            None => future::Either::Left(route(api.clone(), invoker.clone(), req)),
+            None => {
+                door.admit(&mut req);
+                future::Either::Left(route(api.clone(), invoker.clone(), req))
+            }
             Some(refused) => future::Either::Right(future::ready(Ok(
                 refused.map(|b| Either::Right(axum::body::Body::from(b)))
             ))),

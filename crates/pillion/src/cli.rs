@@ -1,4 +1,5 @@
-//! The command line: `pillion run`, `pillion check`.
+//! The command line: `pillion run`, `pillion check`, and the client commands that talk
+//! to a running sidecar (`services`, `call`, `publish`, `subscribe`, `status`).
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -84,6 +85,146 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// List the services in a running sidecar's registry, or one service's nodes.
+    ///
+    /// Examples:
+    ///
+    ///   pillion services
+    ///
+    ///   pillion services greeter
+    ///
+    ///   pillion services --json --sidecar http://10.0.0.7:8081 | jq '.[].name'
+    #[command(verbatim_doc_comment)]
+    Services(ServicesArgs),
+    /// Call a method of a service through a running sidecar (POST /rpc) and print the
+    /// answer's body.
+    ///
+    /// Examples:
+    ///
+    ///   pillion call greeter Say.Hello '{"name": "Ada"}'
+    ///
+    ///   echo '{"name": "Ada"}' | pillion call greeter Say.Hello -
+    #[command(verbatim_doc_comment)]
+    Call(CallArgs),
+    /// Publish a message to a topic of a running sidecar's broker.
+    ///
+    /// Examples:
+    ///
+    ///   pillion publish orders.new '{"id": 42}'
+    ///
+    ///   pillion publish orders.new - < order.json
+    #[command(verbatim_doc_comment)]
+    Publish(PublishArgs),
+    /// Print the messages of a topic as they arrive, one line each (the body as text
+    /// when it is UTF-8, else base64); Ctrl-C stops.
+    ///
+    /// Examples:
+    ///
+    ///   pillion subscribe 'orders.*'
+    ///
+    ///   pillion subscribe orders.new --queue billing --count 1 --json
+    #[command(verbatim_doc_comment)]
+    Subscribe(SubscribeArgs),
+    /// Summarise a running sidecar: version, uptime, registry, broker, services and
+    /// the app's registration (/statusz and /healthz).
+    ///
+    /// Examples:
+    ///
+    ///   pillion status
+    ///
+    ///   PILLION_SIDECAR=http://10.0.0.7:8081 pillion status --json
+    #[command(verbatim_doc_comment)]
+    Status(StatusArgs),
+}
+
+/// How the client commands reach a running sidecar; every one of them takes these.
+#[derive(Debug, Clone, Args)]
+pub struct SidecarArgs {
+    /// The sidecar's API (its --address), http:// or https://.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8081",
+        env = "PILLION_SIDECAR",
+        value_name = "URL"
+    )]
+    pub sidecar: crate::client::SidecarUrl,
+
+    /// The sidecar's --api-token, sent as Authorization: Bearer.
+    #[arg(
+        long,
+        env = "PILLION_API_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
+    /// Print JSON (the API's own) instead of text for people.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Deadline for connecting to the sidecar and for each of its answers (not for
+    /// the wait between messages of `subscribe`). No PILLION_TIMEOUT: that one is
+    /// `run --timeout`.
+    #[arg(long, default_value = "10s", value_name = "DUR")]
+    pub timeout: NonZeroDur,
+}
+
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// Show this service's nodes (id, address, metadata); every service without it.
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The service, as registered.
+    #[arg(value_name = "SERVICE")]
+    pub service: String,
+    /// The method, such as Say.Hello (the node gets POST /Say.Hello).
+    #[arg(value_name = "METHOD")]
+    pub method: String,
+    /// The request as JSON; `-` reads it from stdin. [default: {}]
+    #[arg(value_name = "JSON")]
+    pub request: Option<String>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The topic, such as orders.new.
+    #[arg(value_name = "TOPIC")]
+    pub topic: String,
+    /// The message body, sent as given; `-` reads it from stdin.
+    #[arg(value_name = "BODY")]
+    pub body: String,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SubscribeArgs {
+    /// The topic, or a pattern: `*` matches one segment, `>` the rest (orders.*).
+    #[arg(value_name = "TOPIC")]
+    pub topic: String,
+    /// Share the messages with the other subscribers of this queue group (each
+    /// message to one of them).
+    #[arg(long, value_name = "Q")]
+    pub queue: Option<String>,
+    /// Exit after N messages. [default: until Ctrl-C]
+    #[arg(long, value_name = "N")]
+    pub count: Option<std::num::NonZeroU64>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,7 +20,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use pillion_core::error::ApiError;
 
-const ID: &str = "pillion.api";
+/// The `id` of the door's errors; `pillion call` and friends know a refused token by it.
+pub const ID: &str = "pillion.api";
 
 #[derive(Debug, Clone)]
 pub struct Door {
@@ -103,6 +104,15 @@ impl Door {
             }
         }
         None
+    }
+
+    /// Takes what the door consumed off an admitted request: with `--api-token`, the
+    /// `Authorization` header is the sidecar's token, and no service called and no
+    /// subscriber of a published message may see it.
+    pub fn admit<B>(&self, req: &mut Request<B>) {
+        if self.token.is_some() {
+            req.headers_mut().remove(header::AUTHORIZATION);
+        }
     }
 
     fn is_own_host(&self, host: &str) -> bool {
@@ -345,6 +355,16 @@ mod tests {
         assert_eq!(
             status(&door, req(Method::GET, "/dashboard/data", &[host])),
             401
+        );
+        let mut admitted = req(
+            Method::POST,
+            "/broker?topic=t",
+            &[host, ("authorization", "Bearer s3cret-token-0123")],
+        );
+        door.admit(&mut admitted);
+        assert!(
+            admitted.headers().get("authorization").is_none(),
+            "the token goes no further than the door"
         );
     }
 

@@ -7,10 +7,13 @@
 //! - [`api`]: the API listener: fixed routes, and calls to services without a router.
 //! - [`shutdown`]: signals to a graceful stop.
 //! - [`migration`]: micro's, bailiff's and iaido's settings, rewritten or refused.
+//! - [`client`]: `services`, `call`, `publish`, `subscribe`, `status`: commands that
+//!   talk to a running sidecar through its API.
 #![forbid(unsafe_code)]
 
 mod api;
 mod cli;
+mod client;
 mod config;
 mod dashboard;
 mod door;
@@ -92,6 +95,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Services(args) => client::run(client::Order::Services(args)),
+        Command::Call(args) => client::run(client::Order::Call(args)),
+        Command::Publish(args) => client::run(client::Order::Publish(args)),
+        Command::Subscribe(args) => client::run(client::Order::Subscribe(args)),
+        Command::Status(args) => client::run(client::Order::Status(args)),
         Command::Check { config } => {
             match Loaded::from_args(vec!["--config".into(), config.clone().into()])
                 .and_then(Settings::resolve)

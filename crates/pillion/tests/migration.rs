@@ -283,3 +283,24 @@ fn iaidos_bootstrap_flags_write_the_config() {
     let (code, _, err) = run_to_end(&["check", "--config", file_text], &[]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn micros_proxy_address_names_the_sidecar_the_cli_talks_to() {
+    let port = free_port();
+    let (code, out, err) = run_to_end(
+        &["services", "--proxy_address", &format!("127.0.0.1:{port}")],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(&format!(
+            "warning: --proxy_address is deprecated; use --sidecar http://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("no sidecar answers at http://127.0.0.1:{port}")),
+        "{err}"
+    );
+}
