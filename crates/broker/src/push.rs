@@ -9,6 +9,9 @@
 //! The subscription is in a queue group (`push-<service>`), so when the app runs as
 //! several instances, each message goes to one of them.
 //!
+//! The message's `traceparent` (from the publish's headers) reaches the app
+//! ([`trace::hop`]); with an exporter each delivery is a consumer span `push <topic>`.
+//!
 //! On shutdown ([`Pushes::stop`]) no new message is taken, and a delivery under way
 //! is finished (within the grace period) rather than cut off mid-request.
 
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method, Request};
+use pillion_core::trace::{self, Kind};
 use pillion_http::pool::Outgoing;
 use pillion_http::Client;
 
@@ -190,17 +194,32 @@ async fn post(
             }
         }
     }
-    let req = req
+    let mut req = req
         .body(Outgoing::full(delivery.message.body.clone()))
         .map_err(|e| e.to_string())?;
+    // The publisher's trace goes on to the app: the message kept its `traceparent`.
+    let span = trace::hop(req.headers_mut()).map(|mut span| {
+        span.set("http.request.method", "POST");
+        span.set("url.path", route.path.as_str());
+        span.set("messaging.destination.name", delivery.topic.as_str());
+        span.set("messaging.delivery.attempt", delivery.attempt as i64);
+        span.set("server.address", app);
+        (span, trace::trace_state(req.headers()))
+    });
     // The whole answer is read, so the connection can be reused.
-    let (status, _) = client
+    let result = client
         .fetch(req, TIMEOUT)
         .await
-        .map_err(|e| pillion_http::describe(&e))?;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("the app answered {status}"))
+        .map_err(|e| pillion_http::describe(&e));
+    if let Some((span, state)) = span {
+        let name = format!("push {}", delivery.topic);
+        match &result {
+            Ok((status, _)) => span.end(name, Kind::Consumer, state, status.as_u16(), None),
+            Err(e) => span.end(name, Kind::Consumer, state, 502, Some(e.clone())),
+        }
+    }
+    match result? {
+        (status, _) if status.is_success() => Ok(()),
+        (status, _) => Err(format!("the app answered {status}")),
     }
 }

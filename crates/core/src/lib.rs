@@ -10,6 +10,7 @@
 //! - [`id`]: random identifiers from the OS CSPRNG.
 //! - [`secret`]: URLs with their passwords hidden, for logs and errors.
 //! - [`metrics`]: counters and latency histograms in Prometheus text format.
+//! - [`trace`]: W3C Trace Context on every hop, and the queue of spans to export.
 #![forbid(unsafe_code)]
 
 pub mod duration;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod secret;
 pub mod service;
 pub mod size;
+pub mod trace;
 pub mod url;
 
 /// The header naming the calling service to an app. Only a mesh listener sets it,

@@ -26,7 +26,7 @@ use pillion_http::pool::{Outgoing, PooledBody};
 use pillion_http::{Blame, SendError};
 
 use crate::balance::{self, Strategy, Tried};
-use crate::endpoints::{EjectionPolicy, Endpoints, ServiceSet};
+use crate::endpoints::{EjectionPolicy, Endpoints, NodeState, ServiceSet};
 use crate::metrics::AnsweredBy;
 use crate::retry::{self, Decision, Rules};
 
@@ -66,6 +66,15 @@ pub struct Call {
     pub retry_any_method: bool,
 }
 
+/// What a traced call reports about its attempts, for its span.
+#[derive(Default)]
+pub struct Tally {
+    /// Attempts after the first.
+    pub retries: u32,
+    /// The node of the last attempt.
+    pub node: Option<Arc<NodeState>>,
+}
+
 fn error(status: StatusCode, detail: String) -> ApiError {
     ApiError::new(ID, status, detail)
 }
@@ -88,12 +97,14 @@ enum Outcome {
 }
 
 /// Makes the call and records it in the service's metrics (status as the caller
-/// sees it, latency until the response headers).
+/// sees it, latency until the response headers). `tally`, when given, learns the
+/// node and the retries (a traced call).
 #[allow(clippy::manual_async_fn)] // deliberate: see the comment inside
 pub fn forward<'a>(
     endpoints: &'a Endpoints,
     policy: &'a Policy,
     call: Call,
+    tally: Option<&'a mut Tally>,
 ) -> impl Future<Output = Result<Response<PooledBody>, ApiError>> + Send + 'a {
     // An async block rather than an async fn, here and in `attempts`: an async fn
     // keeps its arguments twice, and this future is the largest of a call.
@@ -108,7 +119,7 @@ pub fn forward<'a>(
                 ))
             }
         };
-        let result = attempts(&set, policy, call, started).await;
+        let result = attempts(&set, policy, call, started, tally).await;
         let (status, by) = match &result {
             Ok(res) => (res.status(), AnsweredBy::Node),
             Err(e) => (e.status_code(), AnsweredBy::Sidecar),
@@ -126,6 +137,7 @@ fn attempts<'a>(
     policy: &'a Policy,
     mut call: Call,
     started: Instant,
+    mut tally: Option<&'a mut Tally>,
 ) -> impl Future<Output = Result<Response<PooledBody>, ApiError>> + Send + 'a {
     async move {
         let deadline = started + call.timeout;
@@ -186,6 +198,10 @@ fn attempts<'a>(
                 ));
             };
             let node = balance::node(set, index).clone();
+            if let Some(tally) = tally.as_deref_mut() {
+                tally.node = Some(node.clone());
+                tally.retries = attempt;
+            }
             if node.needs_identity {
                 return Err(error(
                     StatusCode::BAD_GATEWAY,

@@ -10,6 +10,9 @@
 //! Callers may set `X-Pillion-Timeout: 2s` (the deadline for the answer's headers)
 //! and `X-Pillion-Retry: always` (retry even non-idempotent calls on 502/503/504 and
 //! resets). Both are removed before the call leaves.
+//!
+//! The call's `traceparent` is kept or started ([`trace::hop`]); only when spans are
+//! exported does a call take the [`traced`] path, with its span `call <service>`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,13 +25,14 @@ use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use serde_json::Value;
 
 use pillion_http::pool::Outgoing;
 use pillion_http::relay::{self, is_upgrade, origin_form, relay, reply, ProxyBody};
 
-use crate::forward::{forward, Call, ID};
+use crate::forward::{forward, Call, Tally, ID};
 use crate::mapping;
 use crate::{Handler, Invoker};
 
@@ -292,14 +296,50 @@ async fn finish(
 ) -> Response<ProxyBody> {
     call.headers
         .append(HeaderName::from_static(HOP_HEADER), inv.hop.clone());
-    // Boxed: each async layer above would otherwise hold (and move) a copy of this,
-    // the largest future of a call, several kilobytes.
-    let res = match Box::pin(forward(&inv.endpoints, &inv.config.policy, call)).await {
-        Ok(res) => res,
-        Err(e) => return reply(e),
+    let Some(span) = trace::hop(&mut call.headers) else {
+        // Boxed: each async layer above would otherwise hold (and move) a copy of
+        // this, the largest future of a call, several kilobytes.
+        let res = match Box::pin(forward(&inv.endpoints, &inv.config.policy, call, None)).await {
+            Ok(res) => res,
+            Err(e) => return reply(e),
+        };
+        tokio::task::yield_now().await;
+        return relay(res, upgrade);
     };
-    tokio::task::yield_now().await;
-    relay(res, upgrade)
+    Box::pin(traced(inv, call, upgrade, span)).await
+}
+
+/// [`finish`] with a span (only when spans are exported): `call <service>`, a
+/// client span from the call's start to the answer's headers.
+async fn traced(
+    inv: &Invoker,
+    call: Call,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    mut span: trace::Hop,
+) -> Response<ProxyBody> {
+    let name = format!("call {}", call.service);
+    span.set("http.request.method", call.method.as_str());
+    span.set("url.path", call.uri.path());
+    span.set("pillion.service", call.service.as_str());
+    let state = trace::trace_state(&call.headers);
+    let mut tally = Tally::default();
+    let result = forward(&inv.endpoints, &inv.config.policy, call, Some(&mut tally)).await;
+    if let Some(node) = &tally.node {
+        span.set("server.address", node.authority.as_str());
+        span.set("pillion.node", node.id.as_str());
+    }
+    span.set("pillion.retries", tally.retries as i64);
+    match result {
+        Ok(res) => {
+            span.end(name, Kind::Client, state, res.status().as_u16(), None);
+            tokio::task::yield_now().await;
+            relay(res, upgrade)
+        }
+        Err(e) => {
+            span.end(name, Kind::Client, state, e.code, Some(e.detail.clone()));
+            reply(e)
+        }
+    }
 }
 
 /// The caller's controls and the whole body, for calls whose body is read before

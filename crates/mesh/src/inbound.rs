@@ -2,6 +2,9 @@
 //! certificate; the allow list decides; in distributed JWT mode the token travelling
 //! with the call is verified here; the app gets `X-Pillion-Caller` and the request.
 //!
+//! The app gets the call's `traceparent` ([`trace::hop`]); with an exporter, the
+//! listener records a server span `serve <service>`.
+//!
 //! HTTP/1.1 (websocket upgrades included) goes to the app as HTTP/1.1, h2 (gRPC) as
 //! h2c, and a TCP tunnel as bytes to the app's port.
 
@@ -14,6 +17,7 @@ use http::header::{HeaderName, HeaderValue, HOST};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::pool::{Outgoing, Pool};
 use pillion_http::relay::{
@@ -128,6 +132,14 @@ impl MeshInbound {
         if let Ok(v) = HeaderValue::from_str(&caller) {
             headers.insert(CALLER, v);
         }
+        let span = trace::hop(&mut headers).map(|mut span| {
+            span.set("http.request.method", parts.method.as_str());
+            span.set("url.path", parts.uri.path());
+            span.set("pillion.service", self.service.as_str());
+            span.set("pillion.caller", &*caller);
+            span.set("server.address", self.app.as_str());
+            (span, trace::trace_state(&headers))
+        });
         let body = if body.is_end_stream() {
             Outgoing::Full(None)
         } else {
@@ -155,9 +167,15 @@ impl MeshInbound {
             self.app_timeout,
             self.pool.send(out, h2, self.connect_timeout),
         );
-        match sent.await {
-            Ok(Ok(res)) => relay(res, upgrade),
-            Err(_) => reply(ApiError::new(
+        let failed = match sent.await {
+            Ok(Ok(res)) => {
+                if let Some((span, state)) = span {
+                    let name = format!("serve {}", self.service);
+                    span.end(name, Kind::Server, state, res.status().as_u16(), None);
+                }
+                return relay(res, upgrade);
+            }
+            Err(_) => ApiError::new(
                 ID,
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -165,12 +183,15 @@ impl MeshInbound {
                     self.app,
                     pillion_core::duration::format(self.app_timeout)
                 ),
-            )),
-            Ok(Err((e, _))) => {
-                let detail = app_failure(&e, &self.app);
-                reply(ApiError::new(ID, e.status(), detail))
-            }
+            ),
+            Ok(Err((e, _))) => ApiError::new(ID, e.status(), app_failure(&e, &self.app)),
+        };
+        if let Some((span, state)) = span {
+            let name = format!("serve {}", self.service);
+            let detail = Some(failed.detail.clone());
+            span.end(name, Kind::Server, state, failed.code, detail);
         }
+        reply(failed)
     }
 
     /// A TCP tunnel: the allowed caller's bytes go to the app's port and back.

@@ -10,7 +10,8 @@ use pillion_core::Dur;
 
 use crate::config::{
     AcmeDirectory, AcmeDomain, AcmeEmail, AppUrl, BrokerUrl, CookieName, HealthUrl, HostPort,
-    KeyValue, MaxAge, NonZeroDur, RegistryUrl, ServiceName, SessionStoreUrl,
+    KeyValue, LogFormat, MaxAge, NonZeroDur, OtlpEndpoint, RegistryUrl, ServiceName,
+    SessionStoreUrl,
 };
 
 /// A sidecar for microservices: run one beside each instance of your app and reach the
@@ -822,6 +823,22 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub dns_server: Vec<SocketAddr>,
+
+    /// Export a span per call over OTLP/HTTP (JSON) to URL/v1/traces, for example
+    /// http://127.0.0.1:4318 (an OpenTelemetry collector, Jaeger, Tempo). Without it
+    /// traceparent is still passed on, and no span is recorded.
+    #[arg(long, env = "PILLION_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<OtlpEndpoint>,
+
+    /// Log lines on stderr as text, or as JSON objects, one per line (timestamp,
+    /// level, message, fields).
+    #[arg(
+        long,
+        default_value = "text",
+        env = "PILLION_LOG_FORMAT",
+        value_name = "text|json"
+    )]
+    pub log_format: LogFormat,
 
     /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
     #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]

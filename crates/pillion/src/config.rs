@@ -269,6 +269,17 @@ pub struct Settings {
     pub listen_max_connections: usize,
     pub api_token: Option<String>,
     pub mesh: Option<MeshSettings>,
+    pub trace: TraceSettings,
+}
+
+/// Spans and logs.
+#[derive(Debug, Clone)]
+pub struct TraceSettings {
+    /// Where spans are posted (`…/v1/traces`); none: no span is recorded.
+    pub otlp_traces_url: Option<String>,
+    /// `service.name` of the spans: `--server-name`, else `pillion`.
+    pub service_name: String,
+    pub log_format: LogFormat,
 }
 
 /// The mesh: this sidecar's identity, and its mesh listener.
@@ -527,7 +538,16 @@ impl Settings {
             }
             _ => {}
         }
+        let trace = TraceSettings {
+            otlp_traces_url: args.otlp_endpoint.as_ref().map(|e| traces_url(&e.0)),
+            service_name: args
+                .server_name
+                .as_ref()
+                .map_or_else(|| "pillion".to_string(), |n| n.0.clone()),
+            log_format: args.log_format,
+        };
         Ok(Settings {
+            trace,
             mesh,
             api_token,
             read_header_timeout: args.read_header_timeout.0,
@@ -547,6 +567,17 @@ impl Settings {
             grace_period: args.grace_period.0,
             worker_threads: args.worker_threads.map(NonZeroUsize::get),
         })
+    }
+}
+
+/// The OTLP/HTTP traces URL of an endpoint, as OpenTelemetry's exporters make it
+/// from `OTEL_EXPORTER_OTLP_ENDPOINT`: `/v1/traces` appended, unless it is there.
+fn traces_url(endpoint: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/traces")
     }
 }
 
@@ -858,6 +889,43 @@ checked_value!(
 );
 
 checked_value!(
+    /// An `http://` or `https://` URL of an OTLP/HTTP receiver, without credentials.
+    OtlpEndpoint(String),
+    |s| {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        match (uri.scheme_str(), uri.authority()) {
+            (_, Some(a)) if a.as_str().contains('@') => Err(
+                "put no credentials in the URL: the collector must accept spans without them"
+                    .to_string(),
+            ),
+            (Some("http" | "https"), Some(_)) if uri.query().is_none() => Ok(s.to_string()),
+            _ => Err(format!(
+                "{s:?} must look like http://127.0.0.1:4318 (spans go to its /v1/traces)"
+            )),
+        }
+    }
+);
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format {s:?}: use text or json")),
+        }
+    }
+}
+
+checked_value!(
     /// `memory` or `redis://[:password@]host:port[/db]`.
     SessionStoreUrl(String),
     |s| pillion_session::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
@@ -1028,6 +1096,43 @@ zone = "eu-1a"
     }
 
     #[test]
+    fn traces_and_logs_come_from_the_file_too() {
+        let file = "otlp_endpoint = \"http://127.0.0.1:4318/\"\nlog_format = \"json\"\n";
+        let s = Settings::resolve(
+            load(
+                &["--server-name", "front", "--server-address", "127.0.0.1:9"],
+                Some(file),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.trace.otlp_traces_url.as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+        assert_eq!(s.trace.log_format, LogFormat::Json);
+        assert_eq!(s.trace.service_name, "front");
+        assert_eq!(traces_url("http://c/v1/traces"), "http://c/v1/traces");
+        assert_eq!(
+            traces_url("https://c:4318/otlp"),
+            "https://c:4318/otlp/v1/traces"
+        );
+        let err = FileConfig::parse("log_format = \"xml\"\n").unwrap_err();
+        assert!(
+            err.contains("line 1") && err.contains("text or json"),
+            "{err}"
+        );
+        for bad in [
+            "127.0.0.1:4318",
+            "ftp://c",
+            "http://u:p@c:4318",
+            "http://c?k=v",
+        ] {
+            assert!(bad.parse::<OtlpEndpoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_flag_beats_the_file_which_beats_the_default() {
         let file = "retries = 7\ntimeout = \"3s\"\nbroker_durable = [\"a.*\", \"b.*\"]\n";
         let l = load(&["--retries", "1"], Some(file)).unwrap();
@@ -1195,7 +1300,9 @@ zone = "eu-1a"
     #[test]
     fn the_readme_table_lists_every_option_with_its_declared_default() {
         let readme = include_str!("../../../README.md");
-        let rows: BTreeMap<String, String> = readme
+        let (_, configuration) = readme.split_once("\n## Configuration\n").unwrap();
+        let table = configuration.split("\n## ").next().unwrap();
+        let rows: BTreeMap<String, String> = table
             .lines()
             .filter_map(|l| l.strip_prefix("| `--"))
             .map(|l| l.replace("\\|", "/"))

@@ -9,6 +9,7 @@
 //! - [`migration`]: micro's, bailiff's and iaido's settings, rewritten or refused.
 //! - [`client`]: `services`, `call`, `publish`, `subscribe`, `status`: commands that
 //!   talk to a running sidecar through its API.
+//! - [`otlp`]: the span exporter (`--otlp-endpoint`).
 #![forbid(unsafe_code)]
 
 mod api;
@@ -18,6 +19,7 @@ mod config;
 mod dashboard;
 mod door;
 mod migration;
+mod otlp;
 mod shutdown;
 mod sidecar;
 
@@ -131,7 +133,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging();
+            init_logging(settings.trace.log_format);
             // One worker: a current-thread runtime, which needs no cross-thread
             // wake-ups or work stealing (measured faster per request than a
             // multi-thread runtime with one worker; see bench/README.md).
@@ -163,14 +165,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr, filtered by RUST_LOG (default `info`).
-fn init_logging() {
+/// Logs go to stderr, filtered by RUST_LOG (default `info`): text, or with
+/// `--log-format json` one JSON object per line (`timestamp`, `level`, `message` and
+/// the event's fields beside it).
+fn init_logging(format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }

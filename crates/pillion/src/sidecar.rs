@@ -59,11 +59,26 @@ struct Status {
     acme: Option<Arc<pillion_mesh::acme::Acme>>,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
     dashboard: Arc<crate::dashboard::Recorder>,
+    spans: Option<Arc<crate::otlp::ExportMetrics>>,
 }
 
 pub async fn run(settings: Settings) -> Result<(), String> {
     let mut shutdown =
         Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
+    // Before anything serves: from here on every hop records its span.
+    let (exporter, stop_exporter) = match &settings.trace.otlp_traces_url {
+        Some(url) => {
+            let exporter =
+                crate::otlp::Exporter::install(url.clone(), settings.trace.service_name.clone());
+            let metrics = exporter.metrics.clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(exporter.run(async move {
+                let _ = stopped.await;
+            }));
+            (Some((task, metrics)), Some(stop))
+        }
+        None => (None, None),
+    };
     let registry = pillion_registry::open(&settings.registry, &settings.cluster)
         .await
         .map_err(|e| e.to_string())?;
@@ -217,6 +232,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         identity: identity.clone(),
         acme: acme.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
+        spans: exporter.as_ref().map(|(_, m)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -339,6 +355,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         },
         tcp.shutdown(settings.grace_period),
     );
+    // The last spans, of the requests that finished above.
+    if let (Some(stop), Some((task, _))) = (stop_exporter, exporter) {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
     broker.close().await;
     registry.close().await;
     tracing::info!("pillion stopped");
@@ -462,6 +483,9 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
     status.tcp.render_metrics(&mut out).await;
     if let Some(cluster) = status.registry.cluster() {
         cluster.render_metrics(&mut out);
+    }
+    if let Some(spans) = &status.spans {
+        spans.render(&mut out);
     }
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],

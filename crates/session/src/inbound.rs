@@ -12,6 +12,9 @@
 //! one the client offered): a visit that keeps nothing stores nothing, so crawlers
 //! and load tests do not fill the store with empty sessions.
 //!
+//! The app gets the request's `traceparent` ([`trace::hop`]); with an exporter,
+//! each request is a server span named after its method.
+//!
 //! When the store is unavailable, requests still reach the app without session
 //! headers and with `X-Session-Error` (or get 503 with `--session-store-down fail`,
 //! with or without a cookie: for a visitor without one the store is pinged); a change
@@ -29,6 +32,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::pool::{self, Outgoing, Pool, TrailerFilter};
 use pillion_http::relay::{
@@ -207,6 +211,20 @@ impl Inbound {
         mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
+        let Some(mut span) = trace::hop(req.headers_mut()) else {
+            return self.proxy(req, peer).await;
+        };
+        span.set("http.request.method", req.method().as_str());
+        span.set("url.path", req.uri().path());
+        span.set("server.address", self.cfg.app.as_str());
+        let name = req.method().to_string();
+        let state = trace::trace_state(req.headers());
+        let res = self.proxy(req, peer).await;
+        span.end(name, Kind::Server, state, res.status().as_u16(), None);
+        res
+    }
+
+    async fn proxy(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let cfg = &self.cfg;
         let offered = crate::cookie::take(req.headers_mut(), &cfg.cookie.name);
         let loaded = match offered.filter(|id| is_valid_id(id)) {
