@@ -30,7 +30,7 @@ start_nginx_proxy "$N" "$B"
 start_haproxy "$H" "$B"
 start_pillion "$P" "$B"
 curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$P/registry" \
-  -d "{\"name\":\"bench2\",\"nodes\":[{\"id\":\"bench2-1\",\"address\":\"127.0.0.1:$B2\"}]}" >/dev/null
+  -d "{\"name\":\"bench2\",\"nodes\":[{\"id\":\"bench2-1\",\"address\":\"127.0.0.1:$B2\",\"metadata\":{\"protocol\":\"h2c\"}}]}" >/dev/null
 # h2c front ends for haproxy (to the h2c backend) and nginx (to the HTTP/1.1 backend).
 H2H=$(free_port); H2N=$(free_port)
 { haproxy_config http; cat <<CONF
@@ -50,6 +50,9 @@ PID_PILLION=$(pgrep -f -- "--address 127.0.0.1:$P" || true)
 PID_HAPROXY=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg" || true)
 PID_NGINX=$(nginx_worker "$WORK/nginx-proxy")
 rss() { awk '/VmRSS/ {print $2/1024}' "/proc/$1/status"; }
+# The private part (heap, stacks): RSS less the binary's and libraries' pages, which
+# every process running the same binary on a host shares.
+private() { awk '/RssAnon/ {print $2/1024}' "/proc/$1/status"; }
 
 declare -A URL=([direct]="http://127.0.0.1:$B/bench/x" [pillion]="http://127.0.0.1:$P/bench/x" [haproxy]="http://127.0.0.1:$H/bench/x" [nginx]="http://127.0.0.1:$N/bench/x")
 declare -A H2URL=([direct]="http://127.0.0.1:$B2/bench2/x" [pillion]="http://127.0.0.1:$P/bench2/x" [haproxy]="http://127.0.0.1:$H2H/bench2/x" [nginx]="http://127.0.0.1:$H2N/bench2/x")
@@ -65,7 +68,12 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${ORDER[@]}"; do
     say "round $r/$ROUNDS: $t"
     fixed=$("$RATE_GEN" "${URL[$t]}" "$RATE" 32 "$DURATION")
-    h2=$(h2load -t1 -c8 -m10 -D "$DURATION" "${H2URL[$t]}" 2>/dev/null | awk '/^finished in/ {print $4}')
+    h2out=$(h2load -t1 -c8 -m10 -D "$DURATION" "${H2URL[$t]}" 2>/dev/null)
+    # Only answers that are 2xx count: a proxy that answers 502 fast is not fast.
+    if ! grep -q ' 0 failed, 0 errored' <<<"$h2out" || grep -q 'status codes: .*[1-9][0-9]* [345]xx' <<<"$h2out"; then
+      say "$t: h2load saw failed requests or non-2xx answers:"; grep -E '^(requests|status codes):' <<<"$h2out" >&2; exit 1
+    fi
+    h2=$(awk '/^finished in/ {print $4}' <<<"$h2out")
     fresh=$(wrk -t1 -c16 -d"${DURATION}s" -H "Connection: close" "${URL[$t]}" | awk '/^Requests\/sec/ {print $2}')
     echo "$t|$fixed|${h2:-0}|${fresh:-0}" >> "$RAW"
   done
@@ -75,14 +83,14 @@ MEM="$WORK/mem.txt"; : > "$MEM"
 for t in pillion haproxy nginx; do
   case $t in pillion) pid=$PID_PILLION ;; haproxy) pid=$PID_HAPROXY ;; nginx) pid=$PID_NGINX ;; esac
   [ -n "$pid" ] || continue
-  idle=$(rss "$pid")
+  idle=$(rss "$pid"); idle_private=$(private "$pid")
   say "memory under 1000 connections: $t"
   wrk -t1 -c1000 -d4s "${URL[$t]}" >/dev/null 2>&1 &
   load=$!
   sleep 3
-  busy=$(rss "$pid")
+  busy=$(rss "$pid"); busy_private=$(private "$pid")
   wait "$load" || true
-  echo "$t $idle $busy" >> "$MEM"
+  echo "$t $idle $busy $idle_private $busy_private" >> "$MEM"
 done
 
 mkdir -p "$BENCH_DIR/results"
@@ -99,18 +107,20 @@ for t, v in runs.items():
     m = lambda i: statistics.median(x[i] for x in v)
     rows[t] = {"fixed_p50_ms": m(0), "fixed_p99_ms": m(1), "fixed_p999_ms": m(2), "h2c_rps": m(3), "new_conn_rps": m(4)}
 for line in open(mem):
-    t, idle, busy = line.split()
+    t, idle, busy, idle_private, busy_private = line.split()
     rows.setdefault(t, {})
     rows[t]["rss_idle_mb"] = float(idle)
     rows[t]["rss_1000_conns_mb"] = float(busy)
+    rows[t]["private_idle_mb"] = float(idle_private)
+    rows[t]["private_1000_conns_mb"] = float(busy_private)
 d, h = rows["direct"], rows["haproxy"]
 print(f"HTTP extra scenarios ({rate} req/s fixed rate = 50% of haproxy's max), medians")
-print(f"{'target':<8} {'p50':>6} {'p99':>6} {'p99.9':>6} {'+p99 vs direct':>14} {'h2c req/s':>10} {'new-conn req/s':>14} {'RSS idle':>9} {'RSS 1k conns':>12}")
+print(f"{'target':<8} {'p50':>6} {'p99':>6} {'p99.9':>6} {'+p99 vs direct':>14} {'h2c req/s':>10} {'new-conn req/s':>14} {'RSS idle':>9} {'RSS 1k conns':>12} {'private idle/1k':>16}")
 for t, r in rows.items():
     r["added_p99_ms"] = r["fixed_p99_ms"] - d["fixed_p99_ms"]
     r["h2c_vs_haproxy"] = r["h2c_rps"] / h["h2c_rps"] if h["h2c_rps"] else 0
     r["new_conn_vs_haproxy"] = r["new_conn_rps"] / h["new_conn_rps"] if h["new_conn_rps"] else 0
-    print(f"{t:<8} {r['fixed_p50_ms']:>6.2f} {r['fixed_p99_ms']:>6.2f} {r['fixed_p999_ms']:>6.2f} {r['added_p99_ms']:>14.2f} {r['h2c_rps']:>10.0f} {r['new_conn_rps']:>14.0f} {r.get('rss_idle_mb', 0):>9.1f} {r.get('rss_1000_conns_mb', 0):>12.1f}")
+    print(f"{t:<8} {r['fixed_p50_ms']:>6.2f} {r['fixed_p99_ms']:>6.2f} {r['fixed_p999_ms']:>6.2f} {r['added_p99_ms']:>14.2f} {r['h2c_rps']:>10.0f} {r['new_conn_rps']:>14.0f} {r.get('rss_idle_mb', 0):>9.1f} {r.get('rss_1000_conns_mb', 0):>12.1f} {r.get('private_idle_mb', 0):>7.1f}/{r.get('private_1000_conns_mb', 0):<8.1f}")
 json.dump({"fixed_rate": int(rate), "results": rows}, open(out, "w"), indent=2)
 print(f"written to {out}")
 PY

@@ -46,11 +46,11 @@ if h:
 x = load("http-extra")
 if x:
     md += [f"## HTTP: fixed rate ({x['fixed_rate']} req/s, 50% of haproxy's maximum, open loop), h2c, new connections, memory", "",
-           "| target | p50 ms | p99 ms | p99.9 ms | added p99 vs direct | h2c req/s | new-connection req/s | RSS idle MB | RSS 1,000 conns MB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| target | p50 ms | p99 ms | p99.9 ms | added p99 vs direct | h2c req/s | new-connection req/s | RSS idle MB | RSS 1,000 conns MB | private idle / 1,000 conns MB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for t, r in x["results"].items():
-        md.append(f"| {t} | {r.get('fixed_p50_ms', 0):.2f} | {r.get('fixed_p99_ms', 0):.2f} | {r.get('fixed_p999_ms', 0):.2f} | {r.get('added_p99_ms', 0):.2f} | {r.get('h2c_rps', 0):.0f} | {r.get('new_conn_rps', 0):.0f} | {r.get('rss_idle_mb', 0):.1f} | {r.get('rss_1000_conns_mb', 0):.1f} |")
-        for k in ("fixed_p99_ms", "h2c_rps", "new_conn_rps", "rss_idle_mb", "rss_1000_conns_mb"):
+        md.append(f"| {t} | {r.get('fixed_p50_ms', 0):.2f} | {r.get('fixed_p99_ms', 0):.2f} | {r.get('fixed_p999_ms', 0):.2f} | {r.get('added_p99_ms', 0):.2f} | {r.get('h2c_rps', 0):.0f} | {r.get('new_conn_rps', 0):.0f} | {r.get('rss_idle_mb', 0):.1f} | {r.get('rss_1000_conns_mb', 0):.1f} | {r.get('private_idle_mb', 0):.1f} / {r.get('private_1000_conns_mb', 0):.1f} |")
+        for k in ("fixed_p99_ms", "h2c_rps", "new_conn_rps", "rss_idle_mb", "rss_1000_conns_mb", "private_idle_mb", "private_1000_conns_mb"):
             if k in r:
                 rows.append(("http-extra", t, k, r[k]))
     md.append("")
