@@ -301,7 +301,7 @@ async fn serve_websocket(
             frame = rx.next() => {
                 last_seen = Instant::now();
                 let body = match frame {
-                    Some(Ok(WsMessage::Text(t))) => Bytes::from(t.as_str().to_string()),
+                    Some(Ok(WsMessage::Text(t))) => Bytes::from(t),
                     Some(Ok(WsMessage::Binary(b))) => b,
                     Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return,
                     Some(Ok(_)) => continue, // ping/pong: answered by the library
@@ -403,10 +403,10 @@ async fn serve_publisher(
         let mut closed = false;
         let mut refused = None;
         let mut next = Some(frame);
+        last_seen = Instant::now();
         while let Some(frame) = next.take() {
-            last_seen = Instant::now();
             match frame {
-                Some(Ok(WsMessage::Text(t))) => bodies.push(Bytes::from(t.as_str().to_string())),
+                Some(Ok(WsMessage::Text(t))) => bodies.push(Bytes::from(t)),
                 Some(Ok(WsMessage::Binary(b))) => bodies.push(b),
                 Some(Ok(WsMessage::Close(_))) | None => {
                     closed = true;
