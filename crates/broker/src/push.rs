@@ -204,18 +204,18 @@ async fn post(
         span.set("messaging.destination.name", delivery.topic.as_str());
         span.set("messaging.delivery.attempt", delivery.attempt as i64);
         span.set("server.address", app);
-        (span, trace::trace_state(req.headers()))
+        span
     });
     // The whole answer is read, so the connection can be reused.
     let result = client
         .fetch(req, TIMEOUT)
         .await
         .map_err(|e| pillion_http::describe(&e));
-    if let Some((span, state)) = span {
+    if let Some(span) = span {
         let name = format!("push {}", delivery.topic);
         match &result {
-            Ok((status, _)) => span.end(name, Kind::Consumer, state, status.as_u16(), None),
-            Err(e) => span.end(name, Kind::Consumer, state, 502, Some(e.clone())),
+            Ok((status, _)) => span.end(name, Kind::Consumer, status.as_u16(), None),
+            Err(e) => span.end(name, Kind::Consumer, 502, Some(e.clone())),
         }
     }
     match result? {

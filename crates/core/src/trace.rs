@@ -279,6 +279,8 @@ pub struct Hop {
     trace_id: [u8; 16],
     span_id: [u8; 8],
     parent_id: Option<[u8; 8]>,
+    /// The `tracestate` the request leaves with.
+    trace_state: Option<String>,
     start: SystemTime,
     attributes: Vec<(&'static str, Value)>,
 }
@@ -297,16 +299,23 @@ impl Hop {
         self.attributes.push((key, value.into()));
     }
 
-    /// Ends the span with the status the caller saw: 5xx is an error, with `error`
-    /// as its message when the sidecar made the answer itself.
-    pub fn end(
-        mut self,
+    /// [`Hop::end`] with what the caller gets: the answer's status, or the error the
+    /// sidecar answers with.
+    pub fn end_with<B>(
+        self,
         name: String,
         kind: Kind,
-        trace_state: Option<String>,
-        status: u16,
-        error: Option<String>,
+        answer: &Result<http::Response<B>, crate::ApiError>,
     ) {
+        match answer {
+            Ok(res) => self.end(name, kind, res.status().as_u16(), None),
+            Err(e) => self.end(name, kind, e.code, Some(e.detail.clone())),
+        }
+    }
+
+    /// Ends the span with the status the caller saw: 5xx is an error, with `error`
+    /// as its message when the sidecar made the answer itself.
+    pub fn end(mut self, name: String, kind: Kind, status: u16, error: Option<String>) {
         self.attributes
             .push(("http.response.status_code", Value::Int(status as i64)));
         let error = match error {
@@ -318,7 +327,7 @@ impl Hop {
             trace_id: self.trace_id,
             span_id: self.span_id,
             parent_id: self.parent_id,
-            trace_state,
+            trace_state: self.trace_state,
             name,
             kind,
             start: self.start,
@@ -362,13 +371,14 @@ pub fn hop(headers: &mut HeaderMap) -> Option<Hop> {
         trace_id,
         span_id,
         parent_id,
+        trace_state: trace_state(headers),
         start: SystemTime::now(),
         attributes: Vec::with_capacity(6),
     })
 }
 
 /// The `tracestate` of `headers`, for a span (only while recording one).
-pub fn trace_state(headers: &HeaderMap) -> Option<String> {
+fn trace_state(headers: &HeaderMap) -> Option<String> {
     let mut parts = headers
         .get_all(TRACESTATE)
         .iter()

@@ -321,7 +321,6 @@ async fn traced(
     span.set("http.request.method", call.method.as_str());
     span.set("url.path", call.uri.path());
     span.set("pillion.service", call.service.as_str());
-    let state = trace::trace_state(&call.headers);
     let mut tally = Tally::default();
     let result = forward(&inv.endpoints, &inv.config.policy, call, Some(&mut tally)).await;
     if let Some(node) = &tally.node {
@@ -329,16 +328,13 @@ async fn traced(
         span.set("pillion.node", node.id.as_str());
     }
     span.set("pillion.retries", tally.retries as i64);
+    span.end_with(name, Kind::Client, &result);
     match result {
         Ok(res) => {
-            span.end(name, Kind::Client, state, res.status().as_u16(), None);
             tokio::task::yield_now().await;
             relay(res, upgrade)
         }
-        Err(e) => {
-            span.end(name, Kind::Client, state, e.code, Some(e.detail.clone()));
-            reply(e)
-        }
+        Err(e) => reply(e),
     }
 }
 

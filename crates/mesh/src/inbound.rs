@@ -138,7 +138,7 @@ impl MeshInbound {
             span.set("pillion.service", self.service.as_str());
             span.set("pillion.caller", &*caller);
             span.set("server.address", self.app.as_str());
-            (span, trace::trace_state(&headers))
+            span
         });
         let body = if body.is_end_stream() {
             Outgoing::Full(None)
@@ -167,15 +167,9 @@ impl MeshInbound {
             self.app_timeout,
             self.pool.send(out, h2, self.connect_timeout),
         );
-        let failed = match sent.await {
-            Ok(Ok(res)) => {
-                if let Some((span, state)) = span {
-                    let name = format!("serve {}", self.service);
-                    span.end(name, Kind::Server, state, res.status().as_u16(), None);
-                }
-                return relay(res, upgrade);
-            }
-            Err(_) => ApiError::new(
+        let answer = match sent.await {
+            Ok(Ok(res)) => Ok(res),
+            Err(_) => Err(ApiError::new(
                 ID,
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -183,15 +177,16 @@ impl MeshInbound {
                     self.app,
                     pillion_core::duration::format(self.app_timeout)
                 ),
-            ),
-            Ok(Err((e, _))) => ApiError::new(ID, e.status(), app_failure(&e, &self.app)),
+            )),
+            Ok(Err((e, _))) => Err(ApiError::new(ID, e.status(), app_failure(&e, &self.app))),
         };
-        if let Some((span, state)) = span {
-            let name = format!("serve {}", self.service);
-            let detail = Some(failed.detail.clone());
-            span.end(name, Kind::Server, state, failed.code, detail);
+        if let Some(span) = span {
+            span.end_with(format!("serve {}", self.service), Kind::Server, &answer);
         }
-        reply(failed)
+        match answer {
+            Ok(res) => relay(res, upgrade),
+            Err(e) => reply(e),
+        }
     }
 
     /// A TCP tunnel: the allowed caller's bytes go to the app's port and back.

@@ -2,8 +2,8 @@
 //! with pillion's own HTTP client.
 //!
 //! Not the opentelemetry crates: `opentelemetry-otlp` 0.31, even with only its
-//! `http-json` feature, pulls in prost, tonic and reqwest (a second HTTP client), 15
-//! crates this workspace does not have, for what is one JSON document per batch. The
+//! `http-json` feature, pulls in prost, tonic and reqwest (a second HTTP client), 14
+//! crates this workspace does not have (README lists them), for what is one JSON document per batch. The
 //! OTLP/HTTP JSON encoding is the protobuf JSON mapping of
 //! `ExportTraceServiceRequest`: ids as hex, times as decimal strings of Unix
 //! nanoseconds, enums as numbers.
@@ -45,47 +45,46 @@ pub struct ExportMetrics {
 
 impl ExportMetrics {
     pub fn render(&self, out: &mut String) {
-        use pillion_core::metrics::header as help;
+        use std::fmt::Write;
         let t = tracer();
-        help(
-            out,
-            "pillion_trace_spans_exported_total",
-            "counter",
-            "Spans the collector accepted.",
-        );
-        let exported = self.exported.load(Ordering::Relaxed);
-        out.push_str(&format!("pillion_trace_spans_exported_total {exported}\n"));
-        help(
-            out,
-            "pillion_trace_spans_dropped_total",
-            "counter",
-            "Spans lost: the queue was full (reason=queue_full) or the post failed (reason=export_failed).",
-        );
-        out.push_str(&format!(
-            "pillion_trace_spans_dropped_total{{reason=\"queue_full\"}} {}\n",
-            t.dropped()
-        ));
-        out.push_str(&format!(
-            "pillion_trace_spans_dropped_total{{reason=\"export_failed\"}} {}\n",
-            self.failed.load(Ordering::Relaxed)
-        ));
-        help(
-            out,
-            "pillion_trace_export_failures_total",
-            "counter",
-            "Posts to the collector that failed.",
-        );
-        out.push_str(&format!(
-            "pillion_trace_export_failures_total {}\n",
-            self.failed_posts.load(Ordering::Relaxed)
-        ));
-        help(
-            out,
-            "pillion_trace_spans_queued",
-            "gauge",
-            "Spans waiting for the exporter.",
-        );
-        out.push_str(&format!("pillion_trace_spans_queued {}\n", t.queued()));
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        // Name, type, help, and each series: its labels and value.
+        type Family<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, u64)]);
+        let metrics: [Family; 4] = [
+            (
+                "pillion_trace_spans_exported_total",
+                "counter",
+                "Spans the collector accepted.",
+                &[("", load(&self.exported))],
+            ),
+            (
+                "pillion_trace_spans_dropped_total",
+                "counter",
+                "Spans lost: the queue was full (reason=queue_full) or the post failed (reason=export_failed).",
+                &[
+                    ("{reason=\"queue_full\"}", t.dropped()),
+                    ("{reason=\"export_failed\"}", load(&self.failed)),
+                ],
+            ),
+            (
+                "pillion_trace_export_failures_total",
+                "counter",
+                "Posts to the collector that failed.",
+                &[("", load(&self.failed_posts))],
+            ),
+            (
+                "pillion_trace_spans_queued",
+                "gauge",
+                "Spans waiting for the exporter.",
+                &[("", t.queued() as u64)],
+            ),
+        ];
+        for (name, kind, help, values) in metrics {
+            pillion_core::metrics::header(out, name, kind, help);
+            for (labels, value) in values {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        }
     }
 }
 

@@ -66,19 +66,16 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let mut shutdown =
         Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
     // Before anything serves: from here on every hop records its span.
-    let (exporter, stop_exporter) = match &settings.trace.otlp_traces_url {
-        Some(url) => {
-            let exporter =
-                crate::otlp::Exporter::install(url.clone(), settings.trace.service_name.clone());
-            let metrics = exporter.metrics.clone();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(exporter.run(async move {
-                let _ = stopped.await;
-            }));
-            (Some((task, metrics)), Some(stop))
-        }
-        None => (None, None),
-    };
+    let exporter = settings.trace.otlp_traces_url.as_ref().map(|url| {
+        let exporter =
+            crate::otlp::Exporter::install(url.clone(), settings.trace.service_name.clone());
+        let metrics = exporter.metrics.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(exporter.run(async move {
+            let _ = stopped.await;
+        }));
+        (task, stop, metrics)
+    });
     let registry = pillion_registry::open(&settings.registry, &settings.cluster)
         .await
         .map_err(|e| e.to_string())?;
@@ -232,7 +229,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         identity: identity.clone(),
         acme: acme.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
-        spans: exporter.as_ref().map(|(_, m)| m.clone()),
+        spans: exporter.as_ref().map(|(_, _, m)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
     // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
@@ -356,7 +353,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         tcp.shutdown(settings.grace_period),
     );
     // The last spans, of the requests that finished above.
-    if let (Some(stop), Some((task, _))) = (stop_exporter, exporter) {
+    if let Some((task, stop, _)) = exporter {
         let _ = stop.send(());
         let _ = task.await;
     }

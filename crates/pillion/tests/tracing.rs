@@ -49,8 +49,9 @@ impl Seen {
     }
 }
 
-/// An HTTP server on a free port that answers 200 to everything and keeps what it
-/// received: the app or node behind a sidecar, and the OTLP collector.
+/// An HTTP server on a free port that answers 200 (or the status it was started
+/// with) to everything and keeps what it received: the app or node behind a sidecar,
+/// and the OTLP collector.
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -65,6 +66,10 @@ impl Drop for Recorder {
 
 impl Recorder {
     async fn start() -> Recorder {
+        Recorder::answering(http::StatusCode::OK).await
+    }
+
+    async fn answering(status: http::StatusCode) -> Recorder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -91,9 +96,10 @@ impl Recorder {
                                     headers: parts.headers,
                                     body,
                                 });
-                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                    Bytes::from_static(b"{}"),
-                                )))
+                                let mut res =
+                                    http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                                *res.status_mut() = status;
+                                Ok::<_, std::convert::Infallible>(res)
                             }
                         },
                     );
@@ -586,15 +592,8 @@ async fn a_malformed_traceparent_starts_a_new_trace() {
     }
     // Two traceparent headers: neither is believed.
     node.clear();
-    let reply = request(
-        http::Method::POST,
-        &sc.url("/greeter/hello"),
-        &[("traceparent", PARENT), ("traceparent", PARENT)],
-        "{}",
-    )
-    .await
-    .unwrap();
-    assert_eq!(reply.status, 200);
+    let two = [("traceparent", PARENT), ("traceparent", PARENT)];
+    assert_eq!(call(&sc, "/greeter/hello", &two).await, 200);
     let seen = node.last("/Greeter.Hello").await;
     assert_ne!(seen.traceparent().trace_id, TRACE_ID);
 }
@@ -671,6 +670,46 @@ impl Drop for Captured {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A collector that refuses what it is sent: every span is counted as lost, none as
+/// exported, and the calls go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_collector_refuses_are_counted_as_lost() {
+    let node = Recorder::start().await;
+    let collector = Recorder::answering(http::StatusCode::SERVICE_UNAVAILABLE).await;
+    let sc = Sidecar::start(&["--otlp-endpoint", &collector.url()]);
+    register(&sc, "greeter", "g1", &node.addr.to_string(), &[]).await;
+    for _ in 0..5 {
+        assert_eq!(
+            call(&sc, "/greeter/hello", &[("traceparent", PARENT)]).await,
+            200
+        );
+    }
+    let metric = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    let lost = eventually(Duration::from_secs(10), || async {
+        let text = get(&sc.url("/metrics")).await.unwrap().text();
+        metric(
+            &text,
+            "pillion_trace_spans_dropped_total{reason=\"export_failed\"}",
+        ) == Some(5)
+    })
+    .await;
+    assert!(lost, "the five spans are counted as lost");
+    let text = get(&sc.url("/metrics")).await.unwrap().text();
+    assert_eq!(metric(&text, "pillion_trace_spans_exported_total"), Some(0));
+    assert!(metric(&text, "pillion_trace_export_failures_total").unwrap() >= 1);
+    assert!(
+        collector.seen().iter().any(|s| s.path == "/v1/traces"),
+        "the collector was asked"
+    );
+    assert_eq!(
+        call(&sc, "/greeter/hello", &[("traceparent", PARENT)]).await,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

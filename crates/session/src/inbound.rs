@@ -218,9 +218,8 @@ impl Inbound {
         span.set("url.path", req.uri().path());
         span.set("server.address", self.cfg.app.as_str());
         let name = req.method().to_string();
-        let state = trace::trace_state(req.headers());
         let res = self.proxy(req, peer).await;
-        span.end(name, Kind::Server, state, res.status().as_u16(), None);
+        span.end(name, Kind::Server, res.status().as_u16(), None);
         res
     }
 
