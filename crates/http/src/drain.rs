@@ -58,6 +58,12 @@ impl Drain {
         }
     }
 
+    /// Whether draining has begun: a connection that serves its requests itself
+    /// (rather than through [`Drain::watch`]'s `finish`) closes when idle.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waker>> {
         self.wakers.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -64,13 +64,15 @@ impl Refusal {
 
     pub(crate) fn detail(self) -> &'static str {
         match self {
-            Refusal::BareLf => {
-                "a line of the request ends in a bare LF; HTTP/1.1 lines end in CRLF"
-            }
+            Refusal::BareLf => BARE_LF,
             Refusal::LongLine => "a chunk-size or trailer line of the request is too long",
         }
     }
 }
+
+/// Why a head with a bare LF is refused.
+pub(crate) const BARE_LF: &str =
+    "a line of the request ends in a bare LF; HTTP/1.1 lines end in CRLF";
 
 /// The header by which a refused head is marked for [`crate::server`]. A client that
 /// sends it itself only gets its own request refused.
@@ -291,7 +293,7 @@ impl<T> Heads<T> {
             return;
         }
         self.phase = framing(&head).unwrap_or(Phase::Opaque);
-        self.out.extend(encode_target(&head[..line_end]));
+        self.out.extend(encode_request_line(&head[..line_end]));
         self.out.extend_from_slice(&head[line_end..]);
     }
 }
@@ -354,7 +356,7 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 
 /// `line` with the request-target (between the first two spaces) percent-encoded
 /// where it holds bytes the `http` crate refuses in a URI.
-fn encode_target(line: &[u8]) -> Vec<u8> {
+fn encode_request_line(line: &[u8]) -> Vec<u8> {
     let Some(start) = line.iter().position(|&b| b == b' ') else {
         return line.to_vec();
     };
@@ -362,20 +364,35 @@ fn encode_target(line: &[u8]) -> Vec<u8> {
         .iter()
         .position(|&b| b == b' ')
         .map_or(line.len(), |i| start + 1 + i);
-    let mut out = Vec::with_capacity(line.len() + 16);
-    out.extend_from_slice(&line[..=start]);
-    for &b in &line[start + 1..end] {
-        if matches!(
-            b,
-            b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
-        ) {
+    let Some(target) = encode_target(&line[start + 1..end]) else {
+        return line.to_vec();
+    };
+    [&line[..=start], &target[..], &line[end..]].concat()
+}
+
+/// Printable bytes that RFC 3986 wants percent-encoded and the `http` crate refuses
+/// in a URI, but that clients send raw.
+fn needs_encoding(b: u8) -> bool {
+    matches!(
+        b,
+        b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+    )
+}
+
+/// `target` percent-encoded where it holds such bytes; `None` when it holds none.
+pub(crate) fn encode_target(target: &[u8]) -> Option<Vec<u8>> {
+    if !target.iter().any(|&b| needs_encoding(b)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(target.len() + 16);
+    for &b in target {
+        if needs_encoding(b) {
             out.extend_from_slice(format!("%{b:02X}").as_bytes());
         } else {
             out.push(b);
         }
     }
-    out.extend_from_slice(&line[end..]);
-    out
+    Some(out)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Heads<T> {
@@ -511,19 +528,9 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let (mut client, server) = tokio::io::duplex(1 << 20);
-            let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
-            points.push(input.len());
-            points.sort_unstable();
-            let input = input.to_vec();
+            let (input, cuts) = (input.to_vec(), cuts.to_vec());
             let writer = tokio::spawn(async move {
-                let mut at = 0;
-                for p in points {
-                    if client.write_all(&input[at..p]).await.is_err() {
-                        break;
-                    }
-                    at = p;
-                    tokio::task::yield_now().await;
-                }
+                crate::testing::write_in_pieces(&mut client, &input, &cuts).await;
                 let _ = client.shutdown().await;
                 let mut back = Vec::new();
                 let _ = client.read_to_end(&mut back).await;
@@ -549,49 +556,9 @@ mod tests {
         })
     }
 
-    /// One well-formed request: its bytes, and whether it ends what can be followed.
+    /// One well-formed request's bytes.
     fn request() -> impl Strategy<Value = Vec<u8>> {
-        let method = prop::sample::select(vec!["GET", "POST", "PUT", "DELETE"]);
-        let target = "/[a-z0-9/?=&.%-]{0,20}";
-        let headers = prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,20}"), 0..4);
-        let body = prop_oneof![
-            Just(None),
-            prop::collection::vec(any::<u8>(), 0..300).prop_map(|b| Some((false, vec![b]))),
-            prop::collection::vec(prop::collection::vec(any::<u8>(), 1..100), 0..4)
-                .prop_map(|c| Some((true, c))),
-        ];
-        (method, target, headers, body, any::<bool>()).prop_map(
-            |(method, target, headers, body, trailer)| {
-                let mut out = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n").into_bytes();
-                for (k, v) in headers {
-                    out.extend_from_slice(format!("{k}: {}\r\n", v.trim()).as_bytes());
-                }
-                match body {
-                    None => out.extend_from_slice(b"\r\n"),
-                    Some((false, parts)) => {
-                        let b = &parts[0];
-                        out.extend_from_slice(
-                            format!("Content-Length: {}\r\n\r\n", b.len()).as_bytes(),
-                        );
-                        out.extend_from_slice(b);
-                    }
-                    Some((true, chunks)) => {
-                        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
-                        for c in chunks {
-                            out.extend_from_slice(format!("{:x};ext=1\r\n", c.len()).as_bytes());
-                            out.extend_from_slice(&c);
-                            out.extend_from_slice(b"\r\n");
-                        }
-                        out.extend_from_slice(b"0\r\n");
-                        if trailer {
-                            out.extend_from_slice(b"x-sum: 1\r\n");
-                        }
-                        out.extend_from_slice(b"\r\n");
-                    }
-                }
-                out
-            },
-        )
+        crate::testing::request().prop_map(|r| r.bytes)
     }
 
     fn cases() -> u32 {

@@ -29,6 +29,8 @@ pub mod pool;
 pub mod relay;
 pub mod server;
 pub mod stream;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 
 pub use client::Client;

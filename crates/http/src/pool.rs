@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::{Either, FutureExt};
@@ -50,7 +50,10 @@ pub struct TrailerFilter(pub Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
 /// whose trailers may be filtered.
 pub enum Outgoing {
     Full(Option<Bytes>),
-    Stream(http_body_util::Limited<Incoming>, Option<TrailerFilter>),
+    Stream(
+        http_body_util::Limited<crate::server::RequestBody>,
+        Option<TrailerFilter>,
+    ),
 }
 
 impl Outgoing {
@@ -146,9 +149,13 @@ pub struct Pool {
 /// came back.
 #[derive(Default)]
 struct Idle {
-    conns: Vec<(h1::Conn, Instant)>,
+    /// Each with the sweep during which it came back: a connection comes back after
+    /// every request, and the sweeps' count costs no clock read.
+    conns: Vec<(h1::Conn, u64)>,
     /// Whether a sweeper task is closing the expired ones.
     sweeping: bool,
+    /// Sweeps so far.
+    sweeps: u64,
 }
 
 /// At most [`Settings::max_open`] HTTP/1.1 connections per node: beyond it a request waits for
@@ -324,7 +331,8 @@ impl Pool {
     pub(crate) fn checkin(self: &Arc<Self>, conn: h1::Conn) {
         let mut idle = self.lock_idle();
         if idle.conns.len() < MAX_IDLE {
-            idle.conns.push((conn, Instant::now()));
+            let now = idle.sweeps;
+            idle.conns.push((conn, now));
             if !idle.sweeping {
                 idle.sweeping = true;
                 tokio::spawn(sweep(Arc::downgrade(self)));
@@ -398,11 +406,18 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
         };
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
-        let timeout = pool.settings.idle_timeout;
+        // A connection back during sweep `g` has been idle at least `(now - g - 1)`
+        // periods; closed once that reaches the idle timeout (so it was idle between
+        // the timeout and the timeout and a period, as with a clock read).
+        let periods = pool
+            .settings
+            .idle_timeout
+            .as_nanos()
+            .div_ceil(period.as_nanos()) as u64;
         let mut idle = pool.lock_idle();
-        let now = Instant::now();
-        idle.conns
-            .retain(|(_, since)| now.duration_since(*since) < timeout);
+        idle.sweeps += 1;
+        let now = idle.sweeps;
+        idle.conns.retain(|(_, back)| now - back <= periods);
         if idle.conns.is_empty() {
             idle.sweeping = false;
             return;

@@ -1,6 +1,7 @@
-//! The server side of every listener: accept connections, speak HTTP/1.1 and h2c,
-//! time out a request head that does not arrive, bound the open connections, drain
-//! on shutdown.
+//! The server side of every listener: accept connections, speak HTTP/1.1 (pillion's
+//! own, [`crate::h1::server`]) and h2c (hyper's, which also takes the HTTP/1.1
+//! connections pillion hands over: upgrades, `Expect: 100-continue`), time out a
+//! request head that does not arrive, bound the open connections, drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,12 +17,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::drain::Drain;
+pub use crate::h1::server::RequestBody;
+use crate::h1::server::{Clocks, Served, Socket};
 
 /// The clocks and limits of one listener.
 #[derive(Clone)]
 pub struct Limits {
     /// A connection whose request head has not arrived within this is closed.
     pub read_header_timeout: Duration,
+    /// A request body that stalls this long between two reads is cut off (HTTP/1.1
+    /// served by pillion).
+    pub read_body_timeout: Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: Option<usize>,
     /// After shutdown begins, how long requests in flight may take to finish.
@@ -58,66 +64,17 @@ pub struct TlsPeer {
 }
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
-/// connections finish their requests for up to `grace`.
+/// connections finish their requests for up to `grace`. A request that breaks RFC
+/// 9112 3.2 (see [`refuse`]) is answered 400 before any handler sees it.
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
     handle: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<RequestBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_checked(listener, limits, shutdown, move |req, peer| {
-        use futures_util::future::{ready, Either};
-        match refuse(&req) {
-            Some(why) => Either::Left(ready(Ok(crate::relay::reply(pillion_core::ApiError::new(
-                crate::relay::ID,
-                http::StatusCode::BAD_REQUEST,
-                why,
-            ))
-            .map(|b| http_body_util::Either::Right(b))))),
-            None => Either::Right(OkMap::new(
-                handle(req, peer),
-                |r: Result<Response<B>, Infallible>| match r {
-                    Ok(res) => res.map(http_body_util::Either::Left),
-                    Err(never) => match never {},
-                },
-            )),
-        }
-    })
-    .await
-}
-
-/// Why a request is refused before any handler sees it: its head was refused by
-/// [`crate::heads`] (a bare LF), or it breaks RFC 9112 3.2, which wants exactly
-/// one `Host` in an HTTP/1.1 request (none is allowed in HTTP/1.0, never two); two
-/// could be read differently by pillion and the app behind it.
-fn refuse<T>(req: &Request<T>) -> Option<&'static str> {
-    if let Some(why) = req.headers().get(crate::heads::REFUSED) {
-        return Some(crate::heads::refusal(why));
-    }
-    let hosts = req.headers().get_all(http::header::HOST).iter().count();
-    match (req.version(), hosts) {
-        (_, n) if n > 1 => Some("the request has more than one Host header"),
-        (http::Version::HTTP_11, 0) => {
-            Some("the request has no Host header (HTTP/1.1 requires one)")
-        }
-        _ => None,
-    }
-}
-
-async fn serve_checked<F, Fut, B>(
-    listener: TcpListener,
-    limits: Limits,
-    shutdown: impl Future<Output = ()>,
-    handle: F,
-) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let drain = Drain::new();
@@ -154,13 +111,17 @@ async fn serve_checked<F, Fut, B>(
         };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
-        let (builder, drain, head_timeout) =
-            (builder.clone(), drain.clone(), limits.read_header_timeout);
+        let (builder, drain) = (builder.clone(), drain.clone());
+        let clocks = Clocks {
+            head: limits.read_header_timeout,
+            body: limits.read_body_timeout,
+        };
+        let head_timeout = clocks.head;
         let Some(config) = limits.tls.clone() else {
-            let service =
-                hyper::service::service_fn(move |req: Request<Incoming>| handle(req, peer));
             tokio::spawn(async move {
-                serve_one(&builder, &drain, stream, head_timeout, service, permit).await
+                let handle = move |req| handle(req, peer);
+                serve_one(&builder, &drain, Socket::Tcp(stream), clocks, handle).await;
+                drop(permit);
             });
             continue;
         };
@@ -190,13 +151,20 @@ async fn serve_checked<F, Fut, B>(
                 drop(permit);
                 return;
             }
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let h2 = conn.alpn_protocol() == Some(b"h2");
+            let handle = move |mut req: Request<RequestBody>| {
                 if identify.is_some() {
                     req.extensions_mut().insert(client.clone());
                 }
                 handle(req, peer)
-            });
-            serve_one(&builder, &drain, tls, head_timeout, service, permit).await
+            };
+            if h2 {
+                serve_hyper(&builder, &drain, tls, head_timeout, handle).await;
+            } else {
+                let socket = Socket::Tls(Box::new(tls));
+                serve_one(&builder, &drain, socket, clocks, handle).await;
+            }
+            drop(permit);
         });
     }
     drop(listener);
@@ -211,23 +179,62 @@ async fn serve_checked<F, Fut, B>(
     }
 }
 
-/// Serves one connection (plain or TLS) until it closes or drains.
-async fn serve_one<IO, S, B>(
+/// Serves one connection (plain or TLS) until it closes or drains: HTTP/1.1 by
+/// pillion, and whatever it hands over by hyper.
+async fn serve_one<H, Fut, B>(
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    drain: &Arc<Drain>,
+    socket: Socket,
+    clocks: Clocks,
+    handle: H,
+) where
+    H: Fn(Request<RequestBody>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let settings = crate::h1::server::Settings { clocks, drain };
+    let served = crate::h1::server::serve(socket, settings, handle.clone());
+    // Registered with the drain like any connection; this one checks the drain
+    // itself between requests, so it has nothing to be told.
+    let mut own = std::pin::pin!(drain.watch(served, |_| {}));
+    if let Served::Handover(io) = own.as_mut().await {
+        // Watched until hyper's connection is, so the drain never sees none open.
+        serve_hyper(builder, drain, io, clocks.head, handle).await;
+    }
+}
+
+/// Serves a connection with hyper (h2, and what pillion's HTTP/1.1 handed over).
+/// Requests are checked here as pillion's own server checks them while parsing.
+async fn serve_hyper<IO, H, Fut, B>(
     builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
     drain: &Arc<Drain>,
     io: IO,
     head_timeout: Duration,
-    service: S,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    handle: H,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    use futures_util::future::{ready, Either};
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| match refuse(&req) {
+        Some(why) => Either::Left(ready(Ok(crate::relay::reply(pillion_core::ApiError::new(
+            crate::relay::ID,
+            http::StatusCode::BAD_REQUEST,
+            why,
+        ))
+        .map(http_body_util::Either::Right)))),
+        None => Either::Right(OkMap::new(
+            handle(req.map(RequestBody::from)),
+            |r: Result<Response<B>, Infallible>| match r {
+                Ok(res) => res.map(http_body_util::Either::Left),
+                Err(never) => match never {},
+            },
+        )),
+    });
     let conn = builder
         .serve_connection_with_upgrades(
             TokioIo::new(crate::heads::Heads::new(io, Some(head_timeout))),
@@ -235,7 +242,17 @@ async fn serve_one<IO, S, B>(
         )
         .into_owned();
     let _ = drain.watch(conn, |c| c.graceful_shutdown()).await;
-    drop(permit);
+}
+
+/// Why hyper's request is refused before any handler sees it: its head was refused
+/// by [`crate::heads`] (a bare LF), or it breaks RFC 9112 3.2 (see
+/// [`crate::h1::server::host_rule`]).
+fn refuse<T>(req: &Request<T>) -> Option<&'static str> {
+    if let Some(why) = req.headers().get(crate::heads::REFUSED) {
+        return Some(crate::heads::refusal(why));
+    }
+    let hosts = req.headers().get_all(http::header::HOST).iter().count();
+    crate::h1::server::host_rule(req.version(), hosts)
 }
 
 pin_project_lite::pin_project! {

@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use pillion_core::id::fast_random as random;
 
-use crate::endpoints::{clock, NodeState, ServiceSet};
+use std::time::Duration;
+
+use crate::endpoints::{NodeState, ServiceSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
@@ -56,12 +58,12 @@ impl Tried {
 }
 
 /// Picks a node for the next attempt, avoiding the `tried` ones while others are
-/// available.
-pub fn pick(set: &ServiceSet, strategy: Strategy, tried: &Tried) -> Option<usize> {
+/// available; `now` is [`crate::endpoints::clock`]'s.
+pub fn pick(set: &ServiceSet, strategy: Strategy, tried: &Tried, now: Duration) -> Option<usize> {
     if set.nodes.is_empty() {
         return None;
     }
-    let now_ms = clock().as_millis() as u64;
+    let now_ms = now.as_millis() as u64;
     let filters: [Filter; 3] = [
         &|i, n| !n.is_ejected(now_ms) && !tried.contains(i),
         &|_, n| !n.is_ejected(now_ms),
@@ -97,7 +99,7 @@ pub fn pick(set: &ServiceSet, strategy: Strategy, tried: &Tried) -> Option<usize
                     b += 1;
                 }
                 let (a, b) = (nth(a), nth(b));
-                if set.nodes[a].cost() <= set.nodes[b].cost() {
+                if set.nodes[a].cost(now) <= set.nodes[b].cost(now) {
                     a
                 } else {
                     b
@@ -116,6 +118,7 @@ pub fn node(set: &ServiceSet, index: usize) -> &Arc<NodeState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoints::clock;
     use crate::endpoints::{Locality, ServiceShared};
     use std::time::Duration;
 
@@ -135,10 +138,10 @@ mod tests {
     #[test]
     fn p2c_prefers_the_faster_node() {
         let s = set(&[0, 0]);
-        s.nodes[0].observe(Duration::from_millis(200));
-        s.nodes[1].observe(Duration::from_millis(1));
+        s.nodes[0].observe(Duration::from_millis(200), clock());
+        s.nodes[1].observe(Duration::from_millis(1), clock());
         let fast = (0..100)
-            .filter(|_| pick(&s, Strategy::PeakEwma, &Tried::default()) == Some(1))
+            .filter(|_| pick(&s, Strategy::PeakEwma, &Tried::default(), clock()) == Some(1))
             .count();
         assert_eq!(fast, 100, "with two nodes p2c always compares both");
     }
@@ -147,7 +150,7 @@ mod tests {
     fn round_robin_cycles() {
         let s = set(&[0, 0, 0]);
         let picks: Vec<_> = (0..6)
-            .map(|_| pick(&s, Strategy::RoundRobin, &Tried::default()).unwrap())
+            .map(|_| pick(&s, Strategy::RoundRobin, &Tried::default(), clock()).unwrap())
             .collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
@@ -160,15 +163,21 @@ mod tests {
             t
         };
         let s = set(&[1, 0, 2]);
-        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[])), Some(1));
-        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[1])), Some(0));
-        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[0, 1])), Some(2));
+        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[]), clock()), Some(1));
+        assert_eq!(pick(&s, Strategy::PeakEwma, &tried(&[1]), clock()), Some(0));
         assert_eq!(
-            pick(&s, Strategy::PeakEwma, &tried(&[0, 1, 2])),
+            pick(&s, Strategy::PeakEwma, &tried(&[0, 1]), clock()),
+            Some(2)
+        );
+        assert_eq!(
+            pick(&s, Strategy::PeakEwma, &tried(&[0, 1, 2]), clock()),
             Some(1),
             "all tried: start over"
         );
-        assert_eq!(pick(&set(&[]), Strategy::PeakEwma, &tried(&[])), None);
+        assert_eq!(
+            pick(&set(&[]), Strategy::PeakEwma, &tried(&[]), clock()),
+            None
+        );
     }
 
     #[test]
@@ -179,13 +188,13 @@ mod tests {
         let mut t = Tried::default();
         all_but_last.iter().for_each(|&i| t.insert(i));
         for _ in 0..20 {
-            assert_eq!(pick(&s, Strategy::PeakEwma, &t), Some(99));
-            assert_eq!(pick(&s, Strategy::RoundRobin, &t), Some(99));
+            assert_eq!(pick(&s, Strategy::PeakEwma, &t, clock()), Some(99));
+            assert_eq!(pick(&s, Strategy::RoundRobin, &t, clock()), Some(99));
         }
         t.insert(99);
         t.insert(98); // twice: no double entry
         assert!(
-            pick(&s, Strategy::PeakEwma, &t).is_some(),
+            pick(&s, Strategy::PeakEwma, &t, clock()).is_some(),
             "all tried: start over"
         );
     }

@@ -143,8 +143,14 @@ const DECAY_NS: f64 = 10e9;
 
 /// Milliseconds and nanoseconds since the process's first call; cheap and monotonic.
 pub fn clock() -> Duration {
+    since_epoch(Instant::now())
+}
+
+/// [`clock`] at `at`, an instant already read: a call reads the clock once for its
+/// start and once for its end, and the balancer's arithmetic reuses those.
+pub fn since_epoch(at: Instant) -> Duration {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed()
+    at.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
 }
 
 /// Where a node is dialled and how.
@@ -205,8 +211,8 @@ impl NodeState {
     /// The estimate decays towards zero while a node gets no answers (as tower's
     /// peak-EWMA does), so a node that lost the comparison once is tried again later
     /// instead of being starved by a slightly faster one.
-    pub fn cost(&self) -> f64 {
-        let now = clock().as_nanos() as u64;
+    pub fn cost(&self, now: Duration) -> f64 {
+        let now = now.as_nanos() as u64;
         let then = self.ewma_at.load(Ordering::Relaxed);
         let decay = (-(now.saturating_sub(then) as f64) / DECAY_NS).exp();
         f64::from_bits(self.ewma_ns.load(Ordering::Relaxed))
@@ -228,10 +234,11 @@ impl NodeState {
         PendingGuard(self.clone())
     }
 
-    /// Feeds a response latency to the peak-EWMA: a slower sample is taken at once,
-    /// a faster one decays in over [`DECAY_NS`].
-    pub fn observe(&self, rtt: Duration) {
-        let now = clock().as_nanos() as u64;
+    /// Feeds a response latency, measured until `now` ([`clock`]'s), to the
+    /// peak-EWMA: a slower sample is taken at once, a faster one decays in over
+    /// [`DECAY_NS`].
+    pub fn observe(&self, rtt: Duration, now: Duration) {
+        let now = now.as_nanos() as u64;
         let rtt = rtt.as_nanos() as f64;
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let then = self.ewma_at.swap(now, Ordering::Relaxed);
@@ -576,9 +583,9 @@ mod tests {
             Protocol::Unset,
             &pool::Settings::default(),
         );
-        n.observe(Duration::from_millis(100));
+        n.observe(Duration::from_millis(100), clock());
         assert_eq!(n.ewma(), Duration::from_millis(100));
-        n.observe(Duration::from_millis(1));
+        n.observe(Duration::from_millis(1), clock());
         let after = n.ewma();
         assert!(
             after <= Duration::from_millis(100) && after > Duration::from_millis(1),

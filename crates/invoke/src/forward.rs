@@ -26,9 +26,10 @@ use pillion_http::pool::{Outgoing, PooledBody};
 use pillion_http::{Blame, SendError};
 
 use crate::balance::{self, Strategy, Tried};
-use crate::endpoints::{EjectionPolicy, Endpoints, NodeState, ServiceSet};
+use crate::endpoints::{since_epoch, EjectionPolicy, NodeState, ServiceSet};
 use crate::metrics::AnsweredBy;
 use crate::retry::{self, Decision, Rules};
+use crate::Invoker;
 
 pub const ID: &str = "pillion.invoke";
 
@@ -99,45 +100,87 @@ enum Outcome {
 /// Makes the call and records it in the service's metrics (status as the caller
 /// sees it, latency until the response headers). `tally`, when given, learns the
 /// node and the retries (a traced call).
-#[allow(clippy::manual_async_fn)] // deliberate: see the comment inside
 pub fn forward<'a>(
-    endpoints: &'a Endpoints,
-    policy: &'a Policy,
+    inv: Arc<Invoker>,
     call: Call,
     tally: Option<&'a mut Tally>,
 ) -> impl Future<Output = Result<Response<PooledBody>, ApiError>> + Send + 'a {
-    // An async block rather than an async fn, here and in `attempts`: an async fn
-    // keeps its arguments twice, and this future is the largest of a call.
-    async move {
-        let started = Instant::now();
-        let set: Arc<ServiceSet> = match endpoints.service(&call.service) {
-            Some(s) => s,
-            None => {
-                return Err(error(
-                    StatusCode::NOT_FOUND,
-                    format!("service {:?} not found in the registry", call.service),
-                ))
-            }
-        };
-        let result = attempts(&set, policy, call, started, tally).await;
+    use futures_util::future::{ready, Either};
+    // Not an async block: that would keep `call` once more beside the attempts'
+    // own copy, and this future is the largest of a call.
+    let started = Instant::now();
+    let Some(set) = inv.endpoints.service(&call.service) else {
+        return Either::Left(ready(Err(error(
+            StatusCode::NOT_FOUND,
+            format!("service {:?} not found in the registry", call.service),
+        ))));
+    };
+    Either::Right(Recorded {
+        attempts: attempts(set, inv, call, started, tally),
+        started,
+    })
+}
+
+pin_project_lite::pin_project! {
+    /// The attempts of a call, recorded in the service's metrics when they end.
+    struct Recorded<F> {
+        #[pin]
+        attempts: F,
+        started: Instant,
+    }
+}
+
+/// What the attempts of a call come to: the result, the clock read at the end of
+/// the last attempt (if any was made), and the service, for its metrics.
+type Attempted = (
+    Result<Response<PooledBody>, ApiError>,
+    Option<Instant>,
+    Arc<ServiceSet>,
+);
+
+impl<F: Future<Output = Attempted>> Future for Recorded<F> {
+    type Output = Result<Response<PooledBody>, ApiError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let (result, ended, set) = std::task::ready!(this.attempts.poll(cx));
         let (status, by) = match &result {
             Ok(res) => (res.status(), AnsweredBy::Node),
             Err(e) => (e.status_code(), AnsweredBy::Sidecar),
         };
-        set.shared
-            .metrics
-            .record(status.as_u16(), started.elapsed(), by);
-        result
+        let elapsed = ended.map_or_else(|| this.started.elapsed(), |end| end - *this.started);
+        set.shared.metrics.record(status.as_u16(), elapsed, by);
+        std::task::Poll::Ready(result)
     }
 }
 
-#[allow(clippy::manual_async_fn)] // as `forward`
+#[allow(clippy::manual_async_fn)] // an async fn keeps its arguments twice
 fn attempts<'a>(
+    set: Arc<ServiceSet>,
+    inv: Arc<Invoker>,
+    call: Call,
+    started: Instant,
+    tally: Option<&'a mut Tally>,
+) -> impl Future<Output = Attempted> + Send + 'a {
+    async move {
+        let mut ended = None;
+        let policy = &inv.config.policy;
+        let result = attempt_all(&set, policy, call, started, tally, &mut ended).await;
+        (result, ended, set)
+    }
+}
+
+#[allow(clippy::manual_async_fn)] // as `attempts`
+fn attempt_all<'a>(
     set: &'a ServiceSet,
     policy: &'a Policy,
     mut call: Call,
     started: Instant,
     mut tally: Option<&'a mut Tally>,
+    ended: &'a mut Option<Instant>,
 ) -> impl Future<Output = Result<Response<PooledBody>, ApiError>> + Send + 'a {
     async move {
         let deadline = started + call.timeout;
@@ -184,14 +227,23 @@ fn attempts<'a>(
         };
         let mut first_body = Some(std::mem::replace(&mut call.body, Outgoing::Full(None)));
         // A request that never left (connect failure) comes back whole for the next try.
-        let mut returned: Option<Request<Outgoing>> = None;
+        // Boxed: rare, and large to keep in the future of every call.
+        let mut returned: Option<Box<Request<Outgoing>>> = None;
         let mut tried = Tried::default();
         let mut attempt = 0u32;
         let mut last_problem = String::new();
         let mut only_connect_failures = true;
 
         loop {
-            let Some(index) = pinned.or_else(|| balance::pick(set, policy.strategy, &tried)) else {
+            // The first attempt starts with the call (one clock read fewer per call).
+            let now = if attempt == 0 {
+                started
+            } else {
+                Instant::now()
+            };
+            let clock_now = since_epoch(now);
+            let pick = || balance::pick(set, policy.strategy, &tried, clock_now);
+            let Some(index) = pinned.or_else(pick) else {
                 return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("service {:?} has no node", call.service),
@@ -224,7 +276,7 @@ fn attempts<'a>(
                 }
             };
             let req = match returned.take() {
-                Some(req) => readdress(req, &call, h2, &node.host),
+                Some(req) => readdress(*req, &call, h2, &node.host),
                 None => {
                     let body = match first_body.take() {
                         Some(b) => b,
@@ -235,6 +287,11 @@ fn attempts<'a>(
                     };
                     // Keep the headers for later attempts only if there can be any.
                     let headers = if rules.replayable {
+                        if !h2 {
+                            // Before the copy, which is made exactly as large as
+                            // what it copies: setting it afterwards grew the copy.
+                            call.headers.insert(http::header::HOST, node.host.clone());
+                        }
                         call.headers.clone()
                     } else {
                         std::mem::take(&mut call.headers)
@@ -243,12 +300,6 @@ fn attempts<'a>(
                 }
             };
 
-            // The first attempt starts with the call (one clock read fewer per call).
-            let now = if attempt == 0 {
-                started
-            } else {
-                Instant::now()
-            };
             if now >= deadline {
                 return Err(timeout_error(&call));
             }
@@ -269,16 +320,19 @@ fn attempts<'a>(
                 Ok(Err((failure, back))) => Outcome::Failed(failure, back),
             };
             drop(pending);
-            let rtt = now.elapsed();
+            let end = Instant::now();
+            *ended = Some(end);
+            let rtt = end - now;
+            let clock_end = since_epoch(end);
 
             let verdict = match outcome {
                 Outcome::Answer(res) => {
-                    node.observe(rtt);
+                    node.observe(rtt, clock_end);
                     node.record_success();
                     return Ok(res);
                 }
                 Outcome::BadGateway(res) => {
-                    node.observe(FAILURE_PENALTY.max(rtt));
+                    node.observe(FAILURE_PENALTY.max(rtt), clock_end);
                     set.record_failure(&node, &policy.ejection);
                     only_connect_failures = false;
                     last_problem = format!("node {} answered {}", node.authority, res.status());
@@ -298,7 +352,7 @@ fn attempts<'a>(
                     }
                     Blame::Pillion => return Err(error(e.status(), e.to_string())),
                     Blame::Node => {
-                        node.observe(FAILURE_PENALTY);
+                        node.observe(FAILURE_PENALTY, clock_end);
                         set.record_failure(&node, &policy.ejection);
                         if e.may_have_reached_node() {
                             only_connect_failures = false;
@@ -306,13 +360,13 @@ fn attempts<'a>(
                             decide(retry::Outcome::Failed, attempt, rules, deadline, set)
                         } else {
                             last_problem = e.to_string();
-                            returned = back;
+                            returned = back.map(Box::new);
                             decide(retry::Outcome::NotSent, attempt, rules, deadline, set)
                         }
                     }
                 },
                 Outcome::TimedOut => {
-                    node.observe(rtt);
+                    node.observe(rtt, clock_end);
                     set.record_failure(&node, &policy.ejection);
                     if Instant::now() >= deadline {
                         return Err(timeout_error(&call));

@@ -14,19 +14,21 @@
 //! The call's `traceparent` is kept or started ([`trace::hop`]); only when spans are
 //! exported does a call take the [`traced`] path, with its span `call <service>`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::future::{ready, Either};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http::{Request, Response};
-use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
+use pillion_http::server::RequestBody;
 use serde_json::Value;
 
 use pillion_http::pool::Outgoing;
@@ -45,9 +47,15 @@ pub const METHOD_HEADER: &str = "x-pillion-method";
 /// address), answered 508 at once instead of recursing.
 pub const HOP_HEADER: &str = "x-pillion-hop";
 
+// The same as header names, for lookups on every call (a `&str` is parsed into a
+// name at each lookup).
+const TIMEOUT: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
+const RETRY: HeaderName = HeaderName::from_static(RETRY_HEADER);
+const HOP: HeaderName = HeaderName::from_static(HOP_HEADER);
+
 /// Whether this sidecar already sent the request on (it is looping back).
 fn looped(inv: &Invoker, headers: &HeaderMap) -> bool {
-    headers.get_all(HOP_HEADER).iter().any(|v| {
+    headers.get_all(HOP).iter().any(|v| {
         v.as_bytes()
             .split(|b| *b == b',')
             .any(|id| id.trim_ascii() == inv.hop.as_bytes())
@@ -72,8 +80,8 @@ const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 /// name, which only the receiving mesh listener may set.
 fn control_headers() -> [HeaderName; 3] {
     [
-        HeaderName::from_static(TIMEOUT_HEADER),
-        HeaderName::from_static(RETRY_HEADER),
+        TIMEOUT,
+        RETRY,
         HeaderName::from_static(pillion_core::CALLER_HEADER),
     ]
 }
@@ -94,13 +102,16 @@ fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
 }
 
 /// `/{service}/{method}` (rpc) or `/{service}/...` (proxy), for a request straight
-/// from hyper: no router and no boxing on the way.
+/// from the server: no router on the way.
+///
+/// What needs no waiting is checked before any future is made, and a call's futures
+/// stay small: every layer that holds a future moves it, and the attempts' future,
+/// a couple of kilobytes, is boxed where it is made (see [`finish`]).
 pub fn service_call(
     inv: Arc<Invoker>,
-    req: Request<Incoming>,
-) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+    req: Request<RequestBody>,
+) -> impl Future<Output = Response<ProxyBody>> + Send {
     // Not an async fn: that would hold the request twice and both handlers' futures.
-    use futures_util::future::{ready, Either};
     if looped(&inv, req.headers()) {
         return Either::Left(ready(loop_detected(&inv)));
     }
@@ -110,47 +121,62 @@ pub fn service_call(
     }
 }
 
-async fn rpc_path(inv: Arc<Invoker>, req: Request<Incoming>) -> Response<ProxyBody> {
+fn rpc_path(
+    inv: Arc<Invoker>,
+    req: Request<RequestBody>,
+) -> impl Future<Output = Response<ProxyBody>> + Send {
     let Some(route) = mapping::rpc_route(&inv.config.namespace, req.uri().path()) else {
-        return bad(
+        return Either::Left(ready(bad(
             StatusCode::NOT_FOUND,
             "no service in the path: call /{service}/{method}",
-        );
+        )));
     };
     if req.method() != Method::POST {
-        return bad(
+        return Either::Left(ready(bad(
             StatusCode::METHOD_NOT_ALLOWED,
             format!(
                 "the rpc handler takes POST, not {}; run pillion with --handler proxy to pass other methods through",
                 req.method()
             ),
-        );
+        )));
     }
-    let (parts, body) = req.into_parts();
-    let (timeout, retry_any, body) = match controls_and_body(&inv, &parts.headers, body).await {
+    let (parts, mut body) = req.into_parts();
+    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
         Ok(c) => c,
-        Err(e) => return reply(e),
+        Err(e) => return Either::Left(ready(reply(e))),
     };
     let uri = match method_uri(&route.method) {
         Ok(u) => u,
-        Err(e) => return reply(e),
+        Err(e) => return Either::Left(ready(reply(e))),
     };
-    let grpc = is_grpc(&parts.headers);
-    let mut headers = outbound_headers(parts.headers, false);
-    insert(&mut headers, SERVICE_HEADER, &route.service);
-    insert(&mut headers, METHOD_HEADER, &route.method);
-    let call = Call {
-        uri,
-        service: route.service,
-        method: Method::POST,
-        headers,
-        body: Outgoing::full(body),
-        grpc,
-        pin: None,
-        timeout,
-        retry_any_method: retry_any,
+    let prepare = move |body: Bytes| {
+        let grpc = is_grpc(&parts.headers);
+        let mut headers = outbound_headers(parts.headers, false);
+        insert(&mut headers, SERVICE_HEADER, &route.service);
+        insert(&mut headers, METHOD_HEADER, &route.method);
+        Call {
+            uri,
+            service: route.service,
+            method: Method::POST,
+            headers,
+            body: Outgoing::full(body),
+            grpc,
+            pin: None,
+            timeout,
+            retry_any_method: retry_any,
+        }
     };
-    finish(&inv, call, None).await
+    let max = inv.config.max_body;
+    match body.take_whole() {
+        Some(whole) if whole.len() as u64 > max => Either::Left(ready(reply(too_large(max)))),
+        Some(whole) => Either::Right(Either::Left(finish(inv, prepare(whole), None))),
+        None => Either::Right(Either::Right(Box::pin(async move {
+            match read_body(body, max).await {
+                Ok(whole) => finish(inv, prepare(whole), None).await,
+                Err(e) => reply(e),
+            }
+        }))),
+    }
 }
 
 /// `POST /rpc`.
@@ -237,82 +263,93 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         timeout,
         retry_any_method: retry_any,
     };
-    finish(&inv, call, None).await
+    finish(inv, call, None).await
 }
 
-async fn proxy(inv: Arc<Invoker>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+fn proxy(
+    inv: Arc<Invoker>,
+    mut req: Request<RequestBody>,
+) -> impl Future<Output = Response<ProxyBody>> + Send {
     let Some(service) = mapping::proxy_service(&inv.config.namespace, req.uri().path()) else {
-        return bad(
+        return Either::Left(ready(bad(
             StatusCode::NOT_FOUND,
             "no service in the path: call /{service}/...",
-        );
+        )));
     };
     let (timeout, retry_any) = match controls(req.headers(), inv.config.timeout) {
         Ok(c) => c,
-        Err(e) => return reply(e),
+        Err(e) => return Either::Left(ready(reply(e))),
     };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > inv.config.max_body) {
-        return reply(too_large(inv.config.max_body));
+    let max = inv.config.max_body;
+    if declared.is_some_and(|n| n > max) {
+        return Either::Left(ready(reply(too_large(max))));
     }
     let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
-    let body = if body.is_end_stream() {
-        Outgoing::Full(None)
-    } else if declared.is_some_and(|n| n <= BUFFER_FOR_RETRY) {
-        match read_body(body, inv.config.max_body).await {
-            Ok(b) => Outgoing::full(b),
-            Err(e) => return reply(e),
-        }
-    } else {
-        Outgoing::Stream(
-            http_body_util::Limited::new(body, inv.config.max_body as usize),
-            None,
-        )
-    };
-    let call = Call {
+    let upgrading = upgrade.is_some();
+    let (parts, mut body) = req.into_parts();
+    let prepare = move |body: Outgoing| Call {
         service,
         method: parts.method.clone(),
         uri: origin_form(parts.uri),
         grpc: is_grpc(&parts.headers),
-        headers: outbound_headers(parts.headers, upgrade.is_some()),
+        headers: outbound_headers(parts.headers, upgrading),
         body,
         pin: None,
         timeout,
         retry_any_method: retry_any,
     };
-    finish(&inv, call, upgrade).await
+    // A body that came whole with its head (or none) is sent as it is, and can be
+    // sent again; a small one still on its way is read first, for the same; a
+    // larger one streams, sent once.
+    let body = match body.take_whole() {
+        Some(whole) => Outgoing::full(whole),
+        None if declared.is_some_and(|n| n <= BUFFER_FOR_RETRY) => {
+            return Either::Right(Either::Right(Box::pin(async move {
+                match read_body(body, max).await {
+                    Ok(whole) => finish(inv, prepare(Outgoing::full(whole)), upgrade).await,
+                    Err(e) => reply(e),
+                }
+            })));
+        }
+        None => Outgoing::Stream(http_body_util::Limited::new(body, max as usize), None),
+    };
+    Either::Right(Either::Left(finish(inv, prepare(body), upgrade)))
 }
 
 /// Forwards the call and turns the node's response into ours.
-async fn finish(
-    inv: &Invoker,
+fn finish(
+    inv: Arc<Invoker>,
     mut call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Response<ProxyBody> {
-    call.headers
-        .append(HeaderName::from_static(HOP_HEADER), inv.hop.clone());
+) -> impl Future<Output = Response<ProxyBody>> + Send {
+    // Not an async fn: that would keep the call twice.
+    call.headers.append(HOP, inv.hop.clone());
     let Some(span) = trace::hop(&mut call.headers) else {
-        // Boxed: each async layer above would otherwise hold (and move) a copy of
-        // this, the largest future of a call, several kilobytes.
-        let res = match Box::pin(forward(&inv.endpoints, &inv.config.policy, call, None)).await {
-            Ok(res) => res,
-            Err(e) => return reply(e),
-        };
-        tokio::task::yield_now().await;
-        return relay(res, upgrade);
+        // Boxed here, where it is made: copied once, and every layer above holds
+        // and moves only the box.
+        let forwarding = Box::pin(forward(inv, call, None));
+        return Either::Left(async move {
+            let res = match forwarding.await {
+                Ok(res) => res,
+                Err(e) => return reply(e),
+            };
+            tokio::task::yield_now().await;
+            relay(res, upgrade)
+        });
     };
-    Box::pin(traced(inv, call, upgrade, span)).await
+    // Boxed: only when spans are exported.
+    Either::Right(Box::pin(traced(inv, call, upgrade, span)))
 }
 
 /// [`finish`] with a span (only when spans are exported): `call <service>`, a
 /// client span from the call's start to the answer's headers.
 async fn traced(
-    inv: &Invoker,
+    inv: Arc<Invoker>,
     call: Call,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     mut span: trace::Hop,
@@ -322,7 +359,7 @@ async fn traced(
     span.set("url.path", call.uri.path());
     span.set("pillion.service", call.service.as_str());
     let mut tally = Tally::default();
-    let result = forward(&inv.endpoints, &inv.config.policy, call, Some(&mut tally)).await;
+    let result = forward(inv, call, Some(&mut tally)).await;
     if let Some(node) = &tally.node {
         span.set("server.address", node.authority.as_str());
         span.set("pillion.node", node.id.as_str());
@@ -356,7 +393,7 @@ where
 
 /// Reads `X-Pillion-Timeout` and `X-Pillion-Retry`.
 fn controls(headers: &HeaderMap, default: Duration) -> Result<(Duration, bool), ApiError> {
-    let timeout = match headers.get(TIMEOUT_HEADER) {
+    let timeout = match headers.get(TIMEOUT) {
         None => default,
         Some(v) => match v.to_str().ok().map(pillion_core::duration::parse) {
             Some(Ok(d)) if !d.is_zero() => d,
@@ -365,7 +402,7 @@ fn controls(headers: &HeaderMap, default: Duration) -> Result<(Duration, bool), 
             None => return Err(invalid("X-Pillion-Timeout is not text".into())),
         },
     };
-    let retry_any = match headers.get(RETRY_HEADER).map(|v| v.to_str().unwrap_or("")) {
+    let retry_any = match headers.get(RETRY).map(|v| v.to_str().unwrap_or("")) {
         None => false,
         Some(v) if v.eq_ignore_ascii_case("always") => true,
         Some(v) => {

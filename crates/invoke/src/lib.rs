@@ -115,8 +115,13 @@ impl Invoker {
     ) -> Arc<Invoker> {
         Arc::new(Invoker {
             endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone(), mesh),
-            hop: http::HeaderValue::from_str(&pillion_core::id::uuid_v4()[..8])
-                .expect("hex is a header value"),
+            // Static (leaked once per invoker): added to every call, and a static
+            // value is copied without touching a reference count.
+            hop: http::HeaderValue::from_static(Box::leak(
+                pillion_core::id::uuid_v4()[..8]
+                    .to_string()
+                    .into_boxed_str(),
+            )),
             config,
         })
     }

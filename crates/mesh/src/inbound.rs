@@ -16,13 +16,13 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::pool::{Outgoing, Pool};
 use pillion_http::relay::{
     app_failure, is_upgrade, origin_form, outbound_headers, relay, reply, request_host, ProxyBody,
 };
+use pillion_http::server::RequestBody;
 use pillion_http::server::TlsPeer;
 
 use crate::jwt::Verifier;
@@ -102,7 +102,7 @@ impl MeshInbound {
 
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let caller = match self.admit(

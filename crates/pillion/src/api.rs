@@ -10,8 +10,8 @@ use axum::Router;
 use futures_util::future;
 use http::{Request, Response};
 use http_body_util::Either;
-use hyper::body::Incoming;
 use pillion_http::relay::ProxyBody;
+use pillion_http::server::RequestBody;
 use pillion_http::server::{serve, Limits, OkMap};
 use pillion_invoke::Invoker;
 use tokio::net::TcpListener;
@@ -72,7 +72,7 @@ pub async fn serve_api(
 fn route(
     api: Router,
     invoker: Arc<Invoker>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
     if is_api(req.uri().path()) {
         future::Either::Left(Box::pin(async move {

@@ -470,6 +470,16 @@ pub struct RunArgs {
     )]
     pub read_header_timeout: NonZeroDur,
 
+    /// How long a request body may stall between two reads, on every listener; a
+    /// client slower than that is disconnected and its call ends with a 400.
+    #[arg(
+        long,
+        default_value = "60s",
+        env = "PILLION_READ_BODY_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub read_body_timeout: NonZeroDur,
+
     /// How long idle keep-alive connections to nodes and the app are kept.
     #[arg(
         long,

@@ -254,6 +254,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     );
     let limits = Limits {
         read_header_timeout: settings.read_header_timeout,
+        read_body_timeout: settings.read_body_timeout,
         max_connections: None,
         grace: settings.grace_period,
         tls: None,

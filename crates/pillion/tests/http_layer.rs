@@ -286,3 +286,101 @@ async fn listen_max_connections_holds_further_connections_until_one_closes() {
         "the waiting connection was not served once one closed"
     );
 }
+
+/// The statuses of every answer in `raw`, in order.
+fn statuses(raw: &str) -> Vec<&str> {
+    raw.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &raw[i + 9..i + 12])
+        .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_framed_two_ways_is_refused_before_it_reaches_the_app() {
+    let app = TestApp::start("app").await;
+    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
+    register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+    // Each could be read as one request by pillion and as two by the app (or the
+    // other way round): a smuggled request. Refused on both listeners.
+    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+        for (framing, status, why) in [
+            (
+                "Transfer-Encoding: chunked\r\nContent-Length: 4",
+                "400",
+                "both Transfer-Encoding and Content-Length",
+            ),
+            (
+                "Content-Length: 4\r\nContent-Length: 40",
+                "400",
+                "different Content-Length",
+            ),
+            (
+                "Transfer-Encoding: chunked, identity",
+                "501",
+                "only one chunked",
+            ),
+        ] {
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{framing}\r\n\r\n0\r\n\r\nGET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            );
+            let answer = raw_to_end(addr, request.as_bytes());
+            assert_eq!(statuses(&answer), [status], "{addr} {framing:?}: {answer}");
+            assert!(answer.contains(why), "{addr}: {answer}");
+            assert!(answer.contains("connection: close"), "{addr}: {answer}");
+        }
+    }
+    assert_eq!(app.requests(), 0, "a refused request reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_both_listeners() {
+    let app = TestApp::start("app").await;
+    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
+    register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+    for (addr, prefix) in [(sc.addr, "/app"), (listen, "")] {
+        // Three requests in one write, one with a body, the last asking to close.
+        let request = format!(
+            "GET {prefix}/one HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+             POST {prefix}/two HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello\
+             GET {prefix}/three HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        let answer = raw_to_end(addr, request.as_bytes());
+        assert_eq!(statuses(&answer), ["200", "200", "200"], "{addr}: {answer}");
+        let one = answer.find("/one").expect("the first answer");
+        let two = answer
+            .find("\"body\":\"hello\"")
+            .expect("the second, with its body");
+        let three = answer.find("/three").expect("the third");
+        assert!(one < two && two < three, "{addr}: out of order: {answer}");
+    }
+    assert_eq!(app.requests(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_is_cut_off_after_read_body_timeout() {
+    let app = TestApp::start("app").await;
+    let (sc, listen) = inbound(
+        &app.url(),
+        &["--handler", "proxy", "--read-body-timeout", "300ms"],
+    );
+    register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+        let started = Instant::now();
+        // Three of the ten bytes announced, then nothing, the connection held open.
+        let answer = raw(
+            addr,
+            format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nabc")
+                .as_bytes(),
+        );
+        assert!(answer.starts_with("HTTP/1.1 400"), "{addr}: {answer}");
+        assert!(
+            answer.contains("stalled") && answer.contains("--read-body-timeout"),
+            "{addr}: {answer}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250), "{addr}");
+    }
+    // A small body is read whole before a call by name leaves (so it can be
+    // retried): that request never left. The inbound proxy streams bodies to the
+    // app as they come: the app saw the start of the other one, broken off.
+    assert_eq!(app.requests(), 1);
+}

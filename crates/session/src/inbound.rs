@@ -31,13 +31,13 @@ use http::header::{HeaderName, HeaderValue, HOST, SET_COOKIE};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::pool::{self, Outgoing, Pool, TrailerFilter};
 use pillion_http::relay::{
     app_failure, is_upgrade, origin_form, outbound_headers, relay, request_host, ProxyBody,
 };
+use pillion_http::server::RequestBody;
 
 use crate::codec::{check_limits, Limits, Scheme};
 use crate::cookie::CookieConfig;
@@ -208,7 +208,7 @@ impl Inbound {
 
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         let Some(mut span) = trace::hop(req.headers_mut()) else {
@@ -223,7 +223,7 @@ impl Inbound {
         res
     }
 
-    async fn proxy(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn proxy(&self, mut req: Request<RequestBody>, peer: SocketAddr) -> Response<ProxyBody> {
         let cfg = &self.cfg;
         let offered = crate::cookie::take(req.headers_mut(), &cfg.cookie.name);
         let loaded = match offered.filter(|id| is_valid_id(id)) {

@@ -31,12 +31,9 @@ struct Read {
 /// pillion's parser on `input`, delivered in pieces cut at `cuts`, then the end of
 /// the connection.
 fn ours(input: &[u8], cuts: &[usize]) -> Result<Read, String> {
-    let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
-    points.push(input.len());
-    points.sort_unstable();
     let mut pieces = Vec::new();
     let mut at = 0;
-    for p in points {
+    for p in crate::testing::cut_points(input.len(), cuts) {
         pieces.push(&input[at..p]);
         at = p;
     }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Interleaved A/B of two pillion binaries on the HTTP/1.1 keep-alive proxy test
+# (wrk -t1 -c32, one worker thread each), with haproxy in every round as the yardstick:
+# req/s, p99, and the proxy's CPU per request (from /proc). Every attempt recorded in
+# bench/README.md was measured with this script.
+#
+#   bench/ab.sh OLD_BINARY NEW_BINARY               # 6 rounds of 4 s
+#   ROUNDS=8 DURATION=5 CONNS=32 bench/ab.sh A B
+#
+# Build the binaries first (cargo build --release, then copy target/release/pillion
+# aside for each variant).
+source "$(dirname "$0")/lib.sh"
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-4}
+CONNS=${CONNS:-32}
+[ $# -eq 2 ] || { say "usage: bench/ab.sh OLD_BINARY NEW_BINARY"; exit 2; }
+A=$(realpath "$1"); Bin=$(realpath "$2")
+
+install_tools wrk:wrk nginx:nginx-light haproxy:haproxy curl:curl
+
+B=$(free_port); H=$(free_port); PA=$(free_port); PB=$(free_port)
+start_backend "$B"
+start_haproxy "$H" "$B"
+PILLION=$A start_pillion "$PA" "$B"
+PILLION=$Bin start_pillion "$PB" "$B"
+declare -A URL=([a]="http://127.0.0.1:$PA/bench/x" [b]="http://127.0.0.1:$PB/bench/x"
+  [haproxy]="http://127.0.0.1:$H/bench/x")
+declare -A PID=([a]=$(pgrep -f -- "--address 127.0.0.1:$PA") [b]=$(pgrep -f -- "--address 127.0.0.1:$PB")
+  [haproxy]=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg"))
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
+for t in a b haproxy; do wrk -t1 -c"$CONNS" -d1s "${URL[$t]}" >/dev/null; done
+
+RAW="$WORK/raw.txt"; : > "$RAW"
+for r in $(seq 1 "$ROUNDS"); do
+  for t in a b haproxy; do
+    c0=$(ticks "${PID[$t]}")
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${URL[$t]}")
+    c1=$(ticks "${PID[$t]}")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    if grep -q "Non-2xx\|Socket errors" <<<"$out" || [ -z "$rps" ] || [ -z "$total" ]; then
+      say "$t: a failed run, left out:"; say "$out"; continue
+    fi
+    echo "$t $rps $p99 $(( (c1 - c0) )) $total" >> "$RAW"
+    say "round $r $t: $rps req/s p99 $p99"
+  done
+done
+
+python3 - "$RAW" "$A" "$Bin" <<'PY'
+import statistics, sys
+rows = {}
+def ms(v):
+    for unit, f in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if v.endswith(unit):
+            return float(v[: -len(unit)]) * f
+for line in open(sys.argv[1]):
+    t, rps, p99, ticks, total = line.split()
+    rows.setdefault(t, []).append((float(rps), ms(p99), int(ticks) * 1e4 / int(total)))
+med = {t: [statistics.median(c) for c in zip(*v)] for t, v in rows.items()}
+print(f"A = {sys.argv[2]}\nB = {sys.argv[3]}")
+print(f"{'':8} {'req/s':>9} {'p99 ms':>7} {'us/req':>7} {'req/s vs haproxy':>17}")
+for t in ("a", "b", "haproxy"):
+    r, p, u = med[t]
+    print(f"{t:8} {r:9.0f} {p:7.2f} {u:7.2f} {r / med['haproxy'][0]:17.2f}")
+a, b = med["a"], med["b"]
+print(f"B vs A: req/s {100 * (b[0] / a[0] - 1):+.1f}%, us/request {100 * (b[2] / a[2] - 1):+.1f}%")
+PY
