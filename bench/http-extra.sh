@@ -68,6 +68,7 @@ for r in $(seq 1 "$ROUNDS"); do
   for t in "${ORDER[@]}"; do
     say "round $r/$ROUNDS: $t"
     fixed=$("$RATE_GEN" "${URL[$t]}" "$RATE" 32 "$DURATION")
+    say "  fixed rate: $fixed"
     h2out=$(h2load -t1 -c8 -m10 -D "$DURATION" "${H2URL[$t]}" 2>/dev/null)
     # Only answers that are 2xx count: a proxy that answers 502 fast is not fast.
     if ! grep -q ' 0 failed, 0 errored' <<<"$h2out" || ! grep -q ' 0 3xx, 0 4xx, 0 5xx' <<<"$h2out"; then

@@ -1,4 +1,6 @@
-//! What a listener reads, before hyper parses it: the connection's HTTP/1.1 framing is
+//! What a connection handed to hyper reads, before hyper parses it (pillion's own
+//! HTTP/1.1 server, [`crate::h1::server`], makes the same checks as it parses; hyper
+//! serves only what it hands over, and HTTP/2): the connection's HTTP/1.1 framing is
 //! followed (heads, `Content-Length` and chunked bodies, trailers) so that every
 //! request head can be checked and its request line made acceptable to hyper.
 //!

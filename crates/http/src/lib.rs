@@ -4,14 +4,16 @@
 //! - [`pool`]: keep-alive connections per node (HTTP/1.1 and h2c), idle expiry, a cap
 //!   on open connections, and [`pool::Outgoing`], a request body that is whole
 //!   (replayable) or a stream (sent once).
-//! - [`h1`]: pillion's own HTTP/1.1 client, spoken on the caller's task.
+//! - [`h1`]: pillion's own HTTP/1.1, both ways: the client, spoken on the caller's
+//!   task, and the server side of every listener, on the connection's task.
 //! - [`error`]: [`SendError`], why a send failed: whose fault it was, and whether the
 //!   node may have seen the request. Policy code matches on it, never on text.
 //! - [`relay`]: hop-by-hop header removal and the upgrade tunnel.
 //! - [`client`]: one-shot requests to a URL (health checks, etcd, peer sidecars) over
 //!   the same pools.
-//! - [`server`]: the accept loop of every listener: header-read timeout, a bound on
-//!   open connections, graceful drain.
+//! - [`server`]: the accept loop of every listener: HTTP/1.1 by [`h1`], HTTP/2 and
+//!   what `h1` hands over (upgrades, `Expect: 100-continue`) by hyper; header- and
+//!   body-read timeouts, a bound on open connections, graceful drain.
 //! - [`stream`]: a connection to a node, plain or TLS (mTLS in the mesh), and the
 //!   [`stream::Connector`] that makes the TLS ones.
 //! - [`tls`]: HTTPS certificates for listeners, from files that are followed.
