@@ -338,7 +338,15 @@ async fn bodies_over_the_limit_get_413() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_disconnects_cancels_the_upstream_request() {
     let app = TestApp::start("svc").await;
-    let sc = Sidecar::start(&["--handler", "proxy"]);
+    // Deadlines far away: only the caller's going away can cancel the call.
+    let sc = Sidecar::start(&[
+        "--handler",
+        "proxy",
+        "--timeout",
+        "60s",
+        "--per-try-timeout",
+        "60s",
+    ]);
     register(&sc, "svc", "s1", &app.addr().to_string(), &[]).await;
     let mut s = std::net::TcpStream::connect(sc.addr).unwrap();
     s.write_all(b"GET /svc/hang HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

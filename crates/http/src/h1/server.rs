@@ -546,9 +546,14 @@ where
                 )
             }
         };
-        let res = match handle(request.map(|()| body)).await {
-            Ok(res) => res,
-            Err(never) => match never {},
+        let answered = unless_gone(handle(request.map(|()| body)), reader.as_mut()).await;
+        let res = match answered {
+            Some(Ok(res)) => res,
+            Some(Err(never)) => match never {},
+            None => {
+                tracing::debug!("the client went away before its answer; the call is cancelled");
+                return Served::Closed;
+            }
         };
         let asked = Asked {
             close: asked.close || settings.drain.is_draining(),
@@ -580,6 +585,36 @@ where
         }
     }
 }
+
+/// The handler's answer, or `None` if the client goes away first (it closes or
+/// resets the connection; as hyper's server does by default, a half-closed
+/// connection counts as gone): the answer's future is dropped then, which cancels
+/// the call it makes to a node. Watched while the connection's reading half is here
+/// (not streaming a body to the handler); what arrives meanwhile is the next
+/// request, kept in the buffer, up to [`WATCH_LIMIT`].
+async fn unless_gone<F: Future>(answer: F, mut reader: Option<&mut Reader>) -> Option<F::Output> {
+    let mut answer = pin!(answer);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = answer.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if let Some(r) = reader.as_deref_mut() {
+            // Costs no system call: tokio knows the socket has nothing to read.
+            while r.buf.len() < WATCH_LIMIT {
+                match r.poll_fill(cx, READ_SIZE) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => break,
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Bytes of pipelined requests read while an answer is prepared, at most.
+const WATCH_LIMIT: usize = 64 * 1024;
 
 /// The deadline of the head being read, and how far its bytes were searched for
 /// its end.

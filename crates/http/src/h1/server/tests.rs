@@ -690,3 +690,45 @@ async fn a_drain_closes_idle_connections_and_lets_a_request_in_flight_finish() {
     draining.await.unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_goes_away_cancels_the_answer_being_prepared() {
+    /// Set when the handler's future is dropped before it answered.
+    struct Cancelled(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for Cancelled {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut client, server) = tokio::io::duplex(4096);
+    let flag = cancelled.clone();
+    let task = tokio::spawn(async move {
+        let drain = Drain::new();
+        let settings = Settings {
+            clocks: CLOCKS,
+            drain: &drain,
+        };
+        let served = serve(Socket::Mem(server), settings, move |_req| {
+            let guard = Cancelled(flag.clone());
+            async move {
+                std::future::pending::<()>().await;
+                drop(guard);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        });
+        matches!(served.await, Served::Closed)
+    });
+    client
+        .write_all(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!cancelled.load(std::sync::atomic::Ordering::SeqCst));
+    drop(client);
+    assert!(task.await.unwrap(), "the connection ended");
+    assert!(
+        cancelled.load(std::sync::atomic::Ordering::SeqCst),
+        "the answer's future was dropped"
+    );
+}
