@@ -122,28 +122,6 @@ impl SendError {
         }
     }
 
-    /// The caller's fault among the causes of another error (hyper's HTTP/2 client
-    /// wraps the body's error in its own).
-    pub(crate) fn callers_in(e: &(dyn std::error::Error + 'static)) -> Option<SendError> {
-        let mut cause = Some(e);
-        while let Some(c) = cause {
-            match c.downcast_ref::<SendError>() {
-                Some(SendError::BodyTooLarge) => return Some(SendError::BodyTooLarge),
-                Some(SendError::BodyLength { declared, written }) => {
-                    return Some(SendError::BodyLength {
-                        declared: *declared,
-                        written: *written,
-                    })
-                }
-                Some(found @ SendError::CallerBody(_)) => {
-                    return Some(SendError::CallerBody(crate::describe(found).into()))
-                }
-                _ => cause = c.source(),
-            }
-        }
-        None
-    }
-
     /// A dial error: an fd or memory shortage is pillion's, the rest the node's.
     pub(crate) fn dial(authority: &str, source: io::Error) -> SendError {
         let authority = authority.to_string();

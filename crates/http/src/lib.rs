@@ -6,6 +6,8 @@
 //!   (replayable) or a stream (sent once).
 //! - [`h1`]: pillion's own HTTP/1.1, both ways: the client, spoken on the caller's
 //!   task, and the server side of every listener, on the connection's task.
+//! - [`http2`]: the HTTP/2 client to nodes (h2c, and h2 in the mesh), on `h2`
+//!   directly: a request is sent and answered on the caller's task.
 //! - [`error`]: [`SendError`], why a send failed: whose fault it was, and whether the
 //!   node may have seen the request. Policy code matches on it, never on text.
 //! - [`relay`]: hop-by-hop header removal and the upgrade tunnel.
@@ -27,6 +29,7 @@ pub mod drain;
 pub mod error;
 pub mod h1;
 mod heads;
+pub mod http2;
 pub mod pool;
 pub mod relay;
 pub mod server;

@@ -4,7 +4,8 @@
 //! connection goes back to the list when the response body that used it has been read
 //! to its end, so a slow streaming response never blocks another request behind it.
 //! An idle connection the node closed is noticed at checkout and dropped. HTTP/2 (h2c,
-//! for gRPC) uses one shared, multiplexed hyper connection per node.
+//! for gRPC, and the mesh's h2 over mTLS) uses one shared, multiplexed connection per
+//! node ([`crate::http2`]).
 //!
 //! A connection is made *before* the request is handed over, so a failed dial leaves
 //! the request with the caller, who can send it elsewhere even when its body is a
@@ -21,13 +22,10 @@ use bytes::Bytes;
 use futures_util::future::{Either, FutureExt};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::h1;
 use crate::stream::{Carry, Connector, Stream};
 use crate::{describe, BoxError, SendError};
+use crate::{h1, http2};
 
 /// TCP keep-alive on every connection to a node: a peer gone without a word (a
 /// partition, a host that lost power) is noticed after about a minute of silence
@@ -141,7 +139,7 @@ pub struct Pool {
     tls: Option<Connector>,
     settings: Settings,
     idle: Mutex<Idle>,
-    h2: Mutex<Option<http2::SendRequest<Outgoing>>>,
+    h2: Mutex<Option<http2::Conn>>,
     limit: Arc<Limit>,
 }
 
@@ -278,37 +276,30 @@ impl Pool {
     async fn send_h2(self: &Arc<Self>, req: Request<Outgoing>, connect_timeout: Duration) -> Sent {
         let existing = {
             let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            h2.as_ref().filter(|s| !s.is_closed()).cloned()
+            h2.as_ref().and_then(http2::Conn::handle)
         };
-        let mut sender = match existing {
-            Some(s) => s,
+        let handle = match existing {
+            Some(h) => h,
             None => match self.connect_h2(connect_timeout).await {
-                Ok(s) => {
-                    *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
-                    s
+                Ok(conn) => {
+                    let h = conn.handle().expect("a new connection is open");
+                    *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+                    h
                 }
                 Err(e) => return Err((e, Some(req))),
             },
         };
-        match sender.try_send_request(req).await {
+        match http2::send(handle, req).await {
             Ok(res) => Ok(res.map(PooledBody::H2)),
-            Err(mut e) => {
-                let msg = describe(e.error());
-                match e.take_message() {
-                    // Refused before it left (the connection was closing).
-                    Some(r) => Err((
-                        SendError::Handshake {
-                            authority: self.authority.clone(),
-                            detail: msg,
-                        },
-                        Some(r),
-                    )),
-                    None => Err((
-                        SendError::callers_in(e.error()).unwrap_or(SendError::H2(msg)),
-                        None,
-                    )),
-                }
-            }
+            // Refused before it left (the connection was closing).
+            Err(http2::Failure::NotSent(e, req)) => Err((
+                SendError::Handshake {
+                    authority: self.authority.clone(),
+                    detail: describe(&e),
+                },
+                Some(*req),
+            )),
+            Err(http2::Failure::Sent(e)) => Err((e, None)),
         }
     }
 
@@ -374,24 +365,14 @@ impl Pool {
         self.dial(connect_timeout, Carry::Tunnel).await
     }
 
-    async fn connect_h2(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Outgoing>, SendError> {
-        let io = TokioIo::new(self.dial(connect_timeout, Carry::H2).await?);
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .handshake(io)
+    async fn connect_h2(&self, connect_timeout: Duration) -> Result<http2::Conn, SendError> {
+        let io = self.dial(connect_timeout, Carry::H2).await?;
+        http2::Conn::handshake(io)
             .await
             .map_err(|e| SendError::Handshake {
                 authority: self.authority.clone(),
                 detail: describe(&e),
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
-            }
-        });
-        Ok(sender)
+            })
     }
 }
 
@@ -429,7 +410,7 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
 /// read (a body dropped before its end closes the connection).
 pub enum PooledBody {
     H1(h1::ResponseBody),
-    H2(Incoming),
+    H2(http2::ResponseBody),
 }
 
 impl PooledBody {
@@ -452,7 +433,7 @@ impl Body for PooledBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             PooledBody::H1(body) => Pin::new(body).poll_frame(cx),
-            PooledBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            PooledBody::H2(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
