@@ -3,12 +3,13 @@
 # vs nginx vs a direct connection to the backend, one worker thread each, the same
 # wrk load (closed loop, -t1 -c32), interleaved over ROUNDS rounds (A B C D, A B C D..).
 #
-#   bench/http-proxy.sh            # 3 rounds of 4 s
+#   bench/http-proxy.sh            # 5 rounds of 4 s
 #   ROUNDS=5 DURATION=8 bench/http-proxy.sh
 #
 # Prints a table of medians and ratios and writes bench/results/http-proxy.json.
 source "$(dirname "$0")/lib.sh"
-ROUNDS=${ROUNDS:-3}
+# Five rounds: on a shared 2-core machine one round in three can be off by 10%.
+ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-4}
 CONNS=${CONNS:-32}
 
@@ -42,6 +43,7 @@ for r in $(seq 1 "$ROUNDS"); do
     p99=$(awk '$1=="99%" {print $2}' <<<"$out")
     errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
     [ -n "$errs" ] && say "  $t: $errs"
+    say "  $rps req/s, p50 $p50, p99 $p99"
     echo "$t $rps $p50 $p99" >> "$RAW"
   done
 done
