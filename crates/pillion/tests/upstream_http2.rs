@@ -1,7 +1,7 @@
 //! pillion's HTTP/2 client towards h2c nodes, against a node written with the `h2`
 //! crate's server: bodies larger than every flow-control window both ways with their
-//! trailers, an answer before the body is read, a caller that stops mid-body, and a
-//! node that closes its connection gracefully.
+//! trailers, an answer before the body is read, a caller that stops mid-body, a node
+//! that never opens its window, and a node that closes its connection gracefully.
 
 mod common;
 
@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An h2c node: `/echo` reads the whole body and its trailers, then answers with the
 /// body, its length and the caller's `x-checksum` trailer; `/early` answers before
-/// reading; `/bye` answers, then closes its connection gracefully. What each body
+/// reading; `/stall` never gives its window back nor answers; `/bye` answers, then
+/// closes its connection gracefully. What each body
 /// read ended with is in `ends`.
 struct Node {
     addr: String,
@@ -74,6 +75,18 @@ async fn answer(
         stream
             .send_data(Bytes::from_static(b"early"), true)
             .unwrap();
+        return;
+    }
+    if path.ends_with("/stall") {
+        // Reads what arrives without giving the window back, and never answers.
+        let end = loop {
+            match body.data().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break format!("reset: {e}"),
+                None => break "ended".to_string(),
+            }
+        };
+        ends.lock().unwrap().push(end);
         return;
     }
     let mut got = Vec::new();
@@ -243,4 +256,35 @@ async fn a_node_that_closes_its_connection_gracefully_is_dialled_again() {
         assert_eq!(reply.status, 200, "call {i}: {}", reply.text());
     }
     assert_eq!(node.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_never_opens_its_window_costs_the_caller_its_deadline_and_no_more() {
+    let node = node().await;
+    let sc = sidecar_for(&node).await;
+    let started = std::time::Instant::now();
+    let stalled = pillion_testkit::http::request(
+        http::Method::POST,
+        &sc.url("/svc/stall"),
+        &[("x-pillion-timeout", "1s")],
+        vec![b'x'; 1024 * 1024],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stalled.status, 504, "{}", stalled.text());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The stream is reset, so the node is not left waiting for the rest of the body,
+    // and the connection still serves other calls.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !node.ends.lock().unwrap().is_empty()
+        })
+        .await
+    );
+    assert!(node.ends.lock().unwrap()[0].starts_with("reset"));
+    let reply = pillion_testkit::http::get(&sc.url("/svc/echo"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(node.accepted.load(Ordering::SeqCst), 1);
 }
