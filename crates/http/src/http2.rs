@@ -63,7 +63,9 @@ pub(crate) struct Handle {
 
 impl Conn {
     /// The HTTP/2 handshake on `io`; the connection then runs on a task of its own.
-    pub(crate) async fn handshake(io: Stream) -> Result<Conn, ::h2::Error> {
+    /// The handle is the first caller's even if the connection has already ended (its
+    /// request is then handed back, not lost).
+    pub(crate) async fn handshake(io: Stream) -> Result<(Conn, Handle), ::h2::Error> {
         let (send, connection) = ::h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -92,10 +94,14 @@ impl Conn {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        Ok(Conn {
-            handle: Handle { send, closed },
-            _pool: pool,
-        })
+        let handle = Handle { send, closed };
+        Ok((
+            Conn {
+                handle: handle.clone(),
+                _pool: pool,
+            },
+            handle,
+        ))
     }
 
     /// A handle to send on, while the connection takes new requests.
@@ -138,29 +144,59 @@ pub(crate) async fn send(
     let (answer, stream) = send
         .send_request(Request::from_parts(head, ()), done)
         .map_err(|e| Failure::Sent(SendError::H2(describe(&e))))?;
-    let res = if done {
-        answer.await
+    let (res, uploading) = if done {
+        (answer.await, None)
     } else {
         await_while_uploading(answer, Upload::new(body, stream)).await?
     };
     let res = res.map_err(|e| Failure::Sent(SendError::H2(describe(&e))))?;
-    let remaining = res
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
+    // An answer whose HEADERS ended the stream is empty, whatever it declares.
+    let remaining = if res.body().is_end_stream() {
+        Some(0)
+    } else {
+        res.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    };
+    let upload = uploading.map(|upload| {
+        let (answer_here, answer_gone) = tokio::sync::oneshot::channel();
+        tokio::spawn(upload_while_read(upload, answer_gone));
+        answer_here
+    });
     Ok(res.map(|recv| ResponseBody {
         recv,
         data_done: false,
         remaining,
+        _upload: upload,
     }))
 }
 
+/// An upload that goes on after the answer came, until its end or until the answer's
+/// body is dropped (the caller went away): then the stream is reset, so that the node
+/// does not wait for the rest of a body that will not come.
+async fn upload_while_read(
+    mut upload: Upload,
+    mut answer_gone: tokio::sync::oneshot::Receiver<()>,
+) {
+    let sent = poll_fn(|cx| {
+        if Pin::new(&mut answer_gone).poll(cx).is_ready() {
+            upload.stream.send_reset(Reason::CANCEL);
+            return Poll::Ready(Ok(()));
+        }
+        upload.poll_send(cx)
+    })
+    .await;
+    if let Err(e) = sent {
+        tracing::debug!(error = %describe(&e), "the request's body was cut short");
+    }
+}
+
 /// The answer, while the request's body is sent; an upload still going when the
-/// answer comes goes on on a task of its own.
+/// answer comes is given back, to go on on a task of its own.
 async fn await_while_uploading(
     mut answer: ResponseFuture,
     upload: Upload,
-) -> Result<Result<Response<RecvStream>, ::h2::Error>, Failure> {
+) -> Result<(Result<Response<RecvStream>, ::h2::Error>, Option<Upload>), Failure> {
     let mut upload = Some(upload);
     let res = poll_fn(|cx| {
         if let Poll::Ready(res) = Pin::new(&mut answer).poll(cx) {
@@ -177,10 +213,7 @@ async fn await_while_uploading(
         Poll::Pending
     })
     .await?;
-    if let Some(rest) = upload {
-        tokio::spawn(rest);
-    }
-    Ok(res)
+    Ok((res, upload))
 }
 
 /// Removes what HTTP/2 forbids; most requests carry none of it, and the one pass
@@ -206,7 +239,7 @@ fn make_legal(headers: &mut HeaderMap) {
         }
     }
     // `TE: trailers` (gRPC) is the one TE value HTTP/2 allows.
-    if te && headers.get(header::TE).is_some_and(|v| v != "trailers") {
+    if te && headers.get_all(header::TE).iter().any(|v| v != "trailers") {
         headers.remove(header::TE);
     }
 }
@@ -216,7 +249,7 @@ fn make_legal(headers: &mut HeaderMap) {
 fn expects_body(method: &Method) -> bool {
     !matches!(
         *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::CONNECT
+        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
     )
 }
 
@@ -237,9 +270,17 @@ impl Upload {
         }
     }
 
-    /// Sends the body to its end. A failure of the caller's body resets the stream
-    /// and is the caller's; one of the stream is the node's.
+    /// Sends the body to its end. A failure of the caller's body is the caller's, one
+    /// of the stream the node's; either way the stream is reset, never left open.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        let sent = ready!(self.poll_send_inner(cx));
+        if sent.is_err() {
+            self.stream.send_reset(Reason::CANCEL);
+        }
+        Poll::Ready(sent)
+    }
+
+    fn poll_send_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
         let node = |e: ::h2::Error| SendError::H2(describe(&e));
         loop {
             // Woken if the node resets the stream while this waits.
@@ -288,17 +329,15 @@ impl Upload {
                         }
                     }
                     Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            make_legal(&mut trailers);
                             self.stream.reserve_capacity(0);
                             self.stream.send_trailers(trailers).map_err(node)?;
                             return Poll::Ready(Ok(()));
                         }
                     }
                 },
-                Some(Err(e)) => {
-                    self.stream.send_reset(Reason::CANCEL);
-                    return Poll::Ready(Err(SendError::from_body(e)));
-                }
+                Some(Err(e)) => return Poll::Ready(Err(SendError::from_body(e))),
                 None => {
                     self.stream.send_data(Bytes::new(), true).map_err(node)?;
                     return Poll::Ready(Ok(()));
@@ -308,24 +347,15 @@ impl Upload {
     }
 }
 
-/// An upload that outlives the wait for the answer, on its own task.
-impl Future for Upload {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if let Err(e) = ready!(self.get_mut().poll_send(cx)) {
-            tracing::debug!(error = %describe(&e), "the request's body was cut short");
-        }
-        Poll::Ready(())
-    }
-}
-
 /// A node's answer body; what is read is given back to the node's window at once.
 pub struct ResponseBody {
     recv: RecvStream,
     data_done: bool,
     /// What is left of a declared `Content-Length` (`h2` checks the length).
     remaining: Option<u64>,
+    /// Held while the request's body is still being sent on another task: dropped
+    /// with this body, it tells that task to reset the stream.
+    _upload: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Body for ResponseBody {
@@ -346,9 +376,9 @@ impl Body for ResponseBody {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
-                // A node may end the stream with NO_ERROR once its answer is whole
-                // (RFC 9113 8.1), without reading all of the request.
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
+                // A reset after the answer's end (NO_ERROR, RFC 9113 8.1: the node
+                // did not need the rest of the request) is an end for `h2`; any
+                // reset before it cuts the answer short.
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => me.data_done = true,
             }
@@ -356,7 +386,6 @@ impl Body for ResponseBody {
         match ready!(me.recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e.into()))),
         }
     }

@@ -281,8 +281,7 @@ impl Pool {
         let handle = match existing {
             Some(h) => h,
             None => match self.connect_h2(connect_timeout).await {
-                Ok(conn) => {
-                    let h = conn.handle().expect("a new connection is open");
+                Ok((conn, h)) => {
                     *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     h
                 }
@@ -365,7 +364,10 @@ impl Pool {
         self.dial(connect_timeout, Carry::Tunnel).await
     }
 
-    async fn connect_h2(&self, connect_timeout: Duration) -> Result<http2::Conn, SendError> {
+    async fn connect_h2(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<(http2::Conn, http2::Handle), SendError> {
         let io = self.dial(connect_timeout, Carry::H2).await?;
         http2::Conn::handshake(io)
             .await

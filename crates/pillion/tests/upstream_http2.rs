@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An h2c node: `/echo` reads the whole body and its trailers, then answers with the
 /// body, its length and the caller's `x-checksum` trailer; `/early` answers before
-/// reading; `/stall` never gives its window back nor answers; `/bye` answers, then
-/// closes its connection gracefully. What each body
+/// reading; `/cut` resets its answer half way; `/stall` never gives its window back nor
+/// answers; `/bye` answers, then closes its connection gracefully. What each body
 /// read ended with is in `ends`.
 struct Node {
     addr: String,
@@ -75,6 +75,18 @@ async fn answer(
         stream
             .send_data(Bytes::from_static(b"early"), true)
             .unwrap();
+        return;
+    }
+    if path.ends_with("/cut") {
+        // Part of an answer of no declared length, then a reset.
+        let mut stream = respond
+            .send_response(Response::new(()), false)
+            .expect("answer");
+        stream
+            .send_data(Bytes::from_static(b"partial"), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.send_reset(h2::Reason::NO_ERROR);
         return;
     }
     if path.ends_with("/stall") {
@@ -187,7 +199,14 @@ async fn bodies_larger_than_every_window_and_their_trailers_cross_both_ways() {
         .map(|i| Bytes::from(vec![b'a' + i % 26; 64 * 1024]))
         .collect();
     let sent: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
-    let (head, body) = chunked_call(&sc, "/svc/echo", &chunks, "x-checksum: 42\r\n").await;
+    // A trailer HTTP/2 forbids (`keep-alive`) is dropped on the way, not the call.
+    let (head, body) = chunked_call(
+        &sc,
+        "/svc/echo",
+        &chunks,
+        "x-checksum: 42\r\nkeep-alive: timeout=5\r\n",
+    )
+    .await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains(&format!("x-len: {}", sent.len())), "{head}");
     assert!(
@@ -287,4 +306,19 @@ async fn a_node_that_never_opens_its_window_costs_the_caller_its_deadline_and_no
         .unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(node.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_node_resets_half_way_does_not_look_whole_to_the_caller() {
+    let node = node().await;
+    let sc = sidecar_for(&node).await;
+    let (head, body) = chunked_call(&sc, "/svc/cut", &[], "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert!(body.contains("partial"), "{body:?}");
+    assert!(
+        !body.ends_with("0\r\n\r\n"),
+        "the chunked answer must not be ended as if whole: {body:?}"
+    );
 }
