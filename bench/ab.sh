@@ -6,6 +6,8 @@
 #
 #   bench/ab.sh OLD_BINARY NEW_BINARY               # 6 rounds of 4 s
 #   ROUNDS=8 DURATION=5 CONNS=32 bench/ab.sh A B
+#   PROTO=h2c bench/ab.sh A B     # h2c callers and an h2c backend (h2load -t1 -c8 -m10;
+#                                 # h2load reports no p99, shown as 0)
 #
 # Build the binaries first (cargo build --release, then copy target/release/pillion
 # aside for each variant).
@@ -13,10 +15,11 @@ source "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-6}
 DURATION=${DURATION:-4}
 CONNS=${CONNS:-32}
+PROTO=${PROTO:-http1}
 [ $# -eq 2 ] || { say "usage: bench/ab.sh OLD_BINARY NEW_BINARY"; exit 2; }
 A=$(realpath "$1"); Bin=$(realpath "$2")
 
-install_tools wrk:wrk nginx:nginx-light haproxy:haproxy curl:curl
+install_tools wrk:wrk h2load:nghttp2-client nginx:nginx-light haproxy:haproxy curl:curl
 
 B=$(free_port); H=$(free_port); PA=$(free_port); PB=$(free_port)
 start_backend "$B"
@@ -27,21 +30,42 @@ declare -A URL=([a]="http://127.0.0.1:$PA/bench/x" [b]="http://127.0.0.1:$PB/ben
   [haproxy]="http://127.0.0.1:$H/bench/x")
 declare -A PID=([a]=$(pgrep -f -- "--address 127.0.0.1:$PA") [b]=$(pgrep -f -- "--address 127.0.0.1:$PB")
   [haproxy]=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg"))
+if [ "$PROTO" = h2c ]; then
+  B2=$(free_port); H2=$(free_port)
+  start_h2c_backend "$B2"
+  start_haproxy_h2c "$H2" "$B2"
+  register_h2c "$PA" "$B2"; register_h2c "$PB" "$B2"
+  URL=([a]="http://127.0.0.1:$PA/bench2/x" [b]="http://127.0.0.1:$PB/bench2/x"
+    [haproxy]="http://127.0.0.1:$H2/bench2/x")
+  PID[haproxy]=$(pgrep -f -- "$WORK/haproxy-h2.cfg")
+fi
+
+# load URL SECONDS: "req/s p99 requests" of one run, or nothing if any request failed
+load() {
+  local out
+  if [ "$PROTO" = h2c ]; then
+    out=$(h2load -t1 -c8 -m10 -D "$2" "$1" 2>/dev/null)
+    grep -q ' 0 failed, 0 errored' <<<"$out" && grep -q ' 0 3xx, 0 4xx, 0 5xx' <<<"$out" || return 0
+    awk '/^finished in/ {r=$4} /^requests:/ {n=$2} END {print r, "0us", n}' <<<"$out"
+  else
+    out=$(wrk -t1 -c"$CONNS" -d"${2}s" --latency "$1")
+    grep -q "Non-2xx\|Socket errors" <<<"$out" && return 0
+    awk '/^Requests\/sec/ {r=$2} $1=="99%" {p=$2} /requests in/ {n=$1} END {print r, p, n}' <<<"$out"
+  fi
+}
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
-for t in a b haproxy; do wrk -t1 -c"$CONNS" -d1s "${URL[$t]}" >/dev/null; done
+for t in a b haproxy; do load "${URL[$t]}" 1 >/dev/null; done
 
 RAW="$WORK/raw.txt"; : > "$RAW"
 for r in $(seq 1 "$ROUNDS"); do
   for t in a b haproxy; do
     c0=$(ticks "${PID[$t]}")
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${URL[$t]}")
+    out=$(load "${URL[$t]}" "$DURATION")
     c1=$(ticks "${PID[$t]}")
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    total=$(awk '/requests in/ {print $1}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-    if grep -q "Non-2xx\|Socket errors" <<<"$out" || [ -z "$rps" ] || [ -z "$total" ]; then
-      say "$t: a failed run, left out:"; say "$out"; continue
+    read -r rps p99 total <<<"$out" || true
+    if [ -z "${rps:-}" ] || [ -z "${total:-}" ]; then
+      say "$t: a failed run (errors or non-2xx answers), left out"; continue
     fi
     echo "$t $rps $p99 $(( (c1 - c0) )) $total" >> "$RAW"
     say "round $r $t: $rps req/s p99 $p99"

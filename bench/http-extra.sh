@@ -22,26 +22,16 @@ RATE_GEN="$ROOT/target/release/examples/http_rate"
 B=$(free_port); B2=$(free_port)
 start_backend "$B"
 # An h2c backend (prior knowledge) for the HTTP/2 scenario.
-start_nginx "$WORK/h2backend" "  server { listen 127.0.0.1:$B2 http2; location / { return 200 \"hello world\\n\"; } }"
-wait_port "$B2"
+start_h2c_backend "$B2"
 
 N=$(free_port); H=$(free_port); P=$(free_port)
 start_nginx_proxy "$N" "$B"
 start_haproxy "$H" "$B"
 start_pillion "$P" "$B"
-curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$P/registry" \
-  -d "{\"name\":\"bench2\",\"nodes\":[{\"id\":\"bench2-1\",\"address\":\"127.0.0.1:$B2\",\"metadata\":{\"protocol\":\"h2c\"}}]}" >/dev/null
+register_h2c "$P" "$B2"
 # h2c front ends for haproxy (to the h2c backend) and nginx (to the HTTP/1.1 backend).
 H2H=$(free_port); H2N=$(free_port)
-{ haproxy_config http; cat <<CONF
-frontend fe
-  bind 127.0.0.1:$H2H proto h2
-  default_backend be
-backend be
-  server s1 127.0.0.1:$B2 proto h2
-CONF
-} > "$WORK/haproxy-h2.cfg"
-haproxy -f "$WORK/haproxy-h2.cfg" -db & PIDS+=($!)
+start_haproxy_h2c "$H2H" "$B2"
 start_nginx "$WORK/nginx-h2" "  upstream backend { server 127.0.0.1:$B; keepalive 64; }
   server { listen 127.0.0.1:$H2N http2; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 wait_port "$H2H"; wait_port "$H2N"

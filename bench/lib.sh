@@ -95,6 +95,32 @@ defaults
 CONF
 }
 
+# start_h2c_backend PORT: nginx answering 12 bytes over HTTP/2 (h2c, prior knowledge)
+start_h2c_backend() {
+  start_nginx "$WORK/h2backend" "  server { listen 127.0.0.1:$1 http2; location / { return 200 \"hello world\\n\"; } }"
+  wait_port "$1"
+}
+
+# start_haproxy_h2c PORT BACKEND: haproxy with an h2c front end, to an h2c backend
+start_haproxy_h2c() {
+  { haproxy_config http; cat <<CONF
+frontend fe
+  bind 127.0.0.1:$1 proto h2
+  default_backend be
+backend be
+  server s1 127.0.0.1:$2 proto h2
+CONF
+  } > "$WORK/haproxy-h2.cfg"
+  haproxy -f "$WORK/haproxy-h2.cfg" -db & PIDS+=($!)
+  wait_port "$1"
+}
+
+# register_h2c PILLION_PORT BACKEND: the h2c backend as service bench2, spoken to in h2c
+register_h2c() {
+  curl -sf -H 'Content-Type: application/json' "http://127.0.0.1:$1/registry" \
+    -d "{\"name\":\"bench2\",\"nodes\":[{\"id\":\"bench2-1\",\"address\":\"127.0.0.1:$2\",\"metadata\":{\"protocol\":\"h2c\"}}]}" >/dev/null
+}
+
 # start_backend PORT: nginx, one worker, answering 12 bytes to every path
 start_backend() {
   start_nginx "$WORK/backend" "  server { listen 127.0.0.1:$1 reuseport backlog=4096; location / { return 200 \"hello world\\n\"; } }"
