@@ -54,7 +54,6 @@ load() {
   fi
 }
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
 for t in a b haproxy; do load "${URL[$t]}" 1 >/dev/null; done
 
 RAW="$WORK/raw.txt"; : > "$RAW"

@@ -21,7 +21,6 @@ PID_PILLION=$(pgrep -f -- "--address 127.0.0.1:$P")
 PID_HAPROXY=$(pgrep -f -- "$WORK/haproxy/haproxy.cfg")
 PID_BACKEND=$(nginx_worker "$WORK/backend")
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
 idle() { awk '/^cpu / {print $5}' /proc/stat; }
 CORES=$(nproc)
 

@@ -166,6 +166,7 @@ start_pillion() {
 # busy_cores of the two for how busy the whole machine was; wait_quiet waits (up to
 # QUIET_WAIT s, 60) for a second in which the machine keeps less than 0.3 core busy.
 QUIET_WAIT=${QUIET_WAIT:-60}
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # a process's user + system CPU, in 1/100 s
 cpu_stat() { awk '/^cpu / {print $2+$3+$4+$6+$7+$8+$9, $5}' /proc/stat; }  # busy (steal included) idle, in ticks
 busy_cores() { # BUSY0 IDLE0 BUSY1 IDLE1
   awk -v b0="$1" -v i0="$2" -v b1="$3" -v i1="$4" -v n="$(nproc)" \

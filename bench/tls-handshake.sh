@@ -64,7 +64,6 @@ for t in "${ORDER[@]}"; do
   case $status in *" 200"*) ;; *) say "$t answered s_time's request with: $status"; exit 1 ;; esac
 done
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }   # user + system, in 1/100 s
 now() { date +%s.%N; }
 
 # handshakes TARGET: CLIENTS s_time in parallel for DURATION s; prints

@@ -42,8 +42,9 @@ pub enum SendError {
     /// the one expected, a peer that refused ours): the node has not seen the request.
     #[error("TLS handshake with {authority}: {detail}")]
     Tls { authority: String, detail: String },
-    /// The h2c handshake failed: the node has not seen the request.
-    #[error("h2c handshake with {authority}: {detail}")]
+    /// A new HTTP/2 connection (h2c, or h2 in the mesh) could not take the request:
+    /// the node has not seen it.
+    #[error("HTTP/2 connection to {authority}: {detail}")]
     Handshake { authority: String, detail: String },
     /// Reading the caller's body failed (the upload broke off).
     #[error("reading the request body: {}", crate::describe(&**.0))]

@@ -263,7 +263,7 @@ impl<T> Heads<T> {
             Phase::Head if empty => self.end_head(),
             Phase::Head => {}
             Phase::ChunkSize => {
-                let size = chunk_size(&self.head[..self.head.len() - 2]);
+                let size = crate::h1::codec::chunk_size(&self.head[..self.head.len() - 2]).ok();
                 self.emit_head();
                 self.phase = match size {
                     Some(0) => Phase::Trailers,
@@ -342,18 +342,6 @@ fn framing(head: &[u8]) -> Option<Phase> {
         (false, Some(0) | None) => Phase::Head,
         (false, Some(n)) => Phase::Body(n),
     })
-}
-
-/// The size of a chunk-size line (without its CRLF): hex digits, then extensions.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line
-        .iter()
-        .position(|&b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    if digits == 0 || digits > 15 {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(&line[..digits]).ok()?, 16).ok()
 }
 
 /// `line` with the request-target (between the first two spaces) percent-encoded
@@ -563,13 +551,6 @@ mod tests {
         crate::testing::request().prop_map(|r| r.bytes)
     }
 
-    fn cases() -> u32 {
-        std::env::var("H1_PROP_CASES")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .map_or(1_000, |n| (n / 50).max(100))
-    }
-
     /// Every CRLF of `bytes` that ends a line of a head, chunk-size line or trailer
     /// of the requests in `requests` (their offsets in the concatenation), with the
     /// index of the request it is in.
@@ -592,7 +573,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(cases()))]
+        #![proptest_config(ProptestConfig::with_cases(crate::testing::framing_cases()))]
 
         #[test]
         fn well_formed_requests_pass_unchanged_in_any_split(

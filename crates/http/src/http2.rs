@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use ::h2::client::{ResponseFuture, SendRequest};
 use ::h2::{Reason, RecvStream, SendStream};
 use bytes::{Buf, Bytes};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::pool::Outgoing;
@@ -45,15 +45,19 @@ const CONNECTION_SPECIFIC: [HeaderName; 5] = [
     header::UPGRADE,
 ];
 
-/// An open connection, as the pool keeps it.
-pub(crate) struct Conn {
-    handle: Handle,
-    /// Dropped with the pool: wakes the connection's task, which `h2` does not do
-    /// when the last [`SendRequest`] goes, so that it ends once its streams have.
-    _pool: tokio::sync::oneshot::Sender<()>,
+/// A failure of the connection or the stream, at `stage` of the exchange.
+fn failed(stage: &str, e: &::h2::Error) -> SendError {
+    let what = match e.reason() {
+        Some(reason) if e.is_reset() => format!("the node reset the stream ({reason:?})"),
+        Some(reason) if e.is_go_away() => format!("the node closed the connection ({reason:?})"),
+        _ => describe(e),
+    };
+    SendError::H2(format!("HTTP/2, {stage}: {what}"))
 }
 
-/// What a call needs to send on a connection.
+/// An open connection: what a call needs to send on it. The pool keeps one; when the
+/// last handle goes, `h2` wakes the connection's task, which closes it once its
+/// streams have ended.
 #[derive(Clone)]
 pub(crate) struct Handle {
     send: SendRequest<Bytes>,
@@ -61,11 +65,9 @@ pub(crate) struct Handle {
     closed: Arc<AtomicBool>,
 }
 
-impl Conn {
+impl Handle {
     /// The HTTP/2 handshake on `io`; the connection then runs on a task of its own.
-    /// The handle is the first caller's even if the connection has already ended (its
-    /// request is then handed back, not lost).
-    pub(crate) async fn handshake(io: Stream) -> Result<(Conn, Handle), ::h2::Error> {
+    pub(crate) async fn handshake(io: Stream) -> Result<Handle, ::h2::Error> {
         let (send, connection) = ::h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -77,36 +79,20 @@ impl Conn {
             .handshake::<_, Bytes>(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
-        let (pool, mut pool_gone) = tokio::sync::oneshot::channel::<()>();
         let ended = closed.clone();
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut pool_here = true;
-            let outcome = poll_fn(|cx| {
-                if pool_here && Pin::new(&mut pool_gone).poll(cx).is_ready() {
-                    pool_here = false;
-                }
-                connection.as_mut().poll(cx)
-            })
-            .await;
+            let outcome = connection.await;
             ended.store(true, Ordering::Release);
             if let Err(e) = outcome {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        let handle = Handle { send, closed };
-        Ok((
-            Conn {
-                handle: handle.clone(),
-                _pool: pool,
-            },
-            handle,
-        ))
+        Ok(Handle { send, closed })
     }
 
-    /// A handle to send on, while the connection takes new requests.
-    pub(crate) fn handle(&self) -> Option<Handle> {
-        (!self.handle.closed.load(Ordering::Acquire)).then(|| self.handle.clone())
+    /// Whether the connection still takes new requests.
+    pub(crate) fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -132,10 +118,8 @@ pub(crate) async fn send(
     let (mut head, body) = req.into_parts();
     make_legal(&mut head.headers);
     if let Some(len) = body.size_hint().exact() {
-        // As hyper did: a length for any body, and `0` where a body is expected.
-        if (len != 0 || expects_body(&head.method))
-            && !head.headers.contains_key(header::CONTENT_LENGTH)
-        {
+        let omitted = len == 0 && body.omits_empty_length(&head.method);
+        if !omitted && !head.headers.contains_key(header::CONTENT_LENGTH) {
             head.headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
@@ -143,13 +127,18 @@ pub(crate) async fn send(
     let done = body.is_end_stream();
     let (answer, stream) = send
         .send_request(Request::from_parts(head, ()), done)
-        .map_err(|e| Failure::Sent(SendError::H2(describe(&e))))?;
+        .map_err(|e| {
+            if e.is_go_away() {
+                closed.store(true, Ordering::Release);
+            }
+            Failure::Sent(failed("sending the request", &e))
+        })?;
     let (res, uploading) = if done {
         (answer.await, None)
     } else {
         await_while_uploading(answer, Upload::new(body, stream)).await?
     };
-    let res = res.map_err(|e| Failure::Sent(SendError::H2(describe(&e))))?;
+    let res = res.map_err(|e| Failure::Sent(failed("awaiting the answer", &e)))?;
     // An answer whose HEADERS ended the stream is empty, whatever it declares.
     let remaining = if res.body().is_end_stream() {
         Some(0)
@@ -227,30 +216,18 @@ fn make_legal(headers: &mut HeaderMap) {
             forbidden = true;
         }
     }
-    if forbidden {
-        if let Some(listed) = headers.remove(header::CONNECTION) {
-            let listed = listed.to_str().unwrap_or_default().to_owned();
-            for name in listed.split(',') {
-                headers.remove(name.trim());
-            }
-        }
-        for name in &CONNECTION_SPECIFIC {
-            headers.remove(name);
-        }
-    }
     // `TE: trailers` (gRPC) is the one TE value HTTP/2 allows.
-    if te && headers.get_all(header::TE).iter().any(|v| v != "trailers") {
+    let trailers_only = te && headers.get_all(header::TE).iter().all(|v| v == "trailers");
+    if forbidden {
+        // The hop-by-hop headers and those `Connection` lists; TE among them.
+        crate::relay::strip_hop_by_hop(headers);
+        headers.remove(header::UPGRADE);
+        if trailers_only {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+    } else if te && !trailers_only {
         headers.remove(header::TE);
     }
-}
-
-/// Methods whose requests are expected to carry a body (hyper's rule for sending
-/// `Content-Length: 0`).
-fn expects_body(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
-    )
 }
 
 /// A request body on its way to the node, as HTTP/2 flow control lets it.
@@ -281,12 +258,14 @@ impl Upload {
     }
 
     fn poll_send_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
-        let node = |e: ::h2::Error| SendError::H2(describe(&e));
+        let node = |e: ::h2::Error| failed("sending the request's body", &e);
         loop {
             // Woken if the node resets the stream while this waits.
             if let Poll::Ready(reason) = self.stream.poll_reset(cx) {
                 return Poll::Ready(Err(match reason {
-                    Ok(reason) => node(reason.into()),
+                    Ok(reason) => SendError::H2(format!(
+                        "HTTP/2, sending the request's body: the node reset the stream ({reason:?})"
+                    )),
                     Err(e) => node(e),
                 }));
             }

@@ -58,6 +58,15 @@ impl Outgoing {
     pub fn full(bytes: Bytes) -> Outgoing {
         Outgoing::Full((!bytes.is_empty()).then_some(bytes))
     }
+
+    /// Whether the request goes without a `Content-Length: 0`: it has no body, and its
+    /// method is not one whose requests carry one (a node may insist on the length
+    /// for POST, PUT and PATCH). The same for both clients.
+    pub(crate) fn omits_empty_length(&self, method: &http::Method) -> bool {
+        use http::Method;
+        matches!(self, Outgoing::Full(None))
+            && !matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+    }
 }
 
 impl Body for Outgoing {
@@ -139,7 +148,7 @@ pub struct Pool {
     tls: Option<Connector>,
     settings: Settings,
     idle: Mutex<Idle>,
-    h2: Mutex<Option<http2::Conn>>,
+    h2: Mutex<Option<http2::Handle>>,
     limit: Arc<Limit>,
 }
 
@@ -276,30 +285,40 @@ impl Pool {
     async fn send_h2(self: &Arc<Self>, req: Request<Outgoing>, connect_timeout: Duration) -> Sent {
         let existing = {
             let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-            h2.as_ref().and_then(http2::Conn::handle)
+            h2.as_ref().filter(|h| h.is_open()).cloned()
         };
-        let handle = match existing {
-            Some(h) => h,
-            None => match self.connect_h2(connect_timeout).await {
-                Ok((conn, h)) => {
-                    *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
-                    h
-                }
-                Err(e) => return Err((e, Some(req))),
-            },
-        };
-        match http2::send(handle, req).await {
-            Ok(res) => Ok(res.map(PooledBody::H2)),
-            // Refused before it left (the connection was closing).
-            Err(http2::Failure::NotSent(e, req)) => Err((
-                SendError::Handshake {
-                    authority: self.authority.clone(),
-                    detail: describe(&e),
+        let mut req = req;
+        let mut handle = existing;
+        // A connection that turns out to be going away (a GOAWAY the node sent when
+        // it restarts or has served its share) did not take the request: it goes on a
+        // new connection, once, without counting against the node.
+        for fresh in [false, true] {
+            let h = match handle.take() {
+                Some(h) => h,
+                None => match self.connect_h2(connect_timeout).await {
+                    Ok(h) => {
+                        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.clone());
+                        h
+                    }
+                    Err(e) => return Err((e, Some(req))),
                 },
-                Some(*req),
-            )),
-            Err(http2::Failure::Sent(e)) => Err((e, None)),
+            };
+            match http2::send(h, req).await {
+                Ok(res) => return Ok(res.map(PooledBody::H2)),
+                Err(http2::Failure::NotSent(e, back)) if fresh => {
+                    return Err((
+                        SendError::Handshake {
+                            authority: self.authority.clone(),
+                            detail: describe(&e),
+                        },
+                        Some(*back),
+                    ))
+                }
+                Err(http2::Failure::NotSent(_, back)) => req = *back,
+                Err(http2::Failure::Sent(e)) => return Err((e, None)),
+            }
         }
+        unreachable!("the second try returns")
     }
 
     /// An idle connection that is still open; closed ones are dropped on the way.
@@ -364,12 +383,9 @@ impl Pool {
         self.dial(connect_timeout, Carry::Tunnel).await
     }
 
-    async fn connect_h2(
-        &self,
-        connect_timeout: Duration,
-    ) -> Result<(http2::Conn, http2::Handle), SendError> {
+    async fn connect_h2(&self, connect_timeout: Duration) -> Result<http2::Handle, SendError> {
         let io = self.dial(connect_timeout, Carry::H2).await?;
-        http2::Conn::handshake(io)
+        http2::Handle::handshake(io)
             .await
             .map_err(|e| SendError::Handshake {
                 authority: self.authority.clone(),

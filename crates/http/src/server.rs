@@ -25,8 +25,8 @@ use crate::h1::server::{Clocks, Served, Socket};
 pub struct Limits {
     /// A connection whose request head has not arrived within this is closed.
     pub read_header_timeout: Duration,
-    /// A request body that stalls this long between two reads is cut off (HTTP/1.1
-    /// served by pillion).
+    /// A request body that stalls this long between two reads is cut off, whichever
+    /// protocol it came in (HTTP/1.1, HTTP/2, after `Expect: 100-continue`).
     pub read_body_timeout: Duration,
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: Option<usize>,
@@ -159,7 +159,7 @@ pub async fn serve<F, Fut, B>(
                 handle(req, peer)
             };
             if h2 {
-                serve_hyper(&builder, &drain, tls, head_timeout, handle).await;
+                serve_hyper(&builder, &drain, tls, clocks, handle).await;
             } else {
                 let socket = Socket::Tls(Box::new(tls));
                 serve_one(&builder, &drain, socket, clocks, handle).await;
@@ -200,7 +200,7 @@ async fn serve_one<H, Fut, B>(
     let mut own = std::pin::pin!(drain.watch(served, |_| {}));
     if let Served::Handover(io) = own.as_mut().await {
         // Watched until hyper's connection is, so the drain never sees none open.
-        serve_hyper(builder, drain, io, clocks.head, handle).await;
+        serve_hyper(builder, drain, io, clocks, handle).await;
     }
 }
 
@@ -210,7 +210,7 @@ async fn serve_hyper<IO, H, Fut, B>(
     builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
     drain: &Arc<Drain>,
     io: IO,
-    head_timeout: Duration,
+    clocks: Clocks,
     handle: H,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -228,7 +228,7 @@ async fn serve_hyper<IO, H, Fut, B>(
         ))
         .map(http_body_util::Either::Right)))),
         None => Either::Right(OkMap::new(
-            handle(req.map(RequestBody::from)),
+            handle(req.map(|body| RequestBody::from_hyper(body, clocks.body))),
             |r: Result<Response<B>, Infallible>| match r {
                 Ok(res) => res.map(http_body_util::Either::Left),
                 Err(never) => match never {},
@@ -237,7 +237,7 @@ async fn serve_hyper<IO, H, Fut, B>(
     });
     let conn = builder
         .serve_connection_with_upgrades(
-            TokioIo::new(crate::heads::Heads::new(io, Some(head_timeout))),
+            TokioIo::new(crate::heads::Heads::new(io, Some(clocks.head))),
             service,
         )
         .into_owned();

@@ -80,6 +80,16 @@ pub(crate) fn request() -> impl Strategy<Value = Generated> {
     )
 }
 
+/// Cases per property for the framing tests of the server and of `heads`: a fiftieth
+/// of `H1_PROP_CASES` (which sizes the client's properties), at least 100; 1,000 by
+/// default.
+pub(crate) fn framing_cases() -> u32 {
+    std::env::var("H1_PROP_CASES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(1_000, |n| (n / 50).max(100))
+}
+
 /// Where `cuts` (any numbers) cut an input of `len` bytes: sorted offsets, the last
 /// one `len`.
 pub(crate) fn cut_points(len: usize, cuts: &[usize]) -> Vec<usize> {

@@ -286,13 +286,12 @@ fn attempt_all<'a>(
                         },
                     };
                     // Keep the headers for later attempts only if there can be any.
-                    let headers = if rules.replayable {
-                        if !h2 {
-                            // Before the copy, which is made exactly as large as
-                            // what it copies: setting it afterwards grew the copy.
-                            call.headers.insert(http::header::HOST, node.host.clone());
-                        }
-                        call.headers.clone()
+                    // The original goes (it has room for `Host`, which the node's
+                    // address sets); the copy, exactly as large as what it copies,
+                    // stays.
+                    let headers = if rules.replayable && rules.retries > 0 {
+                        let copy = call.headers.clone();
+                        std::mem::replace(&mut call.headers, copy)
                     } else {
                         std::mem::take(&mut call.headers)
                     };

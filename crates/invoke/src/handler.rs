@@ -52,6 +52,8 @@ pub const HOP_HEADER: &str = "x-pillion-hop";
 const TIMEOUT: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
 const RETRY: HeaderName = HeaderName::from_static(RETRY_HEADER);
 const HOP: HeaderName = HeaderName::from_static(HOP_HEADER);
+const SERVICE: HeaderName = HeaderName::from_static(SERVICE_HEADER);
+const METHOD: HeaderName = HeaderName::from_static(METHOD_HEADER);
 
 /// Whether this sidecar already sent the request on (it is looping back).
 fn looped(inv: &Invoker, headers: &HeaderMap) -> bool {
@@ -78,16 +80,14 @@ const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
 /// Headers meant for this sidecar, removed before a call leaves, and the caller's
 /// name, which only the receiving mesh listener may set.
-fn control_headers() -> [HeaderName; 3] {
-    [
-        TIMEOUT,
-        RETRY,
-        HeaderName::from_static(pillion_core::CALLER_HEADER),
-    ]
-}
+const CONTROLS: [HeaderName; 3] = [
+    TIMEOUT,
+    RETRY,
+    HeaderName::from_static(pillion_core::CALLER_HEADER),
+];
 
 fn outbound_headers(headers: HeaderMap, upgrade: bool) -> HeaderMap {
-    relay::outbound_headers(headers, upgrade, &control_headers())
+    relay::outbound_headers(headers, upgrade, &CONTROLS)
 }
 
 /// `content-type: application/grpc[+proto|;...]`.
@@ -152,8 +152,8 @@ fn rpc_path(
     let prepare = move |body: Bytes| {
         let grpc = is_grpc(&parts.headers);
         let mut headers = outbound_headers(parts.headers, false);
-        insert(&mut headers, SERVICE_HEADER, &route.service);
-        insert(&mut headers, METHOD_HEADER, &route.method);
+        insert(&mut headers, SERVICE, &route.service);
+        insert(&mut headers, METHOD, &route.method);
         Call {
             uri,
             service: route.service,
@@ -250,8 +250,8 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    insert(&mut headers, SERVICE_HEADER, &service);
-    insert(&mut headers, METHOD_HEADER, &method);
+    insert(&mut headers, SERVICE, &service);
+    insert(&mut headers, METHOD, &method);
     let call = Call {
         uri,
         service,
@@ -456,9 +456,9 @@ fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
         .map_err(|_| invalid(format!("method {method:?} cannot be part of a URL path")))
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), v);
+        headers.insert(name, v);
     }
 }
 

@@ -6,22 +6,9 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{eventually, inbound, register, Sidecar};
+use common::{eventually, failures, inbound, register, Sidecar};
 use pillion_testkit::http::get;
 use pillion_testkit::{Server, TestApp};
-
-/// The node's `consecutive_failures` in `/statusz`.
-async fn failures(sc: &Sidecar, service: &str) -> u64 {
-    let status = get(&sc.url("/statusz")).await.unwrap().json();
-    let svc = status["invoke"]["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == service)
-        .cloned()
-        .unwrap_or_else(|| panic!("{service} not in /statusz: {status}"));
-    svc["nodes"][0]["consecutive_failures"].as_u64().unwrap()
-}
 
 /// Sends raw bytes on a fresh connection and reads the answer until the sidecar
 /// closes it or 5 s pass.
@@ -383,4 +370,26 @@ async fn an_upload_that_stalls_is_cut_off_after_read_body_timeout() {
     // retried): that request never left. The inbound proxy streams bodies to the
     // app as they come: the app saw the start of the other one, broken off.
     assert_eq!(app.requests(), 1);
+
+    // With `Expect: 100-continue` (curl's way for large uploads) the body is read by
+    // hyper, after the interim answer: the same limit holds.
+    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+        let started = Instant::now();
+        let answer = raw(
+            addr,
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\nabc"
+            )
+            .as_bytes(),
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400"),
+            "{addr}: {answer}"
+        );
+        assert!(
+            answer.contains("stalled") && answer.contains("--read-body-timeout"),
+            "{addr}: {answer}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250), "{addr}");
+    }
 }

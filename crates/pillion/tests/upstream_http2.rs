@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{eventually, register, Sidecar};
+use common::{eventually, failures, register, Sidecar};
 use h2::{RecvStream, SendStream};
 use http::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An h2c node: `/echo` reads the whole body and its trailers, then answers with the
 /// body, its length and the caller's `x-checksum` trailer; `/early` answers before
-/// reading; `/cut` resets its answer half way; `/stall` never gives its window back nor
+/// reading; `/refuse` resets the stream unanswered; `/cut` resets its answer half way; `/stall` never gives its window back nor
 /// answers; `/bye` answers, then closes its connection gracefully. What each body
 /// read ended with is in `ends`.
 struct Node {
@@ -75,6 +75,10 @@ async fn answer(
         stream
             .send_data(Bytes::from_static(b"early"), true)
             .unwrap();
+        return;
+    }
+    if path.ends_with("/refuse") {
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
         return;
     }
     if path.ends_with("/cut") {
@@ -176,17 +180,23 @@ async fn chunked_call(
     s.write_all(format!("0\r\n{trailer}\r\n").as_bytes())
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer))
-        .await
-        .expect("the answer within 30 s")
-        .unwrap();
+    let mut answer = read_to_close(&mut s).await;
     let at = answer
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("a head");
     let body = answer.split_off(at + 4);
     (String::from_utf8_lossy(&answer).to_lowercase(), body)
+}
+
+/// What the sidecar sends until it closes the connection (30 s at most).
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer))
+        .await
+        .expect("the answer within 30 s")
+        .unwrap();
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,5 +330,44 @@ async fn an_answer_the_node_resets_half_way_does_not_look_whole_to_the_caller() 
     assert!(
         !body.ends_with("0\r\n\r\n"),
         "the chunked answer must not be ended as if whole: {body:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_oversized_upload_to_an_h2c_node_is_the_callers_fault() {
+    let node = node().await;
+    let sc = Sidecar::start(&["--handler", "proxy", "--max-body-size", "1KiB"]);
+    register(&sc, "svc", "n1", &node.addr, &[("protocol", "h2c")]).await;
+    // More than would eject the node (5) if they counted against it.
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(sc.addr).await.unwrap();
+        s.write_all(
+            b"POST /svc/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        )
+        .await
+        .unwrap();
+        let answer = read_to_close(&mut s).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    }
+    let big = vec![Bytes::from(vec![b'x'; 16 * 1024]); 4];
+    let (head, _) = chunked_call(&sc, "/svc/echo", &big, "").await;
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert_eq!(failures(&sc, "svc").await, 0, "the node was blamed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_resets_the_stream_unanswered_is_a_502_that_says_so() {
+    let node = node().await;
+    let sc = sidecar_for(&node).await;
+    let reply =
+        pillion_testkit::http::request(http::Method::POST, &sc.url("/svc/refuse"), &[], "payload")
+            .await
+            .unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    assert!(
+        reply.text().contains("the node reset the stream"),
+        "{}",
+        reply.text()
     );
 }

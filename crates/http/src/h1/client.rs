@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -26,11 +26,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncReadExt;
 
 use super::codec::{
-    chunk_size, header_map, line_end, spans, take, Chunked, Decoded, Length, WriteError, Writer,
-    INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
+    chunk_size, content_length, header_map, line_end, spans, take, BadLength, Chunked, Decoded,
+    Length, WriteError, Writer, INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
 };
 use crate::pool::{Outgoing, Pool, Slot};
 use crate::stream::Stream;
@@ -67,13 +66,10 @@ impl Conn {
     }
 
     /// Reads more from the node into the buffer; `Ok(0)` is the end of the stream.
+    /// (The usability check of an idle connection stays free: see
+    /// [`super::codec::poll_fill`].)
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
-        }
-        // tokio's read clears the socket's readiness after a short read, so the
-        // usability check of an idle connection stays free.
-        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+        super::codec::poll_fill(&mut self.io, &mut self.buf, READ_SIZE, cx)
     }
 }
 
@@ -308,19 +304,10 @@ fn framing(head: &Head, head_only: bool, upgrade: bool) -> Result<(Framing, bool
     }
     let mut length = None;
     for v in h.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
-            let part = part.trim();
-            let n: u64 = part
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| part.parse().ok())
-                .flatten()
-                .ok_or_else(|| format!("the node sent an invalid Content-Length {v:?}"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err("the node sent different Content-Length values".into());
-            }
-            length = Some(n);
-        }
+        content_length(v.as_bytes(), &mut length).map_err(|bad| match bad {
+            BadLength::Invalid => format!("the node sent an invalid Content-Length {v:?}"),
+            BadLength::Differ => "the node sent different Content-Length values".to_string(),
+        })?;
     }
     Ok(match length {
         Some(n) => (Framing::Length(n), keep_alive),
@@ -543,16 +530,10 @@ fn request_writer(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    let length = match (&body, body.size_hint().exact()) {
-        // A body-less request names no length, but for the methods whose requests
-        // carry one (a node may insist on a Content-Length: 0 there).
-        (Outgoing::Full(_), Some(0))
-            if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) =>
-        {
-            Length::None
-        }
-        (_, Some(n)) => Length::Exact(n),
-        (_, None) => Length::Chunked,
+    let length = match body.size_hint().exact() {
+        Some(0) if body.omits_empty_length(&parts.method) => Length::None,
+        Some(n) => Length::Exact(n),
+        None => Length::Chunked,
     };
     Writer::new(head, body, length)
 }

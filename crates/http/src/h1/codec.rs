@@ -202,6 +202,52 @@ pub(crate) fn chunk_size(line: &[u8]) -> Result<u64, String> {
         .ok_or_else(|| "an invalid chunk size".to_string())
 }
 
+/// Reads more from `io` into `buf`, with at least a quarter of `size` bytes of room
+/// (`size` more when less is left); `Ok(0)` is the end of the stream. tokio clears
+/// the socket's readiness after a short read, so the next poll of an idle connection
+/// costs no system call. Both sides read this way.
+pub(crate) fn poll_fill<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    size: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < size / 4 {
+        buf.reserve(size);
+    }
+    std::future::Future::poll(
+        std::pin::pin!(tokio::io::AsyncReadExt::read_buf(io, buf)),
+        cx,
+    )
+}
+
+/// What is wrong with a message's `Content-Length` fields.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BadLength {
+    /// Not a list of decimal numbers of at most 19 digits.
+    Invalid,
+    /// Two different lengths, in one field or two.
+    Differ,
+}
+
+/// Adds a `Content-Length` field's value to what the message's earlier ones said: a
+/// comma list of the same length is that length (RFC 9110 8.6); anything else that
+/// could frame the body two ways is refused. The same rule for requests and answers.
+pub(crate) fn content_length(value: &[u8], length: &mut Option<u64>) -> Result<(), BadLength> {
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        let n = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+            .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+            .flatten()
+            .ok_or(BadLength::Invalid)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(BadLength::Differ);
+        }
+        *length = Some(n);
+    }
+    Ok(())
+}
+
 /// How the body after a head is delimited, as the writer sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Length {

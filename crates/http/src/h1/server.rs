@@ -37,13 +37,13 @@ use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{
-    bare_lf, header_map, spans, take, Chunked, Decoded, Length, Writer, INLINE_SPANS, MAX_HEAD,
-    MAX_HEADERS,
+    bare_lf, content_length, header_map, spans, take, BadLength, Chunked, Decoded, Length, Writer,
+    INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
 };
 use crate::drain::Drain;
 use crate::BoxError;
@@ -125,14 +125,9 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    /// Reads more into the buffer, at least `size` bytes of room; `Ok(0)` is the end
-    /// of the stream. tokio clears the socket's readiness after a short read, so the
-    /// next read of an idle connection costs no system call.
+    /// Reads more into the buffer ([`super::codec::poll_fill`]).
     fn poll_fill(&mut self, cx: &mut Context<'_>, size: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < size / 4 {
-            self.buf.reserve(size);
-        }
-        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+        super::codec::poll_fill(&mut self.io, &mut self.buf, size, cx)
     }
 }
 
@@ -210,8 +205,8 @@ enum Kind {
     /// Read from the connection as it is polled (boxed: a request is moved through
     /// every layer of a call, and most have no body to stream).
     Upload(Box<Upload>),
-    /// HTTP/2, or a connection handed to hyper.
-    Hyper(hyper::body::Incoming),
+    /// HTTP/2, or a connection handed to hyper (boxed, as `Upload`).
+    Hyper(Box<(hyper::body::Incoming, Stall)>),
 }
 
 impl RequestBody {
@@ -228,16 +223,18 @@ impl RequestBody {
                 Kind::Whole(bytes) => Some(bytes),
                 _ => unreachable!("matched above"),
             },
-            Kind::Hyper(body) if body.is_end_stream() => Some(Bytes::new()),
+            Kind::Hyper(h) if h.0.is_end_stream() => Some(Bytes::new()),
             Kind::Upload(_) | Kind::Hyper(_) => None,
         }
     }
 }
 
-impl From<hyper::body::Incoming> for RequestBody {
-    fn from(body: hyper::body::Incoming) -> RequestBody {
+impl RequestBody {
+    /// A body hyper reads, which may stall for `stall_limit` at most, as one
+    /// pillion's own server reads.
+    pub(crate) fn from_hyper(body: hyper::body::Incoming, stall_limit: Duration) -> RequestBody {
         RequestBody {
-            kind: Kind::Hyper(body),
+            kind: Kind::Hyper(Box::new((body, Stall::new(stall_limit)))),
         }
     }
 }
@@ -272,9 +269,16 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Kind::Upload(upload) => upload.poll_frame(cx),
-            Kind::Hyper(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            Kind::Hyper(h) => {
+                let (body, stall) = &mut **h;
+                match Pin::new(body).poll_frame(cx) {
+                    Poll::Ready(frame) => {
+                        stall.progressed();
+                        Poll::Ready(frame.map(|r| r.map_err(BoxError::from)))
+                    }
+                    Poll::Pending => stall.poll_expired(cx).map(|why| Some(Err(why.into()))),
+                }
+            }
         }
     }
 
@@ -283,7 +287,7 @@ impl Body for RequestBody {
             Kind::Empty => true,
             Kind::Whole(_) => false,
             Kind::Upload(upload) => upload.is_end_stream(),
-            Kind::Hyper(body) => body.is_end_stream(),
+            Kind::Hyper(h) => h.0.is_end_stream(),
         }
     }
 
@@ -292,7 +296,7 @@ impl Body for RequestBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Whole(b) => SizeHint::with_exact(b.len() as u64),
             Kind::Upload(upload) => upload.size_hint(),
-            Kind::Hyper(body) => body.size_hint(),
+            Kind::Hyper(h) => h.0.size_hint(),
         }
     }
 }
@@ -315,9 +319,51 @@ struct Upload {
     reader: Option<Reader>,
     remaining: Remaining,
     handback: Handback,
-    /// How long the body may stall, and the timer of the current stall.
-    stall_limit: Duration,
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall: Stall,
+}
+
+/// How long a request body may go without a byte (`--read-body-timeout`), on either
+/// server: one timer per body, armed when the body first waits and pushed back only
+/// when bytes came in between, so a body read in many pieces costs no timer each.
+struct Stall {
+    limit: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether bytes came since the timer was set.
+    progressed: bool,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Stall {
+        Stall {
+            limit,
+            timer: None,
+            progressed: false,
+        }
+    }
+
+    fn progressed(&mut self) {
+        self.progressed = true;
+    }
+
+    /// The body has nothing to read now: ready, with why, once it has had nothing
+    /// for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+        let limit = self.limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if std::mem::take(&mut self.progressed) {
+                    timer.as_mut().reset(Instant::now() + limit);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(limit))),
+        };
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(format!(
+            "the request body stalled for {} (--read-body-timeout)",
+            pillion_core::duration::format(limit)
+        ))
+    }
 }
 
 impl Upload {
@@ -375,18 +421,11 @@ impl Upload {
                         "the client closed the connection before the request body ended".into(),
                     )
                 }
-                Poll::Ready(Ok(_)) => self.stall = None,
+                Poll::Ready(Ok(_)) => self.stall.progressed(),
                 Poll::Ready(Err(e)) => return self.fail(format!("reading the request body: {e}")),
                 Poll::Pending => {
-                    let limit = self.stall_limit;
-                    let stall = self
-                        .stall
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                    ready!(stall.as_mut().poll(cx));
-                    return self.fail(format!(
-                        "the request body stalled for {} (--read-body-timeout)",
-                        pillion_core::duration::format(limit)
-                    ));
+                    let why = ready!(self.stall.poll_expired(cx));
+                    return self.fail(why);
                 }
             }
         }
@@ -535,8 +574,7 @@ where
                         Framing::Chunked => Remaining::Chunked(Chunked::Size),
                     },
                     handback: handback.clone(),
-                    stall_limit: settings.clocks.body,
-                    stall: None,
+                    stall: Stall::new(settings.clocks.body),
                 };
                 (
                     RequestBody {
@@ -735,34 +773,29 @@ impl Fields {
     fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
-                for part in value.split(|&b| b == b',') {
-                    let part = part.trim_ascii();
-                    let n = (!part.is_empty()
-                        && part.len() <= 19
-                        && part.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
-                    .flatten()
-                    .ok_or_else(|| {
-                        (
-                            StatusCode::BAD_REQUEST,
-                            format!(
-                                "the request has an invalid Content-Length {:?}",
-                                String::from_utf8_lossy(value)
-                            ),
-                        )
-                    })?;
-                    if self.length.is_some_and(|l| l != n) {
-                        return Err((
-                            StatusCode::BAD_REQUEST,
-                            "the request has different Content-Length values".into(),
-                        ));
-                    }
-                    self.length = Some(n);
-                }
+                content_length(value, &mut self.length).map_err(|bad| match bad {
+                    BadLength::Invalid => (
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "the request has an invalid Content-Length {:?}",
+                            String::from_utf8_lossy(value)
+                        ),
+                    ),
+                    BadLength::Differ => (
+                        StatusCode::BAD_REQUEST,
+                        "the request has different Content-Length values".into(),
+                    ),
+                })?;
             }
             17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
                 for coding in value.split(|&b| b == b',') {
                     let coding = coding.trim_ascii();
+                    if coding.is_empty() {
+                        return Err((
+                            StatusCode::BAD_REQUEST,
+                            "the request has an empty element in Transfer-Encoding".into(),
+                        ));
+                    }
                     if !coding.eq_ignore_ascii_case(b"chunked") || self.chunked {
                         return Err((
                             StatusCode::NOT_IMPLEMENTED,
@@ -825,13 +858,17 @@ fn parse(buf: &mut BytesMut, first: bool, scanned: usize) -> Parse {
     parse_head(buf, scanned)
 }
 
+fn head_too_large() -> Parse {
+    refused(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
+    )
+}
+
 fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
     if !may_end_head(buf, scanned) {
         if buf.len() > MAX_HEAD {
-            return refused(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
-            );
+            return head_too_large();
         }
         return Parse::Incomplete;
     }
@@ -839,12 +876,7 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return refused(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
-            )
-        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return head_too_large(),
         Ok(httparse::Status::Partial) => return Parse::Incomplete,
         Err(httparse::Error::TooManyHeaders) => {
             return refused(
@@ -860,10 +892,7 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
         }
     };
     if len > MAX_HEAD {
-        return refused(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
-        );
+        return head_too_large();
     }
     if bare_lf(&buf[..len]).is_some() {
         return refused(StatusCode::BAD_REQUEST, crate::heads::BARE_LF);

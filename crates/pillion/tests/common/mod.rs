@@ -291,3 +291,19 @@ pub async fn grpc_call(addr: SocketAddr, path: &str) -> (http::StatusCode, serde
         .to_bytes();
     (status, serde_json::from_slice(&body).unwrap_or_default())
 }
+
+/// The node's `consecutive_failures` in `/statusz`.
+pub async fn failures(sc: &Sidecar, service: &str) -> u64 {
+    let status = pillion_testkit::http::get(&sc.url("/statusz"))
+        .await
+        .unwrap()
+        .json();
+    let svc = status["invoke"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .cloned()
+        .unwrap_or_else(|| panic!("{service} not in /statusz: {status}"));
+    svc["nodes"][0]["consecutive_failures"].as_u64().unwrap()
+}

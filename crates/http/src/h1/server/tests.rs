@@ -237,15 +237,8 @@ fn request() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
     })
 }
 
-fn cases() -> u32 {
-    std::env::var("H1_PROP_CASES")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .map_or(1_000, |n| (n / 50).max(100))
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases()))]
+    #![proptest_config(ProptestConfig::with_cases(crate::testing::framing_cases()))]
 
     #[test]
     fn well_formed_requests_in_any_split_reach_the_handler_as_sent(
@@ -347,6 +340,16 @@ fn framings_that_could_smuggle_a_request_are_refused() {
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             501,
             "only one chunked",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
+            400,
+            "empty element in Transfer-Encoding",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            400,
+            "invalid Content-Length",
         ),
         (
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
