@@ -306,13 +306,12 @@ enum Remaining {
     Length(u64),
     Chunked(Chunked),
     Done,
-    /// The body broke (the client closed, or framed it badly).
-    Broken,
 }
 
 /// Where an [`Upload`] leaves the connection's reading half when it ends or is
-/// dropped, for the connection's next request.
-type Handback = Arc<Mutex<Option<(Reader, Remaining)>>>;
+/// dropped, for the connection's next request, with whether the body was read to its
+/// end (if not, the connection cannot go on).
+type Handback = Arc<Mutex<Option<(Reader, bool)>>>;
 
 /// A request body read from the connection as it is polled.
 struct Upload {
@@ -367,16 +366,14 @@ impl Stall {
 }
 
 impl Upload {
-    fn give_back(&mut self) {
+    fn give_back(&mut self, ended: bool) {
         if let Some(reader) = self.reader.take() {
-            let remaining = std::mem::replace(&mut self.remaining, Remaining::Done);
-            *self.handback.lock().unwrap_or_else(|e| e.into_inner()) = Some((reader, remaining));
+            *self.handback.lock().unwrap_or_else(|e| e.into_inner()) = Some((reader, ended));
         }
     }
 
     fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.remaining = Remaining::Broken;
-        self.give_back();
+        self.give_back(false);
         Poll::Ready(Some(Err(why.into())))
     }
 
@@ -386,7 +383,7 @@ impl Upload {
                 return Poll::Ready(None);
             };
             let frame = match &mut self.remaining {
-                Remaining::Done | Remaining::Broken | Remaining::Length(0) => None,
+                Remaining::Done | Remaining::Length(0) => None,
                 Remaining::Length(left) if !reader.buf.is_empty() => {
                     Some(Frame::data(take(&mut reader.buf, left)))
                 }
@@ -401,7 +398,7 @@ impl Upload {
             match frame {
                 None => {
                     self.remaining = Remaining::Done;
-                    self.give_back();
+                    self.give_back(true);
                     return Poll::Ready(None);
                 }
                 Some(f) if f.data_ref().is_none_or(|d| !d.is_empty()) => {
@@ -409,7 +406,7 @@ impl Upload {
                         // The last bytes: the connection can go on to its next
                         // request even if this body is never polled again.
                         self.remaining = Remaining::Done;
-                        self.give_back();
+                        self.give_back(true);
                     }
                     return Poll::Ready(Some(Ok(f)));
                 }
@@ -450,7 +447,8 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        self.give_back();
+        // Dropped with part of the body unread (an early answer).
+        self.give_back(false);
     }
 }
 
@@ -607,7 +605,7 @@ where
         if let Some(handback) = handback {
             let back = handback.lock().unwrap_or_else(|e| e.into_inner()).take();
             match back {
-                Some((r, Remaining::Done)) => reader = Some(r),
+                Some((r, true)) => reader = Some(r),
                 // The handler left part of the body unread (an early answer).
                 Some((r, _)) => {
                     linger(r, write).await;
