@@ -174,8 +174,19 @@ async fn sidecars_on_a_lan_find_each_other_by_mdns_and_strangers_stay_out() {
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed[0]["nodes"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed[0]["nodes"][0]["id"], "g1", "{listed}");
-    let (_, stranger) = lan.curl(2, &[&format!("http://127.0.0.1:{api_c}/statusz")]);
-    let stranger: serde_json::Value = serde_json::from_str(&stranger).unwrap();
+    // The others' gossip reaches the stranger within a gossip round or two (it may
+    // not have yet when host 1 has found host 0): wait for the first dropped one.
+    let stranger_status = || {
+        let (_, stranger) = lan.curl(2, &[&format!("http://127.0.0.1:{api_c}/statusz")]);
+        serde_json::from_str::<serde_json::Value>(&stranger).unwrap()
+    };
+    eventually(Duration::from_secs(10), || async {
+        stranger_status()["cluster"]["gossip_dropped"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    })
+    .await;
+    let stranger = stranger_status();
     assert_eq!(
         stranger["cluster"]["peers"],
         serde_json::json!([]),
