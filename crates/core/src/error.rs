@@ -31,15 +31,25 @@ impl ApiError {
         StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// The error as an HTTP response with a JSON body.
+    /// The error as an HTTP response with a JSON body. A refusal of the client (400,
+    /// 401, 403, 421) also closes its HTTP/1.1 connection: a client that is refused
+    /// does not keep a connection slot, and a request that was misread cannot make
+    /// the next one misread too.
     pub fn into_response(self) -> Response<String> {
         let body = serde_json::to_string(&self).expect("error body serializes");
         let mut res = Response::new(body);
-        *res.status_mut() = self.status_code();
+        let status = self.status_code();
+        *res.status_mut() = status;
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
+        if matches!(status.as_u16(), 400 | 401 | 403 | 421) {
+            res.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         res
     }
 }

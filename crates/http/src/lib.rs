@@ -14,8 +14,9 @@
 //! - [`client`]: one-shot requests to a URL (health checks, etcd, peer sidecars) over
 //!   the same pools.
 //! - [`server`]: the accept loop of every listener: HTTP/1.1 by [`h1`], HTTP/2 and
-//!   what `h1` hands over (upgrades, `Expect: 100-continue`) by hyper; header- and
-//!   body-read timeouts, a bound on open connections, graceful drain.
+//!   the one upgrade request `h1` hands over by hyper; header-, body-read and idle
+//!   timeouts, a bound on open connections (the longest-idle closed to make room),
+//!   graceful drain.
 //! - [`stream`]: a connection to a node, plain or TLS (mTLS in the mesh), and the
 //!   [`stream::Connector`] that makes the TLS ones.
 //! - [`tls`]: HTTPS certificates for listeners, from files that are followed.
@@ -28,8 +29,8 @@ pub mod client;
 pub mod drain;
 pub mod error;
 pub mod h1;
-mod heads;
 pub mod http2;
+mod idle;
 pub mod pool;
 pub mod relay;
 pub mod server;

@@ -119,7 +119,7 @@ pub type Sent = Result<Response<PooledBody>, (SendError, Option<Request<Outgoing
 #[allow(clippy::result_large_err)] // the error hands the request back
 fn h1_result(r: Result<Response<h1::ResponseBody>, SendError>) -> Sent {
     match r {
-        Ok(res) => Ok(res.map(PooledBody::H1)),
+        Ok(res) => Ok(res.map(|b| PooledBody::new(Answer::H1(b)))),
         Err(e) => Err((e, None)),
     }
 }
@@ -304,7 +304,7 @@ impl Pool {
                 },
             };
             match http2::send(h, req).await {
-                Ok(res) => return Ok(res.map(PooledBody::H2)),
+                Ok(res) => return Ok(res.map(|b| PooledBody::new(Answer::H2(b)))),
                 Err(http2::Failure::NotSent(e, back)) if fresh => {
                     return Err((
                         SendError::Handshake {
@@ -426,18 +426,39 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
 
 /// A node's response body. An HTTP/1.1 one returns its connection to the pool once
 /// read (a body dropped before its end closes the connection).
-pub enum PooledBody {
+pub struct PooledBody {
+    answer: Answer,
+    /// Told once if the body breaks off (the node cut its answer short).
+    on_broken: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+enum Answer {
     H1(h1::ResponseBody),
     H2(http2::ResponseBody),
 }
 
 impl PooledBody {
+    fn new(answer: Answer) -> PooledBody {
+        PooledBody {
+            answer,
+            on_broken: None,
+        }
+    }
+
     /// The node's connection after `101 Switching Protocols`.
     pub fn take_upgrade(&mut self) -> Option<h1::Upgraded> {
-        match self {
-            PooledBody::H1(body) => body.take_upgrade(),
-            PooledBody::H2(_) => None,
+        match &mut self.answer {
+            Answer::H1(body) => body.take_upgrade(),
+            Answer::H2(_) => None,
         }
+    }
+
+    /// Calls `f` if the body breaks off before its end: a node that answers its
+    /// headers and then cuts the body short has failed the call, though its status
+    /// looked like success. Not called when the body is dropped unread (the caller
+    /// went away).
+    pub fn on_broken(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
+        self.on_broken = Some(Box::new(f));
     }
 }
 
@@ -449,23 +470,30 @@ impl Body for PooledBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            PooledBody::H1(body) => Pin::new(body).poll_frame(cx),
-            PooledBody::H2(body) => Pin::new(body).poll_frame(cx),
+        let this = self.get_mut();
+        let frame = match &mut this.answer {
+            Answer::H1(body) => Pin::new(body).poll_frame(cx),
+            Answer::H2(body) => Pin::new(body).poll_frame(cx),
+        };
+        if let Poll::Ready(Some(Err(_))) = &frame {
+            if let Some(broken) = this.on_broken.take() {
+                broken();
+            }
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            PooledBody::H1(body) => body.is_end_stream(),
-            PooledBody::H2(body) => body.is_end_stream(),
+        match &self.answer {
+            Answer::H1(body) => body.is_end_stream(),
+            Answer::H2(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            PooledBody::H1(body) => body.size_hint(),
-            PooledBody::H2(body) => body.size_hint(),
+        match &self.answer {
+            Answer::H1(body) => body.size_hint(),
+            Answer::H2(body) => body.size_hint(),
         }
     }
 }

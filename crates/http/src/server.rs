@@ -1,7 +1,9 @@
 //! The server side of every listener: accept connections, speak HTTP/1.1 (pillion's
-//! own, [`crate::h1::server`]) and h2c (hyper's, which also takes the HTTP/1.1
-//! connections pillion hands over: upgrades, `Expect: 100-continue`), time out a
-//! request head that does not arrive, bound the open connections, drain on shutdown.
+//! own, [`crate::h1::server`]) and HTTP/2 (hyper's, which also answers the one
+//! upgrade request of a connection pillion hands over), time out a request head that
+//! does not arrive and a connection that waits too long for its next request, bound
+//! the open connections (closing the one that waited longest when a new one needs
+//! its slot), drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,9 +18,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use futures_util::task::AtomicWaker;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::ready;
+
 use crate::drain::Drain;
 pub use crate::h1::server::RequestBody;
-use crate::h1::server::{Clocks, Served, Socket};
+use crate::h1::server::{Clocks, Handover, Served, Socket};
+use crate::idle::{Idlers, Keepalive};
 
 /// The clocks and limits of one listener.
 #[derive(Clone)]
@@ -28,7 +35,11 @@ pub struct Limits {
     /// A request body that stalls this long between two reads is cut off, whichever
     /// protocol it came in (HTTP/1.1, HTTP/2, after `Expect: 100-continue`).
     pub read_body_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's backlog.
+    /// A keep-alive connection with no request for this long is closed (HTTP/1.1
+    /// between requests; HTTP/2 with no stream open, with a GOAWAY).
+    pub idle_timeout: Duration,
+    /// Connections served at once. One more is accepted and waits for a slot: the
+    /// connection that has waited longest for a request is closed to make one.
     pub max_connections: Option<usize>,
     /// After shutdown begins, how long requests in flight may take to finish.
     pub grace: Duration,
@@ -78,25 +89,13 @@ pub async fn serve<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let drain = Drain::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.read_header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let idlers = Idlers::new();
+    let hyper = Hyper::new(&limits);
     let permits = limits
         .max_connections
         .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        // A permit first: at the limit, new connections wait in the kernel's backlog.
-        let permit = match &permits {
-            None => None,
-            Some(p) => tokio::select! {
-                permit = p.clone().acquire_owned() => permit.ok(),
-                _ = &mut shutdown => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -109,18 +108,43 @@ pub async fn serve<F, Fut, B>(
             },
             _ = &mut shutdown => break,
         };
+        // A slot for it: at the limit, the connection that has waited longest for a
+        // request is closed to make one; if none waits, this one waits for a slot
+        // (and the next visitors in the kernel's backlog).
+        let permit = match &permits {
+            None => None,
+            Some(p) => match p.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    if idlers.evict_oldest() {
+                        tracing::debug!(%peer, "listener full: closing its longest-idle connection");
+                    }
+                    tokio::select! {
+                        permit = p.clone().acquire_owned() => permit.ok(),
+                        _ = &mut shutdown => break,
+                    }
+                }
+            },
+        };
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
-        let (builder, drain) = (builder.clone(), drain.clone());
+        let (hyper, drain, idlers) = (hyper.clone(), drain.clone(), idlers.clone());
         let clocks = Clocks {
             head: limits.read_header_timeout,
             body: limits.read_body_timeout,
+            idle: limits.idle_timeout,
         };
         let head_timeout = clocks.head;
         let Some(config) = limits.tls.clone() else {
             tokio::spawn(async move {
                 let handle = move |req| handle(req, peer);
-                serve_one(&builder, &drain, Socket::Tcp(stream), clocks, handle).await;
+                let on = On {
+                    hyper: &hyper,
+                    drain: &drain,
+                    idlers: &idlers,
+                    clocks,
+                };
+                serve_one(on, Socket::Tcp(stream), handle).await;
                 drop(permit);
             });
             continue;
@@ -158,11 +182,16 @@ pub async fn serve<F, Fut, B>(
                 }
                 handle(req, peer)
             };
+            let on = On {
+                hyper: &hyper,
+                drain: &drain,
+                idlers: &idlers,
+                clocks,
+            };
             if h2 {
-                serve_hyper(&builder, &drain, tls, clocks, handle).await;
+                serve_h2(on, tls, handle).await;
             } else {
-                let socket = Socket::Tls(Box::new(tls));
-                serve_one(&builder, &drain, socket, clocks, handle).await;
+                serve_one(on, Socket::Tls(Box::new(tls)), handle).await;
             }
             drop(permit);
         });
@@ -179,40 +208,95 @@ pub async fn serve<F, Fut, B>(
     }
 }
 
-/// Serves one connection (plain or TLS) until it closes or drains: HTTP/1.1 by
-/// pillion, and whatever it hands over by hyper.
-async fn serve_one<H, Fut, B>(
-    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    drain: &Arc<Drain>,
-    socket: Socket,
+/// hyper's servers, for what pillion's HTTP/1.1 server does not serve itself.
+struct Hyper {
+    /// The one upgrade request of a handed-over connection, and nothing after it.
+    upgrade: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+/// How often an HTTP/2 client is sent a PING, at most, and how long its answer may
+/// take: a peer that vanished (no FIN, no RST) is found and closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Hyper {
+    fn new(limits: &Limits) -> Arc<Hyper> {
+        let mut upgrade = hyper::server::conn::http1::Builder::new();
+        upgrade
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.read_header_timeout)
+            .keep_alive(false);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(H2_PING_INTERVAL.min(limits.idle_timeout)))
+            .keep_alive_timeout(H2_PING_TIMEOUT.min(limits.idle_timeout));
+        Arc::new(Hyper { upgrade, http2 })
+    }
+}
+
+/// What a connection is served with.
+#[derive(Clone, Copy)]
+struct On<'a> {
+    hyper: &'a Hyper,
+    drain: &'a Arc<Drain>,
+    idlers: &'a Arc<Idlers>,
     clocks: Clocks,
-    handle: H,
-) where
+}
+
+/// Serves one connection (plain or TLS) until it closes or drains: HTTP/1.1 by
+/// pillion, and what it hands over (HTTP/2, an upgrade) by hyper.
+async fn serve_one<H, Fut, B>(on: On<'_>, socket: Socket, handle: H)
+where
     H: Fn(Request<RequestBody>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let settings = crate::h1::server::Settings { clocks, drain };
+    let settings = crate::h1::server::Settings {
+        clocks: on.clocks,
+        drain: on.drain,
+        idlers: on.idlers,
+    };
     let served = crate::h1::server::serve(socket, settings, handle.clone());
     // Registered with the drain like any connection; this one checks the drain
     // itself between requests, so it has nothing to be told.
-    let mut own = std::pin::pin!(drain.watch(served, |_| {}));
-    if let Served::Handover(io) = own.as_mut().await {
-        // Watched until hyper's connection is, so the drain never sees none open.
-        serve_hyper(builder, drain, io, clocks, handle).await;
+    let mut own = std::pin::pin!(on.drain.watch(served, |_| {}));
+    // Watched until hyper's connection is, so the drain never sees none open.
+    match own.as_mut().await {
+        Served::Closed => {}
+        Served::Handover(io, Handover::Http2) => serve_h2(on, io, handle).await,
+        Served::Handover(io, Handover::Upgrade) => serve_upgrade(on, io, handle).await,
     }
 }
 
-/// Serves a connection with hyper (h2, and what pillion's HTTP/1.1 handed over).
-/// Requests are checked here as pillion's own server checks them while parsing.
-async fn serve_hyper<IO, H, Fut, B>(
-    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    drain: &Arc<Drain>,
-    io: IO,
-    clocks: Clocks,
-    handle: H,
-) where
+/// Answers the upgrade request at the front of `io` with hyper, which hands the
+/// connection to the handler's upgrade after a 101 and closes it otherwise.
+async fn serve_upgrade<IO, H, Fut, B>(on: On<'_>, io: IO, handle: H)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let body_stall = on.clocks.body;
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        handle(req.map(|body| RequestBody::from_hyper(body, body_stall)))
+    });
+    let conn = on
+        .hyper
+        .upgrade
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let _ = on.drain.watch(conn, |c| c.graceful_shutdown()).await;
+}
+
+/// Serves an HTTP/2 connection with hyper, closing it with a GOAWAY once no stream
+/// has been open for the idle timeout (or the listener needs its slot).
+async fn serve_h2<IO, H, Fut, B>(on: On<'_>, io: IO, handle: H)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<RequestBody>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -220,39 +304,163 @@ async fn serve_hyper<IO, H, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use futures_util::future::{ready, Either};
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| match refuse(&req) {
-        Some(why) => Either::Left(ready(Ok(crate::relay::reply(pillion_core::ApiError::new(
-            crate::relay::ID,
-            http::StatusCode::BAD_REQUEST,
-            why,
-        ))
-        .map(http_body_util::Either::Right)))),
-        None => Either::Right(OkMap::new(
-            handle(req.map(|body| RequestBody::from_hyper(body, clocks.body))),
-            |r: Result<Response<B>, Infallible>| match r {
-                Ok(res) => res.map(http_body_util::Either::Left),
-                Err(never) => match never {},
-            },
-        )),
+    let streams = Arc::new(Streams::default());
+    let counted = streams.clone();
+    let body_stall = on.clocks.body;
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let open = Open::new(&counted);
+        let hosts = req.headers().get_all(http::header::HOST).iter().count();
+        match crate::h1::server::host_rule(req.version(), hosts) {
+            Some(why) => Either::Left(ready(Ok(crate::relay::reply(pillion_core::ApiError::new(
+                crate::relay::ID,
+                http::StatusCode::BAD_REQUEST,
+                why,
+            ))
+            .map(|b| Counted::new(http_body_util::Either::Right(b), open))))),
+            None => Either::Right(OkMap::new(
+                handle(req.map(|body| RequestBody::from_hyper(body, body_stall))),
+                move |r: Result<Response<B>, Infallible>| match r {
+                    Ok(res) => res.map(|b| Counted::new(http_body_util::Either::Left(b), open)),
+                    Err(never) => match never {},
+                },
+            )),
+        }
     });
-    let conn = builder
-        .serve_connection_with_upgrades(
-            TokioIo::new(crate::heads::Heads::new(io, Some(clocks.head))),
-            service,
-        )
-        .into_owned();
-    let _ = drain.watch(conn, |c| c.graceful_shutdown()).await;
+    let conn = on.hyper.http2.serve_connection(TokioIo::new(io), service);
+    let watched = IdleH2 {
+        conn,
+        streams,
+        keepalive: Keepalive::new(on.clocks.idle, on.idlers.clone()),
+        closing: false,
+    };
+    let _ = on.drain.watch(watched, IdleH2::graceful_shutdown).await;
 }
 
-/// Why hyper's request is refused before any handler sees it: its head was refused
-/// by [`crate::heads`] (a bare LF), or it breaks RFC 9112 3.2 (see
-/// [`crate::h1::server::host_rule`]).
-fn refuse<T>(req: &Request<T>) -> Option<&'static str> {
-    if let Some(why) = req.headers().get(crate::heads::REFUSED) {
-        return Some(crate::heads::refusal(why));
+/// The streams an HTTP/2 connection has open: a request whose answer has not been
+/// sent whole.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    /// The connection's task, told when the last stream ends (answers are sent from
+    /// tasks of hyper's own).
+    waker: AtomicWaker,
+}
+
+/// One open stream, counted until dropped with its answer's body.
+struct Open(Arc<Streams>);
+
+impl Open {
+    fn new(streams: &Arc<Streams>) -> Open {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        Open(streams.clone())
     }
-    let hosts = req.headers().get_all(http::header::HOST).iter().count();
-    crate::h1::server::host_rule(req.version(), hosts)
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.waker.wake();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that keeps its stream counted as open.
+    struct Counted<B> {
+        #[pin]
+        body: B,
+        open: Open,
+    }
+}
+
+impl<B> Counted<B> {
+    fn new(body: B, open: Open) -> Self {
+        Counted { body, open }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// hyper's HTTP/2 connection, with the clock it lacks: idle (no stream open) for
+    /// the idle timeout, it is shut down gracefully (GOAWAY, then close).
+    struct IdleH2<C> {
+        #[pin]
+        conn: C,
+        streams: Arc<Streams>,
+        keepalive: Keepalive,
+        closing: bool,
+    }
+}
+
+/// hyper's HTTP/2 server connection, whichever service it runs.
+trait GracefulShutdown {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, E, B> GracefulShutdown for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+impl<C: GracefulShutdown> IdleH2<C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        let this = self.project();
+        if !std::mem::replace(this.closing, true) {
+            this.conn.graceful_shutdown();
+        }
+    }
+}
+
+impl<C: Future + GracefulShutdown> Future for IdleH2<C> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        loop {
+            let this = self.as_mut().project();
+            if let Poll::Ready(out) = this.conn.poll(cx) {
+                return Poll::Ready(out);
+            }
+            if *this.closing {
+                return Poll::Pending;
+            }
+            this.streams.waker.register(cx.waker());
+            if this.streams.open.load(Ordering::Acquire) > 0 {
+                this.keepalive.busy();
+                return Poll::Pending;
+            }
+            let why = ready!(this.keepalive.poll_wait(cx));
+            tracing::debug!(why, "closing an idle HTTP/2 connection");
+            self.as_mut().graceful_shutdown();
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -262,21 +470,23 @@ pin_project_lite::pin_project! {
     pub struct OkMap<F, G> {
         #[pin]
         fut: F,
-        f: G,
+        f: Option<G>,
     }
 }
 
 impl<F, G> OkMap<F, G> {
     pub fn new(fut: F, f: G) -> Self {
-        OkMap { fut, f }
+        OkMap { fut, f: Some(f) }
     }
 }
 
-impl<F: Future, G: FnMut(F::Output) -> T, T> Future for OkMap<F, G> {
+impl<F: Future, G: FnOnce(F::Output) -> T, T> Future for OkMap<F, G> {
     type Output = Result<T, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.fut.poll(cx).map(|out| Ok((this.f)(out)))
+        let out = ready!(this.fut.poll(cx));
+        let f = this.f.take().expect("an OkMap polled after it completed");
+        Poll::Ready(Ok(f(out)))
     }
 }

@@ -175,7 +175,7 @@ fn attempts<'a>(
 
 #[allow(clippy::manual_async_fn)] // as `attempts`
 fn attempt_all<'a>(
-    set: &'a ServiceSet,
+    set: &'a Arc<ServiceSet>,
     policy: &'a Policy,
     mut call: Call,
     started: Instant,
@@ -325,9 +325,15 @@ fn attempt_all<'a>(
             let clock_end = since_epoch(end);
 
             let verdict = match outcome {
-                Outcome::Answer(res) => {
+                Outcome::Answer(mut res) => {
                     node.observe(rtt, clock_end);
                     node.record_success();
+                    // Success is known only at the body's end: a node that cuts its
+                    // answer short after the headers has failed the call.
+                    let (set, ejection) = (Arc::clone(set), policy.ejection);
+                    res.body_mut().on_broken(move || {
+                        set.record_failure(&node, &ejection);
+                    });
                     return Ok(res);
                 }
                 Outcome::BadGateway(res) => {

@@ -480,6 +480,17 @@ pub struct RunArgs {
     )]
     pub read_body_timeout: NonZeroDur,
 
+    /// How long a keep-alive connection may wait for its next request, on every
+    /// listener (HTTP/1.1; HTTP/2 with no stream open, then GOAWAY); then it is
+    /// closed. A full listener closes its longest-waiting connection first.
+    #[arg(
+        long,
+        default_value = "60s",
+        env = "PILLION_IDLE_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub idle_timeout: NonZeroDur,
+
     /// How long idle keep-alive connections to nodes and the app are kept.
     #[arg(
         long,
@@ -624,6 +635,17 @@ pub struct RunArgs {
         value_name = "N"
     )]
     pub listen_max_connections: NonZeroUsize,
+
+    /// Connections open at once on the API listener (--address); more wait to be
+    /// accepted. Kept well under the open-file limit, so that no client of the API
+    /// can starve the other listeners and the calls to nodes of file descriptors.
+    #[arg(
+        long,
+        default_value = "1024",
+        env = "PILLION_API_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub api_max_connections: NonZeroUsize,
 
     /// Session store shared by every sidecar that uses it: `memory` (this process
     /// only) or redis://[:password@]host:port[/db] (rediss:// for TLS; CAs from the

@@ -267,7 +267,9 @@ pub struct Settings {
     pub tcp: Vec<pillion_tcp::ListenerConfig>,
     pub read_header_timeout: Duration,
     pub read_body_timeout: Duration,
+    pub idle_timeout: Duration,
     pub listen_max_connections: usize,
+    pub api_max_connections: usize,
     pub api_token: Option<String>,
     pub mesh: Option<MeshSettings>,
     pub trace: TraceSettings,
@@ -553,7 +555,9 @@ impl Settings {
             api_token,
             read_header_timeout: args.read_header_timeout.0,
             read_body_timeout: args.read_body_timeout.0,
+            idle_timeout: args.idle_timeout.0,
             listen_max_connections: args.listen_max_connections.get(),
+            api_max_connections: args.api_max_connections.get(),
             config_file: args.config.clone(),
             reload_period: args.reload_period.0,
             dns_servers: args.dns_server.clone(),
@@ -695,7 +699,7 @@ fn resolve_inbound(
                         || id.starts_with("acme_")
                         || (id.starts_with("jwt_") && args.mesh_listen.is_none())
                         || id == "app_timeout"
-                        || id == "listen_max_connections")
+                        || (id == "listen_max_connections" && args.mesh_listen.is_none()))
                         && loaded.given(id)
                 });
             if let Some(id) = inbound_only {

@@ -255,7 +255,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let limits = Limits {
         read_header_timeout: settings.read_header_timeout,
         read_body_timeout: settings.read_body_timeout,
-        max_connections: None,
+        idle_timeout: settings.idle_timeout,
+        max_connections: Some(settings.api_max_connections),
         grace: settings.grace_period,
         tls: None,
         identify: None,
@@ -321,6 +322,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             tunnel: Some(Arc::new(move |tls, peer, client| {
                 Box::pin(tunnels.clone().tunnel(tls, peer, client))
             })),
+            max_connections: Some(settings.listen_max_connections),
             ..limits.clone()
         };
         servers.push(tokio::spawn(pillion_http::server::serve(

@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{eventually, failures, inbound, register, Sidecar};
+use common::{eventually, failures, inbound, register, statuses, Sidecar};
 use pillion_testkit::http::get;
 use pillion_testkit::{Server, TestApp};
 
@@ -245,44 +245,6 @@ async fn requests_without_a_host_with_two_or_with_bare_lf_lines_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_max_connections_holds_further_connections_until_one_closes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let app = TestApp::start("app").await;
-    let (_sc, listen) = inbound(&app.url(), &["--listen-max-connections", "2"]);
-    let request = b"GET /page HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-    async fn answered(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
-        let mut buf = [0u8; 4096];
-        matches!(tokio::time::timeout(limit, s.read(&mut buf)).await, Ok(Ok(n)) if n > 0)
-    }
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
-        s.write_all(request).await.unwrap();
-        assert!(answered(&mut s, Duration::from_secs(5)).await);
-        held.push(s); // kept alive, still counted
-    }
-    let mut third = tokio::net::TcpStream::connect(listen).await.unwrap();
-    third.write_all(request).await.unwrap();
-    assert!(
-        !answered(&mut third, Duration::from_millis(500)).await,
-        "a third connection was served beyond --listen-max-connections 2"
-    );
-    drop(held.pop());
-    assert!(
-        answered(&mut third, Duration::from_secs(5)).await,
-        "the waiting connection was not served once one closed"
-    );
-}
-
-/// The statuses of every answer in `raw`, in order.
-fn statuses(raw: &str) -> Vec<&str> {
-    raw.match_indices("HTTP/1.1 ")
-        .map(|(i, _)| &raw[i + 9..i + 12])
-        .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_framed_two_ways_is_refused_before_it_reaches_the_app() {
     let app = TestApp::start("app").await;
     let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
@@ -392,4 +354,42 @@ async fn an_upload_that_stalls_is_cut_off_after_read_body_timeout() {
         );
         assert!(started.elapsed() >= Duration::from_millis(250), "{addr}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cuts_its_answer_short_after_the_headers_is_blamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A node that promises 100 bytes, sends 10, and closes.
+    let node = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node_addr = node.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = node.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    .await;
+            });
+        }
+    });
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "short", "short-1", &node_addr.to_string(), &[]).await;
+    for _ in 0..2 {
+        let answer = raw_to_end(
+            sc.addr,
+            b"GET /short/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        );
+        // The caller never gets the 100 bytes it would be promised: the connection
+        // ends first.
+        assert!(!answer.contains("content-length: 100"), "{answer}");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            failures(&sc, "short").await == 2
+        })
+        .await,
+        "the node was not blamed for its cut answers: {} failures",
+        failures(&sc, "short").await
+    );
 }

@@ -78,7 +78,10 @@ pub(crate) enum Chunked {
     Size,
     Data(u64),
     DataEnd,
-    Trailers,
+    /// Reading the trailers; how many of the buffer's bytes were searched for their
+    /// end already (trailers that arrive a byte at a time are searched once, not
+    /// once per byte).
+    Trailers(usize),
     Done,
 }
 
@@ -103,7 +106,7 @@ impl Chunked {
                     let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
                     *self = if size == 0 {
-                        Chunked::Trailers
+                        Chunked::Trailers(0)
                     } else {
                         Chunked::Data(size)
                     };
@@ -129,21 +132,30 @@ impl Chunked {
                     *self = Chunked::Size;
                 }
                 Chunked::Done => return Ok(Decoded::End),
-                Chunked::Trailers => {
+                Chunked::Trailers(scanned) => {
                     if buf.starts_with(b"\r\n") {
                         buf.advance(2);
                         *self = Chunked::Done;
                         return Ok(Decoded::End);
                     }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
-                    let block = end.map_or(&buf[..], |e| &buf[..e + 4]);
-                    if bare_lf(block).is_some() {
+                    // Only what came since the last search, and the three bytes
+                    // before it that may begin the empty line.
+                    let from = scanned.saturating_sub(3);
+                    let end = buf[from..]
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|i| from + i);
+                    let searched = end.map_or(buf.len(), |e| e + 4);
+                    let bare = (*scanned..searched)
+                        .any(|i| buf[i] == b'\n' && (i == 0 || buf[i - 1] != b'\r'));
+                    if bare {
                         return Err("a trailer line ended by a bare LF".into());
                     }
                     let Some(end) = end else {
                         if buf.len() > MAX_HEAD {
                             return Err("trailers over 64 KiB".into());
                         }
+                        *scanned = buf.len();
                         return Ok(Decoded::NeedMore);
                     };
                     let block = buf.split_to(end + 4).freeze();
@@ -154,12 +166,76 @@ impl Chunked {
                     };
                     let base = block.as_ptr() as usize;
                     let spans: Vec<_> = parsed.iter().map(|f| field_span(base, f)).collect();
-                    let trailers = header_map(&block, &spans, 0)?;
+                    let mut trailers = header_map(&block, &spans, 0)?;
+                    drop_forbidden_trailers(&mut trailers);
                     *self = Chunked::Done;
                     return Ok(Decoded::Frame(Frame::trailers(trailers)));
                 }
             }
         }
+    }
+}
+
+/// Why a head with a bare LF is refused.
+pub(crate) const BARE_LF: &str =
+    "a line of the request ends in a bare LF; HTTP/1.1 lines end in CRLF";
+
+/// Printable bytes that RFC 3986 wants percent-encoded and the `http` crate refuses
+/// in a URI, but that clients send raw (curl sends `?topic=events.>` as typed).
+fn needs_encoding(b: u8) -> bool {
+    matches!(
+        b,
+        b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+    )
+}
+
+/// `target` percent-encoded where it holds such bytes (`>` -> `%3E`), so that the
+/// request reaches pillion's handlers, which decode them; `None` when it holds none.
+pub(crate) fn encode_target(target: &[u8]) -> Option<Vec<u8>> {
+    if !target.iter().any(|&b| needs_encoding(b)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(target.len() + 16);
+    for &b in target {
+        if needs_encoding(b) {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    Some(out)
+}
+
+/// Fields a sender must not put in trailers (RFC 9110 6.5.1: framing, routing,
+/// connection control, authentication, the content's own description): a recipient
+/// that merged them into the head could be made to reframe or reroute a message
+/// after it was checked, so they are dropped, both ways, never forwarded.
+const FORBIDDEN_TRAILERS: [&str; 20] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "trailer",
+    "te",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "expect",
+    "max-forwards",
+    "authorization",
+    "proxy-authorization",
+    "www-authenticate",
+    "proxy-authenticate",
+    "cookie",
+    "set-cookie",
+    "content-encoding",
+    "content-type",
+    "content-range",
+];
+
+fn drop_forbidden_trailers(trailers: &mut HeaderMap) {
+    for name in FORBIDDEN_TRAILERS {
+        trailers.remove(name);
     }
 }
 

@@ -1,11 +1,9 @@
 //! HTTP/1.1 on a listener's connection, served on the connection's own task.
 //!
-//! hyper's server parsed each request into buffers of its own, handed the body across
-//! a channel, and in front of it [`crate::heads`] followed the same bytes once more to
-//! check them. Here one pass over the read buffer does both: httparse finds the
-//! fields, the head is checked, the values share the buffer, and a body that came
-//! with its head is a slice of it. The answer's head and the body bytes it has ready
-//! leave in one write.
+//! One pass over the read buffer: httparse finds the fields, the head is checked,
+//! the values share the buffer, and a body that came with its head is a slice of it.
+//! The answer's head and the body bytes it has ready leave in one write. The framing
+//! rules are [`super::codec`]'s, shared with the client.
 //!
 //! Refused with an answer in the JSON error shape (after the answers to the requests
 //! before it), then the connection closes:
@@ -16,9 +14,14 @@
 //! - a `Content-Length` that is not digits, or several that differ: 400;
 //! - a head over 64 KiB or with over 100 fields: 431.
 //!
-//! Handed to hyper, with every byte read so far, for the rest of the connection: the
-//! h2c preface, `CONNECT`, a request with `Upgrade` (websockets), and `Expect:
-//! 100-continue`. Those are served as they were before pillion served HTTP/1.1 itself.
+//! - `CONNECT`: 405 (pillion is no forward proxy).
+//!
+//! `Expect: 100-continue` is answered here, when the handler first reads the body.
+//! Handed to hyper, with every byte read so far, and only then: the h2c preface (the
+//! connection is HTTP/2), and a request with `Upgrade` and no body, checked here
+//! first, which hyper answers alone (a websocket's 101 hands the connection to it;
+//! any other answer closes it). An `Upgrade` with a body is served here, the upgrade
+//! ignored (RFC 9110 7.8).
 //!
 //! Keep-alive follows RFC 9112 9.3. When the handler left part of a request body
 //! unread, the connection ends after its answer with a lingering close (the rest is
@@ -28,6 +31,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -46,6 +50,7 @@ use super::codec::{
     INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
 };
 use crate::drain::Drain;
+use crate::idle::{Idlers, Keepalive};
 use crate::BoxError;
 
 /// Bytes read per system call for heads, at least.
@@ -189,7 +194,17 @@ impl AsyncWrite for Joined {
 pub(crate) enum Served {
     Closed,
     /// hyper is to serve the rest.
-    Handover(Joined),
+    Handover(Joined, Handover),
+}
+
+/// What hyper is given a connection for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handover {
+    /// It began with the HTTP/2 preface.
+    Http2,
+    /// Its next request (checked, and without a body) asks for an upgrade: hyper
+    /// answers it alone, then the connection is the upgrade's (101) or closes.
+    Upgrade,
 }
 
 /// A request body, whichever server read it.
@@ -319,6 +334,9 @@ struct Upload {
     remaining: Remaining,
     handback: Handback,
     stall: Stall,
+    /// `Expect: 100-continue`: set when the body is first read from the connection,
+    /// so that the client is told to send it.
+    continue_wanted: Option<Arc<AtomicBool>>,
 }
 
 /// How long a request body may go without a byte (`--read-body-timeout`), on either
@@ -412,6 +430,9 @@ impl Upload {
                 }
                 Some(_) => {}
             }
+            if let Some(wanted) = self.continue_wanted.take() {
+                wanted.store(true, Ordering::Release);
+            }
             match reader.poll_fill(cx, BODY_READ_SIZE) {
                 Poll::Ready(Ok(0)) => {
                     return self.fail(
@@ -460,12 +481,15 @@ pub(crate) struct Clocks {
     pub head: Duration,
     /// Between two reads of a request body.
     pub body: Duration,
+    /// Between an answer and the next request's first byte (keep-alive).
+    pub idle: Duration,
 }
 
-/// The clocks and the drain of one listener's connections.
+/// The clocks, the drain and the waiting connections of one listener.
 pub(crate) struct Settings<'a> {
     pub clocks: Clocks,
     pub drain: &'a Drain,
+    pub idlers: &'a Arc<Idlers>,
 }
 
 /// Serves HTTP/1.1 requests on `socket` with `handle` until the connection closes,
@@ -493,16 +517,23 @@ where
         ..HeadWait::default()
     };
     let mut first = true;
+    let mut keepalive = Keepalive::new(settings.clocks.idle, settings.idlers.clone());
     // The buffer the last answer's head was written from, kept for the next.
     let mut scratch = Vec::new();
     loop {
         let Some(r) = reader.as_mut() else {
             return Served::Closed;
         };
-        let next = poll_fn(|cx| poll_head(r, &mut wait, first, &settings, cx)).await;
+        let next =
+            poll_fn(|cx| poll_head(r, &mut wait, &mut keepalive, first, &settings, cx)).await;
         let head = match next {
             Next::Head(head) => head,
             Next::Closed => return Served::Closed,
+            Next::Idle(why) => {
+                tracing::debug!(why, "closing an idle keep-alive connection");
+                let _ = tokio::time::timeout(LINGER_TIME, write.shutdown()).await;
+                return Served::Closed;
+            }
             Next::TimedOut => {
                 tracing::debug!(
                     limit = %pillion_core::duration::format(settings.clocks.head),
@@ -510,13 +541,14 @@ where
                 );
                 return Served::Closed;
             }
-            Next::Handover => {
+            Next::Handover(to) => {
                 let Reader { io, buf } = reader.take().expect("the reader is here");
-                return Served::Handover(Joined {
+                let joined = Joined {
                     read_ahead: buf.freeze(),
                     read: io,
                     write,
-                });
+                };
+                return Served::Handover(joined, to);
             }
             Next::Refused(status, detail) => {
                 let res = pillion_core::ApiError::new(crate::relay::ID, status, detail)
@@ -545,7 +577,12 @@ where
             request,
             framing,
             keep_alive,
+            expect_continue,
         } = head;
+        let mut interim = Interim {
+            wanted: expect_continue.then(Arc::default),
+            sent: 0,
+        };
         let asked = Asked {
             head: request.method() == Method::HEAD,
             version: request.version(),
@@ -573,6 +610,7 @@ where
                     },
                     handback: handback.clone(),
                     stall: Stall::new(settings.clocks.body),
+                    continue_wanted: interim.wanted.clone(),
                 };
                 (
                     RequestBody {
@@ -582,7 +620,13 @@ where
                 )
             }
         };
-        let answered = unless_gone(handle(request.map(|()| body)), reader.as_mut()).await;
+        let answered = unless_gone(
+            handle(request.map(|()| body)),
+            reader.as_mut(),
+            &mut interim,
+            &mut write,
+        )
+        .await;
         let res = match answered {
             Some(Ok(res)) => res,
             Some(Err(never)) => match never {},
@@ -628,11 +672,29 @@ where
 /// the call it makes to a node. Watched while the connection's reading half is here
 /// (not streaming a body to the handler); what arrives meanwhile is the next
 /// request, kept in the buffer, up to [`WATCH_LIMIT`].
-async fn unless_gone<F: Future>(answer: F, mut reader: Option<&mut Reader>) -> Option<F::Output> {
+///
+/// `interim`: the `100 Continue` is written here, once the handler reads a body
+/// whose client waits for it (the handler's future runs on this task, so it is seen
+/// in the same poll).
+async fn unless_gone<F: Future>(
+    answer: F,
+    mut reader: Option<&mut Reader>,
+    interim: &mut Interim,
+    write: &mut WriteSide,
+) -> Option<F::Output> {
     let mut answer = pin!(answer);
     poll_fn(|cx| {
+        // A `100 Continue` begun is finished before any other answer.
+        if interim.begun() && ready!(interim.poll_write(write, cx)).is_err() {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(out) = answer.as_mut().poll(cx) {
             return Poll::Ready(Some(out));
+        }
+        if interim.is_wanted() {
+            if let Poll::Ready(Err(_)) = interim.poll_write(write, cx) {
+                return Poll::Ready(None);
+            }
         }
         if let Some(r) = reader.as_deref_mut() {
             // Costs no system call: tokio knows the socket has nothing to read.
@@ -647,6 +709,46 @@ async fn unless_gone<F: Future>(answer: F, mut reader: Option<&mut Reader>) -> O
         Poll::Pending
     })
     .await
+}
+
+/// `Expect: 100-continue` (RFC 9110 10.1.1): the interim answer a client waits for
+/// before it sends the body, written only when the handler reads it (an early
+/// answer, such as a 413, goes without it).
+struct Interim {
+    /// Set by the body when it is first read; `None` when the client did not ask.
+    wanted: Option<Arc<AtomicBool>>,
+    /// Bytes of it written.
+    sent: usize,
+}
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl Interim {
+    fn is_wanted(&self) -> bool {
+        self.sent == 0
+            && self
+                .wanted
+                .as_ref()
+                .is_some_and(|w| w.load(Ordering::Acquire))
+    }
+
+    /// Partly written.
+    fn begun(&self) -> bool {
+        self.sent > 0 && self.sent < CONTINUE.len()
+    }
+
+    /// Writes what is left of the interim answer; ready once it is out.
+    fn poll_write(&mut self, write: &mut WriteSide, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < CONTINUE.len() {
+            let n = ready!(Pin::new(&mut *write).poll_write(cx, &CONTINUE[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        ready!(Pin::new(&mut *write).poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// Bytes of pipelined requests read while an answer is prepared, at most.
@@ -667,17 +769,21 @@ struct HeadWait {
 enum Next {
     Head(Head),
     Closed,
+    /// Closed between two requests, for this reason.
+    Idle(&'static str),
     TimedOut,
-    Handover,
+    Handover(Handover),
     Refused(StatusCode, String),
 }
 
-/// Reads until a whole head is there and parses it. Between requests an idle
-/// connection waits without a clock (and closes once the listener drains); a head
-/// that has begun must be whole within the read-header timeout.
+/// Reads until a whole head is there and parses it. Between requests a connection
+/// waits for `--idle-timeout` at most (and closes at once when the listener drains,
+/// or needs its slot); a head that has begun must be whole within the read-header
+/// timeout.
 fn poll_head(
     reader: &mut Reader,
     wait: &mut HeadWait,
+    keepalive: &mut Keepalive,
     first: bool,
     settings: &Settings<'_>,
     cx: &mut Context<'_>,
@@ -687,7 +793,7 @@ fn poll_head(
             match parse(&mut reader.buf, first, wait.scanned) {
                 Parse::Incomplete => wait.scanned = reader.buf.len(),
                 Parse::Head(head) => return Poll::Ready(Next::Head(head)),
-                Parse::Handover => return Poll::Ready(Next::Handover),
+                Parse::Handover(to) => return Poll::Ready(Next::Handover(to)),
                 Parse::Refused(status, detail) => {
                     return Poll::Ready(Next::Refused(status, detail))
                 }
@@ -697,10 +803,10 @@ fn poll_head(
         }
         match reader.poll_fill(cx, READ_SIZE) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Closed),
-            Poll::Ready(Ok(_)) => {}
+            Poll::Ready(Ok(_)) => keepalive.busy(),
             Poll::Pending => {
                 if reader.buf.is_empty() && !first {
-                    return Poll::Pending;
+                    return keepalive.poll_wait(cx).map(Next::Idle);
                 }
                 // The clock is read only here, when a head has to be waited for.
                 let since = *wait.since.get_or_insert_with(Instant::now);
@@ -727,13 +833,15 @@ struct Head {
     request: Request<()>,
     framing: Framing,
     keep_alive: bool,
+    /// The client waits for `100 Continue` before it sends the body.
+    expect_continue: bool,
 }
 
 #[allow(clippy::large_enum_variant)] // as `Next`
 enum Parse {
     Incomplete,
     Head(Head),
-    Handover,
+    Handover(Handover),
     Refused(StatusCode, String),
 }
 
@@ -763,8 +871,9 @@ struct Fields {
     chunked: bool,
     close: bool,
     keep_alive: bool,
-    /// `Upgrade`, or `Expect: 100-continue`: hyper's to serve.
-    for_hyper: bool,
+    upgrade: bool,
+    /// `Expect: 100-continue`.
+    expect_continue: bool,
 }
 
 impl Fields {
@@ -817,11 +926,11 @@ impl Fields {
                 }
             }
             4 if name.eq_ignore_ascii_case(b"host") => self.hosts += 1,
-            7 if name.eq_ignore_ascii_case(b"upgrade") => self.for_hyper = true,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => self.upgrade = true,
             6 if name.eq_ignore_ascii_case(b"expect")
                 && value.trim_ascii().eq_ignore_ascii_case(b"100-continue") =>
             {
-                self.for_hyper = true
+                self.expect_continue = true
             }
             _ => {}
         }
@@ -850,7 +959,7 @@ fn parse(buf: &mut BytesMut, first: bool, scanned: usize) -> Parse {
             return Parse::Incomplete;
         }
         if buf.starts_with(H2_PREFACE) {
-            return Parse::Handover;
+            return Parse::Handover(Handover::Http2);
         }
     }
     parse_head(buf, scanned)
@@ -893,11 +1002,14 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
         return head_too_large();
     }
     if bare_lf(&buf[..len]).is_some() {
-        return refused(StatusCode::BAD_REQUEST, crate::heads::BARE_LF);
+        return refused(StatusCode::BAD_REQUEST, super::codec::BARE_LF);
     }
     let method = req.method.unwrap_or_default();
     if method == "CONNECT" {
-        return Parse::Handover;
+        return refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not served: pillion is not a forward proxy",
+        );
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return refused(StatusCode::BAD_REQUEST, "the request method is not valid");
@@ -913,15 +1025,13 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
         }
     }
     let base = buf.as_ptr() as usize;
-    if framing.for_hyper {
-        return Parse::Handover;
-    }
     if let Some(why) = host_rule(version, framing.hosts) {
         return refused(StatusCode::BAD_REQUEST, why);
     }
     let target = req.path.unwrap_or("/");
     let target_at = target.as_ptr() as usize - base;
     let target_span = (target_at, target_at + target.len());
+    let encoded = super::codec::encode_target(target.as_bytes());
     if framing.chunked && (framing.length.is_some() || version == Version::HTTP_10) {
         return refused(
             StatusCode::BAD_REQUEST,
@@ -932,11 +1042,24 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
             },
         );
     }
+    let bodiless = !framing.chunked && framing.length.unwrap_or(0) == 0;
+    if framing.upgrade && bodiless {
+        // Checked like any head, and hyper is given it whole (its target encoded as
+        // pillion's own requests' are): its answer decides whether the connection
+        // leaves HTTP (101) or closes.
+        if let Some(encoded) = encoded {
+            let rest = buf.split_off(target_span.1);
+            buf.truncate(target_span.0);
+            buf.extend_from_slice(&encoded);
+            buf.extend_from_slice(&rest);
+        }
+        return Parse::Handover(Handover::Upgrade);
+    }
     let (mut inline, mut heap) = ([(0, 0, 0, 0); INLINE_SPANS], Vec::new());
     let spans = spans(base, req.headers, &mut inline, &mut heap);
     let head = buf.split_to(len).freeze();
     let target = &head[target_span.0..target_span.1];
-    let uri = match crate::heads::encode_target(target) {
+    let uri = match encoded {
         None => Uri::from_maybe_shared(head.slice(target_span.0..target_span.1)),
         Some(encoded) => Uri::try_from(encoded),
     };
@@ -959,6 +1082,11 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
+    if framing.upgrade {
+        // An upgrade with a body: ignored (RFC 9110 7.8 lets a server stay), so that
+        // no handler answers 101 on a connection whose body pillion is reading.
+        request.headers_mut().remove(header::UPGRADE);
+    }
     let keep_alive = match version {
         Version::HTTP_11 => !framing.close,
         _ => framing.keep_alive && !framing.close,
@@ -971,6 +1099,7 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
             Framing::Length(framing.length.unwrap_or(0))
         },
         keep_alive,
+        expect_continue: framing.expect_continue && version == Version::HTTP_11,
     })
 }
 

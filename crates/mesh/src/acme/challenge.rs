@@ -193,6 +193,7 @@ mod tests {
         let limits = pillion_http::server::Limits {
             read_header_timeout: Duration::from_secs(5),
             read_body_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
             max_connections: None,
             grace: Duration::ZERO,
             tls: Some(Arc::new(config)),

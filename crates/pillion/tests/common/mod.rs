@@ -307,3 +307,11 @@ pub async fn failures(sc: &Sidecar, service: &str) -> u64 {
         .unwrap_or_else(|| panic!("{service} not in /statusz: {status}"));
     svc["nodes"][0]["consecutive_failures"].as_u64().unwrap()
 }
+
+/// The statuses of every answer in `raw`, in order.
+pub fn statuses(raw: &str) -> Vec<&str> {
+    raw.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &raw[i + 9..i + 12])
+        .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
+        .collect()
+}

@@ -14,6 +14,7 @@ use super::*;
 const CLOCKS: Clocks = Clocks {
     head: Duration::from_secs(10),
     body: Duration::from_secs(60),
+    idle: Duration::from_secs(60),
 };
 
 /// The request as the handler got it: `METHOD target VERSION`, its fields sorted by
@@ -111,10 +112,11 @@ fn exchange(input: &[u8], cuts: &[usize], close: bool) -> (Vec<u8>, End) {
             let settings = Settings {
                 clocks: CLOCKS,
                 drain: &drain,
+                idlers: &Idlers::new(),
             };
             match serve(Socket::Mem(server), settings, echo).await {
                 Served::Closed => End::Closed,
-                Served::Handover(mut joined) => {
+                Served::Handover(mut joined, _) => {
                     let ahead = joined.read_ahead.to_vec();
                     // Like hyper, which answers and closes: the client sees an end.
                     let _ = joined.shutdown().await;
@@ -460,8 +462,6 @@ fn what_hyper_serves_is_handed_over_with_the_bytes_read() {
     for input in [
         &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04"[..],
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nframes",
-        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-        b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n",
     ] {
         let (out, end) = exchange(input, &[5], false);
         assert_eq!(out, b"", "{}", String::from_utf8_lossy(input));
@@ -550,6 +550,7 @@ fn answers_are_framed_by_the_body_and_the_method() {
                 let settings = Settings {
                     clocks: CLOCKS,
                     drain: &drain,
+                    idlers: &Idlers::new(),
                 };
                 serve(Socket::Mem(server), settings, move |_req| async move {
                     Ok::<_, Infallible>(make())
@@ -598,13 +599,14 @@ fn the_request_target_is_encoded_where_clients_send_it_raw() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_head_that_does_not_arrive_in_time_ends_the_connection_an_idle_one_does_not() {
+async fn a_head_that_does_not_arrive_in_time_ends_the_connection_and_so_does_a_long_idle() {
     let serve_on = |server| {
         tokio::spawn(async move {
             let drain = Drain::new();
             let settings = Settings {
                 clocks: CLOCKS,
                 drain: &drain,
+                idlers: &Idlers::new(),
             };
             matches!(
                 serve(Socket::Mem(server), settings, echo).await,
@@ -634,17 +636,24 @@ async fn a_head_that_does_not_arrive_in_time_ends_the_connection_an_idle_one_doe
     assert!(task.await.unwrap());
     assert_eq!(started.elapsed(), Duration::from_secs(10));
 
-    // An idle connection between requests is not.
+    // An idle connection between requests is closed after the idle timeout (60 s),
+    // not the head's (10 s).
     let (mut client, server) = tokio::io::duplex(4096);
-    let _task = serve_on(server);
+    let task = serve_on(server);
     client
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];
     assert!(client.read(&mut buf).await.unwrap() > 0);
-    let idle = tokio::time::timeout(Duration::from_secs(600), client.read(&mut buf)).await;
-    assert!(idle.is_err(), "an idle connection was cut: {idle:?}");
+    let waited = Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(600), client.read(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0))),
+        "the idle connection was not closed: {end:?}"
+    );
+    assert_eq!(waited.elapsed(), Duration::from_secs(60));
+    assert!(task.await.unwrap());
 }
 
 #[tokio::test(start_paused = true)]
@@ -658,6 +667,7 @@ async fn a_drain_closes_idle_connections_and_lets_a_request_in_flight_finish() {
         let settings = Settings {
             clocks: CLOCKS,
             drain: &d,
+            idlers: &Idlers::new(),
         };
         let conn = serve(Socket::Mem(server), settings, move |_req| {
             let opened = opened.lock().unwrap().take();
@@ -711,6 +721,7 @@ async fn a_client_that_goes_away_cancels_the_answer_being_prepared() {
         let settings = Settings {
             clocks: CLOCKS,
             drain: &drain,
+            idlers: &Idlers::new(),
         };
         let served = serve(Socket::Mem(server), settings, move |_req| {
             let guard = Cancelled(flag.clone());
@@ -734,4 +745,181 @@ async fn a_client_that_goes_away_cancels_the_answer_being_prepared() {
         cancelled.load(std::sync::atomic::Ordering::SeqCst),
         "the answer's future was dropped"
     );
+}
+
+#[test]
+fn connect_is_refused_with_405_and_the_connection_closes() {
+    let (out, end) = exchange(
+        b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n",
+        &[],
+        false,
+    );
+    let got = answers(&out, &[]);
+    assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(got[0].status, 405);
+    assert!(String::from_utf8_lossy(&got[0].body).contains("not a forward proxy"));
+    assert_eq!(end, End::Closed);
+}
+
+#[test]
+fn an_upgrade_is_checked_before_it_is_handed_over() {
+    for (input, status) in [
+        (
+            &b"GET /ws HTTP/1.1\nHost: x\r\nUpgrade: websocket\r\n\r\n"[..],
+            400,
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            400,
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            501,
+        ),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+    ] {
+        let (out, end) = exchange(input, &[], false);
+        let got = answers(&out, &[]);
+        assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(input));
+        assert_eq!(got[0].status, status, "{}", String::from_utf8_lossy(input));
+        assert_eq!(end, End::Closed);
+    }
+    // A raw `>` in its target is encoded, as in every request pillion serves.
+    let (_, end) = exchange(
+        b"GET /broker?topic=a.> HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+        &[],
+        false,
+    );
+    assert_eq!(
+        end,
+        End::Handover(
+            b"GET /broker?topic=a.%3E HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n".to_vec()
+        )
+    );
+}
+
+#[test]
+fn an_upgrade_with_a_body_is_served_here_without_the_upgrade() {
+    let input =
+        b"POST /up HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nabc";
+    let (out, end) = exchange(input, &[], true);
+    let got = answers(&out, &[]);
+    assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(&out));
+    let body = String::from_utf8_lossy(&got[0].body).into_owned();
+    assert!(body.starts_with("POST /up HTTP/1.1\n"), "{body}");
+    assert!(!body.contains("upgrade:"), "{body}");
+    assert!(body.ends_with("\n\nabc"), "{body}");
+    assert_eq!(end, End::Closed);
+}
+
+/// Reads from `client` until `want` has come (10 s of the paused clock at most).
+async fn read_until(client: &mut tokio::io::DuplexStream, want: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(want.len()).any(|w| w == want) {
+        match tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "{other:?} before {:?}: {:?}",
+                String::from_utf8_lossy(want),
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn expect_100_continue_is_answered_here_and_the_connection_stays_pillions() {
+    let (mut client, server) = tokio::io::duplex(1 << 16);
+    let task = tokio::spawn(async move {
+        let drain = Drain::new();
+        let settings = Settings {
+            clocks: CLOCKS,
+            drain: &drain,
+            idlers: &Idlers::new(),
+        };
+        matches!(
+            serve(Socket::Mem(server), settings, echo).await,
+            Served::Closed
+        )
+    });
+    client
+        .write_all(
+            b"POST /u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut client, b"\r\n\r\n").await;
+    assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    client.write_all(b"abc").await.unwrap();
+    let answer = read_until(&mut client, b"\n\nabc").await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // The next request is still parsed by pillion: a bare LF is refused.
+    client
+        .write_all(b"GET / HTTP/1.1\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    let got = answers(&rest, &[]);
+    assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(got[0].status, 400);
+    assert!(task.await.unwrap());
+}
+
+#[test]
+fn an_early_answer_to_expect_100_continue_goes_without_the_100() {
+    let (out, end) = exchange(
+        b"POST /early HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        &[],
+        false,
+    );
+    assert!(
+        out.starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(end, End::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_listener_closes_its_longest_idle_connection() {
+    let idlers = Idlers::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let idlers = idlers.clone();
+        tokio::spawn(async move {
+            let drain = Drain::new();
+            let settings = Settings {
+                clocks: CLOCKS,
+                drain: &drain,
+                idlers: &idlers,
+            };
+            serve(Socket::Mem(server), settings, echo).await;
+        });
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, b"\r\n\r\n").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        clients.push(client);
+    }
+    assert_eq!(idlers.len(), 3);
+    assert!(idlers.evict_oldest());
+    let mut buf = [0u8; 16];
+    let first = tokio::time::timeout(Duration::from_secs(1), clients[0].read(&mut buf)).await;
+    assert!(matches!(first, Ok(Ok(0))), "{first:?}");
+    let second = tokio::time::timeout(Duration::from_secs(1), clients[1].read(&mut buf)).await;
+    assert!(second.is_err(), "the second is still open: {second:?}");
+    assert_eq!(idlers.len(), 2);
 }
