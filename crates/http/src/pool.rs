@@ -428,8 +428,8 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
 /// read (a body dropped before its end closes the connection).
 pub struct PooledBody {
     answer: Answer,
-    /// Told once if the body breaks off (the node cut its answer short).
-    on_broken: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Told once whether the body ended whole or broke off (see [`Self::on_end`]).
+    on_end: Option<Box<dyn FnOnce(bool) + Send + Sync>>,
 }
 
 enum Answer {
@@ -441,7 +441,7 @@ impl PooledBody {
     fn new(answer: Answer) -> PooledBody {
         PooledBody {
             answer,
-            on_broken: None,
+            on_end: None,
         }
     }
 
@@ -453,12 +453,12 @@ impl PooledBody {
         }
     }
 
-    /// Calls `f` if the body breaks off before its end: a node that answers its
-    /// headers and then cuts the body short has failed the call, though its status
-    /// looked like success. Not called when the body is dropped unread (the caller
-    /// went away).
-    pub fn on_broken(&mut self, f: impl FnOnce() + Send + Sync + 'static) {
-        self.on_broken = Some(Box::new(f));
+    /// Calls `f(true)` once the body has ended whole, `f(false)` if it breaks off
+    /// first: a node that answers its headers and then cuts the body short has
+    /// failed the call, though its status looked like success. Not called when the
+    /// body is dropped before its end (the caller went away).
+    pub fn on_end(&mut self, f: impl FnOnce(bool) + Send + Sync + 'static) {
+        self.on_end = Some(Box::new(f));
     }
 }
 
@@ -475,9 +475,17 @@ impl Body for PooledBody {
             Answer::H1(body) => Pin::new(body).poll_frame(cx),
             Answer::H2(body) => Pin::new(body).poll_frame(cx),
         };
-        if let Poll::Ready(Some(Err(_))) = &frame {
-            if let Some(broken) = this.on_broken.take() {
-                broken();
+        if this.on_end.is_some() {
+            let ended = match &frame {
+                Poll::Ready(Some(Err(_))) => Some(false),
+                Poll::Ready(None) => Some(true),
+                Poll::Ready(Some(Ok(_))) if this.is_end_stream() => Some(true),
+                _ => None,
+            };
+            if let Some(whole) = ended {
+                if let Some(f) = this.on_end.take() {
+                    f(whole);
+                }
             }
         }
         frame

@@ -210,7 +210,8 @@ pub async fn serve<F, Fut, B>(
 
 /// hyper's servers, for what pillion's HTTP/1.1 server does not serve itself.
 struct Hyper {
-    /// The one upgrade request of a handed-over connection, and nothing after it.
+    /// The one upgrade request of a handed-over connection, and nothing after it
+    /// (see [`serve_upgrade`]).
     upgrade: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
@@ -225,8 +226,7 @@ impl Hyper {
         let mut upgrade = hyper::server::conn::http1::Builder::new();
         upgrade
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.read_header_timeout)
-            .keep_alive(false);
+            .header_read_timeout(limits.read_header_timeout);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -283,7 +283,22 @@ where
 {
     let body_stall = on.clocks.body;
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        handle(req.map(|body| RequestBody::from_hyper(body, body_stall)))
+        OkMap::new(
+            handle(req.map(|body| RequestBody::from_hyper(body, body_stall))),
+            |r: Result<Response<B>, Infallible>| {
+                let Ok(mut res) = r;
+                // Anything but the upgrade ends the connection: no second request
+                // on it is read by hyper. (hyper's own keep-alive switch would put
+                // `close` on the 101 too.)
+                if res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                res
+            },
+        )
     });
     let conn = on
         .hyper

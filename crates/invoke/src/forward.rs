@@ -327,12 +327,18 @@ fn attempt_all<'a>(
             let verdict = match outcome {
                 Outcome::Answer(mut res) => {
                     node.observe(rtt, clock_end);
-                    node.record_success();
-                    // Success is known only at the body's end: a node that cuts its
+                    if http_body::Body::is_end_stream(res.body()) {
+                        node.record_success();
+                        return Ok(res);
+                    }
+                    // Success is known at the body's end: a node that cuts its
                     // answer short after the headers has failed the call.
                     let (set, ejection) = (Arc::clone(set), policy.ejection);
-                    res.body_mut().on_broken(move || {
-                        set.record_failure(&node, &ejection);
+                    res.body_mut().on_end(move |whole| match whole {
+                        true => node.record_success(),
+                        false => {
+                            set.record_failure(&node, &ejection);
+                        }
                     });
                     return Ok(res);
                 }

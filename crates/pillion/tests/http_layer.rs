@@ -380,9 +380,10 @@ async fn a_node_that_cuts_its_answer_short_after_the_headers_is_blamed() {
             sc.addr,
             b"GET /short/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         );
-        // The caller never gets the 100 bytes it would be promised: the connection
-        // ends first.
-        assert!(!answer.contains("content-length: 100"), "{answer}");
+        // The caller never gets the 100 bytes it was promised: the connection ends
+        // first (with or without the head, as the node's bytes and close race).
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        assert!(body.len() < 100, "a cut answer looked whole: {answer}");
     }
     assert!(
         eventually(Duration::from_secs(5), || async {

@@ -626,6 +626,39 @@ mod tests {
     }
 
     #[test]
+    fn trailers_lose_framing_and_routing_fields_and_are_searched_once() {
+        let input = b"0\r\ngrpc-status: 0\r\nContent-Length: 5\r\nHost: evil\r\nTransfer-Encoding: chunked\r\nTrailer: x\r\nX-Sum: 7\r\n\r\n";
+        let (_, trailers, ended) = decode_all(input).unwrap();
+        let trailers = trailers.expect("trailers");
+        assert!(ended);
+        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["grpc-status", "x-sum"]);
+
+        // A byte at a time: each decode searches only what came since the last.
+        let mut state = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for &b in input.iter() {
+            buf.extend_from_slice(&[b]);
+            match state.decode(&mut buf).unwrap() {
+                Decoded::Frame(f) => got = f.into_trailers().ok(),
+                Decoded::End | Decoded::NeedMore => {}
+            }
+        }
+        assert_eq!(got.as_ref(), Some(&trailers));
+        // A bare LF is found wherever the split falls.
+        let bare = b"0\r\nX-A: 1\r\nX-B: 2\n\r\n";
+        for cut in 1..bare.len() {
+            let mut state = Chunked::Size;
+            let mut buf = BytesMut::from(&bare[..cut]);
+            let first = state.decode(&mut buf);
+            buf.extend_from_slice(&bare[cut..]);
+            let second = first.and_then(|_| state.decode(&mut buf));
+            assert!(second.is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn chunked_bodies_decode_with_extensions_and_trailers() {
         let (data, trailers, ended) =
             decode_all(b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").unwrap();
