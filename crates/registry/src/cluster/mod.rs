@@ -65,6 +65,12 @@ const PUSH_TO: usize = 3;
 /// How long a graceful stop waits for its deletions to reach the peers.
 const LEAVE_GRACE: Duration = Duration::from_millis(300);
 
+/// How long a live peer may hold an older version of this sidecar's state than this
+/// sidecar had that long ago, before the replication is reported stalled: 20 gossip
+/// rounds, long enough for a burst of registrations to spread, short enough that an
+/// operator hears of a registration no other sidecar sees.
+const STALL_AFTER: Duration = Duration::from_millis(20 * 300);
+
 const KEY_PREFIX: &str = "s/";
 
 /// Where and how this sidecar gossips.
@@ -158,6 +164,32 @@ struct Inner {
     expiry_changed: Notify,
     stats: Arc<GossipStats>,
     options: ClusterOptions,
+    replication: Mutex<Replication>,
+}
+
+/// Whether this sidecar's state reaches its peers (see [`watch_replication`]).
+#[derive(Default)]
+struct Replication {
+    /// This sidecar's state version at each look, oldest first, over the last few
+    /// [`STALL_AFTER`]s.
+    history: std::collections::VecDeque<(Instant, Version)>,
+    /// The live peers that have not taken the version this sidecar had
+    /// [`STALL_AFTER`] ago, and that version.
+    lagging: Vec<SocketAddr>,
+    lacking: Version,
+    /// How many times the replication stalled.
+    stalls: u64,
+}
+
+impl Replication {
+    /// The version this sidecar's state had at `at`, if looked at by then.
+    fn version_at(&self, at: Instant) -> Option<Version> {
+        self.history
+            .iter()
+            .take_while(|(when, _)| *when <= at)
+            .last()
+            .map(|(_, v)| *v)
+    }
 }
 
 #[derive(Default)]
@@ -181,6 +213,13 @@ pub struct ClusterStatus {
     pub gossip_dropped: u64,
     /// Whether this sidecar holds the local rendezvous address.
     pub rendezvous: bool,
+    /// Whether some live peers have not taken this sidecar's state for
+    /// [`STALL_AFTER`] (its latest registrations are not seen there).
+    pub replication_stalled: bool,
+    /// Those peers' gossip addresses.
+    pub lagging_peers: Vec<String>,
+    /// How many times the replication stalled since the start.
+    pub replication_stalls: u64,
 }
 
 impl ClusterStatus {
@@ -192,11 +231,16 @@ impl ClusterStatus {
             "# TYPE pillion_cluster_peers gauge\npillion_cluster_peers {}\n\
              # TYPE pillion_gossip_sent_bytes_total counter\npillion_gossip_sent_bytes_total {}\n\
              # TYPE pillion_gossip_received_bytes_total counter\npillion_gossip_received_bytes_total {}\n\
-             # TYPE pillion_gossip_dropped_total counter\npillion_gossip_dropped_total {}",
+             # TYPE pillion_gossip_dropped_total counter\npillion_gossip_dropped_total {}\n\
+             # HELP pillion_gossip_lagging_peers Live peers that have not taken this sidecar's state for 20 gossip rounds.\n\
+             # TYPE pillion_gossip_lagging_peers gauge\npillion_gossip_lagging_peers {}\n\
+             # TYPE pillion_gossip_replication_stalls_total counter\npillion_gossip_replication_stalls_total {}",
             self.peers.len(),
             self.gossip_sent_bytes,
             self.gossip_received_bytes,
-            self.gossip_dropped
+            self.gossip_dropped,
+            self.lagging_peers.len(),
+            self.replication_stalls,
         );
     }
 }
@@ -221,7 +265,12 @@ impl ClusterRegistry {
             .local_addr()
             .map_err(|e| RegistryError::Invalid(format!("gossip socket: {e}")))?;
         let stats = Arc::new(GossipStats::default());
+        // Short: every digest carries every node's id.
+        let node_id = pillion_core::id::random_bytes::<6>()
+            .iter()
+            .fold("p".to_string(), |id, b| id + &format!("{b:02x}"));
         let transport = GossipTransport {
+            me: node_id.clone(),
             seal: options.key.as_deref().map(Seal::new),
             rendezvous: local.then_some(Rendezvous(options.bind)),
             stats: stats.clone(),
@@ -241,10 +290,7 @@ impl ClusterRegistry {
             options.join.clone()
         };
         let me = ChitchatId::new(
-            // Short: every digest carries every node's id.
-            pillion_core::id::random_bytes::<6>()
-                .iter()
-                .fold("p".to_string(), |id, b| id + &format!("{b:02x}")),
+            node_id,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -292,10 +338,12 @@ impl ClusterRegistry {
             expiry_changed: Notify::new(),
             stats,
             options,
+            replication: Mutex::new(Replication::default()),
         });
         let mut tasks = vec![
             tokio::spawn(follow(Arc::downgrade(&inner), watcher)),
             tokio::spawn(expire(Arc::downgrade(&inner))),
+            tokio::spawn(watch_replication(Arc::downgrade(&inner))),
         ];
         if let Some(socket) = mdns {
             let me = mdns::Announcement {
@@ -327,7 +375,14 @@ impl ClusterRegistry {
             peers
         };
         let stats = &self.inner.stats;
+        let (lagging, stalls) = {
+            let replication = self.inner.replication();
+            (replication.lagging.clone(), replication.stalls)
+        };
         ClusterStatus {
+            replication_stalled: !lagging.is_empty(),
+            lagging_peers: lagging.iter().map(SocketAddr::to_string).collect(),
+            replication_stalls: stalls,
             gossip: self.inner.me.gossip_advertise_addr.to_string(),
             peers,
             gossip_sent_bytes: stats.sent_bytes.load(Ordering::Relaxed),
@@ -364,6 +419,10 @@ impl Inner {
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         // A panic while holding the lock leaves plain data behind, still usable.
         self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn replication(&self) -> std::sync::MutexGuard<'_, Replication> {
+        self.replication.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn handle(&self) -> std::sync::MutexGuard<'_, Option<ChitchatHandle>> {
@@ -510,6 +569,84 @@ async fn follow(
     }
 }
 
+/// Watches whether this sidecar's state reaches its peers, once a gossip round.
+///
+/// Chitchat sends a state value whole, in one message: a value larger than a message
+/// (a registration over the limits of [`pillion_core::service`], say) is never sent,
+/// and every later change of this sidecar waits behind it, with no error anywhere.
+/// Each peer's digest says which version of this state it holds ([`wire`] notes it);
+/// a live peer whose latest digest still lacks the version this sidecar had
+/// [`STALL_AFTER`] before that digest was sent is lagging, and while any is, the
+/// registry reports itself unhealthy, naming them.
+async fn watch_replication(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(GOSSIP_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (mine, peers) = {
+            let cc = inner.chitchat.lock().await;
+            let mine = cc.node_state(&inner.me).map_or(0, |s| s.max_version());
+            (mine, inner.peers(&cc))
+        };
+        let now = Instant::now();
+        // Digests of peers long gone are forgotten.
+        inner
+            .stats
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|peer, (_, at)| {
+                peers.contains(peer) || now.duration_since(*at) < 3 * STALL_AFTER
+            });
+        let mut replication = inner.replication();
+        replication.history.push_back((now, mine));
+        while replication
+            .history
+            .get(1)
+            .is_some_and(|(at, _)| now.duration_since(*at) > 3 * STALL_AFTER)
+        {
+            replication.history.pop_front();
+        }
+        let mut lacking = 0;
+        let lagging: Vec<SocketAddr> = peers
+            .into_iter()
+            .filter(|peer| {
+                let Some((held, at)) = inner.stats.held_by(peer) else {
+                    return false; // not heard from directly: nothing to judge by
+                };
+                let Some(due) = at
+                    .checked_sub(STALL_AFTER)
+                    .and_then(|then| replication.version_at(then))
+                else {
+                    return false;
+                };
+                if held < due {
+                    lacking = lacking.max(due);
+                }
+                held < due
+            })
+            .collect();
+        let was_stalled = !replication.lagging.is_empty();
+        if !lagging.is_empty() && !was_stalled {
+            replication.stalls += 1;
+            tracing::warn!(
+                lagging = ?lagging,
+                version = lacking,
+                "gossip replication stalled: these peers have not taken this sidecar's state for {}; \
+                 its latest registrations are not seen there",
+                pillion_core::duration::format(STALL_AFTER)
+            );
+        } else if lagging.is_empty() && was_stalled {
+            tracing::info!(
+                "gossip replication resumed: every live peer holds this sidecar's state"
+            );
+        }
+        replication.lagging = lagging;
+        replication.lacking = lacking;
+    }
+}
+
 /// Deletes this sidecar's registrations whose TTL lapsed.
 async fn expire(inner: Weak<Inner>) {
     loop {
@@ -625,10 +762,26 @@ impl Registry for ClusterRegistry {
     }
 
     fn status(&self) -> BackendStatus {
+        let replication = self.inner.replication();
+        let error = (!replication.lagging.is_empty()).then(|| {
+            let peers: Vec<String> = replication
+                .lagging
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect();
+            format!(
+                "gossip replication stalled: peers {} have not taken this sidecar's state \
+                 (version {}) for {}, so its latest registrations are not seen there \
+                 (a value too large for a gossip message holds back every later one)",
+                peers.join(", "),
+                replication.lacking,
+                pillion_core::duration::format(STALL_AFTER)
+            )
+        });
         BackendStatus {
             backend: format!("cluster ({})", self.inner.options.bind),
-            healthy: true,
-            error: None,
+            healthy: error.is_none(),
+            error,
         }
     }
 
