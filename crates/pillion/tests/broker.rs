@@ -64,6 +64,33 @@ async fn publish(
     .unwrap()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_is_not_utf8_once_decoded_is_a_400() {
+    let sc = Sidecar::start(&[]);
+    let reply = publish(&sc, "orders.%ff", "x", &[]).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let detail = reply.json()["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        detail.contains(r#""orders.%ff" is not UTF-8 once percent-decoded"#),
+        "{detail}"
+    );
+    let reply = request(
+        http::Method::GET,
+        &sc.url("/broker?topic=%ff"),
+        &[("accept", "text/event-stream")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("is not UTF-8"), "{}", reply.text());
+    // Text percent-encoded as UTF-8 is a topic like any other.
+    assert_eq!(publish(&sc, "caf%C3%A9", "x", &[]).await.status, 200);
+}
+
 /// Waits until `sc` sees, through the registry, `n` subscriptions to `topic` on the
 /// embedded brokers of all sidecars (they propagate within milliseconds; a publish
 /// before that is lost, as at-most-once allows).

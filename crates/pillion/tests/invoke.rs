@@ -114,6 +114,60 @@ async fn micro_readme_service_call_and_rpc_examples_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_keys_given_twice_and_names_that_are_not_utf8_are_a_400() {
+    let sc = Sidecar::start(&[]);
+    let json = [
+        (
+            r#"{"service":"a","service":"b","method":"M"}"#,
+            r#"key "service" is given twice"#,
+        ),
+        (
+            r#"{"Service":"a","service":"b","method":"M"}"#,
+            r#"key "service" is given twice; each key may appear once (keys are case-insensitive)"#,
+        ),
+        (
+            r#"{"service":"a","method":"M","request":{"id":1,"id":2}}"#,
+            r#"key "id" is given twice in request"#,
+        ),
+    ];
+    for (body, want) in json {
+        let reply = post_json(&sc.url("/rpc"), body).await.unwrap();
+        assert_eq!(reply.status, 400, "{body}: {}", reply.text());
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(detail.contains(want), "{body}: {detail}");
+    }
+    let forms = [
+        (
+            "service=%ff&method=M",
+            r#""%ff" is not UTF-8 once percent-decoded"#,
+        ),
+        (
+            "service=a&Service=b&method=M",
+            r#"key "service" is given twice"#,
+        ),
+    ];
+    for (form, want) in forms {
+        let reply = request(
+            http::Method::POST,
+            &sc.url("/rpc"),
+            &[("content-type", "application/x-www-form-urlencoded")],
+            form,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, 400, "{form}: {}", reply.text());
+        let detail = reply.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(detail.contains(want), "{form}: {detail}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_service_is_404_and_no_reachable_node_is_503_in_the_error_shape() {
     let sc = Sidecar::start(&[]);
     let reply = post_json(&sc.url("/ghost/call"), "{}").await.unwrap();
