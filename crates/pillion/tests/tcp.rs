@@ -181,21 +181,29 @@ async fn tier_failover_and_failback() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_spills_to_the_next_tier() {
+/// A running listener whose first tier is a backend `small` with `max_connections`
+/// = `max`, and whose second is a backend `spare`.
+async fn capped(name: &str, max: usize) -> (TcpBackend, TcpBackend, SocketAddr, Sidecar) {
     let small = TcpBackend::start("small", Reply::Echo).await;
     let spare = TcpBackend::start("spare", Reply::Echo).await;
     let listen = listen_addr();
     let config = config_file(
-        "spill",
+        name,
         &format!(
-        "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\nmax_connections = 1\n\
-         [[tcp.tiers]]\ntargets = [\"{}\"]\n",
-        small.addr(), spare.addr()
-    ),
+            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n\
+             max_connections = {max}\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            small.addr(),
+            spare.addr()
+        ),
     );
     let sc = start(&config);
     ready(&sc, listen).await;
+    (small, spare, listen, sc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_spills_to_the_next_tier() {
+    let (_small, _spare, listen, _sc) = capped("spill", 1).await;
     let (first, a) = greet(listen).await;
     let (_second, b) = greet(listen).await;
     assert_eq!((a.as_str(), b.as_str()), ("small", "spare"));
@@ -211,20 +219,7 @@ async fn max_connections_spills_to_the_next_tier() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_when_fifty_clients_arrive_together() {
-    let small = TcpBackend::start("small", Reply::Echo).await;
-    let spare = TcpBackend::start("spare", Reply::Echo).await;
-    let listen = listen_addr();
-    let config = config_file(
-        "together",
-        &format!(
-            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\nmax_connections = 2\n\
-             [[tcp.tiers]]\ntargets = [\"{}\"]\n",
-            small.addr(),
-            spare.addr()
-        ),
-    );
-    let sc = start(&config);
-    ready(&sc, listen).await;
+    let (small, _spare, listen, sc) = capped("together", 2).await;
     let before = small.accepted();
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..50 {
