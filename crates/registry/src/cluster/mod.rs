@@ -23,6 +23,12 @@
 //!
 //! The catalog is rebuilt incrementally: a change of one sidecar's keys rebuilds
 //! only the services those keys name.
+//!
+//! Chitchat sends a value whole, in one message no larger than a UDP datagram, and a
+//! value that does not fit holds back every later change of its sidecar. The API
+//! refuses registrations over the limits of [`pillion_core::service`] (set for this),
+//! and `watch_replication` reports a sidecar whose state its peers stop taking, in
+//! [`Registry::status`] (so `/healthz`) and [`ClusterStatus`].
 
 pub mod mdns;
 pub mod wire;
@@ -43,7 +49,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::{deregisters, per_node, BackendStatus, Catalog, Registry, RegistryError};
-use wire::{GossipStats, GossipTransport, Rendezvous, Seal};
+use wire::{GossipStats, GossipTransport, Held, Rendezvous, Seal};
 
 /// The local rendezvous address sidecars meet at when given no flag.
 pub const DEFAULT_BIND: &str = "127.0.0.1:7950";
@@ -182,6 +188,19 @@ struct Replication {
 }
 
 impl Replication {
+    /// The version of this sidecar's state that a peer is stuck without, if it is:
+    /// its last digest lacks the version this sidecar had [`STALL_AFTER`] before it,
+    /// and it has taken nothing newer for [`STALL_AFTER`]. A peer still taking the
+    /// state in (one that just met a sidecar with many registrations) makes progress,
+    /// and is not stuck.
+    fn lacked_by(&self, held: &Held) -> Option<Version> {
+        if held.at.duration_since(held.since) < STALL_AFTER {
+            return None;
+        }
+        let due = self.version_at(held.at.checked_sub(STALL_AFTER)?)?;
+        (held.version < due).then_some(due)
+    }
+
     /// The version this sidecar's state had at `at`, if looked at by then.
     fn version_at(&self, at: Instant) -> Option<Version> {
         self.history
@@ -213,8 +232,8 @@ pub struct ClusterStatus {
     pub gossip_dropped: u64,
     /// Whether this sidecar holds the local rendezvous address.
     pub rendezvous: bool,
-    /// Whether some live peers have not taken this sidecar's state for
-    /// [`STALL_AFTER`] (its latest registrations are not seen there).
+    /// Whether some live peers have not taken this sidecar's state for 20 gossip
+    /// rounds (its latest registrations are not seen there).
     pub replication_stalled: bool,
     /// Those peers' gossip addresses.
     pub lagging_peers: Vec<String>,
@@ -575,9 +594,9 @@ async fn follow(
 /// (a registration over the limits of [`pillion_core::service`], say) is never sent,
 /// and every later change of this sidecar waits behind it, with no error anywhere.
 /// Each peer's digest says which version of this state it holds ([`wire`] notes it);
-/// a live peer whose latest digest still lacks the version this sidecar had
-/// [`STALL_AFTER`] before that digest was sent is lagging, and while any is, the
-/// registry reports itself unhealthy, naming them.
+/// a live peer stuck without a version this sidecar had long enough ago
+/// ([`Replication::lacked_by`]) is lagging; while any is, the registry reports itself
+/// unhealthy, naming them.
 async fn watch_replication(inner: Weak<Inner>) {
     loop {
         tokio::time::sleep(GOSSIP_INTERVAL).await;
@@ -596,8 +615,8 @@ async fn watch_replication(inner: Weak<Inner>) {
             .held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|peer, (_, at)| {
-                peers.contains(peer) || now.duration_since(*at) < 3 * STALL_AFTER
+            .retain(|peer, held| {
+                peers.contains(peer) || now.duration_since(held.at) < 3 * STALL_AFTER
             });
         let mut replication = inner.replication();
         replication.history.push_back((now, mine));
@@ -612,19 +631,14 @@ async fn watch_replication(inner: Weak<Inner>) {
         let lagging: Vec<SocketAddr> = peers
             .into_iter()
             .filter(|peer| {
-                let Some((held, at)) = inner.stats.held_by(peer) else {
+                let Some(held) = inner.stats.held_by(peer) else {
                     return false; // not heard from directly: nothing to judge by
                 };
-                let Some(due) = at
-                    .checked_sub(STALL_AFTER)
-                    .and_then(|then| replication.version_at(then))
-                else {
+                let Some(due) = replication.lacked_by(&held) else {
                     return false;
                 };
-                if held < due {
-                    lacking = lacking.max(due);
-                }
-                held < due
+                lacking = lacking.max(due);
+                true
             })
             .collect();
         let was_stalled = !replication.lagging.is_empty();
@@ -808,6 +822,39 @@ impl Registry for ClusterRegistry {
         let handle = inner.handle().take();
         if let Some(handle) = handle {
             let _ = handle.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_stuck_only_without_an_old_version_and_without_progress() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        // This sidecar had version 5 from t0, then 9 from t0 + 10 s.
+        let replication = Replication {
+            history: [(s(0), 5), (s(10), 9)].into(),
+            ..Replication::default()
+        };
+        let held = |version, since, at| Held {
+            version,
+            since: s(since),
+            at: s(at),
+        };
+        let cases = [
+            // (what the peer holds, since, digest at) -> the version it is stuck without
+            (held(5, 0, 12), None),    // 9 is only 2 s old: not due yet
+            (held(5, 0, 17), Some(9)), // 9 is 7 s old, and 5 held for 17 s
+            (held(9, 0, 17), None),    // it has 9
+            (held(7, 14, 17), None),   // it took 7 at 14 s: catching up
+            (held(7, 10, 17), Some(9)),
+            (held(5, 0, 3), None), // nothing looked at 6 s before
+        ];
+        for (peer, want) in cases {
+            assert_eq!(replication.lacked_by(&peer), want, "{peer:?}");
         }
     }
 }

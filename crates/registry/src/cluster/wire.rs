@@ -59,14 +59,23 @@ pub struct GossipStats {
     pub dropped: AtomicU64,
     /// 1 while this sidecar holds the local rendezvous address.
     pub rendezvous_held: AtomicU64,
-    /// By peer gossip address: the version of this sidecar's state its last digest
-    /// said it holds, and when that digest arrived.
-    pub held: Mutex<HashMap<SocketAddr, (Version, Instant)>>,
+    /// By peer gossip address: what its last digest said it holds of this sidecar.
+    pub held: Mutex<HashMap<SocketAddr, Held>>,
+}
+
+/// The version of this sidecar's state a peer holds, as its digests say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub version: Version,
+    /// When the last digest arrived.
+    pub at: Instant,
+    /// Since when the peer has held this version (when it last took a newer one).
+    pub since: Instant,
 }
 
 impl GossipStats {
-    /// What `from` said it holds of this sidecar, and when.
-    pub fn held_by(&self, from: &SocketAddr) -> Option<(Version, Instant)> {
+    /// What `from` said it holds of this sidecar.
+    pub fn held_by(&self, from: &SocketAddr) -> Option<Held> {
         self.held
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -374,11 +383,20 @@ impl GossipSocket {
             return;
         };
         if let Some(version) = held_of(digest, &self.me) {
-            self.stats
-                .held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(from, (version, Instant::now()));
+            let now = Instant::now();
+            let mut held = self.stats.held.lock().unwrap_or_else(|e| e.into_inner());
+            let since = match held.get(&from) {
+                Some(h) if h.version == version => h.since,
+                _ => now,
+            };
+            held.insert(
+                from,
+                Held {
+                    version,
+                    at: now,
+                    since,
+                },
+            );
         }
     }
 
