@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,7 +36,6 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use pillion_core::ApiError;
-use serde::Deserialize;
 
 use crate::embedded::EmbeddedBroker;
 use crate::metrics::BrokerMetrics;
@@ -102,12 +101,27 @@ fn broker_api_error(e: BrokerError) -> ApiError {
     }
 }
 
-#[derive(Deserialize)]
 struct TopicQuery {
     topic: Option<String>,
     queue: Option<String>,
     /// `1` (or `true`): the websocket publishes instead of subscribing.
     publish: Option<String>,
+}
+
+impl TopicQuery {
+    /// Reads `?topic=T&queue=Q&publish=1`; a value that is not UTF-8 once
+    /// percent-decoded (`%ff`) is a 400, not a topic with a replacement character.
+    fn parse(raw: Option<&str>) -> Result<TopicQuery, ApiError> {
+        let query = pillion_core::url::Query::parse(raw).map_err(|e| {
+            ApiError::new(ID, StatusCode::BAD_REQUEST, format!("query string: {e}"))
+        })?;
+        let get = |name: &str| query.get(name).map(str::to_string);
+        Ok(TopicQuery {
+            topic: get("topic"),
+            queue: get("queue"),
+            publish: get("publish"),
+        })
+    }
 }
 
 /// Messages of a publishing websocket read before their acknowledgements are written
@@ -161,12 +175,13 @@ fn message_headers(headers: &HeaderMap) -> std::collections::BTreeMap<String, St
 
 async fn publish(
     State(api): State<Arc<BrokerApi>>,
-    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    let query = match TopicQuery::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response().into_response(),
     };
     let topic = query.topic.unwrap_or_default();
     if let Err(e) = topic::check_publish(&topic) {
@@ -197,12 +212,13 @@ async fn publish(
 
 async fn subscribe(
     State(api): State<Arc<BrokerApi>>,
-    query: Result<Query<TopicQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    let query = match TopicQuery::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response().into_response(),
     };
     let pattern = query.topic.unwrap_or_default();
     match query.publish.as_deref() {

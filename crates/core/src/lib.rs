@@ -7,6 +7,8 @@
 //! - [`size`]: byte sizes (`4MiB`, `512KiB`) for limits.
 //! - [`error`]: the JSON error shape (`{"id","code","detail","status"}`) that every
 //!   error made by the sidecar itself uses.
+//! - [`json`]: JSON request bodies read strictly: a key given twice (or twice in
+//!   different case, where keys are case-insensitive) is refused, never a silent pick.
 //! - [`id`]: random identifiers from the OS CSPRNG.
 //! - [`secret`]: URLs with their passwords hidden, for logs and errors.
 //! - [`metrics`]: counters and latency histograms in Prometheus text format.
@@ -16,6 +18,7 @@
 pub mod duration;
 pub mod error;
 pub mod id;
+pub mod json;
 pub mod metrics;
 pub mod secret;
 pub mod service;

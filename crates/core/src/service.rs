@@ -7,8 +7,10 @@
 //! case.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
+
+use crate::json::{fold_keys, JsonError};
 
 /// A service: a name (and version) with the nodes that serve it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -56,8 +58,7 @@ impl Service {
     /// Decodes a service from micro-compatible JSON, with keys in any case, and
     /// validates it (see [`Service::validate`]).
     pub fn from_json(body: &[u8]) -> Result<Service, ServiceError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ServiceError::Json(e.to_string()))?;
+        let value = crate::json::parse(body)?;
         let value = lowercase_keys(value)?;
         let service: Service =
             serde_json::from_value(value).map_err(|e| ServiceError::Invalid(e.to_string()))?;
@@ -85,6 +86,13 @@ impl Service {
             ));
         }
         check_protocol("metadata", &self.metadata)?;
+        if self.nodes.len() > MAX_NODES {
+            return invalid(format!(
+                "{} nodes in one registration; at most {MAX_NODES} are allowed: register them in several requests",
+                self.nodes.len()
+            ));
+        }
+        self.check_sizes()?;
         let mut seen = std::collections::HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             check_segment(&format!("nodes[{i}].id"), &node.id)?;
@@ -103,6 +111,42 @@ impl Service {
                     "nodes[{i}].address {:?} has no port: give \"host:port\" or a separate \"port\"",
                     node.address
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each node's metadata (its service's included) and its registration as stored
+    /// against the limits every backend shares (see [`MAX_NODE_REGISTRATION`]).
+    fn check_sizes(&self) -> Result<(), ServiceError> {
+        let size = |m: &BTreeMap<String, String>| -> usize {
+            m.iter().map(|(k, v)| k.len() + v.len()).sum()
+        };
+        let shared = serde_json::to_vec(&self.without_nodes()).map_or(0, |v| v.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let keys = self.metadata.len() + node.metadata.len();
+            if keys > MAX_METADATA_KEYS {
+                return Err(ServiceError::Invalid(format!(
+                    "nodes[{i}] carries {keys} metadata keys (its own and the service's); at most \
+                     {MAX_METADATA_KEYS} are allowed per node"
+                )));
+            }
+            let bytes = size(&self.metadata) + size(&node.metadata);
+            if bytes > MAX_METADATA_BYTES {
+                return Err(ServiceError::Invalid(format!(
+                    "nodes[{i}] carries {bytes} bytes of metadata (keys and values, its own and \
+                     the service's); at most {MAX_METADATA_BYTES} bytes (32 KiB) are allowed per node"
+                )));
+            }
+            // The node's registration as a backend stores it: the service's fields and
+            // endpoints, with this one node.
+            let stored = shared + serde_json::to_vec(node).map_or(0, |v| v.len()) + 12;
+            if stored > MAX_NODE_REGISTRATION {
+                return Err(ServiceError::Invalid(format!(
+                    "nodes[{i}]'s registration is {stored} bytes as stored (the service's \
+                     metadata and endpoints with the node); at most {MAX_NODE_REGISTRATION} \
+                     bytes (48 KiB) are allowed per node: make the endpoints or the metadata smaller"
+                )));
             }
         }
         Ok(())
@@ -149,6 +193,24 @@ fn split_port(address: &str) -> Option<u16> {
     }
     port.parse::<u16>().ok().filter(|p| *p != 0)
 }
+
+// Limits of one registration. They are the same on every registry backend, so that a
+// registration one backend accepts, every one accepts; the cluster registry is what
+// sets them. Each node's registration is one value in its sidecar's gossip state, and
+// chitchat sends a value whole, in one message no larger than a UDP datagram (65,507
+// bytes, less a digest of about 60 bytes per sidecar of the cluster). A larger value is
+// never sent, and every later change of that sidecar waits behind it for good.
+
+/// The most nodes one registration request may list.
+pub const MAX_NODES: usize = 1000;
+/// The most metadata keys a node carries, the service's included.
+pub const MAX_METADATA_KEYS: usize = 256;
+/// The most bytes of metadata keys and values a node carries, the service's included.
+pub const MAX_METADATA_BYTES: usize = 32 * 1024;
+/// The largest registration of one node as stored (JSON: the service's name, version,
+/// metadata and endpoints, with the node). 48 KiB leaves room in a gossip message for
+/// the digest of about 250 sidecars.
+pub const MAX_NODE_REGISTRATION: usize = 48 * 1024;
 
 /// The longest service name or node id, in bytes. Both are key segments in etcd
 /// (`/pillion/registry/{name}/{id}`) and appear in every catalog copy and log line.
@@ -210,33 +272,29 @@ fn shown(value: &str) -> String {
 /// Lower-cases the keys micro defines (service and node fields), not user keys inside
 /// `metadata`. Two keys that differ only in case are an error, not a silent pick.
 fn lowercase_keys(value: Value) -> Result<Value, ServiceError> {
-    fn lower(map: Map<String, Value>, at: &str) -> Result<Map<String, Value>, ServiceError> {
-        let mut out = Map::new();
-        for (k, v) in map {
-            let key = k.to_ascii_lowercase();
-            if out.contains_key(&key) {
-                return Err(ServiceError::Invalid(format!(
-                    "key {key:?} is given twice{at} (keys are case-insensitive)"
-                )));
-            }
-            out.insert(key, v);
-        }
-        Ok(out)
-    }
     let Value::Object(map) = value else {
         return Err(ServiceError::Invalid(
             "expected a JSON object like {\"name\":\"foo\",\"nodes\":[...]}".into(),
         ));
     };
-    let mut map = lower(map, "")?;
+    let mut map = fold_keys(map, "")?;
     if let Some(Value::Array(nodes)) = map.get_mut("nodes") {
         for (i, node) in nodes.iter_mut().enumerate() {
             if let Value::Object(n) = node {
-                *n = lower(std::mem::take(n), &format!(" in nodes[{i}]"))?;
+                *n = fold_keys(std::mem::take(n), &format!("nodes[{i}]"))?;
             }
         }
     }
     Ok(Value::Object(map))
+}
+
+impl From<JsonError> for ServiceError {
+    fn from(e: JsonError) -> ServiceError {
+        match e {
+            JsonError::Malformed(m) => ServiceError::Json(m),
+            JsonError::Duplicate { .. } => ServiceError::Invalid(e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -320,6 +378,15 @@ mod tests {
                 "unknown field `adress`",
             ),
             (br#"{"name":"a","Name":"b"}"#, "given twice"),
+            (br#"{"name":"a","name":"b"}"#, "key \"name\" is given twice"),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"h:1","metadata":{"k":"1","k":"2"}}]}"#,
+                "key \"k\" is given twice in nodes[0].metadata",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","ID":"2","address":"h:1"}]}"#,
+                "key \"id\" is given twice in nodes[0]; each key may appear once (keys are case-insensitive)",
+            ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h:1"},{"id":"1","address":"h:2"}]}"#,
                 "appears twice",
@@ -355,6 +422,78 @@ mod tests {
         let body =
             format!(r#"{{"name":"{longest}","nodes":[{{"id":"{longest}","address":"h:1"}}]}}"#);
         Service::from_json(body.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn every_backend_s_limits_are_named_when_exceeded() {
+        let node = |id: usize, metadata: &str| {
+            format!(r#"{{"id":"n{id}","address":"h:1","metadata":{{{metadata}}}}}"#)
+        };
+        let big = |bytes: usize| format!(r#""k":"{}""#, "v".repeat(bytes));
+        let service = |metadata: &str, nodes: Vec<String>| {
+            format!(
+                r#"{{"name":"a","metadata":{{{metadata}}},"nodes":[{}]}}"#,
+                nodes.join(",")
+            )
+        };
+        let keys = |n: usize| {
+            (0..n)
+                .map(|i| format!(r#""k{i}":"v""#))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let cases = [
+            (
+                service("", vec![node(0, &big(70_000))]),
+                "nodes[0] carries 70001 bytes of metadata (keys and values, its own and the service's); at most 32768 bytes (32 KiB) are allowed per node",
+            ),
+            (
+                service(&big(20_000), vec![node(0, &big(20_000).replace("\"k\"", "\"j\""))]),
+                "nodes[0] carries 40002 bytes of metadata",
+            ),
+            (
+                service(&keys(200), vec![node(0, &keys(57).replace('k', "j"))]),
+                "nodes[0] carries 257 metadata keys (its own and the service's); at most 256",
+            ),
+            (
+                service("", (0..=MAX_NODES).map(|i| node(i, "")).collect()),
+                "1001 nodes in one registration; at most 1000 are allowed",
+            ),
+            (
+                format!(
+                    r#"{{"name":"a","endpoints":[{{"name":"{}"}}],"nodes":[{}]}}"#,
+                    "e".repeat(MAX_NODE_REGISTRATION),
+                    node(0, "")
+                ),
+                "at most 49152 bytes (48 KiB) are allowed per node",
+            ),
+        ];
+        for (body, want) in &cases {
+            let err = Service::from_json(body.as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+        }
+        // Exactly at every limit: accepted.
+        let mut at_the_limits = Service {
+            name: "a".into(),
+            metadata: (0..128).map(|i| (format!("k{i}"), "v".into())).collect(),
+            nodes: vec![Node {
+                id: "n".into(),
+                address: "h:1".into(),
+                metadata: (0..127).map(|i| (format!("j{i}"), "v".into())).collect(),
+                ..Node::default()
+            }],
+            ..Service::default()
+        };
+        let used: usize = at_the_limits
+            .metadata
+            .iter()
+            .chain(&at_the_limits.nodes[0].metadata)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        at_the_limits.nodes[0]
+            .metadata
+            .insert("big".into(), "v".repeat(MAX_METADATA_BYTES - used - 3));
+        at_the_limits.validate().unwrap();
     }
 
     #[test]

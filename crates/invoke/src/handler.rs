@@ -201,10 +201,20 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-    let fields: serde_json::Map<String, Value> = if is_form {
-        form_urlencoded(&body)
+    // Keys in any case (micro's clients send `Service` or `service`), each given once.
+    let entries = if is_form {
+        let pairs = std::str::from_utf8(&body)
+            .map_err(|_| "the form body is not UTF-8".to_string())
+            .and_then(|text| pillion_core::url::decode_pairs(text).map_err(|e| e.to_string()));
+        match pairs {
+            Ok(pairs) => pairs
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
+            Err(e) => return bad(StatusCode::BAD_REQUEST, format!("form body: {e}")),
+        }
     } else {
-        match serde_json::from_slice::<Value>(&body) {
+        match pillion_core::json::parse(&body) {
             Ok(Value::Object(m)) => m,
             Ok(_) => {
                 return bad(
@@ -215,17 +225,16 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
             Err(e) => {
                 return bad(
                     StatusCode::BAD_REQUEST,
-                    format!("malformed JSON: {e}; expected {{\"service\",\"method\",\"request\"}}"),
+                    format!("{e}; expected {{\"service\",\"method\",\"request\"}}"),
                 )
             }
         }
     };
-    let field = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+    let fields = match pillion_core::json::fold_keys(entries, "") {
+        Ok(f) => f,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    let field = |name: &str| fields.get(name);
     let text = |name: &str| {
         field(name)
             .and_then(Value::as_str)
@@ -459,54 +468,5 @@ fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
 fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
-    }
-}
-
-/// `a=1&b=two%20words` into a JSON object of strings.
-fn form_urlencoded(body: &[u8]) -> serde_json::Map<String, Value> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' && i + 2 < bytes.len() {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-                if let Ok(b) = u8::from_str_radix(hex, 16) {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), Value::String(decode(v)))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forms_decode_like_curl_sends_them() {
-        let f = form_urlencoded(b"service=go.micro.srv.example&method=Example.Call&request=%7B%22name%22%3A+%22John%22%7D");
-        assert_eq!(f["service"], "go.micro.srv.example");
-        assert_eq!(f["request"], "{\"name\": \"John\"}");
-        assert_eq!(form_urlencoded(b"a=%2")["a"], "%2");
-        assert_eq!(
-            form_urlencoded("a=%é".as_bytes())["a"],
-            "%é",
-            "no panic on non-ASCII after %"
-        );
     }
 }

@@ -366,44 +366,55 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     Ok(())
 }
 
-/// 200 while the sidecar serves and every backend it depends on is reachable (the
-/// registry, the broker, the session store); 503 otherwise, naming the ones that are
-/// not.
+/// 200 while the sidecar serves, every backend it depends on is reachable (the
+/// registry, the broker, the session store), the registry's state reaches its peers,
+/// and every configured TCP listener listens; 503 otherwise, naming each problem.
 async fn healthz(State(status): State<Arc<Status>>) -> Response {
     let registry = status.registry.status();
-    let mut down = Vec::new();
+    let mut problems = Vec::new();
     if !registry.healthy {
-        down.push("registry");
+        let why = registry.error.as_deref().unwrap_or("unreachable");
+        problems.push(format!("registry: {why}"));
     }
     let broker_healthy = status.broker.healthy();
     if !broker_healthy {
-        down.push("broker");
+        problems.push("broker: unreachable".to_string());
     }
     let sessions = match &status.inbound {
         None => serde_json::Value::Null,
         Some(inbound) => match inbound.check_store(STORE_CHECK_TIMEOUT).await {
             Ok(()) => json!({ "healthy": true }),
             Err(e) => {
-                down.push("session store");
+                problems.push(format!("session store: {e}"));
                 json!({ "healthy": false, "error": e })
             }
         },
     };
-    let code = if down.is_empty() {
+    let unbound = status.tcp.unbound();
+    for (listen, why) in &unbound {
+        problems.push(format!("tcp listener {listen}: {why}"));
+    }
+    let code = if problems.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut body = json!({
-        "status": if down.is_empty() { "ok" } else { "unavailable" },
+        "status": if problems.is_empty() { "ok" } else { "unavailable" },
         "registry": registry,
         "broker": { "backend": status.broker.backend(), "healthy": broker_healthy },
     });
     if !sessions.is_null() {
         body["session_store"] = sessions;
     }
-    if !down.is_empty() {
-        body["error"] = json!(format!("unreachable: {}", down.join(", ")));
+    if !unbound.is_empty() {
+        body["tcp"] = unbound
+            .iter()
+            .map(|(listen, why)| json!({ "listen": listen.to_string(), "error": why }))
+            .collect();
+    }
+    if !problems.is_empty() {
+        body["error"] = json!(problems.join("; "));
     }
     (code, Json(body)).into_response()
 }

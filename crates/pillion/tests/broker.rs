@@ -64,6 +64,27 @@ async fn publish(
     .unwrap()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_is_not_utf8_once_decoded_is_a_400() {
+    let sc = Sidecar::start(&[]);
+    publish(&sc, "orders.%ff", "x", &[]).await.assert_refused(
+        400,
+        r#""orders.%ff" is not UTF-8 once percent-decoded"#,
+        "POST /broker?topic=orders.%ff",
+    );
+    let reply = request(
+        http::Method::GET,
+        &sc.url("/broker?topic=%ff"),
+        &[("accept", "text/event-stream")],
+        "",
+    )
+    .await
+    .unwrap();
+    reply.assert_refused(400, "is not UTF-8", "GET /broker?topic=%ff");
+    // Text percent-encoded as UTF-8 is a topic like any other.
+    assert_eq!(publish(&sc, "caf%C3%A9", "x", &[]).await.status, 200);
+}
+
 /// Waits until `sc` sees, through the registry, `n` subscriptions to `topic` on the
 /// embedded brokers of all sidecars (they propagate within milliseconds; a publish
 /// before that is lost, as at-most-once allows).

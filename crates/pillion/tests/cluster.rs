@@ -131,6 +131,67 @@ async fn thirty_sidecars_converge_forget_the_dead_and_welcome_the_restarted() {
     );
 }
 
+/// A registration of one node whose metadata holds `bytes` bytes in one value.
+fn with_metadata(service: &str, id: &str, bytes: usize) -> String {
+    serde_json::json!({
+        "name": service,
+        "nodes": [{"id": id, "address": "127.0.0.1:9010", "metadata": {"blob": "x".repeat(bytes)}}],
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_too_large_for_gossip_is_refused_and_later_registrations_still_spread() {
+    let (_, sidecars) = cluster(3);
+    formed(&sidecars).await;
+    let all: Vec<&Sidecar> = sidecars.iter().collect();
+    for bytes in [70_000, 900_000] {
+        let reply = pillion_testkit::http::post_json(
+            &sidecars[0].url("/registry"),
+            &with_metadata("big", "b1", bytes),
+        )
+        .await
+        .unwrap();
+        reply.assert_refused(
+            400,
+            "at most 32768 bytes (32 KiB) are allowed per node",
+            &format!("{bytes} bytes of metadata"),
+        );
+    }
+    // The registrations that follow, through the same sidecar, reach the others.
+    register(&sidecars[0], "small", "s1", "127.0.0.1:9011", &[]).await;
+    assert!(
+        converged(&all, "small", &["s1"], Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a small registration did not spread after a refused large one"
+    );
+    // The largest metadata allowed spreads too, and nothing queues behind it.
+    let largest = with_metadata("large", "l1", 32 * 1024 - "blob".len());
+    let reply = pillion_testkit::http::post_json(&sidecars[0].url("/registry"), &largest)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    register(&sidecars[0], "after", "a1", "127.0.0.1:9012", &[]).await;
+    for (service, id) in [("large", "l1"), ("after", "a1")] {
+        assert!(
+            converged(&all, service, &[id], Duration::from_secs(5))
+                .await
+                .is_some(),
+            "{service} did not spread"
+        );
+    }
+    let status = pillion_testkit::http::get(&sidecars[0].url("/statusz"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(status["cluster"]["replication_stalled"], false, "{status}");
+    let health = pillion_testkit::http::get(&sidecars[0].url("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200, "{}", health.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_deregisters_everywhere() {
     let (_, mut sidecars) = cluster(2);

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::{eventually, register, Sidecar};
-use pillion_testkit::http::{get, post_json, request};
+use pillion_testkit::http::{get, post_form, post_json, request};
 use pillion_testkit::{free_port, Mode, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,14 +57,7 @@ async fn micro_readme_service_call_and_rpc_examples_work() {
     // curl -d 'service=go.micro.srv.example' -d 'method=Example.Call' -d 'request={"name": "John"}' http://127.0.0.1:8081/rpc
     let form =
         "service=go.micro.srv.example&method=Example.Call&request=%7B%22name%22%3A+%22John%22%7D";
-    let reply = request(
-        http::Method::POST,
-        &sc.url("/rpc"),
-        &[("content-type", "application/x-www-form-urlencoded")],
-        form,
-    )
-    .await
-    .unwrap();
+    let reply = post_form(&sc.url("/rpc"), form).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = reply.json();
     assert_eq!(seen["path"], "/Example.Call");
@@ -110,6 +103,43 @@ async fn micro_readme_service_call_and_rpc_examples_work() {
             "{body}: {}",
             reply.text()
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_keys_given_twice_and_names_that_are_not_utf8_are_a_400() {
+    let sc = Sidecar::start(&[]);
+    let json = [
+        (
+            r#"{"service":"a","service":"b","method":"M"}"#,
+            r#"key "service" is given twice"#,
+        ),
+        (
+            r#"{"Service":"a","service":"b","method":"M"}"#,
+            r#"key "service" is given twice; each key may appear once (keys are case-insensitive)"#,
+        ),
+        (
+            r#"{"service":"a","method":"M","request":{"id":1,"id":2}}"#,
+            r#"key "id" is given twice in request"#,
+        ),
+    ];
+    for (body, want) in json {
+        let reply = post_json(&sc.url("/rpc"), body).await.unwrap();
+        reply.assert_refused(400, want, body);
+    }
+    let forms = [
+        (
+            "service=%ff&method=M",
+            r#""%ff" is not UTF-8 once percent-decoded"#,
+        ),
+        (
+            "service=a&Service=b&method=M",
+            r#"key "service" is given twice"#,
+        ),
+    ];
+    for (form, want) in forms {
+        let reply = post_form(&sc.url("/rpc"), form).await.unwrap();
+        reply.assert_refused(400, want, form);
     }
 }
 

@@ -17,6 +17,46 @@ const README_SERVICE: &str = r#"{
 }"#;
 
 #[tokio::test]
+async fn keys_given_twice_and_names_that_are_not_utf8_are_a_400_and_change_nothing() {
+    let sc = Sidecar::start(&[]);
+    let node = r#""nodes":[{"id":"d1","address":"127.0.0.1:9"}]"#;
+    let cases = [
+        (
+            format!(r#"{{"name":"a","name":"b",{node}}}"#),
+            r#"key "name" is given twice; each key may appear once"#,
+        ),
+        (
+            format!(r#"{{"Name":"a","name":"b",{node}}}"#),
+            r#"key "name" is given twice; each key may appear once (keys are case-insensitive)"#,
+        ),
+        (
+            r#"{"name":"a","nodes":[{"id":"d1","address":"127.0.0.1:9","metadata":{"zone":"x","zone":"y"}}]}"#.to_string(),
+            r#"key "zone" is given twice in nodes[0].metadata"#,
+        ),
+    ];
+    for (body, want) in &cases {
+        for reply in [
+            post_json(&sc.url("/registry"), body).await.unwrap(),
+            delete_json(&sc.url("/registry"), body).await.unwrap(),
+        ] {
+            reply.assert_refused(400, want, body);
+        }
+    }
+    assert!(node_ids(&sc, "a").await.is_empty());
+    assert!(node_ids(&sc, "b").await.is_empty());
+
+    let reply = get(&sc.url("/registry?service=%ff")).await.unwrap();
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains(r#"\"%ff\" is not UTF-8 once percent-decoded"#),
+        "{}",
+        reply.text()
+    );
+}
+
+#[tokio::test]
 async fn micro_readme_register_get_and_deregister_work_unchanged() {
     let sc = Sidecar::start(&[]);
 

@@ -181,21 +181,29 @@ async fn tier_failover_and_failback() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_spills_to_the_next_tier() {
+/// A running listener whose first tier is a backend `small` with `max_connections`
+/// = `max`, and whose second is a backend `spare`.
+async fn capped(name: &str, max: usize) -> (TcpBackend, TcpBackend, SocketAddr, Sidecar) {
     let small = TcpBackend::start("small", Reply::Echo).await;
     let spare = TcpBackend::start("spare", Reply::Echo).await;
     let listen = listen_addr();
     let config = config_file(
-        "spill",
+        name,
         &format!(
-        "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\nmax_connections = 1\n\
-         [[tcp.tiers]]\ntargets = [\"{}\"]\n",
-        small.addr(), spare.addr()
-    ),
+            "[[tcp]]\nlisten = \"{listen}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n\
+             max_connections = {max}\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            small.addr(),
+            spare.addr()
+        ),
     );
     let sc = start(&config);
     ready(&sc, listen).await;
+    (small, spare, listen, sc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_spills_to_the_next_tier() {
+    let (_small, _spare, listen, _sc) = capped("spill", 1).await;
     let (first, a) = greet(listen).await;
     let (_second, b) = greet(listen).await;
     assert_eq!((a.as_str(), b.as_str()), ("small", "spare"));
@@ -207,6 +215,94 @@ async fn max_connections_spills_to_the_next_tier() {
         .await,
         "room again on tier 0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_when_fifty_clients_arrive_together() {
+    let (small, _spare, listen, sc) = capped("together", 2).await;
+    let before = small.accepted();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        clients.spawn(greet(listen));
+    }
+    let mut open = Vec::new();
+    while let Some(client) = clients.join_next().await {
+        open.push(client.expect("every client is greeted"));
+    }
+    let on_small = open.iter().filter(|(_, name)| name == "small").count();
+    assert_eq!(open.len(), 50);
+    assert!(
+        (1..=2).contains(&on_small),
+        "{on_small} connections on the backend with max_connections = 2"
+    );
+    assert!(
+        small.accepted() - before <= 2,
+        "the backend saw more than 2"
+    );
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    let small_active = status["tcp"][0]["tiers"][0]["backends"][0]["active"].clone();
+    assert_eq!(small_active, on_small, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_listener_that_cannot_bind_makes_healthz_503_until_it_binds() {
+    let backend = TcpBackend::start("one", Reply::Echo).await;
+    let (good, busy) = (listen_addr(), listen_addr());
+    let taken = std::net::TcpListener::bind(busy).unwrap();
+    let listener = |at: SocketAddr| {
+        format!(
+            "[[tcp]]\nlisten = \"{at}\"\n[[tcp.tiers]]\ntargets = [\"{}\"]\n",
+            backend.addr()
+        )
+    };
+    let config = config_file("unbound", &listener(good));
+    let sc = start(&config);
+    ready(&sc, good).await;
+    assert_eq!(get(&sc.url("/healthz")).await.unwrap().status, 200);
+
+    std::fs::write(&config, listener(good) + &listener(busy)).unwrap();
+    let unhealthy = eventually(Duration::from_secs(5), || async {
+        get(&sc.url("/healthz")).await.unwrap().status == 503
+    })
+    .await;
+    let health = get(&sc.url("/healthz")).await.unwrap();
+    assert!(unhealthy, "{}", health.text());
+    let error = health.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains(&format!("tcp listener {busy}: cannot listen")),
+        "{error}"
+    );
+    let status = get(&sc.url("/statusz")).await.unwrap().json();
+    let entry = status["tcp"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["listen"] == busy.to_string())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        entry["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot listen")),
+        "{status}"
+    );
+    assert_eq!(greet(good).await.1, "one", "the other listener goes on");
+
+    // Once the address is free, the next reload binds it and health comes back.
+    drop(taken);
+    sc.process.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&sc.url("/healthz")).await.unwrap().status == 200
+        })
+        .await,
+        "{}",
+        get(&sc.url("/healthz")).await.unwrap().text()
+    );
+    assert_eq!(greet(busy).await.1, "one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

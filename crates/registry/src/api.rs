@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http::StatusCode;
+use pillion_core::url::Query;
 use pillion_core::{duration, ApiError, Service, ServiceError};
-use serde::Deserialize;
 
 use crate::health::{check_nodes, NODE_CHECK_TIMEOUT};
 use crate::{Registry, RegistryError};
@@ -103,42 +103,37 @@ fn parse(body: Result<Bytes, BytesRejection>) -> Result<Service, ApiError> {
     })
 }
 
-#[derive(Deserialize)]
-struct LookupQuery {
-    service: Option<String>,
+/// The query string, decoded strictly (see [`pillion_core::url`]).
+fn query(raw: Option<&str>) -> Result<Query, ApiError> {
+    Query::parse(raw)
+        .map_err(|e| ApiError::new(ID, StatusCode::BAD_REQUEST, format!("query string: {e}")))
 }
 
-async fn lookup(
-    State(registry): State<Arc<dyn Registry>>,
-    query: Result<Query<LookupQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
+async fn lookup(State(registry): State<Arc<dyn Registry>>, RawQuery(raw): RawQuery) -> Response {
+    let query = match query(raw.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return reply(e),
     };
     let catalog = registry.catalog();
-    match query.service {
+    match query.get("service") {
         None => Json(catalog.services().collect::<Vec<_>>()).into_response(),
-        Some(name) => match catalog.get(&name) {
+        Some(name) => match catalog.get(name) {
             Some(versions) => Json(versions).into_response(),
             None => error(StatusCode::NOT_FOUND, format!("service {name:?} not found")),
         },
     }
 }
 
-#[derive(Deserialize)]
-struct RegisterQuery {
-    ttl: Option<String>,
-}
-
 async fn register(
     State(registry): State<Arc<dyn Registry>>,
-    query: Result<Query<RegisterQuery>, axum::extract::rejection::QueryRejection>,
+    RawQuery(raw): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Ok(Query(query)) = query else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
+    let query = match query(raw.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return reply(e),
     };
-    let ttl = match query.ttl.as_deref().map(duration::parse) {
+    let ttl = match query.get("ttl").map(duration::parse) {
         None => None,
         Some(Ok(t)) if !(MIN_TTL..=MAX_TTL).contains(&t) => {
             return error(

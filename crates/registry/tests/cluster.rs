@@ -263,3 +263,72 @@ async fn unsafe_or_unusable_options_are_refused_naming_the_flag() {
     .await;
     assert!(msg.contains("cannot bind the gossip address"), "{msg}");
 }
+
+/// A registration that the API would refuse (see `pillion_core::service`'s limits) put
+/// straight into the adapter: chitchat never sends a value larger than a gossip message,
+/// and every later change of the sidecar waits behind it. The sidecar must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_too_large_for_gossip_is_reported_as_a_stall_until_it_goes() {
+    let options = local(free_udp_port());
+    let a = start(&options).await;
+    let b = start(&options).await;
+    let c = start(&options).await;
+    a.register(&service("before", "x1", 1), None).await.unwrap();
+    for reg in [&b, &c] {
+        assert!(eventually(Duration::from_secs(5), || ids(&**reg, "before") == ["x1"]).await);
+    }
+    assert!(a.status().healthy);
+
+    let mut big = service("big", "b1", 2);
+    big.nodes[0]
+        .metadata
+        .insert("blob".into(), "x".repeat(70_000));
+    a.register(&big, None).await.unwrap();
+    a.register(&service("after", "y1", 3), None).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || !a.status().healthy).await,
+        "no stall reported: {:?}",
+        a.cluster_status()
+    );
+    let status = a.status();
+    let error = status.error.unwrap_or_default();
+    assert!(error.contains("gossip replication stalled"), "{error}");
+    for peer in [&b, &c] {
+        let gossip = peer.cluster_status().gossip;
+        assert!(error.contains(&gossip), "{gossip} not named: {error}");
+    }
+    let cluster = a.cluster_status();
+    assert!(cluster.replication_stalled);
+    assert_eq!(cluster.lagging_peers.len(), 2, "{cluster:?}");
+    assert_eq!(cluster.replication_stalls, 1);
+    let mut metrics = String::new();
+    cluster.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("pillion_gossip_lagging_peers 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pillion_gossip_replication_stalls_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        ids(&*b, "after").is_empty(),
+        "the stall is not what chitchat does any more"
+    );
+    assert!(
+        b.status().healthy,
+        "only the sidecar whose state is stuck reports it"
+    );
+
+    // Once the value is gone, what waited behind it spreads, and the stall clears.
+    a.deregister(&big).await.unwrap();
+    for reg in [&b, &c] {
+        assert!(eventually(Duration::from_secs(10), || ids(&**reg, "after") == ["y1"]).await);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || a.status().healthy).await,
+        "{:?}",
+        a.status()
+    );
+    assert!(!a.cluster_status().replication_stalled);
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ pub struct Backend {
     pub tier: AtomicUsize,
     pub max_connections: AtomicUsize,
     pub dial_timeout_ms: AtomicU64,
+    /// Connections open, and being dialed: a place is taken before the dial (see
+    /// [`Backend::reserve`]).
     pub active: AtomicUsize,
     /// Down (not tried first) until this time, in ms on [`clock`]; 0: not down.
     pub down_until_ms: AtomicU64,
@@ -142,25 +144,40 @@ impl Backend {
             .store(now + down_for.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Registers an open connection; the receiver tells it when to close.
-    pub fn open(&self) -> (u64, watch::Receiver<Close>) {
+    /// Takes a place for one connection, unless `max_connections` are open or being
+    /// dialed already. Counting before the dial is what holds the limit when clients
+    /// arrive together: counting once connected let every one of them see room for one
+    /// more. The place is given back when the [`Slot`] is dropped (a failed dial, a
+    /// closed connection).
+    pub fn reserve(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.max_connections.load(Ordering::Relaxed);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Slot(self.clone()))
+    }
+
+    /// Registers a connection that was dialed in `slot`; the receiver tells it when to
+    /// close.
+    pub fn open(&self, _slot: &Slot) -> (u64, watch::Receiver<Close>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(Close::Open);
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
-        self.active.fetch_add(1, Ordering::Relaxed);
         self.connections.fetch_add(1, Ordering::Relaxed);
         (id, rx)
     }
 
+    /// The connection `id` ended; its slot is given back when dropped.
     pub fn closed(&self, id: u64) {
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        self.active.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Asks every open connection to close.
@@ -195,9 +212,50 @@ impl Backend {
     }
 }
 
+/// One place among a backend's `max_connections`, held from before the dial until the
+/// connection closes.
+pub struct Slot(Arc<Backend>);
+
+impl Slot {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn places_are_counted_before_the_dial_and_given_back() {
+        let b = Arc::new(Backend::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "t".into(),
+            0,
+            2,
+            Duration::from_secs(1),
+        ));
+        let first = b.reserve().expect("room");
+        let second = b.reserve().expect("room");
+        assert!(
+            b.reserve().is_none(),
+            "a third place past max_connections = 2"
+        );
+        assert!(b.overloaded());
+        drop(first);
+        let third = b.reserve().expect("a place given back is free again");
+        drop((second, third));
+        assert_eq!(b.active.load(Ordering::Relaxed), 0);
+        b.reconfigure(0, 0, Duration::from_secs(1));
+        let unlimited: Vec<Slot> = (0..100).filter_map(|_| b.reserve()).collect();
+        assert_eq!(unlimited.len(), 100, "0 is unlimited");
+    }
 
     #[test]
     fn running_out_of_descriptors_or_memory_is_blamed_on_pillion() {

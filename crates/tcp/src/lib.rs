@@ -85,6 +85,9 @@ pub struct TcpProxy {
     retired: std::sync::Mutex<Vec<Arc<Listener>>>,
     /// The configurations of the listeners that run, as last applied.
     running: std::sync::Mutex<Vec<ListenerConfig>>,
+    /// Listeners of the last applied configuration that could not bind, and why: the
+    /// sidecar is unhealthy until a later reload binds them.
+    unbound: std::sync::Mutex<BTreeMap<SocketAddr, String>>,
 }
 
 impl TcpProxy {
@@ -98,6 +101,7 @@ impl TcpProxy {
             listeners: tokio::sync::Mutex::new(BTreeMap::new()),
             retired: std::sync::Mutex::new(Vec::new()),
             running: std::sync::Mutex::new(Vec::new()),
+            unbound: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -115,12 +119,23 @@ impl TcpProxy {
             .clone()
     }
 
+    /// The listeners of the applied configuration that are not listening, with why.
+    pub fn unbound(&self) -> Vec<(SocketAddr, String)> {
+        self.unbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(addr, why)| (*addr, why.clone()))
+            .collect()
+    }
+
     /// Makes the running listeners match `configs`: new ones start, removed ones
     /// stop accepting and drain, changed ones apply to new connections. Returns the
     /// listeners that could not start (their address is taken), the others run.
     pub async fn apply(&self, configs: &[ListenerConfig]) -> Result<(), String> {
         let mut listeners = self.listeners.lock().await;
         let mut errors = Vec::new();
+        let mut unbound = BTreeMap::new();
         let wanted: Vec<SocketAddr> = configs.iter().map(|c| c.listen).collect();
         let removed: Vec<SocketAddr> = listeners
             .keys()
@@ -153,6 +168,7 @@ impl TcpProxy {
                     }
                     Err(e) => {
                         errors.push(format!("cannot listen on {} (tcp): {e}", config.listen));
+                        unbound.insert(config.listen, format!("cannot listen: {e}"));
                         continue;
                     }
                 },
@@ -160,6 +176,7 @@ impl TcpProxy {
             running.push(config.clone());
         }
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = running;
+        *self.unbound.lock().unwrap_or_else(|e| e.into_inner()) = unbound;
         self.retired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -213,9 +230,26 @@ impl TcpProxy {
         }
     }
 
+    /// Every listener of the applied configuration: those that run, and those that
+    /// could not bind (`"error"` says why).
     pub async fn status(&self) -> serde_json::Value {
         let listeners = self.listeners.lock().await;
-        serde_json::Value::Array(listeners.values().map(|l| l.status()).collect())
+        let unbound = self.unbound().into_iter().map(|(addr, error)| {
+            serde_json::json!({
+                "listen": addr.to_string(),
+                "accepting": false,
+                "active": 0,
+                "tiers": [],
+                "error": error,
+            })
+        });
+        serde_json::Value::Array(
+            listeners
+                .values()
+                .map(|l| l.status())
+                .chain(unbound)
+                .collect(),
+        )
     }
 
     /// Prometheus text: connections, bytes and dial failures per backend.

@@ -1,7 +1,9 @@
 //! One TCP listener: accepts clients and connects each to the best backend.
 //!
-//! Choice, per new connection: backends not overloaded (`max_connections`) first, then
-//! the lowest tier, then the fewest active connections, then round-robin. A dial that
+//! Choice, per new connection: among backends with room (fewer than `max_connections`
+//! open or being dialed: a place is taken before the dial, so clients that arrive
+//! together cannot exceed it), the lowest tier, then the fewest active connections,
+//! then round-robin. When every backend is full the client is closed. A dial that
 //! fails (refused, or slower than `dial_timeout`) marks the backend down for
 //! `down_for` and the next one is tried, until `connect_timeout`; backends marked down
 //! are tried last rather than never, so a client is refused only when no backend
@@ -30,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{Backend, Blame, Close};
+use crate::backend::{Backend, Blame, Close, Slot};
 use crate::clock;
 use crate::config::{split_target, ListenerConfig};
 use crate::copy::{self, Traffic};
@@ -368,22 +370,32 @@ impl Listener {
         }
     }
 
-    /// The first backend that accepts. Stops at a [`Blame::Local`] failure: every
-    /// other backend would fail the same way, and be marked down for nothing.
-    async fn connect(&self) -> Result<(Arc<Backend>, Upstream), Blame> {
+    /// The first backend with room that accepts, dialed in a place taken on it first
+    /// (see [`Backend::reserve`]). Stops at a [`Blame::Local`] failure: every other
+    /// backend would fail the same way, and be marked down for nothing.
+    async fn connect(&self) -> Result<(Slot, Upstream), Unserved> {
         let deadline = Instant::now() + self.config.load().connect_timeout.0;
+        let mut dialed = false;
         for backend in self.order() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
+            let Some(slot) = backend.reserve() else {
+                continue; // full
+            };
+            dialed = true;
             match self.dial(&backend, backend.dial_timeout().min(left)).await {
-                Ok(stream) => return Ok((backend, stream)),
-                Err(Blame::Local) => return Err(Blame::Local),
+                Ok(stream) => return Ok((slot, stream)),
+                Err(Blame::Local) => return Err(Unserved::Failed(Blame::Local)),
                 Err(Blame::Backend) => {}
             }
         }
-        Err(Blame::Backend)
+        Err(if dialed {
+            Unserved::Failed(Blame::Backend)
+        } else {
+            Unserved::Full
+        })
     }
 
     async fn accept_loop(self: Arc<Self>, socket: TcpListener) {
@@ -416,19 +428,24 @@ impl Listener {
     }
 
     async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let (backend, mut server) = match self.connect().await {
+        let (slot, mut server) = match self.connect().await {
             Ok(pair) => pair,
-            Err(Blame::Backend) => {
+            Err(Unserved::Full) => {
+                tracing::warn!(listen = %self.addr, %peer, "every backend has its max_connections open; closing the connection");
+                return;
+            }
+            Err(Unserved::Failed(Blame::Backend)) => {
                 tracing::warn!(listen = %self.addr, %peer, "no backend accepted the connection; closing it");
                 return;
             }
-            Err(Blame::Local) => {
+            Err(Unserved::Failed(Blame::Local)) => {
                 tracing::warn!(listen = %self.addr, %peer, "cannot dial a backend: pillion is out of file descriptors or memory (raise `ulimit -n`); closing the connection, no backend is blamed");
                 return;
             }
         };
         self.active.fetch_add(1, Ordering::Relaxed);
-        let (id, mut close) = backend.open();
+        let backend = slot.backend().clone();
+        let (id, mut close) = backend.open(&slot);
         let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
         use futures_util::FutureExt;
         let idle = self.config.load().idle_timeout.0;
@@ -487,6 +504,7 @@ impl Listener {
             }
         }
         backend.closed(id);
+        drop(slot);
         self.active.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -571,6 +589,14 @@ impl Listener {
             }
         }
     }
+}
+
+/// Why a client got no backend.
+enum Unserved {
+    /// Every backend has its `max_connections` open (or being dialed).
+    Full,
+    /// Dials failed; the last one was this side's fault or the backends'.
+    Failed(Blame),
 }
 
 /// The target name under which a service's mesh listeners are kept.

@@ -21,6 +21,17 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
+    /// Asserts that this is an error of pillion's shape with `status`, whose `detail`
+    /// says `want`; `request` names what was sent, for the failure message.
+    pub fn assert_refused(&self, status: u16, want: &str, request: &str) {
+        assert_eq!(self.status, status, "{request}: {}", self.text());
+        let detail = self.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(detail.contains(want), "{request}: {detail}");
+    }
+
     /// The body as JSON; panics with the body when it is not JSON.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
@@ -73,6 +84,17 @@ pub async fn post_json(url: &str, body: &str) -> Result<Reply, String> {
         url,
         &[("content-type", "application/json")],
         body.to_string(),
+    )
+    .await
+}
+
+/// `POST` of an HTML form (`a=1&b=2`), as `curl -d` sends it.
+pub async fn post_form(url: &str, form: &str) -> Result<Reply, String> {
+    request(
+        Method::POST,
+        url,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        form.to_string(),
     )
     .await
 }

@@ -23,6 +23,12 @@
 //!
 //! The catalog is rebuilt incrementally: a change of one sidecar's keys rebuilds
 //! only the services those keys name.
+//!
+//! Chitchat sends a value whole, in one message no larger than a UDP datagram, and a
+//! value that does not fit holds back every later change of its sidecar. The API
+//! refuses registrations over the limits of [`pillion_core::service`] (set for this),
+//! and `watch_replication` reports a sidecar whose state its peers stop taking, in
+//! [`Registry::status`] (so `/healthz`) and [`ClusterStatus`].
 
 pub mod mdns;
 pub mod wire;
@@ -43,7 +49,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::{deregisters, per_node, BackendStatus, Catalog, Registry, RegistryError};
-use wire::{GossipStats, GossipTransport, Rendezvous, Seal};
+use wire::{GossipStats, GossipTransport, Held, Rendezvous, Seal};
 
 /// The local rendezvous address sidecars meet at when given no flag.
 pub const DEFAULT_BIND: &str = "127.0.0.1:7950";
@@ -64,6 +70,12 @@ const FORGET_AFTER: Duration = Duration::from_secs(3600);
 const PUSH_TO: usize = 3;
 /// How long a graceful stop waits for its deletions to reach the peers.
 const LEAVE_GRACE: Duration = Duration::from_millis(300);
+
+/// How long a live peer may hold an older version of this sidecar's state than this
+/// sidecar had that long ago, before the replication is reported stalled: 20 gossip
+/// rounds, long enough for a burst of registrations to spread, short enough that an
+/// operator hears of a registration no other sidecar sees.
+const STALL_AFTER: Duration = Duration::from_millis(20 * 300);
 
 const KEY_PREFIX: &str = "s/";
 
@@ -158,6 +170,45 @@ struct Inner {
     expiry_changed: Notify,
     stats: Arc<GossipStats>,
     options: ClusterOptions,
+    replication: Mutex<Replication>,
+}
+
+/// Whether this sidecar's state reaches its peers (see [`watch_replication`]).
+#[derive(Default)]
+struct Replication {
+    /// This sidecar's state version at each look, oldest first, over the last few
+    /// [`STALL_AFTER`]s.
+    history: std::collections::VecDeque<(Instant, Version)>,
+    /// The live peers that have not taken the version this sidecar had
+    /// [`STALL_AFTER`] ago, and that version.
+    lagging: Vec<SocketAddr>,
+    lacking: Version,
+    /// How many times the replication stalled.
+    stalls: u64,
+}
+
+impl Replication {
+    /// The version of this sidecar's state that a peer is stuck without, if it is:
+    /// its last digest lacks the version this sidecar had [`STALL_AFTER`] before it,
+    /// and it has taken nothing newer for [`STALL_AFTER`]. A peer still taking the
+    /// state in (one that just met a sidecar with many registrations) makes progress,
+    /// and is not stuck.
+    fn lacked_by(&self, held: &Held) -> Option<Version> {
+        if held.at.duration_since(held.since) < STALL_AFTER {
+            return None;
+        }
+        let due = self.version_at(held.at.checked_sub(STALL_AFTER)?)?;
+        (held.version < due).then_some(due)
+    }
+
+    /// The version this sidecar's state had at `at`, if looked at by then.
+    fn version_at(&self, at: Instant) -> Option<Version> {
+        self.history
+            .iter()
+            .take_while(|(when, _)| *when <= at)
+            .last()
+            .map(|(_, v)| *v)
+    }
 }
 
 #[derive(Default)]
@@ -181,6 +232,13 @@ pub struct ClusterStatus {
     pub gossip_dropped: u64,
     /// Whether this sidecar holds the local rendezvous address.
     pub rendezvous: bool,
+    /// Whether some live peers have not taken this sidecar's state for 20 gossip
+    /// rounds (its latest registrations are not seen there).
+    pub replication_stalled: bool,
+    /// Those peers' gossip addresses.
+    pub lagging_peers: Vec<String>,
+    /// How many times the replication stalled since the start.
+    pub replication_stalls: u64,
 }
 
 impl ClusterStatus {
@@ -192,11 +250,16 @@ impl ClusterStatus {
             "# TYPE pillion_cluster_peers gauge\npillion_cluster_peers {}\n\
              # TYPE pillion_gossip_sent_bytes_total counter\npillion_gossip_sent_bytes_total {}\n\
              # TYPE pillion_gossip_received_bytes_total counter\npillion_gossip_received_bytes_total {}\n\
-             # TYPE pillion_gossip_dropped_total counter\npillion_gossip_dropped_total {}",
+             # TYPE pillion_gossip_dropped_total counter\npillion_gossip_dropped_total {}\n\
+             # HELP pillion_gossip_lagging_peers Live peers that have not taken this sidecar's state for 20 gossip rounds.\n\
+             # TYPE pillion_gossip_lagging_peers gauge\npillion_gossip_lagging_peers {}\n\
+             # TYPE pillion_gossip_replication_stalls_total counter\npillion_gossip_replication_stalls_total {}",
             self.peers.len(),
             self.gossip_sent_bytes,
             self.gossip_received_bytes,
-            self.gossip_dropped
+            self.gossip_dropped,
+            self.lagging_peers.len(),
+            self.replication_stalls,
         );
     }
 }
@@ -221,7 +284,12 @@ impl ClusterRegistry {
             .local_addr()
             .map_err(|e| RegistryError::Invalid(format!("gossip socket: {e}")))?;
         let stats = Arc::new(GossipStats::default());
+        // Short: every digest carries every node's id.
+        let node_id = pillion_core::id::random_bytes::<6>()
+            .iter()
+            .fold("p".to_string(), |id, b| id + &format!("{b:02x}"));
         let transport = GossipTransport {
+            me: node_id.clone(),
             seal: options.key.as_deref().map(Seal::new),
             rendezvous: local.then_some(Rendezvous(options.bind)),
             stats: stats.clone(),
@@ -241,10 +309,7 @@ impl ClusterRegistry {
             options.join.clone()
         };
         let me = ChitchatId::new(
-            // Short: every digest carries every node's id.
-            pillion_core::id::random_bytes::<6>()
-                .iter()
-                .fold("p".to_string(), |id, b| id + &format!("{b:02x}")),
+            node_id,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -292,10 +357,12 @@ impl ClusterRegistry {
             expiry_changed: Notify::new(),
             stats,
             options,
+            replication: Mutex::new(Replication::default()),
         });
         let mut tasks = vec![
             tokio::spawn(follow(Arc::downgrade(&inner), watcher)),
             tokio::spawn(expire(Arc::downgrade(&inner))),
+            tokio::spawn(watch_replication(Arc::downgrade(&inner))),
         ];
         if let Some(socket) = mdns {
             let me = mdns::Announcement {
@@ -327,7 +394,14 @@ impl ClusterRegistry {
             peers
         };
         let stats = &self.inner.stats;
+        let (lagging, stalls) = {
+            let replication = self.inner.replication();
+            (replication.lagging.clone(), replication.stalls)
+        };
         ClusterStatus {
+            replication_stalled: !lagging.is_empty(),
+            lagging_peers: lagging.iter().map(SocketAddr::to_string).collect(),
+            replication_stalls: stalls,
             gossip: self.inner.me.gossip_advertise_addr.to_string(),
             peers,
             gossip_sent_bytes: stats.sent_bytes.load(Ordering::Relaxed),
@@ -364,6 +438,10 @@ impl Inner {
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         // A panic while holding the lock leaves plain data behind, still usable.
         self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn replication(&self) -> std::sync::MutexGuard<'_, Replication> {
+        self.replication.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn handle(&self) -> std::sync::MutexGuard<'_, Option<ChitchatHandle>> {
@@ -510,6 +588,79 @@ async fn follow(
     }
 }
 
+/// Watches whether this sidecar's state reaches its peers, once a gossip round.
+///
+/// Chitchat sends a state value whole, in one message: a value larger than a message
+/// (a registration over the limits of [`pillion_core::service`], say) is never sent,
+/// and every later change of this sidecar waits behind it, with no error anywhere.
+/// Each peer's digest says which version of this state it holds ([`wire`] notes it);
+/// a live peer stuck without a version this sidecar had long enough ago
+/// ([`Replication::lacked_by`]) is lagging; while any is, the registry reports itself
+/// unhealthy, naming them.
+async fn watch_replication(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(GOSSIP_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (mine, peers) = {
+            let cc = inner.chitchat.lock().await;
+            let mine = cc.node_state(&inner.me).map_or(0, |s| s.max_version());
+            (mine, inner.peers(&cc))
+        };
+        let now = Instant::now();
+        // Digests of peers long gone are forgotten.
+        inner
+            .stats
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|peer, held| {
+                peers.contains(peer) || now.duration_since(held.at) < 3 * STALL_AFTER
+            });
+        let mut replication = inner.replication();
+        replication.history.push_back((now, mine));
+        while replication
+            .history
+            .get(1)
+            .is_some_and(|(at, _)| now.duration_since(*at) > 3 * STALL_AFTER)
+        {
+            replication.history.pop_front();
+        }
+        let mut lacking = 0;
+        let lagging: Vec<SocketAddr> = peers
+            .into_iter()
+            .filter(|peer| {
+                let Some(held) = inner.stats.held_by(peer) else {
+                    return false; // not heard from directly: nothing to judge by
+                };
+                let Some(due) = replication.lacked_by(&held) else {
+                    return false;
+                };
+                lacking = lacking.max(due);
+                true
+            })
+            .collect();
+        let was_stalled = !replication.lagging.is_empty();
+        if !lagging.is_empty() && !was_stalled {
+            replication.stalls += 1;
+            tracing::warn!(
+                lagging = ?lagging,
+                version = lacking,
+                "gossip replication stalled: these peers have not taken this sidecar's state for {}; \
+                 its latest registrations are not seen there",
+                pillion_core::duration::format(STALL_AFTER)
+            );
+        } else if lagging.is_empty() && was_stalled {
+            tracing::info!(
+                "gossip replication resumed: every live peer holds this sidecar's state"
+            );
+        }
+        replication.lagging = lagging;
+        replication.lacking = lacking;
+    }
+}
+
 /// Deletes this sidecar's registrations whose TTL lapsed.
 async fn expire(inner: Weak<Inner>) {
     loop {
@@ -625,10 +776,26 @@ impl Registry for ClusterRegistry {
     }
 
     fn status(&self) -> BackendStatus {
+        let replication = self.inner.replication();
+        let error = (!replication.lagging.is_empty()).then(|| {
+            let peers: Vec<String> = replication
+                .lagging
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect();
+            format!(
+                "gossip replication stalled: peers {} have not taken this sidecar's state \
+                 (version {}) for {}, so its latest registrations are not seen there \
+                 (a value too large for a gossip message holds back every later one)",
+                peers.join(", "),
+                replication.lacking,
+                pillion_core::duration::format(STALL_AFTER)
+            )
+        });
         BackendStatus {
             backend: format!("cluster ({})", self.inner.options.bind),
-            healthy: true,
-            error: None,
+            healthy: error.is_none(),
+            error,
         }
     }
 
@@ -655,6 +822,39 @@ impl Registry for ClusterRegistry {
         let handle = inner.handle().take();
         if let Some(handle) = handle {
             let _ = handle.shutdown().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_stuck_only_without_an_old_version_and_without_progress() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        // This sidecar had version 5 from t0, then 9 from t0 + 10 s.
+        let replication = Replication {
+            history: [(s(0), 5), (s(10), 9)].into(),
+            ..Replication::default()
+        };
+        let held = |version, since, at| Held {
+            version,
+            since: s(since),
+            at: s(at),
+        };
+        let cases = [
+            // (what the peer holds, since, digest at) -> the version it is stuck without
+            (held(5, 0, 12), None),    // 9 is only 2 s old: not due yet
+            (held(5, 0, 17), Some(9)), // 9 is 7 s old, and 5 held for 17 s
+            (held(9, 0, 17), None),    // it has 9
+            (held(7, 14, 17), None),   // it took 7 at 14 s: catching up
+            (held(7, 10, 17), Some(9)),
+            (held(5, 0, 3), None), // nothing looked at 6 s before
+        ];
+        for (peer, want) in cases {
+            assert_eq!(replication.lacked_by(&peer), want, "{peer:?}");
         }
     }
 }

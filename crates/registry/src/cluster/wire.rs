@@ -13,6 +13,11 @@
 //! is not ours, a message that does not open with our key, or one that is sealed when
 //! we have no key, is dropped and counted; it never stops the gossip loop.
 //!
+//! Every digest a peer sends (it opens each gossip round) says which version of each
+//! sidecar's state that peer holds; the version it holds of this sidecar is noted in
+//! [`GossipStats::held`], so that a sidecar can tell when its state stops reaching the
+//! others ([`super::ClusterRegistry`] reports the stall).
+//!
 //! On loopback, a [`Rendezvous`] address (the well-known gossip port) is held by
 //! whichever sidecar bound it first; the others send it their first gossip, and try
 //! to take it over every second, so when its holder dies another takes its place.
@@ -20,11 +25,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chitchat::transport::{Socket, Transport};
-use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use chitchat::{ChitchatId, ChitchatMessage, Deserializable, Serializable, Version};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
@@ -54,6 +59,51 @@ pub struct GossipStats {
     pub dropped: AtomicU64,
     /// 1 while this sidecar holds the local rendezvous address.
     pub rendezvous_held: AtomicU64,
+    /// By peer gossip address: what its last digest said it holds of this sidecar.
+    pub held: Mutex<HashMap<SocketAddr, Held>>,
+}
+
+/// The version of this sidecar's state a peer holds, as its digests say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub version: Version,
+    /// When the last digest arrived.
+    pub at: Instant,
+    /// Since when the peer has held this version (when it last took a newer one).
+    pub since: Instant,
+}
+
+impl GossipStats {
+    /// What `from` said it holds of this sidecar.
+    pub fn held_by(&self, from: &SocketAddr) -> Option<Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(from)
+            .copied()
+    }
+}
+
+/// The version of node `me`'s state that a digest says its sender holds: 0 when the
+/// sender does not know `me` yet; `None` when the digest does not read as chitchat
+/// 0.10 writes it (`count u16`, then per node its id, heartbeat, last GC version and
+/// max version). Chitchat keeps the digest's fields to itself, so its own encoding is
+/// read back.
+fn held_of(digest: &impl Serializable, me: &str) -> Option<Version> {
+    let mut bytes = Vec::with_capacity(digest.serialized_len());
+    digest.serialize(&mut bytes);
+    let mut buf = &bytes[..];
+    let count = u16::deserialize(&mut buf).ok()?;
+    for _ in 0..count {
+        let id = ChitchatId::deserialize(&mut buf).ok()?;
+        let _heartbeat = u64::deserialize(&mut buf).ok()?;
+        let _last_gc_version = u64::deserialize(&mut buf).ok()?;
+        let max_version = u64::deserialize(&mut buf).ok()?;
+        if id.node_id == me {
+            return Some(max_version);
+        }
+    }
+    buf.is_empty().then_some(0)
 }
 
 /// The cluster key, ready to seal and open messages.
@@ -200,6 +250,8 @@ pub struct Rendezvous(pub SocketAddr);
 
 /// Opens [`GossipSocket`]s: chitchat asks for one with its listen address.
 pub struct GossipTransport {
+    /// This sidecar's node id, looked for in the peers' digests.
+    pub me: String,
     pub seal: Option<Seal>,
     pub rendezvous: Option<Rendezvous>,
     pub stats: Arc<GossipStats>,
@@ -221,6 +273,7 @@ impl Transport for GossipTransport {
             next_try: Instant::now(),
         });
         Ok(Box::new(GossipSocket {
+            me: self.me.clone(),
             main,
             rendezvous,
             seal: self.seal.clone(),
@@ -260,6 +313,7 @@ impl RendezvousSocket {
 }
 
 pub struct GossipSocket {
+    me: String,
     main: UdpSocket,
     rendezvous: Option<RendezvousSocket>,
     seal: Option<Seal>,
@@ -313,8 +367,36 @@ impl GossipSocket {
             }
         };
         match ChitchatMessage::deserialize(&mut &plain[..]) {
-            Ok(message) => Some(message),
+            Ok(message) => {
+                self.note_held(from, &message);
+                Some(message)
+            }
             Err(_) => self.drop_from(from, "a gossip message that does not parse"),
+        }
+    }
+
+    /// Notes the version of this sidecar's state that a digest from `from` says it holds.
+    fn note_held(&self, from: SocketAddr, message: &ChitchatMessage) {
+        let (ChitchatMessage::Syn { digest, .. } | ChitchatMessage::SynAck { digest, .. }) =
+            message
+        else {
+            return;
+        };
+        if let Some(version) = held_of(digest, &self.me) {
+            let now = Instant::now();
+            let mut held = self.stats.held.lock().unwrap_or_else(|e| e.into_inner());
+            let since = match held.get(&from) {
+                Some(h) if h.version == version => h.since,
+                _ => now,
+            };
+            held.insert(
+                from,
+                Held {
+                    version,
+                    at: now,
+                    since,
+                },
+            );
         }
     }
 
