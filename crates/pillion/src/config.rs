@@ -523,6 +523,9 @@ impl Settings {
             (None, None) => None,
         };
         let mesh = resolve_mesh(&loaded, app.as_mut())?;
+        if let Some(app) = &app {
+            check_app_registration(app)?;
+        }
         let api_token = args.api_token.clone();
         match &api_token {
             Some(t) if t.len() < 16 => {
@@ -857,6 +860,28 @@ checked_value!(
         Err(e) => Err(e.to_string()),
     }
 );
+
+/// Refuses at start an app registration that the registry would refuse through the
+/// API (its limits are the same on every backend; see `pillion_core::service`), such
+/// as `--server-metadata` larger than a gossip message carries.
+fn check_app_registration(app: &pillion_registry::health::AppConfig) -> Result<(), ConfigError> {
+    let service = pillion_core::Service {
+        name: app.name.clone(),
+        nodes: vec![pillion_core::Node {
+            // As long as the id the registration will get: NAME-UUID.
+            id: format!("{}-{}", app.name, pillion_core::id::uuid_v4()),
+            address: app.address.clone(),
+            metadata: app.metadata.clone(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    service.validate().map_err(|e| {
+        ConfigError::Invalid(format!(
+            "--server-metadata (server_metadata): the app's registration would be refused: {e}"
+        ))
+    })
+}
 
 checked_value!(
     /// `cluster`, `memory` or `etcd://host:port[,host:port]`.

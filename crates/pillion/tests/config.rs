@@ -70,6 +70,19 @@ fn check_rejects_unknown_keys_and_bad_values_naming_key_and_line() {
 
 #[test]
 fn run_refuses_bad_flags_env_and_combinations_before_starting() {
+    let app_with = |metadata| {
+        [
+            "run",
+            "--server-name",
+            "a",
+            "--server-address",
+            "h:1",
+            "--server-metadata",
+            metadata,
+        ]
+    };
+    // Over the registry's limit of metadata per node, the same on every backend.
+    let big_metadata = format!("blob={}", "x".repeat(40_001));
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case] = &[
         (
@@ -97,18 +110,12 @@ fn run_refuses_bad_flags_env_and_combinations_before_starting() {
             &[],
             "needs --server-name",
         ),
+        (&app_with("oops"), &[], "not key=value"),
         (
-            &[
-                "run",
-                "--server-name",
-                "a",
-                "--server-address",
-                "h:1",
-                "--server-metadata",
-                "oops",
-            ],
+            &app_with(&big_metadata),
             &[],
-            "not key=value",
+            "--server-metadata (server_metadata): the app's registration would be refused: \
+             invalid service: nodes[0] carries 40005 bytes of metadata",
         ),
     ];
     for (args, env, want) in cases {
