@@ -28,9 +28,10 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use super::codec::{
-    chunk_size, content_length, header_map, line_end, spans, take, BadLength, Chunked, Decoded,
-    Length, WriteError, Writer, INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
+    chunk_size, header_map, line_end, spans, Length, WriteError, Writer, INLINE_SPANS, MAX_HEAD,
+    MAX_HEADERS,
 };
+use super::framing::{self, BodyReader, Role, Step};
 use crate::pool::{Outgoing, Pool, Slot};
 use crate::stream::Stream;
 use crate::{BoxError, SendError};
@@ -98,7 +99,7 @@ pub(crate) fn send(
     let mut exchange = Box::new(Exchange {
         conn,
         write: Write::Writing(writer),
-        framing: Framing::Empty,
+        framing: Framing::Body(BodyReader::Done),
         keep_alive: false,
         pool,
         interim: 0,
@@ -226,7 +227,7 @@ fn accept_head(
     upgrade: bool,
 ) -> Result<(Framing, bool), String> {
     let (framing, keep_alive) = framing(head, head_only, upgrade)?;
-    if matches!(framing, Framing::Chunked(_)) {
+    if matches!(framing, Framing::Body(BodyReader::Chunked(_))) {
         head.headers.remove(header::CONTENT_LENGTH);
         if let Some(end) = line_end(buf).map_err(node_sent)? {
             chunk_size(&buf[..end]).map_err(node_sent)?;
@@ -235,17 +236,16 @@ fn accept_head(
     Ok((framing, keep_alive))
 }
 
-/// How the response body is delimited.
+/// What follows the answer's head.
 enum Framing {
-    Empty,
-    Length(u64),
-    Chunked(Chunked),
-    /// Until the node closes the connection.
-    Close,
+    /// Its body (none: [`BodyReader::Done`]).
+    Body(BodyReader),
     /// `101 Switching Protocols`: the connection is the caller's now.
     Upgrade,
 }
 
+/// How the answer to a request is framed ([`super::framing`] decides), and whether
+/// its connection can carry another request after it.
 fn framing(head: &Head, head_only: bool, upgrade: bool) -> Result<(Framing, bool), String> {
     let h = &head.headers;
     let has_token = |token: &str| {
@@ -255,7 +255,7 @@ fn framing(head: &Head, head_only: bool, upgrade: bool) -> Result<(Framing, bool
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
-    let mut keep_alive = match head.version {
+    let keep_alive = match head.version {
         Version::HTTP_11 => !has_token("close"),
         _ => has_token("keep-alive"),
     };
@@ -268,51 +268,18 @@ fn framing(head: &Head, head_only: bool, upgrade: bool) -> Result<(Framing, bool
     }
     if head_only || head.status == StatusCode::NO_CONTENT || head.status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Framing::Empty, keep_alive));
+        return Ok((Framing::Body(BodyReader::Done), keep_alive));
     }
-    if h.contains_key(header::TRANSFER_ENCODING) {
-        let mut codings: Vec<&str> = Vec::new();
-        for v in h.get_all(header::TRANSFER_ENCODING) {
-            let v = v
-                .to_str()
-                .map_err(|_| "the node sent an unreadable Transfer-Encoding".to_string())?;
-            codings.extend(v.split(',').map(str::trim));
-        }
-        // An empty element (`chunked,`), or chunked twice, frames the body in a way
-        // another reader could take differently: refused.
-        if codings.iter().any(|c| c.is_empty()) {
-            return Err("the node sent an empty element in Transfer-Encoding".into());
-        }
-        if codings.len() > 1 {
-            return Err(format!(
-                "the node sent the transfer codings {codings:?}; only one chunked is supported"
-            ));
-        }
-        // Only `chunked` is undone here; any other coding would reach the caller
-        // undecoded and unlabelled (Transfer-Encoding is hop-by-hop).
-        if let Some(other) = codings.iter().find(|c| !c.eq_ignore_ascii_case("chunked")) {
-            return Err(format!(
-                "the node used the transfer coding {other:?}; only chunked is supported"
-            ));
-        }
-        // RFC 9112 6.1 and 6.3: with Content-Length too, or in HTTP/1.0, the framing is
-        // suspect: read it as chunked, then close.
-        if h.contains_key(header::CONTENT_LENGTH) || head.version != Version::HTTP_11 {
-            keep_alive = false;
-        }
-        return Ok((Framing::Chunked(Chunked::Size), keep_alive));
+    let mut fields = framing::Fields::default();
+    for (name, value) in h {
+        fields
+            .read(name.as_str().as_bytes(), value.as_bytes())
+            .map_err(|e| node_sent(e.to_string()))?;
     }
-    let mut length = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        content_length(v.as_bytes(), &mut length).map_err(|bad| match bad {
-            BadLength::Invalid => format!("the node sent an invalid Content-Length {v:?}"),
-            BadLength::Differ => "the node sent different Content-Length values".to_string(),
-        })?;
-    }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::Close, false),
-    })
+    let (body, close) = fields
+        .decide(Role::Response, head.version)
+        .map_err(|e| node_sent(e.to_string()))?;
+    Ok((Framing::Body(BodyReader::new(body)), keep_alive && !close))
 }
 
 /// Parses a response head at the start of `buf` and removes it; `None` until the
@@ -430,41 +397,33 @@ impl Body for ResponseBody {
             return Poll::Ready(Some(Err(e.into())));
         }
         loop {
-            let buf = &mut ex.conn.buf;
-            let frame = match &mut ex.framing {
-                Framing::Empty | Framing::Upgrade | Framing::Length(0) => None,
-                Framing::Length(left) if !buf.is_empty() => Some(Frame::data(take(buf, left))),
-                Framing::Close if !buf.is_empty() => Some(Frame::data(buf.split().freeze())),
-                Framing::Chunked(state) => match state.decode(buf) {
-                    Ok(Decoded::Frame(f)) => Some(f),
-                    Ok(Decoded::End) => None,
-                    Ok(Decoded::NeedMore) => Some(Frame::data(Bytes::new())), // read below
-                    Err(e) => {
-                        this.exchange = None;
-                        return Poll::Ready(Some(Err(node_sent(e).into())));
-                    }
-                },
-                Framing::Length(_) | Framing::Close => Some(Frame::data(Bytes::new())),
+            let Framing::Body(reader) = &mut ex.framing else {
+                this.finish();
+                return Poll::Ready(None);
             };
-            match frame {
-                None => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Some(f) if f.data_ref().is_none_or(|d| !d.is_empty()) => {
+            match reader.step(&mut ex.conn.buf) {
+                Ok(Step::Frame(f)) => {
                     this.settle();
                     return Poll::Ready(Some(Ok(f)));
                 }
-                Some(_) => {}
-            }
-            // Nothing buffered: read more.
-            match ready!(ex.conn.poll_fill(cx)) {
-                Ok(0) if matches!(ex.framing, Framing::Close) => {
-                    ex.keep_alive = false;
+                Ok(Step::End) => {
                     this.finish();
                     return Poll::Ready(None);
                 }
+                Ok(Step::NeedMore) => {}
+                Err(e) => {
+                    this.exchange = None;
+                    return Poll::Ready(Some(Err(node_sent(e).into())));
+                }
+            }
+            // Nothing buffered: read more.
+            match ready!(ex.conn.poll_fill(cx)) {
                 Ok(0) => {
+                    if reader.closed().is_ok() {
+                        ex.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
                     this.exchange = None;
                     return Poll::Ready(Some(Err(
                         "the node closed the connection before the response body ended".into(),
@@ -484,20 +443,16 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.exchange {
             None => true,
-            Some(ex) => matches!(
-                ex.framing,
-                Framing::Empty | Framing::Length(0) | Framing::Chunked(Chunked::Done)
-            ),
+            Some(ex) => matches!(&ex.framing, Framing::Body(body) if body.is_end()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.exchange {
             None => SizeHint::with_exact(0),
-            Some(ex) => match ex.framing {
-                Framing::Empty | Framing::Upgrade => SizeHint::with_exact(0),
-                Framing::Length(n) => SizeHint::with_exact(n),
-                _ => SizeHint::default(),
+            Some(ex) => match &ex.framing {
+                Framing::Body(body) => body.size_hint(),
+                Framing::Upgrade => SizeHint::with_exact(0),
             },
         }
     }
@@ -556,11 +511,11 @@ mod tests {
         assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
         assert!(matches!(
             framing(&head, false, false).unwrap(),
-            (Framing::Length(5), true)
+            (Framing::Body(BodyReader::Length(5)), true)
         ));
         assert!(matches!(
             framing(&head, true, false).unwrap(),
-            (Framing::Empty, true)
+            (Framing::Body(BodyReader::Done), true)
         ));
 
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
@@ -573,19 +528,19 @@ mod tests {
         };
         assert!(matches!(
             frame_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
-            Ok((Framing::Chunked(_), false))
+            Ok((Framing::Body(BodyReader::Chunked(_)), false))
         ));
         assert!(matches!(
             frame_of(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\n"),
-            Ok((Framing::Length(3), false))
+            Ok((Framing::Body(BodyReader::Length(3)), false))
         ));
         assert!(matches!(
             frame_of(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"),
-            Ok((Framing::Close, false))
+            Ok((Framing::Body(BodyReader::Close), false))
         ));
         assert!(matches!(
             frame_of(b"HTTP/1.1 204 No Content\r\n\r\n"),
-            Ok((Framing::Empty, true))
+            Ok((Framing::Body(BodyReader::Done), true))
         ));
         assert!(
             frame_of(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").is_err()
@@ -600,7 +555,7 @@ mod tests {
             frame_of(
                 b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n"
             ),
-            Ok((Framing::Chunked(_), false))
+            Ok((Framing::Body(BodyReader::Chunked(_)), false))
         ));
         // Found by the property tests: hyper reads these until the connection closes,
         // so accepting them as chunked would frame the body differently.

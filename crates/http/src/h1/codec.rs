@@ -74,6 +74,7 @@ pub(crate) fn header_map(head: &Bytes, spans: &[Span], room: usize) -> Result<He
 }
 
 /// Where a chunked body's decoder is.
+#[derive(Debug)]
 pub(crate) enum Chunked {
     Size,
     Data(u64),

@@ -46,9 +46,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{
-    bare_lf, content_length, header_map, spans, take, BadLength, Chunked, Decoded, Length, Writer,
-    INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
+    bare_lf, header_map, spans, Length, Writer, INLINE_SPANS, MAX_HEAD, MAX_HEADERS,
 };
+use super::framing::{self, BodyReader, Framing, Role, Step};
 use crate::drain::Drain;
 use crate::idle::{Idlers, Keepalive};
 use crate::BoxError;
@@ -316,13 +316,6 @@ impl Body for RequestBody {
     }
 }
 
-/// What is left of a request body on the connection.
-enum Remaining {
-    Length(u64),
-    Chunked(Chunked),
-    Done,
-}
-
 /// Where an [`Upload`] leaves the connection's reading half when it ends or is
 /// dropped, for the connection's next request, with whether the body was read to its
 /// end (if not, the connection cannot go on).
@@ -331,7 +324,7 @@ type Handback = Arc<Mutex<Option<(Reader, bool)>>>;
 /// A request body read from the connection as it is polled.
 struct Upload {
     reader: Option<Reader>,
-    remaining: Remaining,
+    remaining: BodyReader,
     handback: Handback,
     stall: Stall,
     /// `Expect: 100-continue`: set when the body is first read from the connection,
@@ -400,35 +393,22 @@ impl Upload {
             let Some(reader) = self.reader.as_mut() else {
                 return Poll::Ready(None);
             };
-            let frame = match &mut self.remaining {
-                Remaining::Done | Remaining::Length(0) => None,
-                Remaining::Length(left) if !reader.buf.is_empty() => {
-                    Some(Frame::data(take(&mut reader.buf, left)))
-                }
-                Remaining::Length(_) => Some(Frame::data(Bytes::new())), // read below
-                Remaining::Chunked(state) => match state.decode(&mut reader.buf) {
-                    Ok(Decoded::Frame(f)) => Some(f),
-                    Ok(Decoded::End) => None,
-                    Ok(Decoded::NeedMore) => Some(Frame::data(Bytes::new())),
-                    Err(e) => return self.fail(format!("the client sent {e}")),
-                },
-            };
-            match frame {
-                None => {
-                    self.remaining = Remaining::Done;
-                    self.give_back(true);
-                    return Poll::Ready(None);
-                }
-                Some(f) if f.data_ref().is_none_or(|d| !d.is_empty()) => {
-                    if self.is_end_stream() {
+            match self.remaining.step(&mut reader.buf) {
+                Ok(Step::Frame(f)) => {
+                    if self.remaining.is_end() {
                         // The last bytes: the connection can go on to its next
                         // request even if this body is never polled again.
-                        self.remaining = Remaining::Done;
+                        self.remaining = BodyReader::Done;
                         self.give_back(true);
                     }
                     return Poll::Ready(Some(Ok(f)));
                 }
-                Some(_) => {}
+                Ok(Step::End) => {
+                    self.give_back(true);
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {}
+                Err(e) => return self.fail(format!("the client sent {e}")),
             }
             if let Some(wanted) = self.continue_wanted.take() {
                 wanted.store(true, Ordering::Release);
@@ -450,18 +430,13 @@ impl Upload {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reader.is_none()
-            || matches!(
-                self.remaining,
-                Remaining::Done | Remaining::Length(0) | Remaining::Chunked(Chunked::Done)
-            )
+        self.reader.is_none() || self.remaining.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.reader, &self.remaining) {
-            (Some(_), Remaining::Length(n)) => SizeHint::with_exact(*n),
-            (Some(_), Remaining::Chunked(_)) => SizeHint::default(),
-            _ => SizeHint::with_exact(0),
+        match &self.reader {
+            Some(_) => self.remaining.size_hint(),
+            None => SizeHint::with_exact(0),
         }
     }
 }
@@ -604,10 +579,7 @@ where
                 let handback = Handback::default();
                 let upload = Upload {
                     reader: reader.take(),
-                    remaining: match framing {
-                        Framing::Length(n) => Remaining::Length(n),
-                        Framing::Chunked => Remaining::Chunked(Chunked::Size),
-                    },
+                    remaining: BodyReader::new(framing),
                     handback: handback.clone(),
                     stall: Stall::new(settings.clocks.body),
                     continue_wanted: interim.wanted.clone(),
@@ -821,13 +793,6 @@ fn poll_head(
     }
 }
 
-/// How the request body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked,
-}
-
 /// A parsed request head.
 struct Head {
     request: Request<()>,
@@ -867,8 +832,7 @@ pub(crate) fn host_rule(version: Version, hosts: usize) -> Option<&'static str> 
 #[derive(Default)]
 struct Fields {
     hosts: usize,
-    length: Option<u64>,
-    chunked: bool,
+    framing: framing::Fields,
     close: bool,
     keep_alive: bool,
     upgrade: bool,
@@ -878,43 +842,10 @@ struct Fields {
 
 impl Fields {
     fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), Refusal> {
+        if self.framing.read(name, value).map_err(refusal)? {
+            return Ok(());
+        }
         match name.len() {
-            14 if name.eq_ignore_ascii_case(b"content-length") => {
-                content_length(value, &mut self.length).map_err(|bad| match bad {
-                    BadLength::Invalid => (
-                        StatusCode::BAD_REQUEST,
-                        format!(
-                            "the request has an invalid Content-Length {:?}",
-                            String::from_utf8_lossy(value)
-                        ),
-                    ),
-                    BadLength::Differ => (
-                        StatusCode::BAD_REQUEST,
-                        "the request has different Content-Length values".into(),
-                    ),
-                })?;
-            }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
-                for coding in value.split(|&b| b == b',') {
-                    let coding = coding.trim_ascii();
-                    if coding.is_empty() {
-                        return Err((
-                            StatusCode::BAD_REQUEST,
-                            "the request has an empty element in Transfer-Encoding".into(),
-                        ));
-                    }
-                    if !coding.eq_ignore_ascii_case(b"chunked") || self.chunked {
-                        return Err((
-                            StatusCode::NOT_IMPLEMENTED,
-                            format!(
-                                "the request uses the transfer coding {:?}; only one chunked is supported",
-                                String::from_utf8_lossy(value)
-                            ),
-                        ));
-                    }
-                    self.chunked = true;
-                }
-            }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 for token in value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
@@ -936,6 +867,11 @@ impl Fields {
         }
         Ok(())
     }
+}
+
+/// A request refused for its framing, with the status the rule gives.
+fn refusal(e: framing::FramingError) -> Refusal {
+    (e.status(), format!("the request has {e}"))
 }
 
 /// Whether `buf` may hold the end of a head (an empty line) after its first `from`
@@ -1018,32 +954,28 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut framing = Fields::default();
+    let mut fields = Fields::default();
     for f in req.headers.iter() {
-        if let Err((status, detail)) = framing.read(f.name.as_bytes(), f.value) {
+        if let Err((status, detail)) = fields.read(f.name.as_bytes(), f.value) {
             return Parse::Refused(status, detail);
         }
     }
     let base = buf.as_ptr() as usize;
-    if let Some(why) = host_rule(version, framing.hosts) {
+    if let Some(why) = host_rule(version, fields.hosts) {
         return refused(StatusCode::BAD_REQUEST, why);
     }
     let target = req.path.unwrap_or("/");
     let target_at = target.as_ptr() as usize - base;
     let target_span = (target_at, target_at + target.len());
     let encoded = super::codec::encode_target(target.as_bytes());
-    if framing.chunked && (framing.length.is_some() || version == Version::HTTP_10) {
-        return refused(
-            StatusCode::BAD_REQUEST,
-            if version == Version::HTTP_10 {
-                "an HTTP/1.0 request cannot use Transfer-Encoding"
-            } else {
-                "the request has both Transfer-Encoding and Content-Length; send one"
-            },
-        );
-    }
-    let bodiless = !framing.chunked && framing.length.unwrap_or(0) == 0;
-    if framing.upgrade && bodiless {
+    let framing = match fields.framing.decide(Role::Request, version) {
+        Ok((framing, _)) => framing,
+        Err(e) => {
+            let (status, detail) = refusal(e);
+            return Parse::Refused(status, detail);
+        }
+    };
+    if fields.upgrade && framing == Framing::Length(0) {
         // Checked like any head, and hyper is given it whole (its target encoded as
         // pillion's own requests' are): its answer decides whether the connection
         // leaves HTTP (101) or closes.
@@ -1082,24 +1014,20 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    if framing.upgrade {
+    if fields.upgrade {
         // An upgrade with a body: ignored (RFC 9110 7.8 lets a server stay), so that
         // no handler answers 101 on a connection whose body pillion is reading.
         request.headers_mut().remove(header::UPGRADE);
     }
     let keep_alive = match version {
-        Version::HTTP_11 => !framing.close,
-        _ => framing.keep_alive && !framing.close,
+        Version::HTTP_11 => !fields.close,
+        _ => fields.keep_alive && !fields.close,
     };
     Parse::Head(Head {
         request,
-        framing: if framing.chunked {
-            Framing::Chunked
-        } else {
-            Framing::Length(framing.length.unwrap_or(0))
-        },
+        framing,
         keep_alive,
-        expect_continue: framing.expect_continue && version == Version::HTTP_11,
+        expect_continue: fields.expect_continue && version == Version::HTTP_11,
     })
 }
 

@@ -17,7 +17,8 @@ use http_body_util::BodyExt;
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{accept_head, next_head, take, Decoded, Framing};
+use super::{accept_head, next_head, Framing};
+use crate::h1::framing::Step;
 
 /// What a reader made of an answer.
 #[derive(Debug, PartialEq)]
@@ -50,46 +51,27 @@ fn ours(input: &[u8], cuts: &[usize]) -> Result<Read, String> {
             None => return Err("closed before the head".into()),
         }
     };
-    let (mut framing, _) = accept_head(&mut head, &buf, false, false)?;
+    let (framing, _) = accept_head(&mut head, &buf, false, false)?;
+    let Framing::Body(mut reader) = framing else {
+        return Err("an upgrade, not asked for".into());
+    };
+    // The client's own body reader, fed the pieces as its connection would be.
     let mut body = Vec::new();
     let mut trailers = None;
-    let mut eof = false;
     loop {
-        let more = match &mut framing {
-            Framing::Empty | Framing::Length(0) | Framing::Upgrade => break,
-            Framing::Length(left) => {
-                let got = take(&mut buf, left);
-                body.extend_from_slice(&got);
-                got.is_empty()
-            }
-            Framing::Close if eof => {
-                body.extend_from_slice(&buf.split());
-                break;
-            }
-            Framing::Close => {
-                body.extend_from_slice(&buf.split());
-                true
-            }
-            Framing::Chunked(state) => match state.decode(&mut buf)? {
-                Decoded::Frame(f) => {
-                    match f.into_data() {
-                        Ok(d) => body.extend_from_slice(&d),
-                        Err(f) => trailers = f.into_trailers().ok(),
-                    }
-                    false
-                }
-                Decoded::End => break,
-                Decoded::NeedMore => true,
+        match reader.step(&mut buf)? {
+            Step::Frame(f) => match f.into_data() {
+                Ok(d) => body.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
             },
-        };
-        if more {
-            match pieces.next() {
+            Step::End => break,
+            Step::NeedMore => match pieces.next() {
                 Some(p) => buf.extend_from_slice(p),
-                None if eof || !matches!(framing, Framing::Close) => {
-                    return Err("closed before the end of the body".into())
+                None => {
+                    reader.closed()?;
+                    break;
                 }
-                None => eof = true,
-            }
+            },
         }
     }
     Ok(Read {
