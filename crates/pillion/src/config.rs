@@ -409,11 +409,17 @@ fn resolve_jwt(loaded: &Loaded) -> Result<Option<pillion_mesh::jwt::JwtConfig>, 
             issuer: args.jwt_issuer.clone(),
             audience: args.jwt_audience.clone(),
             required: args.jwt_required,
+            refresh: args.jwt_jwks_refresh.0,
         })),
         None => {
-            if let Some(id) = ["jwt_issuer", "jwt_audience", "jwt_required"]
-                .into_iter()
-                .find(|id| loaded.given(id))
+            if let Some(id) = [
+                "jwt_issuer",
+                "jwt_audience",
+                "jwt_required",
+                "jwt_jwks_refresh",
+            ]
+            .into_iter()
+            .find(|id| loaded.given(id))
             {
                 return Err(ConfigError::Invalid(format!(
                     "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",
