@@ -197,6 +197,9 @@ async fn post(
     let mut req = req
         .body(Outgoing::full(delivery.message.body.clone()))
         .map_err(|e| e.to_string())?;
+    // A message's headers are its publisher's; the app trusts identity headers only
+    // from pillion.
+    pillion_core::remove_identity(req.headers_mut());
     // The publisher's trace goes on to the app: the message kept its `traceparent`.
     let span = trace::hop(req.headers_mut()).map(|mut span| {
         span.set("http.request.method", "POST");

@@ -27,8 +27,25 @@ pub mod trace;
 pub mod url;
 
 /// The header naming the calling service to an app. Only a mesh listener sets it,
-/// from the caller's verified certificate; every other way into pillion removes it.
+/// from the caller's verified certificate.
 pub const CALLER_HEADER: &str = "x-pillion-caller";
+
+/// The header giving an app the subject (`sub`) of the caller's verified JWT. Only a
+/// JWT verifier sets it.
+pub const SUBJECT_HEADER: &str = "x-pillion-subject";
+
+/// The headers that tell an app who is calling. An app trusts them because only
+/// pillion sets them, so every request pillion's server receives, on every listener,
+/// and every message the broker pushes to an app, has a sender's copy removed
+/// ([`remove_identity`]) before pillion sets its own.
+pub const IDENTITY_HEADERS: [&str; 2] = [CALLER_HEADER, SUBJECT_HEADER];
+
+/// Removes every identity header (all their values) from `headers`.
+pub fn remove_identity(headers: &mut http::HeaderMap) {
+    for name in IDENTITY_HEADERS {
+        headers.remove(name);
+    }
+}
 
 pub use duration::Dur;
 pub use error::ApiError;

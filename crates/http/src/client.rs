@@ -1,6 +1,7 @@
 //! One-shot requests to a URL, over the same pools as calls to nodes: health checks
-//! of the app, etcd's gateway, peer sidecars. One [`Pool`] per authority, made on
-//! first use.
+//! of the app, etcd's gateway, peer sidecars, a JWKS URL, an ACME CA. One [`Pool`]
+//! per authority, made on first use. An answer read whole is read up to
+//! [`MAX_ANSWER`] bytes: a server that sends more cannot fill the sidecar's memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,42 @@ pub enum ClientError {
     Send(#[from] SendError),
     #[error("no answer within {}", pillion_core::duration::format(*.0))]
     Timeout(Duration),
+    #[error("the answer is larger than {} bytes", MAX_ANSWER)]
+    AnswerTooLarge,
+}
+
+/// The largest answer read whole. Health checks, peers' replies, etcd's answers, a
+/// JWKS and an ACME CA's documents are far smaller.
+pub const MAX_ANSWER: usize = 16 << 20;
+
+/// Checks that `url` is an absolute `http://` or `https://` URL with a host.
+pub fn check_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(format!(
+            "{url:?}: give an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+/// Reads a whole body of an answer, up to [`MAX_ANSWER`] bytes.
+pub async fn read_answer<B>(body: B) -> Result<Bytes, ClientError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, MAX_ANSWER)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ClientError::AnswerTooLarge),
+        Err(e) => {
+            Err(SendError::Protocol(format!("reading the answer: {}", crate::describe(&*e))).into())
+        }
+    }
 }
 
 pub struct Client {
@@ -140,37 +177,34 @@ impl Client {
     }
 
     /// `GET url`, the whole answer read within `timeout`.
-    pub async fn get(
-        &self,
-        url: &str,
-        timeout: Duration,
-    ) -> Result<(http::StatusCode, Bytes), ClientError> {
+    pub async fn get(&self, url: &str, timeout: Duration) -> Result<Response<Bytes>, ClientError> {
         let req = Request::get(url)
             .header(header::USER_AGENT, "pillion")
             .body(Outgoing::Full(None))
             .map_err(|_| ClientError::BadUrl(url.to_string()))?;
-        self.fetch(req, timeout).await
+        self.fetch_response(req, timeout).await
     }
 
-    /// Sends `req` and reads the whole answer, both within `timeout`.
+    /// Sends `req` and reads the whole answer (see [`read_answer`]), both within
+    /// `timeout`.
     pub async fn fetch(
         &self,
         req: Request<Outgoing>,
         timeout: Duration,
     ) -> Result<(http::StatusCode, Bytes), ClientError> {
-        use http_body_util::BodyExt;
+        let res = self.fetch_response(req, timeout).await?;
+        Ok((res.status(), res.into_body()))
+    }
+
+    /// [`Client::fetch`], with the answer's headers.
+    pub async fn fetch_response(
+        &self,
+        req: Request<Outgoing>,
+        timeout: Duration,
+    ) -> Result<Response<Bytes>, ClientError> {
         let attempt = async {
-            let res = self.send(req, timeout).await?;
-            let status = res.status();
-            let body = res
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| {
-                    SendError::Protocol(format!("reading the answer: {}", crate::describe(&*e)))
-                })?
-                .to_bytes();
-            Ok((status, body))
+            let (head, body) = self.send(req, timeout).await?.into_parts();
+            Ok(Response::from_parts(head, read_answer(body).await?))
         };
         tokio::time::timeout(timeout, attempt)
             .await

@@ -19,7 +19,8 @@
 //!   graceful drain.
 //! - [`stream`]: a connection to a node, plain or TLS (mTLS in the mesh), and the
 //!   [`stream::Connector`] that makes the TLS ones.
-//! - [`tls`]: HTTPS certificates for listeners, from files that are followed.
+//! - [`tls`]: HTTPS certificates for listeners, from files that are followed; a
+//!   renewal is checked with [`x509`] (its names, its validity) before it is served.
 //! - [`drain`]: the drain primitive that every connection registers with.
 //!
 //! It knows nothing of services, sessions or the registry: those crates use it.
@@ -38,6 +39,7 @@ pub mod stream;
 #[cfg(test)]
 mod testing;
 pub mod tls;
+pub mod x509;
 
 pub use client::Client;
 pub use error::{Blame, SendError};

@@ -76,7 +76,9 @@ pub struct TlsPeer {
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
 /// connections finish their requests for up to `grace`. A request that breaks RFC
-/// 9112 3.2 (see [`refuse`]) is answered 400 before any handler sees it.
+/// 9112 3.2 (see [`crate::h1::server::host_rule`]) is answered 400 before any
+/// handler sees it, and no handler sees a client's identity headers
+/// ([`pillion_core::IDENTITY_HEADERS`]).
 pub async fn serve<F, Fut, B>(
     listener: TcpListener,
     limits: Limits,
@@ -88,6 +90,12 @@ pub async fn serve<F, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Every way into pillion is a listener served here, so this is the one place that
+    // makes sure an identity header an app sees was set by pillion.
+    let handle = move |mut req: Request<RequestBody>, peer| {
+        pillion_core::remove_identity(req.headers_mut());
+        handle(req, peer)
+    };
     let drain = Drain::new();
     let idlers = Idlers::new();
     let hyper = Hyper::new(&limits);

@@ -4,11 +4,17 @@
 //! resolver and polls the files; a change (a renewal by certbot, a Kubernetes secret
 //! update) is loaded and used for the next handshakes, while connections already
 //! made keep theirs. A file that does not load (half written, a key that does not
-//! match) is logged and the certificate in use stays: a bad renewal never takes
-//! HTTPS down.
+//! match), a certificate already expired, or one that no longer names every DNS name
+//! of the certificate served at start, is refused: logged, shown by
+//! [`Certificates::status`] (in `/statusz`), and the certificate in use stays. A bad
+//! renewal never takes HTTPS down, nor goes unnoticed.
+//!
+//! The names a listener must keep serving are those of its first certificate: a
+//! `--listen` address is an IP and pillion knows no host names of its own, so that
+//! certificate is the operator's word on them. Serving other names takes a restart.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -58,8 +64,12 @@ impl CertFiles {
     /// Loads the files and keeps following them every `period`, for as long as the
     /// returned resolver is used. Must be called within a tokio runtime.
     pub fn watch(&self, period: Duration) -> Result<Arc<Certificates>, TlsError> {
+        let key = self.load()?;
         let current = Arc::new(Certificates {
-            key: ArcSwap::new(self.load()?),
+            names: leaf_names(&key),
+            key: ArcSwap::new(key),
+            files: self.clone(),
+            refused: Mutex::new(None),
         });
         let files = self.clone();
         let weak = Arc::downgrade(&current);
@@ -74,15 +84,24 @@ impl CertFiles {
                 if stamp == seen {
                     continue;
                 }
-                match files.load() {
+                match files.load().map_err(Refusal::Unloadable).and_then(|key| {
+                    current.check(&key, SystemTime::now())?;
+                    Ok(key)
+                }) {
                     Ok(key) => {
                         current.key.store(key);
+                        current.set_refused(None);
                         seen = stamp;
                         tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
                     }
-                    // Retried at the next look: the files may be half written.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS certificate not reloaded; the previous one stays")
+                    Err(refusal) => {
+                        tracing::warn!(error = %refusal, "TLS certificate not reloaded; the previous one stays");
+                        // Half-written files are looked at again; a whole certificate
+                        // that is wrong only when the files change again.
+                        if !matches!(refusal, Refusal::Unloadable(_)) {
+                            seen = stamp;
+                        }
+                        current.set_refused(Some(refusal.to_string()));
                     }
                 }
             }
@@ -101,10 +120,114 @@ impl CertFiles {
     }
 }
 
-/// The certificate handshakes use now.
+/// Why a renewed certificate is not served.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Unloadable(TlsError),
+    #[error("--tls-cert {}: {detail}", cert.display())]
+    Unreadable { cert: PathBuf, detail: &'static str },
+    #[error("--tls-cert {}: expired on {}", cert.display(), httpdate::fmt_http_date(*not_after))]
+    Expired {
+        cert: PathBuf,
+        not_after: SystemTime,
+    },
+    #[error("--tls-cert {}: not for {} (it names {}); the listener serves the names of the certificate it started with (restart pillion to change them)", cert.display(), missing.join(", "), if names.is_empty() { "no DNS name".to_string() } else { names.join(", ") })]
+    OtherNames {
+        cert: PathBuf,
+        missing: Vec<String>,
+        names: Vec<String>,
+    },
+}
+
+/// The certificate handshakes use now, and the files it comes from.
 #[derive(Debug)]
 pub struct Certificates {
     key: ArcSwap<CertifiedKey>,
+    files: CertFiles,
+    /// The DNS names of the certificate served at start: every renewal must keep them.
+    names: Vec<String>,
+    /// Why the files on disk are not what is served, while they are not.
+    refused: Mutex<Option<String>>,
+}
+
+/// What [`Certificates::status`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateStatus {
+    pub cert: PathBuf,
+    /// The DNS names of the certificate served.
+    pub names: Vec<String>,
+    /// When the certificate served expires, if that can be read.
+    pub not_after: Option<SystemTime>,
+    /// Why the files' current content is not served, if it is not.
+    pub refused: Option<String>,
+}
+
+impl Certificates {
+    /// What is served, and why a renewal was refused.
+    pub fn status(&self) -> CertificateStatus {
+        let key = self.key.load();
+        CertificateStatus {
+            cert: self.files.cert.clone(),
+            names: leaf_names(&key),
+            not_after: key
+                .end_entity_cert()
+                .ok()
+                .and_then(|leaf| crate::x509::validity(leaf))
+                .map(|(_, not_after)| not_after),
+            refused: self
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Whether a renewed `key` may replace the one served, at `now`.
+    fn check(&self, key: &CertifiedKey, now: SystemTime) -> Result<(), Refusal> {
+        let cert = self.files.cert.clone();
+        let leaf = key.end_entity_cert().map_err(|_| Refusal::Unreadable {
+            cert: cert.clone(),
+            detail: "no certificate in it",
+        })?;
+        let (_, not_after) = crate::x509::validity(leaf).ok_or(Refusal::Unreadable {
+            cert: cert.clone(),
+            detail: "its validity cannot be read",
+        })?;
+        if not_after <= now {
+            return Err(Refusal::Expired { cert, not_after });
+        }
+        let names = crate::x509::dns_names(leaf).ok_or(Refusal::Unreadable {
+            cert: cert.clone(),
+            detail: "its names cannot be read",
+        })?;
+        let missing: Vec<String> = self
+            .names
+            .iter()
+            .filter(|n| !names.contains(n))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Refusal::OtherNames {
+                cert,
+                missing,
+                names,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+}
+
+/// The DNS names of a certificate's leaf; none when they cannot be read.
+fn leaf_names(key: &CertifiedKey) -> Vec<String> {
+    key.end_entity_cert()
+        .ok()
+        .and_then(|leaf| crate::x509::dns_names(leaf))
+        .unwrap_or_default()
 }
 
 impl ResolvesServerCert for Certificates {

@@ -78,13 +78,9 @@ fn loop_detected(inv: &Invoker) -> Response<ProxyBody> {
 /// retried; larger ones stream and are sent once.
 const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
-/// Headers meant for this sidecar, removed before a call leaves, and the caller's
-/// name, which only the receiving mesh listener may set.
-const CONTROLS: [HeaderName; 3] = [
-    TIMEOUT,
-    RETRY,
-    HeaderName::from_static(pillion_core::CALLER_HEADER),
-];
+/// Headers meant for this sidecar, removed before a call leaves. (A caller's identity
+/// headers never got this far: the server removed them.)
+const CONTROLS: [HeaderName; 2] = [TIMEOUT, RETRY];
 
 fn outbound_headers(headers: HeaderMap, upgrade: bool) -> HeaderMap {
     relay::outbound_headers(headers, upgrade, &CONTROLS)

@@ -39,6 +39,12 @@ pub struct MeshConfig {
 /// The default life of a sidecar's certificate.
 pub const LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The shortest life a certificate may be given. Each is renewed at two thirds of
+/// its life, so a shorter one would have the sidecar issuing certificates instead of
+/// serving (a `1ms` typo renewed thousands of times a second); this floor is for
+/// tests, hours are usual.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(3);
+
 /// A failed renewal is tried again after this long (the certificate in use stays).
 const RETRY: Duration = Duration::from_secs(60);
 

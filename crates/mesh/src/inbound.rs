@@ -121,14 +121,13 @@ impl MeshInbound {
                 self.refused.fetch_add(1, Ordering::Relaxed);
                 return reply(e.to_api_error());
             }
-        } else {
-            req.headers_mut().remove(crate::jwt::SUBJECT);
         }
         let h2 = req.version() == Version::HTTP_2;
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let host = request_host(&parts);
-        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[CALLER]);
+        // The server removed the client's identity headers; these are pillion's.
+        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[]);
         if let Ok(v) = HeaderValue::from_str(&caller) {
             headers.insert(CALLER, v);
         }

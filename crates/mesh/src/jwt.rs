@@ -1,16 +1,21 @@
 //! JWT verification at the edge (`--jwt-jwks` on `--listen`, gateway mode).
 //!
-//! The keys come from a JWKS (a file, or an `http(s)://` URL); a token whose `kid` is
-//! unknown makes the set be read again (at most every [`REFRESH_GAP`]), so a key
-//! rotation at the identity provider needs no restart. Only RS256, ES256 and EdDSA
-//! are accepted, and a token's `alg` must be its key's: no algorithm confusion.
+//! The keys come from a JWKS (a file, or an `http(s)://` URL), read again every
+//! `--jwt-jwks-refresh` (or sooner, when the URL's `Cache-Control: max-age` says so),
+//! so a key the identity provider removed stops being trusted without a restart. A
+//! token whose `kid` is unknown makes the set be read at once (at most every
+//! [`REFRESH_GAP`]), so a new key is trusted from its first token. Only RS256, ES256
+//! and EdDSA are accepted, and a token's `alg` must be its key's: no algorithm
+//! confusion.
 //!
-//! A valid token gives the app `X-Pillion-Subject: <sub>`; that header is always
-//! removed from what the client sent, so only pillion can set it.
+//! A valid token gives the app `X-Pillion-Subject: <sub>`; pillion's server removes
+//! a client's copy of that header from every request, so only pillion can set it. A
+//! `sub` that cannot be a header value (a CR, an LF) is refused, not passed without
+//! one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,12 +25,14 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use pillion_core::error::ApiError;
 use tokio::time::Instant;
 
-use crate::fetch;
-
-pub const SUBJECT: &str = "x-pillion-subject";
 const ID: &str = "pillion.jwt";
 /// The least time between two reads of the key set caused by unknown `kid`s.
 pub const REFRESH_GAP: Duration = Duration::from_secs(10);
+/// The shortest wait between two periodic reads, whatever `max-age` says (`max-age=0`
+/// must not make pillion read the set in a loop).
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// How long one read of a JWKS URL may take.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Where the keys are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +45,7 @@ impl std::str::FromStr for Jwks {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if s.starts_with("http://") || s.starts_with("https://") {
-            fetch::check_url(s)?;
+            pillion_http::client::check_url(s)?;
             Ok(Jwks::Url(s.to_string()))
         } else if s.contains("://") {
             Err(format!("{s:?}: give a file or an http(s):// URL"))
@@ -64,6 +71,8 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     /// Refuse requests without a token (else they pass, without a subject).
     pub required: bool,
+    /// How often the key set is read again (`--jwt-jwks-refresh`).
+    pub refresh: Duration,
 }
 
 #[derive(Default)]
@@ -80,6 +89,8 @@ pub struct Verifier {
     keys: ArcSwap<Keys>,
     last_read: Mutex<Option<Instant>>,
     reading: tokio::sync::Mutex<()>,
+    /// Reads a JWKS URL (pillion's one HTTP client, which bounds the answer).
+    client: pillion_http::Client,
 }
 
 /// Why a request was refused.
@@ -106,34 +117,38 @@ impl JwtError {
 
 impl Verifier {
     /// Reads the key set once: a file that does not load is an error now; a URL that
-    /// does not answer is read again at the first token.
+    /// does not answer is read again at the first token. Then reads it periodically,
+    /// for as long as the verifier is used.
     pub async fn new(config: JwtConfig) -> Result<Arc<Verifier>, String> {
         let validations = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
             .into_iter()
             .map(|alg| (alg, validation(&config, alg)))
             .collect();
+        let tls = Arc::new(pillion_http::tls::system_client_config());
         let verifier = Arc::new(Verifier {
             validations,
             config,
             keys: ArcSwap::from_pointee(Keys::default()),
             last_read: Mutex::new(None),
             reading: tokio::sync::Mutex::new(()),
+            client: pillion_http::Client::with_tls(Default::default(), READ_DEADLINE, Some(tls)),
         });
-        match (verifier.read().await, &verifier.config.jwks) {
-            (Ok(()), _) => {}
+        let first = verifier.read().await;
+        let wait = verifier.next_read(&first);
+        match (first, &verifier.config.jwks) {
+            (Ok(_), _) => {}
             (Err(e), Jwks::File(_)) => return Err(format!("--jwt-jwks: {e}")),
             (Err(e), Jwks::Url(url)) => {
                 tracing::warn!(jwks = %url, error = %e, "JWKS not read yet; retried at the first token")
             }
         }
+        tokio::spawn(refresh(Arc::downgrade(&verifier), wait));
         Ok(verifier)
     }
 
-    /// Checks the request's token: `Ok(Some(sub))` for a valid one, `Ok(None)` for no
-    /// token when none is required. Removes any `X-Pillion-Subject` the client sent
-    /// and sets it from the token.
+    /// Checks the request's token: `Ok(Some(sub))` for a valid one, which sets
+    /// `X-Pillion-Subject`, `Ok(None)` for no token when none is required.
     pub async fn admit(&self, headers: &mut HeaderMap) -> Result<Option<String>, JwtError> {
-        headers.remove(SUBJECT);
         let token = match bearer(headers) {
             Some(t) => t.to_string(),
             None if self.config.required => return Err(JwtError::Missing),
@@ -149,9 +164,14 @@ impl Verifier {
             }
         }
         let sub = claims?;
-        if let Ok(value) = HeaderValue::from_str(&sub) {
-            headers.insert(SUBJECT, value);
-        }
+        // A subject the app cannot be told is no subject: passing the call without one
+        // would make a signed token look like an anonymous call.
+        let value = HeaderValue::from_bytes(sub.as_bytes()).map_err(|_| {
+            JwtError::Invalid(format!(
+                "its sub {sub:?} holds a control character (CR, LF, NUL...) and cannot be passed to the app"
+            ))
+        })?;
+        headers.insert(pillion_core::SUBJECT_HEADER, value);
         Ok(Some(sub))
     }
 
@@ -205,36 +225,106 @@ impl Verifier {
         Ok(true)
     }
 
-    async fn read(&self) -> Result<(), String> {
+    /// Reads the key set and trusts only its keys from now on; how soon the URL said
+    /// the set goes stale (`Cache-Control: max-age`), if it did.
+    async fn read(&self) -> Result<Option<Duration>, String> {
         *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        let bytes = match &self.config.jwks {
-            Jwks::File(path) => tokio::fs::read(path)
-                .await
-                .map_err(|e| format!("{}: {e}", path.display()))?,
-            Jwks::Url(url) => fetch::get(url, Duration::from_secs(5)).await?,
+        let (bytes, fresh_for) = match &self.config.jwks {
+            Jwks::File(path) => {
+                let bytes = tokio::fs::read(path)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                (bytes::Bytes::from(bytes), None)
+            }
+            Jwks::Url(url) => {
+                let answer = self
+                    .client
+                    .get(url, READ_DEADLINE)
+                    .await
+                    .map_err(|e| format!("{url}: {}", pillion_http::describe(&e)))?;
+                if !answer.status().is_success() {
+                    return Err(format!("{url}: answered {}", answer.status()));
+                }
+                let fresh_for = max_age(answer.headers());
+                (answer.into_body(), fresh_for)
+            }
         };
         let keys = parse(&bytes)?;
         tracing::info!(jwks = %self.config.jwks, keys = keys.by_kid.len() + keys.unnamed.len(), "JWKS read");
         self.keys.store(Arc::new(keys));
-        Ok(())
+        Ok(fresh_for)
+    }
+
+    /// How long until the next periodic read, after a read that ended so.
+    fn next_read(&self, read: &Result<Option<Duration>, String>) -> Duration {
+        match read {
+            Ok(Some(max_age)) => self.config.refresh.min(*max_age).max(MIN_REFRESH),
+            Ok(None) => self.config.refresh,
+            // The keys read before stay trusted meanwhile: an unreachable provider
+            // must not take every call down.
+            Err(_) => self.config.refresh.min(REFRESH_GAP),
+        }
     }
 }
 
+/// Reads the key set again after each `wait`, until the verifier is dropped.
+async fn refresh(verifier: Weak<Verifier>, mut wait: Duration) {
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(verifier) = verifier.upgrade() else {
+            return;
+        };
+        let read = {
+            let _one = verifier.reading.lock().await;
+            verifier.read().await
+        };
+        if let Err(e) = &read {
+            tracing::warn!(jwks = %verifier.config.jwks, error = %e, "JWKS not read again; the keys read before stay");
+        }
+        wait = verifier.next_read(&read);
+    }
+}
+
+/// The `max-age` of a `Cache-Control` header.
+fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|directive| {
+            let (name, value) = directive.trim().split_once('=')?;
+            name.eq_ignore_ascii_case("max-age")
+                .then(|| value.trim_matches('"').parse().ok())
+                .flatten()
+                .map(Duration::from_secs)
+        })
+}
+
 /// What a token signed with `alg` must satisfy: a 30 s leeway on `exp` and `nbf`,
-/// the issuer and audience given, and the claims pillion relies on.
+/// the claims pillion relies on, and the issuer and audience when they are
+/// configured: then the token must have them (jsonwebtoken checks only the ones a
+/// token has, so a token without `iss` would pass `--jwt-issuer`).
 fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
     let mut validation = Validation::new(alg);
     validation.leeway = 30;
     validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
     match &config.issuer {
-        Some(iss) => validation.set_issuer(&[iss]),
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
         None => validation.iss = None,
     }
     match &config.audience {
-        Some(aud) => validation.set_audience(&[aud]),
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
         None => validation.validate_aud = false,
     }
-    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.set_required_spec_claims(&required);
     validation
 }
 
@@ -283,4 +373,32 @@ fn parse(bytes: &[u8]) -> Result<Keys, String> {
         return Err("no RS256, ES256 or EdDSA key in the JWKS".into());
     }
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_age_is_read_from_any_cache_control_directive() {
+        let with = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::CACHE_CONTROL, HeaderValue::from_str(v).unwrap());
+            }
+            max_age(&headers)
+        };
+        assert_eq!(with(&["max-age=60"]), Some(Duration::from_secs(60)));
+        assert_eq!(
+            with(&["public, Max-Age=\"30\", must-revalidate"]),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            with(&["no-cache", "max-age=5"]),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(with(&["s-maxage=60"]), None);
+        assert_eq!(with(&["max-age=soon"]), None);
+        assert_eq!(with(&[]), None);
+    }
 }

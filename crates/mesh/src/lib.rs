@@ -4,12 +4,12 @@
 //!   certificates a sidecar issues itself with it.
 //! - [`identity`]: this sidecar's mesh identity, `spiffe://pillion/svc/<service>`,
 //!   renewed at two thirds of its life, and the mTLS configs that present it and
-//!   check the peer's; [`der`] reads the identity out of a certificate.
+//!   check the peer's; [`der`] reads the identity out of a certificate (with
+//!   [`pillion_http::x509`], which ACME uses too).
 //! - [`inbound`]: the mesh listener's side of a call: allow list, `X-Pillion-Caller`,
 //!   distributed JWT, and the forward to the app (HTTP or a TCP tunnel).
-//! - [`jwt`] verifies bearer tokens against a JWKS (a file or a URL, read again on an
-//!   unknown key) and hands the app the token's subject.
-//! - [`fetch`] reads one small document over HTTP or HTTPS (a JWKS URL).
+//! - [`jwt`] verifies bearer tokens against a JWKS (a file or a URL, read again
+//!   periodically and on an unknown key) and hands the app the token's subject.
 //! - [`acme`]: certificates for HTTPS on `--listen` from an ACME CA such as Let's
 //!   Encrypt, validated by TLS-ALPN-01 on that listener, cached and renewed.
 #![forbid(unsafe_code)]
@@ -17,7 +17,6 @@
 pub mod acme;
 pub mod ca;
 pub mod der;
-pub mod fetch;
 pub mod identity;
 pub mod inbound;
 pub mod jwt;

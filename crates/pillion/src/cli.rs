@@ -601,9 +601,19 @@ pub struct RunArgs {
     pub mesh_cert_lifetime: NonZeroDur,
 
     /// Verify bearer JWTs on --listen (and on --mesh-listen) against this JWKS: a file or an http(s) URL
-    /// (read again on an unknown kid). RS256, ES256 and EdDSA.
+    /// (read again periodically and on an unknown kid). RS256, ES256 and EdDSA.
     #[arg(long, env = "PILLION_JWT_JWKS", value_name = "FILE|URL")]
     pub jwt_jwks: Option<pillion_mesh::jwt::Jwks>,
+
+    /// How often the JWKS is read again, or sooner when the URL answers with a shorter
+    /// `Cache-Control: max-age`: a key removed from it stops being trusted then.
+    #[arg(
+        long,
+        default_value = "5m",
+        env = "PILLION_JWT_JWKS_REFRESH",
+        value_name = "DUR"
+    )]
+    pub jwt_jwks_refresh: NonZeroDur,
 
     /// The `iss` tokens must have (needs --jwt-jwks).
     #[arg(long, env = "PILLION_JWT_ISSUER", value_name = "ISSUER")]

@@ -299,6 +299,13 @@ impl Sidecar {
                 sidecar,
                 reason: reason(&e),
             },
+            ClientError::AnswerTooLarge => Error::Unexpected {
+                sidecar,
+                what: format!(
+                    "more than {} bytes, more than this client reads",
+                    pillion_http::client::MAX_ANSWER
+                ),
+            },
         }
     }
 

@@ -346,11 +346,20 @@ fn resolve_mesh(
     // Refused at start (and by `pillion check`) rather than at the first call.
     pillion_mesh::ca::Authority::load(&ca_cert, &ca_key)
         .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let lifetime = args.mesh_cert_lifetime.0;
+    if lifetime < pillion_mesh::identity::MIN_LIFETIME {
+        return invalid(format!(
+            "--mesh-cert-lifetime (mesh_cert_lifetime) {} is too short: a mesh certificate is renewed at two thirds of its life, so it must live at least {} (hours are usual; the default is {})",
+            pillion_core::duration::format(lifetime),
+            pillion_core::duration::format(pillion_mesh::identity::MIN_LIFETIME),
+            pillion_core::duration::format(pillion_mesh::identity::LIFETIME),
+        ));
+    }
     let identity = pillion_mesh::identity::MeshConfig {
         ca_cert,
         ca_key,
         service: service.0,
-        lifetime: args.mesh_cert_lifetime.0,
+        lifetime,
     };
     let Some(addr) = args.mesh_listen else {
         for id in ["mesh_advertise", "mesh_allow"] {
@@ -402,11 +411,17 @@ fn resolve_jwt(loaded: &Loaded) -> Result<Option<pillion_mesh::jwt::JwtConfig>, 
             issuer: args.jwt_issuer.clone(),
             audience: args.jwt_audience.clone(),
             required: args.jwt_required,
+            refresh: args.jwt_jwks_refresh.0,
         })),
         None => {
-            if let Some(id) = ["jwt_issuer", "jwt_audience", "jwt_required"]
-                .into_iter()
-                .find(|id| loaded.given(id))
+            if let Some(id) = [
+                "jwt_issuer",
+                "jwt_audience",
+                "jwt_required",
+                "jwt_jwks_refresh",
+            ]
+            .into_iter()
+            .find(|id| loaded.given(id))
             {
                 return Err(ConfigError::Invalid(format!(
                     "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",

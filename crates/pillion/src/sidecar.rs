@@ -57,6 +57,8 @@ struct Status {
     tcp: Arc<TcpProxy>,
     identity: Option<Arc<pillion_mesh::identity::Identity>>,
     acme: Option<Arc<pillion_mesh::acme::Acme>>,
+    /// HTTPS on --listen from --tls-cert/--tls-key.
+    certificates: Option<Arc<pillion_http::tls::Certificates>>,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
     dashboard: Arc<crate::dashboard::Recorder>,
     spans: Option<Arc<crate::otlp::ExportMetrics>>,
@@ -107,6 +109,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
 
     let acme = match settings.inbound.as_ref().and_then(|i| i.acme.clone()) {
         Some(config) => Some(pillion_mesh::acme::Acme::new(config).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let certificates = match settings.inbound.as_ref().and_then(|i| i.tls.as_ref()) {
+        Some(files) => Some(
+            files
+                .watch(settings.reload_period)
+                .map_err(|e| e.to_string())?,
+        ),
         None => None,
     };
     let identity = match &settings.mesh {
@@ -228,6 +238,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         tcp: tcp.clone(),
         identity: identity.clone(),
         acme: acme.clone(),
+        certificates: certificates.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
         spans: exporter.as_ref().map(|(_, _, m)| m.clone()),
     });
@@ -271,16 +282,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         shutdown.clone().begun(),
     ))];
     if let Some((inbound, listener)) = inbound {
-        let tls = match (
-            settings.inbound.as_ref().and_then(|i| i.tls.as_ref()),
-            &acme,
-        ) {
-            (Some(files), _) => {
-                let certificates = files
-                    .watch(settings.reload_period)
-                    .map_err(|e| e.to_string())?;
-                Some(pillion_http::tls::server_config(certificates))
-            }
+        let tls = match (&certificates, &acme) {
+            (Some(certificates), _) => Some(pillion_http::tls::server_config(certificates.clone())),
             (None, Some(acme)) => Some(acme.server_config()),
             (None, None) => None,
         };
@@ -444,6 +447,19 @@ async fn dashboard_data(State(status): State<Arc<Status>>) -> Response {
     ([(http::header::CACHE_CONTROL, "no-store")], Json(data)).into_response()
 }
 
+/// The certificate --listen serves from its files, and why a renewal of them was
+/// refused (`last_error`, until one is served).
+fn tls_status(status: &pillion_http::tls::CertificateStatus) -> serde_json::Value {
+    json!({
+        "cert": status.cert.display().to_string(),
+        "names": status.names,
+        "not_after_unix": status.not_after.and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs())
+        }),
+        "last_error": status.refused,
+    })
+}
+
 async fn status_json(status: &Status) -> serde_json::Value {
     let catalog = status.registry.catalog();
     let services: Vec<_> = catalog
@@ -473,6 +489,7 @@ async fn status_json(status: &Status) -> serde_json::Value {
         },
         "tcp": status.tcp.status().await,
         "acme": status.acme.as_ref().map(|acme| acme.status()),
+        "tls": status.certificates.as_ref().map(|c| tls_status(&c.status())),
         "mesh": status.identity.as_ref().map(|identity| {
             let mut mesh = identity.status();
             if let Some(inbound) = &status.mesh_inbound {

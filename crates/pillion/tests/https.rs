@@ -1,6 +1,7 @@
 //! HTTPS on --listen from certificate files: served over TLS (h2 and HTTP/1.1 by
 //! ALPN), a renewed certificate used by the next handshakes without a restart, open
-//! connections kept, and a broken renewal never taking HTTPS down.
+//! connections kept, and a broken, expired or misnamed renewal never taking HTTPS
+//! down, and said so in /statusz.
 
 mod common;
 
@@ -77,18 +78,14 @@ fn served_cert(stream: &TlsStream<TcpStream>) -> Vec<u8> {
     stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_on_listen_follows_its_certificate_files() {
-    let (one, two) = (temp("one"), temp("two"));
-    make_certificates(&one);
-    make_certificates(&two);
-    let live = temp("live");
+/// A sidecar serving HTTPS on --listen in front of `app` from `live`'s server.pem and
+/// server.key, copied from `first`'s and looked at every 200 ms; its port.
+fn https_from(first: &Path, live: &Path, app: &TestApp) -> (Sidecar, u16) {
     for f in ["server.pem", "server.key"] {
-        std::fs::copy(one.join(f), live.join(f)).unwrap();
+        std::fs::copy(first.join(f), live.join(f)).unwrap();
     }
-    let app = TestApp::start("app").await;
     let listen = free_port();
-    let _sc = Sidecar::start(&[
+    let sc = Sidecar::start(&[
         "--listen",
         &format!("127.0.0.1:{listen}"),
         "--app",
@@ -104,6 +101,36 @@ async fn https_on_listen_follows_its_certificate_files() {
         format!("127.0.0.1:{listen}").parse().unwrap(),
         Duration::from_secs(10)
     ));
+    (sc, listen)
+}
+
+/// Renews `live`'s files with `from`'s (the key first), then waits up to 5 s for new
+/// handshakes on `port` to get the new certificate; whether they did.
+async fn renewed_from(
+    from: &Path,
+    live: &Path,
+    tls: &tokio_rustls::TlsConnector,
+    port: u16,
+) -> bool {
+    std::fs::copy(from.join("server.key"), live.join("server.key")).unwrap();
+    std::fs::copy(from.join("server.pem"), live.join("server.pem")).unwrap();
+    let renewed = der(&from.join("server.pem"));
+    eventually(Duration::from_secs(5), || async {
+        connect(tls, port)
+            .await
+            .is_ok_and(|s| served_cert(&s) == renewed)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_on_listen_follows_its_certificate_files() {
+    let (one, two) = (temp("one"), temp("two"));
+    make_certificates(&one);
+    make_certificates(&two);
+    let live = temp("live");
+    let app = TestApp::start("app").await;
+    let (_sc, listen) = https_from(&one, &live, &app);
     let both = connector(&[&one.join("ca.pem"), &two.join("ca.pem")], &[b"http/1.1"]);
 
     let mut old = connect(&both, listen).await.unwrap();
@@ -165,18 +192,11 @@ async fn https_on_listen_follows_its_certificate_files() {
     assert!(!String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1 200"));
 
     // A renewal: the next handshakes get the new certificate, without a restart.
-    std::fs::copy(two.join("server.key"), live.join("server.key")).unwrap();
-    std::fs::copy(two.join("server.pem"), live.join("server.pem")).unwrap();
-    let renewed = der(&two.join("server.pem"));
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            connect(&both, listen)
-                .await
-                .is_ok_and(|s| served_cert(&s) == renewed)
-        })
-        .await,
+        renewed_from(&two, &live, &both, listen).await,
         "the renewed certificate was never served"
     );
+    let renewed = der(&two.join("server.pem"));
     // The connection made before keeps working.
     assert_eq!(get(&mut old, "/again").await, 200);
 
@@ -190,6 +210,92 @@ async fn https_on_listen_follows_its_certificate_files() {
     let mut after = connect(&both, listen).await.unwrap();
     assert_eq!(served_cert(&after), renewed);
     assert_eq!(get(&mut after, "/still").await, 200);
+    for dir in [one, two, live] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A self-signed certificate for `names` valid from `from` to `to` (UTC dates), written
+/// over `dir`'s server.pem and server.key, key first.
+fn renew_with(dir: &Path, names: &[&str], from: (i32, u8, u8), to: (i32, u8, u8)) {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_or_misnamed_renewal_is_refused_and_said_so() {
+    let (one, two) = (temp("first"), temp("good-renewal"));
+    make_certificates(&one);
+    make_certificates(&two);
+    let live = temp("refused");
+    let app = TestApp::start("app").await;
+    let (sc, listen) = https_from(&one, &live, &app);
+    let both = connector(&[&one.join("ca.pem"), &two.join("ca.pem")], &[b"http/1.1"]);
+    let first = der(&one.join("server.pem"));
+    let tls_status = || async {
+        pillion_testkit::http::get(&sc.url("/statusz"))
+            .await
+            .unwrap()
+            .json()["tls"]
+            .clone()
+    };
+    let status = tls_status().await;
+    assert_eq!(
+        status["names"],
+        serde_json::json!(["localhost"]),
+        "{status}"
+    );
+    assert!(status["last_error"].is_null(), "{status}");
+
+    let cases = [
+        (
+            "expired",
+            vec!["localhost"],
+            ((2020, 1, 1), (2021, 1, 1)),
+            "expired on",
+        ),
+        (
+            "for other names",
+            vec!["other.example"],
+            ((2020, 1, 1), (2049, 1, 1)),
+            "not for localhost",
+        ),
+    ];
+    for (what, names, (from, to), said) in cases {
+        renew_with(&live, &names, from, to);
+        let refused = eventually(Duration::from_secs(5), || async {
+            tls_status().await["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(said))
+        })
+        .await;
+        assert!(
+            refused,
+            "{what}: /statusz never said why: {}",
+            tls_status().await
+        );
+        let mut stream = connect(&both, listen).await.unwrap();
+        assert_eq!(
+            served_cert(&stream),
+            first,
+            "{what}: the old certificate stays"
+        );
+        assert_eq!(get(&mut stream, "/still").await, 200, "{what}");
+    }
+
+    // A good renewal is served, and the refusal is forgotten.
+    assert!(
+        renewed_from(&two, &live, &both, listen).await,
+        "the good renewal was never served"
+    );
+    assert!(tls_status().await["last_error"].is_null());
     for dir in [one, two, live] {
         let _ = std::fs::remove_dir_all(dir);
     }

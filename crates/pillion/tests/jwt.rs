@@ -1,7 +1,8 @@
 //! JWT at the edge (gateway mode): tokens signed with RS256, ES256 and EdDSA keys
 //! from a JWKS are verified on --listen; the app sees the subject, never a client's
-//! forgery of it; every bad token gets 401; a rotated key is found by reading the
-//! JWKS again.
+//! forgery of it; every bad token gets 401 (one without a configured claim, one whose
+//! subject cannot be a header); a rotated key is found by reading the JWKS again, and
+//! a removed one is no longer trusted after the periodic refresh.
 
 mod common;
 
@@ -115,9 +116,29 @@ fn good(sub: &str) -> serde_json::Value {
     serde_json::json!({"sub": sub, "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600})
 }
 
-fn write_jwks(path: &Path, signers: &[&Signer]) {
+/// A JWKS of these signers' public keys.
+fn jwks_body(signers: &[&Signer]) -> String {
     let keys: Vec<_> = signers.iter().map(|s| s.jwk.clone()).collect();
-    std::fs::write(path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    serde_json::json!({ "keys": keys }).to_string()
+}
+
+fn write_jwks(path: &Path, signers: &[&Signer]) {
+    std::fs::write(path, jwks_body(signers)).unwrap();
+}
+
+/// A gateway on --listen in front of `app` that checks tokens against the JWKS file
+/// `jwks`, for [`ISSUER`] and [`AUDIENCE`], with `extra` flags.
+fn gateway(app: &TestApp, jwks: &Path, extra: &[&str]) -> (common::Sidecar, std::net::SocketAddr) {
+    let jwks = jwks.to_str().unwrap();
+    let flags = [
+        "--jwt-jwks",
+        jwks,
+        "--jwt-issuer",
+        ISSUER,
+        "--jwt-audience",
+        AUDIENCE,
+    ];
+    inbound(&app.url(), &[&flags[..], extra].concat())
 }
 
 /// GET through the gateway with these headers: (status, what the app saw or the error).
@@ -140,18 +161,7 @@ async fn the_gateway_verifies_tokens_and_tells_the_app_who_called() {
     let jwks = d.join("jwks.json");
     write_jwks(&jwks, &[&rsa, &ec, &ed]);
     let app = TestApp::start("app").await;
-    let (_sc, addr) = inbound(
-        &app.url(),
-        &[
-            "--jwt-jwks",
-            jwks.to_str().unwrap(),
-            "--jwt-issuer",
-            ISSUER,
-            "--jwt-audience",
-            AUDIENCE,
-            "--jwt-required",
-        ],
-    );
+    let (_sc, addr) = gateway(&app, &jwks, &["--jwt-required"]);
     for (signer, sub) in [(&rsa, "alice"), (&ec, "bob"), (&ed, "carol")] {
         let auth = format!("Bearer {}", token(signer, good(sub)));
         let (status, seen) = call(
@@ -213,6 +223,110 @@ async fn the_gateway_verifies_tokens_and_tells_the_app_who_called() {
     assert_eq!(status, 200, "{seen}");
     assert_eq!(seen["headers"]["x-pillion-subject"], "dave");
     let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_claim_is_required_and_a_subject_with_a_line_break_is_refused() {
+    let d = dir("claims");
+    let ed = ed25519("ed-1");
+    let jwks = d.join("jwks.json");
+    write_jwks(&jwks, &[&ed]);
+    let app = TestApp::start("app").await;
+    let (_sc, addr) = gateway(&app, &jwks, &[]);
+    let without = |claim: &str| {
+        let mut claims = good("alice");
+        claims.as_object_mut().unwrap().remove(claim);
+        format!("Bearer {}", token(&ed, claims))
+    };
+    let cases = [
+        ("no iss", without("iss"), "iss"),
+        ("no aud", without("aud"), "aud"),
+        (
+            "CR LF in sub",
+            format!(
+                "Bearer {}",
+                token(&ed, good("alice\r\nx-pillion-caller: billing"))
+            ),
+            "sub",
+        ),
+        (
+            "LF in sub",
+            format!("Bearer {}", token(&ed, good("alice\nadmin"))),
+            "sub",
+        ),
+    ];
+    for (what, auth, named) in cases {
+        let (status, body) = call(addr, &[("authorization", &auth)]).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["id"], "pillion.jwt", "{what}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(named), "{what}: {body}");
+    }
+    assert_eq!(app.requests(), 0, "no refused call reached the app");
+    let auth = format!("Bearer {}", token(&ed, good("alice")));
+    let (status, seen) = call(addr, &[("authorization", &auth)]).await;
+    assert_eq!(status, 200, "every configured claim present: {seen}");
+    assert_eq!(seen["headers"]["x-pillion-subject"], "alice");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_removed_from_the_jwks_stops_being_trusted_at_the_next_refresh() {
+    let (kept, removed) = (ed25519("ed-kept"), ed25519("ed-removed"));
+    let both = jwks_body(&[&kept, &removed]);
+    let app = TestApp::start("app").await;
+    // One sidecar refreshes every second by its flag; the other keeps the default of
+    // minutes, but its URL says `max-age=1`.
+    let by_flag =
+        common::Document::serve(&[("content-type", "application/json")], both.clone()).await;
+    let by_max_age = common::Document::serve(&[("cache-control", "public, max-age=1")], both).await;
+    let (_a, flag_addr) = inbound(
+        &app.url(),
+        &[
+            "--jwt-jwks",
+            &by_flag.url("/jwks.json"),
+            "--jwt-jwks-refresh",
+            "1s",
+        ],
+    );
+    let (_b, max_age_addr) = inbound(&app.url(), &["--jwt-jwks", &by_max_age.url("/jwks.json")]);
+    let bearer = |signer: &Signer| format!("Bearer {}", token(signer, good("alice")));
+    for addr in [flag_addr, max_age_addr] {
+        for signer in [&kept, &removed] {
+            let (status, seen) = call(addr, &[("authorization", &bearer(signer))]).await;
+            assert_eq!(status, 200, "{}: {seen}", signer.kid);
+        }
+    }
+
+    by_flag.set(&[("content-type", "application/json")], jwks_body(&[&kept]));
+    by_max_age.set(
+        &[("cache-control", "public, max-age=1")],
+        jwks_body(&[&kept]),
+    );
+    for (what, addr) in [
+        ("--jwt-jwks-refresh 1s", flag_addr),
+        ("max-age=1", max_age_addr),
+    ] {
+        let revoked = common::eventually(std::time::Duration::from_secs(10), || async {
+            call(addr, &[("authorization", &bearer(&removed))]).await.0 == 401
+        })
+        .await;
+        assert!(
+            revoked,
+            "{what}: the removed key was still trusted after 10 s"
+        );
+        let (status, body) = call(addr, &[("authorization", &bearer(&removed))]).await;
+        assert_eq!(body["id"], "pillion.jwt", "{what}: {body}");
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("ed-removed"),
+            "{what}: {status} {body}"
+        );
+        let (status, seen) = call(addr, &[("authorization", &bearer(&kept))]).await;
+        assert_eq!(status, 200, "{what}: the kept key still works: {seen}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,3 +424,33 @@ fn mesh_options_that_cannot_work_are_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn a_certificate_lifetime_too_short_to_renew_is_refused_at_start() {
+    let ca = mesh_ca("lifetime");
+    let mut pillion = std::process::Command::new(common::BIN)
+        .args(["run", "--address", "127.0.0.1:0"])
+        .args(mesh_flags(&ca, "orders"))
+        .args(["--mesh-cert-lifetime", "1ms"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A sidecar that accepted it would run (renewing without pause): stop it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pillion.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = pillion.kill();
+            panic!("pillion started with --mesh-cert-lifetime 1ms");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = pillion.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--mesh-cert-lifetime")
+            && err.contains("1ms is too short")
+            && err.contains("at least 3s"),
+        "{err}"
+    );
+}

@@ -386,3 +386,22 @@ async fn service_health_checks_every_node_and_names_the_failing_ones() {
     let reply = get(&sc.url("/health/")).await.unwrap();
     assert_eq!(reply.status, 400, "{}", reply.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_answer_larger_than_pillion_reads_is_a_failure() {
+    let sc = Sidecar::start(&[]);
+    let huge = vec![b'x'; pillion_http::client::MAX_ANSWER + 1];
+    let node = common::Document::serve(&[], huge).await;
+    common::register(
+        &sc,
+        "pay",
+        "pay-huge",
+        &node.addr.to_string(),
+        &[("health", "/health")],
+    )
+    .await;
+    let reply = get(&sc.url("/health/pay")).await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["unhealthy"], serde_json::json!(["pay-huge"]));
+    assert!(reply.text().contains("larger than"), "{}", reply.text());
+}

@@ -937,12 +937,9 @@ impl Gateway {
         let attempt = async {
             let res = self.send(path, &body).await?;
             let status = res.status();
-            let bytes = res
-                .into_body()
-                .collect()
+            let bytes = pillion_http::client::read_answer(res.into_body())
                 .await
-                .map_err(|e| GatewayError::Unreachable(describe(&*e)))?
-                .to_bytes();
+                .map_err(|e| GatewayError::Unreachable(describe(&e)))?;
             if !status.is_success() {
                 return Err(GatewayError::from_answer(status, &bytes));
             }

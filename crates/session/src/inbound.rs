@@ -252,12 +252,9 @@ impl Inbound {
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let host = request_host(&parts);
-        // Only a mesh listener names the caller; a client's claim is removed.
-        let mut headers = outbound_headers(
-            parts.headers,
-            upgrade.is_some(),
-            &[HeaderName::from_static(pillion_core::CALLER_HEADER)],
-        );
+        // A client's identity headers were removed by the server; the JWT verifier in
+        // front of this may have set the subject since.
+        let mut headers = outbound_headers(parts.headers, upgrade.is_some(), &[]);
         cfg.scheme.strip(&mut headers);
         match &loaded {
             Loaded::Known(_, data) => cfg.scheme.inject(&mut headers, data),

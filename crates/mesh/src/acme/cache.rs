@@ -45,8 +45,9 @@ impl Certificate {
             .map_err(|e| format!("the certificate chain: {e}"))?;
         let leaf = chain.first().ok_or("no PEM certificate in the chain")?;
         let (not_before, not_after) =
-            crate::der::validity(leaf).ok_or("the certificate's validity is unreadable")?;
-        let names = crate::der::dns_names(leaf).ok_or("the certificate's names are unreadable")?;
+            pillion_http::x509::validity(leaf).ok_or("the certificate's validity is unreadable")?;
+        let names =
+            pillion_http::x509::dns_names(leaf).ok_or("the certificate's names are unreadable")?;
         let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("the key: {e}"))?;
         Ok(Certificate {
             key: super::challenge::certified(chain, key)?,

@@ -254,7 +254,7 @@ mod tests {
         let key = certificate("test.example", &digest).unwrap();
         let der = key.cert[0].as_ref();
         assert_eq!(
-            crate::der::dns_names(der).unwrap(),
+            pillion_http::x509::dns_names(der).unwrap(),
             ["test.example"],
             "the domain is the only name"
         );

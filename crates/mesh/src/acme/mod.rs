@@ -112,7 +112,7 @@ pub fn check_domain(name: &str) -> Result<String, String> {
 
 /// Checks a `--acme-directory`: an `https://` URL.
 pub fn check_directory(url: &str) -> Result<String, String> {
-    let uri = crate::fetch::check_url(url)?;
+    let uri = pillion_http::client::check_url(url)?;
     if uri.scheme_str() != Some("https") {
         return Err(format!(
             "{url:?}: an ACME directory is an https:// URL (such as {LETS_ENCRYPT})"

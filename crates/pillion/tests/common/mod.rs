@@ -315,3 +315,79 @@ pub fn statuses(raw: &str) -> Vec<&str> {
         .filter(|code| code.bytes().all(|b| b.is_ascii_digit()))
         .collect()
 }
+
+/// An HTTP server on a loopback port that answers every request with one document,
+/// whose headers and body the test changes at will: a JWKS URL, a health path.
+pub struct Document {
+    pub addr: SocketAddr,
+    content: std::sync::Arc<std::sync::Mutex<Content>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`Document`] answers.
+#[derive(Clone, Default)]
+struct Content {
+    headers: Vec<(String, String)>,
+    body: bytes::Bytes,
+}
+
+impl Document {
+    pub async fn serve(headers: &[(&str, &str)], body: impl Into<bytes::Bytes>) -> Document {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let content = std::sync::Arc::new(std::sync::Mutex::new(Content::default()));
+        let served = content.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let served = served.clone();
+                let answer = hyper::service::service_fn(move |_req| {
+                    let Content { headers, body } = served.lock().unwrap().clone();
+                    let mut res = http::Response::new(http_body_util::Full::new(body));
+                    for (k, v) in headers {
+                        res.headers_mut().append(
+                            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                            v.parse().unwrap(),
+                        );
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(res) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), answer),
+                );
+            }
+        });
+        let document = Document {
+            addr,
+            content,
+            task,
+        };
+        document.set(headers, body);
+        document
+    }
+
+    /// What the next requests get.
+    pub fn set(&self, headers: &[(&str, &str)], body: impl Into<bytes::Bytes>) {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        *self.content.lock().unwrap() = Content {
+            headers,
+            body: body.into(),
+        };
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Document {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
