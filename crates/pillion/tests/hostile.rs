@@ -314,3 +314,66 @@ async fn an_upgrade_not_answered_101_closes_the_connection() {
         );
     }
 }
+
+/// A raw HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HTTP/2 peer that vanished without closing stops answering PINGs: it is found
+/// and closed, though a stream of its is still open (so the idle clock never runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_peer_that_stops_answering_pings_is_closed() {
+    let app = TestApp::start("app").await;
+    let (_sc, listen) = inbound(&app.url(), &["--idle-timeout", "2s"]);
+    let mut s = TcpStream::connect(listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // HPACK: :method GET, :scheme http (static table), :path and :authority
+    // literal with an indexed name.
+    let path = b"/slow/hang";
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"127.0.0.1");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    hello.extend(h2_frame(0x1, 0x5, 1, &block)); // END_STREAM | END_HEADERS
+    s.write_all(&hello).unwrap();
+    let started = Instant::now();
+    let (mut buf, mut seen, mut pings, mut settings_acked) = (Vec::new(), [0u8; 4096], 0, false);
+    let closed = loop {
+        match s.read(&mut seen) {
+            Ok(0) => break true,
+            Ok(n) => buf.extend_from_slice(&seen[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("the peer was not closed within 20 s ({pings} PINGs): {e}"),
+        }
+        // Count the server's frames; acknowledge its SETTINGS, never its PINGs.
+        while buf.len() >= 9 {
+            let len = (buf[0] as usize) << 16 | (buf[1] as usize) << 8 | buf[2] as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            if kind == 0x6 && flags & 1 == 0 {
+                pings += 1;
+            }
+            if kind == 0x4 && flags & 1 == 0 && !settings_acked {
+                s.write_all(&h2_frame(0x4, 1, 0, &[])).unwrap();
+                settings_acked = true;
+            }
+            buf.drain(..9 + len);
+        }
+    };
+    assert!(closed);
+    assert!(pings >= 1, "no PING was sent before the close");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "closed before a PING could go unanswered: {:?}",
+        started.elapsed()
+    );
+}
