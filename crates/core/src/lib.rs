@@ -49,5 +49,5 @@ pub fn remove_identity(headers: &mut http::HeaderMap) {
 
 pub use duration::Dur;
 pub use error::ApiError;
-pub use service::{Node, Service, ServiceError};
+pub use service::{Node, NodeProtocol, Service, ServiceError};
 pub use size::Size;

@@ -2,9 +2,32 @@
 //! them.
 //!
 //! Input is lenient where micro clients differ (`"Name"` or `"name"`, an address with
-//! its port or a separate `"port"`) and strict where a mistake would be silent: unknown
-//! keys, a node without an id or a port, two nodes with one id. Output is always lower
-//! case.
+//! its port or a separate `"port"`, `null` for an empty field) and strict where a
+//! mistake would be silent: unknown keys, a node without an id or a port, two nodes
+//! with one id. Output is always lower case, with `address` and `port` in the shape
+//! they were registered in.
+//!
+//! go-micro's registry types, which Go apps marshal and send (go-micro
+//! `registry/service.go`, identical from v0.1 to v1.9; v1.10 dropped `Port`):
+//!
+//! ```go
+//! type Service struct {
+//!     Name      string            `json:"name"`
+//!     Version   string            `json:"version"`
+//!     Metadata  map[string]string `json:"metadata"`
+//!     Endpoints []*Endpoint       `json:"endpoints"`
+//!     Nodes     []*Node           `json:"nodes"`
+//! }
+//! type Node struct {
+//!     Id       string            `json:"id"`
+//!     Address  string            `json:"address"`
+//!     Port     int               `json:"port"`
+//!     Metadata map[string]string `json:"metadata"`
+//! }
+//! ```
+//!
+//! `encoding/json` writes a nil map, slice or pointer as `null`, so an app with no
+//! metadata sends `"metadata":null`; such a field is taken as absent (`drop_nulls`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -58,7 +81,8 @@ impl Service {
     /// Decodes a service from micro-compatible JSON, with keys in any case, and
     /// validates it (see [`Service::validate`]).
     pub fn from_json(body: &[u8]) -> Result<Service, ServiceError> {
-        let value = crate::json::parse(body)?;
+        let mut value = crate::json::parse(body)?;
+        drop_nulls(&mut value);
         let value = lowercase_keys(value)?;
         let service: Service =
             serde_json::from_value(value).map_err(|e| ServiceError::Invalid(e.to_string()))?;
@@ -106,7 +130,7 @@ impl Service {
             if node.address.trim().is_empty() {
                 return invalid(format!("nodes[{i}].address is missing"));
             }
-            if node.port == 0 && split_port(&node.address).is_none() {
+            if node.port == 0 && split_host_port(&node.address).is_none() {
                 return invalid(format!(
                     "nodes[{i}].address {:?} has no port: give \"host:port\" or a separate \"port\"",
                     node.address
@@ -166,6 +190,21 @@ impl Service {
 pub const MESH_METADATA: &str = "mesh";
 
 impl Node {
+    /// A node at `host:port`, registered the way micro's sidecar registered its app
+    /// (micro v0.7 `car/car.go`, `run`: split at the last `:`): the host in `address`,
+    /// the port apart, so a client that reads `address` and `port` separately dials the
+    /// right port. An address without a port is kept whole (and refused by
+    /// [`Service::validate`]).
+    pub fn at(id: String, host_port: &str, metadata: BTreeMap<String, String>) -> Node {
+        let (address, port) = split_host_port(host_port).unwrap_or((host_port, 0));
+        Node {
+            id,
+            address: address.to_string(),
+            port,
+            metadata,
+        }
+    }
+
     /// `host:port` of the node's mesh listener, when it has one.
     pub fn mesh(&self) -> Option<&str> {
         self.metadata.get(MESH_METADATA).map(String::as_str)
@@ -185,13 +224,15 @@ impl Node {
     }
 }
 
-/// The port of `host:port` / `[v6]:port`, if there is one.
-fn split_port(address: &str) -> Option<u16> {
+/// The host and port of `host:port` / `[v6]:port` (the brackets kept, as micro kept
+/// them), if there is a port.
+fn split_host_port(address: &str) -> Option<(&str, u16)> {
     let (host, port) = address.rsplit_once(':')?;
     if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
         return None; // a bare IPv6 address: its last group is not a port
     }
-    port.parse::<u16>().ok().filter(|p| *p != 0)
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    Some((host, port))
 }
 
 // Limits of one registration. They are the same on every registry backend, so that a
@@ -247,15 +288,50 @@ fn check_segment(what: &str, value: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// The values of the `protocol` metadata key that callers can speak to a node.
+/// What a node speaks, as the `protocol` key of its (or its service's) metadata
+/// declares it: pillion's values and go-micro's. How each is called is the invoker's
+/// decision (`pillion_invoke::Protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeProtocol {
+    /// pillion's: HTTP/1.1 only.
+    Http1,
+    /// pillion's: HTTP/2 with prior knowledge.
+    H2c,
+    /// go-micro's HTTP server (plain `net/http`).
+    Http,
+    /// go-micro v1's gRPC server (`server/grpc/grpc.go` registers `protocol=grpc`).
+    Grpc,
+    /// go-micro v1's RPC server (`server/rpc_server.go` registers `protocol=mucp`).
+    Mucp,
+}
+
+impl NodeProtocol {
+    /// The accepted values, as error messages list them.
+    pub const VALUES: &'static str = "http1, h2c, http, grpc or mucp";
+
+    /// The protocol a metadata value names, in any case.
+    pub fn parse(value: &str) -> Option<NodeProtocol> {
+        [
+            ("http1", NodeProtocol::Http1),
+            ("h2c", NodeProtocol::H2c),
+            ("http", NodeProtocol::Http),
+            ("grpc", NodeProtocol::Grpc),
+            ("mucp", NodeProtocol::Mucp),
+        ]
+        .into_iter()
+        .find(|(name, _)| value.eq_ignore_ascii_case(name))
+        .map(|(_, protocol)| protocol)
+    }
+}
+
+/// The `protocol` metadata key, when given, must name a [`NodeProtocol`].
 fn check_protocol(what: &str, metadata: &BTreeMap<String, String>) -> Result<(), ServiceError> {
     match metadata.get("protocol") {
-        Some(p) if !p.eq_ignore_ascii_case("http1") && !p.eq_ignore_ascii_case("h2c") => {
-            Err(ServiceError::Invalid(format!(
-                "unknown protocol {} in {what}: use http1 or h2c",
-                shown(p)
-            )))
-        }
+        Some(p) if NodeProtocol::parse(p).is_none() => Err(ServiceError::Invalid(format!(
+            "unknown protocol {} in {what}: use {}",
+            shown(p),
+            NodeProtocol::VALUES
+        ))),
         _ => Ok(()),
     }
 }
@@ -266,6 +342,21 @@ fn shown(value: &str) -> String {
     match value.char_indices().nth(SHOWN) {
         Some((end, _)) => format!("{:?}...", &value[..end]),
         None => format!("{value:?}"),
+    }
+}
+
+/// Removes every key whose value is `null`, in every object at every depth (the
+/// service, its nodes, endpoints and metadata): go-micro's apps send `null` for an
+/// empty field, and it means the field is absent. A `null` where a value is required
+/// (`"name":null`) is then reported as missing; any other wrong type is still refused.
+fn drop_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(drop_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
     }
 }
 
@@ -355,11 +446,11 @@ mod tests {
             ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h:1","metadata":{"protocol":"http3"}}]}"#,
-                "unknown protocol \"http3\" in nodes[0].metadata: use http1 or h2c",
+                "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, http, grpc or mucp",
             ),
             (
-                br#"{"name":"a","metadata":{"protocol":"grpc"},"nodes":[]}"#,
-                "unknown protocol \"grpc\" in metadata: use http1 or h2c",
+                br#"{"name":"a","metadata":{"protocol":"jsonrpc2"},"nodes":[]}"#,
+                "unknown protocol \"jsonrpc2\" in metadata: use http1, h2c, http, grpc or mucp",
             ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h"}]}"#,
@@ -497,12 +588,100 @@ mod tests {
     }
 
     #[test]
-    fn protocol_metadata_is_http1_or_h2c_in_any_case() {
-        for p in ["http1", "HTTP1", "h2c", "H2C"] {
+    fn protocol_metadata_is_pillion_s_or_go_micro_s_in_any_case() {
+        let cases = [
+            ("http1", NodeProtocol::Http1),
+            ("HTTP1", NodeProtocol::Http1),
+            ("h2c", NodeProtocol::H2c),
+            ("H2C", NodeProtocol::H2c),
+            ("http", NodeProtocol::Http),
+            ("grpc", NodeProtocol::Grpc),
+            ("mucp", NodeProtocol::Mucp),
+            ("MUCP", NodeProtocol::Mucp),
+        ];
+        for (p, want) in cases {
             let body = format!(
-                r#"{{"name":"a","nodes":[{{"id":"1","address":"h:1","metadata":{{"protocol":"{p}"}}}}]}}"#
+                r#"{{"name":"a","metadata":{{"protocol":"{p}"}},"nodes":[{{"id":"1","address":"h:1","metadata":{{"protocol":"{p}"}}}}]}}"#
             );
             Service::from_json(body.as_bytes()).unwrap();
+            assert_eq!(NodeProtocol::parse(p), Some(want), "{p}");
         }
+        assert_eq!(NodeProtocol::parse("http2"), None);
+    }
+
+    /// What go-micro v0.x/v1.x's `json.Marshal(&registry.Service{...})` sends for a
+    /// service with one node and nothing else set.
+    #[test]
+    fn go_micro_s_nulls_are_absent_fields_at_every_level() {
+        let body = br#"{"name":"go.micro.srv.greeter","version":"","metadata":null,
+            "endpoints":[{"name":"Say.Hello","request":null,"response":{"name":"Response","type":"Response","values":null},"metadata":null}],
+            "nodes":[{"id":"greeter-1","address":"10.0.0.1","port":9090,"metadata":null}]}"#;
+        let s = Service::from_json(body).unwrap();
+        assert!(s.metadata.is_empty());
+        assert_eq!(s.nodes[0].endpoint(), "10.0.0.1:9090");
+        assert!(s.nodes[0].metadata.is_empty());
+        assert_eq!(
+            serde_json::to_value(&s).unwrap(),
+            serde_json::json!({"name":"go.micro.srv.greeter",
+                "endpoints":[{"name":"Say.Hello","response":{"name":"Response","type":"Response"}}],
+                "nodes":[{"id":"greeter-1","address":"10.0.0.1","port":9090}]})
+        );
+        let all_null = br#"{"Name":"a","Version":null,"Metadata":null,"Endpoints":null,
+            "Nodes":[{"Id":"1","Address":"h:1","Port":null,"Metadata":{"zone":null,"region":"r"}}]}"#;
+        let s = Service::from_json(all_null).unwrap();
+        assert_eq!(s.nodes[0].endpoint(), "h:1");
+        assert_eq!(
+            s.nodes[0].metadata,
+            BTreeMap::from([("region".into(), "r".into())])
+        );
+        Service::from_json(br#"{"name":"a","nodes":null}"#).unwrap();
+    }
+
+    #[test]
+    fn null_is_absent_but_other_wrong_types_are_still_refused() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"name":null}"#, "missing field `name`"),
+            (
+                br#"{"name":"a","nodes":[{"id":null,"address":"h:1"}]}"#,
+                "missing field `id`",
+            ),
+            (br#"{"name":"a","nodes":[null]}"#, "invalid type: null"),
+            (br#"{"name":"a","metadata":[]}"#, "invalid type: sequence"),
+            (
+                br#"{"name":"a","metadata":{"k":1}}"#,
+                "invalid type: integer",
+            ),
+            (
+                br#"{"name":"a","nodes":[{"id":"1","address":"h","port":"80"}]}"#,
+                "invalid type: string",
+            ),
+            (br#"{"name":"a","endpoints":{}}"#, "invalid type: map"),
+        ];
+        for (body, want) in cases {
+            let err = Service::from_json(body).unwrap_err().to_string();
+            assert!(
+                err.contains(want),
+                "{}: got {err:?}, want {want:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_at_host_port_is_registered_as_micro_registered_it() {
+        let at = |hp: &str| Node::at("n".into(), hp, BTreeMap::new());
+        let cases = [
+            ("127.0.0.1:9090", "127.0.0.1", 9090),
+            ("svc.local:80", "svc.local", 80),
+            ("[::1]:9090", "[::1]", 9090),
+            ("::1", "::1", 0),
+            ("h", "h", 0),
+        ];
+        for (hp, address, port) in cases {
+            let node = at(hp);
+            assert_eq!((node.address.as_str(), node.port), (address, port), "{hp}");
+        }
+        assert_eq!(at("[::1]:9090").endpoint(), "[::1]:9090");
+        assert_eq!(at("127.0.0.1:9090").endpoint(), "127.0.0.1:9090");
     }
 }

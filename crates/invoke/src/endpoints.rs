@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use pillion_core::NodeProtocol;
 use pillion_registry::Registry;
 
 use crate::budget::RetryBudget;
@@ -98,28 +99,36 @@ pub struct NodeState {
     ejected_until_ms: AtomicU64,
 }
 
-/// What a node speaks, from its (or its service's) `protocol` metadata. pillion
+/// How calls reach a node, from its (or its service's) `protocol` metadata. pillion
 /// translates between the caller's protocol and the node's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// `protocol=http1`: HTTP/1.1 only; a gRPC call to it is refused with 502.
+    /// `protocol=http1` or go-micro's `http`: HTTP/1.1 only; a gRPC call to it is
+    /// refused with 502.
     Http1,
-    /// `protocol=h2c`: HTTP/2 with prior knowledge, for every call.
+    /// `protocol=h2c` or go-micro's `grpc` (gRPC needs HTTP/2): HTTP/2 with prior
+    /// knowledge, for every call.
     H2c,
-    /// No `protocol` metadata: gRPC calls go as h2c (gRPC needs HTTP/2), the rest as
-    /// HTTP/1.1.
+    /// No `protocol` metadata, or go-micro's `mucp`: gRPC calls go as h2c (gRPC needs
+    /// HTTP/2), the rest as HTTP/1.1.
     Unset,
 }
 
 impl Protocol {
     /// From the metadata value; an unknown value is reported and treated as unset.
     pub fn from_metadata(value: Option<&str>) -> Result<Protocol, String> {
-        match value {
-            None => Ok(Protocol::Unset),
-            Some(v) if v.eq_ignore_ascii_case("http1") => Ok(Protocol::Http1),
-            Some(v) if v.eq_ignore_ascii_case("h2c") => Ok(Protocol::H2c),
-            Some(v) => Err(format!(
-                "unknown protocol {v:?} in the node's metadata: use http1 or h2c"
+        let Some(value) = value else {
+            return Ok(Protocol::Unset);
+        };
+        match NodeProtocol::parse(value) {
+            Some(NodeProtocol::Http1 | NodeProtocol::Http) => Ok(Protocol::Http1),
+            Some(NodeProtocol::H2c | NodeProtocol::Grpc) => Ok(Protocol::H2c),
+            // go-micro's RPC envelope is not spoken yet: a mucp node is called like a
+            // node that names no protocol.
+            Some(NodeProtocol::Mucp) => Ok(Protocol::Unset),
+            None => Err(format!(
+                "unknown protocol {value:?} in the node's metadata: use {}",
+                NodeProtocol::VALUES
             )),
         }
     }
@@ -537,6 +546,25 @@ impl ServiceShared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn go_micro_s_protocols_are_called_over_what_they_serve() {
+        let cases = [
+            (None, Protocol::Unset),
+            (Some("http1"), Protocol::Http1),
+            (Some("http"), Protocol::Http1),
+            (Some("h2c"), Protocol::H2c),
+            (Some("GRPC"), Protocol::H2c),
+            (Some("mucp"), Protocol::Unset),
+        ];
+        for (value, want) in cases {
+            assert_eq!(Protocol::from_metadata(value), Ok(want), "{value:?}");
+        }
+        assert_eq!(
+            Protocol::from_metadata(Some("http3")),
+            Err("unknown protocol \"http3\" in the node's metadata: use http1, h2c, http, grpc or mucp".into())
+        );
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_service_registered_a_moment_ago_is_found_before_the_snapshot_follows() {

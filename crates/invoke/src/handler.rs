@@ -5,7 +5,7 @@
 //! - `--handler proxy`: any method on `/{service}/...` goes to a node of the service
 //!   with the path unchanged, bodies streamed, websocket upgrades tunnelled;
 //! - `POST /rpc` (both handlers): `{"service","method","request","address"?}` as JSON
-//!   or form.
+//!   or form; `endpoint` (go-micro v1's name) may stand for `method`.
 //!
 //! Callers may set `X-Pillion-Timeout: 2s` (the deadline for the answer's headers)
 //! and `X-Pillion-Retry: always` (retry even non-idempotent calls on 502/503/504 and
@@ -237,8 +237,23 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
             .map(str::to_string)
             .filter(|s| !s.is_empty())
     };
-    let (Some(service), Some(method)) = (text("service"), text("method")) else {
-        return bad(StatusCode::BAD_REQUEST, "service and method are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}");
+    // `endpoint` is go-micro v1's name for the method; micro v1.0's `/rpc`
+    // (`internal/handler/rpc.go`) reads either. Two different ones are a mistake, not
+    // a silent pick.
+    let method = match (text("method"), text("endpoint")) {
+        (Some(method), Some(endpoint)) if method != endpoint => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "method {method:?} and endpoint {endpoint:?} differ: endpoint is another \
+                     name for method; give one of them"
+                ),
+            )
+        }
+        (method, endpoint) => method.or(endpoint),
+    };
+    let (Some(service), Some(method)) = (text("service"), method) else {
+        return bad(StatusCode::BAD_REQUEST, "service and method (or endpoint) are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}");
     };
     let request = match field("request") {
         None | Some(Value::Null) => Bytes::new(),

@@ -487,15 +487,10 @@ async fn services(args: ServicesArgs) -> Result<(), Error> {
             let mut rows = Vec::new();
             for s in &listed {
                 for n in &s.nodes {
-                    let address = if n.port == 0 {
-                        n.address.clone()
-                    } else {
-                        format!("{}:{}", n.address, n.port)
-                    };
                     rows.push(vec![
                         version(&s.version),
                         n.id.clone(),
-                        address,
+                        n.endpoint(),
                         metadata(&n.metadata),
                     ]);
                 }

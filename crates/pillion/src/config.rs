@@ -880,18 +880,7 @@ checked_value!(
 /// API (its limits are the same on every backend; see `pillion_core::service`), such
 /// as `--server-metadata` larger than a gossip message carries.
 fn check_app_registration(app: &pillion_registry::health::AppConfig) -> Result<(), ConfigError> {
-    let service = pillion_core::Service {
-        name: app.name.clone(),
-        nodes: vec![pillion_core::Node {
-            // As long as the id the registration will get: NAME-UUID.
-            id: format!("{}-{}", app.name, pillion_core::id::uuid_v4()),
-            address: app.address.clone(),
-            metadata: app.metadata.clone(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    service.validate().map_err(|e| {
+    app.service().validate().map_err(|e| {
         ConfigError::Invalid(format!(
             "--server-metadata (server_metadata): the app's registration would be refused: {e}"
         ))

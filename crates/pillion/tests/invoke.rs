@@ -77,7 +77,7 @@ async fn micro_readme_service_call_and_rpc_examples_work() {
         (
             r#"{"method":"Example.Call"}"#,
             400,
-            "service and method are required",
+            "service and method (or endpoint) are required",
         ),
         (
             r#"{"service":"go.micro.srv.example""#,
@@ -104,6 +104,48 @@ async fn micro_readme_service_call_and_rpc_examples_work() {
             reply.text()
         );
     }
+}
+
+/// go-micro v1 names the method `endpoint`, and micro v1.0's `/rpc` read either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_takes_go_micro_s_endpoint_for_the_method_in_json_and_forms() {
+    let app = TestApp::start("example").await;
+    let sc = Sidecar::start(&[]);
+    register(&sc, "example", "example-1", &app.addr().to_string(), &[]).await;
+
+    let json = [
+        r#"{"service":"example","endpoint":"Example.Call","request":{"name":"Ann"}}"#,
+        r#"{"Service":"example","Endpoint":"Example.Call","Method":"Example.Call","Request":{"name":"Ann"}}"#,
+    ];
+    for body in json {
+        let reply = post_json(&sc.url("/rpc"), body).await.unwrap();
+        assert_eq!(reply.status, 200, "{body}: {}", reply.text());
+        let seen = reply.json();
+        assert_eq!(seen["path"], "/Example.Call", "{body}");
+        assert_eq!(seen["headers"]["x-pillion-method"], "Example.Call");
+        assert_eq!(seen["body"], r#"{"name":"Ann"}"#);
+    }
+    let form = "service=example&endpoint=Example.Call&request=%7B%22name%22%3A%22Ann%22%7D";
+    let reply = post_form(&sc.url("/rpc"), form).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["path"], "/Example.Call");
+
+    let differ = r#"method "Example.Call" and endpoint "Example.Other" differ: endpoint is another name for method; give one of them"#;
+    let body = r#"{"service":"example","method":"Example.Call","endpoint":"Example.Other"}"#;
+    post_json(&sc.url("/rpc"), body)
+        .await
+        .unwrap()
+        .assert_refused(400, differ, body);
+    let form = "service=example&method=Example.Call&endpoint=Example.Other";
+    post_form(&sc.url("/rpc"), form)
+        .await
+        .unwrap()
+        .assert_refused(400, differ, form);
+    let body = r#"{"service":"example"}"#;
+    post_json(&sc.url("/rpc"), body)
+        .await
+        .unwrap()
+        .assert_refused(400, "service and method (or endpoint) are required", body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -240,12 +240,12 @@ async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_th
         (
             "",
             node("1", r#""protocol":"http3""#),
-            "unknown protocol \"http3\" in nodes[0].metadata: use http1 or h2c".into(),
+            "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, http, grpc or mucp".into(),
         ),
         (
             "",
-            r#"{"name":"svc","metadata":{"protocol":"grpc"},"nodes":[{"id":"1","address":"127.0.0.1:1"}]}"#.into(),
-            "unknown protocol \"grpc\" in metadata: use http1 or h2c".into(),
+            r#"{"name":"svc","metadata":{"protocol":"thrift"},"nodes":[{"id":"1","address":"127.0.0.1:1"}]}"#.into(),
+            "unknown protocol \"thrift\" in metadata: use http1, h2c, http, grpc or mucp".into(),
         ),
     ];
     for (query, body, want) in &cases {
@@ -276,6 +276,10 @@ async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_th
         ("?ttl=24h", node("edge-2", r#""protocol":"http1""#)),
         ("", node(&longest, "")),
         ("", node("~!#$%&*+-.:;<=>?@[]^_{|}", "")),
+        // go-micro's values: v1's RPC and gRPC servers, and its HTTP server.
+        ("", node("go-mucp", r#""protocol":"mucp""#)),
+        ("", node("go-grpc", r#""protocol":"grpc""#)),
+        ("", node("go-http", r#""protocol":"http""#)),
     ];
     for (query, body) in &ok {
         let reply = post_json(&format!("{url}{query}"), body).await.unwrap();
@@ -283,7 +287,7 @@ async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_th
     }
     let mut ids = node_ids(&sc, "svc").await;
     ids.sort();
-    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert_eq!(ids.len(), 7, "{ids:?}");
     assert!(ids.contains(&longest));
 }
 

@@ -35,6 +35,19 @@ pub struct AppConfig {
     pub register_ttl: Duration,
 }
 
+impl AppConfig {
+    /// The app's registration: node `NAME-<uuid>` with host and port apart, as micro's
+    /// sidecar registered its app (see [`Node::at`]).
+    pub fn service(&self) -> Service {
+        let id = format!("{}-{}", self.name, pillion_core::id::uuid_v4());
+        Service {
+            name: self.name.clone(),
+            nodes: vec![Node::at(id, &self.address, self.metadata.clone())],
+            ..Service::default()
+        }
+    }
+}
+
 /// What `/statusz` shows of the app's registration.
 #[derive(Debug, Clone, Serialize)]
 pub struct AppStatus {
@@ -85,17 +98,8 @@ impl AppRegistration {
     /// Starts registering and checking the app. The first health check (or, without a
     /// health URL, the first registration) happens at once.
     pub fn start(registry: Arc<dyn Registry>, cfg: AppConfig) -> AppRegistration {
-        let node_id = format!("{}-{}", cfg.name, pillion_core::id::uuid_v4());
-        let service = Service {
-            name: cfg.name.clone(),
-            nodes: vec![Node {
-                id: node_id.clone(),
-                address: cfg.address.clone(),
-                port: 0,
-                metadata: cfg.metadata.clone(),
-            }],
-            ..Service::default()
-        };
+        let service = cfg.service();
+        let node_id = service.nodes[0].id.clone();
         let status = Arc::new(Mutex::new(AppStatus {
             name: cfg.name.clone(),
             node_id,
