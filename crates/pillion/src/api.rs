@@ -20,7 +20,7 @@ use tower::ServiceExt;
 use crate::door::Door;
 
 /// Paths the API router answers; everything else is a call to a service.
-const API_PATHS: [&str; 7] = [
+const API_PATHS: [&str; 8] = [
     "/registry",
     "/rpc",
     "/broker",
@@ -28,6 +28,7 @@ const API_PATHS: [&str; 7] = [
     "/healthz",
     "/statusz",
     "/metrics",
+    "/stats",
 ];
 
 /// Paths under this prefix are the API's too: `GET /health/{service}`.

@@ -243,7 +243,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         spans: exporter.as_ref().map(|(_, _, m)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
-    // fallback), so a service cannot be named registry, rpc, healthz, statusz or metrics.
+    // fallback), so a service cannot be named registry, rpc, healthz, statusz, metrics
+    // or stats.
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/statusz", get(statusz))
@@ -252,6 +253,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .route("/dashboard/app.js", get(crate::dashboard::script))
         .route("/dashboard/style.css", get(crate::dashboard::style))
         .route("/dashboard/data", get(dashboard_data))
+        .route("/stats", get(stats))
         .with_state(status)
         .merge(pillion_registry::api::router(registry.clone()))
         .merge(pillion_broker::api::router(broker_api))
@@ -445,6 +447,11 @@ async fn dashboard_data(State(status): State<Arc<Status>>) -> Response {
         });
     }
     ([(http::header::CACHE_CONTROL, "no-store")], Json(data)).into_response()
+}
+
+/// micro's `/stats` (see [`crate::dashboard::stats`]).
+async fn stats(State(status): State<Arc<Status>>, headers: http::HeaderMap) -> Response {
+    crate::dashboard::stats::answer(&headers, status.started.elapsed(), &status.dashboard)
 }
 
 /// The certificate --listen serves from its files, and why a renewal of them was

@@ -3,6 +3,8 @@
 //! nodes, calls in 5-second windows, broker topics, sessions, TCP listeners and the
 //! cluster.
 //!
+//! [`stats`] serves the same windows as micro's `/stats` JSON.
+//!
 //! The windows cost the data path nothing: calls are counted in the invoker's
 //! cumulative atomics as before, and a [`Recorder`] task takes the difference every
 //! 5 seconds (aligned to the wall clock), keeping the last [`WINDOWS`] of them. The
@@ -13,6 +15,8 @@
 //! tab's `sessionStorage` and sends it as `Authorization: Bearer` on every fetch of
 //! the data, which the door checks like any other API request. The token never
 //! travels in a URL, so it lands in no log, history or `Referer`.
+
+pub mod stats;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -232,6 +236,25 @@ impl Recorder {
                 ring.pop_front();
             }
         }
+    }
+
+    /// The calls to every service together, by status class ([`CLASSES`]), in each
+    /// kept window, oldest first: (where the window ends in unix ms, counts).
+    pub fn status_windows(&self) -> Vec<(u64, [u64; 5])> {
+        let w = self.lock();
+        w.ends
+            .iter()
+            .enumerate()
+            .map(|(i, end)| {
+                let mut sum = [0; 5];
+                for window in w.calls.values().filter_map(|ring| ring.get(i)) {
+                    for (total, n) in sum.iter_mut().zip(window.by_class) {
+                        *total += n;
+                    }
+                }
+                (*end, sum)
+            })
+            .collect()
     }
 
     /// The dashboard's view of calls and topics, with the catalog's services and the
