@@ -23,8 +23,10 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
     assert_eq!(reply.status, 401, "{}", reply.text());
     assert_eq!(reply.json()["id"], "pillion.api");
     assert_eq!(reply.headers.get("www-authenticate").unwrap(), "Bearer");
-    let call = get(&sc.url("/greeter/Say.Hello")).await.unwrap();
-    assert_eq!(call.status, 401, "calls by name need the token too");
+    for path in ["/greeter/Say.Hello", "/stats"] {
+        let reply = get(&sc.url(path)).await.unwrap();
+        assert_eq!(reply.status, 401, "{path}: calls by name and /stats too");
+    }
     let wrong = request(
         http::Method::GET,
         &sc.url("/registry"),
@@ -48,15 +50,17 @@ async fn with_a_token_every_route_but_healthz_needs_it() {
     .await
     .unwrap();
     assert_eq!(ok.status, 200, "{}", ok.text());
-    let listed = request(
-        http::Method::GET,
-        &sc.url("/registry?service=greeter"),
-        &[("authorization", &auth)],
-        String::new(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(listed.status, 200);
+    for path in ["/registry?service=greeter", "/stats"] {
+        let read = request(
+            http::Method::GET,
+            &sc.url(path),
+            &[("authorization", &auth)],
+            String::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(read.status, 200, "{path}: {}", read.text());
+    }
     assert_eq!(get(&sc.url("/healthz")).await.unwrap().status, 200);
 }
 

@@ -1,7 +1,7 @@
 //! The `/registry` HTTP API, compatible with the micro sidecar's:
 //!
 //! - `POST /registry[?ttl=10s]` (a TTL between [`MIN_TTL`] and [`MAX_TTL`]) with `{"name","version"?,"metadata"?,"nodes":[...]}`
-//!   registers (keys in any case);
+//!   registers (keys in any case, `null` for an absent field as go-micro sends it);
 //! - `DELETE /registry` with the same body deregisters the listed nodes (all nodes of
 //!   the service when none are listed);
 //! - `GET /registry?service=NAME` answers a JSON array of the service's versions, 404
