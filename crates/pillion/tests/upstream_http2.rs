@@ -371,3 +371,15 @@ async fn a_node_that_resets_the_stream_unanswered_is_a_502_that_says_so() {
         reply.text()
     );
 }
+
+/// go-micro v1's gRPC servers register `protocol=grpc` and speak HTTP/2 only, so a
+/// call from an HTTP/1.1 caller reaches such a node as h2c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_micro_grpc_node_is_called_over_h2c() {
+    let node = node().await;
+    let sc = Sidecar::start(&["--handler", "proxy"]);
+    register(&sc, "svc", "n1", &node.addr, &[("protocol", "grpc")]).await;
+    let (head, body) = chunked_call(&sc, "/svc/early", &[], "").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"early");
+}
