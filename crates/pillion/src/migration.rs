@@ -94,8 +94,45 @@ fn rule(name: &str) -> Option<Rule> {
         // iaido
         "bootstrapAddr" => Rename("bootstrap-addr"),
         "reloadPeriod" => Rename("reload-period"),
-        "check" => Refuse("check a config file with `pillion check --config FILE`"),
+        "check" => Refuse("check a config file with `pillion check FILE`"),
+        // iaido's file keys, as flags: the options they are in its file.
+        "diagAddr" => Rename("address"),
+        "gracePeriod" => Rename("grace-period"),
         _ => return None,
+    })
+}
+
+/// iaido's command line has no command (`iaido -c iaido.yaml`): when the first
+/// argument is one of iaido's flags, the command it means: `check` for `--check`,
+/// `bootstrap` when a binding is given, `run` otherwise.
+fn iaido_command(argv: &[OsString]) -> Option<&'static str> {
+    let name = |a: &OsString| {
+        let text = a.to_str().unwrap_or("");
+        text.split_once('=').map_or(text, |(n, _)| n).to_string()
+    };
+    let first = name(argv.get(1)?);
+    let is_iaidos = matches!(
+        first.as_str(),
+        "--config"
+            | "--bootstrap"
+            | "-b"
+            | "--bootstrapAddr"
+            | "--reloadPeriod"
+            | "--force"
+            | "-f"
+            | "--diagAddr"
+            | "--gracePeriod"
+    ) || (first.starts_with("-c") && !first.starts_with("--"));
+    if !is_iaidos {
+        return None;
+    }
+    let given = |flags: &[&str]| argv[1..].iter().any(|a| flags.contains(&name(a).as_str()));
+    Some(if given(&["--check"]) {
+        "check"
+    } else if given(&["--bootstrap", "-b"]) {
+        "bootstrap"
+    } else {
+        "run"
     })
 }
 
@@ -321,9 +358,17 @@ pub fn migrate(
     env: &[(String, String)],
     is_set: impl Fn(&str) -> bool,
 ) -> Result<Migrated, String> {
+    let iaido = iaido_command(&argv);
     let mut args = argv.into_iter();
     let mut out: Vec<OsString> = args.next().into_iter().collect();
     let mut t = Translator::new();
+    let mut iaido_notice = None;
+    if let Some(command) = iaido {
+        iaido_notice = Some(format!(
+            "warning: pillion has commands; iaido's command line runs as `pillion {command} ...`"
+        ));
+        out.push(command.into());
+    }
     // Old flags given before the command (micro's globals: `micro --enable_tls
     // sidecar`) are moved after it, where pillion's options belong.
     let mut before: Vec<OsString> = Vec::new();
@@ -334,6 +379,10 @@ pub fn migrate(
             out.push(arg);
             continue;
         };
+        // iaido's `-c FILE --check` is the command `check` itself.
+        if iaido == Some("check") && text == "--check" {
+            continue;
+        }
         if text == "--" {
             out.push(arg);
             out.extend(rest.by_ref());
@@ -395,7 +444,10 @@ pub fn migrate(
     let mut migrated = Migrated {
         argv: out,
         env: Vec::new(),
-        notices: std::mem::take(&mut t.notices),
+        notices: iaido_notice
+            .into_iter()
+            .chain(t.notices.drain(..))
+            .collect(),
     };
     micro_env(env, &mut t, &mut migrated)?;
     bailiff_env(env, &mut migrated)?;
@@ -705,6 +757,34 @@ mod tests {
                     "1:h:2",
                 ],
             ),
+            // iaido's command line has no command.
+            (&["-c", "iaido.yaml"], &["run", "-c", "iaido.yaml"]),
+            (
+                &["-c", "iaido.yaml", "--check"],
+                &["check", "-c", "iaido.yaml"],
+            ),
+            (
+                &["--config", "f.yaml", "--reloadPeriod", "2s"],
+                &["run", "--config", "f.yaml", "--reload-period=2s"],
+            ),
+            (
+                &[
+                    "--config",
+                    "f.toml",
+                    "--bootstrapAddr",
+                    "127.0.0.1",
+                    "-b",
+                    "1:h:2",
+                ],
+                &[
+                    "bootstrap",
+                    "--config",
+                    "f.toml",
+                    "--bootstrap-addr=127.0.0.1",
+                    "-b",
+                    "1:h:2",
+                ],
+            ),
             (
                 &["services", "--proxy_address", "127.0.0.1:8081"],
                 &["services", "--sidecar=http://127.0.0.1:8081"],
@@ -741,7 +821,7 @@ mod tests {
             (&["run", "--client_pool_size", "4"], "--max-pending"),
             (&["run", "--transport", "grpc"], "h2c"),
             (&["run", "--enable_stats=false"], "/dashboard"),
-            (&["run", "--check"], "pillion check --config"),
+            (&["run", "--check"], "pillion check FILE"),
         ];
         for (given, names) in cases {
             let err = run(given, &[]).unwrap_err();

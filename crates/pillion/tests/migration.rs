@@ -224,7 +224,7 @@ fn settings_pillion_cannot_honour_are_refused_at_start_naming_its_equivalent() {
             &[("BAILIFF_HEADERS_SETPREFIX", "X-Put-")],
             "--session-header-prefix",
         ),
-        (&["run", "--check"], &[], "pillion check --config FILE"),
+        (&["run", "--check"], &[], "pillion check FILE"),
     ];
     for (args, env, names) in cases {
         let (code, out, err) = run_to_end(args, env);
