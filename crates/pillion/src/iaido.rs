@@ -218,7 +218,7 @@ pub fn parse(text: &str) -> Result<Translation, String> {
                 notices.insert(
                     "warning: iaido's file has no latencyBucket, so iaido would re-assign its \
                      backends to tiers by measured latency (its default); pillion keeps the \
-                     tiers as written (write latencyBucket: -1 to say so)"
+                     tiers as written (write latencyBucket: -1ns to say so)"
                         .to_string(),
                 );
             }
@@ -231,7 +231,7 @@ pub fn parse(text: &str) -> Result<Translation, String> {
                         format!(
                             "{here}.backendPool.latencyBucket {v}: iaido's automatic tiers by \
                              measured latency are not in pillion yet; pillion keeps the tiers \
-                             as written. Turn it off as iaido does, with latencyBucket: -1"
+                             as written. Turn it off as iaido does, with latencyBucket: -1ns"
                         ),
                     ));
                 }
