@@ -96,19 +96,22 @@ pub enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Print pillion's TOML for iaido's YAML config file, to replace it.
+    /// Print pillion's TOML for iaido's or bailiff's config file, to replace it.
     ///
     /// Every key of iaido's file becomes pillion's (frontends are [[tcp]] listeners,
     /// diagAddr is --address, gracePeriod is --grace-period); a key pillion cannot
-    /// honour is an error that names it and its line.
+    /// honour is an error that names it and its line. bailiff's config.{yaml,json,toml}
+    /// (Port, Proxy, Cookie, Headers, Store) becomes --listen, --app and --session-*.
     ///
-    /// Example:
+    /// Examples:
     ///
     ///   pillion migrate iaido.yaml > pillion.toml
     ///   pillion check pillion.toml && pillion run --config pillion.toml
+    ///
+    ///   pillion migrate /etc/bailiff/config.yaml > pillion.toml
     #[command(verbatim_doc_comment)]
     Migrate {
-        /// iaido's config file (YAML).
+        /// iaido's config file (YAML), or bailiff's.
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },

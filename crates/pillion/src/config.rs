@@ -75,7 +75,19 @@ impl FileConfig {
         if !crate::iaido::is_iaido(path, text) {
             return Self::parse(text);
         }
-        let t = crate::iaido::parse(text)?;
+        let t = crate::iaido::parse(text).map_err(|e| {
+            let bailiffs = serde_yaml_ng::from_str::<serde_json::Value>(text)
+                .is_ok_and(|tree| crate::migration::is_bailiffs(&tree));
+            if bailiffs {
+                format!(
+                    "this is bailiff's config file, not pillion's: write pillion's with \
+                     `pillion migrate {}`",
+                    path.display()
+                )
+            } else {
+                e
+            }
+        })?;
         for (name, values) in &t.options {
             for v in values {
                 check_value(name, v).map_err(|why| format!("{name} = {v:?}: {why}"))?;
@@ -147,6 +159,50 @@ impl FileConfig {
             tcp,
             notices: Vec::new(),
         })
+    }
+}
+
+impl FileConfig {
+    /// The file as pillion's TOML, `header` first as comments, then each notice: what
+    /// `pillion migrate` prints for another system's file.
+    pub fn to_toml(&self, header: &str) -> String {
+        let mut out = String::new();
+        for line in header
+            .lines()
+            .chain(self.notices.iter().map(String::as_str))
+        {
+            out.push_str(&format!("# {line}\n"));
+        }
+        for (id, values) in &self.options {
+            match values.as_slice() {
+                [one] => out.push_str(&format!("{id} = {one:?}\n")),
+                many => out.push_str(&format!("{id} = {many:?}\n")),
+            }
+        }
+        let dur = |d: &pillion_core::Dur| pillion_core::duration::format(d.0);
+        for l in &self.tcp {
+            out.push_str(&format!(
+                "\n[[tcp]]\nlisten = \"{}\"\nfailback_after = \"{}\"\nidle_timeout = \"{}\"\n\
+                 connect_timeout = \"{}\"\ndown_for = \"{}\"\n",
+                l.listen,
+                dur(&l.failback_after),
+                dur(&l.idle_timeout),
+                dur(&l.connect_timeout),
+                dur(&l.down_for)
+            ));
+            for tier in &l.tiers {
+                out.push_str(&format!(
+                    "[[tcp.tiers]]\ntargets = {:?}\nservices = {:?}\nmax_connections = {}\n\
+                     dial_timeout = \"{}\"\nhealth_check = \"{}\"\n",
+                    tier.targets,
+                    tier.services,
+                    tier.max_connections,
+                    dur(&tier.dial_timeout),
+                    dur(&tier.health_check)
+                ));
+            }
+        }
+        out
     }
 }
 

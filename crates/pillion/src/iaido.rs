@@ -1,5 +1,5 @@
 //! iaido's config file (YAML), read as it is and turned into pillion's options and
-//! `[[tcp]]` listeners, so `pillion run --config iaido.yaml` serves what iaido served
+//! `[[tcp]]` listeners ([`FileConfig`]), so `pillion run --config iaido.yaml` serves what iaido served
 //! and `pillion migrate iaido.yaml` writes the same thing as pillion's TOML.
 //!
 //! It follows iaido's source (github.com/bobvawter/iaido, v0.1.4):
@@ -28,6 +28,8 @@ use std::time::Duration;
 
 use pillion_core::Dur;
 use pillion_tcp::{ListenerConfig, TierConfig};
+
+use crate::config::FileConfig;
 use serde::Deserialize;
 
 /// iaido's `config.Config`.
@@ -79,16 +81,6 @@ struct Target {
     #[serde(default)]
     port: u16,
     proto: Option<String>,
-}
-
-/// An iaido file in pillion's terms.
-#[derive(Debug, Default)]
-pub struct Translation {
-    /// Options of `pillion run` (id and value), as a TOML file would give them.
-    pub options: Vec<(String, Vec<String>)>,
-    pub tcp: Vec<ListenerConfig>,
-    /// One line per iaido setting pillion does differently, said once.
-    pub notices: Vec<String>,
 }
 
 /// Whether the file is iaido's: a `.yaml`/`.yml` name, or YAML that starts with
@@ -153,7 +145,7 @@ impl Seen {
 }
 
 /// Reads iaido's YAML; an error names the key, its line and what to write instead.
-pub fn parse(text: &str) -> Result<Translation, String> {
+pub fn parse(text: &str) -> Result<FileConfig, String> {
     let config: Config = serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
         Some(l) => {
             let content = text.lines().nth(l.line() - 1).unwrap_or("").trim();
@@ -161,7 +153,7 @@ pub fn parse(text: &str) -> Result<Translation, String> {
         }
         None => e.to_string(),
     })?;
-    let mut out = Translation::default();
+    let mut out = FileConfig::default();
     let mut notices = BTreeSet::new();
     let mut seen = Seen::default();
     let dur = |key: &'static str, value: &str, nth: usize| {
@@ -449,42 +441,6 @@ fn bind_address(text: &str) -> Result<SocketAddr, String> {
              that, or the IP to listen on (127.0.0.1:{port})"
         )),
     }
-}
-
-/// pillion's TOML for an iaido file: what `pillion migrate` prints.
-pub fn to_toml(source: &Path, t: &Translation) -> String {
-    let mut out = format!(
-        "# pillion's configuration, written by `pillion migrate {}` from iaido's file.\n",
-        source.display()
-    );
-    for notice in &t.notices {
-        out.push_str(&format!("# {notice}\n"));
-    }
-    for (id, values) in &t.options {
-        out.push_str(&format!("{id} = {:?}\n", values.join(",")));
-    }
-    let dur = |d: &Dur| pillion_core::duration::format(d.0);
-    for l in &t.tcp {
-        out.push_str(&format!(
-            "\n[[tcp]]\nlisten = \"{}\"\nfailback_after = \"{}\"\nidle_timeout = \"{}\"\n\
-             connect_timeout = \"{}\"\ndown_for = \"{}\"\n",
-            l.listen,
-            dur(&l.failback_after),
-            dur(&l.idle_timeout),
-            dur(&l.connect_timeout),
-            dur(&l.down_for)
-        ));
-        for tier in &l.tiers {
-            let targets: Vec<String> = tier.targets.iter().map(|t| format!("{t:?}")).collect();
-            out.push_str(&format!(
-                "[[tcp.tiers]]\ntargets = [{}]\nmax_connections = {}\ndial_timeout = \"{}\"\n",
-                targets.join(", "),
-                tier.max_connections,
-                dur(&tier.dial_timeout)
-            ));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

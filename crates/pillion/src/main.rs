@@ -132,21 +132,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Migrate { file } => {
-            let read = std::fs::read_to_string(&file)
+            let written = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))
-                .and_then(|text| {
-                    if !iaido::is_iaido(&file, &text) {
-                        return Err(format!(
-                            "{} is not iaido's YAML (a .yaml or .yml file): pillion reads it as \
-                             it is; check it with `pillion check {0}`",
-                            file.display()
-                        ));
-                    }
-                    iaido::parse(&text).map_err(|e| format!("config file {}: {e}", file.display()))
-                });
-            match read {
-                Ok(t) => {
-                    print!("{}", iaido::to_toml(&file, &t));
+                .and_then(|text| migration::migrate_file(&file, &text));
+            match written {
+                Ok(toml) => {
+                    print!("{toml}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

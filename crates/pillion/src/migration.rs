@@ -6,9 +6,14 @@
 //! command line, with a one-line deprecation notice, or refused with a message that
 //! names pillion's equivalent. [`migrate`] is a pure function of the command line and
 //! the environment; `main` prints its notices and sets the variables it gives.
+//!
+//! [`migrate_file`] is `pillion migrate FILE`: iaido's YAML (read by [`crate::iaido`])
+//! or bailiff's config file (its keys are its `BAILIFF_*` variables, nested), written
+//! as pillion's TOML.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::path::Path;
 
 /// What [`migrate`] made of the command line and the environment.
 #[derive(Debug, Default, PartialEq)]
@@ -505,6 +510,88 @@ fn micro_env(
             _ => migrated
                 .env
                 .push((pillion_var(&flag), value.unwrap_or_else(|| "true".into()))),
+        }
+    }
+    Ok(())
+}
+
+/// `pillion migrate FILE`: pillion's TOML for iaido's YAML, or for bailiff's config
+/// file (`config.{yaml,yml,json,toml}`); anything else is refused.
+pub fn migrate_file(path: &Path, text: &str) -> Result<String, String> {
+    let shown = path.display();
+    let toml_name = path.extension().is_some_and(|e| e == "toml");
+    let tree: Option<serde_json::Value> = if toml_name {
+        toml::from_str(text).ok()
+    } else {
+        serde_yaml_ng::from_str(text).ok()
+    };
+    if let Some(tree) = tree.filter(is_bailiffs) {
+        let mut flat = Vec::new();
+        flatten("BAILIFF", &tree, &mut flat)?;
+        let mut migrated = Migrated::default();
+        bailiff_env(&flat, &mut migrated)?;
+        let file = crate::config::FileConfig {
+            options: migrated
+                .env
+                .into_iter()
+                .map(|(var, value)| {
+                    let id = var.trim_start_matches("PILLION_").to_ascii_lowercase();
+                    (id, vec![value])
+                })
+                .collect(),
+            tcp: Vec::new(),
+            notices: migrated.notices,
+        };
+        return Ok(file.to_toml(&format!(
+            "pillion's configuration, written by `pillion migrate {shown}` from bailiff's file."
+        )));
+    }
+    if toml_name || !crate::iaido::is_iaido(path, text) {
+        return Err(format!(
+            "{shown} is neither iaido's YAML nor bailiff's config file; pillion's TOML \
+             needs no migration (check it with `pillion check {shown}`)"
+        ));
+    }
+    let file = crate::iaido::parse(text).map_err(|e| format!("config file {shown}: {e}"))?;
+    Ok(file.to_toml(&format!(
+        "pillion's configuration, written by `pillion migrate {shown}` from iaido's file."
+    )))
+}
+
+/// bailiff's file has only bailiff's top-level keys (viper: any case).
+pub fn is_bailiffs(tree: &serde_json::Value) -> bool {
+    tree.as_object().is_some_and(|o| {
+        !o.is_empty()
+            && o.keys().all(|k| {
+                matches!(
+                    k.to_ascii_lowercase().as_str(),
+                    "port" | "proxy" | "rolling" | "cookie" | "headers" | "store"
+                )
+            })
+    })
+}
+
+/// viper's nested keys as the variables that set them: `Cookie: {MaxAge: 60}` is
+/// `BAILIFF_COOKIE_MAXAGE=60`.
+fn flatten(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Object(o) => {
+            for (k, v) in o {
+                flatten(&format!("{prefix}_{}", k.to_ascii_uppercase()), v, out)?;
+            }
+        }
+        Value::Null => {}
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Bool(_) | Value::Number(_) => out.push((prefix.to_string(), value.to_string())),
+        Value::Array(_) => {
+            return Err(format!(
+                "{prefix} is a list; bailiff's settings each take one value"
+            ))
         }
     }
     Ok(())
