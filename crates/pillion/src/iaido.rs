@@ -21,7 +21,7 @@
 //! What pillion cannot honour is refused with the key's name, its line and what to
 //! write instead; nothing is dropped without a word.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -65,8 +65,7 @@ struct BackendPool {
 struct Tier {
     dial_failure_timeout: Option<String>,
     force_promotion_after: Option<String>,
-    #[serde(default)]
-    max_backend_connections: i64,
+    max_backend_connections: Option<i64>,
     #[serde(default)]
     targets: Vec<Target>,
 }
@@ -110,37 +109,133 @@ fn go_duration(text: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-/// Where an error about the `nth` (0-based) `key:` of the file is: its line, shown.
-fn at(text: &str, key: &str, nth: usize, message: String) -> String {
-    let found = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| {
-            l.trim_start()
-                .trim_start_matches("- ")
-                .trim_start()
-                .starts_with(&format!("{key}:"))
-        })
-        .nth(nth);
-    match found {
-        Some((i, l)) => format!("line {}: {message}\n    {} | {}", i + 1, i + 1, l.trim()),
-        None => message,
-    }
+/// The file's text and the keys met so far, so that an error names the line of the
+/// occurrence it is about among repeated keys (the YAML crate gives lines only for
+/// its own errors).
+struct Reader<'a> {
+    text: &'a str,
+    seen: BTreeMap<&'static str, usize>,
 }
 
-/// Counts the keys met so far, so an error names the right line among repeated ones.
-#[derive(Default)]
-struct Seen(std::collections::BTreeMap<&'static str, usize>);
+/// A key met: which occurrence of its name in the file it is.
+#[derive(Clone, Copy)]
+struct Key {
+    name: &'static str,
+    nth: usize,
+}
 
-impl Seen {
-    /// The index of this occurrence of `key`, when the file has it.
-    fn next(&mut self, key: &'static str, present: bool) -> usize {
-        let n = self.0.entry(key).or_default();
-        let this = *n;
+impl<'a> Reader<'a> {
+    /// Notes the key `name`, present or not, in the order the file has them.
+    fn key(&mut self, name: &'static str, present: bool) -> Key {
+        let count = self.seen.entry(name).or_default();
+        let nth = *count;
         if present {
-            *n += 1;
+            *count += 1;
         }
-        this
+        Key { name, nth }
+    }
+
+    /// `message`, with the line of `key` in the file shown before it.
+    fn error(&self, key: Key, message: String) -> String {
+        // Each place the key is written, block style (`key:`) or flow (`{a: 1, key: 2}`).
+        let written = format!("{}:", key.name);
+        let found = self
+            .text
+            .lines()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.match_indices(&written)
+                    .filter(|(at, _)| {
+                        l[..*at]
+                            .chars()
+                            .next_back()
+                            .is_none_or(|c| matches!(c, ' ' | '{' | ',' | '-'))
+                    })
+                    .map(move |_| (i, l))
+            })
+            .nth(key.nth);
+        match found {
+            Some((i, l)) => format!("line {}: {message}\n    {} | {}", i + 1, i + 1, l.trim()),
+            None => message,
+        }
+    }
+
+    /// A Go duration that may be negative (`None`), as iaido's switches are.
+    fn signed(
+        &mut self,
+        name: &'static str,
+        value: Option<&str>,
+    ) -> Result<Option<Duration>, String> {
+        let key = self.key(name, value.is_some());
+        let Some(v) = value else {
+            return Ok(Some(Duration::ZERO));
+        };
+        go_duration(v).map_err(|e| self.error(key, format!("{name}: {e}")))
+    }
+
+    /// A Go duration where iaido's Validate turns 0 or absent into its default; a
+    /// negative one is refused.
+    fn duration(
+        &mut self,
+        name: &'static str,
+        value: Option<&str>,
+        here: &str,
+    ) -> Result<Duration, String> {
+        let default = match name {
+            "gracePeriod" => Duration::from_secs(5),
+            "idleDuration" => Duration::from_secs(3600),
+            "dialFailureTimeout" => Duration::from_secs(1),
+            _ => Duration::ZERO,
+        };
+        let key = self.key(name, false);
+        match self.signed(name, value)? {
+            Some(d) if d.is_zero() => Ok(default),
+            Some(d) => Ok(d),
+            None => Err(self.error(
+                Key {
+                    nth: key.nth,
+                    ..key
+                },
+                format!(
+                    "{here}.{name} {} is negative; write a duration like {}",
+                    value.unwrap_or_default(),
+                    pillion_core::duration::format(default.max(Duration::from_secs(1)))
+                ),
+            )),
+        }
+    }
+
+    /// iaido's per-tier `name` held in `slot`, where pillion has one per listener
+    /// (`pillion_key`): every tier must give the same.
+    fn same(
+        &self,
+        slot: &mut Option<Duration>,
+        value: Duration,
+        name: &'static str,
+        here: &str,
+        pillion_key: &str,
+    ) -> Result<(), String> {
+        match *slot {
+            Some(before) if before != value => {
+                let key = Key {
+                    name,
+                    nth: self.seen.get(name).map_or(0, |n| n.saturating_sub(1)),
+                };
+                Err(self.error(
+                    key,
+                    format!(
+                        "{here}.{name} {}: pillion has one {pillion_key} per listener; give \
+                         these tiers of the frontend the same {name} ({} before)",
+                        pillion_core::duration::format(value),
+                        pillion_core::duration::format(before)
+                    ),
+                ))
+            }
+            _ => {
+                *slot = Some(value);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -153,39 +248,20 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         }
         None => e.to_string(),
     })?;
+    let mut r = Reader {
+        text,
+        seen: BTreeMap::new(),
+    };
     let mut out = FileConfig::default();
     let mut notices = BTreeSet::new();
-    let mut seen = Seen::default();
-    let dur = |key: &'static str, value: &str, nth: usize| {
-        go_duration(value).map_err(|e| at(text, key, nth, format!("{key}: {e}")))
-    };
 
     if let Some(diag) = &config.diag_addr {
-        let n = seen.next("diagAddr", true);
-        let addr = bind_address(diag)
-            .map_err(|e| at(text, "diagAddr", n, format!("diagAddr {diag:?}: {e}")))?;
+        let key = r.key("diagAddr", true);
+        let addr =
+            bind_address(diag).map_err(|e| r.error(key, format!("diagAddr {diag:?}: {e}")))?;
         out.options.push(("address".into(), vec![addr.to_string()]));
     }
-    // iaido's Validate: 0 or absent is 5s.
-    let grace = match &config.grace_period {
-        Some(g) => {
-            let n = seen.next("gracePeriod", true);
-            dur("gracePeriod", g, n)?.ok_or_else(|| {
-                at(
-                    text,
-                    "gracePeriod",
-                    n,
-                    "gracePeriod is negative; write a duration like 5s".into(),
-                )
-            })?
-        }
-        None => Duration::ZERO,
-    };
-    let grace = if grace.is_zero() {
-        Duration::from_secs(5)
-    } else {
-        grace
-    };
+    let grace = r.duration("gracePeriod", config.grace_period.as_deref(), "")?;
     out.options.push((
         "grace_period".into(),
         vec![pillion_core::duration::format(grace)],
@@ -193,20 +269,18 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
 
     for (f, fe) in config.frontends.iter().enumerate() {
         let here = format!("frontends[{f}]");
-        let n = seen.next("bindAddress", fe.bind_address.is_some());
+        let key = r.key("bindAddress", fe.bind_address.is_some());
         let bind = fe.bind_address.as_deref().unwrap_or("");
-        let listen = bind_address(bind).map_err(|e| {
-            at(
-                text,
-                "bindAddress",
-                n,
-                format!("{here}.bindAddress {bind:?}: {e}"),
-            )
-        })?;
+        let listen = bind_address(bind)
+            .map_err(|e| r.error(key, format!("{here}.bindAddress {bind:?}: {e}")))?;
 
-        let n = seen.next("latencyBucket", fe.backend_pool.latency_bucket.is_some());
-        match &fe.backend_pool.latency_bucket {
-            None => {
+        let pool = &fe.backend_pool;
+        let key = r.key("latencyBucket", false);
+        match (
+            &pool.latency_bucket,
+            r.signed("latencyBucket", pool.latency_bucket.as_deref())?,
+        ) {
+            (None, _) => {
                 notices.insert(
                     "warning: iaido's file has no latencyBucket, so iaido would re-assign its \
                      backends to tiers by measured latency (its default); pillion keeps the \
@@ -214,33 +288,22 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
                         .to_string(),
                 );
             }
-            Some(v) => {
-                if dur("latencyBucket", v, n)?.is_some() {
-                    return Err(at(
-                        text,
-                        "latencyBucket",
-                        n,
-                        format!(
-                            "{here}.backendPool.latencyBucket {v}: iaido's automatic tiers by \
-                             measured latency are not in pillion yet; pillion keeps the tiers \
-                             as written. Turn it off as iaido does, with latencyBucket: -1ns"
-                        ),
-                    ));
-                }
+            (Some(_), None) => {}
+            (Some(v), Some(_)) => {
+                return Err(r.error(
+                    key,
+                    format!(
+                        "{here}.backendPool.latencyBucket {v}: iaido's automatic tiers by \
+                         measured latency are not in pillion yet; pillion keeps the tiers as \
+                         written. Turn it off as iaido does, with latencyBucket: -1ns"
+                    ),
+                ));
             }
         }
         // Without latency tiers, rebalancing only re-sorts iaido's pool, which pillion
-        // does on every connection: any value is honoured.
-        let n = seen.next("rebalanceDuration", fe.rebalance_duration.is_some());
-        if let Some(v) = &fe.rebalance_duration {
-            dur("rebalanceDuration", v, n)?;
-        }
-        let n = seen.next(
-            "maintenanceTime",
-            fe.backend_pool.maintenance_time.is_some(),
-        );
-        if let Some(v) = &fe.backend_pool.maintenance_time {
-            dur("maintenanceTime", v, n)?;
+        // does for every connection: any value is honoured.
+        r.signed("rebalanceDuration", fe.rebalance_duration.as_deref())?;
+        if r.signed("maintenanceTime", pool.maintenance_time.as_deref())? != Some(Duration::ZERO) {
             notices.insert(
                 "warning: iaido's maintenanceTime has no effect: pillion closes idle connections \
                  after exactly idleDuration and moves connections back once a better tier has \
@@ -248,127 +311,60 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
                     .to_string(),
             );
         }
-        let n = seen.next("idleDuration", fe.idle_duration.is_some());
-        let idle = match &fe.idle_duration {
-            Some(v) => dur("idleDuration", v, n)?.ok_or_else(|| {
-                at(
-                    text,
-                    "idleDuration",
-                    n,
-                    format!("{here}.idleDuration {v} is negative; write a duration like 1h"),
-                )
-            })?,
-            None => Duration::ZERO,
-        };
-        // iaido's Validate: 0 or absent is an hour.
-        let idle = if idle.is_zero() {
-            Duration::from_secs(3600)
-        } else {
-            idle
-        };
+        let idle = r.duration("idleDuration", fe.idle_duration.as_deref(), &here)?;
 
         let mut tiers = Vec::new();
-        let mut down_for: Option<(Duration, usize)> = None;
-        let mut failback: Option<(Duration, usize)> = None;
-        for (t, tier) in fe.backend_pool.tiers.iter().enumerate() {
+        let mut down_for = None;
+        let mut failback = None;
+        for (t, tier) in pool.tiers.iter().enumerate() {
             let here = format!("{here}.backendPool.tiers[{t}]");
-            let n = seen.next("dialFailureTimeout", tier.dial_failure_timeout.is_some());
-            let down = match &tier.dial_failure_timeout {
-                Some(v) => dur("dialFailureTimeout", v, n)?.ok_or_else(|| {
-                    at(
-                        text,
-                        "dialFailureTimeout",
-                        n,
-                        format!(
-                            "{here}.dialFailureTimeout {v} is negative; write a duration like 1s"
-                        ),
-                    )
-                })?,
-                None => Duration::ZERO,
-            };
-            let down = if down.is_zero() {
-                Duration::from_secs(1)
-            } else {
-                down
-            };
-            match down_for {
-                Some((d, _)) if d != down => {
-                    return Err(at(
-                        text,
-                        "dialFailureTimeout",
-                        n,
-                        format!(
-                            "{here}.dialFailureTimeout {}: pillion leaves a failed backend alone \
-                             for one time per listener (down_for); give every tier of this \
-                             frontend the same dialFailureTimeout ({} here before)",
-                            pillion_core::duration::format(down),
-                            pillion_core::duration::format(d)
-                        ),
-                    ))
-                }
-                _ => down_for = Some((down, t)),
-            }
-            let n = seen.next("forcePromotionAfter", tier.force_promotion_after.is_some());
-            let promote = match &tier.force_promotion_after {
-                Some(v) => dur("forcePromotionAfter", v, n)?.ok_or_else(|| {
-                    at(text, "forcePromotionAfter", n, format!("{here}.forcePromotionAfter {v} is negative; write 0s to keep connections"))
-                })?,
-                None => Duration::ZERO,
-            };
-            // Tier 0 has no better tier: iaido never reads its value.
-            if t > 0 {
-                match failback {
-                    Some((d, _)) if d != promote => {
-                        return Err(at(
-                            text,
-                            "forcePromotionAfter",
-                            n,
-                            format!(
-                                "{here}.forcePromotionAfter {}: pillion moves connections back \
-                                 after one time per listener (failback_after); give every tier \
-                                 but the first the same forcePromotionAfter ({} before)",
-                                pillion_core::duration::format(promote),
-                                pillion_core::duration::format(d)
-                            ),
-                        ))
-                    }
-                    _ => failback = Some((promote, t)),
-                }
-            }
-            let n = seen.next("maxBackendConnections", true);
-            let max_connections = usize::try_from(tier.max_backend_connections).map_err(|_| {
-                at(
-                    text,
-                    "maxBackendConnections",
-                    n,
-                    format!(
-                        "{here}.maxBackendConnections {} is negative; 0 is no limit",
-                        tier.max_backend_connections
-                    ),
+            let down = r.duration(
+                "dialFailureTimeout",
+                tier.dial_failure_timeout.as_deref(),
+                &here,
+            )?;
+            let promote = r.duration(
+                "forcePromotionAfter",
+                tier.force_promotion_after.as_deref(),
+                &here,
+            )?;
+            let key = r.key(
+                "maxBackendConnections",
+                tier.max_backend_connections.is_some(),
+            );
+            let max = tier.max_backend_connections.unwrap_or(0);
+            let max_connections = usize::try_from(max).map_err(|_| {
+                r.error(
+                    key,
+                    format!("{here}.maxBackendConnections {max} is negative; 0 is no limit"),
                 )
             })?;
             let mut targets = Vec::new();
             for (g, target) in tier.targets.iter().enumerate() {
                 let here = format!("{here}.targets[{g}]");
-                let n = seen.next("proto", target.proto.is_some());
-                if let Some(p) = &target.proto {
-                    match p.to_ascii_uppercase().as_str() {
-                        "TCP" => {}
-                        "UDP" => {
-                            return Err(at(
-                                text,
-                                "proto",
-                                n,
-                                format!("{here}.proto udp: pillion proxies TCP only (as iaido does: it never served UDP); remove this target or write proto: tcp"),
-                            ))
-                        }
-                        other => {
-                            return Err(at(text, "proto", n, format!("{here}.proto {other:?}: write tcp")))
-                        }
+                let key = r.key("proto", target.proto.is_some());
+                match target
+                    .proto
+                    .as_deref()
+                    .map(str::to_ascii_uppercase)
+                    .as_deref()
+                {
+                    None | Some("TCP") => {}
+                    Some("UDP") => {
+                        return Err(r.error(
+                            key,
+                            format!(
+                                "{here}.proto udp: pillion proxies TCP only (iaido never served \
+                                 UDP either); remove this target or write proto: tcp"
+                            ),
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(r.error(key, format!("{here}.proto {other:?}: write tcp")))
                     }
                 }
                 if target.hosts.is_empty() || target.port == 0 {
-                    return Err(format!("{here}: iaido requires hosts and port"));
+                    return Err(format!("{here}: give hosts and port, as iaido requires"));
                 }
                 // iaido's `disabled: true` gives the target no connections.
                 if target.disabled {
@@ -379,8 +375,20 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
                     _ => format!("{h}:{}", target.port),
                 }));
             }
-            // A tier whose targets are all disabled has no backend in iaido either.
+            // A tier whose targets are all disabled has no backend in iaido either, and
+            // its times are never read.
             if !targets.is_empty() {
+                r.same(&mut down_for, down, "dialFailureTimeout", &here, "down_for")?;
+                // Tier 0 has no better tier: iaido never reads its value.
+                if t > 0 {
+                    r.same(
+                        &mut failback,
+                        promote,
+                        "forcePromotionAfter",
+                        &here,
+                        "failback_after",
+                    )?;
+                }
                 tiers.push(TierConfig {
                     targets,
                     services: Vec::new(),
@@ -392,16 +400,17 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         }
         if tiers.is_empty() {
             return Err(format!(
-                "{here} ({bind}) has no enabled target: give backendPool.tiers[].targets with hosts and port"
+                "{here} ({bind}) has no enabled target: give backendPool.tiers[].targets with \
+                 hosts and port"
             ));
         }
         out.tcp.push(ListenerConfig {
             listen,
             tiers,
-            failback_after: Dur(failback.map_or(Duration::ZERO, |(d, _)| d)),
+            failback_after: Dur(failback.unwrap_or_default()),
             idle_timeout: Dur(idle),
             connect_timeout: pillion_tcp::config::default_connect_timeout(),
-            down_for: Dur(down_for.map_or(Duration::from_secs(1), |(d, _)| d)),
+            down_for: Dur(down_for.unwrap_or(Duration::from_secs(1))),
         });
     }
     pillion_tcp::config::validate(&out.tcp)?;
@@ -447,72 +456,57 @@ fn bind_address(text: &str) -> Result<SocketAddr, String> {
 mod tests {
     use super::*;
 
-    /// What `iaido --bootstrapAddr 127.0.0.1 --bootstrap 26257:127.0.0.1:26258
-    /// --bootstrap 26257:127.0.0.1:26259` writes (yaml.v3 after Validate), with
-    /// latencyBucket turned off.
-    const BOOTSTRAPPED: &str = "diagAddr: 127.0.0.1:13013
-frontends:
-  - backendPool:
-      latencyBucket: -1ns
-      maintenanceTime: 30s
+    /// Two tiers in YAML's flow style, which iaido's decoder reads too; the
+    /// integration tests (tests/iaido.rs) run the block style iaido writes.
+    fn two_tiers(first_down: &str) -> String {
+        format!(
+            "frontends:
+  - bindAddress: ':7000'
+    idleDuration: 2m
+    backendPool:
+      latencyBucket: -1s
       tiers:
-        - dialFailureTimeout: 1s
-          forcePromotionAfter: 0s
-          maxBackendConnections: 0
-          targets:
-            - disabled: false
-              hosts:
-                - 127.0.0.1
-              port: 26258
-              proto: TCP
-            - disabled: true
-              hosts:
-                - ::1
-              port: 26259
-              proto: TCP
-    bindAddress: 127.0.0.1:26257
-    idleDuration: 1h0m0s
-    rebalanceDuration: 10s
-gracePeriod: 5s
-";
-
-    #[test]
-    fn every_key_iaido_writes_maps_to_pillions() {
-        let t = parse(BOOTSTRAPPED).unwrap();
-        assert_eq!(
-            t.options,
-            [
-                ("address".to_string(), vec!["127.0.0.1:13013".to_string()]),
-                ("grace_period".to_string(), vec!["5s".to_string()])
-            ]
-        );
-        let l = &t.tcp[0];
-        assert_eq!(l.listen, "127.0.0.1:26257".parse().unwrap());
-        assert_eq!(l.tiers[0].targets, ["127.0.0.1:26258"]);
-        assert_eq!(l.idle_timeout.0, Duration::from_secs(3600));
-        assert_eq!(l.down_for.0, Duration::from_secs(1));
-        assert_eq!(t.notices.len(), 1, "{:?}", t.notices);
+        - {{dialFailureTimeout: {first_down}, maxBackendConnections: 4,
+            targets: [{{hosts: [a.internal, '::1'], port: 7001}}, {{disabled: true, hosts: [b], port: 1}}]}}
+        - {{forcePromotionAfter: 30s, targets: [{{hosts: [c], port: 7002, proto: tcp}}]}}
+        - {{targets: [{{disabled: true, hosts: [d], port: 7003}}]}}
+"
+        )
     }
 
     #[test]
-    fn what_pillion_cannot_honour_is_refused_with_its_line() {
-        let on = BOOTSTRAPPED.replace("-1ns", "10ms");
-        let e = parse(&on).unwrap_err();
+    fn tiers_targets_and_times_map_to_the_listener() {
+        let f = parse(&two_tiers("1s")).unwrap();
+        assert_eq!(
+            f.options,
+            [("grace_period".to_string(), vec!["5s".to_string()])]
+        );
+        let l = &f.tcp[0];
+        assert_eq!(l.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(l.tiers.len(), 2, "the all-disabled tier is left out");
+        assert_eq!(l.tiers[0].targets, ["a.internal:7001", "[::1]:7001"]);
+        assert_eq!(l.tiers[0].max_connections, 4);
+        assert_eq!(l.tiers[1].targets, ["c:7002"]);
+        assert_eq!(l.failback_after.0, Duration::from_secs(30));
+        assert_eq!(l.idle_timeout.0, Duration::from_secs(120));
+        assert_eq!(l.down_for.0, Duration::from_secs(1), "iaido's default");
+        assert!(f.notices.is_empty(), "{:?}", f.notices);
+    }
+
+    #[test]
+    fn per_tier_values_pillion_keeps_per_listener_must_agree() {
+        let e = parse(&two_tiers("3s")).unwrap_err();
+        assert!(e.contains("down_for") && e.contains("(3s before)"), "{e}");
+        let e = parse(&two_tiers("1s").replace("':7000'", "localhost:7000")).unwrap_err();
         assert!(
-            e.starts_with("line 4: ") && e.contains("latencyBucket: -1"),
+            e.starts_with("line 2: ") && e.contains("0.0.0.0:7000"),
             "{e}"
         );
-        let udp = BOOTSTRAPPED.replacen("proto: TCP", "proto: udp", 1);
-        let e = parse(&udp).unwrap_err();
-        assert!(e.starts_with("line 15: ") && e.contains("TCP only"), "{e}");
-        let unknown = BOOTSTRAPPED.replace("idleDuration", "idleDurration");
-        let e = parse(&unknown).unwrap_err();
+        let e = parse(&two_tiers("1s").replace("Connections: 4", "Connections: -1")).unwrap_err();
         assert!(
-            e.starts_with("line 22") && e.contains("idleDurration"),
+            e.starts_with("line 7: ") && e.contains("0 is no limit"),
             "{e}"
         );
-        let named = BOOTSTRAPPED.replace("bindAddress: 127.0.0.1", "bindAddress: localhost");
-        assert!(parse(&named).unwrap_err().contains("0.0.0.0:26257"));
     }
 
     #[test]
