@@ -1,4 +1,4 @@
-//! The command line: `pillion run`, `pillion check`, and the client commands that talk
+//! The command line: `pillion run`, `pillion check`, `pillion migrate`, and the client commands that talk
 //! to a running sidecar (`services`, `call`, `publish`, `subscribe`, `status`).
 
 use std::net::SocketAddr;
@@ -24,6 +24,9 @@ use crate::config::{
 /// PILLION_<OPTION> (PILLION_REGISTRY=etcd://127.0.0.1:2379) or as a key of the TOML
 /// file given with --config (registry = "etcd://127.0.0.1:2379").
 /// Precedence: flag > environment > file > default.
+///
+/// iaido's files and command line work as they are: `pillion --config iaido.yaml`
+/// runs the sidecar on iaido's YAML; `pillion migrate iaido.yaml` prints pillion's TOML.
 #[derive(Debug, Parser)]
 #[command(
     name = "pillion",
@@ -71,10 +74,10 @@ pub enum Command {
         bootstrap_addr: std::net::IpAddr,
         /// LOCAL:HOST:PORT (IPv6 hosts in brackets); repeat it. Bindings with the same
         /// local port become targets of one listener.
-        #[arg(long, value_name = "LOCAL:HOST:PORT", required = true)]
+        #[arg(long, short = 'b', value_name = "LOCAL:HOST:PORT", required = true)]
         bootstrap: Vec<pillion_tcp::Binding>,
         /// Overwrite the file if it exists.
-        #[arg(long)]
+        #[arg(long, short = 'f')]
         force: bool,
     },
     /// The mesh's certificate authority.
@@ -82,9 +85,35 @@ pub enum Command {
     Mesh(MeshCommand),
     /// Check a config file and exit: 0 when it is valid, 1 with the errors otherwise.
     Check {
-        /// The TOML file to check.
+        /// The file to check: pillion's TOML, or iaido's YAML (.yaml, .yml).
+        #[arg(
+            value_name = "FILE",
+            required_unless_present = "config",
+            conflicts_with = "config"
+        )]
+        file: Option<PathBuf>,
+        /// The same file, given as `run` takes it.
         #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+    },
+    /// Print pillion's TOML for iaido's or bailiff's config file, to replace it.
+    ///
+    /// Every key of iaido's file becomes pillion's (frontends are [[tcp]] listeners,
+    /// diagAddr is --address, gracePeriod is --grace-period); a key pillion cannot
+    /// honour is an error that names it and its line. bailiff's config.{yaml,json,toml}
+    /// (Port, Proxy, Cookie, Headers, Store) becomes --listen, --app and --session-*.
+    ///
+    /// Examples:
+    ///
+    ///   pillion migrate iaido.yaml > pillion.toml
+    ///   pillion check pillion.toml && pillion run --config pillion.toml
+    ///
+    ///   pillion migrate /etc/bailiff/config.yaml > pillion.toml
+    #[command(verbatim_doc_comment)]
+    Migrate {
+        /// iaido's config file (YAML), or bailiff's.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
     /// List the services in a running sidecar's registry, or one service's nodes.
     ///

@@ -1,5 +1,6 @@
-//! The one config loader: defaults, then the TOML file, then `PILLION_*` environment
-//! variables, then flags, each overriding the one before.
+//! The one config loader: defaults, then the file (pillion's TOML, or iaido's YAML
+//! read by [`crate::iaido`]), then `PILLION_*` environment variables, then flags, each
+//! overriding the one before.
 //!
 //! Every option is declared once, in [`RunArgs`]: its flag, its environment variable
 //! and its default (which `--help` shows). A key of the file is the flag with dashes
@@ -45,6 +46,9 @@ pub struct FileConfig {
     /// parser.
     pub options: Vec<(String, Vec<String>)>,
     pub tcp: Vec<pillion_tcp::ListenerConfig>,
+    /// Warnings to print once at start (an iaido file: `pillion migrate` and what
+    /// pillion does differently); a reload does not repeat them.
+    pub notices: Vec<String>,
 }
 
 /// The `pillion run` options as clap sees them: a repeated single-valued flag
@@ -59,9 +63,46 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::File {
+        Self::read(path, &text).map_err(|message| ConfigError::File {
             path: path.to_path_buf(),
             message,
+        })
+    }
+
+    /// Parses `text`, read from `path`, as pillion's TOML or as iaido's YAML (see
+    /// [`crate::iaido::is_iaido`]); the reload follows the file with this too.
+    pub fn read(path: &Path, text: &str) -> Result<FileConfig, String> {
+        if !crate::iaido::is_iaido(path, text) {
+            return Self::parse(text);
+        }
+        let t = crate::iaido::parse(text).map_err(|e| {
+            let bailiffs = serde_yaml_ng::from_str::<serde_json::Value>(text)
+                .is_ok_and(|tree| crate::migration::is_bailiffs(&tree));
+            if bailiffs {
+                format!(
+                    "this is bailiff's config file, not pillion's: write pillion's with \
+                     `pillion migrate {}`",
+                    path.display()
+                )
+            } else {
+                e
+            }
+        })?;
+        for (name, values) in &t.options {
+            for v in values {
+                check_value(name, v).map_err(|why| format!("{name} = {v:?}: {why}"))?;
+            }
+        }
+        let shown = path.display();
+        let mut notices = vec![format!(
+            "warning: {shown} is iaido's YAML, read as it is; `pillion migrate {shown} > \
+             pillion.toml` writes the same configuration as pillion's TOML"
+        )];
+        notices.extend(t.notices);
+        Ok(FileConfig {
+            options: t.options,
+            tcp: t.tcp,
+            notices,
         })
     }
 
@@ -97,19 +138,10 @@ impl FileConfig {
                 v => scalar(v).map(|v| vec![v]),
             }
             .map_err(at)?;
-            let flag = format!("--{}", name.replace('_', "-"));
             for v in &values {
-                // The flag's own parser: the value alone, as a flag.
-                let alone = run_command().mut_args(|a| a.env(None::<&str>));
-                if let Err(e) = alone.try_get_matches_from([format!("{flag}={v}")]) {
-                    let why = std::error::Error::source(&e)
-                        .map_or_else(|| first_line(&e.to_string()), |s| s.to_string());
-                    return Err(located(
-                        text,
-                        Some(value.span()),
-                        &format!("{name} = {v:?}: {why}"),
-                    ));
-                }
+                check_value(name, v).map_err(|why| {
+                    located(text, Some(value.span()), &format!("{name} = {v:?}: {why}"))
+                })?;
             }
             options.push((name.to_string(), values));
         }
@@ -122,8 +154,70 @@ impl FileConfig {
             .map_err(|e| located(text, e.span(), e.message()))?
             .tcp;
         pillion_tcp::config::validate(&tcp)?;
-        Ok(FileConfig { options, tcp })
+        Ok(FileConfig {
+            options,
+            tcp,
+            notices: Vec::new(),
+        })
     }
+}
+
+impl FileConfig {
+    /// The file as pillion's TOML, `header` first as comments, then each notice: what
+    /// `pillion migrate` prints for another system's file.
+    pub fn to_toml(&self, header: &str) -> String {
+        let mut out = String::new();
+        for line in header
+            .lines()
+            .chain(self.notices.iter().map(String::as_str))
+        {
+            out.push_str(&format!("# {line}\n"));
+        }
+        for (id, values) in &self.options {
+            match values.as_slice() {
+                [one] => out.push_str(&format!("{id} = {one:?}\n")),
+                many => out.push_str(&format!("{id} = {many:?}\n")),
+            }
+        }
+        let dur = |d: &pillion_core::Dur| pillion_core::duration::format(d.0);
+        for l in &self.tcp {
+            out.push_str(&format!(
+                "\n[[tcp]]\nlisten = \"{}\"\nfailback_after = \"{}\"\nidle_timeout = \"{}\"\n\
+                 connect_timeout = \"{}\"\ndown_for = \"{}\"\n",
+                l.listen,
+                dur(&l.failback_after),
+                dur(&l.idle_timeout),
+                dur(&l.connect_timeout),
+                dur(&l.down_for)
+            ));
+            for tier in &l.tiers {
+                out.push_str(&format!(
+                    "[[tcp.tiers]]\ntargets = {:?}\nservices = {:?}\nmax_connections = {}\n\
+                     dial_timeout = \"{}\"\nhealth_check = \"{}\"\n",
+                    tier.targets,
+                    tier.services,
+                    tier.max_connections,
+                    dur(&tier.dial_timeout),
+                    dur(&tier.health_check)
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Checks one value of the option `name` with the flag's own parser: the value
+/// alone, as a flag.
+fn check_value(name: &str, value: &str) -> Result<(), String> {
+    let flag = format!("--{}", name.replace('_', "-"));
+    let alone = run_command().mut_args(|a| a.env(None::<&str>));
+    alone
+        .try_get_matches_from([format!("{flag}={value}")])
+        .map(drop)
+        .map_err(|e| {
+            std::error::Error::source(&e)
+                .map_or_else(|| first_line(&e.to_string()), |s| s.to_string())
+        })
 }
 
 /// A TOML scalar as the text a flag would carry.
@@ -196,6 +290,8 @@ pub struct Loaded {
     pub args: RunArgs,
     given: BTreeSet<String>,
     tcp: Vec<pillion_tcp::ListenerConfig>,
+    /// The file's warnings, for the caller to print once.
+    pub notices: Vec<String>,
 }
 
 impl Loaded {
@@ -208,6 +304,7 @@ impl Loaded {
             .map_err(clap_error)?;
         let mut merged: Vec<OsString> = Vec::new();
         let mut tcp = Vec::new();
+        let mut notices = Vec::new();
         if let Some(path) = first.get_one::<PathBuf>("config") {
             let file = FileConfig::load(path)?;
             for (id, values) in file.options {
@@ -221,6 +318,7 @@ impl Loaded {
                 }
             }
             tcp = file.tcp;
+            notices = file.notices;
         }
         merged.extend(argv);
         let matches = run_command()
@@ -237,7 +335,12 @@ impl Loaded {
             })
             .collect();
         let args = RunArgs::from_arg_matches(&matches).map_err(clap_error)?;
-        Ok(Loaded { args, given, tcp })
+        Ok(Loaded {
+            args,
+            given,
+            tcp,
+            notices,
+        })
     }
 
     /// Whether the option `id` was set by a flag, the environment or the file.

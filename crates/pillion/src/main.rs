@@ -7,6 +7,8 @@
 //! - [`api`]: the API listener: fixed routes, and calls to services without a router.
 //! - [`shutdown`]: signals to a graceful stop.
 //! - [`migration`]: micro's, bailiff's and iaido's settings, rewritten or refused.
+//! - [`iaido`]: iaido's YAML config file, read as pillion's options and listeners,
+//!   and written as pillion's TOML by `pillion migrate`.
 //! - [`client`]: `services`, `call`, `publish`, `subscribe`, `status`: commands that
 //!   talk to a running sidecar through its API.
 //! - [`otlp`]: the span exporter (`--otlp-endpoint`).
@@ -18,6 +20,7 @@ mod client;
 mod config;
 mod dashboard;
 mod door;
+mod iaido;
 mod migration;
 mod otlp;
 mod shutdown;
@@ -59,6 +62,15 @@ fn main() -> ExitCode {
             bootstrap,
             force,
         } => {
+            if crate::iaido::is_iaido(&config, "") {
+                eprintln!(
+                    "error: {}: pillion writes its configuration as TOML; give a file named \
+                     like pillion.toml (an iaido file is read as it is: `pillion run --config \
+                     iaido.yaml`)",
+                    config.display()
+                );
+                return ExitCode::FAILURE;
+            }
             if config.exists() && !force {
                 eprintln!(
                     "error: {} exists; add --force to overwrite it",
@@ -102,12 +114,30 @@ fn main() -> ExitCode {
         Command::Publish(args) => client::run(client::Order::Publish(args)),
         Command::Subscribe(args) => client::run(client::Order::Subscribe(args)),
         Command::Status(args) => client::run(client::Order::Status(args)),
-        Command::Check { config } => {
+        Command::Check { file, config } => {
+            let Some(config) = file.or(config) else {
+                unreachable!("clap requires FILE or --config");
+            };
             match Loaded::from_args(vec!["--config".into(), config.clone().into()])
-                .and_then(Settings::resolve)
+                .and_then(resolve_telling)
             {
                 Ok(_) => {
                     println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate { file } => {
+            let written = std::fs::read_to_string(&file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                .and_then(|text| migration::migrate_file(&file, &text));
+            match written {
+                Ok(toml) => {
+                    print!("{toml}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -126,7 +156,7 @@ fn main() -> ExitCode {
                 .skip_while(|a| a != "run")
                 .skip(1)
                 .collect();
-            let settings = match Loaded::from_args(argv).and_then(Settings::resolve) {
+            let settings = match Loaded::from_args(argv).and_then(resolve_telling) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -163,6 +193,14 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Prints the file's warnings (once, at start), then resolves the settings.
+fn resolve_telling(loaded: Loaded) -> Result<Settings, config::ConfigError> {
+    for notice in &loaded.notices {
+        eprintln!("{notice}");
+    }
+    Settings::resolve(loaded)
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default `info`): text, or with

@@ -6,9 +6,14 @@
 //! command line, with a one-line deprecation notice, or refused with a message that
 //! names pillion's equivalent. [`migrate`] is a pure function of the command line and
 //! the environment; `main` prints its notices and sets the variables it gives.
+//!
+//! [`migrate_file`] is `pillion migrate FILE`: iaido's YAML (read by [`crate::iaido`])
+//! or bailiff's config file (its keys are its `BAILIFF_*` variables, nested), written
+//! as pillion's TOML.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::path::Path;
 
 /// What [`migrate`] made of the command line and the environment.
 #[derive(Debug, Default, PartialEq)]
@@ -94,8 +99,45 @@ fn rule(name: &str) -> Option<Rule> {
         // iaido
         "bootstrapAddr" => Rename("bootstrap-addr"),
         "reloadPeriod" => Rename("reload-period"),
-        "check" => Refuse("check a config file with `pillion check --config FILE`"),
+        "check" => Refuse("check a config file with `pillion check FILE`"),
+        // iaido's file keys, as flags: the options they are in its file.
+        "diagAddr" => Rename("address"),
+        "gracePeriod" => Rename("grace-period"),
         _ => return None,
+    })
+}
+
+/// iaido's command line has no command (`iaido -c iaido.yaml`): when the first
+/// argument is one of iaido's flags, the command it means: `check` for `--check`,
+/// `bootstrap` when a binding is given, `run` otherwise.
+fn iaido_command(argv: &[OsString]) -> Option<&'static str> {
+    let name = |a: &OsString| {
+        let text = a.to_str().unwrap_or("");
+        text.split_once('=').map_or(text, |(n, _)| n).to_string()
+    };
+    let first = name(argv.get(1)?);
+    let is_iaidos = matches!(
+        first.as_str(),
+        "--config"
+            | "--bootstrap"
+            | "-b"
+            | "--bootstrapAddr"
+            | "--reloadPeriod"
+            | "--force"
+            | "-f"
+            | "--diagAddr"
+            | "--gracePeriod"
+    ) || (first.starts_with("-c") && !first.starts_with("--"));
+    if !is_iaidos {
+        return None;
+    }
+    let given = |flags: &[&str]| argv[1..].iter().any(|a| flags.contains(&name(a).as_str()));
+    Some(if given(&["--check"]) {
+        "check"
+    } else if given(&["--bootstrap", "-b"]) {
+        "bootstrap"
+    } else {
+        "run"
     })
 }
 
@@ -321,9 +363,17 @@ pub fn migrate(
     env: &[(String, String)],
     is_set: impl Fn(&str) -> bool,
 ) -> Result<Migrated, String> {
+    let iaido = iaido_command(&argv);
     let mut args = argv.into_iter();
     let mut out: Vec<OsString> = args.next().into_iter().collect();
     let mut t = Translator::new();
+    let mut iaido_notice = None;
+    if let Some(command) = iaido {
+        iaido_notice = Some(format!(
+            "warning: pillion has commands; iaido's command line runs as `pillion {command} ...`"
+        ));
+        out.push(command.into());
+    }
     // Old flags given before the command (micro's globals: `micro --enable_tls
     // sidecar`) are moved after it, where pillion's options belong.
     let mut before: Vec<OsString> = Vec::new();
@@ -334,6 +384,10 @@ pub fn migrate(
             out.push(arg);
             continue;
         };
+        // iaido's `-c FILE --check` is the command `check` itself.
+        if iaido == Some("check") && text == "--check" {
+            continue;
+        }
         if text == "--" {
             out.push(arg);
             out.extend(rest.by_ref());
@@ -395,7 +449,10 @@ pub fn migrate(
     let mut migrated = Migrated {
         argv: out,
         env: Vec::new(),
-        notices: std::mem::take(&mut t.notices),
+        notices: iaido_notice
+            .into_iter()
+            .chain(t.notices.drain(..))
+            .collect(),
     };
     micro_env(env, &mut t, &mut migrated)?;
     bailiff_env(env, &mut migrated)?;
@@ -453,6 +510,88 @@ fn micro_env(
             _ => migrated
                 .env
                 .push((pillion_var(&flag), value.unwrap_or_else(|| "true".into()))),
+        }
+    }
+    Ok(())
+}
+
+/// `pillion migrate FILE`: pillion's TOML for iaido's YAML, or for bailiff's config
+/// file (`config.{yaml,yml,json,toml}`); anything else is refused.
+pub fn migrate_file(path: &Path, text: &str) -> Result<String, String> {
+    let shown = path.display();
+    let toml_name = path.extension().is_some_and(|e| e == "toml");
+    let tree: Option<serde_json::Value> = if toml_name {
+        toml::from_str(text).ok()
+    } else {
+        serde_yaml_ng::from_str(text).ok()
+    };
+    if let Some(tree) = tree.filter(is_bailiffs) {
+        let mut flat = Vec::new();
+        flatten("BAILIFF", &tree, &mut flat)?;
+        let mut migrated = Migrated::default();
+        bailiff_env(&flat, &mut migrated)?;
+        let file = crate::config::FileConfig {
+            options: migrated
+                .env
+                .into_iter()
+                .map(|(var, value)| {
+                    let id = var.trim_start_matches("PILLION_").to_ascii_lowercase();
+                    (id, vec![value])
+                })
+                .collect(),
+            tcp: Vec::new(),
+            notices: migrated.notices,
+        };
+        return Ok(file.to_toml(&format!(
+            "pillion's configuration, written by `pillion migrate {shown}` from bailiff's file."
+        )));
+    }
+    if toml_name || !crate::iaido::is_iaido(path, text) {
+        return Err(format!(
+            "{shown} is neither iaido's YAML nor bailiff's config file; pillion's TOML \
+             needs no migration (check it with `pillion check {shown}`)"
+        ));
+    }
+    let file = crate::iaido::parse(text).map_err(|e| format!("config file {shown}: {e}"))?;
+    Ok(file.to_toml(&format!(
+        "pillion's configuration, written by `pillion migrate {shown}` from iaido's file."
+    )))
+}
+
+/// bailiff's file has only bailiff's top-level keys (viper: any case).
+pub fn is_bailiffs(tree: &serde_json::Value) -> bool {
+    tree.as_object().is_some_and(|o| {
+        !o.is_empty()
+            && o.keys().all(|k| {
+                matches!(
+                    k.to_ascii_lowercase().as_str(),
+                    "port" | "proxy" | "rolling" | "cookie" | "headers" | "store"
+                )
+            })
+    })
+}
+
+/// viper's nested keys as the variables that set them: `Cookie: {MaxAge: 60}` is
+/// `BAILIFF_COOKIE_MAXAGE=60`.
+fn flatten(
+    prefix: &str,
+    value: &serde_json::Value,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Object(o) => {
+            for (k, v) in o {
+                flatten(&format!("{prefix}_{}", k.to_ascii_uppercase()), v, out)?;
+            }
+        }
+        Value::Null => {}
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        Value::Bool(_) | Value::Number(_) => out.push((prefix.to_string(), value.to_string())),
+        Value::Array(_) => {
+            return Err(format!(
+                "{prefix} is a list; bailiff's settings each take one value"
+            ))
         }
     }
     Ok(())
@@ -705,6 +844,34 @@ mod tests {
                     "1:h:2",
                 ],
             ),
+            // iaido's command line has no command.
+            (&["-c", "iaido.yaml"], &["run", "-c", "iaido.yaml"]),
+            (
+                &["-c", "iaido.yaml", "--check"],
+                &["check", "-c", "iaido.yaml"],
+            ),
+            (
+                &["--config", "f.yaml", "--reloadPeriod", "2s"],
+                &["run", "--config", "f.yaml", "--reload-period=2s"],
+            ),
+            (
+                &[
+                    "--config",
+                    "f.toml",
+                    "--bootstrapAddr",
+                    "127.0.0.1",
+                    "-b",
+                    "1:h:2",
+                ],
+                &[
+                    "bootstrap",
+                    "--config",
+                    "f.toml",
+                    "--bootstrap-addr=127.0.0.1",
+                    "-b",
+                    "1:h:2",
+                ],
+            ),
             (
                 &["services", "--proxy_address", "127.0.0.1:8081"],
                 &["services", "--sidecar=http://127.0.0.1:8081"],
@@ -741,7 +908,7 @@ mod tests {
             (&["run", "--client_pool_size", "4"], "--max-pending"),
             (&["run", "--transport", "grpc"], "h2c"),
             (&["run", "--enable_stats=false"], "/dashboard"),
-            (&["run", "--check"], "pillion check --config"),
+            (&["run", "--check"], "pillion check FILE"),
         ];
         for (given, names) in cases {
             let err = run(given, &[]).unwrap_err();

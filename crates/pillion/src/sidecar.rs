@@ -134,11 +134,13 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     }
     tcp.apply(&settings.tcp).await?;
     let reloader = settings.config_file.clone().map(|file| {
+        // Read as the start read it: TOML, or iaido's YAML.
+        let path = file.clone();
         tokio::spawn(pillion_tcp::reload::follow(
             file,
             settings.reload_period,
             tcp.clone(),
-            |text| crate::config::FileConfig::parse(text).map(|f| f.tcp),
+            move |text| crate::config::FileConfig::read(&path, text).map(|f| f.tcp),
         ))
     });
     let broker_metrics = Arc::new(BrokerMetrics::default());

@@ -224,7 +224,7 @@ fn settings_pillion_cannot_honour_are_refused_at_start_naming_its_equivalent() {
             &[("BAILIFF_HEADERS_SETPREFIX", "X-Put-")],
             "--session-header-prefix",
         ),
-        (&["run", "--check"], &[], "pillion check --config FILE"),
+        (&["run", "--check"], &[], "pillion check FILE"),
     ];
     for (args, env, names) in cases {
         let (code, out, err) = run_to_end(args, env);
@@ -303,4 +303,39 @@ fn micros_proxy_address_names_the_sidecar_the_cli_talks_to() {
         err.contains(&format!("no sidecar answers at http://127.0.0.1:{port}")),
         "{err}"
     );
+}
+
+#[test]
+fn bailiffs_config_file_migrates_to_toml_that_check_passes() {
+    let dir = scratch("bailiff-file");
+    let file = dir.join("config.yaml");
+    std::fs::write(
+        &file,
+        "Port: 8080\nProxy: 3000\nRolling: true\nCookie:\n  MaxAge: 600\nStore:\n  Redis:\n    Addr: 127.0.0.1:6380\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_to_end(&["check", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pillion migrate"), "{err}");
+
+    let (code, toml, err) = run_to_end(&["migrate", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    for line in [
+        "listen = \"0.0.0.0:8080\"",
+        "app = \"http://127.0.0.1:3000\"",
+        "session_store = \"redis://127.0.0.1:6380\"",
+        "session_max_age = \"600\"",
+        "session_rolling = \"true\"",
+    ] {
+        assert!(toml.contains(line), "{line} missing:\n{toml}");
+    }
+    let migrated = dir.join("pillion.toml");
+    std::fs::write(&migrated, &toml).unwrap();
+    let (code, _, err) = run_to_end(&["check", migrated.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}\n{toml}");
+
+    std::fs::write(&file, "Port: 8080\nCookie:\n  Flavour: x\n").unwrap();
+    let (code, _, err) = run_to_end(&["migrate", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("BAILIFF_COOKIE_FLAVOUR"), "{err}");
 }

@@ -64,7 +64,8 @@ pub struct TierConfig {
     pub health_check: Dur,
 }
 
-fn default_connect_timeout() -> Dur {
+/// How long a client connection waits for a backend when the file does not say.
+pub fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(5))
 }
 
