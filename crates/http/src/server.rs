@@ -18,8 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use futures_util::task::AtomicWaker;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::ready;
 
 use crate::drain::Drain;
@@ -353,20 +352,20 @@ where
     let watched = IdleH2 {
         conn,
         streams,
+        seen: 0,
+        check: Box::pin(tokio::time::sleep(Duration::ZERO)),
         keepalive: Keepalive::new(on.clocks.idle, on.idlers.clone()),
         closing: false,
     };
     let _ = on.drain.watch(watched, IdleH2::graceful_shutdown).await;
 }
 
-/// The streams an HTTP/2 connection has open: a request whose answer has not been
-/// sent whole.
+/// The streams of an HTTP/2 connection: how many are open (a request whose answer
+/// has not been sent whole) and how many were ever opened.
 #[derive(Default)]
 struct Streams {
     open: AtomicUsize,
-    /// The connection's task, told when the last stream ends (answers are sent from
-    /// tasks of hyper's own).
-    waker: AtomicWaker,
+    opened: AtomicU64,
 }
 
 /// One open stream, counted until dropped with its answer's body.
@@ -375,15 +374,14 @@ struct Open(Arc<Streams>);
 impl Open {
     fn new(streams: &Arc<Streams>) -> Open {
         streams.open.fetch_add(1, Ordering::AcqRel);
+        streams.opened.fetch_add(1, Ordering::Relaxed);
         Open(streams.clone())
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.waker.wake();
-        }
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -425,10 +423,18 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
 pin_project_lite::pin_project! {
     /// hyper's HTTP/2 connection, with the clock it lacks: idle (no stream open) for
     /// the idle timeout, it is shut down gracefully (GOAWAY, then close).
+    ///
+    /// A stream ends on a task of hyper's own, which does not wake this one: while
+    /// streams come and go, this task looks at the counts every quarter of the idle
+    /// timeout instead of being woken per stream, so the idle clock starts at most
+    /// that late.
     struct IdleH2<C> {
         #[pin]
         conn: C,
         streams: Arc<Streams>,
+        // Streams opened as of the last look.
+        seen: u64,
+        check: Pin<Box<tokio::time::Sleep>>,
         keepalive: Keepalive,
         closing: bool,
     }
@@ -474,9 +480,14 @@ impl<C: Future + GracefulShutdown> Future for IdleH2<C> {
             if *this.closing {
                 return Poll::Pending;
             }
-            this.streams.waker.register(cx.waker());
-            if this.streams.open.load(Ordering::Acquire) > 0 {
+            let opened = this.streams.opened.load(Ordering::Relaxed);
+            if this.streams.open.load(Ordering::Acquire) > 0 || opened != *this.seen {
+                *this.seen = opened;
                 this.keepalive.busy();
+                while this.check.as_mut().poll(cx).is_ready() {
+                    let look = tokio::time::Instant::now() + this.keepalive.limit() / 4;
+                    this.check.as_mut().reset(look);
+                }
                 return Poll::Pending;
             }
             let why = ready!(this.keepalive.poll_wait(cx));
