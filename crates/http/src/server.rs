@@ -89,12 +89,9 @@ pub async fn serve<F, Fut, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Every way into pillion is a listener served here, so this is the one place that
-    // makes sure an identity header an app sees was set by pillion.
-    let handle = move |mut req: Request<RequestBody>, peer| {
-        pillion_core::remove_identity(req.headers_mut());
-        handle(req, peer)
-    };
+    // Every way into pillion is a listener served here, so this is where an identity
+    // header a client sent is removed: by pillion's HTTP/1.1 parser as it reads the
+    // fields, and in `serve_h2` and `serve_upgrade` for what hyper reads.
     let drain = Drain::new();
     let idlers = Idlers::new();
     let hyper = Hyper::new(&limits);
@@ -289,7 +286,8 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let body_stall = on.clocks.body;
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        pillion_core::remove_identity(req.headers_mut());
         OkMap::new(
             handle(req.map(|body| RequestBody::from_hyper(body, body_stall))),
             |r: Result<Response<B>, Infallible>| {
@@ -329,7 +327,8 @@ where
     let streams = Arc::new(Streams::default());
     let counted = streams.clone();
     let body_stall = on.clocks.body;
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        pillion_core::remove_identity(req.headers_mut());
         let open = Open::new(&counted);
         let hosts = req.headers().get_all(http::header::HOST).iter().count();
         match crate::h1::server::host_rule(req.version(), hosts) {

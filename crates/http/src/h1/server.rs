@@ -838,6 +838,8 @@ struct Fields {
     upgrade: bool,
     /// `Expect: 100-continue`.
     expect_continue: bool,
+    /// The client sent an identity header of its own (see [`pillion_core::IDENTITY_HEADERS`]).
+    identity: bool,
 }
 
 impl Fields {
@@ -857,6 +859,13 @@ impl Fields {
                 }
             }
             4 if name.eq_ignore_ascii_case(b"host") => self.hosts += 1,
+            16 | 17
+                if pillion_core::IDENTITY_HEADERS
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h.as_bytes())) =>
+            {
+                self.identity = true
+            }
             7 if name.eq_ignore_ascii_case(b"upgrade") => self.upgrade = true,
             6 if name.eq_ignore_ascii_case(b"expect")
                 && value.trim_ascii().eq_ignore_ascii_case(b"100-continue") =>
@@ -1014,6 +1023,10 @@ fn parse_head(buf: &mut BytesMut, scanned: usize) -> Parse {
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
+    if fields.identity {
+        // Found while the fields were read: most requests pay no lookup for it.
+        pillion_core::remove_identity(request.headers_mut());
+    }
     if fields.upgrade {
         // An upgrade with a body: ignored (RFC 9110 7.8 lets a server stay), so that
         // no handler answers 101 on a connection whose body pillion is reading.

@@ -924,3 +924,17 @@ async fn a_full_listener_closes_its_longest_idle_connection() {
     assert!(second.is_err(), "the second is still open: {second:?}");
     assert_eq!(idlers.len(), 2);
 }
+
+#[test]
+fn a_clients_identity_headers_never_reach_the_handler() {
+    let (out, _) = exchange(
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-PILLION-CALLER: admin\r\nx-pillion-subject: root\r\nX-Pillion-Subject: root2\r\nX-Other: 1\r\n\r\n",
+        &[],
+        true,
+    );
+    let got = answers(&out, &[]);
+    assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(&out));
+    let seen = String::from_utf8_lossy(&got[0].body).into_owned();
+    assert!(!seen.contains("x-pillion-"), "{seen}");
+    assert!(seen.contains("x-other: 1"), "{seen}");
+}
