@@ -601,20 +601,7 @@ fn the_request_target_is_encoded_where_clients_send_it_raw() {
 
 #[tokio::test(start_paused = true)]
 async fn a_head_that_does_not_arrive_in_time_ends_the_connection_and_so_does_a_long_idle() {
-    let serve_on = |server| {
-        tokio::spawn(async move {
-            let drain = Drain::new();
-            let settings = Settings {
-                clocks: CLOCKS,
-                drain: &drain,
-                idlers: &Idlers::new(),
-            };
-            matches!(
-                serve(Socket::Mem(server), settings, echo).await,
-                Served::Closed
-            )
-        })
-    };
+    let serve_on = |server| spawn_echo(server, Idlers::new());
     // Half a head after a whole request: cut off 10 s after its first byte.
     let (mut client, server) = tokio::io::duplex(4096);
     let task = serve_on(server);
@@ -816,6 +803,26 @@ fn an_upgrade_with_a_body_is_served_here_without_the_upgrade() {
     assert_eq!(end, End::Closed);
 }
 
+/// The echo server on `server`, among `idlers`' connections; whether it ended by
+/// closing (not by a hand-over).
+fn spawn_echo(
+    server: tokio::io::DuplexStream,
+    idlers: Arc<Idlers>,
+) -> tokio::task::JoinHandle<bool> {
+    tokio::spawn(async move {
+        let drain = Drain::new();
+        let settings = Settings {
+            clocks: CLOCKS,
+            drain: &drain,
+            idlers: &idlers,
+        };
+        matches!(
+            serve(Socket::Mem(server), settings, echo).await,
+            Served::Closed
+        )
+    })
+}
+
 /// Reads from `client` until `want` has come (10 s of the paused clock at most).
 async fn read_until(client: &mut tokio::io::DuplexStream, want: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -836,18 +843,7 @@ async fn read_until(client: &mut tokio::io::DuplexStream, want: &[u8]) -> Vec<u8
 #[tokio::test(start_paused = true)]
 async fn expect_100_continue_is_answered_here_and_the_connection_stays_pillions() {
     let (mut client, server) = tokio::io::duplex(1 << 16);
-    let task = tokio::spawn(async move {
-        let drain = Drain::new();
-        let settings = Settings {
-            clocks: CLOCKS,
-            drain: &drain,
-            idlers: &Idlers::new(),
-        };
-        matches!(
-            serve(Socket::Mem(server), settings, echo).await,
-            Served::Closed
-        )
-    });
+    let task = spawn_echo(server, Idlers::new());
     client
         .write_all(
             b"POST /u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
@@ -897,16 +893,7 @@ async fn a_full_listener_closes_its_longest_idle_connection() {
     let mut clients = Vec::new();
     for _ in 0..3 {
         let (mut client, server) = tokio::io::duplex(4096);
-        let idlers = idlers.clone();
-        tokio::spawn(async move {
-            let drain = Drain::new();
-            let settings = Settings {
-                clocks: CLOCKS,
-                drain: &drain,
-                idlers: &idlers,
-            };
-            serve(Socket::Mem(server), settings, echo).await;
-        });
+        spawn_echo(server, idlers.clone());
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
