@@ -426,10 +426,15 @@ async fn sweep(pool: std::sync::Weak<Pool>) {
 
 /// A node's response body. An HTTP/1.1 one returns its connection to the pool once
 /// read (a body dropped before its end closes the connection).
+/// Who learns how an answer's body ended (see [`PooledBody::on_end`]).
+pub trait AnswerEnd: Send + Sync {
+    fn answer_ended(&self, node: usize, whole: bool);
+}
+
 pub struct PooledBody {
     answer: Answer,
     /// Told once whether the body ended whole or broke off (see [`Self::on_end`]).
-    on_end: Option<Box<dyn FnOnce(bool) + Send + Sync>>,
+    on_end: Option<(Arc<dyn AnswerEnd>, usize)>,
 }
 
 enum Answer {
@@ -453,12 +458,12 @@ impl PooledBody {
         }
     }
 
-    /// Calls `f(true)` once the body has ended whole, `f(false)` if it breaks off
-    /// first: a node that answers its headers and then cuts the body short has
-    /// failed the call, though its status looked like success. Not called when the
-    /// body is dropped before its end (the caller went away).
-    pub fn on_end(&mut self, f: impl FnOnce(bool) + Send + Sync + 'static) {
-        self.on_end = Some(Box::new(f));
+    /// Tells `hook` about `node` once: whole when the body has ended, not whole if
+    /// it breaks off first (a node that answers its headers and then cuts the body
+    /// short has failed the call, though its status looked like success). Not told
+    /// when the body is dropped before its end (the caller went away).
+    pub fn on_end(&mut self, hook: Arc<dyn AnswerEnd>, node: usize) {
+        self.on_end = Some((hook, node));
     }
 }
 
@@ -483,8 +488,8 @@ impl Body for PooledBody {
                 _ => None,
             };
             if let Some(whole) = ended {
-                if let Some(f) = this.on_end.take() {
-                    f(whole);
+                if let Some((hook, node)) = this.on_end.take() {
+                    hook.answer_ended(node, whole);
                 }
             }
         }

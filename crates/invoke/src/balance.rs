@@ -132,6 +132,7 @@ mod tests {
                 .map(|(i, t)| Arc::new(NodeState::test(format!("n{i}"), *t)))
                 .collect(),
             shared: Arc::new(ServiceShared::test()),
+            ejection: Default::default(),
         }
     }
 

@@ -308,6 +308,24 @@ pub struct ServiceSet {
     pub name: String,
     pub nodes: Vec<Arc<NodeState>>,
     pub shared: Arc<ServiceShared>,
+    /// How its nodes are ejected when an answer's body breaks off.
+    pub ejection: EjectionPolicy,
+}
+
+/// A node is credited when its answer's body ends whole, and blamed when it breaks
+/// off (the node cut it short after its headers). The set itself is the hook, so a
+/// call pays for no allocation.
+impl pillion_http::pool::AnswerEnd for ServiceSet {
+    fn answer_ended(&self, node: usize, whole: bool) {
+        let Some(state) = self.nodes.get(node) else {
+            return;
+        };
+        if whole {
+            state.record_success();
+        } else {
+            self.record_failure(state, &self.ejection);
+        }
+    }
 }
 
 impl ServiceSet {
@@ -364,6 +382,7 @@ pub struct Endpoints {
     locality: Locality,
     pool: pool::Settings,
     mesh: Option<MeshConnect>,
+    ejection: EjectionPolicy,
     max_retry_percent: f64,
 }
 
@@ -374,6 +393,7 @@ impl Endpoints {
         locality: Locality,
         pool: pool::Settings,
         mesh: Option<MeshConnect>,
+        ejection: EjectionPolicy,
     ) -> Arc<Endpoints> {
         let endpoints = Arc::new(Endpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
@@ -383,6 +403,7 @@ impl Endpoints {
             locality,
             pool,
             mesh,
+            ejection,
             max_retry_percent: 0.2,
         });
         let mut changes = registry.changes();
@@ -514,6 +535,7 @@ impl Endpoints {
             name: name.to_string(),
             nodes,
             shared: self.shared(name),
+            ejection: self.ejection,
         })
     }
 }
@@ -574,6 +596,7 @@ mod tests {
             Locality::default(),
             Default::default(),
             None,
+            EjectionPolicy::default(),
         );
         assert!(endpoints.service("fresh").is_none());
         let svc = pillion_core::service::Service::from_json(
@@ -644,6 +667,7 @@ mod tests {
             name: "s".into(),
             nodes: nodes.clone(),
             shared,
+            ejection: EjectionPolicy::default(),
         };
         let policy = EjectionPolicy::default();
         for _ in 0..4 {

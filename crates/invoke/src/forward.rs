@@ -333,13 +333,7 @@ fn attempt_all<'a>(
                     }
                     // Success is known at the body's end: a node that cuts its
                     // answer short after the headers has failed the call.
-                    let (set, ejection) = (Arc::clone(set), policy.ejection);
-                    res.body_mut().on_end(move |whole| match whole {
-                        true => node.record_success(),
-                        false => {
-                            set.record_failure(&node, &ejection);
-                        }
-                    });
+                    res.body_mut().on_end(set.clone(), index);
                     return Ok(res);
                 }
                 Outcome::BadGateway(res) => {

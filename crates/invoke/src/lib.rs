@@ -114,7 +114,13 @@ impl Invoker {
         mesh: Option<endpoints::MeshConnect>,
     ) -> Arc<Invoker> {
         Arc::new(Invoker {
-            endpoints: endpoints::Endpoints::follow(registry, locality, config.pool.clone(), mesh),
+            endpoints: endpoints::Endpoints::follow(
+                registry,
+                locality,
+                config.pool.clone(),
+                mesh,
+                config.policy.ejection,
+            ),
             // Static (leaked once per invoker): added to every call, and a static
             // value is copied without touching a reference count.
             hop: http::HeaderValue::from_static(Box::leak(
