@@ -195,6 +195,13 @@ async fn await_while_uploading(
             if let Poll::Ready(sent) = up.poll_send(cx) {
                 upload = None;
                 if let Err(e) = sent {
+                    // A node may answer whole and then reset the rest of the upload
+                    // (NO_ERROR, RFC 9113 8.1). Its frames are read in order, so when
+                    // the reset is seen its answer is here too, even if it came
+                    // after the answer was last looked at: the answer wins.
+                    if let Poll::Ready(Ok(res)) = Pin::new(&mut answer).poll(cx) {
+                        return Poll::Ready(Ok(Ok(res)));
+                    }
                     return Poll::Ready(Err(Failure::Sent(e)));
                 }
             }
