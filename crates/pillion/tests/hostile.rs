@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{inbound, statuses, Sidecar};
+use common::{inbound, statuses, BothListeners, Sidecar};
 use pillion_testkit::TestApp;
 
 /// A keep-alive connection that made one request and read its whole answer.
@@ -235,9 +235,7 @@ async fn connect_is_refused_with_405_on_every_listener() {
 /// refusal (JSON, then the connection closes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_expect_100_continue_the_connection_keeps_pillions_rules() {
-    let app = TestApp::start("app").await;
-    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
-    common::register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+    let both = BothListeners::start().await;
     let long = format!(
         "GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: {}\r\n\r\n",
         "a".repeat(70_000)
@@ -256,7 +254,7 @@ async fn after_expect_100_continue_the_connection_keeps_pillions_rules() {
         ),
         (&long, "431", "larger than"),
     ];
-    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+    for (addr, path) in both.paths() {
         for (next, status, why) in &cases {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -293,10 +291,9 @@ async fn after_expect_100_continue_the_connection_keeps_pillions_rules() {
 /// after it is read by any other parser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_not_answered_101_closes_the_connection() {
-    let app = TestApp::start("app").await;
-    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
-    common::register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
-    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+    let both = BothListeners::start().await;
+    let app = &both.app;
+    for (addr, path) in both.paths() {
         let before = app.requests();
         let answer = to_end(
             addr,

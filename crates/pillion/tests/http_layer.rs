@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{eventually, failures, inbound, register, statuses, Sidecar};
+use common::{eventually, failures, inbound, register, statuses, BothListeners, Sidecar};
 use pillion_testkit::http::get;
 use pillion_testkit::{Server, TestApp};
 
@@ -246,12 +246,11 @@ async fn requests_without_a_host_with_two_or_with_bare_lf_lines_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_framed_two_ways_is_refused_before_it_reaches_the_app() {
-    let app = TestApp::start("app").await;
-    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
-    register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+    let both = BothListeners::start().await;
+    let app = &both.app;
     // Each could be read as one request by pillion and as two by the app (or the
     // other way round): a smuggled request. Refused on both listeners.
-    for (addr, path) in [(sc.addr, "/app/x"), (listen, "/x")] {
+    for (addr, path) in both.paths() {
         for (framing, status, why) in [
             (
                 "Transfer-Encoding: chunked\r\nContent-Length: 4",
@@ -283,10 +282,8 @@ async fn a_request_framed_two_ways_is_refused_before_it_reaches_the_app() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_on_both_listeners() {
-    let app = TestApp::start("app").await;
-    let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
-    register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
-    for (addr, prefix) in [(sc.addr, "/app"), (listen, "")] {
+    let both = BothListeners::start().await;
+    for (addr, prefix) in [(both.sc.addr, "/app"), (both.listen, "")] {
         // Three requests in one write, one with a body, the last asking to close.
         let request = format!(
             "GET {prefix}/one HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
@@ -302,7 +299,7 @@ async fn pipelined_requests_are_answered_in_order_on_both_listeners() {
         let three = answer.find("/three").expect("the third");
         assert!(one < two && two < three, "{addr}: out of order: {answer}");
     }
-    assert_eq!(app.requests(), 6);
+    assert_eq!(both.app.requests(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

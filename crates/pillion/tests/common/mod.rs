@@ -391,3 +391,25 @@ impl Drop for Document {
         self.task.abort();
     }
 }
+
+/// The test app reachable both ways a client meets pillion's HTTP: called by name on
+/// the API (`--handler proxy`, service `app`) and through `--listen`.
+pub struct BothListeners {
+    pub app: pillion_testkit::TestApp,
+    pub sc: Sidecar,
+    pub listen: SocketAddr,
+}
+
+impl BothListeners {
+    pub async fn start() -> BothListeners {
+        let app = pillion_testkit::TestApp::start("app").await;
+        let (sc, listen) = inbound(&app.url(), &["--handler", "proxy"]);
+        register(&sc, "app", "app-1", &app.addr().to_string(), &[]).await;
+        BothListeners { app, sc, listen }
+    }
+
+    /// Each listener with the path that reaches the app's `/x` through it.
+    pub fn paths(&self) -> [(SocketAddr, &'static str); 2] {
+        [(self.sc.addr, "/app/x"), (self.listen, "/x")]
+    }
+}
