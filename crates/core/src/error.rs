@@ -50,8 +50,88 @@ impl ApiError {
                 header::HeaderValue::from_static("close"),
             );
         }
+        // Kept with the response, so that a gRPC caller's answer can be made of it
+        // ([`for_grpc`]) wherever the request was refused.
+        res.extensions_mut().insert(self);
         res
     }
+
+    /// The error as gRPC answers it: a trailers-only response (200, no body) whose
+    /// `grpc-status` says what the HTTP status says ([`grpc_code`]) and whose
+    /// `grpc-message` is the detail.
+    pub fn into_grpc_response(self) -> Response<String> {
+        let mut res = Response::new(String::new());
+        let headers = res.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(
+            "grpc-status",
+            u16::from(grpc_code(self.status_code())).into(),
+        );
+        if let Ok(message) = header::HeaderValue::from_str(&grpc_message(&self.detail)) {
+            headers.insert("grpc-message", message);
+        }
+        res
+    }
+}
+
+/// `content-type: application/grpc`, `application/grpc+proto`, ...: a gRPC call.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `res` as a gRPC caller must get it: an error pillion made (an [`ApiError`]'s
+/// response) becomes a trailers-only gRPC answer with an `empty` body; anything else
+/// (an app's answer) is left as it is.
+pub fn for_grpc<B>(res: Response<B>, empty: impl FnOnce() -> B) -> Response<B> {
+    match res.extensions().get::<ApiError>() {
+        Some(e) => e.clone().into_grpc_response().map(|_| empty()),
+        None => res,
+    }
+}
+
+/// The gRPC status code for an error pillion answers with `status`.
+pub fn grpc_code(status: StatusCode) -> u8 {
+    const INVALID_ARGUMENT: u8 = 3;
+    const DEADLINE_EXCEEDED: u8 = 4;
+    const NOT_FOUND: u8 = 5;
+    const PERMISSION_DENIED: u8 = 7;
+    const RESOURCE_EXHAUSTED: u8 = 8;
+    const FAILED_PRECONDITION: u8 = 9;
+    const UNIMPLEMENTED: u8 = 12;
+    const INTERNAL: u8 = 13;
+    const UNAVAILABLE: u8 = 14;
+    const UNAUTHENTICATED: u8 = 16;
+    match status.as_u16() {
+        400 | 415 => INVALID_ARGUMENT,
+        401 => UNAUTHENTICATED,
+        403 => PERMISSION_DENIED,
+        404 => NOT_FOUND,
+        405 | 501 => UNIMPLEMENTED,
+        408 | 504 => DEADLINE_EXCEEDED,
+        413 | 429 => RESOURCE_EXHAUSTED,
+        421 | 502 | 503 => UNAVAILABLE,
+        508 => FAILED_PRECONDITION,
+        _ => INTERNAL,
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: bytes outside printable ASCII, and
+/// `%`, as `%XX`.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl std::fmt::Display for ApiError {
@@ -74,5 +154,41 @@ mod tests {
             v,
             serde_json::json!({"id":"pillion.registry","code":404,"detail":"no service foo","status":"Not Found"})
         );
+    }
+
+    #[test]
+    fn a_grpc_caller_gets_a_trailers_only_answer_with_a_fitting_code() {
+        let e = ApiError::new(
+            "pillion.invoke",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service \"a\" has no node: 100% gone, café",
+        );
+        let res = for_grpc(e.into_response(), String::new);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "service \"a\" has no node: 100%25 gone, caf%C3%A9"
+        );
+        assert!(res.body().is_empty());
+        // An app's answer is not touched.
+        let app = Response::new("app".to_string());
+        assert_eq!(for_grpc(app, String::new).body(), "app");
+        for (status, code) in [
+            (401, 16),
+            (403, 7),
+            (404, 5),
+            (504, 4),
+            (413, 8),
+            (502, 14),
+            (400, 3),
+        ] {
+            assert_eq!(
+                grpc_code(StatusCode::from_u16(status).unwrap()),
+                code,
+                "{status}"
+            );
+        }
     }
 }

@@ -303,11 +303,14 @@ pub enum NodeProtocol {
     Grpc,
     /// go-micro v1's RPC server (`server/rpc_server.go` registers `protocol=mucp`).
     Mucp,
+    /// pillion's: a JSON-RPC server as micro's sidecar called nodes (micro's Python
+    /// and Go examples: the `json-rpc` package, Go's `net/rpc/jsonrpc`).
+    JsonRpc,
 }
 
 impl NodeProtocol {
     /// The accepted values, as error messages list them.
-    pub const VALUES: &'static str = "http1, h2c, http, grpc or mucp";
+    pub const VALUES: &'static str = "http1, h2c, jsonrpc, http, grpc or mucp";
 
     /// The protocol a metadata value names, in any case.
     pub fn parse(value: &str) -> Option<NodeProtocol> {
@@ -317,6 +320,7 @@ impl NodeProtocol {
             ("http", NodeProtocol::Http),
             ("grpc", NodeProtocol::Grpc),
             ("mucp", NodeProtocol::Mucp),
+            ("jsonrpc", NodeProtocol::JsonRpc),
         ]
         .into_iter()
         .find(|(name, _)| value.eq_ignore_ascii_case(name))
@@ -446,11 +450,11 @@ mod tests {
             ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h:1","metadata":{"protocol":"http3"}}]}"#,
-                "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, http, grpc or mucp",
+                "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, jsonrpc, http, grpc or mucp",
             ),
             (
                 br#"{"name":"a","metadata":{"protocol":"jsonrpc2"},"nodes":[]}"#,
-                "unknown protocol \"jsonrpc2\" in metadata: use http1, h2c, http, grpc or mucp",
+                "unknown protocol \"jsonrpc2\" in metadata: use http1, h2c, jsonrpc, http, grpc or mucp",
             ),
             (
                 br#"{"name":"a","nodes":[{"id":"1","address":"h"}]}"#,
@@ -613,6 +617,8 @@ mod tests {
             ("grpc", NodeProtocol::Grpc),
             ("mucp", NodeProtocol::Mucp),
             ("MUCP", NodeProtocol::Mucp),
+            ("jsonrpc", NodeProtocol::JsonRpc),
+            ("JSONRPC", NodeProtocol::JsonRpc),
         ];
         for (p, want) in cases {
             let body = format!(

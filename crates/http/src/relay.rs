@@ -22,6 +22,16 @@ pub fn reply(e: ApiError) -> Response<ProxyBody> {
         .map(|s| Either::Right(Full::new(Bytes::from(s))))
 }
 
+/// `res` as the caller gets it: for a gRPC call, an error pillion made is a
+/// trailers-only gRPC answer ([`pillion_core::error::for_grpc`]).
+pub fn to_caller(grpc: bool, res: Response<ProxyBody>) -> Response<ProxyBody> {
+    if grpc {
+        pillion_core::error::for_grpc(res, || Either::Right(Full::default()))
+    } else {
+        res
+    }
+}
+
 fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
     reply(ApiError::new(ID, status, detail))
 }

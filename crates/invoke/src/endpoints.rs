@@ -109,23 +109,39 @@ pub enum Protocol {
     /// `protocol=h2c` or go-micro's `grpc` (gRPC needs HTTP/2): HTTP/2 with prior
     /// knowledge, for every call.
     H2c,
-    /// No `protocol` metadata, or go-micro's `mucp`: gRPC calls go as h2c (gRPC needs
-    /// HTTP/2), the rest as HTTP/1.1.
+    /// No `protocol` metadata: gRPC calls go as h2c (gRPC needs HTTP/2), the rest as
+    /// HTTP/1.1.
     Unset,
+    /// go-micro's RPC, as micro's sidecar called nodes: a call by service and method
+    /// goes as a JSON-RPC request over go-micro's HTTP transport ([`crate::jsonrpc`]).
+    /// `protocol=jsonrpc` (any JSON-RPC server: micro's Python and Go examples) or
+    /// go-micro v1's `mucp` (the same, with the content type and `Micro-*` headers
+    /// its server reads).
+    GoMicro(Dialect),
+}
+
+/// The two ways [`Protocol::GoMicro`] is spoken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `protocol=jsonrpc`: `Content-Type: application/json`, as micro's sidecar sent.
+    JsonRpc,
+    /// `protocol=mucp`: `Content-Type: application/json-rpc` (the JSON-RPC codec in
+    /// go-micro v0 and v1 alike) and go-micro v1's `Micro-Service`/`Micro-Endpoint`.
+    Mucp,
 }
 
 impl Protocol {
-    /// From the metadata value; an unknown value is reported and treated as unset.
-    pub fn from_metadata(value: Option<&str>) -> Result<Protocol, String> {
+    /// From the metadata value; `unset` when there is none (`--rpc-codec`). An
+    /// unknown value is reported.
+    pub fn from_metadata(value: Option<&str>, unset: Protocol) -> Result<Protocol, String> {
         let Some(value) = value else {
-            return Ok(Protocol::Unset);
+            return Ok(unset);
         };
         match NodeProtocol::parse(value) {
             Some(NodeProtocol::Http1 | NodeProtocol::Http) => Ok(Protocol::Http1),
             Some(NodeProtocol::H2c | NodeProtocol::Grpc) => Ok(Protocol::H2c),
-            // go-micro's RPC envelope is not spoken yet: a mucp node is called like a
-            // node that names no protocol.
-            Some(NodeProtocol::Mucp) => Ok(Protocol::Unset),
+            Some(NodeProtocol::Mucp) => Ok(Protocol::GoMicro(Dialect::Mucp)),
+            Some(NodeProtocol::JsonRpc) => Ok(Protocol::GoMicro(Dialect::JsonRpc)),
             None => Err(format!(
                 "unknown protocol {value:?} in the node's metadata: use {}",
                 NodeProtocol::VALUES
@@ -140,7 +156,10 @@ impl Protocol {
             (Protocol::Http1, true) => {
                 Err("gRPC needs HTTP/2 but the node is registered with protocol=http1")
             }
-            (Protocol::Http1 | Protocol::Unset, false) => Ok(false),
+            (Protocol::GoMicro(_), true) => Err(
+                "gRPC cannot be carried to a go-micro RPC node (protocol=jsonrpc or mucp): call it with JSON",
+            ),
+            (Protocol::Http1 | Protocol::Unset | Protocol::GoMicro(_), false) => Ok(false),
         }
     }
 }
@@ -384,6 +403,8 @@ pub struct Endpoints {
     mesh: Option<MeshConnect>,
     ejection: EjectionPolicy,
     max_retry_percent: f64,
+    /// How a node with no `protocol` metadata is called (`--rpc-codec`).
+    unset: Protocol,
 }
 
 impl Endpoints {
@@ -394,6 +415,7 @@ impl Endpoints {
         pool: pool::Settings,
         mesh: Option<MeshConnect>,
         ejection: EjectionPolicy,
+        unset: Protocol,
     ) -> Arc<Endpoints> {
         let endpoints = Arc::new(Endpoints {
             current: ArcSwap::from_pointee(EndpointSet::default()),
@@ -405,6 +427,7 @@ impl Endpoints {
             mesh,
             ejection,
             max_retry_percent: 0.2,
+            unset,
         });
         let mut changes = registry.changes();
         endpoints.rebuild(None);
@@ -500,10 +523,11 @@ impl Endpoints {
                         .map(String::as_str)
                 };
                 let tier = self.locality.tier(meta("zone"), meta("region"));
-                let protocol = Protocol::from_metadata(meta("protocol")).unwrap_or_else(|e| {
-                    tracing::warn!(service = %name, node = %node.id, "{e}");
-                    Protocol::Unset
-                });
+                let protocol = Protocol::from_metadata(meta("protocol"), self.unset)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(service = %name, node = %node.id, "{e}");
+                        self.unset
+                    });
                 let kept = previous.and_then(|p| {
                     p.nodes.iter().find(|n| {
                         n.id == node.id
@@ -577,14 +601,27 @@ mod tests {
             (Some("http"), Protocol::Http1),
             (Some("h2c"), Protocol::H2c),
             (Some("GRPC"), Protocol::H2c),
-            (Some("mucp"), Protocol::Unset),
+            (Some("mucp"), Protocol::GoMicro(Dialect::Mucp)),
+            (Some("jsonrpc"), Protocol::GoMicro(Dialect::JsonRpc)),
         ];
         for (value, want) in cases {
-            assert_eq!(Protocol::from_metadata(value), Ok(want), "{value:?}");
+            assert_eq!(
+                Protocol::from_metadata(value, Protocol::Unset),
+                Ok(want),
+                "{value:?}"
+            );
         }
+        // --rpc-codec jsonrpc: a node that names no protocol is a JSON-RPC server; one
+        // that names its protocol keeps it.
+        let jsonrpc = Protocol::GoMicro(Dialect::JsonRpc);
+        assert_eq!(Protocol::from_metadata(None, jsonrpc), Ok(jsonrpc));
         assert_eq!(
-            Protocol::from_metadata(Some("http3")),
-            Err("unknown protocol \"http3\" in the node's metadata: use http1, h2c, http, grpc or mucp".into())
+            Protocol::from_metadata(Some("h2c"), jsonrpc),
+            Ok(Protocol::H2c)
+        );
+        assert_eq!(
+            Protocol::from_metadata(Some("http3"), Protocol::Unset),
+            Err("unknown protocol \"http3\" in the node's metadata: use http1, h2c, jsonrpc, http, grpc or mucp".into())
         );
     }
 
@@ -597,6 +634,7 @@ mod tests {
             Default::default(),
             None,
             EjectionPolicy::default(),
+            Protocol::Unset,
         );
         assert!(endpoints.service("fresh").is_none());
         let svc = pillion_core::service::Service::from_json(

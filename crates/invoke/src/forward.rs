@@ -26,7 +26,8 @@ use pillion_http::pool::{Outgoing, PooledBody};
 use pillion_http::{Blame, SendError};
 
 use crate::balance::{self, Strategy, Tried};
-use crate::endpoints::{since_epoch, EjectionPolicy, NodeState, ServiceSet};
+use crate::endpoints::{since_epoch, EjectionPolicy, NodeState, Protocol, ServiceSet};
+use crate::jsonrpc;
 use crate::metrics::AnsweredBy;
 use crate::retry::{self, Decision, Rules};
 use crate::Invoker;
@@ -59,6 +60,9 @@ pub struct Call {
     pub body: Outgoing,
     /// A gRPC call (it needs HTTP/2 to the node, whatever the caller spoke).
     pub grpc: bool,
+    /// A call by service and method (`uri` is `/{Method}`): a go-micro RPC node gets
+    /// it as a JSON-RPC request ([`crate::jsonrpc`]).
+    pub rpc: bool,
     /// Send to the node with this address or id only.
     pub pin: Option<String>,
     /// Until the response headers arrive.
@@ -275,9 +279,32 @@ fn attempt_all<'a>(
                     ))
                 }
             };
-            let req = match returned.take() {
-                Some(req) => readdress(*req, &call, h2, &node.host),
-                None => {
+            let go_micro = match node.protocol {
+                Protocol::GoMicro(dialect) if call.rpc => Some(dialect),
+                _ => None,
+            };
+            let req = match (go_micro, returned.take()) {
+                // A call by method is whole (read before it was sent): each attempt
+                // wraps it for its node.
+                (Some(dialect), _) => {
+                    let body = match &full_body {
+                        Some(Some(body)) => body.clone(),
+                        _ => Default::default(),
+                    };
+                    let method = call.uri.path().trim_start_matches('/');
+                    let req = jsonrpc::request(
+                        &call.service,
+                        method,
+                        dialect,
+                        call.headers.clone(),
+                        &body,
+                        deadline.saturating_duration_since(now),
+                    )?;
+                    first_body = None;
+                    readdress(req, &call, false, &node.host)
+                }
+                (None, Some(req)) => readdress(*req, &call, h2, &node.host),
+                (None, None) => {
                     let body = match first_body.take() {
                         Some(b) => b,
                         None => match &full_body {
@@ -327,6 +354,9 @@ fn attempt_all<'a>(
             let verdict = match outcome {
                 Outcome::Answer(mut res) => {
                     node.observe(rtt, clock_end);
+                    if go_micro.is_some() {
+                        res.extensions_mut().insert(jsonrpc::Enveloped { deadline });
+                    }
                     if http_body::Body::is_end_stream(res.body()) {
                         node.record_success();
                         return Ok(res);
@@ -365,7 +395,8 @@ fn attempt_all<'a>(
                             decide(retry::Outcome::Failed, attempt, rules, deadline, set)
                         } else {
                             last_problem = e.to_string();
-                            returned = back.map(Box::new);
+                            // A JSON-RPC request is wrapped anew for the next node.
+                            returned = back.filter(|_| go_micro.is_none()).map(Box::new);
                             decide(retry::Outcome::NotSent, attempt, rules, deadline, set)
                         }
                     }

@@ -1,7 +1,9 @@
 //! The HTTP surface of invocation:
 //!
 //! - `--handler rpc` (default): `POST /{path}` is mapped by the micro table to a
-//!   service and method and sent as `POST http://{node}/{Method}`;
+//!   service and method and sent as `POST http://{node}/{Method}` (or as JSON-RPC to
+//!   a go-micro RPC node, [`crate::jsonrpc`]); a gRPC call keeps its path and goes
+//!   as with the proxy handler;
 //! - `--handler proxy`: any method on `/{service}/...` goes to a node of the service
 //!   with the path unchanged, bodies streamed, websocket upgrades tunnelled;
 //! - `POST /rpc` (both handlers): `{"service","method","request","address"?}` as JSON
@@ -26,6 +28,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http::{Request, Response};
 use http_body_util::BodyExt;
+use pillion_core::error::is_grpc;
 use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::server::RequestBody;
@@ -35,7 +38,7 @@ use pillion_http::pool::Outgoing;
 use pillion_http::relay::{self, is_upgrade, origin_form, relay, reply, ProxyBody};
 
 use crate::forward::{forward, Call, Tally, ID};
-use crate::mapping;
+use crate::{jsonrpc, mapping};
 use crate::{Handler, Invoker};
 
 pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
@@ -86,13 +89,6 @@ fn outbound_headers(headers: HeaderMap, upgrade: bool) -> HeaderMap {
     relay::outbound_headers(headers, upgrade, &CONTROLS)
 }
 
-/// `content-type: application/grpc[+proto|;...]`.
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
     reply(ApiError::new(ID, status, detail))
 }
@@ -111,9 +107,11 @@ pub fn service_call(
     if looped(&inv, req.headers()) {
         return Either::Left(ready(loop_detected(&inv)));
     }
+    // gRPC keeps its path (`/{package.Service}/{Method}`) under either handler: its
+    // first segment names the service, as with the proxy handler.
     match inv.config.handler {
-        Handler::Rpc => Either::Right(Either::Left(rpc_path(inv, req))),
-        Handler::Proxy => Either::Right(Either::Right(proxy(inv, req))),
+        Handler::Rpc if !is_grpc(req.headers()) => Either::Right(Either::Left(rpc_path(inv, req))),
+        Handler::Rpc | Handler::Proxy => Either::Right(Either::Right(proxy(inv, req))),
     }
 }
 
@@ -146,7 +144,6 @@ fn rpc_path(
         Err(e) => return Either::Left(ready(reply(e))),
     };
     let prepare = move |body: Bytes| {
-        let grpc = is_grpc(&parts.headers);
         let mut headers = outbound_headers(parts.headers, false);
         insert(&mut headers, SERVICE, &route.service);
         insert(&mut headers, METHOD, &route.method);
@@ -156,7 +153,8 @@ fn rpc_path(
             method: Method::POST,
             headers,
             body: Outgoing::full(body),
-            grpc,
+            grpc: false,
+            rpc: true,
             pin: None,
             timeout,
             retry_any_method: retry_any,
@@ -279,6 +277,7 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         headers,
         body: Outgoing::full(request),
         grpc: false,
+        rpc: true,
         pin: text("address"),
         timeout,
         retry_any_method: retry_any,
@@ -317,6 +316,7 @@ fn proxy(
         method: parts.method.clone(),
         uri: origin_form(parts.uri),
         grpc: is_grpc(&parts.headers),
+        rpc: false,
         headers: outbound_headers(parts.headers, upgrading),
         body,
         pin: None,
@@ -350,6 +350,7 @@ fn finish(
     // Not an async fn: that would keep the call twice.
     call.headers.append(HOP, inv.hop.clone());
     let Some(span) = trace::hop(&mut call.headers) else {
+        let limit = inv.config.max_body;
         // Boxed here, where it is made: copied once, and every layer above holds
         // and moves only the box.
         let forwarding = Box::pin(forward(inv, call, None));
@@ -358,8 +359,7 @@ fn finish(
                 Ok(res) => res,
                 Err(e) => return reply(e),
             };
-            tokio::task::yield_now().await;
-            relay(res, upgrade)
+            answer(res, upgrade, limit).await
         });
     };
     // Boxed: only when spans are exported.
@@ -379,6 +379,7 @@ async fn traced(
     span.set("url.path", call.uri.path());
     span.set("pillion.service", call.service.as_str());
     let mut tally = Tally::default();
+    let limit = inv.config.max_body;
     let result = forward(inv, call, Some(&mut tally)).await;
     if let Some(node) = &tally.node {
         span.set("server.address", node.authority.as_str());
@@ -387,12 +388,23 @@ async fn traced(
     span.set("pillion.retries", tally.retries as i64);
     span.end_with(name, Kind::Client, &result);
     match result {
-        Ok(res) => {
-            tokio::task::yield_now().await;
-            relay(res, upgrade)
-        }
+        Ok(res) => answer(res, upgrade, limit).await,
         Err(e) => reply(e),
     }
+}
+
+/// The node's answer as the caller's: relayed, or unwrapped when it answers a
+/// JSON-RPC request (boxed: rare, and its future is large).
+async fn answer(
+    res: Response<pillion_http::pool::PooledBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    limit: u64,
+) -> Response<ProxyBody> {
+    if let Some(enveloped) = res.extensions().get::<jsonrpc::Enveloped>().copied() {
+        return Box::pin(jsonrpc::answer(res, limit, enveloped.deadline)).await;
+    }
+    tokio::task::yield_now().await;
+    relay(res, upgrade)
 }
 
 /// The caller's controls and the whole body, for calls whose body is read before

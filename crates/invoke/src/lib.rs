@@ -26,6 +26,7 @@ pub mod budget;
 pub mod endpoints;
 pub mod forward;
 pub mod handler;
+pub mod jsonrpc;
 pub mod mapping;
 pub mod metrics;
 pub mod retry;
@@ -39,7 +40,7 @@ use pillion_registry::Registry;
 use serde_json::json;
 
 pub use balance::Strategy;
-pub use endpoints::{EjectionPolicy, Locality, Protocol};
+pub use endpoints::{Dialect, EjectionPolicy, Locality, Protocol};
 pub use forward::Policy;
 
 /// How `/{service}/...` is handled.
@@ -63,9 +64,41 @@ impl std::str::FromStr for Handler {
     }
 }
 
+/// How a node that names no `protocol` in its metadata is called (`--rpc-codec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RpcCodec {
+    /// Calls by service and method are `POST /{Method}` with the body as it came.
+    #[default]
+    Http,
+    /// As micro's sidecar called every node: JSON-RPC over go-micro's HTTP transport.
+    JsonRpc,
+}
+
+impl RpcCodec {
+    fn unset(self) -> Protocol {
+        match self {
+            RpcCodec::Http => Protocol::Unset,
+            RpcCodec::JsonRpc => Protocol::GoMicro(Dialect::JsonRpc),
+        }
+    }
+}
+
+impl std::str::FromStr for RpcCodec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "http" => Ok(RpcCodec::Http),
+            "jsonrpc" => Ok(RpcCodec::JsonRpc),
+            _ => Err(format!("unknown rpc codec {s:?}: use http or jsonrpc")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub handler: Handler,
+    /// How nodes with no `protocol` metadata are called.
+    pub rpc_codec: RpcCodec,
     pub namespace: String,
     /// Default deadline for the answer's headers (`X-Pillion-Timeout` overrides it).
     pub timeout: Duration,
@@ -79,6 +112,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             handler: Handler::Rpc,
+            rpc_codec: RpcCodec::Http,
             namespace: String::new(),
             timeout: Duration::from_secs(15),
             max_body: 10 << 20,
@@ -120,6 +154,7 @@ impl Invoker {
                 config.pool.clone(),
                 mesh,
                 config.policy.ejection,
+                config.rpc_codec.unset(),
             ),
             // Static (leaked once per invoker): added to every call, and a static
             // value is copied without touching a reference count.

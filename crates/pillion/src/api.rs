@@ -10,7 +10,8 @@ use axum::Router;
 use futures_util::future;
 use http::{Request, Response};
 use http_body_util::Either;
-use pillion_http::relay::ProxyBody;
+use pillion_core::error::{for_grpc, is_grpc};
+use pillion_http::relay::{to_caller, ProxyBody};
 use pillion_http::server::RequestBody;
 use pillion_http::server::{serve, Limits, OkMap};
 use pillion_invoke::Invoker;
@@ -54,15 +55,22 @@ pub async fn serve_api(
     shutdown: impl Future<Output = ()>,
 ) {
     serve(listener, limits, shutdown, move |mut req, _peer| {
+        // A gRPC caller gets pillion's own errors as gRPC answers.
+        let grpc = is_grpc(req.headers());
         // Decided before any future is made, so an admitted call pays for no wrapper.
         match door.refusal(&req) {
             None => {
                 door.admit(&mut req);
-                future::Either::Left(route(api.clone(), invoker.clone(), req))
+                future::Either::Left(route(api.clone(), invoker.clone(), req, grpc))
             }
-            Some(refused) => future::Either::Right(future::ready(Ok(
-                refused.map(|b| Either::Right(axum::body::Body::from(b)))
-            ))),
+            Some(mut refused) => {
+                if grpc {
+                    refused = for_grpc(refused, String::new);
+                }
+                future::Either::Right(future::ready(Ok(
+                    refused.map(|b| Either::Right(axum::body::Body::from(b)))
+                )))
+            }
         }
     })
     .await
@@ -74,15 +82,22 @@ fn route(
     api: Router,
     invoker: Arc<Invoker>,
     req: Request<RequestBody>,
+    grpc: bool,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
     if is_api(req.uri().path()) {
         future::Either::Left(Box::pin(async move {
-            api.oneshot(req).await.map(|res| res.map(Either::Right))
+            let res = api.oneshot(req).await?;
+            let res = if grpc {
+                for_grpc(res, axum::body::Body::empty)
+            } else {
+                res
+            };
+            Ok(res.map(Either::Right))
         }))
     } else {
         future::Either::Right(OkMap::new(
             pillion_invoke::handler::service_call(invoker, req),
-            |res: Response<ProxyBody>| res.map(Either::Left),
+            move |res: Response<ProxyBody>| to_caller(grpc, res).map(Either::Left),
         ))
     }
 }

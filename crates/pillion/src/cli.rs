@@ -311,6 +311,19 @@ pub struct RunArgs {
     )]
     pub handler: pillion_invoke::Handler,
 
+    /// How a call by service and method reaches a node whose metadata names no
+    /// `protocol`: `http` posts the body to /{Method}; `jsonrpc` sends go-micro's
+    /// JSON-RPC request to / and answers its result, as micro's sidecar did (for
+    /// micro's Python and Go example servers). Nodes with protocol=jsonrpc or mucp
+    /// get JSON-RPC whatever this says.
+    #[arg(
+        long,
+        default_value = "http",
+        env = "PILLION_RPC_CODEC",
+        value_name = "http|jsonrpc"
+    )]
+    pub rpc_codec: pillion_invoke::RpcCodec,
+
     /// Prefix of service names in path mapping: with `go.micro.srv`, /foo/bar calls
     /// service go.micro.srv.foo. [default: none]
     #[arg(long, env = "PILLION_NAMESPACE", value_name = "NS")]

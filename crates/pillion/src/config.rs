@@ -586,6 +586,7 @@ impl Settings {
         let defaults = pillion_invoke::Config::default();
         let invoke = pillion_invoke::Config {
             handler: args.handler,
+            rpc_codec: args.rpc_codec,
             namespace: args.namespace.clone().unwrap_or(defaults.namespace),
             timeout: args.timeout.0,
             max_body: args.max_body_size.0,
@@ -1394,6 +1395,7 @@ zone = "eu-1a"
             ),
             ("address = \n", "line 1", ""),
             ("handler = \"grpc\"\n", "line 1", "use rpc or proxy"),
+            ("rpc_codec = \"proto\"\n", "line 1", "use http or jsonrpc"),
             (
                 "balancer = \"random\"\n",
                 "line 1",

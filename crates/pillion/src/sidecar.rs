@@ -306,14 +306,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             shutdown.clone().begun(),
             move |mut req, peer| {
                 use futures_util::future::Either;
+                use pillion_http::relay::{reply, to_caller};
                 let inbound = inbound.clone();
+                let grpc = pillion_core::error::is_grpc(req.headers());
                 match jwt.clone() {
-                    None => Either::Left(OkMap::new(inbound.handle(req, peer), |r| r)),
+                    None => Either::Left(OkMap::new(inbound.handle(req, peer), move |r| {
+                        to_caller(grpc, r)
+                    })),
                     Some(jwt) => Either::Right(async move {
                         if let Err(e) = jwt.admit(req.headers_mut()).await {
-                            return Ok(pillion_http::relay::reply(e.to_api_error()));
+                            return Ok(to_caller(grpc, reply(e.to_api_error())));
                         }
-                        Ok::<_, std::convert::Infallible>(inbound.handle(req, peer).await)
+                        let res = inbound.handle(req, peer).await;
+                        Ok::<_, std::convert::Infallible>(to_caller(grpc, res))
                     }),
                 }
             },
@@ -336,7 +341,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             listener,
             limits,
             shutdown.clone().begun(),
-            move |req, peer| OkMap::new(inbound.clone().handle(req, peer), |r| r),
+            move |req, peer| {
+                let grpc = pillion_core::error::is_grpc(req.headers());
+                OkMap::new(inbound.clone().handle(req, peer), move |r| {
+                    pillion_http::relay::to_caller(grpc, r)
+                })
+            },
         )));
     }
     shutdown.wait().await;

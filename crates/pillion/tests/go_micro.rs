@@ -4,16 +4,27 @@
 //! types checking `Address` and `Port`, checks the app the sidecar registered the same
 //! way, calls through `/rpc` with `endpoint`, and deregisters.
 //!
-//! Needs `go` (Debian's `golang-go`; `scripts/test` installs it). No module is
-//! downloaded: the program uses the standard library only.
+//! Then go-micro's RPC to nodes, with the other side's real code: a JSON-RPC server on
+//! Go's standard library (`tests/gomicro/jsonrpc_server.go`, `net/rpc/jsonrpc` over
+//! HTTP) registered as go-micro v1's `mucp` and as `jsonrpc`, and micro's own Python
+//! example server (`tests/gomicro/sidecar_server.py`, the `json-rpc` package).
+//!
+//! Needs `go` (Debian's `golang-go`) and Python's werkzeug, requests and json-rpc;
+//! `scripts/test` installs them. No Go module is downloaded: the programs use the
+//! standard library only.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::Sidecar;
+use pillion_testkit::http::{post_json, Reply};
+use pillion_testkit::process::{free_port, wait_for_port, Daemon};
 use pillion_testkit::TestApp;
+use serde_json::{json, Value};
 
 const PROGRAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gomicro/register.go");
 
@@ -80,4 +91,256 @@ async fn a_go_micro_app_registers_reads_back_and_calls_unchanged() {
         out.status
     );
     assert_eq!(node.requests(), 1, "the /rpc call reached the node");
+}
+
+const JSONRPC_SERVER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/gomicro/jsonrpc_server.go"
+);
+const PYTHON_SERVER: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/gomicro/sidecar_server.py"
+);
+
+/// The Go JSON-RPC server (`tests/gomicro/jsonrpc_server.go`), built and listening.
+fn go_jsonrpc_server() -> (Daemon, SocketAddr) {
+    let dir = go_dir();
+    let bin = dir.join(format!("jsonrpc_server-{}", std::process::id()));
+    let out = go(&dir)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(JSONRPC_SERVER)
+        .output()
+        .expect("running go build (Debian's golang-go; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "go build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.arg(addr.to_string());
+    let server = Daemon::spawn("jsonrpc_server", cmd);
+    assert!(
+        wait_for_port(addr, Duration::from_secs(10)),
+        "the Go JSON-RPC server did not listen on {addr}"
+    );
+    (server, addr)
+}
+
+async fn rpc(sc: &Sidecar, service: &str, method: &str, request: Value) -> Reply {
+    let body = json!({"service": service, "method": method, "request": request});
+    post_json(&sc.url("/rpc"), &body.to_string()).await.unwrap()
+}
+
+/// What the Go server saw of the request before the last one.
+async fn seen_by_go(sc: &Sidecar, service: &str) -> Value {
+    let reply = rpc(sc, service, "Say.Seen", json!({})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_json_rpc_server_is_called_as_go_micro_s_client_called_it() {
+    let (_server, addr) = go_jsonrpc_server();
+    let sc = Sidecar::start(&[]);
+    let node = addr.to_string();
+    common::register(
+        &sc,
+        "go.micro.srv.greeter",
+        "g1",
+        &node,
+        &[("protocol", "mucp")],
+    )
+    .await;
+    common::register(
+        &sc,
+        "jsonrpc.greeter",
+        "j1",
+        &node,
+        &[("protocol", "jsonrpc")],
+    )
+    .await;
+
+    // The result, unwrapped.
+    let hello = rpc(
+        &sc,
+        "go.micro.srv.greeter",
+        "Say.Hello",
+        json!({"name": "John"}),
+    )
+    .await;
+    assert_eq!(hello.status, 200, "{}", hello.text());
+    assert_eq!(hello.json(), json!({"msg": "Hello John"}));
+    assert_eq!(hello.headers["content-type"], "application/json");
+
+    // On the wire, as go-micro's HTTP transport and JSON-RPC codec sent it.
+    let seen = seen_by_go(&sc, "go.micro.srv.greeter").await;
+    assert_eq!(
+        (seen["method"].as_str(), seen["path"].as_str()),
+        (Some("POST"), Some("/"))
+    );
+    let headers = &seen["headers"];
+    assert_eq!(headers["Content-Type"], "application/json-rpc", "{seen}");
+    assert_eq!(headers["Micro-Service"], "go.micro.srv.greeter", "{seen}");
+    assert_eq!(headers["Micro-Endpoint"], "Say.Hello", "{seen}");
+    assert!(
+        headers["Timeout"].as_str().unwrap().parse::<u64>().unwrap() > 1_000_000_000,
+        "go-micro's Timeout header is in nanoseconds: {seen}"
+    );
+    let envelope: Value = serde_json::from_str(seen["body"].as_str().unwrap()).unwrap();
+    assert_eq!(envelope["method"], "Say.Hello");
+    assert_eq!(envelope["params"], json!([{"name": "John"}]));
+
+    // protocol=jsonrpc: micro's sidecar's content type, no go-micro v1 headers.
+    let hello = rpc(&sc, "jsonrpc.greeter", "Say.Hello", json!({"name": "Ann"})).await;
+    assert_eq!(hello.json(), json!({"msg": "Hello Ann"}));
+    let seen = seen_by_go(&sc, "jsonrpc.greeter").await;
+    assert_eq!(
+        seen["headers"]["Content-Type"], "application/json",
+        "{seen}"
+    );
+    assert!(seen["headers"].get("Micro-Service").is_none(), "{seen}");
+
+    // By path, as micro's API mapped it: /{service}/{method} with the body as request.
+    let sc_ns = Sidecar::start(&["--namespace", "go.micro.srv"]);
+    common::register(
+        &sc_ns,
+        "go.micro.srv.greeter",
+        "g1",
+        &node,
+        &[("protocol", "mucp")],
+    )
+    .await;
+    let by_path = post_json(&sc_ns.url("/greeter/say/hello"), r#"{"name":"Bo"}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        by_path.json(),
+        json!({"msg": "Hello Bo"}),
+        "{}",
+        by_path.text()
+    );
+
+    // A go-micro error keeps its code and body; any other error is micro's 500.
+    let not_found = rpc(
+        &sc,
+        "go.micro.srv.greeter",
+        "Say.NotFound",
+        json!({"name": "Zed"}),
+    )
+    .await;
+    assert_eq!(not_found.status, 404, "{}", not_found.text());
+    assert_eq!(
+        not_found.json(),
+        json!({"id": "go.micro.srv.greeter", "code": 404, "detail": "no user Zed", "status": "Not Found"})
+    );
+    rpc(&sc, "go.micro.srv.greeter", "Say.Missing", json!({}))
+        .await
+        .assert_refused(
+            500,
+            "error during request: rpc: can't find method Say.Missing",
+            "Say.Missing",
+        );
+
+    // What cannot be sent as JSON-RPC is refused before it leaves.
+    let proto = pillion_testkit::http::request(
+        http::Method::POST,
+        &sc_ns.url("/greeter/say/hello"),
+        &[("content-type", "application/protobuf")],
+        &b"\x0a\x04John"[..],
+    )
+    .await
+    .unwrap();
+    proto.assert_refused(415, "application/json", "a proto-rpc call");
+    post_json(&sc_ns.url("/greeter/say/hello"), "{\"name\":")
+        .await
+        .unwrap()
+        .assert_refused(400, "not JSON", "a broken JSON body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_s_python_example_server_works_with_rpc_codec_jsonrpc() {
+    let python = Command::new("python3")
+        .args(["-c", "import werkzeug, requests, jsonrpc"])
+        .output();
+    assert!(
+        python.as_ref().is_ok_and(|o| o.status.success()),
+        "python3 with werkzeug, requests and json-rpc is needed ({python:?}): \
+         `python3 -m pip install werkzeug requests json-rpc` (scripts/test does it)"
+    );
+    let sc = Sidecar::start(&["--rpc-codec", "jsonrpc", "--namespace", "go.micro.srv"]);
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.arg(PYTHON_SERVER)
+        .arg(sc.addr.to_string())
+        .arg(port.to_string());
+    let _server = Daemon::spawn("sidecar_server.py", cmd);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        wait_for_port(addr, Duration::from_secs(20)),
+        "micro's example server did not listen on {addr}"
+    );
+    // It registers itself with the sidecar, as it registered with micro's.
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            common::node_ids(&sc, "go.micro.srv.greeter").await.len() == 1
+        })
+        .await,
+        "the example server never registered"
+    );
+
+    // micro's example client's call, in JSON and as a form.
+    let hello = rpc(
+        &sc,
+        "go.micro.srv.greeter",
+        "Say.Hello",
+        json!({"name": "John"}),
+    )
+    .await;
+    assert_eq!(
+        (hello.status.as_u16(), hello.json()),
+        (200, json!("hello John")),
+        "{}",
+        hello.text()
+    );
+    let form = pillion_testkit::http::post_form(
+        &sc.url("/rpc"),
+        "service=go.micro.srv.greeter&method=Say.Hello&request=%7B%22name%22%3A%22Jo%22%7D",
+    )
+    .await
+    .unwrap();
+    assert_eq!(form.json(), json!("hello Jo"), "{}", form.text());
+    // By path.
+    let by_path = post_json(&sc.url("/greeter/say/hello"), r#"{"name":"Al"}"#)
+        .await
+        .unwrap();
+    assert_eq!(by_path.json(), json!("hello Al"), "{}", by_path.text());
+
+    // JSON types and every digit reach the server and come back.
+    let request = r#"{"n":2,"big":123456789012345678901234567890,"list":[true,null,"x"]}"#;
+    let echo = post_json(&sc.url("/greeter/say/echo"), request)
+        .await
+        .unwrap();
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    assert!(
+        echo.text().contains("123456789012345678901234567890"),
+        "{}",
+        echo.text()
+    );
+    assert_eq!(echo.json()["list"], json!([true, null, "x"]));
+    assert_eq!(echo.json()["n"], 2);
+
+    // The package's JSON-RPC errors, mapped.
+    rpc(&sc, "go.micro.srv.greeter", "Say.Nope", json!({}))
+        .await
+        .assert_refused(404, "Method not found", "an unknown method");
+    rpc(
+        &sc,
+        "go.micro.srv.greeter",
+        "Say.Fail",
+        json!({"name": "Kim"}),
+    )
+    .await
+    .assert_refused(500, "no greeting for Kim", "a method that raises");
 }

@@ -240,12 +240,12 @@ async fn names_ids_ttls_and_protocols_outside_the_rules_get_a_400_that_states_th
         (
             "",
             node("1", r#""protocol":"http3""#),
-            "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, http, grpc or mucp".into(),
+            "unknown protocol \"http3\" in nodes[0].metadata: use http1, h2c, jsonrpc, http, grpc or mucp".into(),
         ),
         (
             "",
             r#"{"name":"svc","metadata":{"protocol":"thrift"},"nodes":[{"id":"1","address":"127.0.0.1:1"}]}"#.into(),
-            "unknown protocol \"thrift\" in metadata: use http1, h2c, http, grpc or mucp".into(),
+            "unknown protocol \"thrift\" in metadata: use http1, h2c, jsonrpc, http, grpc or mucp".into(),
         ),
     ];
     for (query, body, want) in &cases {

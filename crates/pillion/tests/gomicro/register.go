@@ -176,10 +176,12 @@ func main() {
 		}
 	}
 
-	// A call by name reaches the node registered with host and port apart; the
-	// method named the go-micro v1 way.
+	// A call by name reaches the node registered with host and port apart (the v0
+	// one: the v1 node speaks go-micro's RPC, which go_micro.rs tests with a real
+	// JSON-RPC server); the method named the go-micro v1 way.
 	call, _ := json.Marshal(map[string]interface{}{
 		"service": service.Name, "endpoint": "Say.Hello", "request": map[string]string{"name": "John"},
+		"address": "go.micro.srv.greeter-v0",
 	})
 	if code, rsp := send("POST", "/rpc", "application/json", call); code != 200 {
 		fail("POST /rpc %s: %d %s", call, code, rsp)
