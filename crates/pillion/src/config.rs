@@ -183,12 +183,15 @@ impl FileConfig {
         for l in &self.tcp {
             out.push_str(&format!(
                 "\n[[tcp]]\nlisten = \"{}\"\nfailback_after = \"{}\"\nidle_timeout = \"{}\"\n\
-                 connect_timeout = \"{}\"\ndown_for = \"{}\"\n",
+                 connect_timeout = \"{}\"\ndown_for = \"{}\"\nlatency_bucket = \"{}\"\n\
+                 rebalance_every = \"{}\"\n",
                 l.listen,
                 dur(&l.failback_after),
                 dur(&l.idle_timeout),
                 dur(&l.connect_timeout),
-                dur(&l.down_for)
+                dur(&l.down_for),
+                dur(&l.latency_bucket),
+                dur(&l.rebalance_every)
             ));
             for tier in &l.tiers {
                 out.push_str(&format!(

@@ -8,14 +8,15 @@
 //! - `pkg/config/target.go`: `targets` (`disabled`, `hosts`, `port`, `proto`, lower
 //!   case because the struct has no tags) and `proto` read case-insensitively;
 //! - `pkg/balancer/balancer.go`, `latency.go`: `latencyBucket` >= 0 (0 means 10ms)
-//!   re-assigns every backend to a tier by measured latency, ignoring the tiers as
-//!   written; only a negative value turns it off. `dialFailureTimeout` is how long a
+//!   re-assigns every backend to a tier by measured latency every
+//!   `rebalanceDuration` (0 means 10s), ignoring the tiers as written; only a negative
+//!   value turns it off (pillion's `latency_bucket`, `rebalance_every`). `dialFailureTimeout` is how long a
 //!   backend is left alone after a failed dial; `maxBackendConnections` 0 is no limit;
 //! - `pkg/frontend/frontend.go`, `frontend/tcp/tcp.go`: `bindAddress` binds every
 //!   interface unless its host is an IP; `idleDuration` closes a connection after no
 //!   byte moved; `forcePromotionAfter` closes a connection on a worse tier once a
 //!   better one has been available that long; `maintenanceTime` is only the period of
-//!   those checks;
+//!   those checks (pillion's are continuous);
 //! - `cmd/iaido/main.go`: `diagAddr` serves /healthz and /statusz; `gracePeriod`.
 //!
 //! What pillion cannot honour is refused with the key's name, its line and what to
@@ -275,39 +276,37 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             .map_err(|e| r.error(key, format!("{here}.bindAddress {bind:?}: {e}")))?;
 
         let pool = &fe.backend_pool;
-        let key = r.key("latencyBucket", false);
-        match (
-            &pool.latency_bucket,
-            r.signed("latencyBucket", pool.latency_bucket.as_deref())?,
-        ) {
-            (None, _) => {
-                notices.insert(
-                    "warning: iaido's file has no latencyBucket, so iaido would re-assign its \
-                     backends to tiers by measured latency (its default); pillion keeps the \
-                     tiers as written (write latencyBucket: -1ns to say so)"
-                        .to_string(),
-                );
-            }
-            (Some(_), None) => {}
-            (Some(v), Some(_)) => {
+        // iaido's Validate makes 0 (or no key) 10ms; only a negative value turns the
+        // latency tiers off.
+        let latency_bucket = match r.signed("latencyBucket", pool.latency_bucket.as_deref())? {
+            Some(d) if d.is_zero() => Duration::from_millis(10),
+            Some(d) => d,
+            None => Duration::ZERO,
+        };
+        let key = r.key("rebalanceDuration", false);
+        let rebalance = match r.signed("rebalanceDuration", fe.rebalance_duration.as_deref())? {
+            Some(d) if d.is_zero() => Duration::from_secs(10),
+            Some(d) => d,
+            // Never measured again after the start: pillion measures on a period.
+            None if !latency_bucket.is_zero() => {
                 return Err(r.error(
                     key,
                     format!(
-                        "{here}.backendPool.latencyBucket {v}: iaido's automatic tiers by \
-                         measured latency are not in pillion yet; pillion keeps the tiers as \
-                         written. Turn it off as iaido does, with latencyBucket: -1ns"
+                        "{here}.rebalanceDuration {}: iaido would measure latency once, at \
+                         the start; pillion measures it every rebalanceDuration: write a \
+                         positive duration (10s is iaido's default)",
+                        fe.rebalance_duration.as_deref().unwrap_or_default()
                     ),
-                ));
+                ))
             }
-        }
-        // Without latency tiers, rebalancing only re-sorts iaido's pool, which pillion
-        // does for every connection: any value is honoured.
-        r.signed("rebalanceDuration", fe.rebalance_duration.as_deref())?;
+            None => Duration::from_secs(10),
+        };
         if r.signed("maintenanceTime", pool.maintenance_time.as_deref())? != Some(Duration::ZERO) {
             notices.insert(
-                "warning: iaido's maintenanceTime has no effect: pillion closes idle connections \
-                 after exactly idleDuration and moves connections back once a better tier has \
-                 been up for forcePromotionAfter, without a check period"
+                "note: iaido's maintenanceTime is the period at which iaido checked each \
+                 connection for idleness and promotion; pillion checks continuously, so \
+                 idleDuration and forcePromotionAfter take effect on time, not up to two \
+                 maintenanceTimes late"
                     .to_string(),
             );
         }
@@ -411,6 +410,8 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             idle_timeout: Dur(idle),
             connect_timeout: pillion_tcp::config::default_connect_timeout(),
             down_for: Dur(down_for.unwrap_or(Duration::from_secs(1))),
+            latency_bucket: Dur(latency_bucket),
+            rebalance_every: Dur(rebalance),
         });
     }
     pillion_tcp::config::validate(&out.tcp)?;
@@ -507,6 +508,42 @@ mod tests {
             e.starts_with("line 7: ") && e.contains("0 is no limit"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn latency_tiers_are_on_by_default_as_in_iaido_and_off_only_when_negative() {
+        let ms = Duration::from_millis;
+        let listener = |text: &str| parse(text).map(|f| f.tcp[0].clone());
+        let off = listener(&two_tiers("1s")).unwrap();
+        assert_eq!(off.latency_bucket.0, Duration::ZERO);
+        let on = two_tiers("1s").replace("      latencyBucket: -1s\n", "");
+        let l = listener(&on).unwrap();
+        assert_eq!(
+            (l.latency_bucket.0, l.rebalance_every.0),
+            (ms(10), ms(10_000))
+        );
+        let zero = two_tiers("1s").replace("latencyBucket: -1s", "latencyBucket: 0s");
+        assert_eq!(listener(&zero).unwrap().latency_bucket.0, ms(10));
+        let set = two_tiers("1s")
+            .replace("latencyBucket: -1s", "latencyBucket: 25ms")
+            .replace(
+                "idleDuration: 2m",
+                "idleDuration: 2m\n    rebalanceDuration: 3s",
+            );
+        let l = listener(&set).unwrap();
+        assert_eq!(
+            (l.latency_bucket.0, l.rebalance_every.0),
+            (ms(25), ms(3000))
+        );
+        let once = set.replace("rebalanceDuration: 3s", "rebalanceDuration: -1s");
+        let e = listener(&once).unwrap_err();
+        assert!(
+            e.starts_with("line 4: ") && e.contains("rebalanceDuration -1s"),
+            "{e}"
+        );
+        // With the tiers as written, iaido never measures: any period goes.
+        let l = listener(&once.replace("latencyBucket: 25ms", "latencyBucket: -1ns")).unwrap();
+        assert_eq!(l.latency_bucket.0, Duration::ZERO);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{eventually, BIN};
+use pillion_testkit::delay::ip;
 use pillion_testkit::{free_port, Daemon};
 
 const KEY: &str = "lan-test-key-0123456789";
@@ -17,19 +18,6 @@ const KEY: &str = "lan-test-key-0123456789";
 struct Lan {
     tag: String,
     hosts: Vec<String>,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip(8)");
-    assert!(
-        out.status.success(),
-        "ip {}: {} (this test needs root and iproute2)",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 impl Lan {

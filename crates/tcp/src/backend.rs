@@ -48,8 +48,14 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// The target as configured (`db-a.internal:26258`).
     pub target: String,
-    /// Tier, limit and dial timeout change in place when the file is reloaded.
+    /// The tier connections are ordered by: the written one, or with latency tiers
+    /// the one measured latency gave ([`assign_tiers`]).
     pub tier: AtomicUsize,
+    /// The tier the file puts it in. Tier, limit and dial timeout change in place when
+    /// the file is reloaded.
+    pub written_tier: AtomicUsize,
+    /// The last measured dial time, in µs (at least 1); 0: not measured.
+    pub latency_us: AtomicU64,
     pub max_connections: AtomicUsize,
     pub dial_timeout_ms: AtomicU64,
     /// Connections open, and being dialed: a place is taken before the dial (see
@@ -82,6 +88,8 @@ impl Backend {
             addr,
             target,
             tier: AtomicUsize::new(tier),
+            written_tier: AtomicUsize::new(tier),
+            latency_us: AtomicU64::new(0),
             max_connections: AtomicUsize::new(max_connections),
             dial_timeout_ms: AtomicU64::new(dial_timeout.as_millis() as u64),
             active: AtomicUsize::new(0),
@@ -110,9 +118,36 @@ impl Backend {
         Duration::from_millis(self.dial_timeout_ms.load(Ordering::Relaxed))
     }
 
-    /// Applies a reloaded tier's settings.
-    pub fn reconfigure(&self, tier: usize, max_connections: usize, dial_timeout: Duration) {
-        self.tier.store(tier, Ordering::Relaxed);
+    /// The tier the file puts it in.
+    pub fn written_tier(&self) -> usize {
+        self.written_tier.load(Ordering::Relaxed)
+    }
+
+    /// The last measured dial time, when latency tiers have measured it.
+    pub fn latency(&self) -> Option<Duration> {
+        match self.latency_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Applies a reloaded tier's settings. With latency tiers (`by_latency`), a
+    /// backend already measured keeps the tier its latency gave; without, every
+    /// backend is in its written tier.
+    pub fn reconfigure(
+        &self,
+        tier: usize,
+        max_connections: usize,
+        dial_timeout: Duration,
+        by_latency: bool,
+    ) {
+        self.written_tier.store(tier, Ordering::Relaxed);
+        if !by_latency {
+            self.latency_us.store(0, Ordering::Relaxed);
+        }
+        if self.latency().is_none() {
+            self.tier.store(tier, Ordering::Relaxed);
+        }
         self.max_connections
             .store(max_connections, Ordering::Relaxed);
         self.dial_timeout_ms
@@ -199,6 +234,8 @@ impl Backend {
             "address": self.addr.to_string(),
             "target": self.target,
             "tier": self.tier(),
+            "written_tier": self.written_tier(),
+            "latency_ms": self.latency().map(|d| d.as_secs_f64() * 1000.0),
             "active": self.active.load(Ordering::Relaxed),
             "max_connections": self.max_connections.load(Ordering::Relaxed),
             "down_for_secs": (down_until > now).then(|| (down_until - now) as f64 / 1000.0),
@@ -209,6 +246,29 @@ impl Backend {
             "bytes_up": self.bytes_up.load(Ordering::Relaxed),
             "bytes_down": self.bytes_down.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// Puts measured backends in tiers by dial latency, as iaido's `latencyBucket` does
+/// (`pkg/balancer/latency.go`): fastest first, a new tier whenever a backend is slower
+/// than its tier's start by at least `bucket`, the first tier starting at 0. Tiers are
+/// numbered from 0 for the fastest that was measured (iaido counts an empty first tier
+/// when even the fastest is slower than `bucket`; the order is the same).
+pub fn assign_tiers(samples: &mut [(Arc<Backend>, Duration)], bucket: Duration) {
+    samples.sort_by_key(|(_, latency)| *latency);
+    let mut start = Duration::ZERO;
+    let mut tier = 0usize;
+    let mut first = None;
+    for (backend, latency) in samples.iter() {
+        if *latency >= start + bucket {
+            start = *latency;
+            tier += 1;
+        }
+        let base = *first.get_or_insert(tier);
+        backend
+            .latency_us
+            .store((latency.as_micros() as u64).max(1), Ordering::Relaxed);
+        backend.tier.store(tier - base, Ordering::Relaxed);
     }
 }
 
@@ -252,9 +312,59 @@ mod tests {
         let third = b.reserve().expect("a place given back is free again");
         drop((second, third));
         assert_eq!(b.active.load(Ordering::Relaxed), 0);
-        b.reconfigure(0, 0, Duration::from_secs(1));
+        b.reconfigure(0, 0, Duration::from_secs(1), false);
         let unlimited: Vec<Slot> = (0..100).filter_map(|_| b.reserve()).collect();
         assert_eq!(unlimited.len(), 100, "0 is unlimited");
+    }
+
+    fn backend(tier: usize) -> Arc<Backend> {
+        Arc::new(Backend::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "t".into(),
+            tier,
+            0,
+            Duration::from_secs(1),
+        ))
+    }
+
+    #[test]
+    fn latency_tiers_span_less_than_a_bucket_each_as_iaido_s() {
+        let ms = Duration::from_millis;
+        let cases: [(&[u64], &[usize]); 4] = [
+            // iaido's tier 0 spans [0, bucket): 5 and 9 together, 12 starts the next.
+            (&[12, 5, 9, 31, 21], &[1, 0, 0, 2, 1]),
+            // All slower than the bucket: the fastest is tier 0 all the same.
+            (&[40, 45, 80], &[0, 0, 1]),
+            (&[1, 1, 1], &[0, 0, 0]),
+            (&[3, 100, 200, 205], &[0, 1, 2, 2]),
+        ];
+        for (latencies, want) in cases {
+            let backends: Vec<_> = latencies.iter().map(|_| backend(5)).collect();
+            let mut samples: Vec<_> = backends
+                .iter()
+                .zip(latencies)
+                .map(|(b, l)| (b.clone(), ms(*l)))
+                .collect();
+            assign_tiers(&mut samples, ms(10));
+            let got: Vec<usize> = backends.iter().map(|b| b.tier()).collect();
+            assert_eq!(got, want, "{latencies:?}");
+            assert!(backends.iter().all(|b| b.written_tier() == 5));
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_a_measured_tier_and_turning_latency_off_restores_the_written_one() {
+        let b = backend(1);
+        assign_tiers(
+            &mut [(b.clone(), Duration::from_millis(2))],
+            Duration::from_millis(10),
+        );
+        assert_eq!((b.tier(), b.written_tier()), (0, 1));
+        b.reconfigure(2, 0, Duration::from_secs(1), true);
+        assert_eq!((b.tier(), b.written_tier()), (0, 2));
+        assert_eq!(b.latency(), Some(Duration::from_millis(2)));
+        b.reconfigure(2, 0, Duration::from_secs(1), false);
+        assert_eq!((b.tier(), b.latency()), (2, None));
     }
 
     #[test]

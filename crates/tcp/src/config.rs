@@ -5,6 +5,8 @@
 //! [[tcp]]
 //! listen = "127.0.0.1:26257"
 //! failback_after = "10s"          # move connections back to a better tier; 0 = never
+//! latency_bucket = "0"            # "10ms": tiers by measured dial latency; 0 = as written
+//! rebalance_every = "10s"         # how often latency is measured
 //! [[tcp.tiers]]
 //! targets = ["db-a.internal:26258", "127.0.0.1:26259"]   # names expand to every A/AAAA
 //! max_connections = 0             # 0 = unlimited
@@ -40,6 +42,15 @@ pub struct ListenerConfig {
     /// How long a backend whose dial failed is left alone.
     #[serde(default = "default_down_for")]
     pub down_for: Dur,
+    /// Tiers by measured latency (iaido's `latencyBucket`): every `rebalance_every`,
+    /// each backend is dialed and the backends, fastest first, are put in tiers that
+    /// each span less than this much dial time; the tiers as written then only give
+    /// each backend its settings. 0: off, the tiers as written.
+    #[serde(default)]
+    pub latency_bucket: Dur,
+    /// How often latency is measured, with `latency_bucket`.
+    #[serde(default = "default_rebalance_every")]
+    pub rebalance_every: Dur,
 }
 
 /// Backends of equal preference.
@@ -71,6 +82,11 @@ pub fn default_connect_timeout() -> Dur {
 
 fn default_down_for() -> Dur {
     Dur(Duration::from_secs(2))
+}
+
+/// iaido's `rebalanceDuration` default.
+pub fn default_rebalance_every() -> Dur {
+    Dur(Duration::from_secs(10))
 }
 
 fn default_dial_timeout() -> Dur {
@@ -121,6 +137,11 @@ pub fn validate(listeners: &[ListenerConfig]) -> Result<(), String> {
         }
         if l.connect_timeout.0.is_zero() {
             return Err(format!("{at}: connect_timeout must be more than 0"));
+        }
+        if !l.latency_bucket.0.is_zero() && l.rebalance_every.0.is_zero() {
+            return Err(format!(
+                "{at}: rebalance_every must be more than 0 with latency_bucket"
+            ));
         }
         if listeners[..i].iter().any(|o| o.listen == l.listen) {
             return Err(format!("{at}: another listener has the same address"));
@@ -240,8 +261,15 @@ health_check = "2s"
             idle_timeout: Dur::default(),
             connect_timeout: default_connect_timeout(),
             down_for: default_down_for(),
+            latency_bucket: Dur::default(),
+            rebalance_every: default_rebalance_every(),
         }];
         assert!(validate(&no_port).unwrap_err().contains("has no port"));
+        let mut never = no_port.clone();
+        never[0].tiers[0].targets = vec!["db:1".into()];
+        never[0].latency_bucket = Dur(Duration::from_millis(10));
+        never[0].rebalance_every = Dur::default();
+        assert!(validate(&never).unwrap_err().contains("rebalance_every"));
         assert!("26257".parse::<Binding>().is_err());
         assert!("x:127.0.0.1:1".parse::<Binding>().is_err());
         assert_eq!(

@@ -303,5 +303,26 @@ impl TcpProxy {
                 }
             }
         }
+        let name = "pillion_tcp_backend_latency_seconds";
+        pillion_core::metrics::header(
+            out,
+            name,
+            "gauge",
+            "A backend's last measured dial time (listeners with latency_bucket).",
+        );
+        for l in listeners.values() {
+            for b in l.backends().iter() {
+                if let Some(latency) = b.latency() {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{listen=\"{}\",backend=\"{}\",tier=\"{}\"}} {}",
+                        l.addr,
+                        b.addr,
+                        b.tier(),
+                        latency.as_secs_f64()
+                    );
+                }
+            }
+        }
     }
 }

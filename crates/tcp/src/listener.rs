@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::backend::{Backend, Blame, Close, Slot};
+use crate::backend::{assign_tiers, Backend, Blame, Close, Slot};
 use crate::clock;
 use crate::config::{split_target, ListenerConfig};
 use crate::copy::{self, Traffic};
@@ -50,6 +50,8 @@ pub struct Listener {
     active: AtomicUsize,
     accepting: watch::Sender<bool>,
     refresh_now: tokio::sync::Notify,
+    /// Measure latency now (the configuration changed).
+    measure_now: tokio::sync::Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -72,6 +74,7 @@ impl Listener {
             active: AtomicUsize::new(0),
             accepting: watch::channel(true).0,
             refresh_now: tokio::sync::Notify::new(),
+            measure_now: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
         });
         listener.resolve_all().await;
@@ -80,6 +83,7 @@ impl Listener {
             tokio::spawn(listener.clone().refresh_loop()),
             tokio::spawn(listener.clone().failback_loop()),
             tokio::spawn(listener.clone().health_loop()),
+            tokio::spawn(listener.clone().latency_loop()),
         ];
         *listener.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(listen = %listener.addr, "tcp listener started");
@@ -92,6 +96,7 @@ impl Listener {
         self.config.store(Arc::new(config));
         self.resolve_all().await;
         self.refresh_now.notify_one();
+        self.measure_now.notify_one();
     }
 
     /// Stops accepting; open connections go on.
@@ -121,17 +126,32 @@ impl Listener {
     pub fn status(&self) -> serde_json::Value {
         let config = self.config.load();
         let backends = self.backends.load();
-        let tiers: Vec<_> = (0..config.tiers.len())
+        let by_latency = !config.latency_bucket.0.is_zero();
+        // The tiers connections are ordered by: as written, or as latency made them
+        // (then each backend shows its written tier and latency).
+        let count = backends
+            .iter()
+            .map(|b| b.tier() + 1)
+            .max()
+            .unwrap_or(0)
+            .max(if by_latency { 0 } else { config.tiers.len() });
+        let tiers: Vec<_> = (0..count)
             .map(|t| {
                 let list: Vec<_> = backends.iter().filter(|b| b.tier() == t).map(|b| b.status()).collect();
-                serde_json::json!({ "tier": t, "targets": config.tiers[t].targets, "services": config.tiers[t].services, "backends": list })
+                match config.tiers.get(t).filter(|_| !by_latency) {
+                    Some(written) => serde_json::json!({ "tier": t, "targets": written.targets, "services": written.services, "backends": list }),
+                    None => serde_json::json!({ "tier": t, "backends": list }),
+                }
             })
             .collect();
+        let format = |d: Duration| pillion_core::duration::format(d);
         serde_json::json!({
             "listen": self.addr.to_string(),
             "accepting": *self.accepting.borrow(),
             "active": self.active(),
-            "failback_after": pillion_core::duration::format(config.failback_after.0),
+            "failback_after": format(config.failback_after.0),
+            "latency_bucket": format(config.latency_bucket.0),
+            "rebalance_every": by_latency.then(|| format(config.rebalance_every.0)),
             "tiers": tiers,
         })
     }
@@ -214,6 +234,7 @@ impl Listener {
     }
 
     fn rebuild(&self, config: &ListenerConfig) {
+        let by_latency = !config.latency_bucket.0.is_zero();
         let old = self.backends.load_full();
         let resolved = self
             .resolved
@@ -231,7 +252,7 @@ impl Listener {
                     let backend = match old.iter().find(|b| b.target == *target && b.addr == *addr)
                     {
                         Some(b) => {
-                            b.reconfigure(t, tier.max_connections, tier.dial_timeout.0);
+                            b.reconfigure(t, tier.max_connections, tier.dial_timeout.0, by_latency);
                             b.draining.store(false, Ordering::Relaxed);
                             b.clone()
                         }
@@ -583,11 +604,65 @@ impl Listener {
                 }
                 last.insert(t, Instant::now());
                 let backends = self.backends.load_full();
-                for b in backends.iter().filter(|b| b.tier() == t) {
+                for b in backends.iter().filter(|b| b.written_tier() == t) {
                     self.probe(b).await;
                 }
             }
         }
+    }
+}
+
+impl Listener {
+    /// With `latency_bucket`: measures every backend's dial time each
+    /// `rebalance_every` (and at once when the configuration changes) and puts the
+    /// backends in tiers by it ([`assign_tiers`]).
+    async fn latency_loop(self: Arc<Self>) {
+        let mut last: Option<Instant> = None;
+        loop {
+            let config = self.config.load_full();
+            let bucket = config.latency_bucket.0;
+            let due = last.is_none_or(|at| at.elapsed() >= config.rebalance_every.0);
+            if !bucket.is_zero() && due {
+                self.measure(bucket, config.down_for.0).await;
+                last = Some(Instant::now());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = self.measure_now.notified() => last = None,
+            }
+        }
+    }
+
+    /// Dials every backend at once, as iaido does each rebalance: a dial's time is
+    /// the backend's latency; a backend that cannot be dialled is marked down as on
+    /// a failed dial, and keeps its tier until it is measured again.
+    async fn measure(&self, bucket: Duration, down_for: Duration) {
+        let backends = self.backends.load_full();
+        let dials = backends
+            .iter()
+            .filter(|b| !b.draining.load(Ordering::Relaxed))
+            .map(|b| async move {
+                let started = Instant::now();
+                match tokio::time::timeout(b.dial_timeout(), TcpStream::connect(b.addr)).await {
+                    Ok(Ok(_)) => {
+                        let took = started.elapsed();
+                        b.dial_succeeded(took);
+                        Some((b.clone(), took))
+                    }
+                    Ok(Err(e)) if Blame::of(&e) == Blame::Local => None,
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::debug!(listen = %self.addr, backend = %b.addr, "latency dial failed");
+                        b.dial_failed(down_for);
+                        None
+                    }
+                }
+            });
+        let mut samples: Vec<_> = futures_util::future::join_all(dials)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        assign_tiers(&mut samples, bucket);
     }
 }
 

@@ -26,9 +26,28 @@ struct State {
     tasks: crate::process::Tasks,
 }
 
+impl State {
+    fn new(name: &str, reply: Reply) -> Arc<State> {
+        Arc::new(State {
+            name: name.to_string(),
+            reply,
+            accepted: AtomicU64::new(0),
+            tasks: crate::process::Tasks::default(),
+        })
+    }
+}
+
+/// Another network namespace than this process's (a [`crate::delay::DelayLine`]'s),
+/// where a backend listens.
+pub trait Place: Send + Sync {
+    fn bind(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpListener>;
+    fn connect(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpStream>;
+}
+
 pub struct TcpBackend {
     addr: SocketAddr,
     state: Arc<State>,
+    place: Option<Arc<dyn Place>>,
 }
 
 impl TcpBackend {
@@ -41,14 +60,31 @@ impl TcpBackend {
     pub async fn start_on(name: &str, reply: Reply, addr: SocketAddr) -> TcpBackend {
         let listener = TcpListener::bind(addr).await.expect("bind tcp backend");
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(State {
-            name: name.to_string(),
-            reply,
-            accepted: AtomicU64::new(0),
-            tasks: crate::process::Tasks::default(),
-        });
+        let state = State::new(name, reply);
         serve(listener, state.clone());
-        TcpBackend { addr, state }
+        TcpBackend {
+            addr,
+            state,
+            place: None,
+        }
+    }
+
+    /// On `addr` in `place` (a delay line's namespace, say); restarts listen there too.
+    pub async fn start_in(
+        place: Arc<dyn Place>,
+        name: &str,
+        reply: Reply,
+        addr: SocketAddr,
+    ) -> TcpBackend {
+        let listener = listen_in(&*place, addr).await;
+        let addr = listener.local_addr().unwrap();
+        let state = State::new(name, reply);
+        serve(listener, state.clone());
+        TcpBackend {
+            addr,
+            state,
+            place: Some(place),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -60,12 +96,27 @@ impl TcpBackend {
         self.state.accepted.load(Ordering::SeqCst)
     }
 
+    /// Closes the listener and every connection, and returns once connections are
+    /// refused.
     pub fn kill(&self) {
-        self.state.tasks.kill(self.addr);
+        match &self.place {
+            None => self.state.tasks.kill(self.addr),
+            Some(place) => {
+                self.state.tasks.abort();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while place.connect(self.addr).is_ok() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
     }
 
     pub async fn restart(&self) {
-        serve(crate::process::rebind(self.addr).await, self.state.clone());
+        let listener = match &self.place {
+            None => crate::process::rebind(self.addr).await,
+            Some(place) => listen_in(&**place, self.addr).await,
+        };
+        serve(listener, self.state.clone());
     }
 }
 
@@ -73,6 +124,18 @@ impl Drop for TcpBackend {
     fn drop(&mut self) {
         self.state.tasks.abort();
     }
+}
+
+/// Binds in `place`, retrying for 5 s (a port just closed may still be taken).
+async fn listen_in(place: &dyn Place, addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = place.bind(addr) {
+            l.set_nonblocking(true).expect("a non-blocking listener");
+            return TcpListener::from_std(l).expect("a tokio listener");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("could not listen on {addr}");
 }
 
 fn serve(listener: TcpListener, state: Arc<State>) {
