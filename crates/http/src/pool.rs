@@ -373,7 +373,7 @@ impl Pool {
             .map_err(|_| timed_out())?
             .map_err(|e| SendError::Tls {
                 authority: self.authority.clone(),
-                detail: describe(&e),
+                detail: crate::tls::certificate_problem(&e).unwrap_or_else(|| describe(&e)),
             })
     }
 

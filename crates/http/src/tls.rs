@@ -32,30 +32,43 @@ pub struct TlsError(pub String);
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The flags that gave them, as messages name them: `--tls` (for `--tls-cert`,
+    /// `--tls-key`) or `--api-tls`.
+    pub flags: &'static str,
 }
 
 impl CertFiles {
+    /// `--tls-cert FILE`, for messages.
+    fn shown_cert(&self) -> String {
+        format!("{}-cert {}", self.flags, self.cert.display())
+    }
+
+    /// `--tls-key FILE`, for messages.
+    fn shown_key(&self) -> String {
+        format!("{}-key {}", self.flags, self.key.display())
+    }
+
     /// Reads and checks both files.
     pub fn load(&self) -> Result<Arc<CertifiedKey>, TlsError> {
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
             .and_then(|certs| certs.collect::<Result<_, _>>())
-            .map_err(|e| TlsError(format!("--tls-cert {}: {e}", self.cert.display())))?;
+            .map_err(|e| TlsError(format!("{}: {e}", self.shown_cert())))?;
         if chain.is_empty() {
             return Err(TlsError(format!(
-                "--tls-cert {}: no PEM certificate in it",
-                self.cert.display()
+                "{}: no PEM certificate in it",
+                self.shown_cert()
             )));
         }
         let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| TlsError(format!("--tls-key {}: {e}", self.key.display())))?;
+            .map_err(|e| TlsError(format!("{}: {e}", self.shown_key())))?;
         let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| TlsError(format!("--tls-key {}: {e}", self.key.display())))?;
+            .map_err(|e| TlsError(format!("{}: {e}", self.shown_key())))?;
         let certified = CertifiedKey::new(chain, signer);
         certified.keys_match().map_err(|e| {
             TlsError(format!(
-                "--tls-key {} is not the key of --tls-cert {}: {e}",
-                self.key.display(),
-                self.cert.display()
+                "{} is not the key of {}: {e}",
+                self.shown_key(),
+                self.shown_cert()
             ))
         })?;
         Ok(Arc::new(certified))
@@ -125,16 +138,13 @@ impl CertFiles {
 enum Refusal {
     #[error(transparent)]
     Unloadable(TlsError),
-    #[error("--tls-cert {}: {detail}", cert.display())]
-    Unreadable { cert: PathBuf, detail: &'static str },
-    #[error("--tls-cert {}: expired on {}", cert.display(), httpdate::fmt_http_date(*not_after))]
-    Expired {
-        cert: PathBuf,
-        not_after: SystemTime,
-    },
-    #[error("--tls-cert {}: not for {} (it names {}); the listener serves the names of the certificate it started with (restart pillion to change them)", cert.display(), missing.join(", "), if names.is_empty() { "no DNS name".to_string() } else { names.join(", ") })]
+    #[error("{cert}: {detail}")]
+    Unreadable { cert: String, detail: &'static str },
+    #[error("{cert}: expired on {}", httpdate::fmt_http_date(*not_after))]
+    Expired { cert: String, not_after: SystemTime },
+    #[error("{cert}: not for {} (it names {}); the listener serves the names of the certificate it started with (restart pillion to change them)", missing.join(", "), if names.is_empty() { "no DNS name".to_string() } else { names.join(", ") })]
     OtherNames {
-        cert: PathBuf,
+        cert: String,
         missing: Vec<String>,
         names: Vec<String>,
     },
@@ -185,7 +195,7 @@ impl Certificates {
 
     /// Whether a renewed `key` may replace the one served, at `now`.
     fn check(&self, key: &CertifiedKey, now: SystemTime) -> Result<(), Refusal> {
-        let cert = self.files.cert.clone();
+        let cert = self.files.shown_cert();
         let leaf = key.end_entity_cert().map_err(|_| Refusal::Unreadable {
             cert: cert.clone(),
             detail: "no certificate in it",
@@ -250,6 +260,33 @@ pub fn server_config(certificates: Arc<dyn ResolvesServerCert>) -> Arc<rustls::S
         .with_cert_resolver(certificates);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
+}
+
+/// A failed handshake in plain words when the peer's certificate is the cause: not
+/// signed by a trusted CA, not for the name dialled, expired or not valid yet.
+/// `None` for every other failure.
+pub fn certificate_problem(e: &std::io::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let rustls::Error::InvalidCertificate(problem) =
+        e.get_ref()?.downcast_ref::<rustls::Error>()?
+    else {
+        return None;
+    };
+    Some(match problem {
+        C::UnknownIssuer => {
+            "its certificate is signed by a CA this side does not trust (unknown CA)".into()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            format!("its certificate is not for the name dialled (wrong name: {problem})")
+        }
+        C::Expired | C::ExpiredContext { .. } => {
+            format!("its certificate has expired ({problem})")
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            format!("its certificate is not valid yet ({problem})")
+        }
+        other => format!("its certificate was refused: {other}"),
+    })
 }
 
 /// A TLS client config trusting the system's roots, or the PEM file named by

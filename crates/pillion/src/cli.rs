@@ -188,6 +188,11 @@ pub struct SidecarArgs {
     )]
     pub api_token: Option<String>,
 
+    /// A PEM CA certificate (or several) trusted, besides the system's, for an
+    /// https:// --sidecar: the CA of its --api-tls-cert.
+    #[arg(long, env = "PILLION_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
     /// Print JSON (the API's own) instead of text for people.
     #[arg(long)]
     pub json: bool,
@@ -299,6 +304,34 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub api_token: Option<String>,
+
+    /// HTTPS on --address (the sidecar's own API): the PEM certificate chain (needs
+    /// --api-tls-key). Read again when it changes (checked every --reload-period).
+    #[arg(long, env = "PILLION_API_TLS_CERT", value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --api-tls-cert.
+    #[arg(long, env = "PILLION_API_TLS_KEY", value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+
+    /// HTTPS on --address with a certificate for NAME from the ACME CA, as
+    /// --acme-domain does for --listen (and with the same --acme-directory,
+    /// --acme-email, --acme-cache and --acme-ca-root); repeat it for more names. The
+    /// CA checks each name by TLS-ALPN-01 on --address: it must be reachable at
+    /// NAME:443. Not with --api-tls-cert.
+    #[arg(
+        long,
+        env = "PILLION_API_ACME_DOMAIN",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub api_acme_domain: Vec<AcmeDomain>,
+
+    /// Serve the API as plain HTTP on an --address that is not loopback, on purpose:
+    /// its token and data then cross the network in clear. Without it, such an
+    /// --address needs --api-tls-cert or --api-acme-domain.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_API_PLAINTEXT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub api_plaintext: bool,
 
     /// How /{service}/... is handled: `rpc` maps POST /{service}/{method} to
     /// POST http://{node}/{Method} (micro's table); `proxy` passes any method and path

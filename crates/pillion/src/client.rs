@@ -89,6 +89,9 @@ pub enum Error {
          --sidecar / PILLION_SIDECAR"
     )]
     Unreachable { sidecar: SidecarUrl, reason: String },
+    /// The TLS handshake failed: something answers, but is not trusted as the sidecar.
+    #[error("the sidecar at {sidecar} is not trusted: {reason}")]
+    Untrusted { sidecar: SidecarUrl, reason: String },
     #[error("the sidecar at {sidecar} did not answer within {} (--timeout)", pillion_core::duration::format(*.after))]
     Timeout {
         sidecar: SidecarUrl,
@@ -209,6 +212,8 @@ struct Sidecar {
     bearer: Option<HeaderValue>,
     timeout: Duration,
     http: pillion_http::Client,
+    /// For an https:// sidecar.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Sidecar {
@@ -229,15 +234,16 @@ impl Sidecar {
         };
         let timeout = args.timeout.0;
         // Only an https:// sidecar needs the system's roots (reading them costs time).
-        let tls = args
-            .sidecar
-            .https
-            .then(|| Arc::new(pillion_http::tls::system_client_config()));
+        let tls = match args.sidecar.https {
+            true => Some(Arc::new(client_tls(args)?)),
+            false => None,
+        };
         Ok(Sidecar {
             url: args.sidecar.clone(),
             bearer,
             timeout,
-            http: pillion_http::Client::with_tls(Default::default(), timeout, tls),
+            http: pillion_http::Client::with_tls(Default::default(), timeout, tls.clone()),
+            tls,
         })
     }
 
@@ -295,6 +301,10 @@ impl Sidecar {
         match e {
             ClientError::Timeout(after) => Error::Timeout { sidecar, after },
             ClientError::BadUrl(url) => Error::Usage(format!("cannot make a request to {url}")),
+            ClientError::Send(e @ SendError::Tls { .. }) => Error::Untrusted {
+                sidecar,
+                reason: reason(&e),
+            },
             ClientError::Send(e) => Error::Unreachable {
                 sidecar,
                 reason: reason(&e),
@@ -331,11 +341,34 @@ fn reason(e: &SendError) -> String {
             "no connection within {}",
             pillion_core::duration::format(*after)
         ),
+        SendError::Tls { detail, .. } if detail.contains("unknown CA") => format!(
+            "TLS handshake: {detail}; give the CA of its --api-tls-cert with --ca-file FILE \
+             (or PILLION_CA_FILE)"
+        ),
         SendError::Tls { detail, .. } => format!("TLS handshake: {detail}"),
         SendError::Closed => "it closed the connection without answering".into(),
         SendError::Protocol(detail) => format!("not an HTTP answer: {detail}"),
         other => other.to_string(),
     }
+}
+
+/// The TLS client config for an https:// sidecar: the system's roots, and the CA of
+/// `--ca-file` when given.
+fn client_tls(args: &SidecarArgs) -> Result<rustls::ClientConfig, Error> {
+    let Some(file) = &args.ca_file else {
+        return Ok(pillion_http::tls::system_client_config());
+    };
+    use rustls::pki_types::pem::PemObject;
+    let roots: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(file)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| Error::Usage(format!("--ca-file {}: {e}", file.display())))?;
+    if roots.is_empty() {
+        return Err(Error::Usage(format!(
+            "--ca-file {}: no PEM certificate in it",
+            file.display()
+        )));
+    }
+    Ok(pillion_http::tls::client_config_trusting(&roots))
 }
 
 /// Whether the API's door refused the token (a 401 of a service called is the
@@ -703,10 +736,25 @@ async fn open_websocket(sidecar: &Sidecar, path: &str) -> Result<Socket, Error> 
             .trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| Error::Usage(format!("--sidecar {url}: {e}")))?;
-        pillion_http::stream::Connector::new(pillion_http::tls::system_client_config(), name)
+        let tls = sidecar
+            .tls
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(pillion_http::tls::system_client_config);
+        pillion_http::stream::Connector::new(tls, name)
             .connect(tcp, pillion_http::stream::Carry::Http1)
             .await
-            .map_err(|e| unreachable(format!("TLS handshake: {e}")))?
+            .map_err(|e| {
+                let detail =
+                    pillion_http::tls::certificate_problem(&e).unwrap_or_else(|| e.to_string());
+                Error::Untrusted {
+                    sidecar: url.clone(),
+                    reason: reason(&SendError::Tls {
+                        authority: url.authority.clone(),
+                        detail,
+                    }),
+                }
+            })?
     } else {
         pillion_http::stream::Stream::Plain(tcp)
     };

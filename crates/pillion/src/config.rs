@@ -377,6 +377,10 @@ pub struct Settings {
     pub listen_max_connections: usize,
     pub api_max_connections: usize,
     pub api_token: Option<String>,
+    /// HTTPS on `address` from certificate files.
+    pub api_tls: Option<pillion_http::tls::CertFiles>,
+    /// HTTPS on `address` with certificates from an ACME CA (never with `api_tls`).
+    pub api_acme: Option<pillion_mesh::acme::AcmeConfig>,
     pub mesh: Option<MeshSettings>,
     pub trace: TraceSettings,
 }
@@ -666,6 +670,25 @@ impl Settings {
             }
             _ => {}
         }
+        let api_tls = cert_files(&loaded, Served::Api)?;
+        let api_acme = acme_config(&loaded, Served::Api)?;
+        let api_https = api_tls.is_some() || api_acme.is_some();
+        if api_https && args.api_plaintext {
+            return Err(ConfigError::Invalid(
+                "--api-plaintext (api_plaintext) and HTTPS on --address (--api-tls-cert or \
+                 --api-acme-domain) contradict each other: keep one"
+                    .into(),
+            ));
+        }
+        if !api_https && !args.api_plaintext && !args.address.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "--address {} is not a loopback address, and the API would be plain HTTP: \
+                 its token and data would cross the network in clear. Serve it over HTTPS \
+                 (--api-tls-cert FILE --api-tls-key FILE, or --api-acme-domain NAME), or \
+                 give --api-plaintext (api_plaintext) to say plain HTTP is meant",
+                args.address
+            )));
+        }
         let trace = TraceSettings {
             otlp_traces_url: args.otlp_endpoint.as_ref().map(|e| traces_url(&e.0)),
             service_name: args
@@ -683,6 +706,8 @@ impl Settings {
             idle_timeout: args.idle_timeout.0,
             listen_max_connections: args.listen_max_connections.get(),
             api_max_connections: args.api_max_connections.get(),
+            api_tls,
+            api_acme,
             config_file: args.config.clone(),
             reload_period: args.reload_period.0,
             dns_servers: args.dns_server.clone(),
@@ -821,7 +846,9 @@ fn resolve_inbound(
                 .find(|id| {
                     (id.starts_with("session_")
                         || id.starts_with("tls_")
-                        || id.starts_with("acme_")
+                        // The CA's settings serve --api-acme-domain too.
+                        || (id.starts_with("acme_")
+                            && (id == "acme_domain" || args.api_acme_domain.is_empty()))
                         || (id.starts_with("jwt_") && args.mesh_listen.is_none())
                         || id == "app_timeout"
                         || (id == "listen_max_connections" && args.mesh_listen.is_none()))
@@ -857,27 +884,7 @@ fn resolve_inbound(
         max_size: args.session_max_size.0 as usize,
     };
     let acme = resolve_acme(loaded)?;
-    let tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
-        (Some(cert), Some(key)) => {
-            let files = pillion_http::tls::CertFiles { cert, key };
-            // Refused at start rather than at the first handshake.
-            files
-                .load()
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-            Some(files)
-        }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(ConfigError::Invalid(
-                "--tls-cert (tls_cert) needs --tls-key (tls_key)".into(),
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::Invalid(
-                "--tls-key (tls_key) needs --tls-cert (tls_cert)".into(),
-            ))
-        }
-    };
+    let tls = cert_files(loaded, Served::Listen)?;
     let jwt = resolve_jwt(loaded)?;
     let https = tls.is_some();
     Ok(Some(InboundSettings {
@@ -904,45 +911,99 @@ fn resolve_inbound(
 
 /// `--acme-*`: certificates for `--listen` from an ACME CA, or none.
 fn resolve_acme(loaded: &Loaded) -> Result<Option<pillion_mesh::acme::AcmeConfig>, ConfigError> {
+    acme_config(loaded, Served::Listen)
+}
+
+/// Which listener a certificate is for: `--listen` (`--tls-*`, `--acme-domain`) or
+/// the API's `--address` (`--api-tls-*`, `--api-acme-domain`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    Listen,
+    Api,
+}
+
+impl Served {
+    /// The ids of its ACME names, its certificate file and its key file.
+    fn ids(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Served::Listen => ("acme_domain", "tls_cert", "tls_key"),
+            Served::Api => ("api_acme_domain", "api_tls_cert", "api_tls_key"),
+        }
+    }
+
+    fn listener(self) -> &'static str {
+        match self {
+            Served::Listen => "--listen",
+            Served::Api => "--address",
+        }
+    }
+}
+
+fn flag(id: &str) -> String {
+    format!("--{} ({id})", id.replace('_', "-"))
+}
+
+/// The ACME CA's settings, shared by both listeners, need names to order for.
+fn check_acme_shared(loaded: &Loaded) -> Result<(), ConfigError> {
+    let args = &loaded.args;
+    if !args.acme_domain.is_empty() || !args.api_acme_domain.is_empty() {
+        return Ok(());
+    }
+    let given = ["acme_directory", "acme_email", "acme_cache", "acme_ca_root"]
+        .into_iter()
+        .find(|id| loaded.given(id));
+    match given {
+        Some(id) => Err(ConfigError::Invalid(format!(
+            "{} needs --acme-domain (acme_domain) or --api-acme-domain (api_acme_domain): \
+             the name the certificate is for",
+            flag(id)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Certificates from the ACME CA for one listener, or none.
+fn acme_config(
+    loaded: &Loaded,
+    served: Served,
+) -> Result<Option<pillion_mesh::acme::AcmeConfig>, ConfigError> {
+    check_acme_shared(loaded)?;
     let args = &loaded.args;
     let invalid = |s: String| Err(ConfigError::Invalid(s));
-    if args.acme_domain.is_empty() {
-        let given = ["acme_directory", "acme_email", "acme_cache", "acme_ca_root"]
-            .into_iter()
-            .find(|id| loaded.given(id));
-        if let Some(id) = given {
-            return invalid(format!(
-                "--{} ({id}) needs --acme-domain (acme_domain): the name the certificate is for",
-                id.replace('_', "-")
-            ));
-        }
+    let (names_id, cert_id, key_id) = served.ids();
+    let names = match served {
+        Served::Listen => &args.acme_domain,
+        Served::Api => &args.api_acme_domain,
+    };
+    if names.is_empty() {
         return Ok(None);
     }
-    if let Some(id) = ["tls_cert", "tls_key"]
-        .into_iter()
-        .find(|id| loaded.given(id))
-    {
+    if let Some(id) = [cert_id, key_id].into_iter().find(|id| loaded.given(id)) {
         return invalid(format!(
-            "--acme-domain (acme_domain) and --{} ({id}) both give --listen its certificate: \
-             keep --acme-domain for certificates from the CA, or --tls-cert and --tls-key \
-             for your own files",
-            id.replace('_', "-")
+            "{} and {} both give {} its certificate: keep {} for certificates from the \
+             CA, or {} and {} for your own files",
+            flag(names_id),
+            flag(id),
+            served.listener(),
+            flag(names_id),
+            flag(cert_id),
+            flag(key_id),
         ));
     }
     let Some(cache) = args.acme_cache.clone() else {
-        return invalid(
-            "--acme-domain (acme_domain) needs --acme-cache DIR (acme_cache): where the \
-             account and the certificate are kept across restarts (a directory on a \
-             persistent volume, such as /var/lib/pillion/acme)"
-                .into(),
-        );
+        return invalid(format!(
+            "{} needs --acme-cache DIR (acme_cache): where the account and the \
+             certificate are kept across restarts (a directory on a persistent volume, \
+             such as /var/lib/pillion/acme)",
+            flag(names_id)
+        ));
     };
     if let Some(root) = &args.acme_ca_root {
         // Refused at start rather than at the first order.
         pillion_mesh::acme::load_root(root).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     }
     let mut domains: Vec<String> = Vec::new();
-    for d in &args.acme_domain {
+    for d in names {
         if !domains.contains(&d.0) {
             domains.push(d.0.clone());
         }
@@ -951,9 +1012,54 @@ fn resolve_acme(loaded: &Loaded) -> Result<Option<pillion_mesh::acme::AcmeConfig
         domains,
         directory: args.acme_directory.0.clone(),
         email: args.acme_email.clone().map(|e| e.0),
-        cache,
+        // The API's certificate is kept apart from --listen's.
+        cache: match served {
+            Served::Listen => cache,
+            Served::Api => cache.join("api"),
+        },
         ca_root: args.acme_ca_root.clone(),
     }))
+}
+
+/// A listener's own certificate and key files (both or neither), checked now.
+fn cert_files(
+    loaded: &Loaded,
+    served: Served,
+) -> Result<Option<pillion_http::tls::CertFiles>, ConfigError> {
+    let args = &loaded.args;
+    let (_, cert_id, key_id) = served.ids();
+    let (cert, key) = match served {
+        Served::Listen => (args.tls_cert.clone(), args.tls_key.clone()),
+        Served::Api => (args.api_tls_cert.clone(), args.api_tls_key.clone()),
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let files = pillion_http::tls::CertFiles {
+                cert,
+                key,
+                flags: match served {
+                    Served::Listen => "--tls",
+                    Served::Api => "--api-tls",
+                },
+            };
+            // Refused at start rather than at the first handshake.
+            files
+                .load()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            Ok(Some(files))
+        }
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::Invalid(format!(
+            "{} needs {}",
+            flag(cert_id),
+            flag(key_id)
+        ))),
+        (None, Some(_)) => Err(ConfigError::Invalid(format!(
+            "{} needs {}",
+            flag(key_id),
+            flag(cert_id)
+        ))),
+    }
 }
 
 /// A value type whose `FromStr` is one check, for a flag and the file alike.

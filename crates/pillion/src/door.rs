@@ -23,15 +23,33 @@ use pillion_core::error::ApiError;
 /// The `id` of the door's errors; `pillion call` and friends know a refused token by it.
 pub const ID: &str = "pillion.api";
 
-#[derive(Debug, Clone)]
+/// The DNS names the API's certificate is for, read when a request names a host that
+/// is not an IP (the certificate may be renewed for other names).
+pub type Names = std::sync::Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+#[derive(Clone)]
 pub struct Door {
     token: Option<String>,
     listen: SocketAddr,
+    names: Option<Names>,
 }
 
 impl Door {
     pub fn new(token: Option<String>, listen: SocketAddr) -> Door {
-        Door { token, listen }
+        Door {
+            token,
+            listen,
+            names: None,
+        }
+    }
+
+    /// Over HTTPS, the names of the API's certificate are its own too (a client
+    /// reaches it by the name the certificate is for).
+    pub fn with_names(self, names: Names) -> Door {
+        Door {
+            names: Some(names),
+            ..self
+        }
     }
 
     /// The error response that refuses the request, or `None` to serve it.
@@ -126,20 +144,24 @@ impl Door {
             .parse::<IpAddr>()
         {
             Ok(ip) => ip.is_loopback() || ip == self.listen.ip(),
-            Err(_) => false,
+            Err(_) => self
+                .names
+                .as_ref()
+                .is_some_and(|names| names().iter().any(|n| n.eq_ignore_ascii_case(name))),
         }
     }
 
     fn is_own_origin(&self, origin: &str) -> bool {
-        let Some(rest) = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-        else {
+        let (rest, default_port) = if let Some(rest) = origin.strip_prefix("http://") {
+            (rest, 80)
+        } else if let Some(rest) = origin.strip_prefix("https://") {
+            (rest, 443)
+        } else {
             return false; // "null", file://, extensions
         };
         let port_ok = match rest.rsplit_once(':') {
             Some((_, port)) if !rest.ends_with(']') => port.parse() == Ok(self.listen.port()),
-            _ => self.listen.port() == 80,
+            _ => self.listen.port() == default_port,
         };
         port_ok && self.is_own_host(rest)
     }
@@ -366,6 +388,27 @@ mod tests {
             admitted.headers().get("authorization").is_none(),
             "the token goes no further than the door"
         );
+    }
+
+    #[test]
+    fn over_https_the_certificate_s_names_are_the_api_s_own() {
+        let names: Names = std::sync::Arc::new(|| vec!["sidecar.example".to_string()]);
+        let door = Door::new(None, "127.0.0.1:443".parse().unwrap()).with_names(names);
+        let get = |headers: &[(&str, &str)]| status(&door, req(Method::GET, "/registry", headers));
+        assert_eq!(get(&[("host", "sidecar.example")]), 200);
+        assert_eq!(get(&[("host", "SIDECAR.example:443")]), 200);
+        assert_eq!(get(&[("host", "evil.example")]), 421);
+        // An https:// origin without a port is port 443.
+        let own = [
+            ("host", "sidecar.example"),
+            ("origin", "https://sidecar.example"),
+        ];
+        assert_eq!(get(&own), 200);
+        let plain = [
+            ("host", "sidecar.example"),
+            ("origin", "http://sidecar.example"),
+        ];
+        assert_eq!(get(&plain), 403);
     }
 
     #[test]

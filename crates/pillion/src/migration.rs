@@ -45,12 +45,14 @@ enum Rule {
     BrokerAddress,
     /// micro's CLI `--proxy_address HOST:PORT`: the sidecar the CLI talks through.
     Sidecar,
+    /// micro's `--enable_tls`/`--enable_acme`: HTTPS on the API, which the flags
+    /// named here give (an error when they are missing, as micro's was).
+    Https(&'static str),
     Refuse(&'static str),
 }
 
-const TLS: &str = "pillion serves HTTPS on --listen (--tls-cert FILE --tls-key FILE, or \
-    --acme-domain NAME --acme-cache DIR); its API on --address stays on loopback behind \
-    --api-token, and sidecars reach each other over mTLS with --mesh-ca-cert/--mesh-ca-key";
+const TLS: &str = "the API's clients show the bearer token of --api-token, not a client \
+    certificate; sidecars reach each other over mTLS with --mesh-ca-cert/--mesh-ca-key";
 const TRANSPORT: &str = "pillion calls nodes over HTTP/1.1 or h2c (node metadata \
     protocol=h2c) and needs no transport, codec or client plugin";
 
@@ -90,10 +92,15 @@ fn rule(name: &str) -> Option<Rule> {
         "selector" => Refuse(
             "choose the balancer with --balancer (p2c-ewma, round-robin, random, least-request)",
         ),
-        "enable_tls" | "tls_cert_file" | "tls_key_file" | "tls_client_ca_file" => Refuse(TLS),
-        "enable_acme" | "acme_hosts" | "acme_provider" => Refuse(
-            "pillion orders certificates for --listen with --acme-domain NAME (repeatable) \
-             --acme-cache DIR [--acme-email E] [--acme-directory URL]",
+        // micro served its own API over HTTPS: pillion's --address does too.
+        "enable_tls" => Https("--api-tls-cert FILE --api-tls-key FILE"),
+        "tls_cert_file" => Rename("api-tls-cert"),
+        "tls_key_file" => Rename("api-tls-key"),
+        "tls_client_ca_file" => Refuse(TLS),
+        "enable_acme" => Https("--api-acme-domain NAME --acme-cache DIR"),
+        "acme_hosts" => Rename("api-acme-domain"),
+        "acme_provider" => Dropped(
+            "pillion orders from the ACME CA of --acme-directory (Let's Encrypt by default)",
         ),
         "transport" | "transport_address" | "client" | "server" | "codec" => Refuse(TRANSPORT),
         // iaido
@@ -226,6 +233,8 @@ struct Translator {
     registry_address: Option<String>,
     broker: Option<(String, String)>,
     broker_address: Option<String>,
+    /// `--enable_tls`/`--enable_acme` as given, with the flags they need.
+    https: Vec<(String, &'static str)>,
 }
 
 impl Translator {
@@ -238,6 +247,7 @@ impl Translator {
             registry_address: None,
             broker: None,
             broker_address: None,
+            https: Vec::new(),
         }
     }
 
@@ -313,6 +323,15 @@ impl Translator {
                     "warning: {from} is deprecated; use --sidecar {url}"
                 ));
                 self.out.push(("sidecar".into(), Some(url)));
+            }
+            Rule::Https(needs) => {
+                if matches!(value.as_deref(), Some("false")) {
+                    return Ok(());
+                }
+                self.notices.push(format!(
+                    "warning: {from} is not needed: the API (--address) is HTTPS when given {needs}"
+                ));
+                self.https.push((from.to_string(), needs));
             }
             Rule::Refuse(why) => return Err(format!("{from} is not supported: {why}")),
         }
@@ -455,6 +474,7 @@ pub fn migrate(
             .collect(),
     };
     micro_env(env, &mut t, &mut migrated)?;
+    https_given(&t, &migrated, &is_set)?;
     bailiff_env(env, &mut migrated)?;
     migrated.env.retain(|(key, _)| {
         let set = is_set(key);
@@ -478,6 +498,31 @@ fn as_args(flag: &str, value: Option<String>) -> Vec<OsString> {
 /// `PILLION_FOO_BAR` for the option `foo-bar`.
 fn pillion_var(flag: &str) -> String {
     format!("PILLION_{}", flag.replace('-', "_").to_ascii_uppercase())
+}
+
+/// micro refused `--enable_tls` without its files (and `--enable_acme` without its
+/// hosts): so does pillion, rather than serve the API in plain HTTP unasked.
+fn https_given(
+    t: &Translator,
+    migrated: &Migrated,
+    is_set: &impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    for (from, needs) in &t.https {
+        let flag = needs.split(' ').next().unwrap_or_default();
+        let var = pillion_var(flag.trim_start_matches("--"));
+        let given = migrated.argv.iter().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        }) || migrated.env.iter().any(|(k, _)| *k == var)
+            || is_set(&var);
+        if !given {
+            return Err(format!(
+                "{from} asks for HTTPS on the API, which needs {needs} (micro's \
+                 --tls_cert_file/--tls_key_file or --acme_hosts)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `MICRO_SERVER_NAME` is micro's `--server_name`, through the same rules.
@@ -893,10 +938,13 @@ mod tests {
     #[test]
     fn micro_flags_pillion_cannot_honour_are_refused_naming_its_equivalent() {
         let cases: &[(&[&str], &str)] = &[
-            (&["run", "--enable_tls"], "--tls-cert"),
-            (&["run", "--tls_cert_file", "c.pem"], "--tls-cert"),
-            (&["--enable_acme", "run"], "--acme-domain"),
-            (&["run", "--acme_hosts=a.example"], "--acme-domain"),
+            // HTTPS asked for, without what it needs (micro refused it too).
+            (
+                &["run", "--enable_tls"],
+                "--api-tls-cert FILE --api-tls-key FILE",
+            ),
+            (&["--enable_acme", "run"], "--api-acme-domain NAME"),
+            (&["run", "--tls_client_ca_file", "ca.pem"], "--api-token"),
             (&["run", "--registry", "consul"], "etcd://HOST:PORT"),
             (&["run", "--registry", "mdns"], "--cluster-mdns"),
             (
@@ -914,6 +962,59 @@ mod tests {
             let err = run(given, &[]).unwrap_err();
             assert!(err.contains(names), "{given:?}: {err}");
         }
+    }
+
+    #[test]
+    fn micro_s_https_flags_serve_the_api_over_https() {
+        let m = run(
+            &[
+                "--enable_tls",
+                "--tls_cert_file",
+                "c.pem",
+                "--tls_key_file=k.pem",
+                "run",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            argv(&m),
+            ["run", "--api-tls-cert=c.pem", "--api-tls-key=k.pem"]
+        );
+        assert!(m
+            .notices
+            .iter()
+            .any(|n| n.contains("--enable_tls is not needed")));
+        let m = run(
+            &[
+                "run",
+                "--enable_acme",
+                "--acme_hosts",
+                "a.example,b.example",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(argv(&m), ["run", "--api-acme-domain=a.example,b.example"]);
+        // pillion's own flags, or its variables, satisfy micro's switch too.
+        run(
+            &["run", "--enable_tls", "--api-tls-cert=c", "--api-tls-key=k"],
+            &[],
+        )
+        .unwrap();
+        let m = run(
+            &["run"],
+            &[
+                ("MICRO_ENABLE_TLS", "true"),
+                ("MICRO_TLS_CERT_FILE", "c.pem"),
+                ("MICRO_TLS_KEY_FILE", "k.pem"),
+            ],
+        )
+        .unwrap();
+        assert!(m
+            .env
+            .contains(&("PILLION_API_TLS_CERT".into(), "c.pem".into())));
+        run(&["run"], &[("MICRO_ENABLE_TLS", "false")]).unwrap();
     }
 
     #[test]
@@ -945,7 +1046,7 @@ mod tests {
         );
         assert!(run(&["run"], &[("MICRO_ENABLE_TLS", "true")])
             .unwrap_err()
-            .contains("--tls-cert"));
+            .contains("--api-tls-cert"));
     }
 
     #[test]

@@ -44,6 +44,74 @@ impl pillion_tcp::MeshNodes for MeshRoutes {
     }
 }
 
+/// HTTPS on the API's `--address`: from files (`--api-tls-cert`), or from the ACME CA
+/// (`--api-acme-domain`), or none.
+#[derive(Clone, Default)]
+struct ApiTls {
+    files: Option<Arc<pillion_http::tls::Certificates>>,
+    acme: Option<Arc<pillion_mesh::acme::Acme>>,
+    /// The ACME names (the files' names are read from what they serve).
+    domains: Vec<String>,
+}
+
+impl ApiTls {
+    fn start(settings: &Settings) -> Result<ApiTls, String> {
+        let files = match &settings.api_tls {
+            Some(files) => Some(
+                files
+                    .watch(settings.reload_period)
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let acme = match settings.api_acme.clone() {
+            Some(config) => Some(pillion_mesh::acme::Acme::new(config).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let domains = settings
+            .api_acme
+            .as_ref()
+            .map(|c| c.domains.clone())
+            .unwrap_or_default();
+        Ok(ApiTls {
+            files,
+            acme,
+            domains,
+        })
+    }
+
+    fn is_none(&self) -> bool {
+        self.files.is_none() && self.acme.is_none()
+    }
+
+    fn server_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        match (&self.files, &self.acme) {
+            (Some(files), _) => Some(pillion_http::tls::server_config(files.clone())),
+            (None, Some(acme)) => Some(acme.server_config()),
+            (None, None) => None,
+        }
+    }
+
+    /// The names the API's certificate is for, now: the door takes them as the API's
+    /// own host names.
+    fn names(&self) -> crate::door::Names {
+        let files = self.files.clone();
+        let domains = self.domains.clone();
+        Arc::new(move || match &files {
+            Some(files) => files.status().names,
+            None => domains.clone(),
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        match (&self.files, &self.acme) {
+            (Some(files), _) => json!({ "files": tls_status(&files.status()) }),
+            (None, Some(acme)) => json!({ "acme": acme.status() }),
+            (None, None) => serde_json::Value::Null,
+        }
+    }
+}
+
 /// What `/healthz` and `/statusz` read.
 struct Status {
     started: Instant,
@@ -59,6 +127,8 @@ struct Status {
     acme: Option<Arc<pillion_mesh::acme::Acme>>,
     /// HTTPS on --listen from --tls-cert/--tls-key.
     certificates: Option<Arc<pillion_http::tls::Certificates>>,
+    /// HTTPS on the API's --address.
+    api_tls: ApiTls,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
     dashboard: Arc<crate::dashboard::Recorder>,
     spans: Option<Arc<crate::otlp::ExportMetrics>>,
@@ -119,6 +189,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         ),
         None => None,
     };
+    let api_tls = ApiTls::start(&settings)?;
     let identity = match &settings.mesh {
         Some(mesh) => Some(
             pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
@@ -241,6 +312,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         identity: identity.clone(),
         acme: acme.clone(),
         certificates: certificates.clone(),
+        api_tls: api_tls.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
         spans: exporter.as_ref().map(|(_, _, m)| m.clone()),
     });
@@ -277,14 +349,26 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         identify: None,
         tunnel: None,
     };
+    if api_tls.is_none() && !address.ip().is_loopback() {
+        tracing::warn!(%address, "the API is plain HTTP off loopback (--api-plaintext): its token and data cross the network in clear");
+    }
+    let door =
+        crate::door::Door::new(settings.api_token.clone(), address).with_names(api_tls.names());
     let mut servers = vec![tokio::spawn(crate::api::serve_api(
         listener,
         router,
         invoker,
-        Arc::new(crate::door::Door::new(settings.api_token.clone(), address)),
-        limits.clone(),
+        Arc::new(door),
+        Limits {
+            tls: api_tls.server_config(),
+            ..limits.clone()
+        },
         shutdown.clone().begun(),
     ))];
+    let api_orders = api_tls
+        .acme
+        .clone()
+        .map(|acme| tokio::spawn(acme.run(shutdown.clone().begun())));
     if let Some((inbound, listener)) = inbound {
         let tls = match (&certificates, &acme) {
             (Some(certificates), _) => Some(pillion_http::tls::server_config(certificates.clone())),
@@ -366,7 +450,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             for server in servers {
                 let _ = server.await;
             }
-            if let Some(orders) = orders {
+            for orders in [orders, api_orders].into_iter().flatten() {
                 let _ = orders.await;
             }
         },
@@ -509,6 +593,7 @@ async fn status_json(status: &Status) -> serde_json::Value {
         "tcp": status.tcp.status().await,
         "acme": status.acme.as_ref().map(|acme| acme.status()),
         "tls": status.certificates.as_ref().map(|c| tls_status(&c.status())),
+        "api_tls": status.api_tls.status(),
         "mesh": status.identity.as_ref().map(|identity| {
             let mut mesh = identity.status();
             if let Some(inbound) = &status.mesh_inbound {

@@ -422,3 +422,55 @@ fn acme_flags_that_cannot_work_are_refused_at_start() {
     assert!(err.contains("did you mean `acme_domain`?"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// micro's `--enable_acme --acme_hosts NAME`: the API itself (`--address`) gets a
+/// certificate, validated by TLS-ALPN-01 on its own port, kept apart from
+/// `--listen`'s in the cache; a client reaches the API by the certificate's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_gets_its_own_certificate_from_acme() {
+    let api = free_port();
+    let pebble = Pebble::start(api);
+    let cache = temp("api");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{api}").parse().unwrap();
+    let (directory, ca_root) = (pebble.directory(), pebble.ca_file());
+    let _sidecar = Sidecar::start_at(
+        addr,
+        &[
+            "--enable_acme",
+            "--acme_hosts",
+            DOMAIN,
+            "--acme-directory",
+            &directory,
+            "--acme-ca-root",
+            ca_root.to_str().unwrap(),
+            "--acme-cache",
+            cache.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let root = issuing_root(&pebble).await;
+    let deadline = std::time::Instant::now() + ISSUE_LIMIT;
+    let seen = loop {
+        match https_get(api, DOMAIN, std::slice::from_ref(&root), "/statusz").await {
+            Ok(seen) => break seen,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!(
+                    "the API never served an ACME certificate: {e}\n{}",
+                    pebble.log()
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(seen.status, 200, "{}", String::from_utf8_lossy(&seen.body));
+    let status: serde_json::Value = serde_json::from_slice(&seen.body).unwrap();
+    let acme = &status["api_tls"]["acme"];
+    assert_eq!(acme["state"], "valid", "{status}");
+    assert_eq!(acme["domains"], serde_json::json!([DOMAIN]));
+    assert!(status["acme"].is_null(), "--listen has no ACME: {status}");
+    let kept = cache
+        .join("api")
+        .join(format!("127.0.0.1_{}_dir", pebble.port));
+    assert!(kept.join("certificate.pem").is_file(), "{}", kept.display());
+    let _ = std::fs::remove_dir_all(cache);
+}

@@ -35,8 +35,9 @@ fn target_dir() -> PathBuf {
 /// Runs headless Chromium on `url` with `mode` (`--dump-dom` or `--screenshot=F`) at
 /// `size`; returns what it printed. A fresh profile each time; killed after
 /// [`CHROMIUM_LIMIT`]. Runs off the runtime, so the test's servers keep answering.
-async fn chromium(url: String, size: &str, mode: String) -> String {
+async fn chromium(url: String, size: &str, mode: String, extra: &[&str]) -> String {
     let size = size.to_string();
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let profile = tempdir("chromium-profile");
         let out_file = profile.with_extension("out");
@@ -56,6 +57,7 @@ async fn chromium(url: String, size: &str, mode: String) -> String {
             .arg(format!("--window-size={size}"))
             // One poll of the data (at load): the next would come at 2 s.
             .arg("--virtual-time-budget=1500")
+            .args(&extra)
             .arg(&mode)
             .arg(&url)
             .stdout(std::fs::File::create(&out_file).unwrap())
@@ -85,12 +87,12 @@ async fn chromium(url: String, size: &str, mode: String) -> String {
 }
 
 async fn dump_dom(url: String, size: &str) -> String {
-    chromium(url, size, "--dump-dom".into()).await
+    chromium(url, size, "--dump-dom".into(), &[]).await
 }
 
 async fn screenshot(url: String, size: &str, file: &Path) {
     let _ = std::fs::remove_file(file);
-    chromium(url, size, format!("--screenshot={}", file.display())).await;
+    chromium(url, size, format!("--screenshot={}", file.display()), &[]).await;
     let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
     assert!(
         len > 10_000,
@@ -99,11 +101,15 @@ async fn screenshot(url: String, size: &str, file: &Path) {
     );
 }
 
+/// A new directory, never one used before in this process: a Chromium that has just
+/// exited may leave helper processes that still hold its profile's lock, and a
+/// profile directory used again would then be "in use" (Chromium's exit status 21).
 fn tempdir(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = std::env::temp_dir().join(format!(
         "pillion-dashboard-{}-{name}-{}",
         std::process::id(),
-        pillion_testkit::free_port()
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -376,6 +382,49 @@ async fn with_a_token_the_page_asks_for_it_and_the_data_needs_it() {
         dom.contains("<main id=\"content\" hidden"),
         "no empty tables:\n{dom}"
     );
+}
+
+/// The API over HTTPS (`--api-tls-cert`): the page, its script and its data load under
+/// the same CSP, and the page is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_works_over_https() {
+    let dir = tempdir("dashboard-https");
+    std::fs::create_dir_all(&dir).unwrap();
+    pillion_testkit::make_certificates(&dir);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    let _sc = Sidecar::start_at(
+        addr,
+        &[
+            "--api-tls-cert",
+            cert.to_str().unwrap(),
+            "--api-tls-key",
+            key.to_str().unwrap(),
+            "--server-name",
+            "secure-web",
+            "--server-address",
+            "127.0.0.1:9",
+        ],
+        &[],
+    );
+    let url = format!("https://localhost:{}/dashboard", addr.port());
+    // The test's own CA is not the system's: Chromium is told to take it.
+    let dom = chromium(
+        url,
+        "1280,900",
+        "--dump-dom".into(),
+        &["--ignore-certificate-errors"],
+    )
+    .await;
+    assert!(
+        dom.contains("data-state=\"live\""),
+        "the page is live over HTTPS:\n{dom}"
+    );
+    assert!(
+        dom.contains("data-service=\"secure-web\""),
+        "the registered app shows:\n{dom}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Serves the page's three files as the sidecar did, then fails every fetch of the

@@ -215,19 +215,7 @@ async fn https_on_listen_follows_its_certificate_files() {
     }
 }
 
-/// A self-signed certificate for `names` valid from `from` to `to` (UTC dates), written
-/// over `dir`'s server.pem and server.key, key first.
-fn renew_with(dir: &Path, names: &[&str], from: (i32, u8, u8), to: (i32, u8, u8)) {
-    let mut params =
-        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
-    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-}
+use common::self_signed as renew_with;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_or_misnamed_renewal_is_refused_and_said_so() {

@@ -209,9 +209,9 @@ fn settings_pillion_cannot_honour_are_refused_at_start_naming_its_equivalent() {
         (
             &["run", "--enable_tls"],
             &[],
-            "--tls-cert FILE --tls-key FILE",
+            "--api-tls-cert FILE --api-tls-key FILE",
         ),
-        (&["--enable_acme", "run"], &[], "--acme-domain NAME"),
+        (&["--enable_acme", "run"], &[], "--api-acme-domain NAME"),
         (&["run", "--registry", "consul"], &[], "etcd://HOST:PORT"),
         (&["run"], &[("MICRO_REGISTRY", "mdns")], "--cluster-mdns"),
         (

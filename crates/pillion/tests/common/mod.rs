@@ -22,6 +22,12 @@ impl Sidecar {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_at(addr, args, env)
+    }
+
+    /// `pillion run --address addr ARGS` (`addr` may be off loopback, or served over
+    /// HTTPS: then [`Sidecar::url`]'s http:// does not reach it).
+    pub fn start_at(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let mut cmd = Command::new(BIN);
         cmd.arg("run")
             .arg("--address")
@@ -412,4 +418,18 @@ impl BothListeners {
     pub fn paths(&self) -> [(SocketAddr, &'static str); 2] {
         [(self.sc.addr, "/app/x"), (self.listen, "/x")]
     }
+}
+
+/// A self-signed certificate for `names` valid from `from` to `to` (UTC dates),
+/// written over `dir`'s server.pem and server.key, key first.
+pub fn self_signed(dir: &std::path::Path, names: &[&str], from: (i32, u8, u8), to: (i32, u8, u8)) {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+    params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
 }
