@@ -226,6 +226,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             (nats, None)
         } else {
+            if !api_tls.is_none() {
+                tracing::warn!("the embedded broker's streams between sidecars are plain HTTP to each sidecar's --address, which is HTTPS here: other sidecars cannot deliver to this one's subscribers; use --broker nats://HOST:PORT across sidecars");
+            }
             let advertise = settings
                 .broker
                 .advertise
