@@ -295,7 +295,7 @@ impl Link {
             .settings
             .api_token
             .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .map(|t| format!("Pillion-Api-Token: {t}\r\n"))
             .unwrap_or_default();
         let head = format!(
             "GET /broker/deliver HTTP/1.1\r\nHost: {address}\r\nConnection: Upgrade\r\nUpgrade: {}\r\nPillion-Broker-Node: {}\r\nPillion-Broker-Stream: {}\r\n{authorization}\r\n",

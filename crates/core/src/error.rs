@@ -1,11 +1,18 @@
 //! The JSON error shape of errors made by the sidecar itself (not by an upstream app):
-//! `{"id":"pillion.registry","code":404,"detail":"...","status":"Not Found"}`, the shape
-//! micro's errors have, so existing micro clients can decode them.
+//!
+//! ```json
+//! {"id":"pillion.registry","code":404,"detail":"...","status":"Not Found",
+//!  "name":"NotFound","message":"...","className":"not-found"}
+//! ```
+//!
+//! micro's fields (`id`, `code`, `detail`, `status`), so micro's clients decode it, and
+//! Feathers' (`name`, `message`, `className`, `code`), so a Feathers client raises the
+//! matching error class (`NotFound`, `Unavailable`, ...) rather than `[object Object]`.
 
 use http::{header, Response, StatusCode};
-use serde::Serialize;
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     /// Which part of pillion made the error, e.g. `pillion.registry`.
     pub id: String,
@@ -134,6 +141,47 @@ fn grpc_message(text: &str) -> String {
     out
 }
 
+impl Serialize for ApiError {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (name, class) = feathers_class(self.code);
+        let mut e = s.serialize_struct("ApiError", 7)?;
+        e.serialize_field("id", &self.id)?;
+        e.serialize_field("code", &self.code)?;
+        e.serialize_field("detail", &self.detail)?;
+        e.serialize_field("status", &self.status)?;
+        e.serialize_field("name", name)?;
+        e.serialize_field("message", &self.detail)?;
+        e.serialize_field("className", class)?;
+        e.end()
+    }
+}
+
+/// The Feathers error class (`@feathersjs/errors`) for an HTTP status: its `name`
+/// and `className`. A status Feathers has no class for gets the nearest one (a
+/// client error `BadRequest`, a gateway timeout `Timeout`, others `GeneralError`).
+pub fn feathers_class(code: u16) -> (&'static str, &'static str) {
+    match code {
+        400 | 413 | 414 | 415 | 421 | 431 => ("BadRequest", "bad-request"),
+        401 => ("NotAuthenticated", "not-authenticated"),
+        402 => ("PaymentError", "payment-error"),
+        403 => ("Forbidden", "forbidden"),
+        404 => ("NotFound", "not-found"),
+        405 => ("MethodNotAllowed", "method-not-allowed"),
+        406 => ("NotAcceptable", "not-acceptable"),
+        408 | 504 => ("Timeout", "timeout"),
+        409 => ("Conflict", "conflict"),
+        410 => ("Gone", "gone"),
+        411 => ("LengthRequired", "length-required"),
+        422 => ("Unprocessable", "unprocessable"),
+        429 => ("TooManyRequests", "too-many-requests"),
+        501 => ("NotImplemented", "not-implemented"),
+        502 => ("BadGateway", "bad-gateway"),
+        503 => ("Unavailable", "unavailable"),
+        400..=499 => ("BadRequest", "bad-request"),
+        _ => ("GeneralError", "general-error"),
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.code, self.status, self.detail)
@@ -152,7 +200,10 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(res.body()).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"id":"pillion.registry","code":404,"detail":"no service foo","status":"Not Found"})
+            serde_json::json!({
+                "id": "pillion.registry", "code": 404, "detail": "no service foo", "status": "Not Found",
+                "name": "NotFound", "message": "no service foo", "className": "not-found",
+            })
         );
     }
 

@@ -8,10 +8,17 @@
 //! and EdDSA are accepted, and a token's `alg` must be its key's: no algorithm
 //! confusion.
 //!
-//! A valid token gives the app `X-Pillion-Subject: <sub>`; pillion's server removes
-//! a client's copy of that header from every request, so only pillion can set it. A
-//! `sub` that cannot be a header value (a CR, an LF) is refused, not passed without
-//! one.
+//! With `--jwt-secret`, tokens signed with a shared secret (HS256, HS384, HS512: what
+//! Feathers' authentication issues, "all nodes must share the same secret") are
+//! checked too; an HS token is never checked against the JWKS, nor an RS/ES/EdDSA one
+//! against the secret.
+//!
+//! A valid token gives the app `X-Pillion-Subject: <claim>` (`sub` unless
+//! `--jwt-subject-claim` names another; a number is written in decimal); pillion's
+//! server removes a client's copy of that header from every request, so only pillion
+//! can set it. A valid token without that claim passes without a subject, unless
+//! `--jwt-require-subject`. A subject that cannot be a header value (a CR, an LF) is
+//! refused, not passed without one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,16 +71,36 @@ impl std::fmt::Display for Jwks {
     }
 }
 
+/// A shared HMAC secret: its bytes as given (Feathers uses its secret string as is).
+/// Never shown: its `Debug` is `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JwtSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtSecret(***)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtConfig {
-    pub jwks: Jwks,
+    /// Public keys (RS256, ES256, EdDSA).
+    pub jwks: Option<Jwks>,
+    /// The shared secret (HS256, HS384, HS512).
+    pub secret: Option<JwtSecret>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Refuse requests without a token (else they pass, without a subject).
     pub required: bool,
     /// How often the key set is read again (`--jwt-jwks-refresh`).
     pub refresh: Duration,
+    /// The claim that becomes `X-Pillion-Subject` (`sub`).
+    pub subject_claim: String,
+    /// Refuse a valid token without that claim (else it passes without a subject).
+    pub subject_required: bool,
 }
+
+const HMAC: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
 
 #[derive(Default)]
 struct Keys {
@@ -84,6 +111,8 @@ struct Keys {
 
 pub struct Verifier {
     config: JwtConfig,
+    /// The shared secret, for HS tokens.
+    secret: Option<DecodingKey>,
     /// The checks of each accepted algorithm, made once (not per request).
     validations: Vec<(Algorithm, Validation)>,
     keys: ArcSwap<Keys>,
@@ -122,20 +151,28 @@ impl Verifier {
     pub async fn new(config: JwtConfig) -> Result<Arc<Verifier>, String> {
         let validations = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
             .into_iter()
+            .chain(HMAC)
             .map(|alg| (alg, validation(&config, alg)))
             .collect();
         let tls = Arc::new(pillion_http::tls::system_client_config());
         let verifier = Arc::new(Verifier {
             validations,
+            secret: config
+                .secret
+                .as_ref()
+                .map(|s| DecodingKey::from_secret(&s.0)),
             config,
             keys: ArcSwap::from_pointee(Keys::default()),
             last_read: Mutex::new(None),
             reading: tokio::sync::Mutex::new(()),
             client: pillion_http::Client::with_tls(Default::default(), READ_DEADLINE, Some(tls)),
         });
+        let Some(jwks) = verifier.config.jwks.clone() else {
+            return Ok(verifier);
+        };
         let first = verifier.read().await;
         let wait = verifier.next_read(&first);
-        match (first, &verifier.config.jwks) {
+        match (first, &jwks) {
             (Ok(_), _) => {}
             (Err(e), Jwks::File(_)) => return Err(format!("--jwt-jwks: {e}")),
             (Err(e), Jwks::Url(url)) => {
@@ -163,19 +200,51 @@ impl Verifier {
                 claims = self.verify(&token, &header);
             }
         }
-        let sub = claims?;
+        let claim = &self.config.subject_claim;
+        let sub = match claims?.remove(claim) {
+            Some(serde_json::Value::String(s)) => s,
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            None | Some(serde_json::Value::Null) if !self.config.subject_required => {
+                return Ok(None)
+            }
+            None | Some(serde_json::Value::Null) => {
+                return Err(JwtError::Invalid(format!(
+                    "it has no {claim:?} claim, which --jwt-require-subject requires"
+                )))
+            }
+            Some(other) => {
+                return Err(JwtError::Invalid(format!(
+                    "its {claim:?} claim is {other}, not a string or a number"
+                )))
+            }
+        };
         // A subject the app cannot be told is no subject: passing the call without one
         // would make a signed token look like an anonymous call.
         let value = HeaderValue::from_bytes(sub.as_bytes()).map_err(|_| {
             JwtError::Invalid(format!(
-                "its sub {sub:?} holds a control character (CR, LF, NUL...) and cannot be passed to the app"
+                "its {claim} {sub:?} holds a control character (CR, LF, NUL...) and cannot be passed to the app"
             ))
         })?;
         headers.insert(pillion_core::SUBJECT_HEADER, value);
         Ok(Some(sub))
     }
 
-    fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<String, JwtError> {
+    fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Claims, JwtError> {
+        if HMAC.contains(&header.alg) {
+            let Some(secret) = &self.secret else {
+                return Err(JwtError::Invalid(format!(
+                    "alg {:?} is a shared-secret signature, and this sidecar has no --jwt-secret",
+                    header.alg
+                )));
+            };
+            return self.decode(token, secret, header.alg);
+        }
+        if self.config.jwks.is_none() {
+            return Err(JwtError::Invalid(format!(
+                "alg {:?} needs a public key, and this sidecar has only --jwt-secret (HS256, HS384, HS512)",
+                header.alg
+            )));
+        }
         let keys = self.keys.load();
         let kid = header.kid.as_deref();
         let candidates: Vec<&(DecodingKey, Algorithm)> = match kid {
@@ -194,17 +263,25 @@ impl Verifier {
                 last = format!("alg {:?} is not its key's ({alg:?})", header.alg);
                 continue;
             }
-            let (_, validation) = self
-                .validations
-                .iter()
-                .find(|(a, _)| a == alg)
-                .expect("a validation for every accepted algorithm");
-            match jsonwebtoken::decode::<Claims>(token, key, validation) {
-                Ok(data) => return Ok(data.claims.sub),
-                Err(e) => last = e.to_string(),
+            match self.decode(token, key, *alg) {
+                Ok(claims) => return Ok(claims),
+                Err(JwtError::Invalid(e)) => last = e,
+                Err(e) => return Err(e),
             }
         }
         Err(JwtError::Invalid(last))
+    }
+
+    /// The claims of `token`, checked with `key` for `alg`.
+    fn decode(&self, token: &str, key: &DecodingKey, alg: Algorithm) -> Result<Claims, JwtError> {
+        let (_, validation) = self
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .expect("a validation for every accepted algorithm");
+        jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map(|data| data.claims)
+            .map_err(|e| JwtError::Invalid(e.to_string()))
     }
 
     /// Reads the key set again unless it was read within [`REFRESH_GAP`]; whether it
@@ -219,9 +296,10 @@ impl Verifier {
         if !due {
             return Ok(false);
         }
-        self.read()
-            .await
-            .map_err(|e| JwtError::KeysUnavailable(self.config.jwks.to_string(), e))?;
+        self.read().await.map_err(|e| {
+            let jwks = self.config.jwks.as_ref().map(Jwks::to_string);
+            JwtError::KeysUnavailable(jwks.unwrap_or_default(), e)
+        })?;
         Ok(true)
     }
 
@@ -229,7 +307,10 @@ impl Verifier {
     /// the set goes stale (`Cache-Control: max-age`), if it did.
     async fn read(&self) -> Result<Option<Duration>, String> {
         *self.last_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        let (bytes, fresh_for) = match &self.config.jwks {
+        let Some(jwks) = &self.config.jwks else {
+            return Ok(None);
+        };
+        let (bytes, fresh_for) = match jwks {
             Jwks::File(path) => {
                 let bytes = tokio::fs::read(path)
                     .await
@@ -250,7 +331,7 @@ impl Verifier {
             }
         };
         let keys = parse(&bytes)?;
-        tracing::info!(jwks = %self.config.jwks, keys = keys.by_kid.len() + keys.unnamed.len(), "JWKS read");
+        tracing::info!(%jwks, keys = keys.by_kid.len() + keys.unnamed.len(), "JWKS read");
         self.keys.store(Arc::new(keys));
         Ok(fresh_for)
     }
@@ -279,7 +360,7 @@ async fn refresh(verifier: Weak<Verifier>, mut wait: Duration) {
             verifier.read().await
         };
         if let Err(e) = &read {
-            tracing::warn!(jwks = %verifier.config.jwks, error = %e, "JWKS not read again; the keys read before stay");
+            tracing::warn!(jwks = ?verifier.config.jwks, error = %e, "JWKS not read again; the keys read before stay");
         }
         wait = verifier.next_read(&read);
     }
@@ -309,7 +390,7 @@ fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
     let mut validation = Validation::new(alg);
     validation.leeway = 30;
     validation.validate_nbf = true;
-    let mut required = vec!["exp", "sub"];
+    let mut required = vec!["exp"];
     match &config.issuer {
         Some(iss) => {
             validation.set_issuer(&[iss]);
@@ -328,10 +409,8 @@ fn validation(config: &JwtConfig, alg: Algorithm) -> Validation {
     validation
 }
 
-#[derive(serde::Deserialize)]
-struct Claims {
-    sub: String,
-}
+/// A token's claims, the subject among them (under a configurable name).
+type Claims = serde_json::Map<String, serde_json::Value>;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;

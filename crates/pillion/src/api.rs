@@ -37,7 +37,7 @@ const API_PREFIX: &str = "/health/";
 
 /// Whether the API router answers `path`; a service named `health` cannot be called
 /// by path, nor a method of a service named `dashboard` that the page uses.
-fn is_api(path: &str) -> bool {
+pub fn is_api(path: &str) -> bool {
     API_PATHS.contains(&path)
         || path.starts_with(API_PREFIX)
         || crate::dashboard::PATHS.contains(&path)
@@ -57,11 +57,12 @@ pub async fn serve_api(
     serve(listener, limits, shutdown, move |mut req, _peer| {
         // A gRPC caller gets pillion's own errors as gRPC answers.
         let grpc = is_grpc(req.headers());
+        let call = !is_api(req.uri().path());
         // Decided before any future is made, so an admitted call pays for no wrapper.
-        match door.refusal(&req) {
+        match door.refusal(&req, call) {
             None => {
-                door.admit(&mut req);
-                future::Either::Left(route(api.clone(), invoker.clone(), req, grpc))
+                door.admit(&mut req, call);
+                future::Either::Left(route(api.clone(), invoker.clone(), req, call, grpc))
             }
             Some(mut refused) => {
                 if grpc {
@@ -82,9 +83,10 @@ fn route(
     api: Router,
     invoker: Arc<Invoker>,
     req: Request<RequestBody>,
+    call: bool,
     grpc: bool,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
-    if is_api(req.uri().path()) {
+    if !call {
         future::Either::Left(Box::pin(async move {
             let res = api.oneshot(req).await?;
             let res = if grpc {

@@ -179,7 +179,7 @@ pub struct SidecarArgs {
     )]
     pub sidecar: crate::client::SidecarUrl,
 
-    /// The sidecar's --api-token, sent as Authorization: Bearer.
+    /// The sidecar's --api-token, sent as Pillion-Api-Token.
     #[arg(
         long,
         env = "PILLION_API_TOKEN",
@@ -295,8 +295,10 @@ pub struct RunArgs {
     )]
     pub address: SocketAddr,
 
-    /// Bearer token every API request but /healthz must carry (Authorization:
-    /// Bearer TOKEN), 16+ characters; required when --address is not loopback.
+    /// Token every API request but /healthz must carry as Pillion-Api-Token: TOKEN
+    /// (the API's own routes also take the old Authorization: Bearer TOKEN; calls by
+    /// name do not, so the app's Authorization reaches the service), 16+ characters;
+    /// required when --address is not loopback.
     #[arg(
         long,
         env = "PILLION_API_TOKEN",
@@ -680,6 +682,35 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_JWT_JWKS", value_name = "FILE|URL")]
     pub jwt_jwks: Option<pillion_mesh::jwt::Jwks>,
 
+    /// Verify bearer JWTs signed with this shared secret too (HS256, HS384, HS512:
+    /// Feathers' authentication, whose apps share one secret), 16+ bytes, used as
+    /// given. Never logged; prefer PILLION_JWT_SECRET or --jwt-secret-file.
+    #[arg(
+        long,
+        env = "PILLION_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// --jwt-secret read from a file (its content, without a final newline).
+    #[arg(long, env = "PILLION_JWT_SECRET_FILE", value_name = "FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// The claim of a valid token that becomes X-Pillion-Subject.
+    #[arg(
+        long,
+        default_value = "sub",
+        env = "PILLION_JWT_SUBJECT_CLAIM",
+        value_name = "NAME"
+    )]
+    pub jwt_subject_claim: String,
+
+    /// Refuse a valid token without --jwt-subject-claim (401); otherwise it passes
+    /// without a subject.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_JWT_REQUIRE_SUBJECT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub jwt_require_subject: bool,
+
     /// How often the JWKS is read again, or sooner when the URL answers with a shorter
     /// `Cache-Control: max-age`: a key removed from it stops being trusted then.
     #[arg(
@@ -690,11 +721,11 @@ pub struct RunArgs {
     )]
     pub jwt_jwks_refresh: NonZeroDur,
 
-    /// The `iss` tokens must have (needs --jwt-jwks).
+    /// The `iss` tokens must have (needs --jwt-jwks or --jwt-secret).
     #[arg(long, env = "PILLION_JWT_ISSUER", value_name = "ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// The `aud` tokens must include (needs --jwt-jwks).
+    /// The `aud` tokens must include (needs --jwt-jwks or --jwt-secret).
     #[arg(long, env = "PILLION_JWT_AUDIENCE", value_name = "AUDIENCE")]
     pub jwt_audience: Option<String>,
 

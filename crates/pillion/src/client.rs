@@ -1,7 +1,7 @@
 //! The client commands: `services`, `call`, `publish`, `subscribe` and `status` talk
 //! to a running sidecar through its HTTP API (`--address`), as an app would.
 //!
-//! - [`Sidecar`]: the API as these commands see it: one base URL, the bearer token,
+//! - [`Sidecar`]: the API as these commands see it: one base URL, the API token,
 //!   one deadline for connecting and for each answer, and the one way a failure of
 //!   the sidecar becomes a [`Error`] a person can act on.
 //! - one function per command, printing tables (or the API's JSON with `--json`) on
@@ -208,7 +208,8 @@ impl fmt::Display for SidecarUrl {
 /// A running sidecar's API, as the client commands reach it.
 struct Sidecar {
     url: SidecarUrl,
-    /// `Bearer <token>`, marked sensitive so that no debug output shows it.
+    /// The API token for `Pillion-Api-Token`, marked sensitive so that no debug
+    /// output shows it.
     bearer: Option<HeaderValue>,
     timeout: Duration,
     http: pillion_http::Client,
@@ -221,13 +222,12 @@ impl Sidecar {
         let bearer = match &args.api_token {
             None => None,
             Some(token) => {
-                let mut v =
-                    HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
-                        Error::Usage(
-                            "--api-token / PILLION_API_TOKEN holds characters a header cannot carry"
-                                .into(),
-                        )
-                    })?;
+                let mut v = HeaderValue::from_str(token.trim()).map_err(|_| {
+                    Error::Usage(
+                        "--api-token / PILLION_API_TOKEN holds characters a header cannot carry"
+                            .into(),
+                    )
+                })?;
                 v.set_sensitive(true);
                 Some(v)
             }
@@ -261,7 +261,7 @@ impl Sidecar {
             .method(method)
             .uri(format!("{}{path}", self.url));
         if let Some(bearer) = &self.bearer {
-            req = req.header(header::AUTHORIZATION, bearer.clone());
+            req = req.header(crate::door::TOKEN_HEADER, bearer.clone());
         }
         let body = match (json_body, raw_body) {
             (Some(json), _) => {
@@ -764,7 +764,7 @@ async fn open_websocket(sidecar: &Sidecar, path: &str) -> Result<Socket, Error> 
         .map_err(|e| Error::Usage(format!("cannot make a websocket request for {path:?}: {e}")))?;
     if let Some(bearer) = &sidecar.bearer {
         req.headers_mut()
-            .insert(header::AUTHORIZATION, bearer.clone());
+            .insert(crate::door::TOKEN_HEADER, bearer.clone());
     }
     match tokio_tungstenite::client_async(req, stream).await {
         Ok((ws, _)) => Ok(ws),

@@ -515,32 +515,65 @@ fn resolve_mesh(
 /// `--jwt-*`, verified on --listen and --mesh-listen.
 fn resolve_jwt(loaded: &Loaded) -> Result<Option<pillion_mesh::jwt::JwtConfig>, ConfigError> {
     let args = &loaded.args;
-    match args.jwt_jwks.clone() {
-        Some(jwks) => Ok(Some(pillion_mesh::jwt::JwtConfig {
-            jwks,
-            issuer: args.jwt_issuer.clone(),
-            audience: args.jwt_audience.clone(),
-            required: args.jwt_required,
-            refresh: args.jwt_jwks_refresh.0,
-        })),
-        None => {
-            if let Some(id) = [
-                "jwt_issuer",
-                "jwt_audience",
-                "jwt_required",
-                "jwt_jwks_refresh",
-            ]
-            .into_iter()
-            .find(|id| loaded.given(id))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "--{} ({id}) needs --jwt-jwks (jwt_jwks): the keys tokens are checked with",
-                    id.replace('_', "-")
-                )));
+    let invalid = |s: String| Err(ConfigError::Invalid(s));
+    let secret = match (&args.jwt_secret, &args.jwt_secret_file) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "--jwt-secret (jwt_secret) and --jwt-secret-file (jwt_secret_file) both give \
+                 the secret: keep one"
+                    .into(),
+            )
+        }
+        (Some(s), None) => Some(s.as_bytes().to_vec()),
+        (None, Some(path)) => {
+            let mut bytes = std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!("--jwt-secret-file {}: {e}", path.display()))
+            })?;
+            while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                bytes.pop();
             }
-            Ok(None)
+            Some(bytes)
+        }
+        (None, None) => None,
+    };
+    if let Some(secret) = &secret {
+        if secret.len() < 16 {
+            return invalid(format!(
+                "--jwt-secret is {} bytes long; a shared secret needs at least 16",
+                secret.len()
+            ));
         }
     }
+    if args.jwt_jwks.is_none() && secret.is_none() {
+        if let Some(id) = [
+            "jwt_issuer",
+            "jwt_audience",
+            "jwt_required",
+            "jwt_jwks_refresh",
+            "jwt_subject_claim",
+            "jwt_require_subject",
+        ]
+        .into_iter()
+        .find(|id| loaded.given(id))
+        {
+            return invalid(format!(
+                "--{} ({id}) needs --jwt-jwks (jwt_jwks) or --jwt-secret (jwt_secret): the \
+                 keys tokens are checked with",
+                id.replace('_', "-")
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(pillion_mesh::jwt::JwtConfig {
+        jwks: args.jwt_jwks.clone(),
+        secret: secret.map(pillion_mesh::jwt::JwtSecret),
+        issuer: args.jwt_issuer.clone(),
+        audience: args.jwt_audience.clone(),
+        required: args.jwt_required,
+        refresh: args.jwt_jwks_refresh.0,
+        subject_claim: args.jwt_subject_claim.clone(),
+        subject_required: args.jwt_require_subject,
+    }))
 }
 
 /// The message broker.

@@ -52,8 +52,9 @@ impl Door {
         }
     }
 
-    /// The error response that refuses the request, or `None` to serve it.
-    pub fn refusal<B>(&self, req: &Request<B>) -> Option<Response<String>> {
+    /// The error response that refuses the request, or `None` to serve it. `call`: a
+    /// call to a service by name (not one of the API's own routes).
+    pub fn refusal<B>(&self, req: &Request<B>, call: bool) -> Option<Response<String>> {
         let path = req.uri().path();
         if path == "/healthz" {
             return None;
@@ -89,11 +90,17 @@ impl Door {
             }
         }
         if let Some(token) = &self.token {
-            if !bearer_matches(headers, token) && !crate::dashboard::is_page(path) {
+            let shown = token_matches(headers, token) || (!call && bearer_matches(headers, token));
+            if !shown && !crate::dashboard::is_page(path) {
                 let mut res = ApiError::new(
                     ID,
                     StatusCode::UNAUTHORIZED,
-                    "missing or wrong API token: send Authorization: Bearer <the --api-token>",
+                    if call {
+                        "missing or wrong API token: send Pillion-Api-Token: <the --api-token> \
+                         (a call by name keeps Authorization for the service called)"
+                    } else {
+                        "missing or wrong API token: send Pillion-Api-Token: <the --api-token>"
+                    },
                 )
                 .into_response();
                 res.headers_mut().insert(
@@ -124,12 +131,22 @@ impl Door {
         None
     }
 
-    /// Takes what the door consumed off an admitted request: with `--api-token`, the
-    /// `Authorization` header is the sidecar's token, and no service called and no
-    /// subscriber of a published message may see it.
-    pub fn admit<B>(&self, req: &mut Request<B>) {
-        if self.token.is_some() {
-            req.headers_mut().remove(header::AUTHORIZATION);
+    /// Takes what the door consumed off an admitted request: the token, which no
+    /// service called and no subscriber of a published message may see. A caller's
+    /// own `Authorization` travels on calls by name untouched; on the API's routes, an
+    /// `Authorization: Bearer` that is the token (the old way) is taken too.
+    pub fn admit<B>(&self, req: &mut Request<B>, call: bool) {
+        let Some(token) = &self.token else {
+            return;
+        };
+        let headers = req.headers_mut();
+        headers.remove(TOKEN_HEADER);
+        if !call && bearer_matches(headers, token) {
+            headers.remove(header::AUTHORIZATION);
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("a client sent the API token as Authorization: Bearer, which is deprecated (and refused on calls by name): send Pillion-Api-Token: <token>");
+            });
         }
     }
 
@@ -205,20 +222,34 @@ fn json_or_form(headers: &HeaderMap, form_ok: bool) -> bool {
         || (form_ok && essence.eq_ignore_ascii_case("application/x-www-form-urlencoded"))
 }
 
-/// Compares the bearer token in constant time (a timing difference must not reveal
-/// how much of a guess was right).
+/// The header the API token travels in (Dapr's `dapr-api-token` is the same idea),
+/// leaving `Authorization` to the app.
+pub const TOKEN_HEADER: &str = "pillion-api-token";
+
+/// `Pillion-Api-Token: TOKEN`.
+fn token_matches(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|given| same(given.trim(), token))
+}
+
+/// `Authorization: Bearer TOKEN` (the old way, on the API's own routes only).
 fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-    else {
-        return false;
-    };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+        .is_some_and(|given| same(given.trim(), token))
+}
+
+/// Compares in constant time (a timing difference must not reveal how much of a
+/// guess was right).
+fn same(given: &str, token: &str) -> bool {
+    let (a, b) = (given.as_bytes(), token.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -235,7 +266,9 @@ mod tests {
     }
 
     fn status(door: &Door, r: Request<()>) -> u16 {
-        door.refusal(&r).map_or(200, |res| res.status().as_u16())
+        let call = !crate::api::is_api(r.uri().path());
+        door.refusal(&r, call)
+            .map_or(200, |res| res.status().as_u16())
     }
 
     const JSON: (&str, &str) = ("content-type", "application/json");
@@ -383,10 +416,40 @@ mod tests {
             "/broker?topic=t",
             &[host, ("authorization", "Bearer s3cret-token-0123")],
         );
-        door.admit(&mut admitted);
+        door.admit(&mut admitted, false);
         assert!(
             admitted.headers().get("authorization").is_none(),
             "the token goes no further than the door"
+        );
+    }
+
+    #[test]
+    fn the_token_has_its_own_header_and_the_app_s_authorization_travels_on_calls() {
+        let door = Door::new(
+            Some("s3cret-token-0123".into()),
+            "0.0.0.0:8081".parse().unwrap(),
+        );
+        let own = ("pillion-api-token", "s3cret-token-0123");
+        let app = ("authorization", "Bearer the-app-s-own-jwt");
+        let old = ("authorization", "Bearer s3cret-token-0123");
+        let call = |headers: &[(&str, &str)]| {
+            status(&door, req(Method::POST, "/greeter/Say.Hello", headers))
+        };
+        assert_eq!(call(&[own, app]), 200);
+        assert_eq!(call(&[old]), 401, "never the old way on calls by name");
+        assert_eq!(call(&[app]), 401);
+        let api = |headers: &[(&str, &str)]| status(&door, req(Method::GET, "/registry", headers));
+        assert_eq!(api(&[own]), 200);
+        assert_eq!(api(&[old]), 200, "the old way stays on the API's routes");
+        assert_eq!(api(&[("pillion-api-token", "s3cret-token-0124")]), 401);
+
+        let mut admitted = req(Method::POST, "/greeter/Say.Hello", &[own, app]);
+        door.admit(&mut admitted, true);
+        assert!(admitted.headers().get("pillion-api-token").is_none());
+        assert_eq!(
+            admitted.headers()["authorization"],
+            "Bearer the-app-s-own-jwt",
+            "the app's token goes on with the call"
         );
     }
 

@@ -215,36 +215,37 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         ))
     });
     let broker_metrics = Arc::new(BrokerMetrics::default());
-    let (broker, embedded): (Arc<dyn Broker>, _) =
-        if pillion_broker::nats::is_nats(&settings.broker.url) {
-            let nats = pillion_broker::nats::NatsBroker::connect(
-                &settings.broker.url,
-                settings.broker.nats.clone(),
-                broker_metrics.clone(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            (nats, None)
-        } else {
-            if !api_tls.is_none() {
-                tracing::warn!("the embedded broker's streams between sidecars are plain HTTP to each sidecar's --address, which is HTTPS here: other sidecars cannot deliver to this one's subscribers; use --broker nats://HOST:PORT across sidecars");
-            }
-            let advertise = settings
-                .broker
-                .advertise
-                .clone()
-                .unwrap_or_else(|| address.to_string());
-            let embedded = pillion_broker::embedded::EmbeddedBroker::with_settings(
-                registry.clone(),
-                advertise,
-                broker_metrics.clone(),
-                pillion_broker::link::LinkSettings {
-                    api_token: settings.api_token.clone(),
-                    ..Default::default()
-                },
-            );
-            (embedded.clone() as Arc<dyn Broker>, Some(embedded))
-        };
+    let (broker, embedded): (Arc<dyn Broker>, _) = if pillion_broker::nats::is_nats(
+        &settings.broker.url,
+    ) {
+        let nats = pillion_broker::nats::NatsBroker::connect(
+            &settings.broker.url,
+            settings.broker.nats.clone(),
+            broker_metrics.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        (nats, None)
+    } else {
+        if !api_tls.is_none() {
+            tracing::warn!("the embedded broker's streams between sidecars are plain HTTP to each sidecar's --address, which is HTTPS here: other sidecars cannot deliver to this one's subscribers; use --broker nats://HOST:PORT across sidecars");
+        }
+        let advertise = settings
+            .broker
+            .advertise
+            .clone()
+            .unwrap_or_else(|| address.to_string());
+        let embedded = pillion_broker::embedded::EmbeddedBroker::with_settings(
+            registry.clone(),
+            advertise,
+            broker_metrics.clone(),
+            pillion_broker::link::LinkSettings {
+                api_token: settings.api_token.clone(),
+                ..Default::default()
+            },
+        );
+        (embedded.clone() as Arc<dyn Broker>, Some(embedded))
+    };
     let broker_api = Arc::new(pillion_broker::api::BrokerApi {
         broker: broker.clone(),
         embedded,

@@ -135,7 +135,7 @@ async fn grpc_keeps_its_path_under_the_rpc_handler_and_pillion_s_errors_are_grpc
 async fn a_grpc_caller_without_the_api_token_is_unauthenticated() {
     let (_server, node) = grpc_server();
     let sc = Sidecar::start(&["--api-token", "s3cret-token-0123456789"]);
-    let auth = "authorization=Bearer s3cret-token-0123456789";
+    let auth = "pillion-api-token=s3cret-token-0123456789";
     let body =
         json!({"name": "helloworld.Greeter", "nodes": [{"id": "g1", "address": node.to_string()}]});
     let reply = pillion_testkit::http::request(

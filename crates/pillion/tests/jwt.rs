@@ -431,3 +431,143 @@ async fn tokens_travelling_with_a_call_are_verified_by_the_receiving_sidecar() {
     assert_eq!(status, 401, "{e}");
     assert_eq!(app.requests(), 1, "only the valid call reached the app");
 }
+
+/// Feathers' default authentication: HS256 with the secret every app shares. The
+/// subject may be another claim; a token without it passes without a subject unless
+/// one is required; HS tokens are never checked against the JWKS, nor public-key ones
+/// against the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_signed_with_a_shared_secret_are_verified_as_feathers_signs_them() {
+    let secret = "feathers-shared-secret-0123456789";
+    let hs = |alg: Algorithm, key: &str, claims: serde_json::Value| {
+        let token = encode(
+            &Header::new(alg),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap();
+        format!("Bearer {token}")
+    };
+    let app = TestApp::start("app").await;
+    let d = dir("secret");
+    let file = d.join("secret");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let (_sc, addr) = inbound(
+        &app.url(),
+        &[
+            "--jwt-secret-file",
+            file.to_str().unwrap(),
+            "--jwt-required",
+        ],
+    );
+    // What Feathers' authentication service issues: sub is the user's id, a number
+    // for many databases; aud and iss are Feathers' defaults.
+    let feathers = serde_json::json!({
+        "sub": 42, "aud": "https://yourdomain.com", "iss": "feathers", "exp": now() + 600,
+    });
+    for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+        let (status, seen) = call(
+            addr,
+            &[("authorization", &hs(alg, secret, feathers.clone()))],
+        )
+        .await;
+        assert_eq!(status, 200, "{alg:?}: {seen}");
+        assert_eq!(seen["headers"]["x-pillion-subject"], "42", "{seen}");
+    }
+    // Without a sub: it passes, with no subject.
+    let anonymous = serde_json::json!({"exp": now() + 600, "userId": "u-7"});
+    let (status, seen) = call(
+        addr,
+        &[(
+            "authorization",
+            &hs(Algorithm::HS256, secret, anonymous.clone()),
+        )],
+    )
+    .await;
+    assert_eq!(status, 200, "{seen}");
+    assert!(seen["headers"].get("x-pillion-subject").is_none(), "{seen}");
+    let refused = [
+        (
+            "another secret",
+            hs(
+                Algorithm::HS256,
+                "not-the-shared-secret-000",
+                feathers.clone(),
+            ),
+        ),
+        (
+            "expired",
+            hs(
+                Algorithm::HS256,
+                secret,
+                serde_json::json!({"sub": "x", "exp": now() - 3600}),
+            ),
+        ),
+        (
+            "a public-key token",
+            format!("Bearer {}", token(&ed25519("ed-1"), good("eve"))),
+        ),
+    ];
+    for (what, auth) in refused {
+        let (status, body) = call(addr, &[("authorization", &auth)]).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(body["name"], "NotAuthenticated", "{what}: {body}");
+    }
+
+    // The subject from another claim, and required.
+    let (_sc2, strict) = inbound(
+        &app.url(),
+        &[
+            "--jwt-secret",
+            secret,
+            "--jwt-subject-claim",
+            "userId",
+            "--jwt-require-subject",
+        ],
+    );
+    let (status, seen) = call(
+        strict,
+        &[("authorization", &hs(Algorithm::HS256, secret, anonymous))],
+    )
+    .await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["headers"]["x-pillion-subject"], "u-7");
+    let (status, body) = call(
+        strict,
+        &[("authorization", &hs(Algorithm::HS256, secret, feathers))],
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("\"userId\""),
+        "{body}"
+    );
+
+    // A short secret, or two of them, is refused at start.
+    for (flags, says) in [
+        (vec!["--jwt-secret", "short"], "at least 16"),
+        (
+            vec![
+                "--jwt-secret",
+                secret,
+                "--jwt-secret-file",
+                file.to_str().unwrap(),
+            ],
+            "keep one",
+        ),
+    ] {
+        let mut args = vec![
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--app",
+            "http://127.0.0.1:9",
+        ];
+        args.extend(flags);
+        let (code, _, err) = common::run_to_end(&args, &[]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(says), "{err}");
+        assert!(!err.contains(secret), "the secret is never shown: {err}");
+    }
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -292,7 +292,7 @@ let timer = null;
 async function poll() {
   clearTimeout(timer);
   const token = sessionStorage.getItem(TOKEN_KEY);
-  const headers = token ? { Authorization: "Bearer " + token } : {};
+  const headers = token ? { "Pillion-Api-Token": token } : {};
   try {
     const res = await fetch("/dashboard/data", { headers, cache: "no-store" });
     if (res.status === 401) {
