@@ -443,6 +443,22 @@ impl Endpoints {
         endpoints
     }
 
+    /// The nodes of `name` once it has one, waiting for registrations until `until`;
+    /// `None` when none came in time.
+    pub async fn wait_for_node(&self, name: &str, until: Instant) -> Option<Arc<ServiceSet>> {
+        // Subscribed before looking, so that a registration in between is not missed.
+        let mut changes = self.registry.changes();
+        loop {
+            if let Some(set) = self.service(name).filter(|s| !s.nodes.is_empty()) {
+                return Some(set);
+            }
+            match tokio::time::timeout_at(until.into(), changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     pub fn load(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
         self.current.load()
     }

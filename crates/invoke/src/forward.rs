@@ -67,6 +67,8 @@ pub struct Call {
     pub pin: Option<String>,
     /// Until the response headers arrive.
     pub timeout: Duration,
+    /// How long to wait for a node when the service has none (within `timeout`).
+    pub wait: Duration,
     /// Retry 5xx answers and resets even for a non-idempotent method.
     pub retry_any_method: bool,
 }
@@ -113,16 +115,45 @@ pub fn forward<'a>(
     // Not an async block: that would keep `call` once more beside the attempts'
     // own copy, and this future is the largest of a call.
     let started = Instant::now();
-    let Some(set) = inv.endpoints.service(&call.service) else {
+    let set = inv.endpoints.service(&call.service);
+    if !call.wait.is_zero() && set.as_ref().is_none_or(|s| s.nodes.is_empty()) {
+        // Boxed: only a call that waits pays for it.
+        return Either::Right(Either::Right(Box::pin(async move {
+            let until = started + call.wait.min(call.timeout);
+            match inv.endpoints.wait_for_node(&call.service, until).await {
+                Some(set) => {
+                    Recorded {
+                        attempts: attempts(set, inv, call, started, tally),
+                        started,
+                    }
+                    .await
+                }
+                None => Err(no_node_in_time(&call)),
+            }
+        })));
+    }
+    let Some(set) = set else {
         return Either::Left(ready(Err(error(
             StatusCode::NOT_FOUND,
             format!("service {:?} not found in the registry", call.service),
         ))));
     };
-    Either::Right(Recorded {
+    Either::Right(Either::Left(Recorded {
         attempts: attempts(set, inv, call, started, tally),
         started,
-    })
+    }))
+}
+
+/// A call that waited for a node of its service, and none registered.
+fn no_node_in_time(call: &Call) -> ApiError {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "service {:?} has no node, and none registered within {} (--wait-for-node, X-Pillion-Wait)",
+            call.service,
+            pillion_core::duration::format(call.wait.min(call.timeout))
+        ),
+    )
 }
 
 pin_project_lite::pin_project! {

@@ -9,9 +9,10 @@
 //! - `POST /rpc` (both handlers): `{"service","method","request","address"?}` as JSON
 //!   or form; `endpoint` (go-micro v1's name) may stand for `method`.
 //!
-//! Callers may set `X-Pillion-Timeout: 2s` (the deadline for the answer's headers)
-//! and `X-Pillion-Retry: always` (retry even non-idempotent calls on 502/503/504 and
-//! resets). Both are removed before the call leaves.
+//! Callers may set `X-Pillion-Timeout: 2s` (the deadline for the answer's headers),
+//! `X-Pillion-Retry: always` (retry even non-idempotent calls on 502/503/504 and
+//! resets) and `X-Pillion-Wait: 5s` (wait for a node of a service that has none).
+//! They are removed before the call leaves.
 //!
 //! The call's `traceparent` is kept or started ([`trace::hop`]); only when spans are
 //! exported does a call take the [`traced`] path, with its span `call <service>`.
@@ -43,6 +44,7 @@ use crate::{Handler, Invoker};
 
 pub const TIMEOUT_HEADER: &str = "x-pillion-timeout";
 pub const RETRY_HEADER: &str = "x-pillion-retry";
+pub const WAIT_HEADER: &str = "x-pillion-wait";
 pub const SERVICE_HEADER: &str = "x-pillion-service";
 pub const METHOD_HEADER: &str = "x-pillion-method";
 /// Marks each sidecar a call went out through; a call that comes back to a sidecar
@@ -54,6 +56,7 @@ pub const HOP_HEADER: &str = "x-pillion-hop";
 // name at each lookup).
 const TIMEOUT: HeaderName = HeaderName::from_static(TIMEOUT_HEADER);
 const RETRY: HeaderName = HeaderName::from_static(RETRY_HEADER);
+const WAIT: HeaderName = HeaderName::from_static(WAIT_HEADER);
 const HOP: HeaderName = HeaderName::from_static(HOP_HEADER);
 const SERVICE: HeaderName = HeaderName::from_static(SERVICE_HEADER);
 const METHOD: HeaderName = HeaderName::from_static(METHOD_HEADER);
@@ -83,7 +86,7 @@ const BUFFER_FOR_RETRY: u64 = 64 * 1024;
 
 /// Headers meant for this sidecar, removed before a call leaves. (A caller's identity
 /// headers never got this far: the server removed them.)
-const CONTROLS: [HeaderName; 2] = [TIMEOUT, RETRY];
+const CONTROLS: [HeaderName; 3] = [TIMEOUT, RETRY, WAIT];
 
 fn outbound_headers(headers: HeaderMap, upgrade: bool) -> HeaderMap {
     relay::outbound_headers(headers, upgrade, &CONTROLS)
@@ -135,7 +138,7 @@ fn rpc_path(
         )));
     }
     let (parts, mut body) = req.into_parts();
-    let (timeout, retry_any) = match controls(&parts.headers, inv.config.timeout) {
+    let controls = match controls(&parts.headers, &inv.config) {
         Ok(c) => c,
         Err(e) => return Either::Left(ready(reply(e))),
     };
@@ -156,8 +159,9 @@ fn rpc_path(
             grpc: false,
             rpc: true,
             pin: None,
-            timeout,
-            retry_any_method: retry_any,
+            timeout: controls.timeout,
+            wait: controls.wait,
+            retry_any_method: controls.retry_any,
         }
     };
     let max = inv.config.max_body;
@@ -186,7 +190,7 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         return loop_detected(&inv);
     }
     let (parts, body) = req.into_parts();
-    let (timeout, retry_any, body) = match controls_and_body(&inv, &parts.headers, body).await {
+    let (controls, body) = match controls_and_body(&inv, &parts.headers, body).await {
         Ok(c) => c,
         Err(e) => return reply(e),
     };
@@ -279,8 +283,9 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         grpc: false,
         rpc: true,
         pin: text("address"),
-        timeout,
-        retry_any_method: retry_any,
+        timeout: controls.timeout,
+        wait: controls.wait,
+        retry_any_method: controls.retry_any,
     };
     finish(inv, call, None).await
 }
@@ -295,7 +300,7 @@ fn proxy(
             "no service in the path: call /{service}/...",
         )));
     };
-    let (timeout, retry_any) = match controls(req.headers(), inv.config.timeout) {
+    let controls = match controls(req.headers(), &inv.config) {
         Ok(c) => c,
         Err(e) => return Either::Left(ready(reply(e))),
     };
@@ -320,8 +325,9 @@ fn proxy(
         headers: outbound_headers(parts.headers, upgrading),
         body,
         pin: None,
-        timeout,
-        retry_any_method: retry_any,
+        timeout: controls.timeout,
+        wait: controls.wait,
+        retry_any_method: controls.retry_any,
     };
     // A body that came whole with its head (or none) is sent as it is, and can be
     // sent again; a small one still on its way is read first, for the same; a
@@ -413,27 +419,40 @@ async fn controls_and_body<B>(
     inv: &Invoker,
     headers: &HeaderMap,
     body: B,
-) -> Result<(Duration, bool, Bytes), ApiError>
+) -> Result<(Controls, Bytes), ApiError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<pillion_http::BoxError>,
 {
-    let (timeout, retry_any) = controls(headers, inv.config.timeout)?;
+    let controls = controls(headers, &inv.config)?;
     let body = read_body(body, inv.config.max_body).await?;
-    Ok((timeout, retry_any, body))
+    Ok((controls, body))
 }
 
-/// Reads `X-Pillion-Timeout` and `X-Pillion-Retry`.
-fn controls(headers: &HeaderMap, default: Duration) -> Result<(Duration, bool), ApiError> {
-    let timeout = match headers.get(TIMEOUT) {
-        None => default,
-        Some(v) => match v.to_str().ok().map(pillion_core::duration::parse) {
-            Some(Ok(d)) if !d.is_zero() => d,
-            Some(Ok(_)) => return Err(invalid("X-Pillion-Timeout must be more than 0".into())),
-            Some(Err(e)) => return Err(invalid(format!("X-Pillion-Timeout: {e}"))),
-            None => return Err(invalid("X-Pillion-Timeout is not text".into())),
-        },
-    };
+/// What the caller asked of this call, with the sidecar's defaults.
+#[derive(Clone, Copy)]
+struct Controls {
+    timeout: Duration,
+    retry_any: bool,
+    wait: Duration,
+}
+
+/// Reads `X-Pillion-Timeout`, `X-Pillion-Retry` and `X-Pillion-Wait`.
+fn controls(headers: &HeaderMap, config: &crate::Config) -> Result<Controls, ApiError> {
+    let duration =
+        |name: &HeaderName, shown: &str, zero_ok: bool| -> Result<Option<Duration>, ApiError> {
+            let Some(v) = headers.get(name) else {
+                return Ok(None);
+            };
+            match v.to_str().ok().map(pillion_core::duration::parse) {
+                Some(Ok(d)) if zero_ok || !d.is_zero() => Ok(Some(d)),
+                Some(Ok(_)) => Err(invalid(format!("{shown} must be more than 0"))),
+                Some(Err(e)) => Err(invalid(format!("{shown}: {e}"))),
+                None => Err(invalid(format!("{shown} is not text"))),
+            }
+        };
+    let timeout = duration(&TIMEOUT, "X-Pillion-Timeout", false)?.unwrap_or(config.timeout);
+    let wait = duration(&WAIT, "X-Pillion-Wait", true)?.unwrap_or(config.wait_for_node);
     let retry_any = match headers.get(RETRY).map(|v| v.to_str().unwrap_or("")) {
         None => false,
         Some(v) if v.eq_ignore_ascii_case("always") => true,
@@ -443,7 +462,11 @@ fn controls(headers: &HeaderMap, default: Duration) -> Result<(Duration, bool), 
             )))
         }
     };
-    Ok((timeout, retry_any))
+    Ok(Controls {
+        timeout,
+        retry_any,
+        wait,
+    })
 }
 
 fn invalid(detail: String) -> ApiError {

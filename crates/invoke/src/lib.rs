@@ -102,6 +102,9 @@ pub struct Config {
     pub namespace: String,
     /// Default deadline for the answer's headers (`X-Pillion-Timeout` overrides it).
     pub timeout: Duration,
+    /// How long a call to a service without a node waits for one (`X-Pillion-Wait`
+    /// overrides it); zero: not at all.
+    pub wait_for_node: Duration,
     pub max_body: u64,
     pub policy: Policy,
     /// How connections to nodes are kept.
@@ -115,6 +118,7 @@ impl Default for Config {
             rpc_codec: RpcCodec::Http,
             namespace: String::new(),
             timeout: Duration::from_secs(15),
+            wait_for_node: Duration::ZERO,
             max_body: 10 << 20,
             policy: Policy {
                 strategy: Strategy::PeakEwma,

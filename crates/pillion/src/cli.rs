@@ -385,6 +385,17 @@ pub struct RunArgs {
     )]
     pub timeout: NonZeroDur,
 
+    /// How long a call by name to a service with no node right now waits for one to
+    /// register (a node restarting, an app starting), within --timeout; 0 answers at
+    /// once (404 or 503). X-Pillion-Wait overrides it per request.
+    #[arg(
+        long,
+        default_value = "0",
+        env = "PILLION_WAIT_FOR_NODE",
+        value_name = "DUR"
+    )]
+    pub wait_for_node: pillion_core::Dur,
+
     /// Deadline of one attempt; a slower node is given up and, for idempotent calls,
     /// another is tried.
     #[arg(

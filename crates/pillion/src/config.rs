@@ -629,6 +629,7 @@ impl Settings {
             rpc_codec: args.rpc_codec,
             namespace: args.namespace.clone().unwrap_or(defaults.namespace),
             timeout: args.timeout.0,
+            wait_for_node: args.wait_for_node.0,
             max_body: args.max_body_size.0,
             policy: pillion_invoke::Policy {
                 strategy: args.balancer,

@@ -693,3 +693,64 @@ async fn sigterm_lets_calls_in_flight_finish_then_exits_without_waiting_out_the_
         "pillion exits once its connections are done, not after the 30 s grace period"
     );
 }
+
+/// A call to a service that has no node yet (an app starting, a node restarting)
+/// waits for one with `--wait-for-node` or `X-Pillion-Wait`, within its deadline,
+/// instead of failing at once; without either it fails at once as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waits_for_a_node_to_register_within_its_deadline() {
+    let node = TestApp::start("late").await;
+    let sc = Sidecar::start(&["--wait-for-node", "5s"]);
+    let url = sc.url("/late/say/hello");
+    let started = Instant::now();
+    let waiting = tokio::spawn(async move { post_json(&url, "{}").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished(), "the call waits for a node");
+    register(&sc, "late", "late-1", &node.addr().to_string(), &[]).await;
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(node.requests(), 1);
+
+    // A service with no node within the call's own deadline: 503 naming the wait.
+    let reply = request(
+        http::Method::POST,
+        &sc.url("/never/say/hello"),
+        &[("x-pillion-timeout", "300ms")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    reply.assert_refused(
+        503,
+        "none registered within 300ms",
+        "a wait past the deadline",
+    );
+
+    // Without a wait, at once; a wait per call; a wait that makes no sense.
+    let quick = Sidecar::start(&[]);
+    let started = Instant::now();
+    let reply = post_json(&quick.url("/never/say/hello"), "{}")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let reply = request(
+        http::Method::POST,
+        &quick.url("/never/say/hello"),
+        &[("x-pillion-wait", "200ms")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    reply.assert_refused(503, "within 200ms", "X-Pillion-Wait");
+    let reply = request(
+        http::Method::POST,
+        &quick.url("/never/say/hello"),
+        &[("x-pillion-wait", "soon")],
+        "{}",
+    )
+    .await
+    .unwrap();
+    reply.assert_refused(400, "X-Pillion-Wait", "a wait that is not a duration");
+}
