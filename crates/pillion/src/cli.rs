@@ -785,6 +785,24 @@ pub struct RunArgs {
     )]
     pub session_store: SessionStoreUrl,
 
+    /// Sessions bailiff stored (in the same Redis): `pillion` reads a session under a
+    /// bailiff id and moves it to pillion's format at its first request (nobody is
+    /// logged out at the cutover); `bailiff` keeps writing bailiff's format and ids,
+    /// so bailiff and pillion sidecars can serve the same visitors during a rolling
+    /// migration.
+    #[arg(
+        long,
+        default_value = "pillion",
+        env = "PILLION_SESSION_FORMAT",
+        value_name = "pillion|bailiff"
+    )]
+    pub session_format: SessionFormat,
+
+    /// The prefix of bailiff's session keys in Redis (its store.redis.keyprefix).
+    /// [default: none, bailiff's]
+    #[arg(long, env = "PILLION_SESSION_BAILIFF_PREFIX", value_name = "PREFIX")]
+    pub session_bailiff_prefix: Option<String>,
+
     /// Session lifetime, in seconds or as a duration (3600, 1h): the cookie's
     /// Max-Age and the store's TTL. Must be more than 0.
     #[arg(
@@ -1002,4 +1020,24 @@ pub struct RunArgs {
     /// Runtime worker threads, to cap the sidecar's CPU. [default: number of cores]
     #[arg(long, env = "PILLION_WORKER_THREADS", value_name = "N")]
     pub worker_threads: Option<NonZeroUsize>,
+}
+
+/// `--session-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFormat {
+    Pillion,
+    Bailiff,
+}
+
+impl std::str::FromStr for SessionFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pillion" => Ok(SessionFormat::Pillion),
+            "bailiff" => Ok(SessionFormat::Bailiff),
+            _ => Err(format!(
+                "unknown session format {s:?}: use pillion or bailiff"
+            )),
+        }
+    }
 }

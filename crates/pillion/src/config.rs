@@ -601,6 +601,8 @@ pub struct InboundSettings {
     /// JWT verification on `listen`.
     pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
     pub store: String,
+    /// How sessions bailiff stored are met.
+    pub bailiff: pillion_session::redis::Bailiff,
     pub proxy: pillion_session::inbound::Config,
 }
 
@@ -927,6 +929,10 @@ fn resolve_inbound(
         acme,
         jwt,
         store: args.session_store.0.clone(),
+        bailiff: pillion_session::redis::Bailiff {
+            prefix: args.session_bailiff_prefix.clone().unwrap_or_default(),
+            keep: args.session_format == crate::cli::SessionFormat::Bailiff,
+        },
         proxy: inbound::Config {
             app: app.1,
             app_url: app.0,

@@ -672,6 +672,7 @@ fn bailiff_env(env: &[(String, String)], migrated: &mut Migrated) -> Result<(), 
         set.push((var.to_string(), value));
     };
     let direct = [
+        ("STORE_REDIS_KEYPREFIX", "session-bailiff-prefix"),
         ("ROLLING", "session-rolling"),
         ("COOKIE_NAME", "session-cookie"),
         ("COOKIE_PATH", "session-cookie-path"),
@@ -760,9 +761,6 @@ fn bailiff_env(env: &[(String, String)], migrated: &mut Migrated) -> Result<(), 
             continue;
         }
         let why = match name {
-            "STORE_REDIS_KEYPREFIX" => {
-                "pillion keeps each session under pillion:session:<id>, a prefix it does not let you change"
-            }
             n if n.starts_with("STORE_REDIS_") => {
                 "pillion's Redis connection takes only redis://[:password@]host:port[/db] (--session-store)"
             }
@@ -1088,7 +1086,6 @@ mod tests {
     #[test]
     fn bailiff_settings_pillion_cannot_honour_are_refused() {
         for (key, value, names) in [
-            ("BAILIFF_STORE_REDIS_KEYPREFIX", "app:", "pillion:session:"),
             ("BAILIFF_STORE_REDIS_POOLSIZE", "10", "--session-store"),
             ("BAILIFF_HEADERS_SETPREFIX", "X-Put-", "X-Session-Set-"),
             ("BAILIFF_COLOUR", "blue", "pillion run --help"),

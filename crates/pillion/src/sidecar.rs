@@ -163,7 +163,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let inbound = match &settings.inbound {
         None => None,
         Some(cfg) => {
-            let store = pillion_session::open(&cfg.store).map_err(|e| e.to_string())?;
+            let store = pillion_session::open(&cfg.store, cfg.bailiff.clone())
+                .map_err(|e| e.to_string())?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .map_err(|e| format!("cannot listen on {} (--listen): {e}", cfg.listen))?;

@@ -16,7 +16,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,25 +27,7 @@ use serde_json::{json, Value};
 
 const PROGRAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gomicro/register.go");
 
-/// `go run` with its caches in the temp dir and no module lookups.
-fn go(dir: &Path) -> Command {
-    let mut cmd = Command::new("go");
-    cmd.env("GOCACHE", dir.join("cache"))
-        .env("GOPATH", dir.join("path"))
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .env("GOPROXY", "off")
-        .current_dir(dir);
-    cmd
-}
-
-fn go_dir() -> PathBuf {
-    // Shared by runs so the standard library is compiled once; go's cache is safe for
-    // concurrent use.
-    let dir = std::env::temp_dir().join("pillion-go-micro");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{go, go_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_micro_app_registers_reads_back_and_calls_unchanged() {

@@ -178,7 +178,7 @@ async fn bailiffs_environment_runs_the_sessions_proxy_on_redis() {
     .unwrap();
     assert_eq!(again.json()["headers"]["x-session-user-id"], "7");
     // Kept in bailiff's Redis, with bailiff's max-age as its TTL.
-    let direct = pillion_session::open(&redis.url()).unwrap();
+    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
     let ttl = direct.ttl(&cookie).await.unwrap().expect("a TTL in Redis");
     assert!(
         ttl <= Duration::from_secs(120) && ttl > Duration::from_secs(100),
@@ -216,8 +216,8 @@ fn settings_pillion_cannot_honour_are_refused_at_start_naming_its_equivalent() {
         (&["run"], &[("MICRO_REGISTRY", "mdns")], "--cluster-mdns"),
         (
             &["run"],
-            &[("BAILIFF_STORE_REDIS_KEYPREFIX", "app:")],
-            "pillion:session:<id>",
+            &[("BAILIFF_STORE_REDIS_POOLSIZE", "10")],
+            "--session-store",
         ),
         (
             &["run"],

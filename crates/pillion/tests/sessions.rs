@@ -116,7 +116,7 @@ async fn login_on_one_service_is_seen_by_another_and_logout_ends_it() {
     );
 
     // The TTL in Redis is the max-age.
-    let direct = pillion_session::open(&redis.url()).unwrap();
+    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
     let ttl = direct.ttl(&id).await.unwrap().unwrap();
     assert!(
         ttl > Duration::from_secs(115) && ttl <= Duration::from_secs(120),
@@ -191,7 +191,7 @@ async fn rotation_moves_the_data_and_destroy_ends_the_session() {
     let rotated = visit(at, "/?h=X-Session-Rotate:1", Some(&old), &[]).await;
     let new = issued(&rotated).unwrap();
     assert_ne!(new, old);
-    let direct = pillion_session::open(&redis.url()).unwrap();
+    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
     assert_eq!(direct.load(&old).await.unwrap(), None, "the old id is gone");
     assert_eq!(
         session_headers_seen(&visit(at, "/", Some(&new), &[]).await),

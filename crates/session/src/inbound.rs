@@ -42,7 +42,7 @@ use pillion_http::server::RequestBody;
 use crate::codec::{check_limits, Limits, Scheme};
 use crate::cookie::CookieConfig;
 use crate::metrics::SessionMetrics;
-use crate::{is_valid_id, new_id, SessionData, SessionStore, StoreError};
+use crate::{SessionData, SessionStore, StoreError};
 
 const ID: &str = "pillion.session";
 
@@ -226,7 +226,7 @@ impl Inbound {
     async fn proxy(&self, mut req: Request<RequestBody>, peer: SocketAddr) -> Response<ProxyBody> {
         let cfg = &self.cfg;
         let offered = crate::cookie::take(req.headers_mut(), &cfg.cookie.name);
-        let loaded = match offered.filter(|id| is_valid_id(id)) {
+        let loaded = match offered.filter(|id| self.store.recognises(id)) {
             Some(id) => match self.store(self.store.load(&id)).await {
                 Ok(Some(data)) => Loaded::Known(id, data),
                 Ok(None) => Loaded::Fresh,
@@ -339,8 +339,9 @@ impl Inbound {
                     return self.refuse(refused.to_string());
                 }
                 let mut cookie = cfg.rolling;
-                if controls.rotate {
-                    let new = new_id();
+                // A session of another system's format moves to pillion's at once.
+                if controls.rotate || self.store.is_foreign(&id) {
+                    let new = self.store.new_id();
                     if let Err(e) = self.store(self.store.rotate(&id, &new, &data, ttl)).await {
                         return unstored(e);
                     }
@@ -368,7 +369,7 @@ impl Inbound {
                 if let Err(refused) = check_limits(&after, &controls.change, cfg.limits) {
                     return self.refuse(refused.to_string());
                 }
-                let id = new_id();
+                let id = self.store.new_id();
                 if let Err(e) = self
                     .store(self.store.save(&id, &controls.change, ttl))
                     .await

@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod cookie;
+pub mod gob;
 pub mod inbound;
 pub mod memory;
 pub mod metrics;
@@ -95,6 +96,23 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Time left before the session expires (`None` if it does not exist).
     async fn ttl(&self, id: &str) -> Result<Option<Duration>, StoreError>;
 
+    /// Whether `id` is one this store may know (anything else is ignored without
+    /// asking it).
+    fn recognises(&self, id: &str) -> bool {
+        is_valid_id(id)
+    }
+
+    /// Whether the session of `id` is in another system's format, to be moved to a
+    /// new id of pillion's at its first request (bailiff's).
+    fn is_foreign(&self, _id: &str) -> bool {
+        false
+    }
+
+    /// An id for a new session.
+    fn new_id(&self) -> String {
+        new_id()
+    }
+
     /// `memory` or `redis://host:port/db` (never with the password).
     fn backend(&self) -> String;
 
@@ -105,10 +123,10 @@ pub trait SessionStore: Send + Sync + 'static {
 /// Opens the store named by `url`: `memory`, or `redis://[:password@]host:port[/db]`
 /// (`rediss://` for TLS). A Redis that is down is not an error here: operations fail
 /// until it is back.
-pub fn open(url: &str) -> Result<Arc<dyn SessionStore>, StoreError> {
+pub fn open(url: &str, bailiff: redis::Bailiff) -> Result<Arc<dyn SessionStore>, StoreError> {
     check_url(url)?;
     if url.starts_with("redis://") || url.starts_with("rediss://") {
-        Ok(Arc::new(redis::RedisStore::open(url)?))
+        Ok(Arc::new(redis::RedisStore::open(url, bailiff)?))
     } else {
         Ok(Arc::new(memory::MemoryStore::new()))
     }

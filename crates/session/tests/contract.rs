@@ -96,13 +96,13 @@ async fn contract(store: Arc<dyn SessionStore>) {
 
 #[tokio::test]
 async fn memory_store_passes_the_contract() {
-    contract(open("memory").unwrap()).await;
+    contract(open("memory", Default::default()).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_passes_the_contract() {
     let redis = Server::redis();
-    let store = open(&redis.url()).unwrap();
+    let store = open(&redis.url(), Default::default()).unwrap();
     assert_eq!(store.backend(), redis.url());
     contract(store).await;
 }
@@ -110,20 +110,24 @@ async fn redis_store_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_db_index_and_password_are_honoured_and_never_shown() {
     let redis = Server::redis();
-    let store = open(&format!("{}/3", redis.url())).unwrap();
+    let store = open(&format!("{}/3", redis.url()), Default::default()).unwrap();
     let id = new_id();
     store
         .save(&id, &set(&[("k", &["v"])]), Duration::from_secs(60))
         .await
         .unwrap();
-    let other_db = open(&format!("{}/0", redis.url())).unwrap();
+    let other_db = open(&format!("{}/0", redis.url()), Default::default()).unwrap();
     assert_eq!(
         other_db.load(&id).await.unwrap(),
         None,
         "db 3 and db 0 are apart"
     );
 
-    let wrong = open(&format!("redis://:hunter2@{}", redis.addr())).unwrap();
+    let wrong = open(
+        &format!("redis://:hunter2@{}", redis.addr()),
+        Default::default(),
+    )
+    .unwrap();
     let err = wrong.load(&id).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(!err.to_string().contains("hunter2"), "{err}");
@@ -133,7 +137,7 @@ async fn redis_db_index_and_password_are_honoured_and_never_shown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_fails_fast_then_recovers_without_reopening() {
     let mut redis = Server::redis();
-    let store = open(&redis.url()).unwrap();
+    let store = open(&redis.url(), Default::default()).unwrap();
     let id = new_id();
     store
         .save(&id, &set(&[("k", &["v"])]), Duration::from_secs(60))

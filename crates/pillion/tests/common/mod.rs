@@ -433,3 +433,24 @@ pub fn self_signed(dir: &std::path::Path, names: &[&str], from: (i32, u8, u8), t
     std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
     std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
 }
+
+/// `go` with its caches in `dir` and no module lookups (the programs use the
+/// standard library only; Debian's golang-go, which scripts/test installs).
+pub fn go(dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new("go");
+    cmd.env("GOCACHE", dir.join("cache"))
+        .env("GOPATH", dir.join("path"))
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
+        .current_dir(dir);
+    cmd
+}
+
+/// Where [`go`] keeps its caches: shared by runs so the standard library is compiled
+/// once (go's cache is safe for concurrent use).
+pub fn go_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("pillion-go-micro");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
