@@ -21,8 +21,16 @@ impl Sidecar {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Self::start_at(addr, args, env)
+        // A free port may be taken by another test before pillion binds it: then
+        // pillion exits at once, and another port is tried.
+        for _ in 0..3 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let mut sc = Self::start_at(addr, args, env);
+            if sc.process.wait_exit(Duration::from_millis(100)).is_none() {
+                return sc;
+            }
+        }
+        panic!("pillion exited at start three times: see its log above");
     }
 
     /// `pillion run --address addr ARGS` (`addr` may be off loopback, or served over
@@ -134,21 +142,24 @@ pub async fn register(
 /// A `pillion run` with an inbound proxy on a free port in front of `app`, plus the
 /// given flags; returns the sidecar and the inbound address.
 pub fn inbound(app: &str, args: &[&str]) -> (Sidecar, SocketAddr) {
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut all = vec![
-        "--listen".to_string(),
-        listen.to_string(),
-        "--app".into(),
-        app.to_string(),
-    ];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let sc = Sidecar::start(&refs);
-    assert!(
-        wait_for_port(listen, Duration::from_secs(10)),
-        "inbound proxy did not listen"
-    );
-    (sc, listen)
+    for _ in 0..3 {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut all = vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--app".into(),
+            app.to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut sc = Sidecar::start(&refs);
+        let listening = wait_for_port(listen, Duration::from_secs(10));
+        // Another test may have taken the port first: pillion then exits.
+        if listening && sc.process.wait_exit(Duration::from_millis(100)).is_none() {
+            return (sc, listen);
+        }
+    }
+    panic!("inbound proxy did not listen");
 }
 
 /// A new mesh CA, made by `pillion mesh init` in a directory of its own; returns the
