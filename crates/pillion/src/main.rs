@@ -35,10 +35,37 @@ use crate::config::{Loaded, Settings};
 fn main() -> ExitCode {
     // The old systems' settings first, while this is the only thread: a variable set
     // here is read by clap like one the user set.
-    let old_env: Vec<(String, String)> = std::env::vars_os()
+    let mut old_env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| k.starts_with("MICRO_") || k.starts_with("BAILIFF_"))
         .collect();
+    // bailiff's config file, read as bailiff read it for its proxy (its variables win).
+    if std::env::args_os().nth(1).is_some_and(|c| c == "run") {
+        let mut dirs = vec![std::path::PathBuf::from("/etc/bailiff")];
+        if let Some(home) = std::env::var_os("HOME") {
+            dirs.push(std::path::Path::new(&home).join(".bailiff"));
+        }
+        dirs.push(std::path::PathBuf::from("."));
+        match migration::bailiff_file(&dirs) {
+            Ok(Some((path, settings))) => {
+                eprintln!(
+                    "warning: reading bailiff's config file {} as its BAILIFF_* variables; \
+                     `pillion migrate {0}` writes the same as pillion's TOML",
+                    path.display()
+                );
+                for (k, v) in settings {
+                    if !old_env.iter().any(|(key, _)| *key == k) {
+                        old_env.push((k, v));
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let migrated = match migration::migrate(std::env::args_os().collect(), &old_env, |k| {
         std::env::var_os(k).is_some()
     }) {

@@ -603,6 +603,43 @@ pub fn migrate_file(path: &Path, text: &str) -> Result<String, String> {
     )))
 }
 
+/// bailiff's config file, and its settings as `BAILIFF_*` variables.
+pub type BailiffFile = (std::path::PathBuf, Vec<(String, String)>);
+
+/// bailiff's config file where bailiff (viper) looked for it: `config.yaml`, `.yml`,
+/// `.json` or `.toml` in `/etc/bailiff/`, `$HOME/.bailiff/`, then the working
+/// directory; the first found that is bailiff's, with its settings as the `BAILIFF_*`
+/// variables they stand for. In the working directory, a file must name more than a
+/// `port` to be taken for bailiff's (an app's own `config.yaml` often has one).
+pub fn bailiff_file(dirs: &[std::path::PathBuf]) -> Result<Option<BailiffFile>, String> {
+    for (i, dir) in dirs.iter().enumerate() {
+        for ext in ["yaml", "yml", "json", "toml"] {
+            let path = dir.join(format!("config.{ext}"));
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let tree: Option<serde_json::Value> = if ext == "toml" {
+                toml::from_str(&text).ok()
+            } else {
+                serde_yaml_ng::from_str(&text).ok()
+            };
+            let Some(tree) = tree.filter(is_bailiffs) else {
+                continue;
+            };
+            let only_port = tree
+                .as_object()
+                .is_some_and(|o| o.keys().all(|k| k.eq_ignore_ascii_case("port")));
+            if i == dirs.len() - 1 && only_port {
+                continue;
+            }
+            let mut flat = Vec::new();
+            flatten("BAILIFF", &tree, &mut flat).map_err(|e| format!("{}: {e}", path.display()))?;
+            return Ok(Some((path, flat)));
+        }
+    }
+    Ok(None)
+}
+
 /// bailiff's file has only bailiff's top-level keys (viper: any case).
 pub fn is_bailiffs(tree: &serde_json::Value) -> bool {
     tree.as_object().is_some_and(|o| {

@@ -339,3 +339,52 @@ fn bailiffs_config_file_migrates_to_toml_that_check_passes() {
     assert_eq!(code, 1);
     assert!(err.contains("BAILIFF_COOKIE_FLAVOUR"), "{err}");
 }
+
+/// bailiff's config file where bailiff looked for it (`$HOME/.bailiff/config.yaml`),
+/// read like its variables, which win over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bailiffs_config_file_is_read_where_bailiff_looked_for_it() {
+    let redis = Server::redis();
+    let app = TestApp::start("app").await;
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let home = scratch("bailiff-home");
+    std::fs::create_dir_all(home.join(".bailiff")).unwrap();
+    std::fs::write(
+        home.join(".bailiff/config.yaml"),
+        format!(
+            "Port: {listen}\nProxy: {}\nCookie:\n  MaxAge: 300\nStore:\n  Redis:\n    Addr: {}\n",
+            app.url(),
+            redis.addr()
+        ),
+    )
+    .unwrap();
+    let home_text = home.display().to_string();
+    let sc = Logged::start(
+        "bailiff-file",
+        &[],
+        &[("HOME", &home_text), ("BAILIFF_COOKIE_MAXAGE", "120")],
+    );
+    assert!(
+        wait_for_port(listen, Duration::from_secs(10)),
+        "the file's Port: {}",
+        sc.stderr()
+    );
+    let reply = request(
+        http::Method::GET,
+        &format!("http://{listen}/?h=X-Session-Set-User-Id:7"),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "the file's Proxy: {}", reply.text());
+    let log = sc.stderr();
+    assert!(
+        log.contains("reading bailiff's config file") && log.contains(".bailiff/config.yaml"),
+        "{log}"
+    );
+    assert!(
+        log.contains("--session-max-age 120"),
+        "the variable wins over the file: {log}"
+    );
+}
