@@ -77,6 +77,7 @@ function pillion (options = {}) {
       remote: new Map(), // path -> { name, stop }
       queues: new Map(), // path -> the promise of its last event publication
       closed: false,
+      discovering: false,
       timers: []
     }
 
@@ -252,6 +253,17 @@ function pillion (options = {}) {
     }
 
     async function discover () {
+      // One at a time: two overlapping runs would each add the same service.
+      if (state.discovering) return
+      state.discovering = true
+      try {
+        await discoverOnce()
+      } finally {
+        state.discovering = false
+      }
+    }
+
+    async function discoverOnce () {
       const { status, json } = await sidecar('GET', '/registry')
       if (status !== 200 || !Array.isArray(json)) return
       const seen = new Set()
@@ -266,7 +278,13 @@ function pillion (options = {}) {
         const found = await sidecar('GET', `/registry?service=${encodeURIComponent(name)}`)
         const meta = (Array.isArray(found.json) && found.json[0] && found.json[0].metadata) || {}
         const custom = (meta.events || '').split(',').filter(Boolean)
-        app.use(path, proxy(path, name), { methods: METHODS, events: custom })
+        // Every event, standard ones included, is the remote app's: listed as the
+        // service's own, Feathers does not emit them again after a proxy's call
+        // (as for its client services), and each arrives once, from the broker.
+        // (`serviceEvents` says the same without Feathers' defaults twice, which would
+        // publish each event twice to real-time clients.)
+        const events = [...EVENTS, ...custom]
+        app.use(path, proxy(path, name), { methods: METHODS, events, serviceEvents: events })
         if (config.hooks) app.service(path).hooks(config.hooks)
         state.remote.set(path, { name, stop: follow(path, name) })
       }
