@@ -293,6 +293,10 @@ pub struct NatsSettings {
     pub ack_wait: Duration,
     /// Dead letters of topic T go to `{prefix}.T`.
     pub dead_letter_prefix: String,
+    /// Messages as go-micro's NATS broker sends them: the payload is the JSON of its
+    /// `broker.Message` (`{"Header":{...},"Body":"<base64>"}`), not NATS headers and
+    /// the bare body.
+    pub go_micro: bool,
 }
 
 impl Default for NatsSettings {
@@ -302,6 +306,7 @@ impl Default for NatsSettings {
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             dead_letter_prefix: "dead-letter".into(),
+            go_micro: false,
         }
     }
 }

@@ -98,6 +98,53 @@ fn consumer_name(queue: &str, pattern: &str) -> String {
     )
 }
 
+/// go-micro's `broker.Message` as its NATS broker marshals it (go-micro v1.18.0,
+/// `broker/nats/nats.go` with the default JSON codec, `codec/json`): Go's
+/// encoding/json of `{Header map[string]string; Body []byte}`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GoMicroMessage {
+    #[serde(rename = "Header", default)]
+    header: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(rename = "Body", default)]
+    body: Option<String>,
+}
+
+/// A message as it goes on the wire: NATS headers and the body, or go-micro's
+/// envelope.
+fn outgoing(go_micro: bool, message: &Message) -> (HeaderMap, bytes::Bytes) {
+    if !go_micro {
+        return (to_nats(&message.header), message.body.clone());
+    }
+    use base64::Engine;
+    let envelope = GoMicroMessage {
+        header: Some(message.header.clone()),
+        body: Some(base64::engine::general_purpose::STANDARD.encode(&message.body)),
+    };
+    let json = serde_json::to_vec(&envelope).expect("a message serializes");
+    (HeaderMap::new(), json.into())
+}
+
+/// A message off the wire. With go-micro's envelope, a payload that is not one is
+/// delivered as it came (a publisher that is not go-micro's).
+fn incoming(go_micro: bool, headers: Option<&HeaderMap>, payload: bytes::Bytes) -> Message {
+    if go_micro {
+        use base64::Engine;
+        if let Ok(m) = serde_json::from_slice::<GoMicroMessage>(&payload) {
+            let body = match m.body {
+                None => Some(Vec::new()),
+                Some(b) => base64::engine::general_purpose::STANDARD.decode(b).ok(),
+            };
+            if let Some(body) = body {
+                return Message {
+                    header: m.header.unwrap_or_default(),
+                    body: body.into(),
+                };
+            }
+        }
+    }
+    from_nats(headers, payload)
+}
+
 fn to_nats(header: &std::collections::BTreeMap<String, String>) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in header {
@@ -228,8 +275,7 @@ impl NatsBroker {
         if !self.healthy() {
             return Err(self.unavailable("not connected to NATS; try again later"));
         }
-        let headers = to_nats(&message.header);
-        let body = message.body.clone();
+        let (headers, body) = outgoing(self.settings.go_micro, message);
         if let Some(pattern) = self.durable_for(topic) {
             self.ensure_stream(pattern).await?;
             let stored = async {
@@ -286,10 +332,11 @@ impl Broker for NatsBroker {
                 }
                 let mut acks = Vec::with_capacity(n);
                 for m in messages {
+                    let (headers, body) = outgoing(self.settings.go_micro, &m);
                     let sent = tokio::time::timeout(
                         DEADLINE,
                         self.js
-                            .publish_with_headers(topic.to_string(), to_nats(&m.header), m.body),
+                            .publish_with_headers(topic.to_string(), headers, body),
                     )
                     .await;
                     acks.push(match sent {
@@ -315,8 +362,9 @@ impl Broker for NatsBroker {
             None => {
                 let sent = async {
                     for m in messages {
+                        let (headers, body) = outgoing(self.settings.go_micro, &m);
                         self.client
-                            .publish_with_headers(topic.to_string(), to_nats(&m.header), m.body)
+                            .publish_with_headers(topic.to_string(), headers, body)
                             .await
                             .map_err(|e| self.unavailable(e))?;
                     }
@@ -389,6 +437,7 @@ impl Broker for NatsBroker {
                     tx,
                     overflowed.clone(),
                     self.metrics.clone(),
+                    self.settings.go_micro,
                 ))
             }
         };
@@ -426,10 +475,12 @@ async fn pump_plain(
     tx: mpsc::Sender<Delivery>,
     overflowed: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<BrokerMetrics>,
+    go_micro: bool,
 ) {
     while let Some(m) = sub.next().await {
         let topic = m.subject.to_string();
-        let delivery = Delivery::new(topic.clone(), from_nats(m.headers.as_ref(), m.payload));
+        let message = incoming(go_micro, m.headers.as_ref(), m.payload);
+        let delivery = Delivery::new(topic.clone(), message);
         match tx.try_send(delivery) {
             Ok(()) => metrics.delivered(&topic, 1),
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -493,7 +544,7 @@ async fn pump_durable(
             if attempt > 1 {
                 metrics.redelivered(&topic);
             }
-            let message = from_nats(m.headers.as_ref(), m.payload.clone());
+            let message = incoming(settings.go_micro, m.headers.as_ref(), m.payload.clone());
             let delivery =
                 Delivery::durable(topic.clone(), message, attempt, Box::new(JetStreamAck(m)));
             // Back-pressure, not drops: the messages wait in JetStream meanwhile.

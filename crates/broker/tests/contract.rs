@@ -151,6 +151,24 @@ async fn nats_broker_passes_the_contract() {
     contract(broker).await;
 }
 
+/// go-micro's envelope on NATS keeps every promise of the contract too, durable
+/// topics included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_broker_in_go_micro_s_format_passes_the_contract() {
+    let nats = Server::nats();
+    let broker = pillion_broker::nats::NatsBroker::connect(
+        &nats.url(),
+        NatsSettings {
+            go_micro: true,
+            ..durable_settings(5)
+        },
+        Arc::new(BrokerMetrics::default()),
+    )
+    .await
+    .unwrap();
+    contract(broker).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_durable_messages_at_once_are_each_stored_in_order_or_each_refused() {
     let mut nats = Server::nats();
@@ -193,6 +211,7 @@ fn durable_settings(max_deliver: u64) -> NatsSettings {
         max_deliver,
         ack_wait: Duration::from_secs(30),
         dead_letter_prefix: "dead-letter".into(),
+        go_micro: false,
     }
 }
 

@@ -946,6 +946,17 @@ pub struct RunArgs {
     )]
     pub broker_dead_letter_prefix: String,
 
+    /// How messages look on NATS: `pillion` (NATS headers and the bare body) or
+    /// `go-micro` (the JSON of go-micro's broker.Message, as its NATS broker sends it),
+    /// so go-micro services publish to and subscribe from the same topics.
+    #[arg(
+        long,
+        default_value = "pillion",
+        env = "PILLION_BROKER_FORMAT",
+        value_name = "pillion|go-micro"
+    )]
+    pub broker_format: BrokerFormat,
+
     /// Largest message; larger publishes get 413.
     #[arg(
         long,
@@ -1037,6 +1048,26 @@ impl std::str::FromStr for SessionFormat {
             "bailiff" => Ok(SessionFormat::Bailiff),
             _ => Err(format!(
                 "unknown session format {s:?}: use pillion or bailiff"
+            )),
+        }
+    }
+}
+
+/// `--broker-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerFormat {
+    Pillion,
+    GoMicro,
+}
+
+impl std::str::FromStr for BrokerFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pillion" => Ok(BrokerFormat::Pillion),
+            "go-micro" => Ok(BrokerFormat::GoMicro),
+            _ => Err(format!(
+                "unknown broker format {s:?}: use pillion or go-micro"
             )),
         }
     }

@@ -810,6 +810,15 @@ fn resolve_broker(
             "--broker-durable (broker_durable) needs --broker nats://...: durable topics live in NATS JetStream".into(),
         ));
     }
+    if args.broker_format == crate::cli::BrokerFormat::GoMicro
+        && !pillion_broker::nats::is_nats(&url)
+    {
+        return Err(ConfigError::Invalid(
+            "--broker-format go-micro (broker_format) needs --broker nats://...: it is how \
+             go-micro's NATS broker writes messages"
+                .into(),
+        ));
+    }
     let prefix = args.broker_dead_letter_prefix.clone();
     topic::check_publish(&prefix).map_err(|e| {
         ConfigError::Invalid(format!(
@@ -834,6 +843,7 @@ fn resolve_broker(
             max_deliver: args.broker_max_deliver.get(),
             ack_wait: args.broker_ack_wait.0,
             dead_letter_prefix: prefix,
+            go_micro: args.broker_format == crate::cli::BrokerFormat::GoMicro,
         },
         api: ApiConfig {
             max_message: args.broker_max_message_size.0 as usize,

@@ -1051,3 +1051,78 @@ async fn a_publishing_websocket_reports_what_it_could_not_take() {
         "{closed:?}"
     );
 }
+
+/// go-micro services on the same NATS (`--broker-format go-micro`): what pillion
+/// publishes reaches a subscriber that reads go-micro's envelope, and what a go-micro
+/// publisher sends reaches pillion's subscribers with its header and body, both with
+/// nats-py (`tests/gomicro/nats_peer.py`), not pillion's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_micro_services_on_the_same_nats_share_topics_both_ways() {
+    use std::io::BufRead;
+    const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gomicro/nats_peer.py");
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import nats"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "python3 with nats-py is needed ({probe:?}): `python3 -m pip install nats-py` (scripts/test does it)"
+    );
+    let nats = Server::nats();
+    let url = format!("nats://{}", nats.addr());
+    let sc = Sidecar::start(&["--broker", &url, "--broker-format", "go-micro"]);
+
+    // pillion -> a go-micro subscriber.
+    let mut sub = std::process::Command::new("python3")
+        .args([PEER, "sub", &url, "go.micro.topic.greeting"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "subscribed");
+    let reply = publish(
+        &sc,
+        "go.micro.topic.greeting",
+        "hello go",
+        &[("x-trace", "t1")],
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(got["Body"], "hello go", "{got}");
+    assert_eq!(got["Header"]["X-Trace"], "t1", "{got}");
+    let _ = sub.wait();
+
+    // A go-micro publisher -> pillion's subscriber.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/broker?topic=go.micro.topic.reply",
+        sc.addr
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = std::process::Command::new("python3")
+        .args([
+            PEER,
+            "pub",
+            &url,
+            "go.micro.topic.reply",
+            r#"{"Micro-From":"go"}"#,
+            "hi from go",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = receive(&mut ws, 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "nothing arrived from the go-micro publisher");
+    assert_eq!(body(&got[0]), "hi from go");
+    assert_eq!(got[0]["Header"]["Micro-From"], "go", "{}", got[0]);
+
+    // Only with NATS.
+    let (code, _, err) = common::run_to_end(&["run", "--broker-format", "go-micro"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs --broker nats://"), "{err}");
+}
