@@ -385,17 +385,15 @@ async fn the_proxy_forwards_like_a_proxy_should() {
     .unwrap();
     assert_eq!(reply.json()["body"].as_str().unwrap().len(), body.len());
 
-    // The app down: 502 with a message.
+    // The app down: 502 with a message. (A kept-alive connection to the app may
+    // learn of the kill only when used: then it says the app closed it.)
     app.kill();
     let reply = visit(at, "/", None, &[]).await;
     assert_eq!(reply.status, 502);
+    let detail = reply.json()["detail"].as_str().unwrap().to_string();
     assert!(
-        reply.json()["detail"]
-            .as_str()
-            .unwrap()
-            .contains("unreachable"),
-        "{}",
-        reply.text()
+        detail.contains("unreachable") || detail.contains("closed the connection before answering"),
+        "{detail}"
     );
 }
 
