@@ -84,6 +84,15 @@ impl ApiError {
     }
 }
 
+/// `value` quoted for an error message, cut after `max` characters so that a huge
+/// input is not echoed back.
+pub fn quoted(value: &str, max: usize) -> String {
+    match value.char_indices().nth(max) {
+        Some((end, _)) => format!("{:?}...", &value[..end]),
+        None => format!("{value:?}"),
+    }
+}
+
 /// `content-type: application/grpc`, `application/grpc+proto`, ...: a gRPC call.
 pub fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers

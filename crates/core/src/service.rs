@@ -342,11 +342,7 @@ fn check_protocol(what: &str, metadata: &BTreeMap<String, String>) -> Result<(),
 
 /// A value quoted for an error message, cut short so a huge input is not echoed back.
 fn shown(value: &str) -> String {
-    const SHOWN: usize = 40;
-    match value.char_indices().nth(SHOWN) {
-        Some((end, _)) => format!("{:?}...", &value[..end]),
-        None => format!("{value:?}"),
-    }
+    crate::error::quoted(value, 40)
 }
 
 /// Removes every key whose value is `null`, in every object at every depth (the

@@ -302,13 +302,10 @@ fn json(status: StatusCode, body: Bytes) -> Response<ProxyBody> {
 
 /// The start of a body, for an error message.
 fn snippet(body: &[u8]) -> String {
+    // Only the start is decoded: a body can be as large as --max-body-size.
     const MAX: usize = 200;
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    if body.len() > MAX {
-        format!("{text:?}...")
-    } else {
-        format!("{text:?}")
-    }
+    let start = String::from_utf8_lossy(&body[..body.len().min(MAX * 4)]);
+    pillion_core::error::quoted(&start, MAX)
 }
 
 #[cfg(test)]

@@ -210,7 +210,7 @@ struct Sidecar {
     url: SidecarUrl,
     /// The API token for `Pillion-Api-Token`, marked sensitive so that no debug
     /// output shows it.
-    bearer: Option<HeaderValue>,
+    token: Option<HeaderValue>,
     timeout: Duration,
     http: pillion_http::Client,
     /// For an https:// sidecar.
@@ -219,7 +219,7 @@ struct Sidecar {
 
 impl Sidecar {
     fn new(args: &SidecarArgs) -> Result<Sidecar, Error> {
-        let bearer = match &args.api_token {
+        let token = match &args.api_token {
             None => None,
             Some(token) => {
                 let mut v = HeaderValue::from_str(token.trim()).map_err(|_| {
@@ -240,7 +240,7 @@ impl Sidecar {
         };
         Ok(Sidecar {
             url: args.sidecar.clone(),
-            bearer,
+            token,
             timeout,
             http: pillion_http::Client::with_tls(Default::default(), timeout, tls.clone()),
             tls,
@@ -260,8 +260,8 @@ impl Sidecar {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.url));
-        if let Some(bearer) = &self.bearer {
-            req = req.header(crate::door::TOKEN_HEADER, bearer.clone());
+        if let Some(token) = &self.token {
+            req = req.header(crate::door::TOKEN_HEADER, token.clone());
         }
         let body = match (json_body, raw_body) {
             (Some(json), _) => {
@@ -290,7 +290,7 @@ impl Sidecar {
 
     fn unauthorized(&self) -> Error {
         let sidecar = self.url.clone();
-        match self.bearer {
+        match self.token {
             None => Error::TokenMissing { sidecar },
             Some(_) => Error::TokenWrong { sidecar },
         }
@@ -762,9 +762,9 @@ async fn open_websocket(sidecar: &Sidecar, path: &str) -> Result<Socket, Error> 
     let mut req = format!("{scheme}://{}{path}", url.authority)
         .into_client_request()
         .map_err(|e| Error::Usage(format!("cannot make a websocket request for {path:?}: {e}")))?;
-    if let Some(bearer) = &sidecar.bearer {
+    if let Some(token) = &sidecar.token {
         req.headers_mut()
-            .insert(crate::door::TOKEN_HEADER, bearer.clone());
+            .insert(crate::door::TOKEN_HEADER, token.clone());
     }
     match tokio_tungstenite::client_async(req, stream).await {
         Ok((ws, _)) => Ok(ws),

@@ -706,8 +706,9 @@ impl Settings {
             }
             _ => {}
         }
-        let api_tls = cert_files(&loaded, Served::Api)?;
+        // ACME first: given with a file, the conflict is what to say.
         let api_acme = acme_config(&loaded, Served::Api)?;
+        let api_tls = cert_files(&loaded, Served::Api)?;
         let api_https = api_tls.is_some() || api_acme.is_some();
         if api_https && args.api_plaintext {
             return Err(ConfigError::Invalid(

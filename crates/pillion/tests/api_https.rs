@@ -8,10 +8,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, run_to_end, self_signed, Sidecar};
+use common::{eventually, run_to_end, self_signed, tls_connector, Sidecar};
 use pillion_testkit::{free_port, make_certificates, wait_for_port, Daemon};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -28,20 +27,6 @@ fn temp(name: &str) -> PathBuf {
 
 fn loopback() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
-}
-
-/// A TLS client trusting `ca`, offering `alpn`.
-fn connector(ca: &Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(ca).unwrap())
-        .unwrap();
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 async fn connect(
@@ -125,7 +110,7 @@ async fn the_api_serves_https_from_files_and_follows_a_renewal_under_a_live_conn
     let _sc = start(addr, &flags);
 
     // HTTP/1.1 and h2 by ALPN.
-    let tls = connector(&one.join("ca.pem"), &[b"http/1.1"]);
+    let tls = tls_connector(&[&one.join("ca.pem")], &[b"http/1.1"]);
     let mut held = connect(&tls, addr).await.expect("HTTPS on --address");
     assert_eq!(held.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let (status, body) = get(&mut held, "/statusz").await;
@@ -135,9 +120,12 @@ async fn the_api_serves_https_from_files_and_follows_a_renewal_under_a_live_conn
         statusz["api_tls"]["files"].is_object(),
         "/statusz says where the API's certificate comes from: {statusz}"
     );
-    let h2 = connect(&connector(&one.join("ca.pem"), &[b"h2", b"http/1.1"]), addr)
-        .await
-        .unwrap();
+    let h2 = connect(
+        &tls_connector(&[&one.join("ca.pem")], &[b"h2", b"http/1.1"]),
+        addr,
+    )
+    .await
+    .unwrap();
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     // Plain HTTP on the HTTPS port is not served.
     let plain = pillion_testkit::http::get(&format!("http://{addr}/healthz")).await;
@@ -172,7 +160,7 @@ async fn the_api_serves_https_from_files_and_follows_a_renewal_under_a_live_conn
     let renewed = CertificateDer::from_pem_file(two.join("server.pem"))
         .unwrap()
         .to_vec();
-    let tls_two = connector(&two.join("ca.pem"), &[b"http/1.1"]);
+    let tls_two = tls_connector(&[&two.join("ca.pem")], &[b"http/1.1"]);
     assert!(
         eventually(Duration::from_secs(5), || async {
             connect(&tls_two, addr)
@@ -225,7 +213,7 @@ async fn micro_s_enable_tls_flags_serve_the_api_over_https() {
         ],
         &[],
     );
-    let tls = connector(&dir.join("ca.pem"), &[b"http/1.1"]);
+    let tls = tls_connector(&[&dir.join("ca.pem")], &[b"http/1.1"]);
     let mut s = connect(&tls, addr).await.expect("HTTPS as micro served it");
     assert_eq!(get(&mut s, "/healthz").await.0, 200);
 }
@@ -246,7 +234,12 @@ fn an_api_off_loopback_is_https_unless_plaintext_is_said() {
     make_certificates(&dir);
     let cert = dir.join("server.pem").display().to_string();
     let key = dir.join("server.key").display().to_string();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
+        (&["--api-acme-domain", "a.example"], "needs --acme-cache"),
+        (
+            &["--api-acme-domain", "a.example", "--api-tls-cert", &cert],
+            "both give --address its certificate",
+        ),
         (&["--api-tls-cert", &cert], "--api-tls-key"),
         (
             &["--api-tls-cert", &cert, "--api-tls-key", &cert],

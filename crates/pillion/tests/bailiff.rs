@@ -10,25 +10,14 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{go, go_dir, inbound};
+use common::{inbound, issued};
 use pillion_testkit::http::{request, Reply};
 use pillion_testkit::{Server, TestApp};
 
 const PROGRAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bailiff/session.go");
 
 fn run_go(args: &[&str]) -> String {
-    let dir = go_dir();
-    let out = go(&dir)
-        .args(["run", PROGRAM])
-        .args(args)
-        .output()
-        .expect("running go (Debian's golang-go; scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "go run session.go {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    common::go_run(PROGRAM, args)
 }
 
 /// One Redis command over RESP: the reply's payload (a bulk string's bytes, or the
@@ -100,16 +89,6 @@ async fn visit(at: SocketAddr, path: &str, id: &str) -> Reply {
     )
     .await
     .unwrap()
-}
-
-fn issued(reply: &Reply) -> Option<String> {
-    reply
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("session="))
-        .map(|v| v.split(';').next().unwrap_or("").to_string())
 }
 
 fn seen(reply: &Reply, header: &str) -> String {

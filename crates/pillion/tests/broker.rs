@@ -1052,10 +1052,21 @@ async fn a_publishing_websocket_reports_what_it_could_not_take() {
     );
 }
 
+/// go-micro's `broker.Message` through Go's own encoding/json
+/// (`tests/gomicro/broker_message.go`): `encode HEADER BODY` or `decode JSON`.
+fn go_broker_message(args: &[&str]) -> String {
+    const PROGRAM: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/gomicro/broker_message.go"
+    );
+    common::go_run(PROGRAM, args)
+}
+
 /// go-micro services on the same NATS (`--broker-format go-micro`): what pillion
 /// publishes reaches a subscriber that reads go-micro's envelope, and what a go-micro
-/// publisher sends reaches pillion's subscribers with its header and body, both with
-/// nats-py (`tests/gomicro/nats_peer.py`), not pillion's code.
+/// publisher sends reaches pillion's subscribers with its header and body. The
+/// envelope is made and read by Go's encoding/json with go-micro's type
+/// (`tests/gomicro/broker_message.go`), carried by nats-py (`tests/gomicro/nats_peer.py`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_micro_services_on_the_same_nats_share_topics_both_ways() {
     use std::io::BufRead;
@@ -1087,7 +1098,9 @@ async fn go_micro_services_on_the_same_nats_share_topics_both_ways() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let got: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let payload = lines.next().unwrap().unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(&go_broker_message(&["decode", &payload])).unwrap();
     assert_eq!(got["Body"], "hello go", "{got}");
     assert_eq!(got["Header"]["X-Trace"], "t1", "{got}");
     let _ = sub.wait();
@@ -1100,15 +1113,9 @@ async fn go_micro_services_on_the_same_nats_share_topics_both_ways() {
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let payload = go_broker_message(&["encode", r#"{"Micro-From":"go"}"#, "hi from go"]);
     let out = std::process::Command::new("python3")
-        .args([
-            PEER,
-            "pub",
-            &url,
-            "go.micro.topic.reply",
-            r#"{"Micro-From":"go"}"#,
-            "hi from go",
-        ])
+        .args([PEER, "pub", &url, "go.micro.topic.reply", &payload])
         .output()
         .unwrap();
     assert!(

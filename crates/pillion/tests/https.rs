@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, run_to_end, Sidecar};
+use common::{eventually, run_to_end, tls_connector as connector, Sidecar};
 use pillion_testkit::{free_port, make_certificates, wait_for_port, TestApp};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -26,22 +25,6 @@ fn temp(name: &str) -> PathBuf {
 
 fn der(pem: &Path) -> Vec<u8> {
     CertificateDer::from_pem_file(pem).unwrap().to_vec()
-}
-
-/// A TLS client trusting the given CAs, offering `alpn`.
-fn connector(cas: &[&Path], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots
-            .add(CertificateDer::from_pem_file(ca).unwrap())
-            .unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 async fn connect(

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{inbound, run_to_end};
+use common::{inbound, issued, run_to_end};
 use pillion_testkit::http::{request, Reply};
 use pillion_testkit::{free_port, Server, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,17 +27,6 @@ async fn visit(at: SocketAddr, path: &str, cookie: Option<&str>, extra: &[(&str,
     )
     .await
     .unwrap()
-}
-
-/// The session id a response's Set-Cookie gives, if any.
-fn issued(reply: &Reply) -> Option<String> {
-    reply
-        .headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix("session="))
-        .map(|v| v.split(';').next().unwrap_or("").to_string())
 }
 
 fn session_headers_seen(reply: &Reply) -> Vec<(String, String)> {

@@ -465,3 +465,46 @@ pub fn go_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The session id a response's Set-Cookie gives, if any.
+pub fn issued(reply: &pillion_testkit::http::Reply) -> Option<String> {
+    reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix("session="))
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+}
+
+/// A TLS client trusting the given CAs (PEM files), offering `alpn`.
+pub fn tls_connector(cas: &[&std::path::Path], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(ca).unwrap())
+            .unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// `go run PROGRAM ARGS` (standard library only): its output, trimmed.
+pub fn go_run(program: &str, args: &[&str]) -> String {
+    let out = go(&go_dir())
+        .args(["run", program])
+        .args(args)
+        .output()
+        .expect("running go (Debian's golang-go; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "go run {program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -1,14 +1,11 @@
-# A go-micro service's side of NATS, with nats-py: messages as go-micro's NATS broker
-# writes and reads them (go-micro v1.18.0 broker/nats/nats.go with the default JSON
-# codec: Go's encoding/json of broker.Message{Header map[string]string; Body []byte},
-# so Body is standard base64).
+# The NATS side of a go-micro service, with nats-py: it carries payloads as they are
+# (tests/gomicro/broker_message.go makes and reads them with Go's encoding/json, as
+# go-micro's NATS broker does).
 #
-#   nats_peer.py sub NATS_URL SUBJECT   prints the first message as JSON
-#                                       {"Header": {...}, "Body": "<text>"}
-#   nats_peer.py pub NATS_URL SUBJECT HEADER_JSON BODY
+#   nats_peer.py sub NATS_URL SUBJECT           prints "subscribed", then the first
+#                                               payload on one line
+#   nats_peer.py pub NATS_URL SUBJECT PAYLOAD   publishes PAYLOAD as it is
 import asyncio
-import base64
-import json
 import sys
 
 import nats
@@ -22,12 +19,9 @@ async def main():
         await nc.flush()
         print("subscribed", flush=True)
         msg = await sub.next_msg(timeout=20)
-        m = json.loads(msg.data)
-        print(json.dumps({"Header": m["Header"], "Body": base64.b64decode(m["Body"]).decode()}), flush=True)
+        print(msg.data.decode(), flush=True)
     else:
-        header, body = json.loads(sys.argv[4]), sys.argv[5]
-        payload = {"Header": header, "Body": base64.b64encode(body.encode()).decode()}
-        await nc.publish(subject, json.dumps(payload).encode())
+        await nc.publish(subject, sys.argv[4].encode())
         await nc.flush()
     await nc.close()
 
