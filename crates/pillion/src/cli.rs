@@ -440,9 +440,12 @@ pub struct RunArgs {
     pub max_body_size: pillion_core::Size,
 
     /// Service registry: `cluster` (sidecars find each other by gossip, no server),
-    /// `memory` (this process only) or etcd://host:port[,host:port] (shared by every
+    /// `memory` (this process only), `mdns` or mdns://IPv4 (go-micro's mDNS registry
+    /// on the LAN, shared with go-micro services; the address names the interface) or
+    /// etcd://host:port[,host:port] (shared by every
     /// sidecar on that etcd; etcds:// for TLS, its CA from the system or
-    /// SSL_CERT_FILE).
+    /// SSL_CERT_FILE; ?layout=go-micro for go-micro's keys, shared with its Go
+    /// services).
     #[arg(
         long,
         default_value = "cluster",

@@ -1152,7 +1152,7 @@ fn check_app_registration(app: &pillion_registry::health::AppConfig) -> Result<(
 }
 
 checked_value!(
-    /// `cluster`, `memory` or `etcd://host:port[,host:port]`.
+    /// `cluster`, `memory`, `mdns[://IPv4]` or `etcd://host:port[,host:port]`.
     RegistryUrl(String),
     |s| pillion_registry::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 );
@@ -1533,7 +1533,7 @@ zone = "eu-1a"
             (
                 "\n\nregistry = \"consul://x\"\n",
                 "line 3",
-                "memory or etcd://",
+                "memory, mdns or etcd://",
             ),
             ("server_address = \"nope\"\n", "line 1", "not host:port"),
             (

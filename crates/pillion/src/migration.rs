@@ -156,18 +156,19 @@ fn is_switch(name: &str) -> bool {
     )
 }
 
-/// micro's registries by name, as pillion's `--registry` URL.
+/// micro's registries by name, as pillion's `--registry` URL. micro's etcd registry
+/// is go-micro's, whose keys its Go services share: the URL keeps that layout.
 fn registry_url(kind: &str, address: Option<&str>) -> Result<String, String> {
     match kind {
-        "etcd" => Ok(format!("etcd://{}", address.unwrap_or("127.0.0.1:2379"))),
-        "mdns" => Err(
-            "micro's --registry mdns: pillion's sidecars find each other with no \
-            server by gossip (--registry cluster, the default; --cluster-mdns on a LAN)"
-                .into(),
-        ),
+        "etcd" => Ok(format!(
+            "etcd://{}?layout=go-micro",
+            address.unwrap_or("127.0.0.1:2379")
+        )),
+        // go-micro's mDNS registry, which pillion speaks.
+        "mdns" => Ok("mdns".into()),
         other => Err(format!(
             "micro's --registry {other}: pillion's registries are cluster (the default), \
-             memory and etcd://HOST:PORT"
+             memory, mdns and etcd://HOST:PORT"
         )),
     }
 }
@@ -185,7 +186,7 @@ fn broker_url(kind: &str, address: Option<&str>) -> Result<String, String> {
 /// Whether a `--registry`/`--broker` value is pillion's own (a URL or a keyword it
 /// takes) rather than a micro plugin name.
 fn is_url(value: &str) -> bool {
-    value.contains("://") || matches!(value, "cluster" | "memory" | "embedded")
+    value.contains("://") || matches!(value, "cluster" | "memory" | "mdns" | "embedded")
 }
 
 /// An old spelling of one of pillion's own flags: `--foo_bar` or `--fooBar` for
@@ -349,7 +350,7 @@ impl Translator {
             ("broker", self.broker.take(), self.broker_address.take()),
         ];
         for (flag, kind, address) in pairs {
-            let url = match (kind, address) {
+            let (kind, url) = match (kind, address) {
                 (None, None) => continue,
                 (Some((_, kind)), address) => {
                     let url = if flag == "registry" {
@@ -357,10 +358,7 @@ impl Translator {
                     } else {
                         broker_url(&kind, address.as_deref())?
                     };
-                    self.notices.push(format!(
-                        "warning: {prefix}{flag} {kind} is micro's spelling; use --{flag} {url}"
-                    ));
-                    url
+                    (kind, url)
                 }
                 (None, Some(_)) => {
                     return Err(format!(
@@ -369,7 +367,16 @@ impl Translator {
                     ))
                 }
             };
+            // micro's NATS broker is go-micro's: its messages are in go-micro's envelope.
+            let format = (flag == "broker" && url.starts_with("nats://")).then_some("go-micro");
+            self.notices.push(format!(
+                "warning: {prefix}{flag} {kind} is micro's spelling; use --{flag} {url}{}",
+                format.map_or(String::new(), |f| format!(" --broker-format {f}"))
+            ));
             self.out.push((flag.into(), Some(url)));
+            if let Some(format) = format {
+                self.out.push(("broker-format".into(), Some(format.into())));
+            }
         }
         Ok(())
     }
@@ -885,15 +892,15 @@ mod tests {
                     "--registry_address",
                     "10.0.0.1:2379",
                 ],
-                &["run", "--registry=etcd://10.0.0.1:2379"],
+                &["run", "--registry=etcd://10.0.0.1:2379?layout=go-micro"],
             ),
             (
                 &["run", "--registry=etcd"],
-                &["run", "--registry=etcd://127.0.0.1:2379"],
+                &["run", "--registry=etcd://127.0.0.1:2379?layout=go-micro"],
             ),
             (
                 &["run", "--broker", "nats", "--broker_address=n:4222"],
-                &["run", "--broker=nats://n:4222"],
+                &["run", "--broker=nats://n:4222", "--broker-format=go-micro"],
             ),
             // micro's globals before the command move after it.
             (
@@ -981,7 +988,6 @@ mod tests {
             (&["--enable_acme", "run"], "--api-acme-domain NAME"),
             (&["run", "--tls_client_ca_file", "ca.pem"], "--api-token"),
             (&["run", "--registry", "consul"], "etcd://HOST:PORT"),
-            (&["run", "--registry", "mdns"], "--cluster-mdns"),
             (
                 &["run", "--registry_address", "h:1"],
                 "--registry etcd://HOST:PORT",
@@ -1060,6 +1066,7 @@ mod tests {
                 ("MICRO_SERVER_NAME", "foo"),
                 ("MICRO_REGISTRY", "etcd"),
                 ("MICRO_REGISTRY_ADDRESS", "e:2379"),
+                ("MICRO_BROKER", "nats"),
                 ("MICRO_FANCY", "1"),
             ],
         )
@@ -1069,7 +1076,12 @@ mod tests {
             m.env,
             [
                 ("PILLION_SERVER_NAME".to_string(), "foo".to_string()),
-                ("PILLION_REGISTRY".into(), "etcd://e:2379".into())
+                (
+                    "PILLION_REGISTRY".into(),
+                    "etcd://e:2379?layout=go-micro".into()
+                ),
+                ("PILLION_BROKER".into(), "nats://127.0.0.1:4222".into()),
+                ("PILLION_BROKER_FORMAT".into(), "go-micro".into())
             ]
         );
         assert!(

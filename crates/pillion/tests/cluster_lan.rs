@@ -5,112 +5,32 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{eventually, BIN};
-use pillion_testkit::delay::ip;
+use pillion_testkit::lan::Lan;
 use pillion_testkit::{free_port, Daemon};
 
 const KEY: &str = "lan-test-key-0123456789";
 
-/// Network namespaces on one bridge, removed on drop.
-struct Lan {
-    tag: String,
-    hosts: Vec<String>,
-}
-
-impl Lan {
-    fn new(hosts: usize) -> Lan {
-        let tag = format!("{:x}", std::process::id() % 0xfffff);
-        let bridge = format!("plbr{tag}");
-        ip(&["netns", "add", &bridge]);
-        let mut lan = Lan {
-            tag: tag.clone(),
-            hosts: Vec::new(),
-        };
-        ip(&["-n", &bridge, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            &bridge,
-            "link",
-            "set",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ]);
-        ip(&["-n", &bridge, "link", "set", "br0", "up"]);
-        for i in 0..hosts {
-            let ns = format!("plh{i}{tag}");
-            ip(&["netns", "add", &ns]);
-            lan.hosts.push(ns.clone());
-            let port = format!("p{i}");
-            ip(&[
-                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
-                &bridge,
-            ]);
-            ip(&["-n", &bridge, "link", "set", &port, "master", "br0", "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", lan.addr(i)),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        }
-        lan
-    }
-
-    fn addr(&self, host: usize) -> String {
-        format!("10.213.0.{}", host + 1)
-    }
-
-    /// `pillion run` inside host `i`, its API on that host's loopback.
-    fn sidecar(&self, i: usize, key: &str) -> (Daemon, u16) {
-        let api = free_port();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.hosts[i], BIN, "run"])
-            .args(["--address", &format!("127.0.0.1:{api}")])
-            .args(["--cluster-bind", &format!("{}:7950", self.addr(i))])
-            .args(["--cluster-mdns", "--cluster-key", key])
-            .env("RUST_LOG", "info");
-        (Daemon::spawn("pillion", cmd), api)
-    }
-
-    /// curl inside host `i`: (status, body).
-    fn curl(&self, i: usize, args: &[&str]) -> (u16, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.hosts[i], "curl", "-s", "-m", "3"])
-            .args(["-w", "\n%{http_code}"])
-            .args(args)
-            .output()
-            .expect("running curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in self.hosts.iter().chain([&format!("plbr{}", self.tag)]) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
+/// `pillion run` inside host `i` of `lan`, its API on that host's loopback.
+fn sidecar(lan: &Lan, i: usize, key: &str) -> (Daemon, u16) {
+    let api = free_port();
+    let mut cmd = lan.exec(i, BIN);
+    cmd.arg("run")
+        .args(["--address", &format!("127.0.0.1:{api}")])
+        .args(["--cluster-bind", &format!("{}:7950", lan.addr(i))])
+        .args(["--cluster-mdns", "--cluster-key", key])
+        .env("RUST_LOG", "info");
+    (Daemon::spawn("pillion", cmd), api)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_on_a_lan_find_each_other_by_mdns_and_strangers_stay_out() {
     let lan = Lan::new(3);
-    let (_a, api_a) = lan.sidecar(0, KEY);
-    let (_b, api_b) = lan.sidecar(1, KEY);
-    let (_c, api_c) = lan.sidecar(2, "a-different-key-9876543210");
+    let (_a, api_a) = sidecar(&lan, 0, KEY);
+    let (_b, api_b) = sidecar(&lan, 1, KEY);
+    let (_c, api_c) = sidecar(&lan, 2, "a-different-key-9876543210");
     let ready = |i: usize, api: u16| {
         let lan = &lan;
         async move { lan.curl(i, &[&format!("http://127.0.0.1:{api}/healthz")]).0 == 200 }

@@ -98,7 +98,7 @@ fn run_refuses_bad_flags_env_and_combinations_before_starting() {
         (
             &["run", "--registry", "zookeeper://x:1"],
             &[],
-            "memory or etcd://",
+            "memory, mdns or etcd://",
         ),
         (
             &["run", "--server-name", "a"],

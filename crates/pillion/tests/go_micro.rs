@@ -85,19 +85,7 @@ const PYTHON_SERVER: &str = concat!(
 
 /// The Go JSON-RPC server (`tests/gomicro/jsonrpc_server.go`), built and listening.
 fn go_jsonrpc_server() -> (Daemon, SocketAddr) {
-    let dir = go_dir();
-    let bin = dir.join(format!("jsonrpc_server-{}", std::process::id()));
-    let out = go(&dir)
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(JSONRPC_SERVER)
-        .output()
-        .expect("running go build (Debian's golang-go; scripts/test installs it)");
-    assert!(
-        out.status.success(),
-        "go build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let bin = common::go_build(JSONRPC_SERVER);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = Command::new(&bin);
     cmd.arg(addr.to_string());
@@ -112,6 +100,14 @@ fn go_jsonrpc_server() -> (Daemon, SocketAddr) {
 async fn rpc(sc: &Sidecar, service: &str, method: &str, request: Value) -> Reply {
     let body = json!({"service": service, "method": method, "request": request});
     post_json(&sc.url("/rpc"), &body.to_string()).await.unwrap()
+}
+
+/// Calls `Say.Hello` of `service` (the Go server) for John, and checks its answer.
+async fn says_hello(sc: &Sidecar, service: &str) -> Reply {
+    let hello = rpc(sc, service, "Say.Hello", json!({"name": "John"})).await;
+    assert_eq!(hello.status, 200, "{}", hello.text());
+    assert_eq!(hello.json(), json!({"msg": "Hello John"}));
+    hello
 }
 
 /// What the Go server saw of the request before the last one.
@@ -144,15 +140,7 @@ async fn a_go_json_rpc_server_is_called_as_go_micro_s_client_called_it() {
     .await;
 
     // The result, unwrapped.
-    let hello = rpc(
-        &sc,
-        "go.micro.srv.greeter",
-        "Say.Hello",
-        json!({"name": "John"}),
-    )
-    .await;
-    assert_eq!(hello.status, 200, "{}", hello.text());
-    assert_eq!(hello.json(), json!({"msg": "Hello John"}));
+    let hello = says_hello(&sc, "go.micro.srv.greeter").await;
     assert_eq!(hello.headers["content-type"], "application/json");
 
     // On the wire, as go-micro's HTTP transport and JSON-RPC codec sent it.
@@ -324,4 +312,179 @@ async fn micro_s_python_example_server_works_with_rpc_codec_jsonrpc() {
     )
     .await
     .assert_refused(500, "no greeting for Kim", "a method that raises");
+}
+
+const ETCD_REGISTRY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/gomicro/etcd_registry.go"
+);
+
+/// etcd's own client, `etcdctl` (Debian's `etcd-client`), against `etcd`.
+fn etcdctl(etcd: &pillion_testkit::Server, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=http://{}", etcd.addr()))
+        .args(args)
+        .output()
+        .expect("running etcdctl (Debian's etcd-client; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What go-micro's `GetService(name)` returns from the etcd registry, through
+/// `tests/gomicro/etcd_registry.go` reading etcdctl's dump of the service's keys.
+fn go_micro_get_service(etcd: &pillion_testkit::Server, name: &str) -> Value {
+    let dump = etcdctl(
+        etcd,
+        &[
+            "get",
+            "--prefix",
+            &format!("/micro/registry/{name}/"),
+            "-w",
+            "json",
+        ],
+    );
+    let file = tempfile_path(&format!("etcd-dump-{name}"));
+    std::fs::write(&file, dump).unwrap();
+    let out = common::go_run(
+        ETCD_REGISTRY,
+        &["get", "-name", name, "-from", file.to_str().unwrap()],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    common::go_dir().join(format!("{name}-{}", std::process::id()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_micro_services_and_pillion_apps_share_go_micro_s_etcd_registry() {
+    let etcd = pillion_testkit::Server::etcd();
+    let (_server, go_node) = go_jsonrpc_server();
+    let app = TestApp::start("app").await;
+    let sc = Sidecar::start(&[
+        "--registry",
+        &format!("{}?layout=go-micro", etcd.url()),
+        "--server-name",
+        "go.micro.srv.app",
+        "--server-address",
+        &app.addr().to_string(),
+    ]);
+
+    // A go-micro service registers as go-micro's etcd registry does: its node's key
+    // and value (encoded by go-micro's code), under a lease of its own.
+    let encoded = common::go_run(
+        ETCD_REGISTRY,
+        &[
+            "encode",
+            "-name",
+            "go.micro.srv.greeter",
+            "-id",
+            "go.micro.srv.greeter-4f1c",
+            "-address",
+            &go_node.to_string(),
+            "-meta",
+            "protocol=mucp,server=mucp,transport=http,broker=http,registry=etcd",
+        ],
+    );
+    let (key, value) = encoded.split_once('\n').unwrap();
+    assert_eq!(
+        key,
+        "/micro/registry/go.micro.srv.greeter/go.micro.srv.greeter-4f1c"
+    );
+    let lease = etcdctl(&etcd, &["lease", "grant", "30"]);
+    let lease = lease.split_whitespace().nth(1).unwrap().to_string();
+    etcdctl(&etcd, &["put", &format!("--lease={lease}"), key, value]);
+    // A key another program left under the prefix that is no registration.
+    etcdctl(&etcd, &["put", "/micro/registry/broken/x", "not json"]);
+
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            common::node_ids(&sc, "go.micro.srv.greeter").await == ["go.micro.srv.greeter-4f1c"]
+        })
+        .await,
+        "the go-micro service never appeared in GET /registry"
+    );
+    let listed = pillion_testkit::http::get(&sc.url("/registry?service=go.micro.srv.greeter"))
+        .await
+        .unwrap();
+    let node = &listed.json()[0]["nodes"][0];
+    assert_eq!(node["address"], go_node.to_string(), "{}", listed.text());
+    assert_eq!(node["metadata"]["protocol"], "mucp");
+    assert_eq!(listed.json()[0]["endpoints"][0]["name"], "Say.Hello");
+    assert!(common::node_ids(&sc, "broken").await.is_empty());
+
+    // Called by name, with go-micro's RPC.
+    says_hello(&sc, "go.micro.srv.greeter").await;
+
+    // The sidecar's app, and a registration through the API, as go-micro reads them.
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            !common::node_ids(&sc, "go.micro.srv.app").await.is_empty()
+        })
+        .await,
+        "the app was never registered"
+    );
+    let services = go_micro_get_service(&etcd, "go.micro.srv.app");
+    assert_eq!(services.as_array().unwrap().len(), 1, "{services}");
+    let nodes = &services[0]["nodes"];
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{services}");
+    assert_eq!(nodes[0]["address"], app.addr().to_string(), "{services}");
+    assert_eq!(services[0]["name"], "go.micro.srv.app");
+    // A node registered with its port apart reaches go-micro with it in address.
+    let body = json!({"name": "py.orders", "version": "2",
+        "nodes": [{"id": "orders-1", "address": "127.0.0.1", "port": 7001}]});
+    let reply = post_json(&sc.url("/registry"), &body.to_string())
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let services = go_micro_get_service(&etcd, "py.orders");
+    assert_eq!(
+        (&services[0]["version"], &services[0]["nodes"][0]["address"]),
+        (&json!("2"), &json!("127.0.0.1:7001")),
+        "{services}"
+    );
+    // Nothing went to pillion's own layout.
+    assert_eq!(
+        etcdctl(&etcd, &["get", "--prefix", "/pillion/", "--keys-only"]).trim(),
+        ""
+    );
+
+    // The go-micro service stops (its lease is revoked): gone from the sidecar, and a
+    // call by name says so.
+    etcdctl(&etcd, &["lease", "revoke", &lease]);
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            common::node_ids(&sc, "go.micro.srv.greeter")
+                .await
+                .is_empty()
+        })
+        .await,
+        "the stopped go-micro service stayed in the registry"
+    );
+    rpc(
+        &sc,
+        "go.micro.srv.greeter",
+        "Say.Hello",
+        json!({"name": "J"}),
+    )
+    .await
+    .assert_refused(404, "go.micro.srv.greeter", "a call to a service that left");
+
+    // The sidecar stops: go-micro no longer finds its app.
+    drop(sc);
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            go_micro_get_service(&etcd, "go.micro.srv.app")
+                .as_array()
+                .unwrap()
+                .is_empty()
+        })
+        .await,
+        "the stopped sidecar's app stayed in go-micro's registry"
+    );
 }

@@ -213,7 +213,6 @@ fn settings_pillion_cannot_honour_are_refused_at_start_naming_its_equivalent() {
         ),
         (&["--enable_acme", "run"], &[], "--api-acme-domain NAME"),
         (&["run", "--registry", "consul"], &[], "etcd://HOST:PORT"),
-        (&["run"], &[("MICRO_REGISTRY", "mdns")], "--cluster-mdns"),
         (
             &["run"],
             &[("BAILIFF_STORE_REDIS_POOLSIZE", "10")],

@@ -1,7 +1,17 @@
 //! The etcd v3 adapter.
 //!
-//! Each node is one key, `/pillion/registry/{service}/{node id}`, whose value is the
-//! service with that one node (as micro's etcd registry does).
+//! Each node is one key whose value is the JSON of the service with that one node, in
+//! one of two layouts (the URL's `layout=`, see [`Target`]):
+//!
+//! - `pillion` (the default): `/pillion/registry/{service}/{node id}`;
+//! - `go-micro`: go-micro's etcd registry, so Go services on go-micro and apps behind
+//!   pillion share one registry. It follows go-micro's `registry/etcd/etcd.go`, the
+//!   same from v1.18.0 to v5: keys `/micro/registry/{service}/{node id}` with `/`
+//!   replaced by `-` in both (`nodePath`), the value `json.Marshal` of a
+//!   `registry.Service` holding that one node, whose `address` is `host:port`
+//!   (go-micro's `Node` has had no `port` since v1.10). A value is read with the same
+//!   leniency as the API's input (`null` fields, upper-case keys, a separate `port`),
+//!   so what Go marshals is taken as it is.
 //!
 //! Every write is an event in every sidecar's watch, so with n sidecars a write per
 //! renewal would make watch traffic grow as n². Writes are therefore kept to changes:
@@ -54,10 +64,93 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError};
+use crate::{
+    deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError, Tasks,
+};
 
-/// Where registrations live in etcd's keyspace.
+/// Where registrations live in etcd's keyspace, in pillion's layout.
 pub const PREFIX: &str = "/pillion/registry/";
+/// Where go-micro's etcd registry keeps services (`prefix` in go-micro's
+/// `registry/etcd/etcd.go`, v1.18.0 to v5; `/micro-registry/` before, in go-plugins).
+pub const GO_MICRO_PREFIX: &str = "/micro/registry/";
+
+/// How registrations are laid out in etcd's keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Pillion,
+    GoMicro,
+}
+
+impl Layout {
+    /// Its name in a URL's `layout=`.
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Pillion => "pillion",
+            Layout::GoMicro => "go-micro",
+        }
+    }
+
+    fn default_prefix(self) -> &'static str {
+        match self {
+            Layout::Pillion => PREFIX,
+            Layout::GoMicro => GO_MICRO_PREFIX,
+        }
+    }
+}
+
+/// What an etcd registry URL names:
+/// `etcd://host:port[,host:port...][?layout=pillion|go-micro][&prefix=/key/prefix/]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub endpoints: Vec<String>,
+    pub layout: Layout,
+    /// Ends with `/`.
+    pub prefix: String,
+}
+
+impl Target {
+    /// The key of node `id` of service `name`.
+    fn key(&self, name: &str, id: &str) -> String {
+        match self.layout {
+            Layout::Pillion => format!("{}{name}/{id}", self.prefix),
+            // go-micro's nodePath: path.Join(prefix, service, node), '/' made '-'.
+            Layout::GoMicro => format!(
+                "{}{}/{}",
+                self.prefix,
+                name.replace('/', "-"),
+                id.replace('/', "-")
+            ),
+        }
+    }
+
+    /// A one-node registration as this layout stores it: in go-micro's, the port goes
+    /// into `address`, where go-micro reads it.
+    fn stored(&self, mut reg: Service) -> Service {
+        if self.layout == Layout::GoMicro {
+            for node in &mut reg.nodes {
+                node.address = node.endpoint();
+                node.port = 0;
+            }
+        }
+        reg
+    }
+
+    /// The URL's query, as the backend is shown (empty for the defaults).
+    fn query(&self) -> String {
+        let mut query = Vec::new();
+        if self.layout != Layout::Pillion {
+            query.push(format!("layout={}", self.layout.name()));
+        }
+        if self.prefix != self.layout.default_prefix() {
+            query.push(format!("prefix={}", self.prefix));
+        }
+        if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", query.join("&"))
+        }
+    }
+}
 /// TTL of the sidecar's lease, which holds every key the sidecar writes: how long its
 /// registrations outlive it when it dies without closing (plus etcd's expiry check,
 /// half a second). etcd's own minimum lease is 3 s.
@@ -82,11 +175,13 @@ const GRPC_NOT_FOUND: i64 = 5;
 
 pub struct EtcdRegistry {
     inner: Arc<Inner>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 struct Inner {
     backend: String,
+    /// Where keys go and how values are written.
+    target: Target,
     gateway: Gateway,
     /// [`WATCH_SILENCE_LIMIT`], shorter in tests.
     watch_silence: Duration,
@@ -208,15 +303,17 @@ impl EtcdRegistry {
     }
 
     fn connect_with(url: &str, watch_silence: Duration) -> Result<Self, RegistryError> {
-        let endpoints = parse_url(url)?;
+        let target = parse_url(url)?;
         let tls = url.starts_with(TLS_SCHEME);
         let backend = format!(
-            "{}{}",
+            "{}{}{}",
             if tls { TLS_SCHEME } else { "etcd://" },
-            endpoints.join(",")
+            target.endpoints.join(","),
+            target.query()
         );
         let inner = Arc::new(Inner {
-            gateway: Gateway::new(endpoints, tls),
+            gateway: Gateway::new(target.endpoints.clone(), tls),
+            target,
             backend,
             watch_silence,
             cache: Mutex::new(Cache::default()),
@@ -232,20 +329,12 @@ impl EtcdRegistry {
             lease: AtomicI64::new(0),
             deadline_set: Notify::new(),
         });
-        let tasks = vec![
+        let tasks = Tasks(vec![
             tokio::spawn(watch_loop(inner.clone())),
             tokio::spawn(lease_loop(inner.clone())),
             tokio::spawn(expiry_loop(inner.clone())),
-        ];
+        ]);
         Ok(EtcdRegistry { inner, tasks })
-    }
-}
-
-impl Drop for EtcdRegistry {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
 
@@ -253,7 +342,7 @@ impl Drop for EtcdRegistry {
 /// the PEM file named by `SSL_CERT_FILE`.
 pub const TLS_SCHEME: &str = "etcds://";
 
-pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
+pub(crate) fn parse_url(url: &str) -> Result<Target, RegistryError> {
     // Never repeat a password back: show the URL without what precedes an '@'.
     let shown = match url.split_once('@') {
         Some((_, host)) => format!("etcd://***@{host}"),
@@ -261,13 +350,14 @@ pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
     };
     let invalid = |why: &str| {
         RegistryError::Invalid(format!(
-            "registry URL {shown:?} {why}: write etcd://host:port[,host:port...] (etcds:// for TLS)"
+            "registry URL {shown:?} {why}: write etcd://host:port[,host:port...][?layout=go-micro] (etcds:// for TLS)"
         ))
     };
     let rest = url
         .strip_prefix("etcd://")
         .or_else(|| url.strip_prefix(TLS_SCHEME))
         .ok_or_else(|| invalid("is not an etcd URL"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     if rest.contains('@') {
         return Err(invalid(
             "has credentials, which are not supported (etcd auth is not implemented yet)",
@@ -283,11 +373,38 @@ pub(crate) fn parse_url(url: &str) -> Result<Vec<String>, RegistryError> {
             return Err(invalid(&format!("has an endpoint {e:?} without host:port")));
         }
     }
-    Ok(endpoints)
-}
-
-fn key_for(reg: &Service) -> String {
-    format!("{PREFIX}{}/{}", reg.name, reg.nodes[0].id)
+    let mut layout = Layout::Pillion;
+    let mut prefix = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("layout", "pillion")) => layout = Layout::Pillion,
+            Some(("layout", "go-micro")) => layout = Layout::GoMicro,
+            Some(("layout", other)) => {
+                return Err(invalid(&format!(
+                    "has layout={other:?}; the layouts are pillion (the default) and go-micro"
+                )))
+            }
+            Some(("prefix", p)) if p.starts_with('/') && p.len() > 1 => {
+                prefix = Some(format!("{}/", p.trim_end_matches('/')));
+            }
+            Some(("prefix", p)) => {
+                return Err(invalid(&format!(
+                    "has prefix={p:?}; a key prefix starts with '/', such as /micro-registry/"
+                )))
+            }
+            _ => {
+                return Err(invalid(&format!(
+                    "has an unknown parameter {pair:?}; the parameters are layout and prefix"
+                )))
+            }
+        }
+    }
+    let prefix = prefix.unwrap_or_else(|| layout.default_prefix().to_string());
+    Ok(Target {
+        endpoints,
+        layout,
+        prefix,
+    })
 }
 
 /// The end of the key range that holds every key starting with `prefix`.
@@ -600,10 +717,10 @@ async fn watch_loop(inner: Arc<Inner>) {
 
 /// The watch of the whole registry prefix from `revision` on, with progress
 /// notifications so that a healthy watch is never silent for long.
-fn watch_request(revision: i64) -> Value {
+fn watch_request(prefix: &str, revision: i64) -> Value {
     json!({ "create_request": {
-        "key": B64.encode(PREFIX),
-        "range_end": B64.encode(prefix_end(PREFIX)),
+        "key": B64.encode(prefix),
+        "range_end": B64.encode(prefix_end(prefix)),
         "start_revision": revision.to_string(),
         "progress_notify": true,
     }})
@@ -625,12 +742,13 @@ async fn sync_and_watch(
     inner: &Inner,
     backoff: &mut Duration,
 ) -> Result<std::convert::Infallible, GatewayError> {
-    let end = prefix_end(PREFIX);
+    let prefix = &inner.target.prefix;
+    let end = prefix_end(prefix);
     let res = inner
         .gateway
         .call(
             "/v3/kv/range",
-            json!({ "key": B64.encode(PREFIX), "range_end": B64.encode(&end) }),
+            json!({ "key": B64.encode(prefix), "range_end": B64.encode(&end) }),
         )
         .await?;
     let revision = int(&res["header"]["revision"]);
@@ -649,7 +767,7 @@ async fn sync_and_watch(
 
     let mut body = inner
         .gateway
-        .stream("/v3/watch", watch_request(revision + 1))
+        .stream("/v3/watch", watch_request(prefix, revision + 1))
         .await?;
     let mut buf = BytesMut::new();
     while let Some(frame) = within_silence(inner.watch_silence, body.frame()).await? {
@@ -720,10 +838,15 @@ fn decode(v: &Value) -> Vec<u8> {
 
 fn apply_put(cache: &mut Cache, kv: &Value, touched: &mut BTreeSet<String>) {
     let key = String::from_utf8_lossy(&decode(&kv["key"])).into_owned();
-    match serde_json::from_slice::<Service>(&decode(&kv["value"])) {
+    // Read as the API reads a registration: what Go marshals (nulls, a separate port
+    // of old go-micro) is taken, what the API would refuse is left out.
+    match Service::from_json(&decode(&kv["value"])) {
         Ok(reg) if !reg.nodes.is_empty() => cache.put(key, reg, int(&kv["lease"]), touched),
-        // A value another program wrote under our prefix: ignore it, loudly.
-        _ => tracing::warn!(%key, "ignoring a registry key whose value is not a registration"),
+        Ok(_) => tracing::warn!(%key, "ignoring a registry key whose service has no node"),
+        // A value another program wrote under the prefix: ignore it, loudly.
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "ignoring a registry key whose value is not a usable registration")
+        }
     }
 }
 
@@ -736,10 +859,12 @@ impl Registry for EtcdRegistry {
     ) -> Result<(), RegistryError> {
         let inner = &self.inner;
         let deadline = ttl.map(|t| Instant::now() + t);
+        let target = &inner.target;
         let regs: Vec<(String, Service, Vec<u8>)> = per_node(service)
             .map(|reg| {
+                let reg = target.stored(reg);
                 let value = serde_json::to_vec(&reg).expect("service serializes");
-                (key_for(&reg), reg, value)
+                (target.key(&reg.name, &reg.nodes[0].id), reg, value)
             })
             .collect();
         let mut owned = inner.owned.lock().await;
@@ -787,7 +912,7 @@ impl Registry for EtcdRegistry {
         let mut owned = inner.owned.lock().await;
         // Also keys we wrote that the watch has not shown yet.
         for node in &service.nodes {
-            let key = format!("{PREFIX}{}/{}", service.name, node.id);
+            let key = inner.target.key(&service.name, &node.id);
             if owned.keys.contains_key(&key) && !keys.contains(&key) {
                 keys.push(key);
             }
@@ -824,9 +949,7 @@ impl Registry for EtcdRegistry {
     }
 
     async fn close(&self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.tasks.abort();
         let mut owned = self.inner.owned.lock().await;
         if let Some(id) = owned.lease.take() {
             if self.inner.is_up() {
@@ -1225,12 +1348,14 @@ mod tests {
 
     #[test]
     fn parses_endpoint_lists_and_refuses_the_rest() {
+        let default = parse_url("etcd://127.0.0.1:2379").unwrap();
+        assert_eq!(default.endpoints, ["127.0.0.1:2379"]);
         assert_eq!(
-            parse_url("etcd://127.0.0.1:2379").unwrap(),
-            ["127.0.0.1:2379"]
+            (default.layout, default.prefix.as_str()),
+            (Layout::Pillion, PREFIX)
         );
         assert_eq!(
-            parse_url("etcd://a:1, b:2/").unwrap(),
+            parse_url("etcd://a:1, b:2/").unwrap().endpoints,
             ["a:1".to_string(), "b:2".to_string()]
         );
         for bad in [
@@ -1239,12 +1364,55 @@ mod tests {
             "etcd://a:0",
             "etcd://u:p@a:1",
             "etcd://a:1,,b:2",
+            "etcd://a:1?layout=consul",
+            "etcd://a:1?prefix=micro",
+            "etcd://a:1?layout",
+            "etcd://a:1?ttl=3",
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
         let err = parse_url("etcd://u:secret@a:1").unwrap_err().to_string();
         assert!(err.contains("credentials"), "{err}");
         assert!(!err.contains("secret"), "the password leaked: {err}");
+        let err = parse_url("etcd://a:1?layout=consul")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pillion (the default) and go-micro"), "{err}");
+    }
+
+    #[test]
+    fn go_micro_s_layout_is_its_prefix_and_its_node_path() {
+        let t = parse_url("etcd://a:1/?layout=go-micro").unwrap();
+        assert_eq!(
+            (t.layout, t.prefix.as_str()),
+            (Layout::GoMicro, GO_MICRO_PREFIX)
+        );
+        assert_eq!(t.query(), "?layout=go-micro");
+        // go-micro's nodePath replaces '/' in both segments.
+        assert_eq!(
+            t.key("go.micro/srv", "n/1"),
+            "/micro/registry/go.micro-srv/n-1"
+        );
+        let old = parse_url("etcd://a:1?layout=go-micro&prefix=/micro-registry").unwrap();
+        assert_eq!(old.prefix, "/micro-registry/");
+        assert_eq!(old.key("s", "n"), "/micro-registry/s/n");
+        assert_eq!(old.query(), "?layout=go-micro&prefix=/micro-registry/");
+        // A node registered with its port apart is stored with it in `address`.
+        let reg = Service {
+            name: "s".into(),
+            nodes: vec![pillion_core::Node {
+                id: "n".into(),
+                address: "10.0.0.1".into(),
+                port: 8080,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(t.stored(reg.clone()).nodes[0].address, "10.0.0.1:8080");
+        assert_eq!(t.stored(reg.clone()).nodes[0].port, 0);
+        let pillion = parse_url("etcd://a:1").unwrap();
+        assert_eq!(pillion.stored(reg.clone()), reg);
+        assert_eq!(pillion.query(), "");
     }
 
     #[test]
@@ -1305,7 +1473,7 @@ mod tests {
 
     #[test]
     fn the_watch_asks_for_progress_notifications() {
-        let req = watch_request(8);
+        let req = watch_request(PREFIX, 8);
         assert_eq!(req["create_request"]["progress_notify"], true);
         assert_eq!(req["create_request"]["start_revision"], "8");
     }

@@ -11,6 +11,8 @@
 //!   vanish soon after the sidecar that made them dies; it enforces their own TTLs
 //!   itself, writes nothing for a renewal, and watches the registry prefix so every
 //!   sidecar's catalog follows within milliseconds.
+//! - [`mdns`] is go-micro's mDNS registry: no server, each sidecar answering for its
+//!   own registrations and browsing the LAN for the rest, go-micro services included.
 //! - [`api`] is the micro-sidecar compatible `/registry` HTTP API over any adapter,
 //!   and `GET /health/{service}`.
 //! - [`health`] registers the local app, checks its health URL and takes it out of the
@@ -25,6 +27,7 @@ mod catalog;
 pub mod cluster;
 pub mod etcd;
 pub mod health;
+pub mod mdns;
 pub mod memory;
 
 use std::collections::{BTreeSet, HashMap};
@@ -108,6 +111,8 @@ pub async fn open(
         Ok(Arc::new(etcd::EtcdRegistry::connect(url)?))
     } else if url.starts_with("memory") {
         Ok(Arc::new(memory::MemoryRegistry::new()))
+    } else if url.starts_with("mdns") {
+        Ok(Arc::new(mdns::MdnsRegistry::start(url)?))
     } else {
         Ok(Arc::new(
             cluster::ClusterRegistry::start(cluster.clone()).await?,
@@ -123,9 +128,27 @@ pub fn check_url(url: &str) -> Result<(), RegistryError> {
         u if u.starts_with("etcd://") || u.starts_with(etcd::TLS_SCHEME) => {
             etcd::parse_url(u).map(|_| ())
         }
+        u if u.starts_with("mdns") => mdns::parse_url(u).map(|_| ()),
         other => Err(RegistryError::Invalid(format!(
-            "unknown registry {other:?}: use cluster, memory or etcd://host:port[,host:port] (etcds:// for TLS)"
+            "unknown registry {other:?}: use cluster, memory, mdns or etcd://host:port[,host:port] (etcds:// for TLS)"
         ))),
+    }
+}
+
+/// An adapter's background tasks, aborted when it closes or is dropped.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn abort(&self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.abort();
     }
 }
 

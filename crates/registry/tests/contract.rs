@@ -202,17 +202,42 @@ async fn memory_registry_passes_the_contract() {
     contract(reg).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_registry_passes_the_contract() {
-    let etcd = Server::etcd();
-    let reg = open(&etcd.url(), &ClusterOptions::default()).await.unwrap();
+async fn etcd_contract(url: &str) {
+    let reg = open(url, &ClusterOptions::default()).await.unwrap();
     assert!(
         eventually(Duration::from_secs(5), || reg.status().healthy).await,
         "{:?}",
         reg.status()
     );
-    assert_eq!(reg.status().backend, etcd.url());
+    assert_eq!(reg.status().backend, url);
     contract(reg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_passes_the_contract() {
+    etcd_contract(&Server::etcd().url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_in_go_micro_s_layout_passes_the_contract() {
+    let etcd = Server::etcd();
+    etcd_contract(&format!("{}?layout=go-micro", etcd.url())).await;
+}
+
+/// go-micro's mDNS registry, on a LAN of one host (a network namespace this test
+/// creates): its own answers, heard back over the multicast loop, must not bring
+/// back what was deregistered.
+#[tokio::test(flavor = "current_thread")]
+async fn mdns_registry_passes_the_contract() {
+    let lan = pillion_testkit::lan::Lan::new(1);
+    lan.enter(0);
+    let url = format!("mdns://{}", lan.addr(0));
+    let reg = open(&url, &ClusterOptions::default()).await.unwrap();
+    assert_eq!(reg.status().backend, url);
+    contract(reg.clone()).await;
+    // Nothing deregistered comes back once the answers in flight have been heard.
+    tokio::time::sleep(pillion_registry::mdns::BROWSE_EVERY * 2).await;
+    assert!(reg.catalog().is_empty(), "{:?}", reg.catalog());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,5 +260,8 @@ async fn unknown_registry_urls_are_refused_with_the_forms_that_work() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("cluster, memory or etcd://host:port"), "{err}");
+    assert!(
+        err.contains("cluster, memory, mdns or etcd://host:port"),
+        "{err}"
+    );
 }

@@ -63,7 +63,7 @@ pub fn ip(args: &[&str]) {
 }
 
 /// Moves the calling thread into network namespace `ns`.
-fn enter(ns: &str) {
+pub(crate) fn enter(ns: &str) {
     let file = File::open(format!("/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("opening network namespace {ns}: {e}"));
     // SAFETY: setns(2) on a valid descriptor; it changes only this thread's namespace.

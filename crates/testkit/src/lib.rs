@@ -11,6 +11,7 @@
 //! - [`tcp`]: raw TCP backends (greet-and-echo, reply-after-EOF) and a fast checksum.
 //! - [`dns`]: a small DNS server whose A records a test sets.
 //! - [`pebble`]: Let's Encrypt's test ACME CA, validating on a port the test gives.
+//! - [`lan`]: hosts on one LAN, as network namespaces on a bridge.
 //! - [`delay`]: a slow link (a TUN delay line in a network namespace), for real
 //!   latency on a kernel without netem.
 #![deny(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod app;
 pub mod delay;
 pub mod dns;
 pub mod http;
+pub mod lan;
 pub mod pebble;
 pub mod process;
 pub mod server;

@@ -458,6 +458,30 @@ pub fn go(dir: &std::path::Path) -> Command {
     cmd
 }
 
+/// The program at `source` (standard library only), built once per test process;
+/// the path of its binary.
+#[allow(dead_code)]
+pub fn go_build(source: &str) -> std::path::PathBuf {
+    let dir = go_dir();
+    let stem = std::path::Path::new(source)
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("program");
+    let bin = dir.join(format!("{stem}-{}", std::process::id()));
+    let out = go(&dir)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(source)
+        .output()
+        .expect("running go build (Debian's golang-go; scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "go build {source} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}
+
 /// Where [`go`] keeps its caches: shared by runs so the standard library is compiled
 /// once (go's cache is safe for concurrent use).
 pub fn go_dir() -> std::path::PathBuf {

@@ -17,8 +17,8 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
-const PORT: u16 = 5353;
+pub(crate) const GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 251);
+pub(crate) const PORT: u16 = 5353;
 const SERVICE: &str = "_pillion._udp.local.";
 const TTL_SECS: u32 = 120;
 /// Queries and announcements: quickly at start, then at a calm pace.
@@ -34,7 +34,7 @@ pub struct Announcement {
     pub gossip: SocketAddr,
 }
 
-/// Joins the mDNS group on the interface that has `ip`.
+/// Joins the mDNS group on the interface that has `ip` (0.0.0.0: the default one).
 pub fn socket(ip: Ipv4Addr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;

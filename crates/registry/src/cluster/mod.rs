@@ -156,7 +156,8 @@ impl ClusterOptions {
 
 pub struct ClusterRegistry {
     inner: Arc<Inner>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Aborted when the registry is dropped.
+    _tasks: crate::Tasks,
 }
 
 struct Inner {
@@ -378,7 +379,10 @@ impl ClusterRegistry {
                 }
             })));
         }
-        Ok(ClusterRegistry { inner, tasks })
+        Ok(ClusterRegistry {
+            inner,
+            _tasks: crate::Tasks(tasks),
+        })
     }
 
     /// The cluster as this sidecar sees it.
@@ -414,9 +418,6 @@ impl ClusterRegistry {
 
 impl Drop for ClusterRegistry {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
         if let Some(handle) = self.inner.handle().take() {
             handle.abort();
         }
