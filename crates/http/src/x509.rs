@@ -86,14 +86,12 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+const OID: u8 = 0x06;
+
 /// The names of one kind (a GeneralName tag) in a certificate's subjectAltName
 /// extension.
 fn alt_names(cert: &[u8], kind: u8) -> Option<Vec<&str>> {
     const EXTENSIONS: u8 = 0xa3; // [3] EXPLICIT in TBSCertificate
-    const OID: u8 = 0x06;
-    const BOOLEAN: u8 = 0x01;
-    const OCTET_STRING: u8 = 0x04;
-    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
 
     let (tag, certificate, _) = tlv(cert)?;
     expect(tag, SEQUENCE)?;
@@ -107,7 +105,18 @@ fn alt_names(cert: &[u8], kind: u8) -> Option<Vec<&str>> {
         }
         tbs = rest;
     }
-    let (tag, mut list, _) = tlv(extensions?)?;
+    names_in_extensions(extensions?, kind)
+}
+
+/// The names of one kind in the subjectAltName of `extensions`, the DER of an
+/// `Extensions` SEQUENCE (a certificate's, or the one a certification request asks
+/// for).
+fn names_in_extensions(extensions: &[u8], kind: u8) -> Option<Vec<&str>> {
+    const BOOLEAN: u8 = 0x01;
+    const OCTET_STRING: u8 = 0x04;
+    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
+
+    let (tag, mut list, _) = tlv(extensions)?;
     expect(tag, SEQUENCE)?;
     while !list.is_empty() {
         let (tag, extension, rest) = tlv(list)?;
@@ -137,6 +146,81 @@ fn alt_names(cert: &[u8], kind: u8) -> Option<Vec<&str>> {
         return Some(found);
     }
     Some(Vec::new())
+}
+
+/// A PKCS#10 certification request (RFC 2986), as the mesh's issuer reads one.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// The DER of `certificationRequestInfo`, which the signature covers.
+    pub info: &'a [u8],
+    /// The DER of `subjectPKInfo`.
+    pub public_key_info: &'a [u8],
+    /// The URIs of the subjectAltName it asks for.
+    pub uris: Vec<&'a str>,
+    /// The OID (content octets) of the signature's algorithm.
+    pub signature_algorithm: &'a [u8],
+    /// The signature.
+    pub signature: &'a [u8],
+}
+
+/// Reads a certification request (DER); `None` for anything else.
+pub fn request(der: &[u8]) -> Option<Request<'_>> {
+    const INTEGER: u8 = 0x02;
+    const ATTRIBUTES: u8 = 0xa0; // [0] IMPLICIT SET OF Attribute
+    const SET: u8 = 0x31;
+    const BIT_STRING: u8 = 0x03;
+    const EXTENSION_REQUEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x0e];
+
+    let (tag, body, rest) = tlv(der)?;
+    expect(tag, SEQUENCE)?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let (tag, info_content, after_info) = tlv(body)?;
+    expect(tag, SEQUENCE)?;
+    let info = &body[..body.len() - after_info.len()];
+
+    let (tag, _version, fields) = tlv(info_content)?;
+    expect(tag, INTEGER)?;
+    let (tag, _subject, fields) = tlv(fields)?;
+    expect(tag, SEQUENCE)?;
+    let (tag, _, after_key) = tlv(fields)?;
+    expect(tag, SEQUENCE)?;
+    let public_key_info = &fields[..fields.len() - after_key.len()];
+    let mut uris = Vec::new();
+    if !after_key.is_empty() {
+        let (tag, mut attributes, _) = tlv(after_key)?;
+        expect(tag, ATTRIBUTES)?;
+        while !attributes.is_empty() {
+            let (tag, attribute, rest) = tlv(attributes)?;
+            expect(tag, SEQUENCE)?;
+            attributes = rest;
+            let (tag, oid, values) = tlv(attribute)?;
+            expect(tag, OID)?;
+            if oid != EXTENSION_REQUEST {
+                continue;
+            }
+            let (tag, extensions, _) = tlv(values)?;
+            expect(tag, SET)?;
+            uris.extend(names_in_extensions(extensions, URI)?);
+        }
+    }
+
+    let (tag, algorithm, after_algorithm) = tlv(after_info)?;
+    expect(tag, SEQUENCE)?;
+    let (tag, signature_algorithm, _) = tlv(algorithm)?;
+    expect(tag, OID)?;
+    let (tag, bits, _) = tlv(after_algorithm)?;
+    expect(tag, BIT_STRING)?;
+    let (&unused, signature) = bits.split_first()?;
+    (unused == 0).then_some(())?;
+    Some(Request {
+        info,
+        public_key_info,
+        uris,
+        signature_algorithm,
+        signature,
+    })
 }
 
 fn expect(tag: u8, wanted: u8) -> Option<()> {
@@ -219,7 +303,66 @@ mod tests {
         }
     }
 
+    fn csr(uris: &[&str]) -> (Vec<u8>, rcgen::KeyPair) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for uri in uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(*uri).unwrap(),
+            ));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let request = params.serialize_request(&key).unwrap();
+        (request.der().to_vec(), key)
+    }
+
+    #[test]
+    fn a_certification_request_reads_as_made() {
+        use rcgen::PublicKeyData;
+        let (der, key) = csr(&["spiffe://pillion/svc/orders", "https://x/"]);
+        let request = request(&der).unwrap();
+        assert_eq!(request.uris, ["spiffe://pillion/svc/orders", "https://x/"]);
+        assert_eq!(request.public_key_info, key.subject_public_key_info());
+        // ecdsa-with-SHA256, rcgen's default key.
+        assert_eq!(
+            request.signature_algorithm,
+            [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]
+        );
+        let public = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            key.public_key_raw(),
+        );
+        assert!(public.verify(request.info, request.signature).is_ok());
+        // No names asked for: none read.
+        assert!(super::request(&csr(&[]).0).unwrap().uris.is_empty());
+        // A certificate is not a request.
+        assert!(super::request(&issued(&["orders.local"])).is_none());
+    }
+
+    #[test]
+    fn a_request_cut_anywhere_or_with_more_after_it_is_nothing() {
+        let (der, _) = csr(&["spiffe://pillion/svc/orders"]);
+        for len in 0..der.len() {
+            assert_eq!(request(&der[..len]), None, "cut at {len}");
+        }
+        let mut longer = der.clone();
+        longer.push(0);
+        assert_eq!(request(&longer), None);
+    }
+
     proptest! {
+        #[test]
+        fn garbage_is_no_request(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = request(&bytes);
+        }
+
+        #[test]
+        fn a_request_with_a_flipped_byte_never_panics(at in 0usize..400, to in any::<u8>()) {
+            let (mut der, _) = csr(&["spiffe://pillion/svc/orders"]);
+            let at = at % der.len();
+            der[at] = to;
+            let _ = request(&der);
+        }
+
         #[test]
         fn garbage_has_no_validity(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = validity(&bytes);

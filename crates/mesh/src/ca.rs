@@ -92,6 +92,8 @@ pub struct Authority {
     /// The CA certificate, which every peer's chain must lead to.
     pub cert: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// The same key, for join tokens.
+    token_key: ring::signature::EcdsaKeyPair,
 }
 
 /// A certificate issued to this sidecar.
@@ -101,49 +103,127 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// A certificate issued for a key the CA never saw (a certification request's).
+pub struct Signed {
+    /// The leaf, then the CA.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's serial number, in hex.
+    pub serial: String,
+    pub not_after: SystemTime,
+}
+
+/// The public key of a certification request: an uncompressed P-256 point.
+#[derive(Debug)]
+pub struct RequestKey(pub Vec<u8>);
+
+impl rcgen::PublicKeyData for RequestKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Every certificate of a PEM file: a CA, or a bundle of them (while a CA is
+/// rotated, the old and the new).
+pub fn bundle(file: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    use rustls::pki_types::pem::PemObject;
+    let shown = || format!("--mesh-ca-cert {}", file.display());
+    let pem = std::fs::read(file).map_err(|e| CaError(format!("{}: {e}", shown())))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError(format!("{}: {e}", shown())))?;
+    if certs.is_empty() {
+        return Err(CaError(format!("{}: no PEM certificate", shown())));
+    }
+    Ok(certs)
+}
+
+/// The roots a sidecar trusts: every certificate of `file`.
+pub fn roots(file: &Path) -> Result<rustls::RootCertStore, CaError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in bundle(file)? {
+        roots
+            .add(cert)
+            .map_err(|e| CaError(format!("--mesh-ca-cert {}: {e}", file.display())))?;
+    }
+    Ok(roots)
+}
+
 impl Authority {
+    /// The CA of `key_file`: its certificate is the one of `cert_file` (a bundle may
+    /// hold others) that the key signs for.
     pub fn load(cert_file: &Path, key_file: &Path) -> Result<Authority, CaError> {
-        let pem = std::fs::read_to_string(cert_file)
-            .map_err(|e| CaError(format!("--mesh-ca-cert {}: {e}", cert_file.display())))?;
+        let certs = bundle(cert_file)?;
         let key_pem = std::fs::read_to_string(key_file)
             .map_err(|e| CaError(format!("--mesh-ca-key {}: {e}", key_file.display())))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-            CaError(format!(
-                "--mesh-ca-key {}: not a PEM private key: {e}",
-                key_file.display()
-            ))
-        })?;
-        use rustls::pki_types::pem::PemObject;
-        let cert = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-            CaError(format!(
-                "--mesh-ca-cert {}: no PEM certificate: {e}",
-                cert_file.display()
-            ))
-        })?;
-        let authority = Authority {
-            cert,
-            issuer: Issuer::new(ca_params(), key),
-        };
-        // A key that is not the certificate's would issue certificates nobody trusts.
-        authority.check_pair().map_err(|e| {
-            CaError(format!(
-                "--mesh-ca-key {} and --mesh-ca-cert {} are not a CA made by `pillion mesh init`: {e}",
-                key_file.display(),
-                cert_file.display()
-            ))
-        })?;
-        Ok(authority)
+        let mut last = String::new();
+        for cert in certs {
+            let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+                CaError(format!(
+                    "--mesh-ca-key {}: not a PEM private key: {e}",
+                    key_file.display()
+                ))
+            })?;
+            let token_key = ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &key.serialize_der(),
+                &ring::rand::SystemRandom::new(),
+            )
+            .map_err(|e| {
+                CaError(format!(
+                    "--mesh-ca-key {}: not a P-256 key, as `pillion mesh init` makes: {e}",
+                    key_file.display()
+                ))
+            })?;
+            let authority = Authority {
+                cert,
+                issuer: Issuer::new(ca_params(), key),
+                token_key,
+            };
+            // A key that is not the certificate's would issue certificates nobody trusts.
+            match authority.check_pair() {
+                Ok(()) => return Ok(authority),
+                Err(e) => last = e,
+            }
+        }
+        Err(CaError(format!(
+            "--mesh-ca-key {} and --mesh-ca-cert {} are not a CA made by `pillion mesh init`: {last}",
+            key_file.display(),
+            cert_file.display()
+        )))
     }
 
     /// A certificate for `service`, valid from now for `validity`, usable as a TLS
-    /// server and client, naming `spiffe://pillion/svc/<service>`.
+    /// server and client, naming `spiffe://pillion/svc/<service>`, with a key made
+    /// here.
     pub fn issue(&self, service: &str, lifetime: Duration) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(|e| CaError(format!("generating a key: {e}")))?;
+        let signed = self.sign(&key, &crate::der::identity(service), lifetime)?;
+        Ok(Issued {
+            chain: signed.chain,
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_after: signed.not_after,
+        })
+    }
+
+    /// A certificate naming `uri` for `key`, valid from now for `lifetime`, usable as a
+    /// TLS server and client.
+    pub fn sign(
+        &self,
+        key: &impl rcgen::PublicKeyData,
+        uri: &str,
+        lifetime: Duration,
+    ) -> Result<Signed, CaError> {
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, service);
-        let uri = rcgen::string::Ia5String::try_from(crate::der::identity(service))
-            .map_err(|e| CaError(format!("service name {service:?} in a URI: {e}")))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, uri.rsplit('/').next().unwrap_or(uri));
+        let san = rcgen::string::Ia5String::try_from(uri)
+            .map_err(|e| CaError(format!("{uri:?} in a certificate: {e}")))?;
+        params.subject_alt_names = vec![SanType::URI(san)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -154,16 +234,41 @@ impl Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        let mut serial = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+            .map_err(|_| CaError("no randomness for a serial number".into()))?;
+        serial[0] &= 0x7f; // a positive INTEGER
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let now = SystemTime::now();
         validity(&mut params, now - BACKDATE, lifetime + BACKDATE);
         let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| CaError(format!("issuing for {service:?}: {e}")))?;
-        Ok(Issued {
+            .signed_by(key, &self.issuer)
+            .map_err(|e| CaError(format!("issuing for {uri:?}: {e}")))?;
+        Ok(Signed {
             chain: vec![cert.der().clone(), self.cert.clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
             not_after: now + lifetime,
         })
+    }
+
+    /// Signs `message` (a join token) with the CA's key: ECDSA P-256 SHA-256, the
+    /// fixed-length signature of JWT's ES256.
+    pub fn sign_token(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
+        self.token_key
+            .sign(&ring::rand::SystemRandom::new(), message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| CaError("signing a token failed".into()))
+    }
+
+    /// Whether `signature` is the CA key's ES256 signature of `message`.
+    pub fn verify_token(&self, message: &[u8], signature: &[u8]) -> bool {
+        use ring::signature::KeyPair as _;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            self.token_key.public_key().as_ref(),
+        )
+        .verify(message, signature)
+        .is_ok()
     }
 
     fn check_pair(&self) -> Result<(), String> {

@@ -2,6 +2,15 @@
 //! `spiffe://pillion/svc/<service>` issued by the mesh CA, renewed at two thirds of
 //! its life, and the TLS configs that present it and check the peer's.
 //!
+//! The certificate comes from the mesh's issuers (`--mesh-issuer`, see
+//! [`crate::issuer`]): the key is made here and never leaves; the first certificate
+//! is granted on a join token, each renewal on the certificate it replaces. For one
+//! host or development the sidecar may hold the CA key and issue itself
+//! (`--mesh-ca-key`).
+//!
+//! Peers are checked against every root of `--mesh-ca-cert`, so a CA is rotated by
+//! adding the new root to the bundle everywhere before the issuers switch to it.
+//!
 //! A mesh listener wants a client certificate from the mesh CA and names the caller
 //! by its identity; a calling sidecar accepts a server certificate only when it
 //! names the service it meant to call.
@@ -28,13 +37,26 @@ use crate::der;
 /// What a sidecar needs to join the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshConfig {
+    /// The roots it trusts (a bundle while a CA rotates).
     pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
+    pub source: Source,
     /// The service this sidecar speaks for (`--server-name`).
     pub service: String,
     /// How long each certificate it issues itself lives (`--mesh-cert-lifetime`).
     pub lifetime: Duration,
 }
+
+/// Where the sidecar's certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// It holds the CA key and issues itself (`--mesh-ca-key`).
+    LocalCa(PathBuf),
+    /// The issuers (`--mesh-issuer`, tried in turn), with a join token for the first.
+    Issuers { urls: Vec<String>, token: String },
+}
+
+/// How long a sidecar waits for an issuer at start before giving up.
+pub const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(30);
 
 /// The default life of a sidecar's certificate.
 pub const LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -50,7 +72,7 @@ const RETRY: Duration = Duration::from_secs(60);
 
 pub struct Identity {
     pub service: String,
-    authority: Authority,
+    source: Issuing,
     roots: Arc<RootCertStore>,
     current: ArcSwap<CertifiedKey>,
     /// The current certificate's end, in seconds since the epoch.
@@ -85,21 +107,30 @@ fn epoch_secs(t: SystemTime) -> u64 {
 }
 
 impl Identity {
-    /// Loads the CA, issues the first certificate and keeps renewing it. Must be
-    /// called within a tokio runtime.
-    pub fn start(config: &MeshConfig) -> Result<Arc<Identity>, CaError> {
-        let authority = Authority::load(&config.ca_cert, &config.ca_key)?;
-        let issued = authority.issue(&config.service, config.lifetime)?;
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(authority.cert.clone())
-            .map_err(|e| CaError(format!("--mesh-ca-cert: {e}")))?;
+    /// Gets the first certificate (from the local CA, or from an issuer, waiting up
+    /// to [`FIRST_CERTIFICATE_WAIT`]) and keeps renewing it. Must be called within a
+    /// tokio runtime.
+    pub async fn start(config: &MeshConfig) -> Result<Arc<Identity>, CaError> {
+        let roots = Arc::new(crate::ca::roots(&config.ca_cert)?);
+        let source =
+            match &config.source {
+                Source::LocalCa(key) => {
+                    Issuing::Local(Box::new(Authority::load(&config.ca_cert, key)?))
+                }
+                Source::Issuers { urls, token } => Issuing::Remote(
+                    crate::client::IssuerClient::new(urls.clone(), token.clone(), roots.clone()),
+                ),
+            };
+        let issued = match &source {
+            Issuing::Local(authority) => authority.issue(&config.service, config.lifetime)?,
+            Issuing::Remote(client) => client.first(&config.service).await?,
+        };
         let identity = Arc::new(Identity {
             service: config.service.clone(),
             not_after: AtomicU64::new(epoch_secs(issued.not_after)),
             current: ArcSwap::new(certified(issued)?),
-            authority,
-            roots: Arc::new(roots),
+            source,
+            roots,
             renewals: AtomicU64::new(0),
             lifetime: config.lifetime,
             connectors: Mutex::new(HashMap::new()),
@@ -135,11 +166,7 @@ impl Identity {
         if let Some(c) = connectors.get(service) {
             return c.clone();
         }
-        let verifier = Arc::new(PeerIs {
-            service: service.to_string(),
-            roots: self.roots.clone(),
-            algorithms: provider().signature_verification_algorithms,
-        });
+        let verifier = Arc::new(PeerIs::new(der::identity(service), self.roots.clone()));
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
@@ -154,6 +181,19 @@ impl Identity {
         connector
     }
 
+    /// How long the current certificate has left.
+    fn remaining(&self) -> Duration {
+        let end =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(self.not_after.load(Ordering::Relaxed));
+        end.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+
+    /// How long until the current certificate, just issued, is renewed: at two thirds
+    /// of its life (whoever decided that life: this sidecar or its issuer).
+    fn until_renewal(&self) -> Duration {
+        (self.remaining() * 2 / 3).max(Duration::from_secs(1))
+    }
+
     /// For `/statusz`.
     pub fn status(&self) -> serde_json::Value {
         serde_json::json!({
@@ -163,13 +203,86 @@ impl Identity {
         })
     }
 
-    fn renew_now(&self) -> Result<(), CaError> {
-        let issued = self.authority.issue(&self.service, self.lifetime)?;
+    async fn renew_now(&self) -> Result<(), CaError> {
+        let issued = match &self.source {
+            Issuing::Local(authority) => authority.issue(&self.service, self.lifetime)?,
+            Issuing::Remote(client) => {
+                client
+                    .renew(&self.service, self.current.load_full())
+                    .await?
+            }
+        };
         let not_after = epoch_secs(issued.not_after);
         self.current.store(certified(issued)?);
         self.not_after.store(not_after, Ordering::Relaxed);
         self.renewals.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Where an [`Identity`] gets its certificates.
+enum Issuing {
+    Local(Box<Authority>),
+    Remote(crate::client::IssuerClient),
+}
+
+/// A certificate for one URI that a holder of the CA key issues itself, renewed at
+/// two thirds of its life when it is next presented: the issuer's own.
+pub struct SelfIssued {
+    authority: Arc<Authority>,
+    uri: String,
+    lifetime: Duration,
+    current: Mutex<(Arc<CertifiedKey>, SystemTime)>,
+}
+
+impl std::fmt::Debug for SelfIssued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfIssued")
+            .field("uri", &self.uri)
+            .finish()
+    }
+}
+
+impl SelfIssued {
+    pub fn new(authority: Arc<Authority>, uri: &str, lifetime: Duration) -> Result<Self, CaError> {
+        let first = Self::issue(&authority, uri, lifetime)?;
+        Ok(SelfIssued {
+            authority,
+            uri: uri.to_string(),
+            lifetime,
+            current: Mutex::new(first),
+        })
+    }
+
+    fn issue(
+        authority: &Authority,
+        uri: &str,
+        lifetime: Duration,
+    ) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
+        let key = rcgen::KeyPair::generate().map_err(|e| CaError(e.to_string()))?;
+        let signed = authority.sign(&key, uri, lifetime)?;
+        let renew_at = SystemTime::now() + lifetime * 2 / 3;
+        let issued = crate::ca::Issued {
+            chain: signed.chain,
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            not_after: signed.not_after,
+        };
+        Ok((certified(issued)?, renew_at))
+    }
+}
+
+impl ResolvesServerCert for SelfIssued {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if SystemTime::now() >= current.1 {
+            match Self::issue(&self.authority, &self.uri, self.lifetime) {
+                Ok(next) => *current = next,
+                Err(e) => {
+                    tracing::warn!(error = %e, uri = %self.uri, "could not renew the certificate; the current one stays")
+                }
+            }
+        }
+        Some(current.0.clone())
     }
 }
 
@@ -186,7 +299,7 @@ pub fn caller(chain: &[CertificateDer<'_>]) -> Option<Arc<str>> {
 /// used.
 async fn renew(identity: std::sync::Weak<Identity>) {
     let mut wait = match identity.upgrade() {
-        Some(i) => i.lifetime * 2 / 3,
+        Some(i) => i.until_renewal(),
         None => return,
     };
     loop {
@@ -194,14 +307,16 @@ async fn renew(identity: std::sync::Weak<Identity>) {
         let Some(identity) = identity.upgrade() else {
             return;
         };
-        wait = match identity.renew_now() {
+        wait = match identity.renew_now().await {
             Ok(()) => {
                 tracing::info!(identity = %identity.uri(), "mesh certificate renewed");
-                identity.lifetime * 2 / 3
+                identity.until_renewal()
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mesh certificate not renewed; the current one stays");
-                RETRY.min(identity.lifetime / 3)
+                RETRY
+                    .min(identity.remaining() / 3)
+                    .max(Duration::from_secs(1))
             }
         };
     }
@@ -233,10 +348,21 @@ impl ResolvesClientCert for Presented {
 
 /// Accepts a server certificate from the mesh CA that names one service.
 #[derive(Debug)]
-struct PeerIs {
-    service: String,
+pub(crate) struct PeerIs {
+    /// The identity URI the peer must have.
+    uri: String,
     roots: Arc<RootCertStore>,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PeerIs {
+    pub(crate) fn new(uri: String, roots: Arc<RootCertStore>) -> Self {
+        PeerIs {
+            uri,
+            roots,
+            algorithms: provider().signature_verification_algorithms,
+        }
+    }
 }
 
 impl ServerCertVerifier for PeerIs {
@@ -256,14 +382,15 @@ impl ServerCertVerifier for PeerIs {
             now,
             self.algorithms.all,
         )?;
-        match der::service_of(end_entity) {
-            Some(s) if s == self.service => Ok(ServerCertVerified::assertion()),
-            found => Err(rustls::Error::General(format!(
-                "the peer is {}, not {}",
-                found.map_or("no pillion service".to_string(), |s| der::identity(&s)),
-                der::identity(&self.service)
-            ))),
+        let uris = pillion_http::x509::uris(end_entity).unwrap_or_default();
+        if uris.contains(&self.uri.as_str()) {
+            return Ok(ServerCertVerified::assertion());
         }
+        Err(rustls::Error::General(format!(
+            "the peer is {}, not {}",
+            uris.first().copied().unwrap_or("no pillion identity"),
+            self.uri
+        )))
     }
 
     fn verify_tls12_signature(

@@ -1,7 +1,10 @@
 //! pillion's security parts that are not plain HTTP:
 //!
 //! - [`ca`]: the mesh's certificate authority (`pillion mesh init`) and the
-//!   certificates a sidecar issues itself with it.
+//!   certificates it signs.
+//! - [`issuer`]: `pillion mesh serve`, the one place the CA key is kept: it grants a
+//!   sidecar's certification request for the service its join token names; [`client`]
+//!   is the sidecar's side.
 //! - [`identity`]: this sidecar's mesh identity, `spiffe://pillion/svc/<service>`,
 //!   renewed at two thirds of its life, and the mTLS configs that present it and
 //!   check the peer's; [`der`] reads the identity out of a certificate (with
@@ -16,7 +19,9 @@
 
 pub mod acme;
 pub mod ca;
+pub mod client;
 pub mod der;
 pub mod identity;
 pub mod inbound;
+pub mod issuer;
 pub mod jwt;

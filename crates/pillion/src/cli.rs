@@ -264,9 +264,9 @@ pub struct StatusArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum MeshCommand {
-    /// Make a new mesh CA: DIR/ca.crt and DIR/ca.key (mode 0600). Give both files to
-    /// every sidecar of the mesh (--mesh-ca-cert, --mesh-ca-key). Existing files are
-    /// never overwritten.
+    /// Make a new mesh CA: DIR/ca.crt and DIR/ca.key (mode 0600). ca.key stays on the
+    /// issuers' hosts (`pillion mesh serve`); every sidecar gets ca.crt only. Existing
+    /// files are never overwritten.
     ///
     /// Example:
     ///
@@ -277,6 +277,72 @@ pub enum MeshCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Run an issuer: it grants a sidecar's certificate request for the service its
+    /// join token names, or, for a renewal, the service of the certificate it shows.
+    /// Several may run with the same CA, for availability.
+    ///
+    /// Example:
+    ///
+    ///   pillion mesh serve --mesh-ca-cert ca.crt --mesh-ca-key ca.key --listen 0.0.0.0:7440
+    #[command(verbatim_doc_comment)]
+    Serve(MeshServeArgs),
+    /// Print a join token for one service: a sidecar started with it
+    /// (--mesh-token) gets that service's identity from an issuer, and no other.
+    ///
+    /// Example:
+    ///
+    ///   pillion mesh token --mesh-ca-cert ca.crt --mesh-ca-key ca.key --service orders --ttl 1h
+    #[command(verbatim_doc_comment)]
+    Token {
+        #[command(flatten)]
+        ca: MeshCaArgs,
+        /// The service the token admits.
+        #[arg(long, value_name = "NAME")]
+        service: ServiceName,
+        /// How long the token may be used to join (renewals need no token).
+        #[arg(long, default_value = "24h", value_name = "DUR")]
+        ttl: NonZeroDur,
+    },
+}
+
+/// The CA's two files, for the commands that sign.
+#[derive(Debug, Args)]
+pub struct MeshCaArgs {
+    /// The CA certificate (a bundle may hold others: the one the key signs for is used).
+    #[arg(long, env = "PILLION_MESH_CA_CERT", value_name = "FILE")]
+    pub mesh_ca_cert: PathBuf,
+    /// The CA's private key.
+    #[arg(long, env = "PILLION_MESH_CA_KEY", value_name = "FILE")]
+    pub mesh_ca_key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct MeshServeArgs {
+    #[command(flatten)]
+    pub ca: MeshCaArgs,
+    /// Where sidecars reach the issuer (HTTPS).
+    #[arg(long, env = "PILLION_MESH_ISSUER_LISTEN", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// How long each certificate issued lives; sidecars renew at two thirds of it.
+    #[arg(
+        long,
+        default_value = "24h",
+        env = "PILLION_MESH_CERT_LIFETIME",
+        value_name = "DUR"
+    )]
+    pub mesh_cert_lifetime: NonZeroDur,
+    /// Token ids and certificate serials refused: one per line, `#` comments; read
+    /// again at every request.
+    #[arg(long, env = "PILLION_MESH_REVOKED", value_name = "FILE")]
+    pub revoked: Option<PathBuf>,
+    /// Logs as text or as JSON lines.
+    #[arg(
+        long,
+        default_value = "text",
+        env = "PILLION_LOG_FORMAT",
+        value_name = "FORMAT"
+    )]
+    pub log_format: crate::config::LogFormat,
 }
 
 #[derive(Debug, Args)]
@@ -651,16 +717,48 @@ pub struct RunArgs {
     #[arg(long, env = "PILLION_ACME_CA_ROOT", value_name = "FILE")]
     pub acme_ca_root: Option<PathBuf>,
 
-    /// The mesh's CA certificate (from `pillion mesh init`; needs --mesh-ca-key and
-    /// --server-name). The sidecar issues itself a certificate for
-    /// spiffe://pillion/svc/<server-name>, and calls services whose nodes have a mesh
-    /// listener over mTLS.
+    /// The mesh's CA certificate, the roots every peer must chain to (a bundle of
+    /// several while a CA rotates; from `pillion mesh init`). With --mesh-issuer and
+    /// --mesh-token (or --mesh-ca-key) and --server-name, the sidecar gets a
+    /// certificate for spiffe://pillion/svc/<server-name>, and calls services whose
+    /// nodes have a mesh listener over mTLS.
     #[arg(long, env = "PILLION_MESH_CA_CERT", value_name = "FILE")]
     pub mesh_ca_cert: Option<PathBuf>,
 
-    /// The mesh CA's private key (needs --mesh-ca-cert).
+    /// An issuer's https://host:port (`pillion mesh serve`); repeat it: they are tried
+    /// in turn. The sidecar's key is made here and never leaves.
+    #[arg(
+        long,
+        env = "PILLION_MESH_ISSUER",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub mesh_issuer: Vec<String>,
+
+    /// The join token from `pillion mesh token --service <server-name>`, for the first
+    /// certificate (renewals show the current certificate instead).
+    #[arg(
+        long,
+        env = "PILLION_MESH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub mesh_token: Option<String>,
+
+    /// A file holding the join token (instead of --mesh-token).
+    #[arg(long, env = "PILLION_MESH_TOKEN_FILE", value_name = "FILE")]
+    pub mesh_token_file: Option<PathBuf>,
+
+    /// The mesh CA's private key, to issue itself certificates without an issuer:
+    /// for one host or development. Whoever holds it can take any identity, so with
+    /// a --mesh-listen off loopback it is refused unless --mesh-local-ca says so.
     #[arg(long, env = "PILLION_MESH_CA_KEY", value_name = "FILE")]
     pub mesh_ca_key: Option<PathBuf>,
+
+    /// Hold the CA key (--mesh-ca-key) on a sidecar whose mesh listener is reachable
+    /// from other hosts: every host so started can take any identity.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_MESH_LOCAL_CA", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub mesh_local_ca: bool,
 
     /// Receive mTLS calls for the app here, from other sidecars of the mesh (needs
     /// --mesh-ca-cert and --server-address); the app's registration advertises it.

@@ -420,42 +420,99 @@ fn resolve_mesh(
 ) -> Result<Option<MeshSettings>, ConfigError> {
     let args = &loaded.args;
     let invalid = |s: String| Err(ConfigError::Invalid(s));
-    let (ca_cert, ca_key) = match (args.mesh_ca_cert.clone(), args.mesh_ca_key.clone()) {
-        (Some(c), Some(k)) => (c, k),
-        (Some(_), None) => {
-            return invalid(
-                "--mesh-ca-cert (mesh_ca_cert) needs --mesh-ca-key (mesh_ca_key)".into(),
-            )
+    let Some(ca_cert) = args.mesh_ca_cert.clone() else {
+        let given = [
+            "mesh_issuer",
+            "mesh_token",
+            "mesh_token_file",
+            "mesh_ca_key",
+            "mesh_local_ca",
+            "mesh_listen",
+            "mesh_advertise",
+            "mesh_allow",
+            "mesh_cert_lifetime",
+        ]
+        .into_iter()
+        .find(|id| loaded.given(id));
+        if let Some(id) = given {
+            return invalid(format!(
+                "--{} ({id}) needs --mesh-ca-cert: the mesh's CA certificate (make the CA with `pillion mesh init --out DIR`)",
+                id.replace('_', "-")
+            ));
         }
-        (None, Some(_)) => {
-            return invalid(
-                "--mesh-ca-key (mesh_ca_key) needs --mesh-ca-cert (mesh_ca_cert)".into(),
-            )
-        }
-        (None, None) => {
-            let given = [
-                "mesh_listen",
-                "mesh_advertise",
-                "mesh_allow",
-                "mesh_cert_lifetime",
-            ]
-            .into_iter()
-            .find(|id| loaded.given(id));
-            if let Some(id) = given {
-                return invalid(format!(
-                    "--{} ({id}) needs --mesh-ca-cert and --mesh-ca-key: the mesh CA (make one with `pillion mesh init --out DIR`)",
-                    id.replace('_', "-")
-                ));
-            }
-            return Ok(None);
-        }
+        return Ok(None);
     };
     let Some(service) = args.server_name.clone() else {
         return invalid("--mesh-ca-cert (mesh_ca_cert) needs --server-name (server_name): the service this sidecar's mesh identity names".into());
     };
     // Refused at start (and by `pillion check`) rather than at the first call.
-    pillion_mesh::ca::Authority::load(&ca_cert, &ca_key)
-        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    pillion_mesh::ca::roots(&ca_cert).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let token = match (&args.mesh_token, &args.mesh_token_file) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                "--mesh-token (mesh_token) and --mesh-token-file (mesh_token_file) both give the join token: keep one".into(),
+            )
+        }
+        (Some(t), None) => Some(t.trim().to_string()),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "--mesh-token-file (mesh_token_file) {}: {e}",
+                        file.display()
+                    ))
+                })?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    for url in &args.mesh_issuer {
+        if !url.starts_with("https://") {
+            return invalid(format!(
+                "--mesh-issuer (mesh_issuer) {url:?} is not https://host:port (issuers serve HTTPS)"
+            ));
+        }
+    }
+    if args.mesh_local_ca && args.mesh_ca_key.is_none() {
+        return invalid("--mesh-local-ca (mesh_local_ca) needs --mesh-ca-key (mesh_ca_key)".into());
+    }
+    use pillion_mesh::identity::Source;
+    let source = match (args.mesh_ca_key.clone(), args.mesh_issuer.is_empty(), token) {
+        (Some(_), false, _) => {
+            return invalid("--mesh-ca-key (mesh_ca_key) and --mesh-issuer (mesh_issuer) are two ways to get certificates: with issuers, the CA key stays on their hosts".into())
+        }
+        (Some(_), true, Some(_)) | (None, true, Some(_)) => {
+            return invalid("--mesh-token (mesh_token) needs --mesh-issuer (mesh_issuer): the issuer that takes it".into())
+        }
+        (Some(key), true, None) => {
+            pillion_mesh::ca::Authority::load(&ca_cert, &key)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if let Some(listen) = args.mesh_listen.filter(|l| !l.ip().is_loopback()) {
+                if !args.mesh_local_ca {
+                    return invalid(format!(
+                        "--mesh-ca-key (mesh_ca_key) on a sidecar whose --mesh-listen {listen} other hosts reach: whoever holds the CA key can take any identity in the mesh. Keep the key on an issuer (`pillion mesh serve`) and start this sidecar with --mesh-issuer URL --mesh-token TOKEN, or say it is meant with --mesh-local-ca"
+                    ));
+                }
+            }
+            Source::LocalCa(key)
+        }
+        (None, false, Some(token)) => {
+            if loaded.given("mesh_cert_lifetime") {
+                return invalid("--mesh-cert-lifetime (mesh_cert_lifetime) is the life of the certificates a sidecar issues itself; with --mesh-issuer, the issuer's --mesh-cert-lifetime decides".into());
+            }
+            Source::Issuers {
+                urls: args.mesh_issuer.clone(),
+                token,
+            }
+        }
+        (None, false, None) => {
+            return invalid("--mesh-issuer (mesh_issuer) needs --mesh-token (or --mesh-token-file): a join token from `pillion mesh token --service NAME`".into())
+        }
+        (None, true, None) => {
+            return invalid("--mesh-ca-cert (mesh_ca_cert) needs --mesh-issuer URL with --mesh-token TOKEN (certificates from the mesh's issuers), or --mesh-ca-key (this sidecar issues itself: one host, or development)".into())
+        }
+    };
     let lifetime = args.mesh_cert_lifetime.0;
     if lifetime < pillion_mesh::identity::MIN_LIFETIME {
         return invalid(format!(
@@ -467,7 +524,7 @@ fn resolve_mesh(
     }
     let identity = pillion_mesh::identity::MeshConfig {
         ca_cert,
-        ca_key,
+        source,
         service: service.0,
         lifetime,
     };

@@ -136,6 +136,64 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Mesh(crate::cli::MeshCommand::Token { ca, service, ttl }) => {
+            let minted = pillion_mesh::ca::Authority::load(&ca.mesh_ca_cert, &ca.mesh_ca_key)
+                .and_then(|authority| pillion_mesh::issuer::mint(&authority, &service.0, ttl.0));
+            match minted {
+                Ok((token, claims)) => {
+                    println!("{token}");
+                    eprintln!(
+                        "join token {} for {}, usable for {}; start the sidecar with \
+                         --server-name {} --mesh-token TOKEN (revoke it by adding {} to the \
+                         issuers' --revoked file)",
+                        claims.jti,
+                        claims.sub,
+                        pillion_core::duration::format(ttl.0),
+                        claims.sub,
+                        claims.jti
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Mesh(crate::cli::MeshCommand::Serve(args)) => {
+            if args.mesh_cert_lifetime.0 < pillion_mesh::identity::MIN_LIFETIME {
+                eprintln!(
+                    "error: --mesh-cert-lifetime must be at least {}: sidecars renew at two thirds of it",
+                    pillion_core::duration::format(pillion_mesh::identity::MIN_LIFETIME)
+                );
+                return ExitCode::from(2);
+            }
+            init_logging(args.log_format);
+            let config = pillion_mesh::issuer::IssuerConfig {
+                ca_cert: args.ca.mesh_ca_cert,
+                ca_key: args.ca.mesh_ca_key,
+                listen: args.listen,
+                lifetime: args.mesh_cert_lifetime.0,
+                revoked: args.revoked,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(sidecar::mesh_issuer(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Services(args) => client::run(client::Order::Services(args)),
         Command::Call(args) => client::run(client::Order::Call(args)),
         Command::Publish(args) => client::run(client::Order::Publish(args)),

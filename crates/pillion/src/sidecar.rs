@@ -134,6 +134,18 @@ struct Status {
     spans: Option<Arc<crate::otlp::ExportMetrics>>,
 }
 
+/// `pillion mesh serve`: the issuer, until SIGTERM or SIGINT.
+pub async fn mesh_issuer(config: pillion_mesh::issuer::IssuerConfig) -> Result<(), String> {
+    let shutdown = crate::shutdown::Shutdown::on_signals().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, ca = %config.ca_cert.display(), "mesh issuer listening");
+    pillion_mesh::issuer::serve(config, listener, shutdown.begun())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 pub async fn run(settings: Settings) -> Result<(), String> {
     let mut shutdown =
         Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
@@ -193,7 +205,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let api_tls = ApiTls::start(&settings)?;
     let identity = match &settings.mesh {
         Some(mesh) => Some(
-            pillion_mesh::identity::Identity::start(&mesh.identity).map_err(|e| e.to_string())?,
+            pillion_mesh::identity::Identity::start(&mesh.identity)
+                .await
+                .map_err(|e| e.to_string())?,
         ),
         None => None,
     };

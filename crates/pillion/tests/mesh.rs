@@ -368,47 +368,79 @@ fn mesh_options_that_cannot_work_are_refused_at_start() {
     let ca = mesh_ca("options");
     let cert = ca.join("ca.crt").display().to_string();
     let key = ca.join("ca.key").display().to_string();
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    let issuer = ["--mesh-issuer", "https://127.0.0.1:1"];
+    let named = ["--mesh-ca-cert", &cert, "--server-name", "a"];
+    let with = |more: &[&str]| -> Vec<String> {
+        named.iter().chain(more).map(|s| s.to_string()).collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["--mesh-listen", "127.0.0.1:1"],
-            "--mesh-listen (mesh_listen) needs --mesh-ca-cert and --mesh-ca-key",
+            vec!["--mesh-listen".into(), "127.0.0.1:1".into()],
+            "--mesh-listen (mesh_listen) needs --mesh-ca-cert",
         ),
         (
-            vec!["--mesh-ca-cert", &cert],
-            "--mesh-ca-cert (mesh_ca_cert) needs --mesh-ca-key",
+            vec!["--mesh-issuer".into(), "https://x:1".into()],
+            "--mesh-issuer (mesh_issuer) needs --mesh-ca-cert",
         ),
         (
-            vec!["--mesh-ca-cert", &cert, "--mesh-ca-key", &key],
+            vec!["--mesh-ca-cert".into(), cert.clone()],
             "needs --server-name (server_name)",
         ),
         (
-            vec![
-                "--mesh-ca-cert",
-                &cert,
+            with(&[]),
+            "needs --mesh-issuer URL with --mesh-token TOKEN (certificates from the mesh's issuers), or --mesh-ca-key",
+        ),
+        (with(&issuer), "--mesh-issuer (mesh_issuer) needs --mesh-token"),
+        (
+            with(&["--mesh-token", "t"]),
+            "--mesh-token (mesh_token) needs --mesh-issuer",
+        ),
+        (
+            with(&["--mesh-issuer", "http://x:1", "--mesh-token", "t"]),
+            "is not https://host:port",
+        ),
+        (
+            with(&["--mesh-ca-key", &key, "--mesh-issuer", "https://x:1", "--mesh-token", "t"]),
+            "two ways to get certificates",
+        ),
+        (
+            with(&[issuer[0], issuer[1], "--mesh-token", "t", "--mesh-cert-lifetime", "1h"]),
+            "the issuer's --mesh-cert-lifetime decides",
+        ),
+        (
+            with(&["--mesh-local-ca"]),
+            "--mesh-local-ca (mesh_local_ca) needs --mesh-ca-key",
+        ),
+        (
+            with(&[
                 "--mesh-ca-key",
                 &key,
-                "--server-name",
-                "a",
+                "--server-address",
+                "127.0.0.1:9",
                 "--mesh-listen",
-                "127.0.0.1:1",
-            ],
+                "0.0.0.0:1",
+            ]),
+            "whoever holds the CA key can take any identity in the mesh",
+        ),
+        (
+            with(&["--mesh-ca-key", &key, "--mesh-listen", "127.0.0.1:1"]),
             "--mesh-listen (mesh_listen) needs --server-address",
         ),
         (
             vec![
-                "--mesh-ca-cert",
-                &key,
-                "--mesh-ca-key",
-                &key,
-                "--server-name",
-                "a",
+                "--mesh-ca-cert".into(),
+                key.clone(),
+                "--mesh-ca-key".into(),
+                key.clone(),
+                "--server-name".into(),
+                "a".into(),
             ],
             "no PEM certificate",
         ),
     ];
     for (args, expected) in cases {
         let mut all = vec!["run"];
-        all.extend(args.iter().copied());
+        all.extend(args.iter().map(String::as_str));
         let (code, _, err) = run_to_end(&all, &[]);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(expected), "{args:?}: {err}");

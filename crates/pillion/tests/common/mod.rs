@@ -198,9 +198,14 @@ pub fn mesh_receiver(
     app: SocketAddr,
     extra: &[&str],
 ) -> MeshReceiver {
+    mesh_receiver_as(mesh_flags(ca, service), app, extra)
+}
+
+/// [`mesh_receiver`] with its identity given by `identity` (the mesh flags).
+pub fn mesh_receiver_as(identity: Vec<String>, app: SocketAddr, extra: &[&str]) -> MeshReceiver {
     let mesh: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let gossip = pillion_testkit::free_udp_port();
-    let mut args = mesh_flags(ca, service);
+    let mut args = identity;
     args.extend([
         "--handler".into(),
         "proxy".into(),
