@@ -329,6 +329,8 @@ pub struct ServiceSet {
     pub shared: Arc<ServiceShared>,
     /// How its nodes are ejected when an answer's body breaks off.
     pub ejection: EjectionPolicy,
+    /// Ids of the nodes left out because they have no mesh listener (warned once).
+    pub skipped: Vec<String>,
 }
 
 /// A node is credited when its answer's body ends whole, and blamed when it breaks
@@ -401,6 +403,9 @@ pub struct Endpoints {
     locality: Locality,
     pool: pool::Settings,
     mesh: Option<MeshConnect>,
+    /// In the mesh, and not `--mesh-permissive`: the nodes of a meshed service
+    /// without a mesh listener are left out.
+    strict: bool,
     ejection: EjectionPolicy,
     max_retry_percent: f64,
     /// How a node with no `protocol` metadata is called (`--rpc-codec`).
@@ -414,6 +419,7 @@ impl Endpoints {
         locality: Locality,
         pool: pool::Settings,
         mesh: Option<MeshConnect>,
+        permissive: bool,
         ejection: EjectionPolicy,
         unset: Protocol,
     ) -> Arc<Endpoints> {
@@ -424,6 +430,7 @@ impl Endpoints {
             shared: Mutex::new(HashMap::new()),
             locality,
             pool,
+            strict: mesh.is_some() && !permissive,
             mesh,
             ejection,
             max_retry_percent: 0.2,
@@ -528,8 +535,23 @@ impl Endpoints {
         previous: Option<&Arc<ServiceSet>>,
     ) -> Arc<ServiceSet> {
         let mut nodes = Vec::new();
+        let mut skipped = Vec::new();
+        // A meshed service is called over mTLS only: a node of it without a mesh
+        // listener (a plaintext registration anyone could make) is never selected.
+        let meshed = self.strict
+            && versions
+                .iter()
+                .any(|svc| svc.nodes.iter().any(|n| n.mesh().is_some()));
         for svc in versions {
             for node in &svc.nodes {
+                if meshed && node.mesh().is_none() {
+                    let known = previous.is_some_and(|p| p.skipped.contains(&node.id));
+                    if !known {
+                        tracing::warn!(service = %name, node = %node.id, address = %node.endpoint(), "left out: a node without a mesh listener of a service in the mesh (calls would go in clear text; --mesh-permissive allows it during a migration)");
+                    }
+                    skipped.push(node.id.clone());
+                    continue;
+                }
                 let address = node.endpoint();
                 let authority = node.mesh().unwrap_or(&address).to_string();
                 let meta = |k: &str| {
@@ -576,6 +598,7 @@ impl Endpoints {
             nodes,
             shared: self.shared(name),
             ejection: self.ejection,
+            skipped,
         })
     }
 }
@@ -649,6 +672,7 @@ mod tests {
             Locality::default(),
             Default::default(),
             None,
+            false,
             EjectionPolicy::default(),
             Protocol::Unset,
         );

@@ -109,6 +109,10 @@ pub struct Config {
     pub policy: Policy,
     /// How connections to nodes are kept.
     pub pool: pillion_http::pool::Settings,
+    /// Whether a sidecar in the mesh may call, in clear text, a node without a mesh
+    /// listener of a service that has nodes with one (`--mesh-permissive`, for a
+    /// migration). Otherwise such nodes are never selected.
+    pub mesh_permissive: bool,
 }
 
 impl Default for Config {
@@ -129,6 +133,7 @@ impl Default for Config {
                 ejection: EjectionPolicy::default(),
             },
             pool: Default::default(),
+            mesh_permissive: false,
         }
     }
 }
@@ -157,6 +162,7 @@ impl Invoker {
                 locality,
                 config.pool.clone(),
                 mesh,
+                config.mesh_permissive,
                 config.policy.ejection,
                 config.rpc_codec.unset(),
             ),

@@ -780,6 +780,12 @@ pub struct RunArgs {
     )]
     pub mesh_allow: Vec<ServiceName>,
 
+    /// Allow clear text beside the mesh, for a migration: calls to a meshed service
+    /// may go to its nodes without a mesh listener, the API registers such nodes, and
+    /// --mesh-listen may front an app other hosts reach directly. Logged at start.
+    #[arg(long, default_value = "false", action = clap::ArgAction::Set, env = "PILLION_MESH_PERMISSIVE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub mesh_permissive: bool,
+
     /// How long each mesh certificate lives; it is renewed at two thirds of it.
     #[arg(
         long,

@@ -545,15 +545,30 @@ fn resolve_mesh(
     let Some(app) = app else {
         return invalid("--mesh-listen (mesh_listen) needs --server-address (server_address): the app that mesh calls are forwarded to".into());
     };
+    let app_host = app
+        .address
+        .rsplit_once(':')
+        .map_or(app.address.as_str(), |(h, _)| h);
+    let app_local = app_host == "localhost"
+        || app_host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !app_local && !args.mesh_permissive {
+        return invalid(format!(
+            "--server-address (server_address) {} is an address other hosts may reach: they could call the app directly, around --mesh-listen and its checks (a forged X-Pillion-Caller included). Bind the app to 127.0.0.1 and give --server-address 127.0.0.1:PORT: other hosts reach it through --mesh-listen. During a migration, --mesh-permissive allows it",
+            app.address
+        ));
+    }
     let advertise = match &args.mesh_advertise {
         Some(a) => a.0.clone(),
-        None if addr.ip().is_unspecified() => {
-            let host = app
-                .address
-                .rsplit_once(':')
-                .map_or(app.address.as_str(), |(h, _)| h);
-            format!("{host}:{}", addr.port())
+        None if addr.ip().is_unspecified() && app_local => {
+            return invalid(format!(
+                "--mesh-listen (mesh_listen) {addr} needs --mesh-advertise (mesh_advertise) HOST:PORT: the address other hosts reach the mesh listener at"
+            ));
         }
+        None if addr.ip().is_unspecified() => format!("{app_host}:{}", addr.port()),
         None => addr.to_string(),
     };
     app.metadata
@@ -684,6 +699,7 @@ impl Settings {
         };
         let defaults = pillion_invoke::Config::default();
         let invoke = pillion_invoke::Config {
+            mesh_permissive: args.mesh_permissive,
             handler: args.handler,
             rpc_codec: args.rpc_codec,
             namespace: args.namespace.clone().unwrap_or(defaults.namespace),

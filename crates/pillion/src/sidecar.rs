@@ -211,6 +211,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         ),
         None => None,
     };
+    if settings.invoke.mesh_permissive {
+        tracing::warn!(
+            "--mesh-permissive: clear text is allowed beside the mesh (calls to meshed services may go to nodes without a mesh listener, such nodes are registered, an app other hosts reach may sit behind --mesh-listen); for a migration only"
+        );
+    }
     let tcp = TcpProxy::new(pillion_tcp::resolver(&settings.dns_servers));
     if let Some(identity) = &identity {
         tcp.set_mesh(Arc::new(MeshRoutes {
@@ -348,7 +353,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .route("/dashboard/data", get(dashboard_data))
         .route("/stats", get(stats))
         .with_state(status)
-        .merge(pillion_registry::api::router(registry.clone()))
+        .merge(pillion_registry::api::router(
+            registry.clone(),
+            settings.invoke.mesh_permissive,
+        ))
         .merge(pillion_broker::api::router(broker_api))
         .merge(invoker.router());
 

@@ -2,6 +2,9 @@
 //!
 //! - `POST /registry[?ttl=10s]` (a TTL between [`MIN_TTL`] and [`MAX_TTL`]) with `{"name","version"?,"metadata"?,"nodes":[...]}`
 //!   registers (keys in any case, `null` for an absent field as go-micro sends it);
+//!   A node without a mesh listener (metadata `mesh`) is refused for a service that
+//!   has nodes with one, unless `permissive` (`--mesh-permissive`): callers in the
+//!   mesh would never call it, and others would reach it in clear text.
 //! - `DELETE /registry` with the same body deregisters the listed nodes (all nodes of
 //!   the service when none are listed);
 //! - `GET /registry?service=NAME` answers a JSON array of the service's versions, 404
@@ -38,7 +41,7 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The routes, over any registry adapter.
-pub fn router(registry: Arc<dyn Registry>) -> Router {
+pub fn router(registry: Arc<dyn Registry>, permissive: bool) -> Router {
     let health = Checker {
         registry: registry.clone(),
         client: Arc::new(pillion_http::Client::new(
@@ -47,7 +50,12 @@ pub fn router(registry: Arc<dyn Registry>) -> Router {
         )),
     };
     Router::new()
-        .route("/registry", get(lookup).post(register).delete(deregister))
+        .route(
+            "/registry",
+            get(lookup)
+                .post(move |state, query, body| register(state, query, body, permissive))
+                .delete(deregister),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(registry)
         .merge(
@@ -128,6 +136,7 @@ async fn register(
     State(registry): State<Arc<dyn Registry>>,
     RawQuery(raw): RawQuery,
     body: Result<Bytes, BytesRejection>,
+    permissive: bool,
 ) -> Response {
     let query = match query(raw.as_deref()) {
         Ok(q) => q,
@@ -159,10 +168,37 @@ async fn register(
             "nodes: at least one node is needed to register a service",
         );
     }
+    if !permissive {
+        if let Some(refusal) = plaintext_beside_mesh(&registry.catalog(), &service) {
+            return error(StatusCode::BAD_REQUEST, refusal);
+        }
+    }
     match registry.register(&service, ttl).await {
         Ok(()) => Json(serde_json::json!({})).into_response(),
         Err(e) => registry_error(e),
     }
+}
+
+/// Why `service` may not be registered: a node of it without a mesh listener, new
+/// to a service that has nodes with one.
+fn plaintext_beside_mesh(catalog: &crate::Catalog, service: &Service) -> Option<String> {
+    let versions = catalog.get(&service.name)?;
+    let nodes = || versions.iter().flat_map(|v| &v.nodes);
+    if !nodes().any(|n| n.mesh().is_some()) {
+        return None;
+    }
+    // A renewal of a node already registered changes nothing.
+    let node = service
+        .nodes
+        .iter()
+        .find(|n| n.mesh().is_none() && !nodes().any(|m| m.id == n.id && m.mesh().is_none()))?;
+    Some(format!(
+        "node {:?} has no mesh listener (metadata \"mesh\") and service {:?} is in the mesh: \
+         sidecars in the mesh never call such a node, others would call it in clear text. \
+         Register it through a sidecar with --mesh-listen, or, during a migration, start \
+         this sidecar with --mesh-permissive",
+        node.id, service.name
+    ))
 }
 
 async fn deregister(
