@@ -133,6 +133,7 @@ mod tests {
                 .collect(),
             shared: Arc::new(ServiceShared::test()),
             ejection: Default::default(),
+            skipped: Vec::new(),
         }
     }
 

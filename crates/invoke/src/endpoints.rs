@@ -746,6 +746,7 @@ mod tests {
             nodes: nodes.clone(),
             shared,
             ejection: EjectionPolicy::default(),
+            skipped: Vec::new(),
         };
         let policy = EjectionPolicy::default();
         for _ in 0..4 {
