@@ -1,6 +1,7 @@
 //! The mesh listener's side of a call: the caller's sidecar is known by its
-//! certificate; the allow list decides; in distributed JWT mode the token travelling
-//! with the call is verified here; the app gets `X-Pillion-Caller` and the request.
+//! certificate; in distributed JWT mode the token travelling with the call is
+//! verified here; the rules decide ([`crate::policy`]), then the caller's rate
+//! limits; the app gets `X-Pillion-Caller` and the request.
 //!
 //! The app gets the call's `traceparent` ([`trace::hop`]); with an exporter, the
 //! listener records a server span `serve <service>`.
@@ -26,6 +27,7 @@ use pillion_http::server::RequestBody;
 use pillion_http::server::TlsPeer;
 
 use crate::jwt::Verifier;
+use crate::policy::{Call, Limits, Rules};
 
 /// [`pillion_core::CALLER_HEADER`].
 pub const CALLER: HeaderName = HeaderName::from_static(pillion_core::CALLER_HEADER);
@@ -39,8 +41,12 @@ pub struct MeshInbound {
     /// The app's `host:port`.
     pub app: String,
     pool: Arc<Pool>,
-    /// Services that may call; empty: any service of the mesh.
+    /// `--mesh-allow`: services that may call; empty: any service of the mesh.
     pub allow: Vec<String>,
+    /// The `[mesh]` rules, `--mesh-allow`'s last.
+    pub rules: Arc<Rules>,
+    /// Rate limits per caller.
+    pub limits: Arc<Limits>,
     pub jwt: Option<Arc<Verifier>>,
     pub app_timeout: Duration,
     pub connect_timeout: Duration,
@@ -49,10 +55,13 @@ pub struct MeshInbound {
 }
 
 impl MeshInbound {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         service: String,
         app: String,
         allow: Vec<String>,
+        rules: Arc<Rules>,
+        limits: Arc<Limits>,
         jwt: Option<Arc<Verifier>>,
         app_timeout: Duration,
         connect_timeout: Duration,
@@ -62,6 +71,8 @@ impl MeshInbound {
             service,
             app,
             allow,
+            rules,
+            limits,
             jwt,
             app_timeout,
             connect_timeout,
@@ -80,19 +91,30 @@ impl MeshInbound {
         })
     }
 
-    /// Whether `caller` may call this service, and if not, why.
-    fn admit(&self, caller: Option<&Arc<str>>) -> Result<Arc<str>, String> {
-        let Some(caller) = caller else {
-            return Err("the client certificate names no pillion service".into());
+    /// The caller, when its certificate names one.
+    fn caller(caller: Option<&Arc<str>>) -> Result<Arc<str>, String> {
+        caller
+            .cloned()
+            .ok_or_else(|| "the client certificate names no pillion service".into())
+    }
+
+    /// Whether `call` may reach the app, by the rules, and if not, why. A denial is
+    /// logged (in audit mode too, where the call goes on).
+    fn decide(&self, call: &Call<'_>, peer: SocketAddr) -> Result<(), String> {
+        let Err(denial) = self.rules.decide(call) else {
+            return Ok(());
         };
-        if self.allow.is_empty() || self.allow.iter().any(|a| **a == **caller) {
-            return Ok(caller.clone());
+        let rule = denial.rule.as_deref().unwrap_or("default");
+        let why = format!(
+            "service {:?} may not call {:?}: {}",
+            call.caller, self.service, denial.why
+        );
+        if denial.audited {
+            tracing::warn!(%peer, caller = call.caller, method = call.method.unwrap_or("-"), path = call.path.unwrap_or("-"), rule, audit = true, "mesh call would be denied (audit mode): {why}");
+            return Ok(());
         }
-        Err(format!(
-            "service {caller:?} may not call {:?} (allowed: {}; --mesh-allow)",
-            self.service,
-            self.allow.join(", ")
-        ))
+        tracing::info!(%peer, caller = call.caller, method = call.method.unwrap_or("-"), path = call.path.unwrap_or("-"), rule, "mesh call denied: {why}");
+        Err(why)
     }
 
     fn refuse(&self, status: StatusCode, why: String) -> Response<ProxyBody> {
@@ -105,7 +127,7 @@ impl MeshInbound {
         mut req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let caller = match self.admit(
+        let caller = match Self::caller(
             req.extensions()
                 .get::<TlsPeer>()
                 .and_then(|p| p.identity.as_ref()),
@@ -116,11 +138,36 @@ impl MeshInbound {
                 return self.refuse(StatusCode::FORBIDDEN, why);
             }
         };
-        if let Some(jwt) = &self.jwt {
-            if let Err(e) = jwt.admit(req.headers_mut()).await {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                return reply(e.to_api_error());
-            }
+        let principal = match &self.jwt {
+            Some(jwt) => match jwt.admit(req.headers_mut()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return reply(e.to_api_error());
+                }
+            },
+            None => None,
+        };
+        let call = Call {
+            caller: &caller,
+            method: Some(req.method().as_str()),
+            path: Some(req.uri().path()),
+            subject: principal.as_ref().map(|p| p.sub.as_str()),
+            scopes: principal.as_ref().map_or(&[], |p| &p.scopes),
+        };
+        if let Err(why) = self.decide(&call, peer) {
+            return self.refuse(StatusCode::FORBIDDEN, why);
+        }
+        if let Err((limit, wait)) = self.limits.take(&caller, req.uri().path()) {
+            tracing::info!(%peer, caller = %caller, limit = %limit, "mesh call over its rate limit");
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return too_many(
+                &format!(
+                    "service {caller:?} is over the rate limit {limit:?} of {:?}",
+                    self.service
+                ),
+                wait,
+            );
         }
         let h2 = req.version() == Version::HTTP_2;
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
@@ -195,7 +242,21 @@ impl MeshInbound {
         peer: SocketAddr,
         client: TlsPeer,
     ) {
-        if let Err(why) = self.admit(client.identity.as_ref()) {
+        let caller = Self::caller(client.identity.as_ref()).and_then(|caller| {
+            let call = Call {
+                caller: &caller,
+                method: None,
+                path: None,
+                subject: None,
+                scopes: &[],
+            };
+            self.decide(&call, peer)?;
+            match self.limits.take(&caller, "") {
+                Ok(()) => Ok(()),
+                Err((limit, _)) => Err(format!("over the rate limit {limit:?}")),
+            }
+        });
+        if let Err(why) = caller {
             self.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, "mesh tunnel refused: {why}");
             return;
@@ -219,4 +280,14 @@ impl MeshInbound {
         let mut app = app;
         let _ = tokio::io::copy_bidirectional(&mut tls, &mut app).await;
     }
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1), as Envoy's local rate limit
+/// answers.
+pub fn too_many(why: &str, wait: Duration) -> Response<ProxyBody> {
+    let mut res = reply(ApiError::new(ID, StatusCode::TOO_MANY_REQUESTS, why));
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    res.headers_mut()
+        .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    res
 }

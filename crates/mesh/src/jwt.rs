@@ -144,6 +144,30 @@ impl JwtError {
     }
 }
 
+/// Who a valid token speaks for: its subject and its scopes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub sub: String,
+    /// OAuth 2's `scope` (space-separated), or `scp` (a list or a string).
+    pub scopes: Vec<String>,
+}
+
+fn scopes(claims: &Claims) -> Vec<String> {
+    let words = |v: &serde_json::Value| -> Vec<String> {
+        match v {
+            serde_json::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut out = claims.get("scope").map(words).unwrap_or_default();
+    out.extend(claims.get("scp").map(words).unwrap_or_default());
+    out
+}
+
 impl Verifier {
     /// Reads the key set once: a file that does not load is an error now; a URL that
     /// does not answer is read again at the first token. Then reads it periodically,
@@ -183,9 +207,9 @@ impl Verifier {
         Ok(verifier)
     }
 
-    /// Checks the request's token: `Ok(Some(sub))` for a valid one, which sets
+    /// Checks the request's token: `Ok(Some(principal))` for a valid one, which sets
     /// `X-Pillion-Subject`, `Ok(None)` for no token when none is required.
-    pub async fn admit(&self, headers: &mut HeaderMap) -> Result<Option<String>, JwtError> {
+    pub async fn admit(&self, headers: &mut HeaderMap) -> Result<Option<Principal>, JwtError> {
         let token = match bearer(headers) {
             Some(t) => t.to_string(),
             None if self.config.required => return Err(JwtError::Missing),
@@ -201,7 +225,9 @@ impl Verifier {
             }
         }
         let claim = &self.config.subject_claim;
-        let sub = match claims?.remove(claim) {
+        let mut claims = claims?;
+        let scopes = scopes(&claims);
+        let sub = match claims.remove(claim) {
             Some(serde_json::Value::String(s)) => s,
             Some(serde_json::Value::Number(n)) => n.to_string(),
             None | Some(serde_json::Value::Null) if !self.config.subject_required => {
@@ -226,7 +252,7 @@ impl Verifier {
             ))
         })?;
         headers.insert(pillion_core::SUBJECT_HEADER, value);
-        Ok(Some(sub))
+        Ok(Some(Principal { sub, scopes }))
     }
 
     fn verify(&self, token: &str, header: &jsonwebtoken::Header) -> Result<Claims, JwtError> {

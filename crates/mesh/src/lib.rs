@@ -11,6 +11,8 @@
 //!   [`pillion_http::x509`], which ACME uses too).
 //! - [`inbound`]: the mesh listener's side of a call: allow list, `X-Pillion-Caller`,
 //!   distributed JWT, and the forward to the app (HTTP or a TCP tunnel).
+//! - [`policy`]: the `[mesh]` rules (caller, method, path, JWT subject and scopes ->
+//!   allow or deny, with an audit mode) and the rate limits of both listeners.
 //! - [`jwt`] verifies bearer tokens against a JWKS (a file or a URL, read again
 //!   periodically and on an unknown key) and hands the app the token's subject.
 //! - [`acme`]: certificates for HTTPS on `--listen` from an ACME CA such as Let's
@@ -25,3 +27,4 @@ pub mod identity;
 pub mod inbound;
 pub mod issuer;
 pub mod jwt;
+pub mod policy;

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -46,6 +47,10 @@ pub struct FileConfig {
     /// parser.
     pub options: Vec<(String, Vec<String>)>,
     pub tcp: Vec<pillion_tcp::ListenerConfig>,
+    /// The `[mesh]` table: rules for calls through `--mesh-listen`.
+    pub mesh: Option<pillion_mesh::policy::MeshPolicyConfig>,
+    /// The `[[rate_limits]]` of both listeners.
+    pub rate_limits: Vec<pillion_mesh::policy::LimitConfig>,
     /// Warnings to print once at start (an iaido file: `pillion migrate` and what
     /// pillion does differently); a reload does not repeat them.
     pub notices: Vec<String>,
@@ -102,6 +107,8 @@ impl FileConfig {
         Ok(FileConfig {
             options: t.options,
             tcp: t.tcp,
+            mesh: None,
+            rate_limits: Vec::new(),
             notices,
         })
     }
@@ -115,7 +122,7 @@ impl FileConfig {
         let mut options = Vec::new();
         for (key, value) in &table {
             let name = key.get_ref().as_str();
-            if name == "tcp" {
+            if matches!(name, "tcp" | "mesh" | "rate_limits") {
                 continue;
             }
             let at = |message: String| located(text, Some(key.span()), &message);
@@ -146,17 +153,27 @@ impl FileConfig {
             options.push((name.to_string(), values));
         }
         #[derive(Deserialize)]
-        struct Tcp {
+        struct Tables {
             #[serde(default)]
             tcp: Vec<pillion_tcp::ListenerConfig>,
+            mesh: Option<pillion_mesh::policy::MeshPolicyConfig>,
+            #[serde(default)]
+            rate_limits: Vec<pillion_mesh::policy::LimitConfig>,
         }
-        let tcp = toml::from_str::<Tcp>(text)
-            .map_err(|e| located(text, e.span(), e.message()))?
-            .tcp;
-        pillion_tcp::config::validate(&tcp)?;
+        let tables =
+            toml::from_str::<Tables>(text).map_err(|e| located(text, e.span(), e.message()))?;
+        pillion_tcp::config::validate(&tables.tcp)?;
+        // Checked here (`pillion check` included), used when the sidecar resolves.
+        use pillion_mesh::policy::{Limits, Listener, Rules};
+        if let Some(mesh) = &tables.mesh {
+            Rules::new(mesh, &[])?;
+        }
+        Limits::new(&tables.rate_limits, Listener::Mesh)?;
         Ok(FileConfig {
             options,
-            tcp,
+            tcp: tables.tcp,
+            mesh: tables.mesh,
+            rate_limits: tables.rate_limits,
             notices: Vec::new(),
         })
     }
@@ -293,6 +310,8 @@ pub struct Loaded {
     pub args: RunArgs,
     given: BTreeSet<String>,
     tcp: Vec<pillion_tcp::ListenerConfig>,
+    mesh_policy: Option<pillion_mesh::policy::MeshPolicyConfig>,
+    rate_limits: Vec<pillion_mesh::policy::LimitConfig>,
     /// The file's warnings, for the caller to print once.
     pub notices: Vec<String>,
 }
@@ -307,6 +326,8 @@ impl Loaded {
             .map_err(clap_error)?;
         let mut merged: Vec<OsString> = Vec::new();
         let mut tcp = Vec::new();
+        let mut mesh_policy = None;
+        let mut rate_limits = Vec::new();
         let mut notices = Vec::new();
         if let Some(path) = first.get_one::<PathBuf>("config") {
             let file = FileConfig::load(path)?;
@@ -321,6 +342,8 @@ impl Loaded {
                 }
             }
             tcp = file.tcp;
+            mesh_policy = file.mesh;
+            rate_limits = file.rate_limits;
             notices = file.notices;
         }
         merged.extend(argv);
@@ -342,6 +365,8 @@ impl Loaded {
             args,
             given,
             tcp,
+            mesh_policy,
+            rate_limits,
             notices,
         })
     }
@@ -408,6 +433,10 @@ pub struct MeshListen {
     /// The app's `host:port`, where calls are forwarded.
     pub app: String,
     pub allow: Vec<String>,
+    /// The `[mesh]` rules, `--mesh-allow`'s last.
+    pub rules: Arc<pillion_mesh::policy::Rules>,
+    /// `[[rate_limits]]` with `listener = "mesh"`: a bucket per caller.
+    pub limits: Arc<pillion_mesh::policy::Limits>,
     /// Distributed JWT: tokens travelling with calls are verified here.
     pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
 }
@@ -573,15 +602,32 @@ fn resolve_mesh(
     };
     app.metadata
         .insert(pillion_core::service::MESH_METADATA.to_string(), advertise);
+    let allow: Vec<String> = args.mesh_allow.iter().map(|s| s.0.clone()).collect();
     Ok(Some(MeshSettings {
         identity,
         listen: Some(MeshListen {
             addr,
             app: app.address.clone(),
-            allow: args.mesh_allow.iter().map(|s| s.0.clone()).collect(),
+            allow: allow.clone(),
+            rules: Arc::new(
+                pillion_mesh::policy::Rules::new(
+                    &loaded.mesh_policy.clone().unwrap_or_default(),
+                    &allow,
+                )
+                .map_err(ConfigError::Invalid)?,
+            ),
+            limits: Arc::new(rate_limits(loaded, pillion_mesh::policy::Listener::Mesh)?),
             jwt: resolve_jwt(loaded)?,
         }),
     }))
+}
+
+/// The `[[rate_limits]]` of `listener`.
+fn rate_limits(
+    loaded: &Loaded,
+    listener: pillion_mesh::policy::Listener,
+) -> Result<pillion_mesh::policy::Limits, ConfigError> {
+    pillion_mesh::policy::Limits::new(&loaded.rate_limits, listener).map_err(ConfigError::Invalid)
 }
 
 /// `--jwt-*`, verified on --listen and --mesh-listen.
@@ -672,6 +718,8 @@ pub struct InboundSettings {
     pub acme: Option<pillion_mesh::acme::AcmeConfig>,
     /// JWT verification on `listen`.
     pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
+    /// `[[rate_limits]]` with `listener = "listen"`: a bucket per client address.
+    pub limits: Arc<pillion_mesh::policy::Limits>,
     pub store: String,
     /// How sessions bailiff stored are met.
     pub bailiff: pillion_session::redis::Bailiff,
@@ -686,6 +734,25 @@ impl Settings {
             idle_timeout: args.pool_idle_timeout.0,
             ..Default::default()
         };
+        if loaded.mesh_policy.is_some() && args.mesh_listen.is_none() {
+            return Err(ConfigError::Invalid(
+                "[mesh] rules are for calls through --mesh-listen (mesh_listen), which is not set"
+                    .into(),
+            ));
+        }
+        for limit in &loaded.rate_limits {
+            use pillion_mesh::policy::Listener;
+            let (set, flag) = match limit.listener {
+                Listener::Mesh => (args.mesh_listen.is_some(), "--mesh-listen (mesh_listen)"),
+                Listener::Listen => (args.listen.is_some(), "--listen (listen)"),
+            };
+            if !set {
+                return Err(ConfigError::Invalid(format!(
+                    "[[rate_limits]] {} is for {flag}, which is not set",
+                    limit.name.as_deref().unwrap_or("(unnamed)")
+                )));
+            }
+        }
         let inbound = resolve_inbound(&loaded, &pool)?;
         let broker = resolve_broker(args, inbound.as_ref())?;
         let metadata: BTreeMap<String, String> = args
@@ -1012,6 +1079,7 @@ fn resolve_inbound(
         tls,
         acme,
         jwt,
+        limits: Arc::new(rate_limits(loaded, pillion_mesh::policy::Listener::Listen)?),
         store: args.session_store.0.clone(),
         bailiff: pillion_session::redis::Bailiff {
             prefix: args.session_bailiff_prefix.clone().unwrap_or_default(),

@@ -592,6 +592,8 @@ pub fn migrate_file(path: &Path, text: &str) -> Result<String, String> {
                 })
                 .collect(),
             tcp: Vec::new(),
+            mesh: None,
+            rate_limits: Vec::new(),
             notices: migrated.notices,
         };
         return Ok(file.to_toml(&format!(

@@ -130,6 +130,8 @@ struct Status {
     /// HTTPS on the API's --address.
     api_tls: ApiTls,
     mesh_inbound: Option<Arc<pillion_mesh::inbound::MeshInbound>>,
+    /// The rate limits of --listen.
+    listen_limits: Option<Arc<pillion_mesh::policy::Limits>>,
     dashboard: Arc<crate::dashboard::Recorder>,
     spans: Option<Arc<crate::otlp::ExportMetrics>>,
 }
@@ -313,6 +315,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                     .unwrap_or_default(),
                 cfg.app.clone(),
                 cfg.allow.clone(),
+                cfg.rules.clone(),
+                cfg.limits.clone(),
                 jwt,
                 settings.invoke.timeout,
                 settings.invoke.policy.connect_timeout,
@@ -338,6 +342,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         certificates: certificates.clone(),
         api_tls: api_tls.clone(),
         mesh_inbound: mesh_inbound.as_ref().map(|(m, _)| m.clone()),
+        listen_limits: settings.inbound.as_ref().map(|i| i.limits.clone()),
         spans: exporter.as_ref().map(|(_, _, m)| m.clone()),
     });
     // Fixed routes first; every other path is a call to a service (the invoker's
@@ -411,6 +416,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             Some(config) => Some(pillion_mesh::jwt::Verifier::new(config).await?),
             None => None,
         };
+        let rate = settings
+            .inbound
+            .as_ref()
+            .map(|i| i.limits.clone())
+            .filter(|l| !l.is_empty());
         servers.push(tokio::spawn(pillion_http::server::serve(
             listener,
             limits,
@@ -420,17 +430,28 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 use pillion_http::relay::{reply, to_caller};
                 let inbound = inbound.clone();
                 let grpc = pillion_core::error::is_grpc(req.headers());
+                // A bucket per client address.
+                if let Some(Err((limit, wait))) = rate
+                    .as_ref()
+                    .map(|r| r.take(&peer.ip().to_string(), req.uri().path()))
+                {
+                    let why = format!("{} is over the rate limit {limit:?}", peer.ip());
+                    let res = pillion_mesh::inbound::too_many(&why, wait);
+                    return Either::Right(Either::Left(std::future::ready(Ok(to_caller(
+                        grpc, res,
+                    )))));
+                }
                 match jwt.clone() {
                     None => Either::Left(OkMap::new(inbound.handle(req, peer), move |r| {
                         to_caller(grpc, r)
                     })),
-                    Some(jwt) => Either::Right(async move {
+                    Some(jwt) => Either::Right(Either::Right(async move {
                         if let Err(e) = jwt.admit(req.headers_mut()).await {
                             return Ok(to_caller(grpc, reply(e.to_api_error())));
                         }
                         let res = inbound.handle(req, peer).await;
                         Ok::<_, std::convert::Infallible>(to_caller(grpc, res))
-                    }),
+                    })),
                 }
             },
         )));
@@ -632,6 +653,44 @@ async fn status_json(status: &Status) -> serde_json::Value {
 }
 
 /// Prometheus text format.
+/// The `[mesh]` rules' denials and the rate limits' refusals.
+fn render_policy(status: &Status, out: &mut String) {
+    use std::fmt::Write;
+    if let Some(inbound) = &status.mesh_inbound {
+        let counts = inbound.rules.counts();
+        if counts.len() > 1 {
+            let _ = writeln!(out, "# HELP pillion_mesh_denied_total Mesh calls a rule denied (in audit mode: would have), by rule; default: no rule matched.\n# TYPE pillion_mesh_denied_total counter");
+            let audit = inbound.rules.audit();
+            for (rule, n) in counts {
+                let _ = writeln!(
+                    out,
+                    "pillion_mesh_denied_total{{rule=\"{rule}\",audit=\"{audit}\"}} {n}"
+                );
+            }
+        }
+    }
+    let limits = [
+        (
+            "mesh",
+            status.mesh_inbound.as_ref().map(|m| m.limits.clone()),
+        ),
+        ("listen", status.listen_limits.clone()),
+    ];
+    let mut header = false;
+    for (listener, limits) in limits {
+        for (limit, n) in limits.iter().flat_map(|l| l.counts()) {
+            if !header {
+                header = true;
+                let _ = writeln!(out, "# HELP pillion_rate_limited_total Calls answered 429 by a rate limit.\n# TYPE pillion_rate_limited_total counter");
+            }
+            let _ = writeln!(
+                out,
+                "pillion_rate_limited_total{{listener=\"{listener}\",limit=\"{limit}\"}} {n}"
+            );
+        }
+    }
+}
+
 async fn metrics(State(status): State<Arc<Status>>) -> Response {
     let mut out = String::with_capacity(4096);
     status.invoker.render_metrics(&mut out);
@@ -646,6 +705,7 @@ async fn metrics(State(status): State<Arc<Status>>) -> Response {
     if let Some(spans) = &status.spans {
         spans.render(&mut out);
     }
+    render_policy(&status, &mut out);
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         out,
