@@ -71,6 +71,8 @@ pub type Tunnel = Arc<
 #[derive(Debug, Clone)]
 pub struct TlsPeer {
     pub identity: Option<Arc<str>>,
+    /// The client's certificate (the leaf), when it showed one and it was verified.
+    pub certificate: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Serves `handle` on every connection until shutdown begins, then lets open
@@ -170,6 +172,10 @@ pub async fn serve<F, Fut, B>(
             }
             let client = TlsPeer {
                 identity: identify.and_then(|f| conn.peer_certificates().and_then(f)),
+                certificate: identify
+                    .and(conn.peer_certificates())
+                    .and_then(|c| c.first())
+                    .map(|c| c.clone().into_owned()),
             };
             if conn.alpn_protocol() == Some(crate::stream::TUNNEL_ALPN) {
                 match tunnel {

@@ -25,6 +25,28 @@ pub fn dns_names(cert: &[u8]) -> Option<Vec<String>> {
     Some(names.iter().map(|n| n.to_ascii_lowercase()).collect())
 }
 
+/// A certificate's serial number, in lower-case hex without leading zeros.
+pub fn serial(cert: &[u8]) -> Option<String> {
+    const INTEGER: u8 = 0x02;
+    const VERSION: u8 = 0xa0; // [0] EXPLICIT, before the serial when present
+    let (tag, certificate, _) = tlv(cert)?;
+    expect(tag, SEQUENCE)?;
+    let (tag, tbs, _) = tlv(certificate)?;
+    expect(tag, SEQUENCE)?;
+    let (mut tag, mut value, rest) = tlv(tbs)?;
+    if tag == VERSION {
+        (tag, value, _) = tlv(rest)?;
+    }
+    expect(tag, INTEGER)?;
+    let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    })
+}
+
 /// When a certificate starts and stops being valid: the first SEQUENCE of
 /// TBSCertificate that holds two times (the ones before are the algorithm and the
 /// issuer, which hold an OID and SETs).

@@ -201,7 +201,7 @@ impl Authority {
     /// here.
     pub fn issue(&self, service: &str, lifetime: Duration) -> Result<Issued, CaError> {
         let key = KeyPair::generate().map_err(|e| CaError(format!("generating a key: {e}")))?;
-        let signed = self.sign(&key, &crate::der::identity(service), lifetime)?;
+        let signed = self.sign(&key, &crate::der::identity(service), None, lifetime)?;
         Ok(Issued {
             chain: signed.chain,
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -210,11 +210,13 @@ impl Authority {
     }
 
     /// A certificate naming `uri` for `key`, valid from now for `lifetime`, usable as a
-    /// TLS server and client.
+    /// TLS server and client; with `token`, it names the join token it was granted on
+    /// too ([`crate::der::token_uri`]), so that revoking the token revokes it.
     pub fn sign(
         &self,
         key: &impl rcgen::PublicKeyData,
         uri: &str,
+        token: Option<&str>,
         lifetime: Duration,
     ) -> Result<Signed, CaError> {
         let mut params = CertificateParams::default();
@@ -224,6 +226,11 @@ impl Authority {
         let san = rcgen::string::Ia5String::try_from(uri)
             .map_err(|e| CaError(format!("{uri:?} in a certificate: {e}")))?;
         params.subject_alt_names = vec![SanType::URI(san)];
+        if let Some(token) = token {
+            let urn = rcgen::string::Ia5String::try_from(crate::der::token_uri(token))
+                .map_err(|e| CaError(format!("token id {token:?} in a certificate: {e}")))?;
+            params.subject_alt_names.push(SanType::URI(urn));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -246,7 +253,7 @@ impl Authority {
             .map_err(|e| CaError(format!("issuing for {uri:?}: {e}")))?;
         Ok(Signed {
             chain: vec![cert.der().clone(), self.cert.clone()],
-            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            serial: pillion_http::x509::serial(cert.der()).unwrap_or_default(),
             not_after: now + lifetime,
         })
     }

@@ -58,6 +58,49 @@ impl IssuerClient {
         }
     }
 
+    /// What the issuers revoked (token ids and certificate serials), from the first
+    /// that answers.
+    pub async fn revoked(&self) -> Result<Vec<String>, CaError> {
+        let client = self.client(None, Arc::new(std::sync::Mutex::new(None)));
+        let mut errors = Vec::new();
+        for url in &self.urls {
+            let req = http::Request::get(format!(
+                "{}{}",
+                url.trim_end_matches('/'),
+                crate::issuer::REVOKED_PATH
+            ))
+            .body(Outgoing::Full(None))
+            .map_err(|e| CaError(format!("--mesh-issuer {url}: {e}")))?;
+            let answer = async {
+                let res = client
+                    .send(req, CALL_TIMEOUT)
+                    .await
+                    .map_err(|e| describe(&e))?;
+                if !res.status().is_success() {
+                    return Err(format!("{}", res.status()));
+                }
+                let bytes = res.into_body().collect().await.map_err(|e| e.to_string())?;
+                let list: serde_json::Value =
+                    serde_json::from_slice(&bytes.to_bytes()).map_err(|e| e.to_string())?;
+                Ok(list["revoked"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect::<Vec<_>>())
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+                Ok(Ok(list)) => return Ok(list),
+                Ok(Err(e)) => errors.push(format!("{url}: {e}")),
+                Err(_) => errors.push(format!("{url}: no answer")),
+            }
+        }
+        Err(CaError(format!(
+            "no mesh issuer gave its revocations: {}",
+            errors.join("; ")
+        )))
+    }
+
     /// A new certificate, shown the current one.
     pub async fn renew(
         &self,

@@ -9,6 +9,29 @@ use pillion_http::x509::uris;
 /// The identity URI of a service: `spiffe://pillion/svc/<name>`.
 pub const PREFIX: &str = "spiffe://pillion/svc/";
 
+/// Where a certificate names the join token it was granted on.
+pub const TOKEN_PREFIX: &str = "urn:pillion:token:";
+
+/// The URI naming join token `id` in a certificate.
+pub fn token_uri(id: &str) -> String {
+    format!("{TOKEN_PREFIX}{id}")
+}
+
+/// What revokes a certificate (DER): its serial number, and the id of the join token
+/// it was granted on, when it names one.
+pub fn revocation_ids(cert: &[u8]) -> Vec<String> {
+    let mut ids: Vec<String> = pillion_http::x509::serial(cert).into_iter().collect();
+    ids.extend(token_of(cert));
+    ids
+}
+
+/// The id of the join token a certificate was granted on.
+pub fn token_of(cert: &[u8]) -> Option<String> {
+    uris(cert)?
+        .into_iter()
+        .find_map(|u| u.strip_prefix(TOKEN_PREFIX).map(str::to_string))
+}
+
 /// The identity of `service`.
 pub fn identity(service: &str) -> String {
     format!("{PREFIX}{service}")

@@ -55,6 +55,23 @@ pub enum Source {
     Issuers { urls: Vec<String>, token: String },
 }
 
+/// How often a sidecar reads what the issuers revoked.
+pub const REVOCATIONS_EVERY: Duration = Duration::from_secs(3);
+
+/// Token ids and certificate serials revoked, as last read from the issuers.
+pub type Revoked = Arc<ArcSwap<std::collections::HashSet<String>>>;
+
+/// Why `cert` (DER) is refused, when its serial or its token is revoked.
+pub fn revoked_by(revoked: &Revoked, cert: &[u8]) -> Option<String> {
+    let revoked = revoked.load();
+    if revoked.is_empty() {
+        return None;
+    }
+    der::revocation_ids(cert)
+        .into_iter()
+        .find(|id| revoked.contains(id))
+}
+
 /// How long a sidecar waits for an issuer at start before giving up.
 pub const FIRST_CERTIFICATE_WAIT: Duration = Duration::from_secs(30);
 
@@ -74,6 +91,8 @@ pub struct Identity {
     pub service: String,
     source: Issuing,
     roots: Arc<RootCertStore>,
+    /// What the issuers revoked (always empty with a local CA).
+    revoked: Revoked,
     current: ArcSwap<CertifiedKey>,
     /// The current certificate's end, in seconds since the epoch.
     not_after: AtomicU64,
@@ -131,12 +150,21 @@ impl Identity {
             current: ArcSwap::new(certified(issued)?),
             source,
             roots,
+            revoked: Revoked::default(),
             renewals: AtomicU64::new(0),
             lifetime: config.lifetime,
             connectors: Mutex::new(HashMap::new()),
         });
         tokio::spawn(renew(Arc::downgrade(&identity)));
+        if matches!(identity.source, Issuing::Remote(_)) {
+            tokio::spawn(follow_revocations(Arc::downgrade(&identity)));
+        }
         Ok(identity)
+    }
+
+    /// What the issuers revoked, as last read.
+    pub fn revoked(&self) -> Revoked {
+        self.revoked.clone()
     }
 
     /// The identity URI this sidecar presents.
@@ -166,7 +194,9 @@ impl Identity {
         if let Some(c) = connectors.get(service) {
             return c.clone();
         }
-        let verifier = Arc::new(PeerIs::new(der::identity(service), self.roots.clone()));
+        let verifier = Arc::new(
+            PeerIs::new(der::identity(service), self.roots.clone()).revoking(self.revoked.clone()),
+        );
         let config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
@@ -260,7 +290,7 @@ impl SelfIssued {
         lifetime: Duration,
     ) -> Result<(Arc<CertifiedKey>, SystemTime), CaError> {
         let key = rcgen::KeyPair::generate().map_err(|e| CaError(e.to_string()))?;
-        let signed = authority.sign(&key, uri, lifetime)?;
+        let signed = authority.sign(&key, uri, None, lifetime)?;
         let renew_at = SystemTime::now() + lifetime * 2 / 3;
         let issued = crate::ca::Issued {
             chain: signed.chain,
@@ -322,6 +352,37 @@ async fn renew(identity: std::sync::Weak<Identity>) {
     }
 }
 
+/// Reads what the issuers revoked every [`REVOCATIONS_EVERY`], for as long as the
+/// identity is used; a failed read keeps the last list.
+async fn follow_revocations(identity: std::sync::Weak<Identity>) {
+    let mut warned = false;
+    loop {
+        let Some(identity) = identity.upgrade() else {
+            return;
+        };
+        if let Issuing::Remote(client) = &identity.source {
+            match client.revoked().await {
+                Ok(list) => {
+                    let list: std::collections::HashSet<String> =
+                        list.into_iter().map(|id| id.to_ascii_lowercase()).collect();
+                    if **identity.revoked.load() != list {
+                        tracing::info!(revoked = list.len(), "mesh revocations updated");
+                        identity.revoked.store(Arc::new(list));
+                    }
+                    warned = false;
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "could not read the mesh's revocations; the last list stays");
+                }
+                Err(_) => {}
+            }
+        }
+        drop(identity);
+        tokio::time::sleep(REVOCATIONS_EVERY).await;
+    }
+}
+
 /// Presents the current certificate, as a server and as a client.
 #[derive(Debug)]
 struct Presented(Arc<Identity>);
@@ -352,6 +413,8 @@ pub(crate) struct PeerIs {
     /// The identity URI the peer must have.
     uri: String,
     roots: Arc<RootCertStore>,
+    /// Certificates refused although the CA signed them.
+    revoked: Option<Revoked>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -360,7 +423,15 @@ impl PeerIs {
         PeerIs {
             uri,
             roots,
+            revoked: None,
             algorithms: provider().signature_verification_algorithms,
+        }
+    }
+
+    fn revoking(self, revoked: Revoked) -> Self {
+        PeerIs {
+            revoked: Some(revoked),
+            ..self
         }
     }
 }
@@ -382,6 +453,15 @@ impl ServerCertVerifier for PeerIs {
             now,
             self.algorithms.all,
         )?;
+        if let Some(id) = self
+            .revoked
+            .as_ref()
+            .and_then(|r| revoked_by(r, end_entity))
+        {
+            return Err(rustls::Error::General(format!(
+                "the peer's certificate is revoked ({id})"
+            )));
+        }
         let uris = pillion_http::x509::uris(end_entity).unwrap_or_default();
         if uris.contains(&self.uri.as_str()) {
             return Ok(ServerCertVerified::assertion());

@@ -47,6 +47,8 @@ pub struct MeshInbound {
     pub rules: Arc<Rules>,
     /// Rate limits per caller.
     pub limits: Arc<Limits>,
+    /// Client certificates refused although the CA signed them.
+    pub revoked: crate::identity::Revoked,
     pub jwt: Option<Arc<Verifier>>,
     pub app_timeout: Duration,
     pub connect_timeout: Duration,
@@ -62,6 +64,7 @@ impl MeshInbound {
         allow: Vec<String>,
         rules: Arc<Rules>,
         limits: Arc<Limits>,
+        revoked: crate::identity::Revoked,
         jwt: Option<Arc<Verifier>>,
         app_timeout: Duration,
         connect_timeout: Duration,
@@ -73,6 +76,7 @@ impl MeshInbound {
             allow,
             rules,
             limits,
+            revoked,
             jwt,
             app_timeout,
             connect_timeout,
@@ -91,11 +95,16 @@ impl MeshInbound {
         })
     }
 
-    /// The caller, when its certificate names one.
-    fn caller(caller: Option<&Arc<str>>) -> Result<Arc<str>, String> {
-        caller
-            .cloned()
-            .ok_or_else(|| "the client certificate names no pillion service".into())
+    /// The caller, when its certificate names one and is not revoked.
+    fn caller(&self, peer: Option<&TlsPeer>) -> Result<Arc<str>, String> {
+        let caller = peer
+            .and_then(|p| p.identity.clone())
+            .ok_or_else(|| "the client certificate names no pillion service".to_string())?;
+        let cert = peer.and_then(|p| p.certificate.as_ref());
+        if let Some(id) = cert.and_then(|c| crate::identity::revoked_by(&self.revoked, c)) {
+            return Err(format!("the certificate of {caller:?} is revoked ({id})"));
+        }
+        Ok(caller)
     }
 
     /// Whether `call` may reach the app, by the rules, and if not, why. A denial is
@@ -127,11 +136,7 @@ impl MeshInbound {
         mut req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        let caller = match Self::caller(
-            req.extensions()
-                .get::<TlsPeer>()
-                .and_then(|p| p.identity.as_ref()),
-        ) {
+        let caller = match self.caller(req.extensions().get::<TlsPeer>()) {
             Ok(caller) => caller,
             Err(why) => {
                 tracing::info!(%peer, "mesh call refused: {why}");
@@ -242,7 +247,7 @@ impl MeshInbound {
         peer: SocketAddr,
         client: TlsPeer,
     ) {
-        let caller = Self::caller(client.identity.as_ref()).and_then(|caller| {
+        let caller = self.caller(Some(&client)).and_then(|caller| {
             let call = Call {
                 caller: &caller,
                 method: None,

@@ -33,6 +33,8 @@ use crate::ca::{Authority, CaError, RequestKey};
 pub const ISSUER_URI: &str = "spiffe://pillion/issuer";
 /// Where certificates are asked for.
 pub const PATH: &str = "/v1/certificate";
+/// Where sidecars read what is revoked: `{"revoked": [ids]}`.
+pub const REVOKED_PATH: &str = "/v1/revoked";
 /// A join token's audience.
 const AUDIENCE: &str = "pillion-mesh";
 /// The largest request read.
@@ -309,6 +311,17 @@ fn server_config(
 
 impl Issuer {
     async fn handle(&self, req: Request<RequestBody>, peer: SocketAddr) -> Response<String> {
+        if req.uri().path() == REVOKED_PATH && req.method() == http::Method::GET {
+            return match Revoked::read(self.config.revoked.as_ref()) {
+                Ok(revoked) => Response::builder()
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(serde_json::json!({ "revoked": revoked.0 }).to_string())
+                    .expect("a valid response"),
+                Err(e) => {
+                    ApiError::new(ERROR_ID, StatusCode::INTERNAL_SERVER_ERROR, e).into_response()
+                }
+            };
+        }
         match self.issue(req, peer).await {
             Ok(answer) => Response::builder()
                 .header(http::header::CONTENT_TYPE, "application/json")
@@ -325,7 +338,7 @@ impl Issuer {
         if req.uri().path() != PATH {
             return Err(refuse(
                 StatusCode::NOT_FOUND,
-                format!("the issuer serves POST {PATH}"),
+                format!("the issuer serves POST {PATH} and GET {REVOKED_PATH}"),
             ));
         }
         if req.method() != http::Method::POST {
@@ -339,19 +352,29 @@ impl Issuer {
         let presented = req
             .extensions()
             .get::<TlsPeer>()
-            .and_then(|p| p.identity.clone());
+            .and_then(|p| Some((p.identity.clone()?, p.certificate.clone()?)));
         let bearer = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::to_string);
-        let (service, token_id) = match (presented, bearer) {
-            // A renewal: the service of the certificate presented.
-            (Some(service), _) => (service.to_string(), None),
+        let (service, token_id, renewal) = match (presented, bearer) {
+            // A renewal: the service of the certificate presented, unless it, or the
+            // token it was granted on, is revoked.
+            (Some((service, cert)), _) => {
+                let ids = crate::der::revocation_ids(&cert);
+                if let Some(id) = ids.iter().find(|id| revoked.contains(id)) {
+                    return Err(refuse(
+                        StatusCode::FORBIDDEN,
+                        format!("the certificate of {service} is revoked ({id})"),
+                    ));
+                }
+                (service.to_string(), crate::der::token_of(&cert), true)
+            }
             (None, Some(token)) => {
                 let claims = check_token(&self.authority, &token, &revoked, now_secs())?;
-                (claims.sub, Some(claims.jti))
+                (claims.sub, Some(claims.jti), false)
             }
             (None, None) => {
                 return Err(refuse(
@@ -381,7 +404,7 @@ impl Issuer {
         let key = check_request(&der, &uri)?;
         let signed = self
             .authority
-            .sign(&key, &uri, self.config.lifetime)
+            .sign(&key, &uri, token_id.as_deref(), self.config.lifetime)
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e.0))?;
         let not_after = signed
             .not_after
@@ -392,8 +415,8 @@ impl Issuer {
             identity = %uri,
             serial = %signed.serial,
             not_after,
-            token = token_id.as_deref().unwrap_or("-"),
-            renewal = token_id.is_none(),
+            token = %token_id.as_deref().unwrap_or("-"),
+            renewal,
             %peer,
             "mesh certificate issued"
         );

@@ -317,6 +317,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 cfg.allow.clone(),
                 cfg.rules.clone(),
                 cfg.limits.clone(),
+                identity.as_ref().map(|i| i.revoked()).unwrap_or_default(),
                 jwt,
                 settings.invoke.timeout,
                 settings.invoke.policy.connect_timeout,

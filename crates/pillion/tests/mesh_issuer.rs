@@ -43,6 +43,11 @@ fn issuer_at(
 
 /// A join token for `service`.
 fn token(ca: &Path, service: &str, ttl: &str) -> String {
+    token_and_id(ca, service, ttl).0
+}
+
+/// A join token for `service`, and its id.
+fn token_and_id(ca: &Path, service: &str, ttl: &str) -> (String, String) {
     let (code, out, err) = run_to_end(
         &[
             "mesh",
@@ -60,7 +65,8 @@ fn token(ca: &Path, service: &str, ttl: &str) -> String {
     );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains(&format!("for {service}")), "{err}");
-    out.trim().to_string()
+    let id = err.split_whitespace().nth(2).unwrap().to_string();
+    (out.trim().to_string(), id)
 }
 
 /// The mesh flags of a worker: the roots only, an issuer, a token.
@@ -333,5 +339,52 @@ async fn the_ca_rotates_with_no_failed_call() {
         failed.len(),
         ok + failed.len(),
         failed.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_cuts_its_certificates_off_within_seconds() {
+    let ca = mesh_ca("revoke");
+    let revoked = ca.join("revoked");
+    std::fs::write(&revoked, "").unwrap();
+    let (_issuer, url, log) = issuer(&ca, &["--revoked", revoked.to_str().unwrap()]);
+    let app = TestApp::start("orders").await;
+    let orders = mesh_receiver_as(
+        worker(&ca, &[&url], &token(&ca, "orders", "1h"), "orders"),
+        app.addr(),
+        &[],
+    );
+    let (front_token, front_id) = token_and_id(&ca, "front", "1h");
+    let flags = worker(&ca, &[&url], &front_token, "front");
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let front = mesh_caller_with(&orders, None, "orders", &refs).await;
+    let call = || async {
+        request(http::Method::GET, &front.url("/orders/x"), &[], "")
+            .await
+            .unwrap()
+    };
+    assert_eq!(call().await.status, 200);
+    // The certificate names the token it was granted on.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&format!("token={front_id}")), "{text}");
+
+    // front's host is lost: its token is revoked on the issuer; every sidecar reads
+    // the revocations every few seconds, and orders refuses front's certificate.
+    std::fs::write(&revoked, format!("{front_id}\n")).unwrap();
+    let started = std::time::Instant::now();
+    let cut = eventually(Duration::from_secs(15), || async {
+        call().await.status == 403
+    })
+    .await;
+    assert!(cut, "front's certificate was still accepted");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    call().await.assert_refused(
+        403,
+        "the certificate of \"front\" is revoked",
+        "a revoked caller",
     );
 }

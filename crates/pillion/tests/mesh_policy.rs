@@ -195,7 +195,11 @@ async fn a_client_address_over_its_rate_limit_on_listen_gets_429() {
         "127.0.0.1 is over the rate limit \"limit-1\"",
         "a third call at once",
     );
-    let retry: u64 = over.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = over.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=10).contains(&retry), "Retry-After: {retry}");
     let metrics = get(&sidecar.url("/metrics")).await.unwrap().text();
     assert!(
