@@ -11,13 +11,14 @@
 #
 #   bench/mesh-hop.sh                       # 3 rounds of 8 s
 #   ROUNDS=5 DURATION=10 RATE=2000 bench/mesh-hop.sh
+#   PILLION_BIN=/tmp/old/pillion bench/mesh-hop.sh   # another build, for an A/B
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 RATE=${RATE:-2000}
 
 install_tools nginx:nginx-light curl:curl
-build_pillion
+if [ -n "${PILLION_BIN:-}" ]; then PILLION=$(realpath "$PILLION_BIN"); else build_pillion; fi
 (cd "$ROOT" && cargo build --release -q -p pillion-invoke --example http_rate)
 RATE_GEN="$ROOT/target/release/examples/http_rate"
 

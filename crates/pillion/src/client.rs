@@ -48,15 +48,9 @@ pub enum Order {
 /// Runs one client command on a current-thread runtime (one connection at a time
 /// needs no more) and turns its outcome into the exit code.
 pub fn run(order: Order) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::start_runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         match order {

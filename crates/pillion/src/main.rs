@@ -176,15 +176,9 @@ fn main() -> ExitCode {
                 lifetime: args.mesh_cert_lifetime.0,
                 revoked: args.revoked,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match start_runtime(tokio::runtime::Builder::new_multi_thread()) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(sidecar::mesh_issuer(config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -252,7 +246,7 @@ fn main() -> ExitCode {
             // One worker: a current-thread runtime, which needs no cross-thread
             // wake-ups or work stealing (measured faster per request than a
             // multi-thread runtime with one worker; see bench/README.md).
-            let mut runtime = match settings.worker_threads {
+            let runtime = match settings.worker_threads {
                 Some(1) => tokio::runtime::Builder::new_current_thread(),
                 Some(n) => {
                     let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -261,12 +255,9 @@ fn main() -> ExitCode {
                 }
                 None => tokio::runtime::Builder::new_multi_thread(),
             };
-            let runtime = match runtime.enable_all().build() {
+            let runtime = match start_runtime(runtime) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match runtime.block_on(sidecar::run(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -278,6 +269,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The runtime `builder` makes, with every driver; a failure is said and is the exit
+/// code.
+pub(crate) fn start_runtime(
+    mut builder: tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Prints the file's warnings (once, at start), then resolves the settings.

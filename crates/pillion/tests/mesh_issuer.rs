@@ -191,23 +191,9 @@ async fn a_token_buys_its_own_service_and_nothing_else() {
     assert!(err.contains("has expired"), "{err}");
 
     // A revoked token: its id (printed when it was made) in the issuer's file.
-    let (code, stolen, made) = run_to_end(
-        &[
-            "mesh",
-            "token",
-            "--mesh-ca-cert",
-            ca.join("ca.crt").to_str().unwrap(),
-            "--mesh-ca-key",
-            ca.join("ca.key").to_str().unwrap(),
-            "--service",
-            "reports",
-        ],
-        &[],
-    );
-    assert_eq!(code, 0, "{made}");
-    let id = made.split_whitespace().nth(2).unwrap().to_string();
+    let (stolen, id) = token_and_id(&ca, "reports", "24h");
     std::fs::write(&revoked, format!("{id}  # the laptop that was stolen\n")).unwrap();
-    let (code, err) = refused_start(&worker(&ca, &[&url], stolen.trim(), "reports"));
+    let (code, err) = refused_start(&worker(&ca, &[&url], &stolen, "reports"));
     assert_ne!(code, 0);
     assert!(
         err.contains(&format!("the join token {id} (for reports) is revoked")),
