@@ -287,6 +287,42 @@ fn unknown_key(name: &str, cmd: &Command) -> String {
     }
 }
 
+/// A warning for each `PILLION_*` variable of `vars` that no command of pillion
+/// reads (a typo such as `PILLION_REGSITRY` would otherwise be silently ignored),
+/// with the closest one's name when it is near.
+pub fn unknown_variables(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    fn envs(cmd: &Command, into: &mut BTreeSet<String>) {
+        into.extend(
+            cmd.get_arguments()
+                .filter_map(|a| a.get_env())
+                .filter_map(|e| e.to_str().map(str::to_string)),
+        );
+        for sub in cmd.get_subcommands() {
+            envs(sub, into);
+        }
+    }
+    let mut known = BTreeSet::new();
+    envs(
+        &<crate::cli::Cli as clap::CommandFactory>::command(),
+        &mut known,
+    );
+    envs(&run_command(), &mut known);
+    vars.into_iter()
+        .filter(|v| v.starts_with("PILLION_") && !known.contains(v))
+        .map(|v| {
+            let closest = known.iter().map(|k| (edit_distance(&v, k), k)).min();
+            match closest {
+                Some((d, k)) if d <= 3 => {
+                    format!("warning: {v} is not a pillion setting and has no effect; did you mean {k}?")
+                }
+                _ => format!(
+                    "warning: {v} is not a pillion setting and has no effect (the settings are PILLION_<OPTION> for the options of `pillion run --help`)"
+                ),
+            }
+        })
+        .collect()
+}
+
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
@@ -347,6 +383,9 @@ impl Loaded {
             notices = file.notices;
         }
         merged.extend(argv);
+        notices.extend(unknown_variables(
+            std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+        ));
         let matches = run_command()
             .try_get_matches_from(merged)
             .map_err(clap_error)?;
@@ -825,6 +864,18 @@ impl Settings {
             (None, None) => None,
         };
         let mesh = resolve_mesh(&loaded, app.as_mut())?;
+        if mesh.is_none() {
+            let meshed = loaded
+                .tcp
+                .iter()
+                .find(|l| l.tiers.iter().any(|t| !t.services.is_empty()));
+            if let Some(listener) = meshed {
+                return Err(ConfigError::Invalid(format!(
+                    "[[tcp]] listen = \"{}\": a tier with services = [...] reaches them through their mesh listeners, which needs this sidecar in the mesh (--mesh-ca-cert with --mesh-issuer or --mesh-ca-key, and --server-name)",
+                    listener.listen
+                )));
+            }
+        }
         if let Some(app) = &app {
             check_app_registration(app)?;
         }

@@ -262,7 +262,6 @@ fn main() -> ExitCode {
             match runtime.block_on(sidecar::run(settings)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e}");
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }

@@ -168,3 +168,43 @@ async fn an_app_without_health_url_stays_registered_past_its_ttl() {
         );
     }
 }
+
+/// An app failing its health check from the first try (not up yet, a wrong URL) is
+/// said at once, each change of reason once, and the recovery too; not every check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_failing_from_the_first_try_is_logged_once_per_reason() {
+    let app = TestApp::start("late").await;
+    app.set_health(Health::Failing);
+    let api = pillion_testkit::free_port();
+    let log = std::env::temp_dir().join(format!("pillion-health-log-{}", std::process::id()));
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.args(["run", "--address", &format!("127.0.0.1:{api}")])
+        .args(strs(&app_args(&app, "late")))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _sidecar = pillion_testkit::Daemon::spawn("pillion", cmd);
+    let failures = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("app health check failed"))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { failures() == 1 }).await,
+        "the first failure was not logged: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Five more failing checks (200 ms apart), the same reason: no more lines.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(failures(), 1, "{}", std::fs::read_to_string(&log).unwrap());
+    app.set_health(Health::Healthy);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("app health check passes again")
+        })
+        .await
+    );
+}

@@ -26,6 +26,48 @@ fn check_accepts_a_valid_file() {
 }
 
 #[test]
+fn a_tcp_tier_of_services_without_the_mesh_is_refused() {
+    let path = write(
+        "tcp-services",
+        "[[tcp]]\nlisten = \"127.0.0.1:1\"\n[[tcp.tiers]]\nservices = [\"orders\"]\n",
+    );
+    let (code, _, err) = run_to_end(&["check", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("a tier with services = [...] reaches them through their mesh listeners, which needs this sidecar in the mesh"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_misspelt_variable_is_warned_about_with_the_one_meant() {
+    let path = write("variables", "address = \"127.0.0.1:1\"\n");
+    let (code, _, err) = run_to_end(
+        &["check", path.to_str().unwrap()],
+        &[
+            ("PILLION_REGSITRY", "etcd://127.0.0.1:2379"),
+            ("PILLION_TOTALLY_UNKNOWN", "1"),
+            ("PILLION_SIDECAR", "http://127.0.0.1:8081"),
+            ("PILLION_RETRIES", "3"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("warning: PILLION_REGSITRY is not a pillion setting and has no effect; did you mean PILLION_REGISTRY?"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: PILLION_TOTALLY_UNKNOWN is not a pillion setting"),
+        "{err}"
+    );
+    // The CLI's variables and run's are settings.
+    assert!(
+        !err.contains("PILLION_SIDECAR") && !err.contains("PILLION_RETRIES"),
+        "{err}"
+    );
+}
+
+#[test]
 fn check_rejects_unknown_keys_and_bad_values_naming_key_and_line() {
     let cases = [
         (

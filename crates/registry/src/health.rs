@@ -152,6 +152,9 @@ async fn run(
         |f: &dyn Fn(&mut AppStatus)| f(&mut status.lock().unwrap_or_else(|e| e.into_inner()));
     let mut healthy = cfg.healthcheck_url.is_none();
     let mut registered = false;
+    // What the last logged failure said: the first failure is logged (an app that is
+    // not up yet, a wrong URL), then each change of reason, not every check.
+    let mut logged_failure: Option<String> = None;
     let mut health_tick = tokio::time::interval(cfg.healthcheck_interval);
     let mut register_tick =
         tokio::time::interval((cfg.register_ttl / 3).max(Duration::from_millis(100)));
@@ -166,10 +169,14 @@ async fn run(
         if check_now {
             let url = cfg.healthcheck_url.as_deref().unwrap_or_default();
             let result = check(&client, url, cfg.healthcheck_timeout).await;
-            let was_healthy = healthy;
             healthy = result.healthy;
-            if !healthy && (was_healthy || registered) {
+            if healthy {
+                if logged_failure.take().is_some() {
+                    tracing::info!(service = %cfg.name, %node, url, "app health check passes again");
+                }
+            } else if logged_failure.as_deref() != Some(result.detail.as_str()) {
                 tracing::warn!(service = %cfg.name, %node, url, detail = %result.detail, "app health check failed");
+                logged_failure = Some(result.detail.clone());
             }
             update(&|s| s.last_health_check = Some(result.clone()));
             if !healthy && registered {
