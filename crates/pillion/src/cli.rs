@@ -209,6 +209,10 @@ pub struct ServicesArgs {
     /// Show this service's nodes (id, address, metadata); every service without it.
     #[arg(value_name = "NAME")]
     pub name: Option<String>,
+    /// List pillion's own services too (pillion.broker: the embedded broker's
+    /// sidecars).
+    #[arg(long)]
+    pub all: bool,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }

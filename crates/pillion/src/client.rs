@@ -113,6 +113,9 @@ pub enum Error {
     /// The subscription ended from the sidecar's side.
     #[error("the sidecar at {sidecar} ended the subscription: {reason}")]
     Ended { sidecar: SidecarUrl, reason: String },
+    /// `pillion status` as a probe: the sidecar answered, and is not well.
+    #[error("{0}")]
+    Unwell(String),
     /// The command line or its input: refused before anything was sent.
     #[error("{0}")]
     Usage(String),
@@ -488,7 +491,16 @@ async fn services(args: ServicesArgs) -> Result<(), Error> {
             sidecar: sidecar.url.clone(),
             what: format!("a /registry that is not a list of services ({e})"),
         })?;
+    // pillion's own services (the embedded broker's) are plumbing, not the user's.
+    let hidden = args.name.is_none() && !args.all;
+    if hidden {
+        listed.retain(|s| !s.name.starts_with("pillion."));
+    }
     if args.sidecar.json {
+        if hidden {
+            let json = serde_json::to_string(&listed).expect("services serialize");
+            return print(&json);
+        }
         return print(&String::from_utf8_lossy(&body));
     }
     listed.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
@@ -832,18 +844,49 @@ async fn status(args: StatusArgs) -> Result<(), Error> {
     if !code.is_success() {
         return Err(sidecar.refused(code, &body));
     }
-    if args.sidecar.json {
-        return print(&String::from_utf8_lossy(&body));
-    }
     let unexpected = |what: &str, e: serde_json::Error| Error::Unexpected {
         sidecar: sidecar.url.clone(),
         what: format!("a {what} that is not its JSON ({e})"),
     };
     let s: Statusz = serde_json::from_slice(&body).map_err(|e| unexpected("/statusz", e))?;
     // 503 is an answer too: it names what is down.
-    let (_, body) = sidecar.get("/healthz").await?;
-    let h: Healthz = serde_json::from_slice(&body).map_err(|e| unexpected("/healthz", e))?;
-    print(&status_text(&sidecar.url, &s, &h))
+    let (_, health) = sidecar.get("/healthz").await?;
+    let h: Healthz = serde_json::from_slice(&health).map_err(|e| unexpected("/healthz", e))?;
+    if args.sidecar.json {
+        print(&String::from_utf8_lossy(&body))?;
+    } else {
+        print(&status_text(&sidecar.url, &s, &h))?;
+    }
+    // A probe: the exit code says whether the sidecar is well, and its app registered.
+    match unwell(&s, &h) {
+        Some(why) => Err(Error::Unwell(format!(
+            "the sidecar at {}: {why}",
+            sidecar.url
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Why a sidecar that answered is not well: `/healthz` is not ok, or the app it
+/// registers is not registered.
+fn unwell(s: &Statusz, h: &Healthz) -> Option<String> {
+    if h.status != "ok" {
+        return Some(match &h.error {
+            Some(e) => format!("unhealthy: {e}"),
+            None => format!("health {}", h.status),
+        });
+    }
+    match &s.app {
+        Some(app) if !app.registered => Some(format!(
+            "its app {} is not registered{}",
+            app.name,
+            app.last_health_check
+                .as_ref()
+                .map(|c| format!(" (last health check {})", c.detail))
+                .unwrap_or_default()
+        )),
+        _ => None,
+    }
 }
 
 fn status_text(url: &SidecarUrl, s: &Statusz, h: &Healthz) -> String {
@@ -874,15 +917,22 @@ fn status_text(url: &SidecarUrl, s: &Statusz, h: &Healthz) -> String {
         ),
         (
             "health",
-            match &h.error {
-                Some(e) => format!("{}: {e}", h.status),
-                None => h.status.clone(),
+            match (&h.error, &s.app) {
+                (Some(e), _) => format!("{}: {e}", h.status),
+                (None, Some(app)) if !app.registered => {
+                    format!("{}, but its app {} is not registered", h.status, app.name)
+                }
+                (None, _) => h.status.clone(),
             },
         ),
         ("registry", {
             let mut text = backend(&s.registry);
-            if s.cluster.is_some() {
-                text.push_str(" (cluster: see --json)");
+            if let Some(cluster) = &s.cluster {
+                let peers = cluster["peers"].as_array().map_or(0, Vec::len);
+                text.push_str(&format!(
+                    " ({peers} peer{})",
+                    if peers == 1 { "" } else { "s" }
+                ));
             }
             text
         }),

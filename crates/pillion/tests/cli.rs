@@ -139,6 +139,17 @@ async fn services_are_a_table_for_people_and_json_for_scripts() {
     )
     .await;
     register(&sc, "billing", "billing-1", "127.0.0.1:9", &[]).await;
+    // The embedded broker's own registration: plumbing, listed with --all only.
+    register(&sc, "pillion.broker", "sidecar-1", "127.0.0.1:8", &[]).await;
+
+    let everything = pillion_async(args(&["services", "--all", "--sidecar", &url]), vec![]).await;
+    assert!(
+        everything.stdout.contains("pillion.broker"),
+        "{everything:?}"
+    );
+    let json = pillion_async(args(&["services", "--json", "--sidecar", &url]), vec![]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).expect("--json is JSON");
+    assert_eq!(parsed.as_array().unwrap().len(), 2, "{json:?}");
 
     let all = pillion_async(args(&["services", "--sidecar", &url]), vec![]).await;
     assert_eq!(all.code, 0, "{all:?}");
@@ -408,6 +419,64 @@ async fn status_summarises_the_sidecar() {
     let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(parsed["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(parsed["app"]["registered"], true);
+}
+
+/// `pillion status` as a probe: exit 1 while the app is not registered (its health
+/// check fails), and never "health ok" alone then.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_exits_1_while_the_app_is_not_registered() {
+    let app = TestApp::start("late").await;
+    app.set_health(pillion_testkit::Health::Failing);
+    let health = format!("{}/health", app.url());
+    let (_sc, url) = sidecar(&[
+        "--server-name",
+        "late",
+        "--server-address",
+        &app.addr().to_string(),
+        "--healthcheck-url",
+        &health,
+        "--healthcheck-interval",
+        "200ms",
+    ]);
+    let unwell = common::eventually(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            let run = pillion_async(args(&["status", "--sidecar", &url]), vec![]).await;
+            run.code == 1 && run.stderr.contains("last health check")
+        }
+    })
+    .await;
+    assert!(unwell, "status never said the app was not registered");
+    let run = pillion_async(args(&["status", "--sidecar", &url]), vec![]).await;
+    assert!(
+        run.stdout
+            .contains("health    ok, but its app late is not registered"),
+        "{run:?}"
+    );
+    assert!(
+        run.stderr.starts_with(&format!(
+            "error: the sidecar at {url}: its app late is not registered"
+        )),
+        "{run:?}"
+    );
+    let json = pillion_async(args(&["status", "--json", "--sidecar", &url]), vec![]).await;
+    assert_eq!(json.code, 1, "{json:?}");
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(parsed["app"]["registered"], false);
+
+    // Healthy again: registered, exit 0.
+    app.set_health(pillion_testkit::Health::Healthy);
+    let well = common::eventually(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            pillion_async(args(&["status", "--sidecar", &url]), vec![])
+                .await
+                .code
+                == 0
+        }
+    })
+    .await;
+    assert!(well);
 }
 
 #[test]
