@@ -104,17 +104,40 @@ fn bad(status: StatusCode, detail: impl Into<String>) -> Response<ProxyBody> {
 /// a couple of kilobytes, is boxed where it is made (see [`finish`]).
 pub fn service_call(
     inv: Arc<Invoker>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Response<ProxyBody>> + Send {
     // Not an async fn: that would hold the request twice and both handlers' futures.
     if looped(&inv, req.headers()) {
         return Either::Left(ready(loop_detected(&inv)));
     }
+    // A REST call by name, the name out of the path, under either handler.
+    let invoked = req
+        .uri()
+        .path_and_query()
+        .and_then(|pq| mapping::invoke_route(&inv.config.namespace, pq.as_str()));
+    if let Some((service, path)) = invoked {
+        match path.parse() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => {
+                return Either::Left(ready(bad(
+                    StatusCode::BAD_REQUEST,
+                    format!("{path:?} is not a path the app can be called with"),
+                )))
+            }
+        }
+        return Either::Right(Either::Right(proxy(inv, req, Some(service))));
+    }
+    if matches!(req.uri().path(), "/invoke" | "/invoke/") {
+        return Either::Left(ready(bad(
+            StatusCode::NOT_FOUND,
+            "name the service: /invoke/{service}/{path}",
+        )));
+    }
     // gRPC keeps its path (`/{package.Service}/{Method}`) under either handler: its
     // first segment names the service, as with the proxy handler.
     match inv.config.handler {
         Handler::Rpc if !is_grpc(req.headers()) => Either::Right(Either::Left(rpc_path(inv, req))),
-        Handler::Rpc | Handler::Proxy => Either::Right(Either::Right(proxy(inv, req))),
+        Handler::Rpc | Handler::Proxy => Either::Right(Either::Right(proxy(inv, req, None))),
     }
 }
 
@@ -290,11 +313,15 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
     finish(inv, call, None).await
 }
 
+/// A call passed through as it came, to `named` or to the service the path's first
+/// segment names.
 fn proxy(
     inv: Arc<Invoker>,
     mut req: Request<RequestBody>,
+    named: Option<String>,
 ) -> impl Future<Output = Response<ProxyBody>> + Send {
-    let Some(service) = mapping::proxy_service(&inv.config.namespace, req.uri().path()) else {
+    let service = named.or_else(|| mapping::proxy_service(&inv.config.namespace, req.uri().path()));
+    let Some(service) = service else {
         return Either::Left(ready(bad(
             StatusCode::NOT_FOUND,
             "no service in the path: call /{service}/...",

@@ -40,6 +40,34 @@ pub fn rpc_route(namespace: &str, path: &str) -> Option<Route> {
 }
 
 /// The service a proxy-handler path goes to: the namespace and the first segment.
+/// A call to a REST app by name with the name out of the path:
+/// `/invoke/{service}/{path}` (or Dapr's `/v1.0/invoke/{service}/method/{path}`) is
+/// `{service}` (qualified by the namespace) and the path the app gets,
+/// `/{path}?{query}`. `None` for any other path.
+pub fn invoke_route(namespace: &str, path_and_query: &str) -> Option<(String, String)> {
+    let (rest, dapr) = match path_and_query.strip_prefix("/invoke/") {
+        Some(rest) => (rest, false),
+        None => (path_and_query.strip_prefix("/v1.0/invoke/")?, true),
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (service, mut tail) = rest.split_at(end);
+    if service.is_empty() {
+        return None;
+    }
+    if dapr {
+        tail = tail.strip_prefix("/method")?;
+        if !(tail.is_empty() || tail.starts_with('/') || tail.starts_with('?')) {
+            return None;
+        }
+    }
+    let path = if tail.starts_with('/') {
+        tail.to_string()
+    } else {
+        format!("/{tail}")
+    };
+    Some((qualify(namespace, service), path))
+}
+
 pub fn proxy_service(namespace: &str, path: &str) -> Option<String> {
     let first = path.split('/').find(|p| !p.is_empty())?;
     Some(qualify(namespace, first))
@@ -77,6 +105,43 @@ fn camel(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invoke_routes_take_the_name_out_of_the_path() {
+        let r = |ns: &str, p: &str| invoke_route(ns, p);
+        assert_eq!(
+            r("", "/invoke/users/users/42?x=1"),
+            Some(("users".into(), "/users/42?x=1".into()))
+        );
+        assert_eq!(r("", "/invoke/users"), Some(("users".into(), "/".into())));
+        assert_eq!(
+            r("", "/invoke/users?x=1"),
+            Some(("users".into(), "/?x=1".into()))
+        );
+        assert_eq!(
+            r("go.micro.srv", "/invoke/users/a"),
+            Some(("go.micro.srv.users".into(), "/a".into()))
+        );
+        // Dapr's shape.
+        assert_eq!(
+            r("", "/v1.0/invoke/users/method/users/42"),
+            Some(("users".into(), "/users/42".into()))
+        );
+        assert_eq!(
+            r("", "/v1.0/invoke/users/method"),
+            Some(("users".into(), "/".into()))
+        );
+        for not in [
+            "/invoke/",
+            "/invoke",
+            "/users/42",
+            "/v1.0/invoke/users/42",
+            "/v1.0/invoke/users/methods/x",
+            "/v1.0/invoke//method/x",
+        ] {
+            assert_eq!(r("", not), None, "{not}");
+        }
+    }
 
     #[test]
     fn the_micro_table() {

@@ -754,3 +754,47 @@ async fn a_call_waits_for_a_node_to_register_within_its_deadline() {
     .unwrap();
     reply.assert_refused(400, "X-Pillion-Wait", "a wait that is not a duration");
 }
+
+/// A REST app called by name, the name out of the path: `/invoke/{service}/{path}`
+/// (and Dapr's `/v1.0/invoke/{service}/method/{path}`), under the default handler,
+/// any method, query and body kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invoke_calls_a_rest_app_by_name_with_its_own_paths() {
+    let app = TestApp::start("users").await;
+    let sc = Sidecar::start(&[]);
+    register(&sc, "users", "users-1", &app.addr().to_string(), &[]).await;
+
+    let got = get(&sc.url("/invoke/users/users/42?fields=name"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json()["path"], "/users/42?fields=name");
+    assert_eq!(got.json()["method"], "GET");
+
+    let put = request(
+        http::Method::PUT,
+        &sc.url("/invoke/users/users/42"),
+        &[("content-type", "application/json")],
+        r#"{"name":"Ada"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    assert_eq!(put.json()["method"], "PUT");
+    assert_eq!(put.json()["body"], r#"{"name":"Ada"}"#);
+
+    let dapr = get(&sc.url("/v1.0/invoke/users/method/users/7"))
+        .await
+        .unwrap();
+    assert_eq!(dapr.json()["path"], "/users/7", "{}", dapr.text());
+
+    get(&sc.url("/invoke/nobody/x"))
+        .await
+        .unwrap()
+        .assert_refused(404, "\"nobody\"", "an unknown service");
+    get(&sc.url("/invoke/")).await.unwrap().assert_refused(
+        404,
+        "name the service: /invoke/{service}/{path}",
+        "no service named",
+    );
+}
