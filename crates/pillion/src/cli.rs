@@ -126,14 +126,18 @@ pub enum Command {
     ///   pillion services --json --sidecar http://10.0.0.7:8081 | jq '.[].name'
     #[command(verbatim_doc_comment)]
     Services(ServicesArgs),
-    /// Call a method of a service through a running sidecar (POST /rpc) and print the
-    /// answer's body.
+    /// Call a service through a running sidecar and print the answer's body: a method
+    /// (POST /rpc), or a REST route of the app (/invoke/SERVICE/PATH).
     ///
     /// Examples:
     ///
     ///   pillion call greeter Say.Hello '{"name": "Ada"}'
     ///
     ///   echo '{"name": "Ada"}' | pillion call greeter Say.Hello -
+    ///
+    ///   pillion call users GET /users/42
+    ///
+    ///   pillion call users PUT /users/42 '{"name": "Ada"}'
     #[command(verbatim_doc_comment)]
     Call(CallArgs),
     /// Publish a message to a topic of a running sidecar's broker.
@@ -222,12 +226,19 @@ pub struct CallArgs {
     /// The service, as registered.
     #[arg(value_name = "SERVICE")]
     pub service: String,
-    /// The method, such as Say.Hello (the node gets POST /Say.Hello).
+    /// The method, such as Say.Hello (the node gets POST /Say.Hello); or an HTTP
+    /// method (GET, POST, PUT, PATCH, DELETE...) followed by the app's PATH: a REST
+    /// call through /invoke/SERVICE/PATH.
     #[arg(value_name = "METHOD")]
     pub method: String,
-    /// The request as JSON; `-` reads it from stdin. [default: {}]
-    #[arg(value_name = "JSON")]
+    /// The request as JSON; `-` reads it from stdin. [default: {}] With an HTTP
+    /// method: the PATH (/users/42).
+    #[arg(value_name = "JSON|PATH")]
     pub request: Option<String>,
+    /// With an HTTP method: the body, sent as given (JSON is sent as
+    /// application/json); `-` reads it from stdin.
+    #[arg(value_name = "BODY")]
+    pub body: Option<String>,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }

@@ -539,7 +539,44 @@ async fn services(args: ServicesArgs) -> Result<(), Error> {
     }
 }
 
+/// `call SERVICE GET /path [BODY]`: the app's own REST route, by name.
+async fn rest(args: &CallArgs, method: Method) -> Result<(), Error> {
+    let path = args.request.as_deref().unwrap_or("/");
+    if !path.starts_with('/') {
+        return Err(Error::Usage(format!(
+            "{path:?} is not a path: write `pillion call {} {method} /users/42`",
+            args.service
+        )));
+    }
+    let body = match &args.body {
+        Some(arg) => Some(Bytes::from(arg_or_stdin(arg, "body")?)),
+        None => None,
+    };
+    let json = body
+        .as_ref()
+        .is_some_and(|b| serde_json::from_slice::<serde_json::Value>(b).is_ok());
+    let sidecar = Sidecar::new(&args.sidecar)?;
+    let target = format!("/invoke/{}{path}", args.service);
+    let (status, answer) = match json {
+        true => sidecar.send(method, &target, body, None).await?,
+        false => sidecar.send(method, &target, None, body).await?,
+    };
+    answered(&sidecar, args, status, answer)
+}
+
 async fn call(args: CallArgs) -> Result<(), Error> {
+    // An HTTP method in capitals: a REST call.
+    if let Ok(method) = Method::from_bytes(args.method.as_bytes()) {
+        if args.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return rest(&args, method).await;
+        }
+    }
+    if args.body.is_some() {
+        return Err(Error::Usage(
+            "a fourth argument is the body of a REST call: `pillion call SERVICE PUT /path BODY`"
+                .into(),
+        ));
+    }
     let raw = match &args.request {
         Some(arg) => arg_or_stdin(arg, "request")?,
         None => b"{}".to_vec(),
@@ -565,6 +602,17 @@ async fn call(args: CallArgs) -> Result<(), Error> {
             None,
         )
         .await?;
+    answered(&sidecar, &args, status, answer)
+}
+
+/// The answer of a call: its body on stdout, or the error said as the sidecar or the
+/// service said it.
+fn answered(
+    sidecar: &Sidecar,
+    args: &CallArgs,
+    status: StatusCode,
+    answer: Bytes,
+) -> Result<(), Error> {
     if status.is_success() {
         return print(&String::from_utf8_lossy(&answer));
     }

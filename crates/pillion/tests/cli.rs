@@ -203,6 +203,59 @@ async fn services_are_a_table_for_people_and_json_for_scripts() {
     assert_eq!(missing.stdout, "");
 }
 
+/// `pillion call SERVICE GET /path [BODY]`: the app's REST routes, by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn call_takes_an_http_method_and_a_path_for_a_rest_app() {
+    let app = TestApp::start("users").await;
+    let (sc, url) = sidecar(&[]);
+    register(&sc, "users", "users-1", &app.addr().to_string(), &[]).await;
+
+    let got = pillion_async(
+        args(&["call", "users", "GET", "/users/42?x=1", "--sidecar", &url]),
+        vec![],
+    )
+    .await;
+    assert_eq!(got.code, 0, "{got:?}");
+    let seen: serde_json::Value = serde_json::from_str(&got.stdout).unwrap();
+    assert_eq!(
+        (seen["method"].as_str(), seen["path"].as_str()),
+        (Some("GET"), Some("/users/42?x=1"))
+    );
+
+    let put = pillion_async(
+        args(&[
+            "call",
+            "users",
+            "PUT",
+            "/users/42",
+            r#"{"name":"Ada"}"#,
+            "--sidecar",
+            &url,
+        ]),
+        vec![],
+    )
+    .await;
+    assert_eq!(put.code, 0, "{put:?}");
+    let seen: serde_json::Value = serde_json::from_str(&put.stdout).unwrap();
+    assert_eq!(seen["body"], r#"{"name":"Ada"}"#);
+    assert_eq!(seen["headers"]["content-type"], "application/json");
+
+    let missing = pillion_async(
+        args(&["call", "nobody", "GET", "/x", "--sidecar", &url]),
+        vec![],
+    )
+    .await;
+    assert_eq!(missing.code, 1, "{missing:?}");
+    assert!(missing.stderr.contains("404"), "{missing:?}");
+    let bad = pillion_async(
+        args(&["call", "users", "GET", "users/42", "--sidecar", &url]),
+        vec![],
+    )
+    .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("is not a path"), "{bad:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn call_prints_the_answer_and_shows_the_sidecars_error() {
     let app = TestApp::start("greeter").await;
