@@ -406,6 +406,10 @@ pub struct Endpoints {
     /// In the mesh, and not `--mesh-permissive`: the nodes of a meshed service
     /// without a mesh listener are left out.
     strict: bool,
+    /// The services seen with a mesh listener since this sidecar started: they stay
+    /// meshed when those nodes go (expired, deregistered), so that a plaintext node
+    /// registered elsewhere is never called in clear text in their place.
+    meshed: Mutex<std::collections::HashSet<String>>,
     ejection: EjectionPolicy,
     max_retry_percent: f64,
     /// How a node with no `protocol` metadata is called (`--rpc-codec`).
@@ -431,6 +435,7 @@ impl Endpoints {
             locality,
             pool,
             strict: mesh.is_some() && !permissive,
+            meshed: Mutex::new(Default::default()),
             mesh,
             ejection,
             max_retry_percent: 0.2,
@@ -538,10 +543,19 @@ impl Endpoints {
         let mut skipped = Vec::new();
         // A meshed service is called over mTLS only: a node of it without a mesh
         // listener (a plaintext registration anyone could make) is never selected.
-        let meshed = self.strict
-            && versions
+        // Once seen in the mesh, a service stays meshed for this sidecar: its meshed
+        // nodes going away (expired, deregistered) must not turn a plaintext node
+        // registered elsewhere into the one called, in clear text.
+        let meshed = self.strict && {
+            let mut ever = self.meshed.lock().unwrap_or_else(|e| e.into_inner());
+            if versions
                 .iter()
-                .any(|svc| svc.nodes.iter().any(|n| n.mesh().is_some()));
+                .any(|svc| svc.nodes.iter().any(|n| n.mesh().is_some()))
+            {
+                ever.insert(name.to_string());
+            }
+            ever.contains(name)
+        };
         for svc in versions {
             for node in &svc.nodes {
                 if meshed && node.mesh().is_none() {

@@ -17,12 +17,26 @@ pub fn token_uri(id: &str) -> String {
     format!("{TOKEN_PREFIX}{id}")
 }
 
+/// An id as revocations compare it: lower case, without `:` and, for a serial,
+/// without leading zeros, so that `0A:1B` (openssl's way) and `a1b` are one.
+pub fn revocation_id(id: &str) -> String {
+    let id: String = id
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match id.trim_start_matches('0') {
+        "" if !id.is_empty() => "0".into(),
+        trimmed => trimmed.to_string(),
+    }
+}
+
 /// What revokes a certificate (DER): its serial number, and the id of the join token
 /// it was granted on, when it names one.
 pub fn revocation_ids(cert: &[u8]) -> Vec<String> {
     let mut ids: Vec<String> = pillion_http::x509::serial(cert).into_iter().collect();
     ids.extend(token_of(cert));
-    ids
+    ids.iter().map(|id| revocation_id(id)).collect()
 }
 
 /// The id of the join token a certificate was granted on.

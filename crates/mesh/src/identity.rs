@@ -364,7 +364,7 @@ async fn follow_revocations(identity: std::sync::Weak<Identity>) {
             match client.revoked().await {
                 Ok(list) => {
                     let list: std::collections::HashSet<String> =
-                        list.into_iter().map(|id| id.to_ascii_lowercase()).collect();
+                        list.iter().map(|id| der::revocation_id(id)).collect();
                     if **identity.revoked.load() != list {
                         tracing::info!(revoked = list.len(), "mesh revocations updated");
                         identity.revoked.store(Arc::new(list));

@@ -153,6 +153,17 @@ impl MeshInbound {
             },
             None => None,
         };
+        // Rules and limits match path prefixes: a path spelt another way is refused.
+        let paths_matter = !self.rules.is_empty() || !self.limits.is_empty();
+        if paths_matter && !crate::policy::canonical(req.uri().path()) {
+            return self.refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the path {:?} is not canonical (an empty, . or .. segment, or an escaped character that needs none)",
+                    req.uri().path()
+                ),
+            );
+        }
         let call = Call {
             caller: &caller,
             method: Some(req.method().as_str()),

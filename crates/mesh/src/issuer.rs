@@ -167,20 +167,16 @@ impl Revoked {
             .map_err(|e| format!("--revoked {}: {e}", file.display()))?;
         Ok(Revoked(
             text.lines()
-                .map(|l| {
-                    l.split('#')
-                        .next()
-                        .unwrap_or("")
-                        .trim()
-                        .to_ascii_lowercase()
-                })
+                .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
                 .filter(|l| !l.is_empty())
+                .map(|l| crate::der::revocation_id(&l))
                 .collect(),
         ))
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.0.iter().any(|r| r.eq_ignore_ascii_case(id))
+        let id = crate::der::revocation_id(id);
+        self.0.contains(&id)
     }
 }
 
@@ -253,9 +249,15 @@ pub struct Answer {
     pub not_after: u64,
 }
 
+/// A file's modification time and size.
+type FileStamp = (SystemTime, u64);
+
 struct Issuer {
     authority: Arc<Authority>,
     config: IssuerConfig,
+    /// The revocation file as last read, and the modification time and size it was
+    /// read at: read again only when it changed, not at every request.
+    revoked: std::sync::Mutex<(Option<FileStamp>, Arc<Revoked>)>,
 }
 
 /// Serves the issuer until `shutdown`.
@@ -267,7 +269,11 @@ pub async fn serve(
     let authority = Arc::new(Authority::load(&config.ca_cert, &config.ca_key)?);
     Revoked::read(config.revoked.as_ref()).map_err(CaError)?;
     let tls = server_config(authority.clone(), &config)?;
-    let issuer = Arc::new(Issuer { authority, config });
+    let issuer = Arc::new(Issuer {
+        authority,
+        config,
+        revoked: std::sync::Mutex::new((None, Arc::new(Revoked::default()))),
+    });
     let limits = pillion_http::server::Limits {
         read_header_timeout: Duration::from_secs(10),
         read_body_timeout: Duration::from_secs(10),
@@ -310,9 +316,28 @@ fn server_config(
 }
 
 impl Issuer {
+    /// What is revoked now: the file, read again when its modification time or size
+    /// changed.
+    fn revoked(&self) -> Result<Arc<Revoked>, String> {
+        let Some(file) = &self.config.revoked else {
+            return Ok(Arc::new(Revoked::default()));
+        };
+        let meta =
+            std::fs::metadata(file).map_err(|e| format!("--revoked {}: {e}", file.display()))?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        let mut cached = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != Some(stamp) {
+            *cached = (Some(stamp), Arc::new(Revoked::read(Some(file))?));
+        }
+        Ok(cached.1.clone())
+    }
+
     async fn handle(&self, req: Request<RequestBody>, peer: SocketAddr) -> Response<String> {
         if req.uri().path() == REVOKED_PATH && req.method() == http::Method::GET {
-            return match Revoked::read(self.config.revoked.as_ref()) {
+            return match self.revoked() {
                 Ok(revoked) => Response::builder()
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(serde_json::json!({ "revoked": revoked.0 }).to_string())
@@ -347,7 +372,8 @@ impl Issuer {
                 format!("{PATH} takes POST"),
             ));
         }
-        let revoked = Revoked::read(self.config.revoked.as_ref())
+        let revoked = self
+            .revoked()
             .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, e))?;
         let presented = req
             .extensions()
@@ -394,7 +420,7 @@ impl Issuer {
                 format!("the body is not {{\"csr\": \"<PEM>\"}}: {e}"),
             )
         })?;
-        let der = pem_der(&ask.csr, "CERTIFICATE REQUEST").ok_or_else(|| {
+        let der = csr_der(&ask.csr).ok_or_else(|| {
             refuse(
                 StatusCode::BAD_REQUEST,
                 "csr is not a PEM CERTIFICATE REQUEST",
@@ -440,14 +466,12 @@ pub fn pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// The DER of the first `label` block of `text`.
-fn pem_der(text: &str, label: &str) -> Option<Vec<u8>> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    let body: String = text[start..stop].split_whitespace().collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
+/// The DER of the first CERTIFICATE REQUEST block of `text`.
+fn csr_der(text: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
+        .ok()
+        .map(|der| der.as_ref().to_vec())
 }
 
 #[cfg(test)]
@@ -550,11 +574,8 @@ mod tests {
     #[test]
     fn pem_round_trips() {
         let der = csr(&["spiffe://pillion/svc/a"]);
-        assert_eq!(
-            pem_der(&pem("CERTIFICATE REQUEST", &der), "CERTIFICATE REQUEST").unwrap(),
-            der
-        );
-        assert_eq!(pem_der("nothing", "CERTIFICATE REQUEST"), None);
+        assert_eq!(csr_der(&pem("CERTIFICATE REQUEST", &der)).unwrap(), der);
+        assert_eq!(csr_der("nothing"), None);
     }
 
     #[test]
@@ -567,6 +588,10 @@ mod tests {
         .unwrap();
         let revoked = Revoked::read(Some(&file)).unwrap();
         assert!(revoked.contains("abc123") && revoked.contains("7F00"));
+        // A serial as openssl prints it, leading zero and colons, is the same id.
+        std::fs::write(&file, "0A:1B:2C\n").unwrap();
+        let revoked = Revoked::read(Some(&file)).unwrap();
+        assert!(revoked.contains("a1b2c") && revoked.contains("0a1b2c"));
         assert!(!revoked.contains("stolen"));
         let _ = std::fs::remove_file(file);
         assert!(Revoked::read(Some(&PathBuf::from("/nonexistent/x"))).is_err());

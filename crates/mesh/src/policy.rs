@@ -135,6 +135,42 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `path` is under `prefix`: the same segments, not a longer word
+/// (`/api` covers `/api` and `/api/x`, not `/apiary`).
+fn under(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+        None => false,
+    }
+}
+
+/// Whether `path` is written one way only, so that prefixes decide what it names: no
+/// empty, `.` or `..` segment, no escaped `.`, `/` or `%`. A path that is not is
+/// refused (400) where rules or limits look at paths, or `//admin`, `/./admin`,
+/// `/public/../admin` or `/%61dmin`-like spellings would walk around them.
+pub fn canonical(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    let escaped = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%' && {
+            let hex = [w[1].to_ascii_uppercase(), w[2].to_ascii_uppercase()];
+            // Any escape of a character that needs none: letters, digits, . / % - _ ~
+            let byte = u8::from_str_radix(std::str::from_utf8(&hex).unwrap_or("00"), 16);
+            byte.is_ok_and(|b| b.is_ascii_alphanumeric() || b"./%-_~".contains(&b))
+        }
+    });
+    if !path.starts_with('/') || escaped {
+        return false;
+    }
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if matches!(segment, "." | "..") || (segment.is_empty() && !last) {
+            return false;
+        }
+    }
+    true
+}
+
 fn matches(patterns: &[String], value: &str) -> bool {
     patterns.is_empty()
         || patterns.iter().any(|p| match p.strip_suffix('*') {
@@ -212,6 +248,11 @@ impl Rules {
         })
     }
 
+    /// Whether there is no rule: every call passes.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// Whether `call` may go to the app; a denial says which rule decided.
     pub fn decide(&self, call: &Call<'_>) -> Result<(), Denial> {
         if self.rules.is_empty() {
@@ -227,7 +268,7 @@ impl Rules {
                 && (c.paths.is_empty()
                     || call
                         .path
-                        .is_some_and(|p| c.paths.iter().any(|x| p.starts_with(x.as_str()))))
+                        .is_some_and(|p| c.paths.iter().any(|x| under(p, x))))
                 && (c.subjects.is_empty() || call.subject.is_some_and(|s| matches(&c.subjects, s)))
                 && c.scopes.iter().all(|s| call.scopes.contains(s))
         });
@@ -270,7 +311,7 @@ struct Limit {
     name: String,
     config: LimitConfig,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
     limited: AtomicU64,
 }
 
@@ -279,7 +320,17 @@ pub struct Limits {
     limits: Vec<Limit>,
 }
 
-/// How many keys a limit tracks before it forgets the full buckets.
+/// The buckets of one limit, by key.
+#[derive(Default)]
+struct Buckets {
+    by_key: HashMap<String, Bucket>,
+    /// When the full buckets were last forgotten.
+    swept: Option<Instant>,
+}
+
+/// How many keys a limit tracks before it forgets the full buckets. Past it (a flood
+/// of distinct clients), a new key is refused until a sweep makes room; sweeps run at
+/// most once a second, so the flood cannot make every call scan the map.
 const MAX_KEYS: usize = 100_000;
 
 impl Limits {
@@ -295,10 +346,10 @@ impl Limits {
                     c.rate
                 ));
             }
-            let burst = c.burst.unwrap_or(c.rate).max(1.0);
-            if !burst.is_finite() {
-                return Err(format!("{}: burst must be a number", at()));
+            if c.burst.is_some_and(|b| !(b.is_finite() && b > 0.0)) {
+                return Err(format!("{}: burst must be a number above 0", at()));
             }
+            let burst = c.burst.unwrap_or(c.rate).max(1.0);
             if c.listener == Listener::Listen && !c.callers.is_empty() {
                 return Err(format!(
                     "{}: callers are mesh identities; a limit on `listen` is per client address",
@@ -317,7 +368,7 @@ impl Limits {
                 name,
                 config: c.clone(),
                 burst,
-                buckets: Mutex::new(HashMap::new()),
+                buckets: Mutex::new(Buckets::default()),
                 limited: AtomicU64::new(0),
             });
         }
@@ -338,22 +389,39 @@ impl Limits {
         for limit in &self.limits {
             let c = &limit.config;
             if !matches(&c.callers, key)
-                || !(c.paths.is_empty() || c.paths.iter().any(|p| path.starts_with(p.as_str())))
+                || !(c.paths.is_empty() || c.paths.iter().any(|p| under(path, p)))
             {
                 continue;
             }
-            let mut buckets = limit.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
-                // Forget the buckets that are full again: they hold nothing to remember.
-                let (rate, burst) = (c.rate, limit.burst);
-                buckets.retain(|_, b| {
-                    b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
-                });
+            let mut guard = limit.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let buckets = &mut *guard;
+            if !buckets.by_key.contains_key(key) {
+                if buckets.by_key.len() >= MAX_KEYS {
+                    let due = buckets
+                        .swept
+                        .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1));
+                    if due {
+                        // Forget the buckets that are full again: nothing to remember.
+                        let (rate, burst) = (c.rate, limit.burst);
+                        buckets.swept = Some(now);
+                        buckets.by_key.retain(|_, b| {
+                            b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
+                        });
+                    }
+                    if buckets.by_key.len() >= MAX_KEYS {
+                        limit.limited.fetch_add(1, Ordering::Relaxed);
+                        return Err((limit.name.clone(), Duration::from_secs(1)));
+                    }
+                }
+                buckets.by_key.insert(
+                    key.to_string(),
+                    Bucket {
+                        tokens: limit.burst,
+                        at: now,
+                    },
+                );
             }
-            let bucket = buckets.entry(key.to_string()).or_insert(Bucket {
-                tokens: limit.burst,
-                at: now,
-            });
+            let bucket = buckets.by_key.get_mut(key).expect("inserted above");
             let refill = now.duration_since(bucket.at).as_secs_f64() * c.rate;
             bucket.tokens = (bucket.tokens + refill).min(limit.burst);
             bucket.at = now;
@@ -472,6 +540,37 @@ mod tests {
     }
 
     #[test]
+    fn a_path_written_two_ways_is_not_canonical_and_prefixes_stop_at_segments() {
+        for ok in [
+            "/",
+            "/admin",
+            "/admin/",
+            "/a/b?x=1",
+            "/a%20b",
+            "/a/b/../"[..5].as_ref(),
+        ] {
+            assert!(canonical(ok), "{ok}");
+        }
+        for not in [
+            "//admin",
+            "/./admin",
+            "/public/../admin",
+            "/admin/.",
+            "/%61dmin",
+            "/a%2Fb",
+            "/a%2e%2e/b",
+            "/a%25",
+            "admin",
+            "/a//b",
+        ] {
+            assert!(!canonical(not), "{not}");
+        }
+        assert!(under("/api", "/api") && under("/api/x", "/api") && under("/api?x", "/api"));
+        assert!(!under("/apiary", "/api"));
+        assert!(under("/api/x", "/api/") && !under("/api", "/api/"));
+    }
+
+    #[test]
     fn jwt_subjects_and_scopes_and_tunnels() {
         let r = rules(
             r#"
@@ -580,6 +679,32 @@ mod tests {
         assert!(limits.take_at("front", "/items/1", later).is_ok());
         assert!(limits.take_at("front", "/items/1", later).is_err());
         assert_eq!(limits.counts(), [("limit-1".to_string(), 2)]);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_is_bounded_and_does_not_scan_on_every_call() {
+        let config = LimitConfig {
+            name: None,
+            listener: Listener::Listen,
+            callers: Vec::new(),
+            paths: Vec::new(),
+            rate: 1.0,
+            burst: Some(2.0),
+        };
+        let limits = Limits::new(&[config], Listener::Listen).unwrap();
+        let t0 = Instant::now();
+        for i in 0..MAX_KEYS {
+            // Each key spends a token: its bucket is not full, so it is remembered.
+            assert!(limits.take_at(&format!("k{i}"), "/", t0).is_ok());
+        }
+        // The map is full of buckets still refilling: a new key is refused...
+        assert!(limits.take_at("newcomer", "/", t0).is_err());
+        // ...while a known one is served, and once they have refilled, a sweep makes
+        // room.
+        assert!(limits.take_at("k1", "/", t0).is_ok());
+        assert!(limits
+            .take_at("newcomer", "/", t0 + Duration::from_secs(3))
+            .is_ok());
     }
 
     #[test]

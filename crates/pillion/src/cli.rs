@@ -347,7 +347,7 @@ pub struct MeshServeArgs {
     )]
     pub mesh_cert_lifetime: NonZeroDur,
     /// Token ids and certificate serials refused: one per line, `#` comments; read
-    /// again at every request.
+    /// again when it changes. Serials may be written as openssl prints them (0A:1B...).
     #[arg(long, env = "PILLION_MESH_REVOKED", value_name = "FILE")]
     pub revoked: Option<PathBuf>,
     /// Logs as text or as JSON lines.

@@ -431,7 +431,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 use pillion_http::relay::{reply, to_caller};
                 let inbound = inbound.clone();
                 let grpc = pillion_core::error::is_grpc(req.headers());
-                // A bucket per client address.
+                // A bucket per client address; a path spelt another way would walk
+                // around a limit's prefix.
+                if rate.is_some() && !pillion_mesh::policy::canonical(req.uri().path()) {
+                    let why = format!("the path {:?} is not canonical", req.uri().path());
+                    let res = pillion_http::relay::reply(pillion_core::ApiError::new(
+                        pillion_mesh::inbound::ID,
+                        http::StatusCode::BAD_REQUEST,
+                        why,
+                    ));
+                    return Either::Right(Either::Left(std::future::ready(Ok(to_caller(
+                        grpc, res,
+                    )))));
+                }
                 if let Some(Err((limit, wait))) = rate
                     .as_ref()
                     .map(|r| r.take(&peer.ip().to_string(), req.uri().path()))
@@ -653,7 +665,6 @@ async fn status_json(status: &Status) -> serde_json::Value {
     })
 }
 
-/// Prometheus text format.
 /// The `[mesh]` rules' denials and the rate limits' refusals.
 fn render_policy(status: &Status, out: &mut String) {
     use std::fmt::Write;
@@ -692,6 +703,7 @@ fn render_policy(status: &Status, out: &mut String) {
     }
 }
 
+/// Prometheus text format.
 async fn metrics(State(status): State<Arc<Status>>) -> Response {
     let mut out = String::with_capacity(4096);
     status.invoker.render_metrics(&mut out);

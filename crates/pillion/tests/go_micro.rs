@@ -448,6 +448,17 @@ async fn go_micro_services_and_pillion_apps_share_go_micro_s_etcd_registry() {
         (&json!("2"), &json!("127.0.0.1:7001")),
         "{services}"
     );
+    // Deregistered through the API: go-micro no longer finds it.
+    let gone = pillion_testkit::http::request(
+        http::Method::DELETE,
+        &sc.url("/registry"),
+        &[("content-type", "application/json")],
+        r#"{"name":"py.orders","version":"2"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(gone.status, 200, "{}", gone.text());
+    assert_eq!(go_micro_get_service(&etcd, "py.orders"), json!([]));
     // Nothing went to pillion's own layout.
     assert_eq!(
         etcdctl(&etcd, &["get", "--prefix", "/pillion/", "--keys-only"]).trim(),

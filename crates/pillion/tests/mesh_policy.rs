@@ -83,6 +83,17 @@ async fn rules_decide_per_caller_method_and_path_and_count_each_denial() {
     ] {
         assert!(metrics.contains(line), "{line} missing:\n{metrics}");
     }
+    // A path spelt another way does not walk around the rule, and a prefix stops at a
+    // segment.
+    call(&front, http::Method::GET, "/orders//admin/users")
+        .await
+        .assert_refused(400, "is not canonical", "a doubled slash");
+    assert_eq!(
+        call(&front, http::Method::GET, "/orders/administrators")
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,30 @@ async fn a_plaintext_node_of_a_meshed_service_is_refused_and_never_called() {
         rogue.requests() > 0,
         "--mesh-permissive never used the plaintext node"
     );
+
+    // The meshed node goes (its sidecar stops): the service stays meshed for front,
+    // and the plaintext node left is still never called in clear text.
+    let before = rogue.requests();
+    drop(orders);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            node_ids(&front, "orders").await == ["rogue-1"]
+        })
+        .await,
+        "front never saw the meshed node go: {:?}",
+        node_ids(&front, "orders").await
+    );
+    for _ in 0..5 {
+        let reply = request(http::Method::GET, &front.url("/orders/x"), &[], "")
+            .await
+            .unwrap();
+        assert_ne!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(
+        rogue.requests(),
+        before,
+        "the plaintext node was called once the meshed one went"
+    );
 }
 
 #[test]

@@ -95,7 +95,15 @@ fn encode_txt(reg: &Service) -> Vec<String> {
         } else {
             Value::Array(reg.endpoints.clone())
         },
-        metadata: serde_json::to_value(&node.metadata).expect("a map serializes"),
+        // go-micro's TXT has one metadata map: the service's, then the node's over it,
+        // so that a service-wide `protocol` reaches the other side.
+        metadata: serde_json::to_value(
+            reg.metadata
+                .iter()
+                .chain(&node.metadata)
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .expect("a map serializes"),
     };
     let json = serde_json::to_vec(&txt).expect("the TXT serializes");
     let packed = miniz_oxide::deflate::compress_to_vec_zlib(&json, 6);
@@ -589,6 +597,13 @@ impl Inner {
                 }
                 match node_records(&reg, &self.host, &self.domain, TTL_SECS) {
                     Ok(records) => {
+                        let at = reg.nodes[0].endpoint();
+                        if at
+                            .parse::<SocketAddr>()
+                            .is_ok_and(|a| a.ip().is_loopback() || a.ip().is_unspecified())
+                        {
+                            tracing::warn!(service = %reg.name, node = %reg.nodes[0].id, address = %at, "announced on mDNS at an address only this host reaches: register the app at its LAN address (--server-address) for other hosts to call it");
+                        }
                         datagrams.push(answer(None, 0, records.clone()));
                         state.heard.remove(&instance);
                         current.insert(instance, (reg, records));
@@ -630,7 +645,7 @@ fn goodbye(records: &[Record]) -> Vec<u8> {
 
 /// Answers queries and hears announcements on the group.
 async fn respond(inner: Arc<Inner>) {
-    let mut buf = vec![0u8; 9000];
+    let mut buf = vec![0u8; 65536];
     loop {
         let Ok((len, from)) = inner.responder.recv_from(&mut buf).await else {
             continue;
@@ -657,7 +672,7 @@ async fn respond(inner: Arc<Inner>) {
 /// forgets what stopped answering.
 async fn browse(inner: Arc<Inner>) {
     let list = fqdn(&format!("{WILDCARD}.{}.", inner.domain)).expect("a valid name");
-    let mut buf = vec![0u8; 9000];
+    let mut buf = vec![0u8; 65536];
     let mut next = Instant::now();
     loop {
         tokio::select! {
@@ -714,20 +729,20 @@ async fn follow_own(inner: Arc<Inner>) {
 
 #[async_trait::async_trait]
 impl Registry for MdnsRegistry {
+    // Announcements and goodbyes are sent by `follow_own` alone, in the order the
+    // changes happened; here the catalog follows at once (read your writes).
     async fn register(
         &self,
         service: &Service,
         ttl: Option<Duration>,
     ) -> Result<(), RegistryError> {
         self.inner.own.register(service, ttl).await?;
-        self.inner.announce_changes().await;
         self.inner.publish();
         Ok(())
     }
 
     async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
         let removed = self.inner.own.deregister(service).await?;
-        self.inner.announce_changes().await;
         self.inner.publish();
         Ok(removed)
     }

@@ -168,7 +168,7 @@ def serve(args):
         sock.sendto(packet, (GROUP, PORT))
     print("ready", flush=True)
     while True:
-        data, sender = sock.recvfrom(9000)
+        data, sender = sock.recvfrom(65536)
         msg = DNSIncoming(data)
         if not msg.valid or not msg.is_query():
             continue
@@ -202,7 +202,7 @@ def query(args, service):
             return entries
         sock.settimeout(left)
         try:
-            data, _ = sock.recvfrom(9000)
+            data, _ = sock.recvfrom(65536)
         except socket.timeout:
             return entries
         msg = DNSIncoming(data)
