@@ -19,6 +19,7 @@ RATE=${RATE:-2000}
 
 install_tools nginx:nginx-light curl:curl
 if [ -n "${PILLION_BIN:-}" ]; then PILLION=$(realpath "$PILLION_BIN"); else build_pillion; fi
+unset PILLION_BIN  # the bench's own setting, not the sidecars'
 (cd "$ROOT" && cargo build --release -q -p pillion-invoke --example http_rate)
 RATE_GEN="$ROOT/target/release/examples/http_rate"
 

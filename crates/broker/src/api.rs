@@ -36,6 +36,8 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, StatusCode};
 use pillion_core::ApiError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::embedded::EmbeddedBroker;
 use crate::metrics::BrokerMetrics;
@@ -70,7 +72,15 @@ pub struct BrokerApi {
     pub embedded: Option<Arc<EmbeddedBroker>>,
     pub config: ApiConfig,
     pub metrics: Arc<BrokerMetrics>,
+    /// Cancelled when the sidecar stops: each subscriber and publisher socket is
+    /// closed with 1001 "going away", each event stream ends.
+    pub stopping: CancellationToken,
+    /// The subscriber and publisher sockets, so the sidecar can wait for their ends.
+    pub sockets: TaskTracker,
 }
+
+/// The close frame's reason when the sidecar stops (with code 1001).
+pub const STOPPING: &str = "the sidecar is stopping";
 
 pub fn router(api: Arc<BrokerApi>) -> Router {
     let limit = api.config.max_message;
@@ -200,12 +210,21 @@ async fn publish(
         }
         Err(e) => return error(e.status(), e.body_text()),
     };
+    let bytes = body.len();
     let message = Message {
         header: message_headers(&headers),
         body,
     };
     match api.broker.publish(&topic, message).await {
-        Ok(()) => Json(serde_json::json!({})).into_response(),
+        // The acknowledgement: what was accepted, by which backend, and whether it is
+        // stored until acknowledged (micro's clients read the status only).
+        Ok(()) => Json(serde_json::json!({
+            "topic": topic,
+            "bytes": bytes,
+            "backend": api.broker.backend(),
+            "stored": api.broker.stores(&topic),
+        }))
+        .into_response(),
         Err(e) => broker_error(e),
     }
 }
@@ -259,13 +278,17 @@ async fn subscribe(
     };
     let counted = api.metrics.subscriber(&pattern);
     match ws {
-        Ok(ws) => ws
-            .on_upgrade(move |socket| async move {
-                serve_websocket(api, socket, sub, pattern).await;
-                drop(counted);
+        Ok(ws) => {
+            let sockets = api.sockets.clone();
+            ws.on_upgrade(move |socket| {
+                sockets.track_future(async move {
+                    serve_websocket(api, socket, sub, pattern).await;
+                    drop(counted);
+                })
             })
-            .into_response(),
-        Err(_) => serve_sse(sub, counted).into_response(),
+            .into_response()
+        }
+        Err(_) => serve_sse(sub, counted, api.stopping.clone()).into_response(),
     }
 }
 
@@ -336,6 +359,10 @@ async fn serve_websocket(
                     return;
                 }
             }
+            _ = api.stopping.cancelled() => {
+                let _ = tx.send(close(1001, STOPPING.into())).await;
+                return;
+            }
             _ = ping.tick() => {
                 if last_seen.elapsed() > api.config.ping_interval * 2 {
                     let _ = tx.send(close(1001, "no answer to pings".into())).await;
@@ -367,8 +394,9 @@ fn open_publisher(
         );
     };
     let header = message_headers(headers);
+    let sockets = api.sockets.clone();
     ws.max_message_size(api.config.max_message)
-        .on_upgrade(move |socket| serve_publisher(api, socket, topic, header))
+        .on_upgrade(move |socket| sockets.track_future(serve_publisher(api, socket, topic, header)))
         .into_response()
 }
 
@@ -402,6 +430,11 @@ async fn serve_publisher(
     loop {
         let frame = tokio::select! {
             frame = rx.next() => frame,
+            // Every frame read so far was published and acknowledged.
+            _ = api.stopping.cancelled() => {
+                let _ = tx.send(close_frame(1001, STOPPING)).await;
+                return;
+            }
             _ = ping.tick() => {
                 if last_seen.elapsed() > api.config.ping_interval * 2 {
                     let _ = tx.send(close_frame(1001, "no answer to pings")).await;
@@ -484,12 +517,18 @@ fn close_frame(code: u16, reason: &str) -> WsMessage {
 fn serve_sse(
     sub: Subscription,
     counted: crate::metrics::Subscriber,
+    stopping: CancellationToken,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let events = futures_util::stream::unfold((sub, counted), |(mut sub, counted)| async move {
-        let delivery = sub.next().await?;
+    let state = (sub, counted, stopping);
+    let events = futures_util::stream::unfold(state, |(mut sub, counted, stopping)| async move {
+        // The stream ends (the response is complete) when the sidecar stops.
+        let delivery = tokio::select! {
+            delivery = sub.next() => delivery?,
+            _ = stopping.cancelled() => return None,
+        };
         let event = Event::default().data(delivery.to_json());
         delivery.ack().await;
-        Some((Ok(event), (sub, counted)))
+        Some((Ok(event), (sub, counted, stopping)))
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }

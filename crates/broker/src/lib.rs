@@ -278,6 +278,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether the backend is reachable now.
     fn healthy(&self) -> bool;
 
+    /// Whether a message of `topic` that [`Broker::publish`] accepted is stored until
+    /// its subscribers acknowledge it (a durable topic on JetStream).
+    fn stores(&self, _topic: &str) -> bool {
+        false
+    }
+
     /// Graceful shutdown.
     async fn close(&self);
 }

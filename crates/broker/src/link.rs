@@ -553,7 +553,7 @@ async fn run(link: Arc<Link>, mut stop: watch::Receiver<bool>) {
             Err(e) => {
                 failures += 1;
                 // Once, then now and then: a sidecar that is down is retried all along.
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(sidecar = %link.address(), node = %link.node, error = %e, failures, "cannot open the broker stream to another sidecar; retrying, its messages wait in the queue");
                 }
             }

@@ -453,6 +453,10 @@ impl Broker for NatsBroker {
         self.backend.clone()
     }
 
+    fn stores(&self, topic: &str) -> bool {
+        self.durable_for(topic).is_some()
+    }
+
     fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

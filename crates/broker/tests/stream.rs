@@ -32,6 +32,8 @@ fn serve(broker: Arc<EmbeddedBroker>, metrics: Arc<BrokerMetrics>, listener: Tcp
         embedded: Some(broker),
         config: ApiConfig::default(),
         metrics,
+        stopping: Default::default(),
+        sockets: Default::default(),
     });
     let router = pillion_broker::api::router(api);
     tokio::spawn(async move { axum::serve(listener, router).await });

@@ -78,14 +78,14 @@ pub fn format(d: Duration) -> String {
         return "0s".to_string();
     }
     let nanos = d.as_nanos();
-    if nanos % 1_000_000 != 0 {
-        return if nanos % 1_000 == 0 {
+    if !nanos.is_multiple_of(1_000_000) {
+        return if nanos.is_multiple_of(1_000) {
             format!("{}us", nanos / 1_000)
         } else {
             format!("{nanos}ns")
         };
     }
-    if nanos % 1_000_000_000 != 0 {
+    if !nanos.is_multiple_of(1_000_000_000) {
         return format!("{}ms", nanos / 1_000_000);
     }
     let mut secs = d.as_secs();

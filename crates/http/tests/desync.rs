@@ -51,10 +51,10 @@ async fn serve(mut s: TcpStream) {
             .and_then(|n| n.parse().ok())
             .unwrap_or(u64::MAX);
         let body = expected(id);
-        if id % 3 == 0 {
+        if id.is_multiple_of(3) {
             tokio::time::sleep(Duration::from_micros(id % 1500)).await;
         }
-        let out = if id % 2 == 0 {
+        let out = if id.is_multiple_of(2) {
             format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()

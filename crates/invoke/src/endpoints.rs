@@ -97,6 +97,42 @@ pub struct NodeState {
     ejections: AtomicU32,
     /// Ejected until this time (ms since [`clock`]'s epoch); 0 when not ejected.
     ejected_until_ms: AtomicU64,
+    /// The node's measured latency: an EWMA of the time its answers took (f64 bits,
+    /// ns), without the balancer's assumptions and penalties; 0 before the first
+    /// answer.
+    answered_ns: AtomicU64,
+    /// When `answered_ns` was last updated, in ns since [`clock`]'s epoch.
+    answered_at: AtomicU64,
+    /// When the node last failed an attempt (ms since [`clock`]'s epoch, at least 1);
+    /// 0 when it never did.
+    failed_at_ms: AtomicU64,
+}
+
+/// A node's state as the balancer sees it now, for `/statusz` and the dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeHealth {
+    /// Ejected as an outlier for this long yet: no calls go to it meanwhile.
+    Ejected(Duration),
+    /// It failed its last attempts, the last one within the shortest ejection's time
+    /// ([`EjectionPolicy::base_time`]): calls still go to it, as the balancer
+    /// chooses.
+    Failing,
+    /// Neither: it answered since its last failure, or its ejection ended, or its last
+    /// failure is older than an ejection would have lasted.
+    Healthy,
+    /// Never called yet.
+    Untried,
+}
+
+impl NodeHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Ejected(_) => "ejected",
+            NodeHealth::Failing => "failing",
+            NodeHealth::Healthy => "ok",
+            NodeHealth::Untried => "untried",
+        }
+    }
 }
 
 /// How calls reach a node, from its (or its service's) `protocol` metadata. pillion
@@ -231,6 +267,9 @@ impl NodeState {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
+            answered_ns: AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
+            failed_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -278,6 +317,53 @@ impl NodeState {
         };
         // Races between two updates lose one sample, which an average can afford.
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Feeds the time an answer of the node took (whatever its status), measured
+    /// until `now` ([`clock`]'s), to its measured latency ([`NodeState::latency`]): an
+    /// average over [`DECAY_NS`], the first answer taken as it is. The balancer's
+    /// estimate is fed separately ([`NodeState::observe`]).
+    pub fn measure(&self, rtt: Duration, now: Duration) {
+        let now = now.as_nanos() as u64;
+        let rtt = (rtt.as_nanos() as f64).max(1.0);
+        let prev = f64::from_bits(self.answered_ns.load(Ordering::Relaxed));
+        let then = self.answered_at.swap(now, Ordering::Relaxed);
+        let next = if prev > 0.0 {
+            let w = (-((now.saturating_sub(then)) as f64) / DECAY_NS).exp();
+            prev * w + rtt * (1.0 - w)
+        } else {
+            rtt
+        };
+        self.answered_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The node's measured latency: how long its answers took, on average over the
+    /// last seconds of answers; `None` before it answered at all. Unlike
+    /// [`NodeState::ewma`], never an assumed value nor a failure's penalty.
+    pub fn latency(&self) -> Option<Duration> {
+        let ns = f64::from_bits(self.answered_ns.load(Ordering::Relaxed));
+        (ns > 0.0).then(|| Duration::from_nanos(ns as u64))
+    }
+
+    /// How long ago (at `now_ms`, [`clock`]'s) the node last failed an attempt.
+    pub fn last_failure(&self, now_ms: u64) -> Option<Duration> {
+        let at = self.failed_at_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| Duration::from_millis(now_ms.saturating_sub(at)))
+    }
+
+    /// The node's state at `now_ms` ([`clock`]'s) under `policy` (see [`NodeHealth`]).
+    pub fn health(&self, now_ms: u64, policy: &EjectionPolicy) -> NodeHealth {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until > now_ms {
+            return NodeHealth::Ejected(Duration::from_millis(until - now_ms));
+        }
+        match self.last_failure(now_ms) {
+            Some(ago) if self.consecutive_failures() > 0 && ago < policy.base_time => {
+                NodeHealth::Failing
+            }
+            None if self.latency().is_none() => NodeHealth::Untried,
+            _ => NodeHealth::Healthy,
+        }
     }
 
     pub fn is_ejected(&self, now_ms: u64) -> bool {
@@ -354,10 +440,11 @@ impl ServiceSet {
     /// unless half of the service's nodes are ejected already. True when ejected now.
     pub fn record_failure(&self, node: &NodeState, policy: &EjectionPolicy) -> bool {
         let failures = node.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let now_ms = clock().as_millis() as u64;
+        node.failed_at_ms.store(now_ms.max(1), Ordering::Relaxed);
         if failures < policy.consecutive_failures {
             return false;
         }
-        let now_ms = clock().as_millis() as u64;
         if node.is_ejected(now_ms) {
             return false;
         }
@@ -386,6 +473,15 @@ impl ServiceSet {
     }
 }
 
+/// How many names that are not registered get series of their own in the metrics
+/// when they are called ([`Endpoints::unrouted`]): calls to any name are answered
+/// (404), so without a bound a caller making names up would add series without end.
+pub const UNREGISTERED_NAMES: usize = 64;
+
+/// The service label of the calls to names that are not registered beyond the first
+/// [`UNREGISTERED_NAMES`].
+pub const UNKNOWN_SERVICE: &str = "(unknown)";
+
 /// The nodes of every service called through this sidecar: the snapshot the data
 /// path reads.
 #[derive(Default)]
@@ -400,6 +496,9 @@ pub struct Endpoints {
     /// Held while a snapshot is built, so that an older one never replaces a newer.
     building: Mutex<()>,
     shared: Mutex<HashMap<String, Arc<ServiceShared>>>,
+    /// How many of `shared`'s names were made for calls to a name that was not
+    /// registered (changed under `shared`'s lock); at most [`UNREGISTERED_NAMES`].
+    unregistered: AtomicUsize,
     locality: Locality,
     pool: pool::Settings,
     mesh: Option<MeshConnect>,
@@ -432,6 +531,7 @@ impl Endpoints {
             registry: registry.clone(),
             building: Mutex::new(()),
             shared: Mutex::new(HashMap::new()),
+            unregistered: AtomicUsize::new(0),
             locality,
             pool,
             strict: mesh.is_some() && !permissive,
@@ -489,21 +589,45 @@ impl Endpoints {
         self.current.load().services.get(name).cloned()
     }
 
-    /// The metrics and budget of `name`, created on first use (a call to a service
-    /// that is not registered still counts).
+    /// The metrics and budget of `name`, a registered service, created on first use.
     pub fn shared(&self, name: &str) -> Arc<ServiceShared> {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         shared
             .entry(name.to_string())
-            .or_insert_with(|| {
-                Arc::new(ServiceShared {
-                    metrics: ServiceMetrics::default(),
-                    budget: RetryBudget::new(self.max_retry_percent, 10),
-                    cursor: AtomicUsize::new(0),
-                    pending: AtomicUsize::new(0),
-                })
-            })
+            .or_insert_with(|| self.new_shared())
             .clone()
+    }
+
+    /// Where a call to `name` is counted when `name` has no nodes here (not
+    /// registered, or no longer: its last node went): its own metrics if it has any
+    /// (it was called, or registered, since this sidecar started), so the calls to a
+    /// service that died show as its errors; new ones for the first
+    /// [`UNREGISTERED_NAMES`] other names; beyond those, [`UNKNOWN_SERVICE`]'s, so a
+    /// flood of calls to made-up names adds one series, not one per name.
+    pub fn unrouted(&self, name: &str) -> Arc<ServiceShared> {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(known) = shared.get(name) {
+            return known.clone();
+        }
+        let key = if self.unregistered.load(Ordering::Relaxed) < UNREGISTERED_NAMES {
+            self.unregistered.fetch_add(1, Ordering::Relaxed);
+            name
+        } else {
+            UNKNOWN_SERVICE
+        };
+        shared
+            .entry(key.to_string())
+            .or_insert_with(|| self.new_shared())
+            .clone()
+    }
+
+    fn new_shared(&self) -> Arc<ServiceShared> {
+        Arc::new(ServiceShared {
+            metrics: ServiceMetrics::default(),
+            budget: RetryBudget::new(self.max_retry_percent, 10),
+            cursor: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+        })
     }
 
     /// Every service's shared state, for `/metrics`.
@@ -734,6 +858,73 @@ mod tests {
             after <= Duration::from_millis(100) && after > Duration::from_millis(1),
             "{after:?}"
         );
+    }
+
+    #[test]
+    fn the_measured_latency_is_only_answers() {
+        let n = NodeState::test("n".into(), 0);
+        assert_eq!(n.latency(), None, "no answer yet: nothing measured");
+        // A refused attempt: the balancer's penalty, not a measurement.
+        n.observe(Duration::from_secs(1), clock());
+        assert_eq!(n.latency(), None);
+        assert_eq!(n.ewma(), Duration::from_secs(1));
+        n.measure(Duration::from_millis(4), clock());
+        assert_eq!(n.latency(), Some(Duration::from_millis(4)));
+        n.measure(Duration::from_millis(8), clock());
+        let l = n.latency().unwrap();
+        assert!(
+            l >= Duration::from_millis(4) && l <= Duration::from_millis(8),
+            "{l:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_is_failing_briefly_ejected_while_ejected_and_then_healthy() {
+        let policy = EjectionPolicy::default();
+        let nodes: Vec<_> = (0..3)
+            .map(|i| Arc::new(NodeState::test(format!("n{i}"), 0)))
+            .collect();
+        let set = ServiceSet {
+            name: "s".into(),
+            nodes: nodes.clone(),
+            shared: Arc::new(ServiceShared::test()),
+            ejection: policy,
+            skipped: Vec::new(),
+        };
+        let n = &nodes[0];
+        let now = || clock().as_millis() as u64;
+        assert_eq!(n.health(now(), &policy), NodeHealth::Untried);
+        set.record_failure(n, &policy);
+        assert_eq!(n.health(now(), &policy), NodeHealth::Failing);
+        // One failure, and the node not called since: failing no longer once an
+        // ejection would have ended.
+        // (A failure is stamped at 1 ms at least: 0 means none.)
+        let later = now().max(1) + policy.base_time.as_millis() as u64;
+        assert_eq!(n.health(later, &policy), NodeHealth::Healthy);
+        assert_eq!(
+            n.consecutive_failures(),
+            1,
+            "still counted towards ejection"
+        );
+        // It answers: healthy at once.
+        set.record_failure(n, &policy);
+        n.measure(Duration::from_millis(2), clock());
+        n.record_success();
+        assert_eq!(n.health(now(), &policy), NodeHealth::Healthy);
+        // Ejected: for as long as the ejection lasts, then healthy again.
+        for _ in 0..policy.consecutive_failures {
+            set.record_failure(n, &policy);
+        }
+        let NodeHealth::Ejected(left) = n.health(now(), &policy) else {
+            panic!("{:?}", n.health(now(), &policy));
+        };
+        assert!(
+            left > Duration::from_secs(9) && left <= policy.base_time,
+            "{left:?}"
+        );
+        let after = now() + policy.base_time.as_millis() as u64 + 1;
+        assert_eq!(n.health(after, &policy), NodeHealth::Healthy);
+        assert_eq!(NodeHealth::Healthy.as_str(), "ok");
     }
 
     #[test]

@@ -10,9 +10,13 @@
 //!   [`RetryBudget`](crate::budget::RetryBudget); retries back off exponentially with
 //!   jitter; the overall deadline bounds everything. [`retry::decide`] says which.
 //! - Only the node's faults feed outlier ejection and the peak-EWMA (as a 1 s latency
-//!   penalty, so a node that fails fast does not look fast). A caller whose upload
+//!   penalty, so a node that fails fast does not look fast); the node's measured
+//!   latency, which `/statusz` and the dashboard show, is fed by its answers only. A caller whose upload
 //!   breaks off gets 400 (413 over the limit) and the node's record is untouched; a
 //!   sidecar out of sockets answers 503 and blames nobody else.
+//! - A call to a service with no node to go to (not registered, or no longer) is
+//!   answered 404 (503 after `X-Pillion-Wait`) and counted in that service's metrics
+//!   all the same, so a service that died shows its callers' errors.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -128,20 +132,43 @@ pub fn forward<'a>(
                     }
                     .await
                 }
-                None => Err(no_node_in_time(&call)),
+                None => Err(unrouted(
+                    &inv,
+                    &call.service,
+                    started,
+                    no_node_in_time(&call),
+                )),
             }
         })));
     }
     let Some(set) = set else {
-        return Either::Left(ready(Err(error(
+        let e = error(
             StatusCode::NOT_FOUND,
             format!("service {:?} not found in the registry", call.service),
-        ))));
+        );
+        return Either::Left(ready(Err(unrouted(&inv, &call.service, started, e))));
     };
     Either::Right(Either::Left(Recorded {
         attempts: attempts(set, inv, call, started, tally),
         started,
     }))
+}
+
+/// Counts a call to `service` that found no node to go to (it is not registered, or
+/// no longer) in the service's metrics, as answered by the sidecar with `e`: the
+/// calls to a service that died are its errors, not calls counted nowhere. The
+/// metrics of names never registered are bounded ([`crate::endpoints::Endpoints::unrouted`]).
+fn unrouted(inv: &Invoker, service: &str, started: Instant, e: ApiError) -> ApiError {
+    let shared = match inv.endpoints.load().services.get(service) {
+        Some(set) => set.shared.clone(),
+        None => inv.endpoints.unrouted(service),
+    };
+    shared.metrics.record(
+        e.status_code().as_u16(),
+        started.elapsed(),
+        AnsweredBy::Sidecar,
+    );
+    e
 }
 
 /// A call that waited for a node of its service, and none registered.
@@ -385,6 +412,7 @@ fn attempt_all<'a>(
             let verdict = match outcome {
                 Outcome::Answer(mut res) => {
                     node.observe(rtt, clock_end);
+                    node.measure(rtt, clock_end);
                     if go_micro.is_some() {
                         res.extensions_mut().insert(jsonrpc::Enveloped { deadline });
                     }
@@ -399,6 +427,8 @@ fn attempt_all<'a>(
                 }
                 Outcome::BadGateway(res) => {
                     node.observe(FAILURE_PENALTY.max(rtt), clock_end);
+                    // An answer all the same: how long it took is measured.
+                    node.measure(rtt, clock_end);
                     set.record_failure(&node, &policy.ejection);
                     only_connect_failures = false;
                     last_problem = format!("node {} answered {}", node.authority, res.status());
@@ -544,4 +574,155 @@ fn readdress(
         req.headers_mut().insert(http::header::HOST, host.clone());
     }
     req
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoints::{UNKNOWN_SERVICE, UNREGISTERED_NAMES};
+    use pillion_registry::Registry;
+
+    fn call(service: &str) -> Call {
+        Call {
+            service: service.to_string(),
+            method: Method::POST,
+            uri: Uri::from_static("/Say.Hello"),
+            headers: HeaderMap::new(),
+            body: Outgoing::full(Default::default()),
+            grpc: false,
+            rpc: true,
+            pin: None,
+            timeout: Duration::from_secs(2),
+            wait: Duration::ZERO,
+            retry_any_method: false,
+        }
+    }
+
+    fn invoker() -> (Arc<dyn Registry>, Arc<Invoker>) {
+        let registry: Arc<dyn Registry> = Arc::new(pillion_registry::memory::MemoryRegistry::new());
+        let inv = Invoker::new(
+            registry.clone(),
+            Default::default(),
+            Default::default(),
+            None,
+        );
+        (registry, inv)
+    }
+
+    /// The error `forward` answers a call with (none of these reach a node).
+    async fn refused(inv: &Arc<Invoker>, call: Call) -> ApiError {
+        match forward(inv.clone(), call, None).await {
+            Ok(res) => panic!("an answer: {}", res.status()),
+            Err(e) => e,
+        }
+    }
+
+    fn metrics(inv: &Invoker) -> String {
+        let mut out = String::new();
+        inv.render_metrics(&mut out);
+        out
+    }
+
+    /// The `pillion_invoke_requests_total` series of `class` in `out`.
+    fn series(out: &str, class: &str) -> Vec<String> {
+        let class = format!(",class=\"{class}\"}}");
+        out.lines()
+            .filter(|l| l.starts_with("pillion_invoke_requests_total{") && l.contains(&class))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_to_a_service_that_went_are_its_errors() {
+        let (registry, inv) = invoker();
+        let todos = pillion_core::service::Service::from_json(
+            br#"{"name":"todos","nodes":[{"id":"todos-1","address":"127.0.0.1:9"}]}"#,
+        )
+        .unwrap();
+        registry.register(&todos, None).await.unwrap();
+        // Its node refuses: 503 by the sidecar, counted as before.
+        let e = refused(&inv, call("todos")).await;
+        assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        registry.deregister(&todos).await.unwrap();
+        for _ in 0..100 {
+            if !inv.endpoints.load().services.contains_key("todos") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for _ in 0..3 {
+            let e = refused(&inv, call("todos")).await;
+            assert_eq!(e.status_code(), StatusCode::NOT_FOUND, "{e:?}");
+        }
+        let out = metrics(&inv);
+        assert!(
+            out.contains("pillion_invoke_requests_total{service=\"todos\",class=\"4xx\"} 3"),
+            "{out}"
+        );
+        assert!(
+            out.contains("pillion_invoke_requests_total{service=\"todos\",class=\"5xx\"} 1"),
+            "{out}"
+        );
+        let snapshot = inv
+            .call_snapshots()
+            .into_iter()
+            .find(|(name, _, _)| name == "todos")
+            .unwrap()
+            .1;
+        assert_eq!(snapshot.by_sidecar, 4, "the sidecar answered every one");
+
+        // A name never registered is counted under its own name too, and a call that
+        // waited for a node in vain as what it got (503).
+        let mut waiting = call("nobody");
+        waiting.wait = Duration::from_millis(20);
+        let e = refused(&inv, waiting).await;
+        assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        refused(&inv, call("nobody")).await;
+        let out = metrics(&inv);
+        assert!(
+            out.contains("pillion_invoke_requests_total{service=\"nobody\",class=\"4xx\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("pillion_invoke_requests_total{service=\"nobody\",class=\"5xx\"} 1"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn made_up_names_add_a_bounded_number_of_series() {
+        let (_registry, inv) = invoker();
+        let flood = UNREGISTERED_NAMES + 500;
+        for i in 0..flood {
+            let e = refused(&inv, call(&format!("made-up-{i}"))).await;
+            assert_eq!(e.status_code(), StatusCode::NOT_FOUND);
+        }
+        // Again, the first names: still their own series.
+        refused(&inv, call("made-up-0")).await;
+        let out = metrics(&inv);
+        let series = series(&out, "4xx");
+        assert_eq!(
+            series.len(),
+            UNREGISTERED_NAMES + 1,
+            "one per name up to the bound, then one for the rest"
+        );
+        assert!(
+            series.contains(
+                &"pillion_invoke_requests_total{service=\"made-up-0\",class=\"4xx\"} 2".to_string()
+            ),
+            "{series:?}"
+        );
+        let unknown = format!(
+            "pillion_invoke_requests_total{{service=\"{UNKNOWN_SERVICE}\",class=\"4xx\"}} {}",
+            flood - UNREGISTERED_NAMES
+        );
+        assert!(series.contains(&unknown), "{series:?}");
+        // Every call is counted once.
+        let total: u64 = series
+            .iter()
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(total, flood as u64 + 1);
+        assert_eq!(inv.call_snapshots().len(), UNREGISTERED_NAMES + 1);
+    }
 }

@@ -186,9 +186,14 @@ impl Invoker {
     }
 
     /// For `/statusz`: the nodes of every service called through this sidecar, with
-    /// their tier, load, latency estimate, failures and ejection.
+    /// their tier, load, state ([`endpoints::NodeHealth`]: `health`), measured latency
+    /// (`latency_ms`, null before the first answer), the balancer's latency estimate
+    /// (`ewma_ms`, which counts a failure as a 1 s answer and assumes 30 ms before
+    /// the first), failures and ejection.
     pub fn status(&self) -> serde_json::Value {
         let set = self.endpoints.load();
+        let now_ms = endpoints::clock().as_millis() as u64;
+        let ejection = &self.config.policy.ejection;
         let mut names: Vec<&String> = set.services.keys().collect();
         names.sort();
         let services: Vec<_> = names
@@ -199,15 +204,24 @@ impl Invoker {
                     .nodes
                     .iter()
                     .map(|n| {
+                        let health = n.health(now_ms, ejection);
+                        let ejected_for = match health {
+                            endpoints::NodeHealth::Ejected(d) => Some(d.as_secs_f64()),
+                            _ => None,
+                        };
+                        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
                         json!({
                             "id": n.id,
                             "address": n.authority,
                             "tier": n.tier,
+                            "health": health.as_str(),
                             "pending": n.pending(),
-                            "ewma_ms": n.ewma().as_secs_f64() * 1000.0,
+                            "latency_ms": n.latency().map(ms),
+                            "ewma_ms": ms(n.ewma()),
                             "consecutive_failures": n.consecutive_failures(),
-                            "ejected": n.ejected_for().is_some(),
-                            "ejected_for_secs": n.ejected_for().map(|d| d.as_secs_f64()),
+                            "last_failure_secs_ago": n.last_failure(now_ms).map(|d| d.as_secs_f64()),
+                            "ejected": ejected_for.is_some(),
+                            "ejected_for_secs": ejected_for,
                             "idle_connections": n.pool.idle(),
                         })
                     })

@@ -3,6 +3,14 @@
 //! windows, the calls the sidecar answered itself and a finer latency histogram,
 //! which a reader takes the difference of ([`ServiceMetrics::snapshot`]). Atomics
 //! only: recording a request costs a few relaxed additions.
+//!
+//! A service's series are made when it is registered and called, and stay. Calls to
+//! a name with no node (404 "not found in the registry") are counted too: under the
+//! service's own name when it was known (it went), under the name itself for the
+//! first [`UNREGISTERED_NAMES`](crate::endpoints::UNREGISTERED_NAMES) names never
+//! registered, and under `service="(unknown)"`
+//! ([`UNKNOWN_SERVICE`](crate::endpoints::UNKNOWN_SERVICE)) beyond them: made-up names
+//! add a bounded number of series.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -115,6 +115,14 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Print the reference of every `pillion run` option (flag, variable, file key,
+    /// default and meaning) as Markdown: docs/config-reference.md is its output.
+    ///
+    /// Example:
+    ///
+    ///   pillion config-reference > docs/config-reference.md
+    #[command(verbatim_doc_comment)]
+    ConfigReference,
     /// List the services in a running sidecar's registry, or one service's nodes.
     ///
     /// Examples:
@@ -169,6 +177,17 @@ pub enum Command {
     ///   PILLION_SIDECAR=http://10.0.0.7:8081 pillion status --json
     #[command(verbatim_doc_comment)]
     Status(StatusArgs),
+    /// List the sidecars of the cluster a running sidecar is in: its app's name, API
+    /// address, gossip address, state (alive, failed: stopped answering, left: stopped
+    /// on purpose) and age. Failed and left members are listed for an hour.
+    ///
+    /// Examples:
+    ///
+    ///   pillion members
+    ///
+    ///   pillion members --json | jq '.[] | select(.state != "alive")'
+    #[command(verbatim_doc_comment)]
+    Members(StatusArgs),
 }
 
 /// How the client commands reach a running sidecar; every one of them takes these.
@@ -631,6 +650,12 @@ pub struct RunArgs {
         value_name = "DUR"
     )]
     pub grace_period: Dur,
+
+    /// Once every listener is bound and serving, write their addresses to FILE as
+    /// JSON (`{"address":"127.0.0.1:43121","listen":null}`, replaced atomically), so a
+    /// supervisor or a test that starts pillion on port 0 learns the ports.
+    #[arg(long, env = "PILLION_READY_FILE", value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 
     /// How long a client may take to send a request's head, on every listener; a
     /// slower one is disconnected (slowloris).

@@ -43,6 +43,7 @@ pub enum Order {
     Publish(PublishArgs),
     Subscribe(SubscribeArgs),
     Status(StatusArgs),
+    Members(StatusArgs),
 }
 
 /// Runs one client command on a current-thread runtime (one connection at a time
@@ -59,6 +60,7 @@ pub fn run(order: Order) -> ExitCode {
             Order::Publish(a) => publish(a).await,
             Order::Subscribe(a) => subscribe(a).await,
             Order::Status(a) => status(a).await,
+            Order::Members(a) => members(a).await,
         }
     });
     match outcome {
@@ -720,6 +722,17 @@ async fn subscribe(args: SubscribeArgs) -> Result<(), Error> {
         quiet_until = tokio::time::Instant::now() + QUIET;
         let text = match frame {
             Some(Ok(tungstenite::Message::Text(t))) => t,
+            // The sidecar stops: the end of the subscription, not a failure.
+            Some(Ok(tungstenite::Message::Close(Some(close))))
+                if u16::from(close.code) == 1001
+                    && close.reason.as_str() == pillion_broker::api::STOPPING =>
+            {
+                eprintln!(
+                    "the sidecar at {} is stopping: the subscription ended",
+                    sidecar.url
+                );
+                return Ok(());
+            }
             Some(Ok(tungstenite::Message::Close(close))) => {
                 let reason = close
                     .map(|c| format!("{} ({})", c.reason, u16::from(c.code)))
@@ -913,6 +926,60 @@ async fn status(args: StatusArgs) -> Result<(), Error> {
         ))),
         None => Ok(()),
     }
+}
+
+/// A sidecar of the cluster, as `/statusz` lists it.
+#[derive(Deserialize, serde::Serialize)]
+struct Member {
+    name: Option<String>,
+    api: Option<String>,
+    gossip: String,
+    state: String,
+    since_unix: u64,
+}
+
+async fn members(args: StatusArgs) -> Result<(), Error> {
+    let sidecar = Sidecar::new(&args.sidecar)?;
+    let (code, body) = sidecar.get("/statusz").await?;
+    if !code.is_success() {
+        return Err(sidecar.refused(code, &body));
+    }
+    let unexpected = |what: String| Error::Unexpected {
+        sidecar: sidecar.url.clone(),
+        what,
+    };
+    let s: Statusz = serde_json::from_slice(&body)
+        .map_err(|e| unexpected(format!("a /statusz that is not its JSON ({e})")))?;
+    let Some(cluster) = s.cluster else {
+        return Err(Error::Usage(format!(
+            "the sidecar at {} keeps its registry in {}, not in a cluster of sidecars: it has \
+             no members (its services: pillion services)",
+            sidecar.url, s.registry.backend
+        )));
+    };
+    let members: Vec<Member> = serde_json::from_value(cluster["members"].clone())
+        .map_err(|e| unexpected(format!("cluster members that are not a list ({e})")))?;
+    if args.sidecar.json {
+        return print(&serde_json::to_string(&members).expect("members serialize"));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone().unwrap_or_else(|| "-".into()),
+                m.api.clone().unwrap_or_else(|| "-".into()),
+                m.gossip.clone(),
+                m.state.clone(),
+                pillion_core::duration::format(Duration::from_secs(
+                    now.saturating_sub(m.since_unix),
+                )),
+            ]
+        })
+        .collect();
+    print(&table(&["NAME", "API", "GOSSIP", "STATE", "AGE"], &rows))
 }
 
 /// Why a sidecar that answered is not well: `/healthz` is not ok, or the app it

@@ -9,7 +9,7 @@
 //! - an `Origin` that is not the API's own: 403 (a cross-site request);
 //! - a JSON route (`/registry`, `/rpc`) written with another content type: 415 (a
 //!   `text/plain` POST needs no CORS preflight; `application/json` does);
-//! - with `--api-token`, a request without `Authorization: Bearer <token>`: 401.
+//! - with `--api-token`, a request without `Pillion-Api-Token: <token>` (or, on the API's own routes, the deprecated `Authorization: Bearer <token>`): 401.
 //!
 //! `/healthz` is open to all, so probes need no secret. The dashboard's page (not its
 //! data) needs no token, so that a browser can load it and then send the token it

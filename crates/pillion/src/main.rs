@@ -81,7 +81,18 @@ fn main() -> ExitCode {
     for (key, value) in &migrated.env {
         std::env::set_var(key, value);
     }
-    let cli = Cli::parse_from(&migrated.argv);
+    let cli = match Cli::try_parse_from(&migrated.argv) {
+        Ok(cli) => cli,
+        // A bad value of `run`'s option from the environment names its variable.
+        Err(e)
+            if e.kind() == clap::error::ErrorKind::ValueValidation
+                && migrated.argv.get(1).is_some_and(|a| a == "run") =>
+        {
+            eprintln!("error: {}", config::from_where(&e, &migrated.argv));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Bootstrap {
             config,
@@ -188,11 +199,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::ConfigReference => {
+            print!("{}", config::reference());
+            ExitCode::SUCCESS
+        }
         Command::Services(args) => client::run(client::Order::Services(args)),
         Command::Call(args) => client::run(client::Order::Call(args)),
         Command::Publish(args) => client::run(client::Order::Publish(args)),
         Command::Subscribe(args) => client::run(client::Order::Subscribe(args)),
         Command::Status(args) => client::run(client::Order::Status(args)),
+        Command::Members(args) => client::run(client::Order::Members(args)),
         Command::Check { file, config } => {
             let Some(config) = file.or(config) else {
                 unreachable!("clap requires FILE or --config");
@@ -286,7 +302,14 @@ fn resolve_telling(loaded: Loaded) -> Result<Settings, config::ConfigError> {
     for notice in &loaded.notices {
         eprintln!("{notice}");
     }
-    Settings::resolve(loaded)
+    // An error about options says where each was set (a variable, the file's line).
+    let sources = loaded.sources();
+    Settings::resolve(loaded).map_err(|e| match e {
+        config::ConfigError::Invalid(message) => {
+            config::ConfigError::Invalid(sources.explain(&message))
+        }
+        other => other,
+    })
 }
 
 /// Logs go to stderr, filtered by RUST_LOG (default `info`): text, or with

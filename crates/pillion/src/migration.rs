@@ -595,6 +595,7 @@ pub fn migrate_file(path: &Path, text: &str) -> Result<String, String> {
             mesh: None,
             rate_limits: Vec::new(),
             notices: migrated.notices,
+            lines: Default::default(),
         };
         return Ok(file.to_toml(&format!(
             "pillion's configuration, written by `pillion migrate {shown}` from bailiff's file."

@@ -3,7 +3,7 @@
 //!
 //! Not the opentelemetry crates: `opentelemetry-otlp` 0.31, even with only its
 //! `http-json` feature, pulls in prost, tonic and reqwest (a second HTTP client), 14
-//! crates this workspace does not have (README lists them), for what is one JSON document per batch. The
+//! crates this workspace does not have (ARCHITECTURE.md lists them), for what is one JSON document per batch. The
 //! OTLP/HTTP JSON encoding is the protobuf JSON mapping of
 //! `ExportTraceServiceRequest`: ids as hex, times as decimal strings of Unix
 //! nanoseconds, enums as numbers.

@@ -1,10 +1,11 @@
 //! Wiring: open the registry, start the app's registration, serve the HTTP API, and
 //! take it all down in order on shutdown.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -162,9 +163,6 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         }));
         (task, stop, metrics)
     });
-    let registry = pillion_registry::open(&settings.registry, &settings.cluster)
-        .await
-        .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(settings.address)
         .await
         .map_err(|e| {
@@ -174,6 +172,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             )
         })?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
+    // The peers' `pillion members` show the API's bound address (--address may say :0).
+    let cluster = pillion_registry::cluster::ClusterOptions {
+        member_api: Some(address.to_string()),
+        ..settings.cluster.clone()
+    };
+    let registry = pillion_registry::open(&settings.registry, &cluster)
+        .await
+        .map_err(|e| e.to_string())?;
     let inbound = match &settings.inbound {
         None => None,
         Some(cfg) => {
@@ -188,7 +194,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 store = %store.backend(),
                 "inbound session proxy listening"
             );
-            Some((Inbound::new(store, cfg.proxy.clone()), listener))
+            let inbound = Inbound::new(store, cfg.proxy.clone());
+            let checked = inbound.clone();
+            tokio::spawn(async move { checked.check_store_at_start(STORE_CHECK_TIMEOUT).await });
+            Some((inbound, listener))
         }
     };
 
@@ -273,7 +282,18 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         embedded,
         config: settings.broker.api.clone(),
         metrics: broker_metrics.clone(),
+        stopping: Default::default(),
+        sockets: Default::default(),
     });
+    {
+        // Subscribers hear that the sidecar stops as soon as it begins to.
+        let stopping = broker_api.stopping.clone();
+        let begun = shutdown.clone().begun();
+        tokio::spawn(async move {
+            begun.await;
+            stopping.cancel();
+        });
+    }
     let pushes = match &settings.broker.push_to {
         Some(app) if !settings.broker.push.is_empty() => Some(pillion_broker::push::start(
             broker.clone(),
@@ -363,9 +383,15 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             registry.clone(),
             settings.invoke.mesh_permissive,
         ))
-        .merge(pillion_broker::api::router(broker_api))
+        .merge(pillion_broker::api::router(broker_api.clone()))
         .merge(invoker.router());
 
+    if let Some(path) = &settings.ready_file {
+        let listen = inbound
+            .as_ref()
+            .and_then(|(_, listener)| listener.local_addr().ok());
+        write_ready_file(path, address, listen)?;
+    }
     tracing::info!(
         %address,
         registry = %registry.status().backend,
@@ -522,24 +548,99 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         let _ = stop.send(());
         let _ = task.await;
     }
+    // The subscribers' sockets, told to close when the shutdown began.
+    broker_api.sockets.close();
+    let _ = tokio::time::timeout(settings.grace_period, broker_api.sockets.wait()).await;
     broker.close().await;
     registry.close().await;
     tracing::info!("pillion stopped");
     Ok(())
 }
 
-/// 200 while the sidecar serves, every backend it depends on is reachable (the
-/// registry, the broker, the session store), the registry's state reaches its peers,
-/// and every configured TCP listener listens; 503 otherwise, naming each problem.
-async fn healthz(State(status): State<Arc<Status>>) -> Response {
+/// `--ready-file`: the bound addresses as JSON, written to a temporary file renamed
+/// over `path`, so a reader never sees half of it.
+fn write_ready_file(
+    path: &std::path::Path,
+    address: SocketAddr,
+    listen: Option<SocketAddr>,
+) -> Result<(), String> {
+    let text = json!({ "address": address, "listen": listen }).to_string();
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| format!("cannot write --ready-file {}: {e}", path.display()))
+}
+
+/// `GET /healthz[?exclude=CHECK,...]`: see [`health`].
+async fn healthz(State(status): State<Arc<Status>>, RawQuery(query): RawQuery) -> Response {
+    let exclude = match Excluded::parse(query.as_deref()) {
+        Ok(exclude) => exclude,
+        Err(e) => {
+            return pillion_core::ApiError::new("pillion.healthz", StatusCode::BAD_REQUEST, e)
+                .into_response()
+                .into_response()
+        }
+    };
+    let (code, _, body) = health(&status, &exclude).await;
+    (code, Json(body)).into_response()
+}
+
+/// The checks `/healthz?exclude=...` leaves out of its verdict (Kubernetes' own
+/// `/readyz?exclude=etcd`): a readiness probe that a registry outage does not fail.
+#[derive(Debug, Default, PartialEq)]
+struct Excluded(Vec<&'static str>);
+
+impl Excluded {
+    const CHECKS: [&'static str; 4] = ["registry", "broker", "session_store", "tcp"];
+
+    /// `exclude=registry,broker` (or `exclude` given several times); other
+    /// parameters are refused, as is a check that does not exist.
+    fn parse(query: Option<&str>) -> Result<Excluded, String> {
+        let mut excluded = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if key != "exclude" {
+                return Err(format!(
+                    "unknown parameter {key:?}: /healthz takes only exclude={}",
+                    Self::CHECKS.join(",")
+                ));
+            }
+            for name in value.split(',') {
+                let check = Self::CHECKS.iter().find(|c| **c == name).ok_or_else(|| {
+                    format!(
+                        "exclude={name:?} is not a check: give some of {}",
+                        Self::CHECKS.join(",")
+                    )
+                })?;
+                excluded.push(*check);
+            }
+        }
+        Ok(Excluded(excluded))
+    }
+
+    fn counts(&self, check: &str) -> bool {
+        !self.0.contains(&check)
+    }
+}
+
+/// `/healthz`'s verdict and body: 200 while the sidecar serves, every backend it
+/// depends on is reachable (the registry, the broker, the session store), the
+/// registry's state reaches its peers, and every configured TCP listener listens;
+/// 503 otherwise, naming each problem. Excluded checks are shown, not counted.
+/// Returns the code, the problems (which the body's `error` joins) and the body.
+async fn health(
+    status: &Status,
+    exclude: &Excluded,
+) -> (StatusCode, Vec<String>, serde_json::Value) {
     let registry = status.registry.status();
     let mut problems = Vec::new();
-    if !registry.healthy {
+    if !registry.healthy && exclude.counts("registry") {
         let why = registry.error.as_deref().unwrap_or("unreachable");
         problems.push(format!("registry: {why}"));
     }
     let broker_healthy = status.broker.healthy();
-    if !broker_healthy {
+    if !broker_healthy && exclude.counts("broker") {
         problems.push("broker: unreachable".to_string());
     }
     let sessions = match &status.inbound {
@@ -547,14 +648,18 @@ async fn healthz(State(status): State<Arc<Status>>) -> Response {
         Some(inbound) => match inbound.check_store(STORE_CHECK_TIMEOUT).await {
             Ok(()) => json!({ "healthy": true }),
             Err(e) => {
-                problems.push(format!("session store: {e}"));
+                if exclude.counts("session_store") {
+                    problems.push(format!("session store: {e}"));
+                }
                 json!({ "healthy": false, "error": e })
             }
         },
     };
     let unbound = status.tcp.unbound();
-    for (listen, why) in &unbound {
-        problems.push(format!("tcp listener {listen}: {why}"));
+    if exclude.counts("tcp") {
+        for (listen, why) in &unbound {
+            problems.push(format!("tcp listener {listen}: {why}"));
+        }
     }
     let code = if problems.is_empty() {
         StatusCode::OK
@@ -575,10 +680,13 @@ async fn healthz(State(status): State<Arc<Status>>) -> Response {
             .map(|(listen, why)| json!({ "listen": listen.to_string(), "error": why }))
             .collect();
     }
+    if !exclude.0.is_empty() {
+        body["excluded"] = json!(exclude.0);
+    }
     if !problems.is_empty() {
         body["error"] = json!(problems.join("; "));
     }
-    (code, Json(body)).into_response()
+    (code, problems, body)
 }
 
 /// How long `/healthz` waits for the session store's answer.
@@ -588,12 +696,24 @@ async fn statusz(State(status): State<Arc<Status>>) -> Response {
     Json(status_json(&status).await).into_response()
 }
 
-/// What `/dashboard` shows: `/statusz`, with the services' nodes and 5-second windows
+/// What `/dashboard` shows: `/statusz`, with `/healthz`'s verdict (`health`: its
+/// status, code and each problem it names), the services' nodes and 5-second windows
 /// of calls, broker topics with subscribers and rates, and session counters.
 async fn dashboard_data(State(status): State<Arc<Status>>) -> Response {
-    let mut data = status_json(&status).await;
+    let all = Excluded::default();
+    let (mut data, (code, problems, verdict)) =
+        tokio::join!(status_json(&status), health(&status, &all));
+    data["health"] = json!({
+        "status": verdict["status"],
+        "code": code.as_u16(),
+        "problems": problems,
+    });
     data["dashboard"] = status.dashboard.data(&status.registry.catalog());
     if let Some(inbound) = &status.inbound {
+        // The store as /healthz found it now, not as the last request did.
+        let store = &verdict["session_store"];
+        data["sessions"]["store_healthy"] = store["healthy"].clone();
+        data["sessions"]["store_error"] = store["error"].clone();
         let m = &inbound.metrics;
         let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         data["sessions"]["counts"] = json!({
@@ -637,12 +757,16 @@ async fn status_json(status: &Status) -> serde_json::Value {
             })
         })
         .collect();
+    let mut cluster = status.registry.cluster();
+    if let Some(cluster) = &mut cluster {
+        cluster.members = status.registry.members().await;
+    }
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": status.started.elapsed().as_secs(),
         "address": status.address,
         "registry": status.registry.status(),
-        "cluster": status.registry.cluster(),
+        "cluster": cluster,
         "services": services,
         "app": status.app.as_ref().map(|a| a.status()),
         "invoke": status.invoker.status(),

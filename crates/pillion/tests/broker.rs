@@ -224,7 +224,14 @@ async fn durable_queue_subscriber_offline_while_100_are_published_gets_all_100()
     let sc = Sidecar::start(&["--broker", &nats.url(), "--broker-durable", "orders.*"]);
     let ws = subscribe(&sc, "topic=orders.new&queue=workers").await;
     drop(ws); // the worker goes offline
-    for i in 0..100 {
+              // The acknowledgement says the message is stored (durable), another is not.
+    let ack = publish(&sc, "orders.new", "o0", &[]).await.json();
+    assert_eq!(ack["topic"], "orders.new");
+    assert_eq!(ack["bytes"], 2);
+    assert_eq!(ack["stored"], true, "{ack}");
+    let plain = publish(&sc, "news", "n", &[]).await.json();
+    assert_eq!(plain["stored"], false, "{plain}");
+    for i in 1..100 {
         assert_eq!(
             publish(&sc, "orders.new", &format!("o{i}"), &[])
                 .await
@@ -487,7 +494,7 @@ fn start_at(addr: std::net::SocketAddr, args: &[&str]) -> Sidecar {
         pillion_testkit::wait_for_port(addr, Duration::from_secs(10)),
         "pillion did not listen on {addr} again"
     );
-    Sidecar { process, addr }
+    Sidecar::adopt(process, addr)
 }
 
 /// The broker node ids `sc` sees in the registry.

@@ -354,9 +354,16 @@ fn malformed_json_is_refused_before_anything_is_sent() {
     );
 }
 
-/// `pillion subscribe ARGS`, returned once it says it is subscribed (its stderr up
-/// to then is checked by the caller).
-fn subscribed(args: &[&str], env: &[(&str, &str)]) -> (Client, std::thread::JoinHandle<String>) {
+/// `pillion subscribe ARGS`, returned once it says it is subscribed; the rest of its
+/// stderr comes on the channel when it exits.
+fn subscribed(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    Client,
+    std::thread::JoinHandle<String>,
+    mpsc::Receiver<String>,
+) {
     let mut client = spawn(args, env, false);
     let out = drain(client.0.stdout.take().unwrap());
     let mut err = BufReader::new(client.0.stderr.take().unwrap());
@@ -367,12 +374,13 @@ fn subscribed(args: &[&str], env: &[(&str, &str)]) -> (Client, std::thread::Join
         let _ = tx.send(line);
         let mut rest = String::new();
         let _ = err.read_to_string(&mut rest);
+        let _ = tx.send(rest);
     });
     let line = rx
         .recv_timeout(Duration::from_secs(10))
         .expect("subscribe said nothing within 10 s");
     assert!(line.starts_with("subscribed to "), "{line}");
-    (client, out)
+    (client, out, rx)
 }
 
 /// Waits for a subscriber to exit on its own within [`LIMIT`]; its code and stdout.
@@ -391,7 +399,7 @@ fn exits(mut client: Client, out: std::thread::JoinHandle<String>) -> (i32, Stri
 #[test]
 fn publish_and_subscribe_a_line_per_message() {
     let (_sc, url) = sidecar(&[]);
-    let (sub, out) = subscribed(
+    let (sub, out, _) = subscribed(
         &["subscribe", "orders.*", "--count", "2", "--sidecar", &url],
         &[],
     );
@@ -406,8 +414,16 @@ fn publish_and_subscribe_a_line_per_message() {
         Some(&[0xff, 0x00]),
     );
     assert_eq!(second.code, 0, "{second:?}");
-
+    // --json: the sidecar's acknowledgement (published after the two counted).
     let (code, stdout) = exits(sub, out);
+    let ack = pillion(&["publish", "news", "hi", "--json", "--sidecar", &url]);
+    assert_eq!(ack.code, 0, "{ack:?}");
+    let ack: serde_json::Value = serde_json::from_str(&ack.stdout).unwrap();
+    assert_eq!(
+        ack,
+        serde_json::json!({"topic": "news", "bytes": 2, "backend": "embedded", "stored": false})
+    );
+
     assert_eq!(code, 0);
     assert_eq!(stdout, "first order\n/wA=\n");
 }
@@ -651,7 +667,7 @@ async fn the_api_token_is_required_sent_and_never_shown() {
     let envs = [("PILLION_API_TOKEN", TOKEN)];
     let sub_url = url.clone();
     let (code, frames) = tokio::task::spawn_blocking(move || {
-        let (sub, out) = subscribed(
+        let (sub, out, _) = subscribed(
             &[
                 "subscribe",
                 "t",
@@ -703,4 +719,121 @@ fn every_client_command_has_an_example_in_its_help() {
             assert!(run.stdout.contains(flag), "{command} --help lacks {flag}");
         }
     }
+}
+
+/// `pillion members` lists the sidecars of the cluster with their app's name and API
+/// address; a killed one shows `failed`, one stopped on purpose `left`.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_lists_the_cluster_with_each_sidecars_state() {
+    let rendezvous = format!("127.0.0.1:{}", pillion_testkit::free_udp_port());
+    let env = [("PILLION_CLUSTER_BIND", rendezvous.as_str())];
+    let start = |name: Option<&str>| {
+        let mut args = vec![];
+        if let Some(name) = name {
+            args.extend(["--server-name", name, "--server-address", "127.0.0.1:9"]);
+        }
+        Sidecar::start_with_env(&args, &env)
+    };
+    let users = start(Some("users"));
+    let mut todos = start(Some("todos"));
+    let mut unnamed = start(None);
+    let url = format!("http://{}", users.addr);
+    let members = |url: String| async move {
+        let run = pillion_async(args(&["members", "--json", "--sidecar", &url]), vec![]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        let list: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["api"].as_str().unwrap_or("").to_string(),
+                    (
+                        m["name"].as_str().unwrap_or("-").to_string(),
+                        m["state"].as_str().unwrap().to_string(),
+                    ),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let state = |name: &str, state: &str, addr: std::net::SocketAddr| {
+        (addr.to_string(), (name.to_string(), state.to_string()))
+    };
+    let all_alive = [
+        state("users", "alive", users.addr),
+        state("todos", "alive", todos.addr),
+        state("-", "alive", unnamed.addr),
+    ]
+    .into_iter()
+    .collect();
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            let want = &all_alive;
+            async move { members(url).await == *want }
+        })
+        .await,
+        "never all three alive: {:?}",
+        members(url.clone()).await
+    );
+
+    // The table for people: a header, this sidecar first.
+    let run = pillion_async(args(&["members", "--sidecar", &url]), vec![]).await;
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "API", "GOSSIP", "STATE", "AGE"]
+    );
+    assert!(lines[1].starts_with("users "), "{}", run.stdout);
+    assert_eq!(lines.len(), 4, "{}", run.stdout);
+
+    todos.process.kill();
+    unnamed.process.signal("TERM");
+    assert_eq!(unnamed.process.wait_exit(Duration::from_secs(15)), Some(0));
+    let gone = [
+        state("users", "alive", users.addr),
+        state("todos", "failed", todos.addr),
+        state("-", "left", unnamed.addr),
+    ]
+    .into_iter()
+    .collect();
+    assert!(
+        common::eventually(Duration::from_secs(20), || {
+            let url = url.clone();
+            let want = &gone;
+            async move { members(url).await == *want }
+        })
+        .await,
+        "never failed and left: {:?}",
+        members(url.clone()).await
+    );
+}
+
+#[test]
+fn members_of_a_sidecar_without_a_cluster_say_so() {
+    let (_sc, url) = sidecar(&[]);
+    let run = pillion(&["members", "--sidecar", &url]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("keeps its registry in memory, not in a cluster of sidecars"),
+        "{run:?}"
+    );
+}
+
+/// A sidecar that stops ends its subscriptions with a close frame: `subscribe` says
+/// so and exits 0, as when it has its count.
+#[test]
+fn subscribe_ends_cleanly_when_the_sidecar_stops() {
+    let (sc, url) = sidecar(&[]);
+    let (sub, out, stderr) = subscribed(&["subscribe", "orders.*", "--sidecar", &url], &[]);
+    sc.process.signal("TERM");
+    let (code, stdout) = exits(sub, out);
+    let stderr = stderr.recv_timeout(LIMIT).unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        format!("the sidecar at {url} is stopping: the subscription ended\n")
+    );
 }

@@ -224,3 +224,89 @@ async fn flag_beats_env_beats_file() {
         .json();
     assert_eq!(status["address"], file_addr);
 }
+
+/// An error about a value or a combination says where each option came from: the
+/// variable (not a flag nobody typed), or the file and its line.
+#[test]
+fn errors_name_the_variable_or_the_file_line_that_set_the_option() {
+    let (code, _, err) = run_to_end(
+        &["run", "--registry", "memory"],
+        &[("PILLION_RETRIES", "abc")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("'abc' for PILLION_RETRIES"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // The same value typed as a flag is the flag's.
+    let (code, _, err) = run_to_end(&["run", "--registry", "memory", "--retries", "abc"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        !err.contains("PILLION_RETRIES") && err.contains("'--retries <N>'"),
+        "{err}"
+    );
+
+    let path = write(
+        "cross-key",
+        "# the session store, without the inbound proxy\nsession_store = \"redis://127.0.0.1:6379\"\n",
+    );
+    let (code, _, err) = run_to_end(
+        &[
+            "run",
+            "--registry",
+            "memory",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("(--session-store: {}, line 2)", path.display())),
+        "{err}"
+    );
+    let (code, _, err) = run_to_end(
+        &["run", "--registry", "memory"],
+        &[("PILLION_SESSION_STORE", "redis://127.0.0.1:6379")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("(--session-store: PILLION_SESSION_STORE)"),
+        "{err}"
+    );
+}
+
+/// `--ready-file` names the ports a sidecar started on port 0 got (every test's
+/// sidecar is started so); one that cannot be written stops the start, named.
+#[test]
+fn the_ready_file_names_the_bound_ports_or_stops_the_start() {
+    let sc = Sidecar::start(&[
+        "--registry",
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--app",
+        "http://127.0.0.1:9",
+    ]);
+    assert_ne!(sc.addr.port(), 0);
+    let listen: std::net::SocketAddr = sc.ready["listen"].as_str().unwrap().parse().unwrap();
+    assert_ne!(listen.port(), 0);
+    assert!(std::net::TcpStream::connect(listen).is_ok());
+
+    let (code, _, err) = run_to_end(
+        &[
+            "run",
+            "--registry",
+            "memory",
+            "--address",
+            "127.0.0.1:0",
+            "--ready-file",
+            "/nonexistent-dir/ready",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot write --ready-file /nonexistent-dir/ready"),
+        "{err}"
+    );
+}

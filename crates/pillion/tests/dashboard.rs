@@ -25,6 +25,19 @@ const CHROMIUM_LIMIT: Duration = Duration::from_secs(60);
 const WINDOW_MS: u64 = 5000;
 
 /// The workspace's `target/` (or `$CARGO_TARGET_DIR`), where screenshots stay.
+/// Chromium without a window, a sandbox, a GPU or any traffic of its own.
+const HEADLESS: [&str; 9] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+];
+
 fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -42,17 +55,7 @@ async fn chromium(url: String, size: &str, mode: String, extra: &[&str]) -> Stri
         let profile = tempdir("chromium-profile");
         let out_file = profile.with_extension("out");
         let mut child = Command::new(CHROMIUM)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-            ])
+            .args(HEADLESS)
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg(format!("--window-size={size}"))
             // One poll of the data (at load): the next would come at 2 s.
@@ -232,6 +235,7 @@ async fn the_dashboard_shows_what_the_sidecar_did() {
         let status = call(&sc, "/ghost/Ghost.Haunt").await;
         assert!(status >= 500, "{status}");
     }
+    let haunted = Instant::now();
     for i in 0..4 {
         let reply = pillion_testkit::http::request(
             Method::POST,
@@ -304,10 +308,15 @@ async fn the_dashboard_shows_what_the_sidecar_did() {
     let node = row(&dom, "data-node", "ghost-1");
     assert_eq!(cell(node, "address"), gone);
     let health = cell(node, "health");
+    // Its six failed attempts ejected it for 10 s: after those, with no attempt since,
+    // the balancer has it as healthy again.
     assert!(
-        health == "failing" || health.starts_with("ejected"),
+        health == "failing"
+            || health.starts_with("ejected")
+            || (health == "ok" && haunted.elapsed() > Duration::from_secs(9)),
         "{node}"
     );
+    assert_eq!(cell(node, "latency"), "–", "it never answered: {node}");
 
     let topic = row(&dom, "data-topic", "events.orders");
     assert_eq!(cell(topic, "subscribers"), "2");
@@ -479,4 +488,458 @@ async fn a_page_whose_sidecar_went_away_says_disconnected() {
     let dom = dump_dom(format!("http://{addr}/dashboard"), "1280,900").await;
     assert!(dom.contains("data-state=\"down\">disconnected<"), "{dom}");
     assert!(dom.contains("retrying every 2 s"), "{dom}");
+}
+
+/// A Chromium at `size` showing `url`, driven through the DevTools protocol; killed
+/// (and its profile removed) on drop.
+struct Browser {
+    child: std::process::Child,
+    profile: PathBuf,
+    port: u16,
+}
+
+impl Browser {
+    fn open(url: &str, size: &str) -> Browser {
+        let profile = tempdir("chromium-cdp");
+        let child = Command::new(CHROMIUM)
+            .args(HEADLESS)
+            .args([
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("--window-size={size}"))
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {CHROMIUM} (apt-get install chromium): {e}"));
+        let mut browser = Browser {
+            child,
+            profile,
+            port: 0,
+        };
+        // Chromium writes the port it took once it listens.
+        let active = browser.profile.join("DevToolsActivePort");
+        let deadline = Instant::now() + CHROMIUM_LIMIT;
+        while browser.port == 0 {
+            let text = std::fs::read_to_string(&active).unwrap_or_default();
+            if let Some(port) = text.lines().next().and_then(|l| l.trim().parse().ok()) {
+                browser.port = port;
+            } else if Instant::now() > deadline {
+                panic!(
+                    "chromium never listened for DevTools ({})",
+                    active.display()
+                );
+            } else if let Some(status) = browser.child.try_wait().unwrap() {
+                panic!("chromium exited: {status}");
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        browser
+    }
+
+    /// The value of `expression` (which may be a promise) in the page showing a path
+    /// that starts with `path`, as JSON, after the DevTools `commands` (method,
+    /// params); retried until the page is there.
+    async fn evaluate(
+        &self,
+        path: &str,
+        commands: &[(&str, serde_json::Value)],
+        expression: &str,
+    ) -> serde_json::Value {
+        use futures_util::{SinkExt, StreamExt};
+        let deadline = Instant::now() + CHROMIUM_LIMIT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let list = format!("http://127.0.0.1:{}/json/list", self.port);
+            let Ok(reply) = pillion_testkit::http::get(&list).await else {
+                continue;
+            };
+            let targets = reply.json();
+            let Some(ws) = targets.as_array().into_iter().flatten().find_map(|t| {
+                let url = t["url"].as_str()?;
+                let at = url.find("://")? + 3;
+                let shown = &url[at + url[at..].find('/')?..];
+                (t["type"] == "page" && shown.starts_with(path))
+                    .then(|| t["webSocketDebuggerUrl"].as_str())
+                    .flatten()
+            }) else {
+                last = format!("no page at {path} yet: {targets}");
+                continue;
+            };
+            let Ok((mut socket, _)) = tokio_tungstenite::connect_async(ws).await else {
+                continue;
+            };
+            let evaluate = serde_json::json!({
+                "expression": expression, "awaitPromise": true, "returnByValue": true,
+            });
+            let all = commands
+                .iter()
+                .cloned()
+                .chain([("Runtime.evaluate", evaluate)]);
+            let mut answer = serde_json::Value::Null;
+            for (id, (method, params)) in all.enumerate() {
+                let ask = serde_json::json!({ "id": id, "method": method, "params": params });
+                if socket.send(ask.to_string().into()).await.is_err() {
+                    break;
+                }
+                answer = serde_json::Value::Null;
+                while let Some(Ok(msg)) = socket.next().await {
+                    let Ok(text) = msg.to_text() else { continue };
+                    let got: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+                    if got["id"] == id {
+                        answer = got;
+                        break;
+                    }
+                }
+                if !answer["error"].is_null() {
+                    break;
+                }
+            }
+            let value = &answer["result"]["result"]["value"];
+            if answer["result"]["exceptionDetails"].is_null() && !value.is_null() {
+                return value.clone();
+            }
+            last = answer.to_string();
+        }
+        panic!("no answer to {expression} in chromium: {last}");
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+/// Waits until 200 ms into a 5-second window of the wall clock, so calls made now fall
+/// in one window; returns where the window ends (unix ms).
+async fn start_of_a_window() -> u64 {
+    let into_window = unix_ms() % WINDOW_MS;
+    if !(200..2000).contains(&into_window) {
+        tokio::time::sleep(Duration::from_millis(WINDOW_MS - into_window + 200)).await;
+    }
+    (unix_ms() / WINDOW_MS + 1) * WINDOW_MS
+}
+
+/// Waits until the dashboard's data has closed the window ending at `window_end`.
+async fn window_closed(sc: &Sidecar, window_end: u64) {
+    assert!(
+        unix_ms() < window_end,
+        "the calls took longer than their window; the machine is too slow for this test"
+    );
+    let data_url = sc.url("/dashboard/data");
+    assert!(
+        eventually(Duration::from_secs(12), || async {
+            let data = pillion_testkit::http::get(&data_url).await.unwrap().json();
+            data["dashboard"]["last_window_end_ms"].as_u64() >= Some(window_end)
+        })
+        .await,
+        "the window of the calls never closed"
+    );
+}
+
+/// The value of `pillion_invoke_requests_total` for `service` and `class` in
+/// `/metrics` (0 when the series is not there).
+async fn requests_total(sc: &Sidecar, service: &str, class: &str) -> u64 {
+    let metrics = pillion_testkit::http::get(&sc.url("/metrics"))
+        .await
+        .unwrap()
+        .text();
+    let series =
+        format!("pillion_invoke_requests_total{{service=\"{service}\",class=\"{class}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+async fn deregister(sc: &Sidecar, service: &str, id: &str, address: &str) {
+    let body = serde_json::json!({ "name": service, "nodes": [{ "id": id, "address": address }] });
+    let reply = pillion_testkit::http::request(
+        Method::DELETE,
+        &sc.url("/registry"),
+        &[("content-type", "application/json")],
+        body.to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+/// Issue 28, item 3.1: calls to a service whose last node went are answered 404 by
+/// the sidecar, and those are its errors, in `/metrics` and on its row, which stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_last_node_went_keeps_its_row_with_its_errors() {
+    let todos = TestApp::start("todos").await;
+    let sc = Sidecar::start(&[]);
+    register(&sc, "todos", "todos-1", &todos.addr().to_string(), &[]).await;
+
+    let window_end = start_of_a_window().await;
+    for _ in 0..2 {
+        assert_eq!(call(&sc, "/todos/Todos.List").await, 200);
+    }
+    deregister(&sc, "todos", "todos-1", &todos.addr().to_string()).await;
+    drop(todos);
+    for _ in 0..3 {
+        assert_eq!(call(&sc, "/todos/Todos.List").await, 404);
+    }
+    window_closed(&sc, window_end).await;
+
+    assert_eq!(requests_total(&sc, "todos", "2xx").await, 2);
+    assert_eq!(
+        requests_total(&sc, "todos", "4xx").await,
+        3,
+        "the sidecar's 404s are the service's calls"
+    );
+
+    let dom = dump_dom(
+        sc.url(&format!("/dashboard?window={window_end}")),
+        "1280,900",
+    )
+    .await;
+    let calls = row(&dom, "data-service", "todos");
+    assert!(calls.contains("data-registered=\"false\""), "{calls}");
+    assert_eq!(cell(calls, "unregistered"), "not registered");
+    assert_eq!(cell(calls, "2xx"), "2");
+    assert_eq!(cell(calls, "4xx"), "3");
+    assert_eq!(cell(calls, "sidecar"), "3", "the sidecar answered the 404s");
+    // The same numbers as /metrics.
+    let total: u64 = cell(calls, "total").parse().unwrap();
+    let mut in_metrics = 0;
+    for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+        in_metrics += requests_total(&sc, "todos", class).await;
+    }
+    assert_eq!(total, in_metrics);
+    assert_eq!(total, 5);
+    // Among the services and nodes: called, with no node.
+    let node = row(&dom, "data-node", "");
+    assert!(node.contains("data-service=\"todos\""), "{node}");
+    assert_eq!(cell(node, "health"), "no node registered");
+}
+
+/// Issue 28, item 3.2: while `/healthz` is 503 the page says so in a red banner that
+/// names each problem, and its badge is no green "live".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_names_each_problem_healthz_names() {
+    let mut redis = pillion_testkit::Server::redis();
+    let app = TestApp::start("web").await;
+    let (sc, _listen) = common::inbound(&app.url(), &["--session-store", &redis.url()]);
+    let dom = dump_dom(sc.url("/dashboard"), "1280,900").await;
+    assert!(dom.contains("data-state=\"live\""), "{dom}");
+    assert!(
+        dom.contains("<div id=\"health\" class=\"banner\" role=\"alert\" hidden"),
+        "no banner while healthy: {dom}"
+    );
+
+    redis.kill();
+    let healthz = sc.url("/healthz");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pillion_testkit::http::get(&healthz).await.unwrap().status == 503
+        })
+        .await,
+        "/healthz never said the store is down"
+    );
+    let reply = pillion_testkit::http::get(&healthz).await.unwrap();
+    let error = reply.json()["error"].as_str().unwrap().to_string();
+    assert!(error.starts_with("session store: "), "{error}");
+    let data = pillion_testkit::http::get(&sc.url("/dashboard/data"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(data["health"]["code"], 503, "{}", data["health"]);
+    assert_eq!(data["health"]["status"], "unavailable");
+    let problems: Vec<&str> = data["health"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(problems.join("; "), error, "the problems /healthz names");
+
+    let shot = target_dir().join("dashboard-unhealthy.png");
+    let (dom, ()) = tokio::join!(
+        dump_dom(sc.url("/dashboard"), "1280,900"),
+        screenshot(sc.url("/dashboard"), "1280,900", &shot),
+    );
+    assert!(
+        dom.contains("data-state=\"unhealthy\">unhealthy<"),
+        "the badge is not a green live: {dom}"
+    );
+    let at = dom.find("<div id=\"health\"").expect("the banner");
+    let banner = &dom[at..at + dom[at..].find("</div>").unwrap()];
+    assert!(!banner.contains(" hidden"), "the banner shows: {banner}");
+    assert!(banner.contains("/healthz answers 503"), "{banner}");
+    assert!(banner.contains("<li>session store: "), "{banner}");
+    assert!(
+        cell(&dom, "store health").starts_with("unreachable: "),
+        "the sessions say the same: {dom}"
+    );
+}
+
+/// Issue 28, item 3.3: every member of the cluster with its name, API and gossip
+/// addresses, state and age; a killed one stays, marked failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_stays_in_the_list_as_failed() {
+    let rendezvous = format!("127.0.0.1:{}", pillion_testkit::free_udp_port());
+    let env = [("PILLION_CLUSTER_BIND", rendezvous.as_str())];
+    let start = |name: &str| {
+        Sidecar::start_with_env(
+            &["--server-name", name, "--server-address", "127.0.0.1:9"],
+            &env,
+        )
+    };
+    let users = start("users");
+    let mut todos = start("todos");
+    let statusz = |sc: &Sidecar| {
+        let url = sc.url("/statusz");
+        async move { pillion_testkit::http::get(&url).await.unwrap().json() }
+    };
+    let gossip = statusz(&todos).await["cluster"]["gossip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let state_of_todos = || async {
+        statusz(&users).await["cluster"]["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["gossip"] == gossip.as_str())
+            .map(|m| m["state"].as_str().unwrap_or("").to_string())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            state_of_todos().await.as_deref() == Some("alive")
+        })
+        .await,
+        "the two sidecars never met"
+    );
+
+    todos.process.kill();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            state_of_todos().await.as_deref() == Some("failed")
+        })
+        .await,
+        "users never had todos failed: {:?}",
+        state_of_todos().await
+    );
+    let shot = target_dir().join("dashboard-members.png");
+    let (dom, ()) = tokio::join!(
+        dump_dom(users.url("/dashboard"), "1280,900"),
+        screenshot(users.url("/dashboard"), "1280,900", &shot),
+    );
+    let member = row(&dom, "data-member", &gossip);
+    assert_eq!(cell(member, "state"), "failed", "{member}");
+    assert!(member.contains("class=\"gone\""), "marked: {member}");
+    assert_eq!(cell(member, "name"), "todos");
+    assert_eq!(cell(member, "api"), todos.addr.to_string());
+    assert_eq!(cell(member, "member"), gossip);
+    assert_eq!(cell(member, "role"), "peer");
+    let age = cell(member, "age");
+    assert!(age.ends_with(" s") || age.ends_with(" min"), "{member}");
+
+    let me = statusz(&users).await["cluster"]["gossip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let member = row(&dom, "data-member", &me);
+    assert_eq!(cell(member, "state"), "alive");
+    assert_eq!(cell(member, "name"), "users");
+    assert_eq!(cell(member, "api"), users.addr.to_string());
+    assert!(cell(member, "role").starts_with("this sidecar"), "{member}");
+}
+
+/// Issue 28, item 3.4: a node that refuses has no latency to show (the balancer's
+/// 1 s penalty is no measurement), and is healthy again once it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_node_shows_no_latency_and_is_ok_once_it_answers() {
+    let flaky = TestApp::start("flaky").await;
+    let sc = Sidecar::start(&[]);
+    register(&sc, "flaky", "flaky-1", &flaky.addr().to_string(), &[]).await;
+    flaky.kill();
+    assert_eq!(call(&sc, "/flaky/Flaky.Do").await, 503);
+
+    let page = sc.url("/dashboard");
+    let dom = dump_dom(page.clone(), "1280,900").await;
+    let node = row(&dom, "data-node", "flaky-1");
+    assert_eq!(cell(node, "latency"), "–", "nothing measured: {node}");
+    assert_eq!(cell(node, "health"), "failing", "{node}");
+
+    flaky.restart().await;
+    assert_eq!(call(&sc, "/flaky/Flaky.Do").await, 200);
+    let dom = dump_dom(page, "1280,900").await;
+    let node = row(&dom, "data-node", "flaky-1");
+    assert_eq!(cell(node, "health"), "ok", "it answered: {node}");
+    assert_eq!(cell(node, "failures"), "0", "{node}");
+    let latency = cell(node, "latency");
+    let ms: f64 = latency
+        .strip_suffix(" ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a latency in ms: {node}"));
+    assert!(
+        ms < 500.0,
+        "its answer on loopback, not the penalty of its refusal: {latency}"
+    );
+}
+
+/// Issue 28, item 3.5: at phone width (390 px) the Health cell of a node is within
+/// the viewport, measured in the page by Chromium.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_phone_width_a_node_s_health_is_on_screen() {
+    let greeter = TestApp::start("greeter").await;
+    let sc = Sidecar::start(&[]);
+    // go-micro's node ids: the name and a UUID.
+    let id = "greeter-4f9c2a1e-8d3b-4c6a-9e2f-7b1d0a5c3e88";
+    register(
+        &sc,
+        "greeter",
+        id,
+        &greeter.addr().to_string(),
+        &[("zone", "eu-1a")],
+    )
+    .await;
+    assert_eq!(call(&sc, "/greeter/Say.Hello").await, 200);
+
+    let browser = Browser::open(&sc.url("/dashboard"), "390,844");
+    let measure = format!(
+        r#"new Promise((resolve) => {{
+          const deadline = Date.now() + 20000;
+          (function look() {{
+            const cell = document.querySelector('tr[data-node="{id}"] [data-k="health"]');
+            if (cell && cell.textContent) {{
+              const r = cell.getBoundingClientRect();
+              resolve({{ left: r.left, right: r.right, width: r.width, text: cell.textContent,
+                viewport: window.innerWidth,
+                page: document.documentElement.scrollWidth }});
+            }} else if (Date.now() > deadline) resolve(null);
+            else setTimeout(look, 100);
+          }})();
+        }})"#
+    );
+    // A phone's screen, whatever size Chromium's headless window may take.
+    let phone = (
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({ "width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true }),
+    );
+    let at = browser.evaluate("/dashboard", &[phone], &measure).await;
+    drop(browser);
+    let n = |k: &str| at[k].as_f64().unwrap_or_else(|| panic!("{k} in {at}"));
+    assert_eq!(at["text"], "ok", "{at}");
+    assert_eq!(n("viewport"), 390.0, "a phone's width: {at}");
+    assert!(n("width") > 0.0, "{at}");
+    assert!(
+        n("left") >= 0.0 && n("right") <= n("viewport"),
+        "the health cell is on screen: {at}"
+    );
+    assert!(
+        n("page") <= n("viewport"),
+        "the page does not scroll sideways: {at}"
+    );
 }

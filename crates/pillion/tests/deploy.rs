@@ -149,14 +149,33 @@ async fn the_images_config_starts_a_sidecar_that_registers_its_app() {
     assert_eq!(healthz.status, 200, "{}", healthz.text());
 }
 
+/// The unit as shipped, and with its commented options for :443 and the mesh's
+/// credentials turned on, passes `systemd-analyze verify`.
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
     let unit = read("pillion.service");
     assert!(
         unit.contains("ExecStart=/usr/local/bin/pillion run --config /etc/pillion/pillion.toml")
     );
+    let optional = [
+        "#AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "#CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+        "#LoadCredential=mesh-token:",
+        "#Environment=PILLION_MESH_TOKEN_FILE=%d/",
+    ];
+    for line in optional {
+        assert!(unit.contains(line), "{line} is not in the unit");
+    }
+    let enabled = optional
+        .iter()
+        .fold(unit.clone(), |u, l| u.replace(l, &l[1..]));
+    verify_unit(&unit, "shipped");
+    verify_unit(&enabled, "enabled");
+}
+
+fn verify_unit(unit: &str, name: &str) {
     // verify checks that the command exists: this build's binary stands in for it.
-    let dir = scratch("systemd");
+    let dir = scratch(&format!("systemd-{name}"));
     let path = dir.join("pillion.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/pillion", BIN)).unwrap();
     let out = Command::new("systemd-analyze")
@@ -270,4 +289,116 @@ fn the_dockerfile_builds_in_stages_and_runs_as_a_non_root_user() {
         ignore.lines().any(|l| l.trim() == "target"),
         "the build context would carry target/"
     );
+}
+
+/// `major.minor` of a Rust version (`1.89`, `1.88.0`).
+fn rust_minor(version: &str) -> (u32, u32) {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The Dockerfile's Rust and the workspace's `rust-version` are at least the highest
+/// `rust-version` among the locked dependencies (`cargo metadata`): with less, the
+/// image's `cargo build --locked` fails, and `rust-version` promises what is untrue.
+#[test]
+fn the_dockerfile_and_rust_version_are_new_enough_for_the_locked_dependencies() {
+    let root = deploy().join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .args(["--filter-platform", "x86_64-unknown-linux-gnu"])
+        .current_dir(&root)
+        .output()
+        .expect("running cargo metadata");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resolved: std::collections::HashSet<&str> = meta["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    let (needed, by) = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| resolved.contains(p["id"].as_str().unwrap()))
+        .filter_map(|p| Some((rust_minor(p["rust_version"].as_str()?), p["name"].as_str()?)))
+        .max()
+        .expect("some dependency declares a rust-version");
+
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let declared = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = \""))
+        .map(|v| rust_minor(v.trim_end_matches('"')))
+        .expect("the workspace declares rust-version");
+    assert!(
+        declared >= needed,
+        "rust-version {declared:?} is below {by}'s {needed:?}"
+    );
+
+    let dockerfile = read("Dockerfile");
+    let image = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .map(|tag| rust_minor(tag.split(['-', ' ']).next().unwrap()))
+        .expect("the Dockerfile builds FROM rust:X.Y");
+    assert!(
+        image >= needed,
+        "the Dockerfile's rust:{image:?} is below {by}'s {needed:?}"
+    );
+}
+
+/// deploy/etcd.yaml's etcd command line, run by this machine's etcd on free ports,
+/// is a registry a sidecar registers its app in; its Service is the `etcd:2379` the
+/// pods' config names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_manifest_runs_an_etcd_the_sidecars_register_in() {
+    let yaml = read("etcd.yaml");
+    let config = block(&read("kubernetes.yaml"), "pillion.toml");
+    assert!(
+        config.contains("registry = \"etcd://etcd:2379\""),
+        "{config}"
+    );
+    assert!(
+        yaml.contains("  name: etcd\n") && yaml.contains("port: 2379"),
+        "{yaml}"
+    );
+    let command: Vec<String> = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("command: "))
+        .map(|list| serde_json::from_str(list).expect("command is a JSON-style list"))
+        .expect("the etcd container has a command");
+    assert_eq!(command[0], "etcd");
+
+    let data = scratch("etcd-manifest");
+    let client = pillion_testkit::free_port();
+    let peer = pillion_testkit::free_port();
+    let args: Vec<String> = command[1..]
+        .iter()
+        .map(|a| {
+            a.replace("/var/lib/etcd", data.join("etcd").to_str().unwrap())
+                .replace("0.0.0.0:2379", &format!("127.0.0.1:{client}"))
+                .replace("etcd:2379", &format!("127.0.0.1:{client}"))
+                .replace("127.0.0.1:2380", &format!("127.0.0.1:{peer}"))
+        })
+        .collect();
+    let mut cmd = Command::new("etcd");
+    cmd.args(&args);
+    let _etcd = pillion_testkit::Daemon::spawn("etcd", cmd);
+    let addr = format!("127.0.0.1:{client}").parse().unwrap();
+    assert!(
+        pillion_testkit::wait_for_port(addr, Duration::from_secs(15)),
+        "etcd did not start"
+    );
+
+    let registry = format!("etcd://127.0.0.1:{client}");
+    let sc = Sidecar::start(&["--registry", &registry]);
+    common::register(&sc, "greeter", "greeter-1", "127.0.0.1:9090", &[]).await;
+    assert_eq!(node_ids(&sc, "greeter").await, ["greeter-1"]);
 }

@@ -70,6 +70,21 @@ async fn etcd_outage_is_reported_and_registrations_come_back_without_a_restart()
         .await,
         "healthz must report the registry down"
     );
+    // The readiness probe of deploy/kubernetes.yaml leaves the registry out: the
+    // sidecar still calls from the registrations it saw, and the pod stays ready.
+    let ready = get(&sc.url("/healthz?exclude=registry")).await.unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["registry"]["healthy"], false);
+    assert_eq!(ready.json()["excluded"], serde_json::json!(["registry"]));
+    for bad in ["/healthz?exclude=etcd", "/healthz?ready=1"] {
+        let reply = get(&sc.url(bad)).await.unwrap();
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.text());
+        assert!(
+            reply.text().contains("registry,broker,session_store,tcp"),
+            "{}",
+            reply.text()
+        );
+    }
     let reply = post_json(&sc.url("/registry"), body).await.unwrap();
     assert_eq!(
         reply.status, 503,

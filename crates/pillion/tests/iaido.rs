@@ -47,10 +47,7 @@ fn start(args: &[&str], diag: SocketAddr, log: &Path) -> Sidecar {
         "pillion did not serve diagAddr {diag}: {}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
-    Sidecar {
-        process,
-        addr: diag,
-    }
+    Sidecar::adopt(process, diag)
 }
 
 /// The name of the backend that greets a connection through `addr`.

@@ -48,7 +48,7 @@ impl Logged {
             std::fs::read_to_string(&stderr).unwrap_or_default()
         );
         Logged {
-            sidecar: Sidecar { process, addr },
+            sidecar: Sidecar::adopt(process, addr),
             stderr,
         }
     }

@@ -788,3 +788,54 @@ async fn an_http10_request_without_host_reaches_the_app_with_one() {
     let seen: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(seen["headers"]["host"], app.addr().to_string(), "{seen}");
 }
+
+/// A Redis that cannot be reached when the sidecar starts is a warning at start (not
+/// at the first visitor's request), shown by `/statusz`; its return is said too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_store_down_at_start_is_a_warning_at_start() {
+    let mut redis = Server::redis();
+    redis.kill();
+    let app = TestApp::start("app").await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (sc, log) = common::Sidecar::start_with_log(
+        &[
+            "--listen",
+            &listen,
+            "--app",
+            &app.url(),
+            "--session-store",
+            &redis.url(),
+        ],
+        &[],
+    );
+    let warned = |log: &common::Log| {
+        log.text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("session store unavailable at start"))
+    };
+    assert!(
+        common::eventually(Duration::from_secs(5), || async { warned(&log) }).await,
+        "no warning at start: {}",
+        log.text()
+    );
+    assert_eq!(app.requests(), 0, "the warning came before any request");
+    let status = pillion_testkit::http::get(&sc.url("/statusz"))
+        .await
+        .unwrap()
+        .json();
+    let error = status["sessions"]["store_error"].as_str().unwrap_or("");
+    assert!(error.contains(&redis.url()), "{status}");
+
+    redis.restart();
+    let at: SocketAddr = listen.parse().unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            // A login: the proxy writes to the store.
+            let reply = visit(at, "/?h=X-Session-Set-User-Id:1", None, &[]).await;
+            reply.status == 200 && log.text().contains("session store reachable again")
+        })
+        .await,
+        "{}",
+        log.text()
+    );
+}

@@ -102,7 +102,7 @@ fn start_logged(
         "pillion did not listen on {addr}: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    (Sidecar { process, addr }, log)
+    (Sidecar::adopt(process, addr), log)
 }
 
 /// The lines of the log that contain `text`.

@@ -95,6 +95,11 @@ pub trait Registry: Send + Sync + 'static {
     fn cluster(&self) -> Option<cluster::ClusterStatus> {
         None
     }
+
+    /// The sidecars of the cluster, for the cluster registry (`pillion members`).
+    async fn members(&self) -> Vec<cluster::Member> {
+        Vec::new()
+    }
 }
 
 /// Opens the registry named by `url`: `cluster` (gossiping as `cluster` says),

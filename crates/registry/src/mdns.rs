@@ -117,7 +117,7 @@ fn encode_txt(reg: &Service) -> Vec<String> {
 /// go-micro's `decode`, within [`MAX_TXT`].
 fn decode_txt(strings: &[Box<[u8]>]) -> Option<MdnsTxt> {
     let hex: Vec<u8> = strings.iter().flat_map(|s| s.iter().copied()).collect();
-    if hex.len() > 2 * MAX_TXT || hex.len() % 2 != 0 {
+    if hex.len() > 2 * MAX_TXT || !hex.len().is_multiple_of(2) {
         return None;
     }
     let packed: Vec<u8> = hex

@@ -159,6 +159,25 @@ impl Inbound {
         }
     }
 
+    /// Pings the store once, as the sidecar starts: a store that cannot be reached is
+    /// a warning now, not at the first visitor's request (and `/statusz` shows it).
+    pub async fn check_store_at_start(&self, limit: Duration) {
+        let Err(e) = self.check_store(limit).await else {
+            return;
+        };
+        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %e,
+            "session store unavailable at start; requests reach the app without session \
+             headers (or get 503 with --session-store-down fail) until it is back"
+        );
+        // The first failing request does not warn again; the recovery is logged.
+        *self
+            .last_store_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+
     /// For `/statusz`.
     pub fn status(&self) -> serde_json::Value {
         let error = self

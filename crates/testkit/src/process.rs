@@ -134,6 +134,18 @@ impl Daemon {
         None
     }
 
+    /// Whether the process is still running (reaps it if it has exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
     /// Kills the process at once and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

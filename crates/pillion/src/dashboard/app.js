@@ -42,9 +42,15 @@ function clock(unixMs) {
   return new Date(unixMs).toLocaleTimeString([], { hour12: false });
 }
 
+// Each cell is labelled with its column's heading (`data-label`): at phone width a
+// table of class "cards" shows each row as a card of labelled cells (style.css).
 function fill(tableId, rows) {
   const table = $(tableId);
   const body = table.tBodies[0];
+  const labels = [...table.tHead.rows[0].cells].map((th) => th.textContent);
+  for (const row of rows) {
+    [...row.cells].forEach((c, i) => { if (labels[i]) c.dataset.label = labels[i]; });
+  }
   body.replaceChildren(...rows);
   const empty = table.closest("section").querySelector(".empty");
   if (empty) empty.hidden = rows.length > 0;
@@ -122,11 +128,26 @@ function sparkline(windows) {
   return svg;
 }
 
+// A node's state as the balancer has it now (invoke's `health`): ejected while its
+// ejection lasts, failing shortly after failed attempts, ok once it answers again,
+// its ejection ends or its failure is older than an ejection would last.
 function health(state) {
   if (!state) return ["not called", "muted"];
-  if (state.ejected) return [`ejected ${Math.ceil(state.ejected_for_secs || 0)} s`, "bad"];
-  if (state.consecutive_failures > 0) return ["failing", "warn"];
-  return ["ok", "ok"];
+  switch (state.health) {
+    case "ejected": return [`ejected ${Math.ceil(state.ejected_for_secs || 0)} s`, "bad"];
+    case "failing": return ["failing", "warn"];
+    case "untried": return ["not called", "muted"];
+    default: return ["ok", "ok"];
+  }
+}
+
+// Seconds as an age: 42 s, 5 min, 3 h, 2 d.
+function age(secs) {
+  if (secs === undefined || secs === null || secs < 0) return "–";
+  if (secs < 60) return Math.floor(secs) + " s";
+  if (secs < 3600) return Math.floor(secs / 60) + " min";
+  if (secs < 86400) return Math.floor(secs / 3600) + " h";
+  return Math.floor(secs / 86400) + " d";
 }
 
 function drawCalls(d) {
@@ -144,8 +165,11 @@ function drawCalls(d) {
     .filter((s) => s.total)
     .map((s) => {
       const w = s.windows.find((x) => x.end_ms === end) || {};
-      return el("tr", { "data-service": s.name },
-        td(s.name, "service", "name"),
+      // A service whose nodes are gone stays, with the calls it failed (404).
+      const name = td(s.name, "service", "name");
+      if (!s.registered) name.append(" ", el("small", { class: "bad tag", "data-k": "unregistered" }, "not registered"));
+      return el("tr", { "data-service": s.name, "data-registered": String(s.registered) },
+        name,
         ...CLASSES.map((c) => {
           const n = w[c] || 0;
           return td(String(n), c, "n" + (n && c === "4xx" ? " warn" : "") + (n && c === "5xx" ? " bad" : ""));
@@ -163,19 +187,33 @@ function drawCalls(d) {
 function drawNodes(d) {
   const rows = [];
   for (const s of d.dashboard.services) {
-    if (!s.registered) continue;
+    if (!s.registered) {
+      // Called in the last minute with no node to go to: an outage, not nothing.
+      if (!s.windows.some((w) => w.calls)) continue;
+      rows.push(el("tr", { "data-service": s.name, "data-node": "" },
+        td(s.name, "service", "name"),
+        td("–", "node", "mono"),
+        td("no node registered", "health", "bad"),
+        td("–", "latency", "n"),
+        td("–", "address", "mono"),
+        num(null, "tier"), num(null, "pending"), num(null, "failures"), td("–", "zone")));
+      continue;
+    }
     for (const n of s.nodes) {
       const st = n.state && n.state.id ? n.state : null;
       const [h, cls] = health(st);
+      const failed = st && st.last_failure_secs_ago !== null && st.last_failure_secs_ago !== undefined
+        ? `last failure ${age(st.last_failure_secs_ago)} ago` : null;
       rows.push(el("tr", { "data-service": s.name, "data-node": n.id },
         td(s.name, "service", "name"),
         td(n.id, "node", "mono"),
+        el("td", { "data-k": "health", class: cls, title: failed }, h),
+        // Measured answers only: never the balancer's assumed or penalty values.
+        td(st ? ms(st.latency_ms) : "–", "latency", "n"),
         td(n.address + (n.mesh ? " (mesh)" : ""), "address", "mono"),
-        td(h, "health", cls),
         num(st ? st.tier : null, "tier"),
-        td(st ? ms(st.ewma_ms) : "–", "latency", "n"),
         num(st ? st.pending : null, "pending"),
-        num(st ? st.consecutive_failures : null, "failures"),
+        el("td", { "data-k": "failures", class: "n", title: failed }, st ? String(st.consecutive_failures) : "–"),
         td([n.zone, n.region].filter(Boolean).join(" / ") || "–", "zone")));
     }
   }
@@ -263,21 +301,45 @@ function drawCluster(d) {
   const c = d.cluster;
   $("members").hidden = !c;
   if (!c) return;
-  fill("members", [
-    el("tr", { "data-member": c.gossip }, td(c.gossip, "member", "mono"), td("this sidecar" + (c.rendezvous ? ", rendezvous" : ""), "role")),
-    ...c.peers.map((p) => el("tr", { "data-member": p }, td(p, "member", "mono"), td("peer", "role"))),
-  ]);
+  const me = "this sidecar" + (c.rendezvous ? ", rendezvous" : "");
+  // Every sidecar this one knows of, the failed and the left too (as `pillion
+  // members`); only the gossip addresses of the live where a sidecar has no list.
+  const members = c.members && c.members.length ? c.members
+    : [{ gossip: c.gossip, state: "alive" }, ...c.peers.map((p) => ({ gossip: p, state: "alive" }))];
+  const now = (d.dashboard.now_ms || Date.now()) / 1000;
+  const stateClass = { alive: "ok", failed: "bad", left: "warn" };
+  fill("members", members.map((m) => el("tr", { "data-member": m.gossip, "data-state": m.state, class: m.state === "alive" ? null : "gone" },
+    td(m.name || "–", "name", "name"),
+    td(m.api || "–", "api", "mono"),
+    td(m.gossip, "member", "mono"),
+    td(m.state, "state", stateClass[m.state] || "warn"),
+    el("td", { "data-k": "age", class: "n", title: m.since_unix ? "started " + new Date(m.since_unix * 1000).toLocaleString() : null },
+      m.since_unix ? age(now - m.since_unix) : "–"),
+    td(m.gossip === c.gossip ? me : "peer", "role"))));
+}
+
+// /healthz's verdict: a red banner naming each problem while it is not 200.
+function drawHealth(d) {
+  const h = d.health;
+  const bad = !!h && h.status !== "ok";
+  $("health").hidden = !bad;
+  if (!bad) return false;
+  $("health-title").textContent = `Unhealthy: /healthz answers ${h.code}`;
+  $("problems").replaceChildren(...(h.problems || []).map((p) => el("li", {}, p)));
+  return true;
 }
 
 function draw(d) {
   lastData = d;
   $("sidecar").textContent = `${d.address} · v${d.version} · up ${d.uptime_secs} s`;
+  const unhealthy = drawHealth(d);
   drawCalls(d);
   drawNodes(d);
   drawBroker(d);
   drawTcp(d);
   drawSessions(d);
   drawCluster(d);
+  return unhealthy;
 }
 
 function setState(state, text) {
@@ -313,10 +375,11 @@ async function poll() {
     const data = await res.json();
     $("login").hidden = true;
     $("content").hidden = false;
-    draw(data);
-    setState("live", "live");
+    if (draw(data)) setState("unhealthy", "unhealthy");
+    else setState("live", "live");
     $("updated").textContent = "updated " + clock(Date.now());
   } catch (e) {
+    $("health").hidden = true;
     setState("down", "disconnected");
     $("updated").textContent = `${e.message || e} · retrying every ${POLL_MS / 1000} s`;
   }

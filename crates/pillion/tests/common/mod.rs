@@ -9,10 +9,20 @@ use pillion_testkit::{free_port, wait_for_port, Daemon};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pillion");
 
-/// A `pillion run` on a free port, killed on drop.
+/// A `pillion run`, killed on drop.
 pub struct Sidecar {
     pub process: Daemon,
     pub addr: SocketAddr,
+    /// What pillion wrote to its `--ready-file` (`address`, `listen`), when started
+    /// on port 0; `null` from [`Sidecar::start_at`].
+    pub ready: serde_json::Value,
+}
+
+/// A unique path in the temporary directory.
+fn scratch_path(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("pillion-test-{what}-{}-{n}", std::process::id()))
 }
 
 impl Sidecar {
@@ -21,26 +31,89 @@ impl Sidecar {
     }
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Sidecar {
-        // A free port may be taken by another test before pillion binds it: then
-        // pillion exits at once, and another port is tried.
-        for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut sc = Self::start_at(addr, args, env);
-            if sc.process.wait_exit(Duration::from_millis(100)).is_none() {
-                return sc;
+        Self::start_logged(args, env, None)
+    }
+
+    /// [`Sidecar::start`] with its log (stderr) written to a file the test reads.
+    pub fn start_with_log(args: &[&str], env: &[(&str, &str)]) -> (Sidecar, Log) {
+        let log = Log(scratch_path("log"));
+        (Self::start_logged(args, env, Some(&log)), log)
+    }
+
+    /// `pillion run --address 127.0.0.1:0 ARGS`: the API on a port the kernel picks
+    /// (no other test can take it first), learnt from the `--ready-file` pillion
+    /// writes once it serves. ARGS may name `--address` and `--listen` themselves
+    /// (port 0 too).
+    fn start_logged(args: &[&str], env: &[(&str, &str)], log: Option<&Log>) -> Sidecar {
+        let ready = scratch_path("ready");
+        let ready_arg = ready.to_str().unwrap().to_string();
+        let mut all = vec!["--address", "127.0.0.1:0", "--ready-file", &ready_arg];
+        all.extend_from_slice(args);
+        let mut process = Self::spawn(&all, env, log);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                let _ = std::fs::remove_file(&ready);
+                let ready: serde_json::Value =
+                    serde_json::from_str(&text).expect("the ready file is JSON");
+                let addr = ready["address"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("the ready file names the address");
+                return Sidecar {
+                    process,
+                    addr,
+                    ready,
+                };
             }
+            assert!(
+                process.running(),
+                "pillion exited at start: see its log above"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "pillion was not serving within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("pillion exited at start three times: see its log above");
     }
 
     /// `pillion run --address addr ARGS` (`addr` may be off loopback, or served over
     /// HTTPS: then [`Sidecar::url`]'s http:// does not reach it).
     pub fn start_at(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let addr_arg = addr.to_string();
+        let mut all = vec!["--address", &addr_arg];
+        all.extend_from_slice(args);
+        let mut process = Self::spawn(&all, env, None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            assert!(
+                process.running(),
+                "pillion exited before listening on {addr}: see its log above"
+            );
+            if wait_for_port(addr, Duration::from_millis(50)) {
+                return Sidecar {
+                    process,
+                    addr,
+                    ready: serde_json::Value::Null,
+                };
+            }
+        }
+        panic!("pillion did not listen on {addr} within 10 s");
+    }
+
+    /// A sidecar the test started itself, listening on `addr`.
+    pub fn adopt(process: Daemon, addr: SocketAddr) -> Sidecar {
+        Sidecar {
+            process,
+            addr,
+            ready: serde_json::Value::Null,
+        }
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log: Option<&Log>) -> Daemon {
         let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--address")
-            .arg(addr.to_string())
-            .args(args);
+        cmd.arg("run").args(args);
         cmd.env("RUST_LOG", "info");
         // Each sidecar its own cluster unless the test says otherwise: never the
         // well-known gossip port, never another test's sidecars.
@@ -51,16 +124,29 @@ impl Sidecar {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let process = Daemon::spawn("pillion", cmd);
-        assert!(
-            wait_for_port(addr, Duration::from_secs(10)),
-            "pillion did not listen on {addr}"
-        );
-        Sidecar { process, addr }
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(&log.0).expect("creating the log file"));
+        }
+        Daemon::spawn("pillion", cmd)
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// A sidecar's log file, removed on drop.
+pub struct Log(pub std::path::PathBuf);
+
+impl Log {
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -142,24 +228,14 @@ pub async fn register(
 /// A `pillion run` with an inbound proxy on a free port in front of `app`, plus the
 /// given flags; returns the sidecar and the inbound address.
 pub fn inbound(app: &str, args: &[&str]) -> (Sidecar, SocketAddr) {
-    for _ in 0..3 {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut all = vec![
-            "--listen".to_string(),
-            listen.to_string(),
-            "--app".into(),
-            app.to_string(),
-        ];
-        all.extend(args.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        let mut sc = Sidecar::start(&refs);
-        let listening = wait_for_port(listen, Duration::from_secs(10));
-        // Another test may have taken the port first: pillion then exits.
-        if listening && sc.process.wait_exit(Duration::from_millis(100)).is_none() {
-            return (sc, listen);
-        }
-    }
-    panic!("inbound proxy did not listen");
+    let mut all = vec!["--listen", "127.0.0.1:0", "--app", app];
+    all.extend_from_slice(args);
+    let sc = Sidecar::start(&all);
+    let listen = sc.ready["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("the ready file names the inbound proxy's address");
+    (sc, listen)
 }
 
 /// A new mesh CA, made by `pillion mesh init` in a directory of its own; returns the

@@ -78,6 +78,11 @@ const LEAVE_GRACE: Duration = Duration::from_millis(300);
 const STALL_AFTER: Duration = Duration::from_millis(20 * 300);
 
 const KEY_PREFIX: &str = "s/";
+/// Keys of a sidecar's own description, shown by `pillion members`: its app's name,
+/// its API address, and that it left on purpose.
+const MEMBER_NAME: &str = "m/name";
+const MEMBER_API: &str = "m/api";
+const MEMBER_LEFT: &str = "m/left";
 
 /// Where and how this sidecar gossips.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +95,10 @@ pub struct ClusterOptions {
     pub key: Option<String>,
     /// Announce and browse on the LAN by mDNS (needs a LAN address and a key).
     pub mdns: bool,
+    /// The name of this sidecar's app and its API address, shown to the peers'
+    /// `pillion members`.
+    pub member_name: Option<String>,
+    pub member_api: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -99,6 +108,8 @@ impl Default for ClusterOptions {
             join: Vec::new(),
             key: None,
             mdns: false,
+            member_name: None,
+            member_api: None,
         }
     }
 }
@@ -240,6 +251,24 @@ pub struct ClusterStatus {
     pub lagging_peers: Vec<String>,
     /// How many times the replication stalled since the start.
     pub replication_stalls: u64,
+    /// Every sidecar this one knows of, itself first, then by gossip address (filled
+    /// by the caller of [`ClusterRegistry::members`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<Member>,
+}
+
+/// A sidecar of the cluster, as `consul members` shows one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    /// Its app's `--server-name`, if it has one.
+    pub name: Option<String>,
+    /// Its API address (`--address`).
+    pub api: Option<String>,
+    pub gossip: String,
+    /// `alive`; `failed` when it stopped answering; `left` when it stopped on purpose.
+    pub state: &'static str,
+    /// When it started (Unix seconds).
+    pub since_unix: u64,
 }
 
 impl ClusterStatus {
@@ -347,7 +376,17 @@ impl ClusterRegistry {
             "cluster registry gossiping"
         );
         let chitchat = handle.chitchat();
-        let watcher = chitchat.lock().await.live_nodes_watcher();
+        let watcher = {
+            let mut cc = chitchat.lock().await;
+            let state = cc.self_node_state();
+            if let Some(name) = &options.member_name {
+                state.set(MEMBER_NAME, name);
+            }
+            if let Some(api) = &options.member_api {
+                state.set(MEMBER_API, api);
+            }
+            cc.live_nodes_watcher()
+        };
         let inner = Arc::new(Inner {
             chitchat,
             handle: Mutex::new(Some(handle)),
@@ -385,6 +424,41 @@ impl ClusterRegistry {
         })
     }
 
+    /// Every sidecar this one knows of (see [`Member`]); the failed and left are
+    /// forgotten an hour after they went.
+    pub async fn members(&self) -> Vec<Member> {
+        let cc = self.inner.chitchat.lock().await;
+        let member = |id: &ChitchatId, alive: bool| {
+            let state = cc.node_state(id);
+            let get = |key| state.and_then(|s| s.get(key)).map(str::to_string);
+            Member {
+                name: get(MEMBER_NAME),
+                api: get(MEMBER_API),
+                gossip: id.gossip_advertise_addr.to_string(),
+                state: match (alive, get(MEMBER_LEFT).is_some()) {
+                    (_, true) => "left",
+                    (true, false) => "alive",
+                    (false, false) => "failed",
+                },
+                since_unix: id.generation_id / 1000,
+            }
+        };
+        let mut others: Vec<Member> = cc
+            .live_nodes()
+            .filter(|id| **id != self.inner.me)
+            .map(|id| member(id, true))
+            .chain(cc.dead_nodes().map(|id| member(id, false)))
+            .collect();
+        others.sort_by(|a, b| {
+            a.gossip
+                .cmp(&b.gossip)
+                .then(b.since_unix.cmp(&a.since_unix))
+        });
+        let mut members = vec![member(&self.inner.me, true)];
+        members.extend(others);
+        members
+    }
+
     /// The cluster as this sidecar sees it.
     pub fn cluster_status(&self) -> ClusterStatus {
         let peers = {
@@ -412,6 +486,7 @@ impl ClusterRegistry {
             gossip_received_bytes: stats.received_bytes.load(Ordering::Relaxed),
             gossip_dropped: stats.dropped.load(Ordering::Relaxed),
             rendezvous: stats.rendezvous_held.load(Ordering::Relaxed) == 1,
+            members: Vec::new(),
         }
     }
 }
@@ -776,6 +851,10 @@ impl Registry for ClusterRegistry {
         Some(self.cluster_status())
     }
 
+    async fn members(&self) -> Vec<Member> {
+        ClusterRegistry::members(self).await
+    }
+
     fn status(&self) -> BackendStatus {
         let replication = self.inner.replication();
         let error = (!replication.lagging.is_empty()).then(|| {
@@ -813,11 +892,12 @@ impl Registry for ClusterRegistry {
             for k in &mine {
                 state.delete(k);
             }
+            state.set(MEMBER_LEFT, "1");
             inner.book().deadlines = Default::default();
             if !mine.is_empty() {
                 inner.rebuild(&cc, mine.iter().filter_map(|k| name_of(k)));
-                inner.push(&cc, usize::MAX);
             }
+            inner.push(&cc, usize::MAX);
         }
         tokio::time::sleep(LEAVE_GRACE).await;
         let handle = inner.handle().take();
