@@ -18,6 +18,16 @@
 //! registry, or restarts as a new node, loses what was queued for it (logged and
 //! counted), as does a subscriber too slow to keep up.
 //!
+//! A subscribe returns once the registry shows this sidecar with the subscription, so
+//! a publish on another sidecar right after it finds it; if the registry does not
+//! within [`LinkSettings::advertise_wait`], the subscribe is refused, saying why.
+//!
+//! The broker's tasks (the advertiser, the sweeper, the links and the intake) stop
+//! through cancellation tokens and are tracked: [`Broker::close`] waits for each to
+//! finish the work in hand (a registration under way, a frame being written, an ack
+//! owed) before the next step, each wait with a deadline. Dropping the broker cancels
+//! them all without waiting.
+//!
 //! Only the [`Registry`] port is used (`catalog`, `changes`, `register`), so any
 //! registry adapter carries the brokers' addresses.
 
@@ -27,7 +37,9 @@ use std::time::Duration;
 
 use pillion_core::{Node, Service};
 use pillion_registry::{Catalog, Registry};
-use tokio::time::Instant;
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::{Hub, Scope};
 use crate::intake::Intake;
@@ -41,6 +53,11 @@ const METADATA_KEY: &str = "subscriptions";
 /// How long [`Broker::close`] waits for the other sidecars to acknowledge what is
 /// queued for them.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long [`Broker::close`] waits for a task to finish the work in hand once told
+/// to stop (a registration, a write: each has its own deadline, shorter or close).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+/// How soon a registration the registry refused is tried again.
+const ADVERTISE_RETRY: Duration = Duration::from_secs(1);
 
 pub struct EmbeddedBroker {
     hub: Arc<Hub>,
@@ -52,8 +69,16 @@ pub struct EmbeddedBroker {
     links: Arc<Links>,
     intake: Arc<Intake>,
     metrics: Arc<BrokerMetrics>,
-    advertiser: tokio::task::JoinHandle<()>,
-    sweeper: tokio::task::JoinHandle<()>,
+    /// Why the last advertisement failed (`None` once one succeeds), for a refused
+    /// subscribe.
+    advertise_error: Arc<Mutex<Option<String>>>,
+    /// Cancelled when the broker is closed or dropped: every task's token descends
+    /// from it.
+    stop: CancellationToken,
+    /// The advertiser's and the sweeper's token, cancelled first by [`Broker::close`].
+    following: CancellationToken,
+    /// The advertiser and the sweeper.
+    tasks: TaskTracker,
 }
 
 /// The subscriptions a sidecar advertises: (pattern, queue group).
@@ -85,19 +110,36 @@ impl EmbeddedBroker {
             address: advertise,
             ..Node::default()
         };
+        let stop = CancellationToken::new();
+        let following = stop.child_token();
         let links = Arc::new(Links::new(
             node.id.clone(),
             settings.clone(),
             metrics.clone(),
+            stop.child_token(),
         ));
         let intake = Arc::new(Intake::new(
             node.id.clone(),
             hub.clone(),
             metrics.clone(),
             settings.clone(),
+            stop.child_token(),
         ));
-        let advertiser = tokio::spawn(advertise_loop(hub.clone(), registry.clone(), node.clone()));
-        let sweeper = tokio::spawn(sweep_loop(links.clone(), registry.clone(), node.id.clone()));
+        let advertise_error = Arc::new(Mutex::new(None));
+        let tasks = TaskTracker::new();
+        tasks.spawn(advertise_loop(
+            hub.clone(),
+            registry.clone(),
+            node.clone(),
+            advertise_error.clone(),
+            following.clone(),
+        ));
+        tasks.spawn(sweep_loop(
+            links.clone(),
+            registry.clone(),
+            node.id.clone(),
+            following.clone(),
+        ));
         Arc::new(EmbeddedBroker {
             hub,
             registry,
@@ -107,9 +149,17 @@ impl EmbeddedBroker {
             links,
             intake,
             metrics,
-            advertiser,
-            sweeper,
+            advertise_error,
+            stop,
+            following,
+            tasks,
         })
+    }
+
+    /// How many of the broker's tasks run (the advertiser, the sweeper, one per link,
+    /// one per stream from another sidecar): none once [`Broker::close`] returned.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.len() + self.links.running() + self.intake.running()
     }
 
     /// This sidecar's node id in the registry.
@@ -171,19 +221,28 @@ fn nodes<'a>(catalog: &'a Catalog, own: &'a str) -> impl Iterator<Item = &'a Nod
 }
 
 impl Drop for EmbeddedBroker {
+    /// Every task is told to stop; none is waited for (see [`Broker::close`]).
     fn drop(&mut self) {
-        self.advertiser.abort();
-        self.sweeper.abort();
-        self.links.abort();
-        self.intake.abort();
+        self.stop.cancel();
     }
 }
 
-/// Keeps this sidecar's registration (and its advertised subscriptions) current.
-async fn advertise_loop(hub: Arc<Hub>, registry: Arc<dyn Registry>, node: Node) {
+/// Keeps this sidecar's registration (and its advertised subscriptions) current,
+/// until `stop`; a registration under way is finished first.
+async fn advertise_loop(
+    hub: Arc<Hub>,
+    registry: Arc<dyn Registry>,
+    node: Node,
+    error: Arc<Mutex<Option<String>>>,
+    stop: CancellationToken,
+) {
     let mut changes = hub.generation.subscribe();
     let mut last: Option<Advertised> = None;
+    let set_error = |e: Option<String>| *error.lock().unwrap_or_else(|e| e.into_inner()) = e;
     loop {
+        if stop.is_cancelled() {
+            return;
+        }
         let subs = hub.subscriptions();
         if last.as_ref() != Some(&subs) {
             let mut node = node.clone();
@@ -203,34 +262,52 @@ async fn advertise_loop(hub: Arc<Hub>, registry: Arc<dyn Registry>, node: Node) 
                 registry.register(&service, None).await
             };
             match done {
-                Ok(()) => last = Some(subs),
+                Ok(()) => {
+                    last = Some(subs);
+                    set_error(None);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not advertise broker subscriptions; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    set_error(Some(e.to_string()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(ADVERTISE_RETRY) => continue,
+                        _ = stop.cancelled() => return,
+                    }
                 }
             }
         }
-        // Coalesce bursts of subscribe/unsubscribe into one registration.
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Let the other subscribers that are ready run first, so a burst of
+        // subscribes is one registration.
+        tokio::task::yield_now().await;
         changes.borrow_and_update();
     }
 }
 
-/// Follows the registry for the links: on each change, and each second (for the
-/// grace of sidecars that went missing).
-async fn sweep_loop(links: Arc<Links>, registry: Arc<dyn Registry>, own: String) {
+/// Follows the registry for the links: on each change, and when the grace of a
+/// sidecar that went missing lapses; until `stop`.
+async fn sweep_loop(
+    links: Arc<Links>,
+    registry: Arc<dyn Registry>,
+    own: String,
+    stop: CancellationToken,
+) {
     let mut changes = registry.changes();
     loop {
+        changes.borrow_and_update();
         let catalog = registry.catalog();
         let present: BTreeMap<String, String> = nodes(&catalog, &own)
             .map(|n| (n.id.clone(), n.endpoint()))
             .collect();
-        links.sweep(&present).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+        let due = links.sweep(&present).await;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
@@ -333,15 +410,24 @@ impl Broker for EmbeddedBroker {
         queue: Option<&str>,
         buffer: usize,
     ) -> Result<Subscription, BrokerError> {
+        // Watched before the subscription exists, so no change is missed.
+        let mut changes = self.registry.changes();
         let sub = self.hub.subscribe(pattern, queue, buffer);
-        // Give the advertisement a moment, so a publish on another sidecar right after
-        // this returns finds it.
-        let mut tries = 0;
-        while tries < 50 && !self.advertised(pattern, queue) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            tries += 1;
+        // Returns once the registry shows it, so a publish on another sidecar right
+        // after this returns finds it.
+        let deadline = Instant::now() + self.settings.advertise_wait;
+        loop {
+            changes.borrow_and_update();
+            if self.advertised(pattern, queue) {
+                return Ok(sub);
+            }
+            match timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
         }
-        Ok(sub)
+        // Dropping `sub` unsubscribes: nothing was subscribed.
+        Err(self.not_advertised(pattern, queue))
     }
 
     fn backend(&self) -> String {
@@ -352,23 +438,60 @@ impl Broker for EmbeddedBroker {
         true
     }
 
-    /// Stops advertising, gives the other sidecars up to 5 s to acknowledge what is
-    /// queued for them, then ends every stream.
+    /// Stops advertising (a registration under way is finished, then this sidecar
+    /// is deregistered), gives the other sidecars up to 5 s to acknowledge what is
+    /// queued for them, then ends every stream, each task finishing what it has in
+    /// hand. When this returns, no task of the broker runs (unless one overran its
+    /// deadline: that is logged).
     async fn close(&self) {
-        self.advertiser.abort();
+        self.following.cancel();
+        self.tasks.close();
+        if timeout(STOP_WAIT, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                "the broker's advertiser did not finish its registration within {}; deregistering anyway",
+                pillion_core::duration::format(STOP_WAIT)
+            );
+        }
         let service = Service {
             name: SERVICE.into(),
             nodes: vec![self.node.clone()],
             ..Service::default()
         };
         let _ = self.registry.deregister(&service).await;
-        self.sweeper.abort();
-        self.links.close(Instant::now() + CLOSE_WAIT).await;
+        self.links
+            .close(Instant::now() + CLOSE_WAIT, STOP_WAIT)
+            .await;
         self.intake.close(Duration::from_secs(1)).await;
+        self.stop.cancel();
     }
 }
 
 impl EmbeddedBroker {
+    /// Why a subscription is refused: the registry did not show it in time.
+    fn not_advertised(&self, pattern: &str, queue: Option<&str>) -> BrokerError {
+        let what = match queue {
+            Some(q) => format!("{pattern:?} (queue group {q:?})"),
+            None => format!("{pattern:?}"),
+        };
+        let advertiser = self
+            .advertise_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let registry = self.registry.status();
+        let why = advertiser
+            .or(registry.error)
+            .map(|e| format!(" (registry {}: {e})", registry.backend))
+            .unwrap_or_default();
+        BrokerError::Unavailable {
+            backend: "embedded".into(),
+            detail: format!(
+                "the registry did not show this sidecar's subscription to {what} within {}{why}, so other sidecars would not send it their messages; nothing was subscribed, try again",
+                pillion_core::duration::format(self.settings.advertise_wait)
+            ),
+        }
+    }
+
     /// Whether the registry shows this sidecar with the subscription.
     fn advertised(&self, pattern: &str, queue: Option<&str>) -> bool {
         let catalog = self.registry.catalog();

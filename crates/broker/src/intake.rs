@@ -12,6 +12,10 @@
 //! looked) is refused with 410: the sender drops that queue. Bytes that are not the
 //! protocol close the stream with an error reply naming the fault; the sidecar and its
 //! other streams carry on.
+//!
+//! Each stream is a task tracked by the intake and stopped by its token: told to
+//! stop, a stream first acknowledges what it delivered (so the sender does not send
+//! it again elsewhere), then ends; [`Intake::close`] waits for that.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,8 +24,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, Frame};
 use crate::hub::Hub;
@@ -53,16 +58,20 @@ pub(crate) struct Intake {
     metrics: Arc<BrokerMetrics>,
     settings: LinkSettings,
     streams: Mutex<Streams>,
-    tasks: Mutex<tokio::task::JoinSet<()>>,
-    stop: watch::Sender<bool>,
+    /// One task per stream.
+    tasks: TaskTracker,
+    /// Cancelled to end every stream.
+    stop: CancellationToken,
 }
 
 impl Intake {
+    /// Takes streams addressed to node `node` until `stop` is cancelled.
     pub(crate) fn new(
         node: String,
         hub: Arc<Hub>,
         metrics: Arc<BrokerMetrics>,
         settings: LinkSettings,
+        stop: CancellationToken,
     ) -> Intake {
         Intake {
             node,
@@ -70,9 +79,14 @@ impl Intake {
             metrics,
             settings,
             streams: Mutex::default(),
-            tasks: Mutex::default(),
-            stop: watch::channel(false).0,
+            tasks: TaskTracker::new(),
+            stop,
         }
+    }
+
+    /// How many streams' tasks run.
+    pub(crate) fn running(&self) -> usize {
+        self.tasks.len()
     }
 
     /// Takes the upgrade of a stream from another sidecar, or says why not (the
@@ -87,6 +101,12 @@ impl Intake {
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
+        if self.stop.is_cancelled() {
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this sidecar's broker is shutting down".into(),
+            ));
+        }
         let upgrade = header("upgrade").unwrap_or_default();
         if !upgrade.eq_ignore_ascii_case(frame::PROTOCOL) {
             return Err((
@@ -122,10 +142,12 @@ impl Intake {
         };
         let last = self.last(&stream);
         let intake = self.clone();
-        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
-            let upgraded = match timeout(intake.settings.connect_timeout, upgrading).await {
+        self.tasks.spawn(async move {
+            let upgrading = timeout(intake.settings.connect_timeout, upgrading);
+            let upgraded = match tokio::select! {
+                u = upgrading => u,
+                _ = intake.stop.cancelled() => return,
+            } {
                 Ok(Ok(u)) => u,
                 Ok(Err(e)) => {
                     tracing::debug!(stream, error = %e, "a broker stream's upgrade failed");
@@ -172,7 +194,6 @@ impl Intake {
     where
         T: tokio::io::AsyncRead + AsyncWrite + Unpin,
     {
-        let mut stop = self.stop.subscribe();
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut out = BytesMut::new();
@@ -190,7 +211,14 @@ impl Intake {
             let read = tokio::select! {
                 read = timeout_at(idle_at, rd.read_buf(&mut buf)) => Some(read),
                 _ = tokio::time::sleep_until(ack_at.unwrap_or(idle_at)), if ack_at.is_some() => None,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = self.stop.cancelled() => {
+                    // What was delivered is acknowledged before the stream ends.
+                    if unacked > 0 {
+                        frame::encode_ack(seen, &mut out);
+                        let _ = timeout(self.settings.write_timeout, wr.write_all(&out)).await;
+                    }
+                    return;
+                }
             };
             match read {
                 None => ack_now = true,
@@ -272,20 +300,64 @@ impl Intake {
         .await;
     }
 
-    /// Signals every stream to end, without waiting (the broker is dropped).
-    pub(crate) fn abort(&self) {
-        self.stop.send_replace(true);
-    }
-
-    /// Ends every stream and waits for their tasks (at most `grace`).
+    /// Ends every stream (each acknowledges what it delivered first) and waits for
+    /// their tasks, at most `grace`.
     pub(crate) async fn close(&self, grace: Duration) {
-        self.stop.send_replace(true);
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        if timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
-            tasks.abort_all();
+        self.stop.cancel();
+        self.tasks.close();
+        if timeout(grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                streams = self.tasks.len(),
+                "broker streams from other sidecars still finishing a write after {}; they end at their write deadline",
+                pillion_core::duration::format(grace)
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Scope;
+    use crate::Message;
+    use bytes::Bytes;
+
+    // On a paused clock, the ack delay cannot lapse before the close: only the close
+    // can make the ack go.
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_stream_acknowledges_what_it_delivered_then_ends() {
+        let hub = Hub::new();
+        let mut sub = hub.subscribe("orders.new", None, 10);
+        let intake = Arc::new(Intake::new(
+            "me".into(),
+            hub.clone(),
+            Arc::new(BrokerMetrics::default()),
+            LinkSettings::default(),
+            CancellationToken::new(),
+        ));
+        let (near, mut far) = tokio::io::duplex(64 << 10);
+        let last = intake.last("origin.1");
+        let serving = intake.clone();
+        intake
+            .tasks
+            .spawn(async move { serving.serve(near, last, "origin.1").await });
+        let message = Message {
+            body: Bytes::from_static(b"first"),
+            ..Message::default()
+        };
+        let frame = frame::encode_message("orders.new", &Scope::all(), &message).unwrap();
+        far.write_all(&frame.with_seq(1)).await.unwrap();
+        let delivered = sub.next().await.unwrap();
+        assert_eq!(&delivered.message.body[..], b"first");
+
+        intake.close(Duration::from_secs(30)).await;
+        assert_eq!(intake.running(), 0, "the stream's task runs after close");
+        let mut replies = BytesMut::new();
+        while far.read_buf(&mut replies).await.unwrap() > 0 {}
+        assert_eq!(
+            frame::decode_reply(&mut replies).unwrap(),
+            Some(frame::Reply::Ack(1))
+        );
+        assert!(replies.is_empty(), "{} bytes after the ack", replies.len());
     }
 }

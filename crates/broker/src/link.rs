@@ -21,6 +21,13 @@
 //! (`connect_timeout`), each write (`write_timeout`), and acknowledgements
 //! (`ack_timeout`, with a ping after `ping_interval` of quiet so a dead stream is
 //! noticed even when idle).
+//!
+//! Stopping is one [`CancellationToken`] per link (children of the [`Links`]' one),
+//! and the tasks are tracked so the owner waits for them ([`Links::close`]). A task
+//! that is told to stop while writing finishes that write (within `write_timeout`)
+//! and closes its side of the stream cleanly: the receiver never sees half a frame.
+//! Frames leave the queue only when acknowledged, so nothing a stopped task had in
+//! hand is lost from the queue.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +38,16 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::frame::{self, FrameError, Reply, Unsequenced};
 use crate::metrics::BrokerMetrics;
 
-/// The clocks and bounds of the streams between sidecars (both sides).
+/// The clocks and bounds of the streams between sidecars (both sides), and how long
+/// a subscription waits to be advertised to them.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
     /// Bytes of frames queued for one sidecar (sent or not, until acknowledged).
@@ -59,6 +69,9 @@ pub struct LinkSettings {
     pub absent_grace: Duration,
     /// Bytes taken from the queue for one write.
     pub batch_bytes: usize,
+    /// How long a subscribe waits for the registry to show this sidecar with the
+    /// subscription (so other sidecars send it their messages) before it is refused.
+    pub advertise_wait: Duration,
     /// The other sidecars' `--api-token` (the same in one cluster), sent with the
     /// upgrade.
     pub api_token: Option<String>,
@@ -76,6 +89,7 @@ impl Default for LinkSettings {
             idle_timeout: Duration::from_secs(30),
             absent_grace: Duration::from_secs(5),
             batch_bytes: 256 << 10,
+            advertise_wait: Duration::from_secs(5),
             api_token: None,
         }
     }
@@ -108,6 +122,9 @@ pub(crate) enum LinkError {
     Refused(String),
     #[error("the sidecar closed the connection")]
     Closed,
+    /// This sidecar stopped the stream (it is closing, or the link was dropped).
+    #[error("stopped by this sidecar")]
+    Stopped,
     #[error("{0}")]
     Io(std::io::Error),
 }
@@ -154,7 +171,9 @@ pub(crate) struct Link {
     queue: Mutex<Queue>,
     room: Arc<Semaphore>,
     wake: Notify,
-    stop: watch::Sender<bool>,
+    /// Woken when the queue empties (all acknowledged) or is dropped.
+    settled: Notify,
+    stop: CancellationToken,
     metrics: Arc<BrokerMetrics>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -253,7 +272,8 @@ impl Link {
             std::mem::take(&mut q.frames)
         };
         self.room.close();
-        self.stop.send_replace(true);
+        self.stop.cancel();
+        self.settled.notify_waiters();
         for p in &frames {
             if let Some(topic) = frame::topic_of(&p.frame) {
                 self.metrics.dropped(&topic, 1);
@@ -273,9 +293,26 @@ impl Link {
         }
     }
 
-    /// Stops the task and waits for it.
+    /// Waits until every frame queued is acknowledged or the queue is dropped; false
+    /// if `deadline` passed first.
+    async fn settle(&self, deadline: Instant) -> bool {
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            // Registered before looking, so a wake between the look and the wait counts.
+            settled.as_mut().enable();
+            if self.is_empty() || self.is_gone() {
+                return true;
+            }
+            if timeout_at(deadline, settled).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Stops the task (it finishes a write in hand) and waits for it.
     pub(crate) async fn stop(&self) {
-        self.stop.send_replace(true);
+        self.stop.cancel();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
@@ -342,7 +379,8 @@ impl Link {
         }
     }
 
-    /// Carries frames on an open stream until it breaks.
+    /// Carries frames on an open stream until it breaks or the link is stopped
+    /// ([`LinkError::Stopped`]).
     async fn serve(&self, tcp: TcpStream, buf: BytesMut) -> LinkError {
         {
             // Everything not acknowledged is written again.
@@ -358,11 +396,17 @@ impl Link {
         }
     }
 
+    /// Writes frames as they are queued. Told to stop, it finishes the write under
+    /// way (never half a frame) and closes its side of the stream.
     async fn write_frames(&self, mut wr: OwnedWriteHalf) -> LinkError {
         let mut out = BytesMut::new();
         let mut batch: Vec<Bytes> = Vec::new();
         let mut quiet_since = Instant::now();
         loop {
+            if self.stop.is_cancelled() {
+                let _ = timeout(self.settings.write_timeout, wr.shutdown()).await;
+                return LinkError::Stopped;
+            }
             self.take_unsent(&mut batch);
             if batch.is_empty() {
                 tokio::select! {
@@ -372,6 +416,7 @@ impl Link {
                         tokio::task::yield_now().await;
                         continue;
                     }
+                    _ = self.stop.cancelled() => continue,
                     _ = tokio::time::sleep_until(quiet_since + self.settings.ping_interval) => {
                         out.extend_from_slice(frame::ping());
                         let mut q = self.lock();
@@ -467,6 +512,11 @@ impl Link {
         if progress {
             q.waiting_since = (q.sent > q.acked).then(Instant::now);
         }
+        let settled = q.frames.is_empty();
+        drop(q);
+        if settled {
+            self.settled.notify_waiters();
+        }
         Ok(())
     }
 }
@@ -524,14 +574,17 @@ async fn read_detail(
         .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
-/// Keeps a link's stream open, opening it again after each break.
-async fn run(link: Arc<Link>, mut stop: watch::Receiver<bool>) {
+/// Keeps a link's stream open, opening it again after each break, until the link's
+/// token is cancelled: a connection being made is given up at once, a write under
+/// way is finished first.
+async fn run(link: Arc<Link>) {
+    let stop = link.stop.clone();
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0u32;
     loop {
         let opened = tokio::select! {
             r = link.connect() => r,
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.cancelled() => return,
         };
         match opened {
             Ok((tcp, buf)) => {
@@ -540,10 +593,10 @@ async fn run(link: Arc<Link>, mut stop: watch::Receiver<bool>) {
                 }
                 failures = 0;
                 backoff = MIN_BACKOFF;
-                let broke = tokio::select! {
-                    e = link.serve(tcp, buf) => e,
-                    _ = stop.wait_for(|s| *s) => return,
-                };
+                let broke = link.serve(tcp, buf).await;
+                if stop.is_cancelled() {
+                    return;
+                }
                 tracing::warn!(sidecar = %link.address(), node = %link.node, error = %broke, "broker stream to another sidecar broke; opening it again, unacknowledged messages are sent again");
             }
             Err(LinkError::Gone(detail)) => {
@@ -560,7 +613,7 @@ async fn run(link: Arc<Link>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.cancelled() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -588,13 +641,19 @@ pub(crate) struct Links {
     metrics: Arc<BrokerMetrics>,
     next: AtomicU64,
     by_node: Mutex<BTreeMap<String, Entry>>,
+    /// Cancelled to stop every link; each link's own token is a child of it.
+    stop: CancellationToken,
+    /// The links' tasks, waited for by [`Links::close`].
+    tasks: TaskTracker,
 }
 
 impl Links {
+    /// No links yet; cancelling `stop` stops every link made later.
     pub(crate) fn new(
         origin: String,
         settings: LinkSettings,
         metrics: Arc<BrokerMetrics>,
+        stop: CancellationToken,
     ) -> Links {
         Links {
             origin,
@@ -602,7 +661,14 @@ impl Links {
             metrics,
             next: AtomicU64::new(1),
             by_node: Mutex::new(BTreeMap::new()),
+            stop,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// How many link tasks run.
+    pub(crate) fn running(&self) -> usize {
+        self.tasks.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -610,17 +676,20 @@ impl Links {
     }
 
     /// The link to `peer`, started on first use. `None` for a node id that cannot be
-    /// sent in a header (not one a pillion registered).
+    /// sent in a header (not one a pillion registered), and once the links are
+    /// stopped (this sidecar is closing).
     pub(crate) fn get(&self, peer: &Peer) -> Option<Arc<Link>> {
         let mut links = self.lock();
         if let Some(entry) = links.get(&peer.node) {
             return Some(entry.link.clone());
         }
+        if self.stop.is_cancelled() {
+            return None;
+        }
         if peer.node.is_empty() || !peer.node.bytes().all(|b| b.is_ascii_graphic()) {
             tracing::warn!(node = ?peer.node, "ignoring a pillion.broker node whose id is not printable ASCII");
             return None;
         }
-        let (stop, stopped) = watch::channel(false);
         let link = Arc::new(Link {
             node: peer.node.clone(),
             address: Mutex::new(peer.address.clone()),
@@ -633,11 +702,12 @@ impl Links {
             queue: Mutex::new(Queue::default()),
             room: Arc::new(Semaphore::new(self.settings.queue_bytes)),
             wake: Notify::new(),
-            stop,
+            settled: Notify::new(),
+            stop: self.stop.child_token(),
             metrics: self.metrics.clone(),
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(run(link.clone(), stopped));
+        let task = self.tasks.spawn(run(link.clone()));
         *link.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         links.insert(
             peer.node.clone(),
@@ -651,9 +721,11 @@ impl Links {
 
     /// Follows the registry: a link whose sidecar is listed follows its address; one
     /// missing for `absent_grace` (or at once, if its queue was already dropped) is
-    /// dropped and its task joined.
-    pub(crate) async fn sweep(&self, present: &BTreeMap<String, String>) {
+    /// dropped and its task joined. Returns when the grace of a sidecar still missing
+    /// lapses first: the registry may not change by then, and the sweep is due.
+    pub(crate) async fn sweep(&self, present: &BTreeMap<String, String>) -> Option<Instant> {
         let mut removed = Vec::new();
+        let mut due: Option<Instant> = None;
         {
             let now = Instant::now();
             let mut links = self.lock();
@@ -668,6 +740,8 @@ impl Links {
                     removed.push(entry.link.clone());
                     return false;
                 }
+                let lapses = since + self.settings.absent_grace;
+                due = Some(due.map_or(lapses, |d| d.min(lapses)));
                 true
             });
         }
@@ -678,28 +752,132 @@ impl Links {
             ));
             link.stop().await;
         }
+        due
     }
 
-    /// Waits until every queue is acknowledged or `deadline`, then stops every link
-    /// (what is left is dropped, counted and logged).
-    pub(crate) async fn close(&self, deadline: Instant) {
+    /// Waits until every queue is acknowledged or `drain_by`, drops what is left
+    /// (counted and logged), then stops every link and waits for their tasks, at most
+    /// `stop_within`: a task writing frames finishes that write first.
+    pub(crate) async fn close(&self, drain_by: Instant, stop_within: Duration) {
         let links: Vec<Arc<Link>> = self.lock().values().map(|e| e.link.clone()).collect();
-        while Instant::now() < deadline && links.iter().any(|l| !l.is_empty() && !l.is_gone()) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        for link in &links {
+            if !link.settle(drain_by).await {
+                break;
+            }
         }
         for link in &links {
             if !link.is_empty() {
                 link.drop_queue("this sidecar is shutting down");
             }
-            link.stop().await;
+        }
+        self.stop.cancel();
+        self.tasks.close();
+        if timeout(stop_within, self.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                streams = self.tasks.len(),
+                "broker streams to other sidecars still finishing a write after {}; they end at their write deadline",
+                pillion_core::duration::format(stop_within)
+            );
         }
         self.lock().clear();
     }
+}
 
-    /// Signals every link to stop, without waiting (the broker is dropped).
-    pub(crate) fn abort(&self) {
-        for entry in self.lock().values() {
-            entry.link.stop.send_replace(true);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::Scope;
+    use crate::Message;
+    use tokio::net::TcpListener;
+
+    /// A sidecar that takes the upgrade and then reads nothing until told to.
+    async fn deaf_receiver() -> (String, tokio::task::JoinHandle<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let accepted = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(tcp.read_u8().await.unwrap());
+            }
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
+                frame::PROTOCOL
+            );
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            tcp
+        });
+        (address, accepted)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_stopped_mid_write_finishes_the_frame_and_close_waits_for_it() {
+        // A frame far larger than the sockets' buffers: its write cannot complete
+        // while the receiver reads nothing.
+        const BODY: usize = 32 << 20;
+        let settings = LinkSettings {
+            queue_bytes: 2 * BODY,
+            ..LinkSettings::default()
+        };
+        let links = Links::new(
+            "origin".into(),
+            settings,
+            Arc::new(BrokerMetrics::default()),
+            CancellationToken::new(),
+        );
+        let (address, accepted) = deaf_receiver().await;
+        let link = links
+            .get(&Peer {
+                node: "receiver".into(),
+                address,
+                subs: vec![],
+            })
+            .unwrap();
+        let message = Message {
+            body: Bytes::from(vec![b'x'; BODY]),
+            ..Message::default()
+        };
+        let frame = frame::encode_message("orders.new", &Scope::all(), &message).unwrap();
+        let room = link
+            .reserve(frame.len(), Instant::now() + Duration::from_secs(30))
+            .await
+            .ok()
+            .expect("room for the frame");
+        assert!(link.push(frame, room));
+        let mut receiver = accepted.await.unwrap();
+        // The write has begun (the frame is taken as sent) and cannot have ended.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while link.lock().sent < 1 {
+            assert!(Instant::now() < deadline, "the frame was never written");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+
+        // Close with no time to drain: the queue is dropped and the link told to stop
+        // while its write is under way.
+        let links = Arc::new(links);
+        let closing = tokio::spawn({
+            let links = links.clone();
+            async move { links.close(Instant::now(), Duration::from_secs(60)).await }
+        });
+        link.stop.cancelled().await;
+
+        // The receiver reads on: the whole frame arrives, then the end of the stream,
+        // with nothing cut.
+        let mut got = BytesMut::new();
+        while receiver.read_buf(&mut got).await.unwrap() > 0 {}
+        match frame::decode(&mut got) {
+            Ok(Some(frame::Frame::Message { seq, message, .. })) => {
+                assert_eq!(seq, 1);
+                assert_eq!(message.body.len(), BODY);
+            }
+            other => panic!(
+                "not one whole frame ({} bytes left): {:?}",
+                got.len(),
+                other.map(|f| f.is_some())
+            ),
+        }
+        assert!(got.is_empty(), "{} bytes after the frame", got.len());
+        closing.await.unwrap();
+        assert_eq!(links.running(), 0, "a link task still runs after close");
     }
 }

@@ -22,13 +22,16 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use async_nats::{HeaderMap, ServerAddr};
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::metrics::BrokerMetrics;
 use crate::{Acknowledge, Broker, BrokerError, Delivery, Message, NatsSettings, Subscription};
 
 /// Deadline of a publish (and of stream and consumer set-up).
 const DEADLINE: Duration = Duration::from_secs(5);
+/// How long [`NatsBroker::connect`] waits for the first connection before it returns
+/// anyway (the client goes on trying).
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(2);
 
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -178,6 +181,8 @@ impl NatsBroker {
         let addrs = parse(url)?;
         let backend = pillion_core::secret::redact_url(url);
         let events_backend = backend.clone();
+        // Whether the client is connected, as its events tell it.
+        let (connected, mut up) = watch::channel(false);
         let client = async_nats::ConnectOptions::new()
             // tls://: the server's certificate is checked against the system's CAs,
             // or the PEM file named by SSL_CERT_FILE.
@@ -188,10 +193,17 @@ impl NatsBroker {
             .request_timeout(Some(DEADLINE))
             .event_callback(move |event| {
                 let backend = events_backend.clone();
+                let connected = connected.clone();
                 async move {
                     match event {
-                        async_nats::Event::Connected => tracing::info!(%backend, "broker connected"),
-                        async_nats::Event::Disconnected => tracing::warn!(%backend, "broker disconnected; reconnecting"),
+                        async_nats::Event::Connected => {
+                            connected.send_replace(true);
+                            tracing::info!(%backend, "broker connected")
+                        }
+                        async_nats::Event::Disconnected => {
+                            connected.send_replace(false);
+                            tracing::warn!(%backend, "broker disconnected; reconnecting")
+                        }
                         async_nats::Event::SlowConsumer(sid) => tracing::warn!(%backend, sid, "a NATS subscription is too slow; messages were dropped"),
                         other => tracing::debug!(%backend, event = %other, "broker event"),
                     }
@@ -205,12 +217,7 @@ impl NatsBroker {
             })?;
         // Give a reachable NATS a moment, so the first publishes do not meet a
         // connection still being made; an unreachable one is retried in the background.
-        for _ in 0..40 {
-            if client.connection_state() == async_nats::connection::State::Connected {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let _ = tokio::time::timeout(FIRST_CONNECT_WAIT, up.wait_for(|c| *c)).await;
         let js = jetstream::new(client.clone());
         Ok(Arc::new(NatsBroker {
             client,

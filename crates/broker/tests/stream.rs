@@ -1,6 +1,8 @@
 //! The stream between two embedded brokers, in one process over real sockets: a cut
 //! in the middle loses and repeats nothing, a full queue makes the publisher wait and
-//! then refuses it, a sidecar that leaves the registry has its queue dropped.
+//! then refuses it, a sidecar that leaves the registry has its queue dropped. A
+//! subscribe returns once other sidecars can find it (or is refused, saying why), and
+//! a closed broker leaves no task behind.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +16,8 @@ use pillion_broker::embedded::EmbeddedBroker;
 use pillion_broker::link::LinkSettings;
 use pillion_broker::metrics::BrokerMetrics;
 use pillion_broker::{Broker, BrokerError, Message, Subscription};
-use pillion_registry::Registry;
+use pillion_core::Service;
+use pillion_registry::{BackendStatus, Catalog, Registry, RegistryError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -342,4 +345,160 @@ async fn a_sidecar_that_leaves_the_registry_has_its_queue_dropped_and_counted() 
         &a_metrics,
         "pillion_broker_dropped_total{topic=\"orders.new\"} 5"
     ));
+}
+
+/// A registry in front of another that takes a second to register (an etcd far
+/// away), or that refuses every registration (an etcd down).
+struct Distant {
+    near: Arc<dyn Registry>,
+    refuses: bool,
+}
+
+#[async_trait::async_trait]
+impl Registry for Distant {
+    async fn register(
+        &self,
+        service: &Service,
+        ttl: Option<Duration>,
+    ) -> Result<(), RegistryError> {
+        if self.refuses {
+            return Err(RegistryError::Unavailable {
+                backend: "etcd://10.0.0.9:2379".into(),
+                detail: "connection refused".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.near.register(service, ttl).await
+    }
+
+    async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
+        self.near.deregister(service).await
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.near.catalog()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.near.changes()
+    }
+
+    fn status(&self) -> BackendStatus {
+        self.near.status()
+    }
+
+    async fn close(&self) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_elsewhere_right_after_subscribe_returns_is_delivered() {
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
+    let distant: Arc<dyn Registry> = Arc::new(Distant {
+        near: registry.clone(),
+        refuses: false,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b, b_metrics) = broker(
+        &distant,
+        listener.local_addr().unwrap(),
+        LinkSettings::default(),
+    );
+    serve(b.clone(), b_metrics, listener);
+    let (a, _) = broker(
+        &registry,
+        "127.0.0.1:1".parse().unwrap(),
+        LinkSettings::default(),
+    );
+
+    // B's registration takes a second; subscribe returns only once it is in.
+    let mut sub = b.subscribe("orders.new", None, 100).await.unwrap();
+    a.publish("orders.new", message("right after".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        receive(&mut sub, 1, Duration::from_secs(10)).await,
+        ["right after"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_the_registry_never_shows_is_refused_saying_why() {
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
+    let down: Arc<dyn Registry> = Arc::new(Distant {
+        near: registry.clone(),
+        refuses: true,
+    });
+    let settings = LinkSettings {
+        advertise_wait: Duration::from_millis(300),
+        ..LinkSettings::default()
+    };
+    let (b, b_metrics) = broker(&down, "127.0.0.1:1".parse().unwrap(), settings);
+    let refusal = match b.subscribe("orders.new", Some("billing"), 100).await {
+        Ok(_) => panic!("subscribed although the registry never showed it"),
+        Err(e) => e,
+    };
+    let BrokerError::Unavailable { detail, .. } = &refusal else {
+        panic!("{refusal:?}");
+    };
+    assert!(
+        detail.contains("the registry did not show this sidecar's subscription to \"orders.new\" (queue group \"billing\")"),
+        "{detail}"
+    );
+    assert!(detail.contains("connection refused"), "{detail}");
+    assert!(detail.contains("nothing was subscribed"), "{detail}");
+    // Nothing was subscribed: a local publish reaches no one.
+    b.publish("orders.new", message("to no one".into()))
+        .await
+        .unwrap();
+    assert!(metric(
+        &b_metrics,
+        "pillion_broker_delivered_total{topic=\"orders.new\"} 0"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_broker_leaves_no_task_running() {
+    let registry = pillion_registry::open("memory", &Default::default())
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b, b_metrics) = broker(
+        &registry,
+        listener.local_addr().unwrap(),
+        LinkSettings::default(),
+    );
+    serve(b.clone(), b_metrics, listener);
+    let (a, _) = broker(
+        &registry,
+        "127.0.0.1:1".parse().unwrap(),
+        LinkSettings::default(),
+    );
+    let mut sub = b.subscribe("orders.new", None, 100).await.unwrap();
+    for i in 0..10 {
+        a.publish("orders.new", message(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        receive(&mut sub, 10, Duration::from_secs(10)).await.len(),
+        10
+    );
+    // The advertisers, the sweepers, A's link to B and B's stream from A.
+    assert!(a.running_tasks() >= 3, "{}", a.running_tasks());
+    assert!(b.running_tasks() >= 3, "{}", b.running_tasks());
+
+    a.close().await;
+    assert_eq!(a.running_tasks(), 0, "tasks of A run after its close");
+    b.close().await;
+    assert_eq!(b.running_tasks(), 0, "tasks of B run after its close");
+    // B left the registry.
+    assert!(registry
+        .catalog()
+        .get(pillion_broker::embedded::SERVICE)
+        .unwrap_or_default()
+        .is_empty());
 }

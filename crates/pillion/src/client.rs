@@ -260,7 +260,7 @@ impl Sidecar {
             .method(method)
             .uri(format!("{}{path}", self.url));
         if let Some(token) = &self.token {
-            req = req.header(crate::door::TOKEN_HEADER, token.clone());
+            req = req.header(pillion_sidecar::door::TOKEN_HEADER, token.clone());
         }
         let body = match (json_body, raw_body) {
             (Some(json), _) => {
@@ -373,7 +373,8 @@ fn client_tls(args: &SidecarArgs) -> Result<rustls::ClientConfig, Error> {
 /// Whether the API's door refused the token (a 401 of a service called is the
 /// service's own, and is shown as such).
 fn is_door_refusal(status: StatusCode, body: &[u8]) -> bool {
-    status == StatusCode::UNAUTHORIZED && api_error(body).is_some_and(|e| e.id == crate::door::ID)
+    status == StatusCode::UNAUTHORIZED
+        && api_error(body).is_some_and(|e| e.id == pillion_sidecar::door::ID)
 }
 
 /// The `{"id","code","detail","status"}` in `body`, if it is one.
@@ -831,7 +832,7 @@ async fn open_websocket(sidecar: &Sidecar, path: &str) -> Result<Socket, Error> 
         .map_err(|e| Error::Usage(format!("cannot make a websocket request for {path:?}: {e}")))?;
     if let Some(token) = &sidecar.token {
         req.headers_mut()
-            .insert(crate::door::TOKEN_HEADER, token.clone());
+            .insert(pillion_sidecar::door::TOKEN_HEADER, token.clone());
     }
     match tokio_tungstenite::client_async(req, stream).await {
         Ok((ws, _)) => Ok(ws),

@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -25,6 +24,10 @@ use clap::{ArgAction, Args, Command, FromArgMatches};
 use serde::Deserialize;
 
 use crate::cli::RunArgs;
+pub use pillion_sidecar::settings::{
+    BrokerSettings, ConfigFile, InboundSettings, LogFormat, MeshListen, MeshSettings, Settings,
+    TraceSettings,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -556,72 +559,6 @@ impl Sources {
     }
 }
 
-/// Everything `pillion run` needs, resolved.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub address: SocketAddr,
-    pub invoke: pillion_invoke::Config,
-    /// This sidecar's zone and region (from the app's metadata), for locality.
-    pub locality: pillion_invoke::Locality,
-    pub registry: String,
-    pub cluster: pillion_registry::cluster::ClusterOptions,
-    pub app: Option<pillion_registry::health::AppConfig>,
-    pub grace_period: Duration,
-    /// Where to write the bound addresses once serving (`--ready-file`).
-    pub ready_file: Option<PathBuf>,
-    pub worker_threads: Option<usize>,
-    pub inbound: Option<InboundSettings>,
-    pub broker: BrokerSettings,
-    /// The config file, re-read for [[tcp]] changes.
-    pub config_file: Option<PathBuf>,
-    pub reload_period: Duration,
-    pub dns_servers: Vec<SocketAddr>,
-    pub tcp: Vec<pillion_tcp::ListenerConfig>,
-    pub read_header_timeout: Duration,
-    pub read_body_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub listen_max_connections: usize,
-    pub api_max_connections: usize,
-    pub api_token: Option<String>,
-    /// HTTPS on `address` from certificate files.
-    pub api_tls: Option<pillion_http::tls::CertFiles>,
-    /// HTTPS on `address` with certificates from an ACME CA (never with `api_tls`).
-    pub api_acme: Option<pillion_mesh::acme::AcmeConfig>,
-    pub mesh: Option<MeshSettings>,
-    pub trace: TraceSettings,
-}
-
-/// Spans and logs.
-#[derive(Debug, Clone)]
-pub struct TraceSettings {
-    /// Where spans are posted (`…/v1/traces`); none: no span is recorded.
-    pub otlp_traces_url: Option<String>,
-    /// `service.name` of the spans: `--server-name`, else `pillion`.
-    pub service_name: String,
-    pub log_format: LogFormat,
-}
-
-/// The mesh: this sidecar's identity, and its mesh listener.
-#[derive(Debug, Clone)]
-pub struct MeshSettings {
-    pub identity: pillion_mesh::identity::MeshConfig,
-    pub listen: Option<MeshListen>,
-}
-
-#[derive(Debug, Clone)]
-pub struct MeshListen {
-    pub addr: SocketAddr,
-    /// The app's `host:port`, where calls are forwarded.
-    pub app: String,
-    pub allow: Vec<String>,
-    /// The `[mesh]` rules, `--mesh-allow`'s last.
-    pub rules: Arc<pillion_mesh::policy::Rules>,
-    /// `[[rate_limits]]` with `listener = "mesh"`: a bucket per caller.
-    pub limits: Arc<pillion_mesh::policy::Limits>,
-    /// Distributed JWT: tokens travelling with calls are verified here.
-    pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
-}
-
 /// The mesh, from its flags; `app` gains the `mesh` metadata that advertises the
 /// mesh listener.
 fn resolve_mesh(
@@ -875,226 +812,198 @@ fn resolve_jwt(loaded: &Loaded) -> Result<Option<pillion_mesh::jwt::JwtConfig>, 
     }))
 }
 
-/// The message broker.
-#[derive(Debug, Clone)]
-pub struct BrokerSettings {
-    pub url: String,
-    pub nats: pillion_broker::NatsSettings,
-    pub api: pillion_broker::api::ApiConfig,
-    pub push: Vec<pillion_broker::push::PushRoute>,
-    /// `host:port` of the app that push delivery posts to.
-    pub push_to: Option<String>,
-    /// Queue group of push subscriptions.
-    pub push_queue: String,
-    pub advertise: Option<String>,
-}
-
-/// The inbound (session) proxy.
-#[derive(Debug, Clone)]
-pub struct InboundSettings {
-    pub listen: SocketAddr,
-    /// HTTPS on `listen`.
-    pub tls: Option<pillion_http::tls::CertFiles>,
-    /// HTTPS on `listen` with certificates from an ACME CA (never with `tls`).
-    pub acme: Option<pillion_mesh::acme::AcmeConfig>,
-    /// JWT verification on `listen`.
-    pub jwt: Option<pillion_mesh::jwt::JwtConfig>,
-    /// `[[rate_limits]]` with `listener = "listen"`: a bucket per client address.
-    pub limits: Arc<pillion_mesh::policy::Limits>,
-    pub store: String,
-    /// How sessions bailiff stored are met.
-    pub bailiff: pillion_session::redis::Bailiff,
-    pub proxy: pillion_session::inbound::Config,
-}
-
-impl Settings {
-    /// Checks what only makes sense together and builds the settings of each part.
-    pub fn resolve(loaded: Loaded) -> Result<Settings, ConfigError> {
-        let args = &loaded.args;
-        let pool = pillion_http::pool::Settings {
-            idle_timeout: args.pool_idle_timeout.0,
-            ..Default::default()
+/// Checks what only makes sense together and builds the settings of each part.
+pub fn resolve(loaded: Loaded) -> Result<Settings, ConfigError> {
+    let args = &loaded.args;
+    let pool = pillion_http::pool::Settings {
+        idle_timeout: args.pool_idle_timeout.0,
+        ..Default::default()
+    };
+    if loaded.mesh_policy.is_some() && args.mesh_listen.is_none() {
+        return Err(ConfigError::Invalid(
+            "[mesh] rules are for calls through --mesh-listen (mesh_listen), which is not set"
+                .into(),
+        ));
+    }
+    for limit in &loaded.rate_limits {
+        use pillion_mesh::policy::Listener;
+        let (set, flag) = match limit.listener {
+            Listener::Mesh => (args.mesh_listen.is_some(), "--mesh-listen (mesh_listen)"),
+            Listener::Listen => (args.listen.is_some(), "--listen (listen)"),
         };
-        if loaded.mesh_policy.is_some() && args.mesh_listen.is_none() {
+        if !set {
+            return Err(ConfigError::Invalid(format!(
+                "[[rate_limits]] {} is for {flag}, which is not set",
+                limit.name.as_deref().unwrap_or("(unnamed)")
+            )));
+        }
+    }
+    let inbound = resolve_inbound(&loaded, &pool)?;
+    let broker = resolve_broker(args, inbound.as_ref())?;
+    let metadata: BTreeMap<String, String> = args
+        .server_metadata
+        .iter()
+        .map(|kv| (kv.0.clone(), kv.1.clone()))
+        .collect();
+    let locality = pillion_invoke::Locality {
+        zone: metadata.get("zone").cloned(),
+        region: metadata.get("region").cloned(),
+    };
+    let defaults = pillion_invoke::Config::default();
+    let invoke = pillion_invoke::Config {
+        mesh_permissive: args.mesh_permissive,
+        handler: args.handler,
+        rpc_codec: args.rpc_codec,
+        namespace: args.namespace.clone().unwrap_or(defaults.namespace),
+        timeout: args.timeout.0,
+        wait_for_node: args.wait_for_node.0,
+        max_body: args.max_body_size.0,
+        policy: pillion_invoke::Policy {
+            strategy: args.balancer,
+            connect_timeout: args.connect_timeout.0,
+            per_try_timeout: args.per_try_timeout.0,
+            retries: args.retries,
+            max_pending: args.max_pending.get(),
+            ejection: defaults.policy.ejection,
+        },
+        pool,
+    };
+    let healthcheck_url = args.healthcheck_url.clone();
+    let mut app = match (args.server_name.clone(), args.server_address.clone()) {
+        (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
+            name: name.0,
+            address: address.0,
+            metadata,
+            healthcheck_url: healthcheck_url.map(|u| u.0),
+            healthcheck_interval: args.healthcheck_interval.0,
+            healthcheck_timeout: args.healthcheck_timeout.0,
+            register_ttl: args.register_ttl.0,
+        }),
+        // In the mesh, a sidecar without an app (a gateway) still has a name: its
+        // identity.
+        (Some(_), None) if args.mesh_ca_cert.is_some() => None,
+        (Some(_), None) => {
             return Err(ConfigError::Invalid(
-                "[mesh] rules are for calls through --mesh-listen (mesh_listen), which is not set"
-                    .into(),
-            ));
-        }
-        for limit in &loaded.rate_limits {
-            use pillion_mesh::policy::Listener;
-            let (set, flag) = match limit.listener {
-                Listener::Mesh => (args.mesh_listen.is_some(), "--mesh-listen (mesh_listen)"),
-                Listener::Listen => (args.listen.is_some(), "--listen (listen)"),
-            };
-            if !set {
-                return Err(ConfigError::Invalid(format!(
-                    "[[rate_limits]] {} is for {flag}, which is not set",
-                    limit.name.as_deref().unwrap_or("(unnamed)")
-                )));
-            }
-        }
-        let inbound = resolve_inbound(&loaded, &pool)?;
-        let broker = resolve_broker(args, inbound.as_ref())?;
-        let metadata: BTreeMap<String, String> = args
-            .server_metadata
-            .iter()
-            .map(|kv| (kv.0.clone(), kv.1.clone()))
-            .collect();
-        let locality = pillion_invoke::Locality {
-            zone: metadata.get("zone").cloned(),
-            region: metadata.get("region").cloned(),
-        };
-        let defaults = pillion_invoke::Config::default();
-        let invoke = pillion_invoke::Config {
-            mesh_permissive: args.mesh_permissive,
-            handler: args.handler,
-            rpc_codec: args.rpc_codec,
-            namespace: args.namespace.clone().unwrap_or(defaults.namespace),
-            timeout: args.timeout.0,
-            wait_for_node: args.wait_for_node.0,
-            max_body: args.max_body_size.0,
-            policy: pillion_invoke::Policy {
-                strategy: args.balancer,
-                connect_timeout: args.connect_timeout.0,
-                per_try_timeout: args.per_try_timeout.0,
-                retries: args.retries,
-                max_pending: args.max_pending.get(),
-                ejection: defaults.policy.ejection,
-            },
-            pool,
-        };
-        let healthcheck_url = args.healthcheck_url.clone();
-        let mut app = match (args.server_name.clone(), args.server_address.clone()) {
-            (Some(name), Some(address)) => Some(pillion_registry::health::AppConfig {
-                name: name.0,
-                address: address.0,
-                metadata,
-                healthcheck_url: healthcheck_url.map(|u| u.0),
-                healthcheck_interval: args.healthcheck_interval.0,
-                healthcheck_timeout: args.healthcheck_timeout.0,
-                register_ttl: args.register_ttl.0,
-            }),
-            // In the mesh, a sidecar without an app (a gateway) still has a name: its
-            // identity.
-            (Some(_), None) if args.mesh_ca_cert.is_some() => None,
-            (Some(_), None) => {
-                return Err(ConfigError::Invalid(
-                    "--server-name (server_name) needs --server-address (server_address): \
+                "--server-name (server_name) needs --server-address (server_address): \
                      the host:port other services use to reach the app"
-                        .into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "--server-address (server_address) needs --server-name (server_name)".into(),
-                ))
-            }
-            (None, None) if healthcheck_url.is_some() => {
-                return Err(ConfigError::Invalid(
-                    "--healthcheck-url (healthcheck_url) needs --server-name and \
+                    .into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--server-address (server_address) needs --server-name (server_name)".into(),
+            ))
+        }
+        (None, None) if healthcheck_url.is_some() => {
+            return Err(ConfigError::Invalid(
+                "--healthcheck-url (healthcheck_url) needs --server-name and \
                      --server-address: it checks the app registered under that name"
-                        .into(),
-                ))
-            }
-            (None, None) if !metadata.is_empty() => {
-                return Err(ConfigError::Invalid(
-                    "--server-metadata (server_metadata) needs --server-name and --server-address"
-                        .into(),
-                ))
-            }
-            (None, None) => None,
-        };
-        let mesh = resolve_mesh(&loaded, app.as_mut())?;
-        if mesh.is_none() {
-            let meshed = loaded
-                .tcp
-                .iter()
-                .find(|l| l.tiers.iter().any(|t| !t.services.is_empty()));
-            if let Some(listener) = meshed {
-                return Err(ConfigError::Invalid(format!(
+                    .into(),
+            ))
+        }
+        (None, None) if !metadata.is_empty() => {
+            return Err(ConfigError::Invalid(
+                "--server-metadata (server_metadata) needs --server-name and --server-address"
+                    .into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let mesh = resolve_mesh(&loaded, app.as_mut())?;
+    if mesh.is_none() {
+        let meshed = loaded
+            .tcp
+            .iter()
+            .find(|l| l.tiers.iter().any(|t| !t.services.is_empty()));
+        if let Some(listener) = meshed {
+            return Err(ConfigError::Invalid(format!(
                     "[[tcp]] listen = \"{}\": a tier with services = [...] reaches them through their mesh listeners, which needs this sidecar in the mesh (--mesh-ca-cert with --mesh-issuer or --mesh-ca-key, and --server-name)",
                     listener.listen
                 )));
-            }
         }
-        if let Some(app) = &app {
-            check_app_registration(app)?;
-        }
-        let api_token = args.api_token.clone();
-        match &api_token {
-            Some(t) if t.len() < 16 => {
-                return Err(ConfigError::Invalid(format!(
-                    "--api-token (api_token) is {} characters long; use at least 16 \
-                     (such as the output of `openssl rand -hex 16`)",
-                    t.len()
-                )))
-            }
-            None if !args.address.ip().is_loopback() => {
-                return Err(ConfigError::Invalid(format!(
-                    "--address {} is not a loopback address: anyone who reaches it could \
-                     change the registry; give --api-token TOKEN (or PILLION_API_TOKEN)",
-                    args.address
-                )))
-            }
-            _ => {}
-        }
-        // ACME first: given with a file, the conflict is what to say.
-        let api_acme = acme_config(&loaded, Served::Api)?;
-        let api_tls = cert_files(&loaded, Served::Api)?;
-        let api_https = api_tls.is_some() || api_acme.is_some();
-        if api_https && args.api_plaintext {
-            return Err(ConfigError::Invalid(
-                "--api-plaintext (api_plaintext) and HTTPS on --address (--api-tls-cert or \
-                 --api-acme-domain) contradict each other: keep one"
-                    .into(),
-            ));
-        }
-        if !api_https && !args.api_plaintext && !args.address.ip().is_loopback() {
+    }
+    if let Some(app) = &app {
+        check_app_registration(app)?;
+    }
+    let api_token = args.api_token.clone();
+    match &api_token {
+        Some(t) if t.len() < 16 => {
             return Err(ConfigError::Invalid(format!(
-                "--address {} is not a loopback address, and the API would be plain HTTP: \
+                "--api-token (api_token) is {} characters long; use at least 16 \
+                     (such as the output of `openssl rand -hex 16`)",
+                t.len()
+            )))
+        }
+        None if !args.address.ip().is_loopback() => {
+            return Err(ConfigError::Invalid(format!(
+                "--address {} is not a loopback address: anyone who reaches it could \
+                     change the registry; give --api-token TOKEN (or PILLION_API_TOKEN)",
+                args.address
+            )))
+        }
+        _ => {}
+    }
+    // ACME first: given with a file, the conflict is what to say.
+    let api_acme = acme_config(&loaded, Served::Api)?;
+    let api_tls = cert_files(&loaded, Served::Api)?;
+    let api_https = api_tls.is_some() || api_acme.is_some();
+    if api_https && args.api_plaintext {
+        return Err(ConfigError::Invalid(
+            "--api-plaintext (api_plaintext) and HTTPS on --address (--api-tls-cert or \
+                 --api-acme-domain) contradict each other: keep one"
+                .into(),
+        ));
+    }
+    if !api_https && !args.api_plaintext && !args.address.ip().is_loopback() {
+        return Err(ConfigError::Invalid(format!(
+            "--address {} is not a loopback address, and the API would be plain HTTP: \
                  its token and data would cross the network in clear. Serve it over HTTPS \
                  (--api-tls-cert FILE --api-tls-key FILE, or --api-acme-domain NAME), or \
                  give --api-plaintext (api_plaintext) to say plain HTTP is meant",
-                args.address
-            )));
-        }
-        let trace = TraceSettings {
-            otlp_traces_url: args.otlp_endpoint.as_ref().map(|e| traces_url(&e.0)),
-            service_name: args
-                .server_name
-                .as_ref()
-                .map_or_else(|| "pillion".to_string(), |n| n.0.clone()),
-            log_format: args.log_format,
-        };
-        Ok(Settings {
-            trace,
-            mesh,
-            api_token,
-            read_header_timeout: args.read_header_timeout.0,
-            read_body_timeout: args.read_body_timeout.0,
-            idle_timeout: args.idle_timeout.0,
-            listen_max_connections: args.listen_max_connections.get(),
-            api_max_connections: args.api_max_connections.get(),
-            api_tls,
-            api_acme,
-            config_file: args.config.clone(),
-            reload_period: args.reload_period.0,
-            dns_servers: args.dns_server.clone(),
-            tcp: loaded.tcp.clone(),
-            broker,
-            inbound,
-            invoke,
-            locality,
-            address: args.address,
-            registry: args.registry.0.clone(),
-            cluster: resolve_cluster(&loaded)?,
-            app,
-            grace_period: args.grace_period.0,
-            ready_file: args.ready_file.clone(),
-            worker_threads: args.worker_threads.map(NonZeroUsize::get),
-        })
+            args.address
+        )));
     }
+    let trace = TraceSettings {
+        otlp_traces_url: args.otlp_endpoint.as_ref().map(|e| traces_url(&e.0)),
+        service_name: args
+            .server_name
+            .as_ref()
+            .map_or_else(|| "pillion".to_string(), |n| n.0.clone()),
+        log_format: args.log_format,
+    };
+    Ok(Settings {
+        trace,
+        mesh,
+        api_token,
+        read_header_timeout: args.read_header_timeout.0,
+        read_body_timeout: args.read_body_timeout.0,
+        idle_timeout: args.idle_timeout.0,
+        listen_max_connections: args.listen_max_connections.get(),
+        api_max_connections: args.api_max_connections.get(),
+        api_tls,
+        api_acme,
+        config_file: args.config.clone().map(|path| ConfigFile {
+            read_tcp: Arc::new({
+                let path = path.clone();
+                move |text: &str| FileConfig::read(&path, text).map(|f| f.tcp)
+            }),
+            path,
+        }),
+        reload_period: args.reload_period.0,
+        dns_servers: args.dns_server.clone(),
+        tcp: loaded.tcp.clone(),
+        broker,
+        inbound,
+        invoke,
+        locality,
+        address: args.address,
+        registry: args.registry.0.clone(),
+        cluster: resolve_cluster(&loaded)?,
+        app,
+        grace_period: args.grace_period.0,
+        ready_file: args.ready_file.clone(),
+        worker_threads: args.worker_threads.map(NonZeroUsize::get),
+    })
 }
 
 /// The OTLP/HTTP traces URL of an endpoint, as OpenTelemetry's exporters make it
@@ -1543,29 +1452,10 @@ checked_value!(
     }
 );
 
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("unknown log format {s:?}: use text or json")),
-        }
-    }
-}
-
 checked_value!(
     /// `memory` or `redis://[:password@]host:port[/db]`.
-    SessionStoreUrl(String),
-    |s| pillion_session::check_url(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+    SessionStoreUrl(pillion_session::StoreUrl),
+    |s| s.parse().map_err(|e: pillion_session::StoreError| e.to_string())
 );
 
 checked_value!(
@@ -1735,7 +1625,7 @@ zone = "eu-1a"
     #[test]
     fn traces_and_logs_come_from_the_file_too() {
         let file = "otlp_endpoint = \"http://127.0.0.1:4318/\"\nlog_format = \"json\"\n";
-        let s = Settings::resolve(
+        let s = resolve(
             load(
                 &["--server-name", "front", "--server-address", "127.0.0.1:9"],
                 Some(file),
@@ -1790,7 +1680,7 @@ zone = "eu-1a"
 
     #[test]
     fn the_defaults_of_the_flags_are_the_libraries_defaults() {
-        let s = Settings::resolve(
+        let s = resolve(
             load(
                 &["--listen", "127.0.0.1:1", "--app", "http://127.0.0.1:2"],
                 None,
@@ -1959,6 +1849,20 @@ zone = "eu-1a"
                 );
             }
         }
+    }
+
+    /// The library's `Settings::local()` is what `pillion run --address 127.0.0.1:0
+    /// --registry memory` resolves to, so in-process tests run the same sidecar.
+    #[test]
+    fn local_settings_are_run_s_defaults() {
+        let loaded = Loaded::from_args(
+            ["--address", "127.0.0.1:0", "--registry", "memory"]
+                .map(OsString::from)
+                .to_vec(),
+        )
+        .unwrap();
+        let resolved = resolve(loaded).unwrap();
+        assert_eq!(format!("{resolved:?}"), format!("{:?}", Settings::local()));
     }
 
     #[test]

@@ -1,30 +1,24 @@
 //! `pillion`: the binary. It parses the command line, loads the config, builds the
-//! runtime and hands over to [`sidecar::run`]; everything else lives in the crates.
+//! runtime and hands over to [`pillion_sidecar::sidecar::run`]; the sidecar itself
+//! is the `pillion-sidecar` library.
 //!
 //! - [`cli`]: the commands and flags (clap), each flag also a `PILLION_*` variable.
-//! - [`config`]: the one loader that merges defaults, file, environment and flags.
-//! - [`sidecar`]: wiring of the registry, the app's registration and the HTTP API.
-//! - [`api`]: the API listener: fixed routes, and calls to services without a router.
-//! - [`shutdown`]: signals to a graceful stop.
+//! - [`config`]: the one loader that merges defaults, file, environment and flags
+//!   into the library's `Settings`.
 //! - [`migration`]: micro's, bailiff's and iaido's settings, rewritten or refused.
 //! - [`iaido`]: iaido's YAML config file, read as pillion's options and listeners,
 //!   and written as pillion's TOML by `pillion migrate`.
-//! - [`client`]: `services`, `call`, `publish`, `subscribe`, `status`: commands that
-//!   talk to a running sidecar through its API.
-//! - [`otlp`]: the span exporter (`--otlp-endpoint`).
+//! - [`client`]: `services`, `call`, `publish`, `subscribe`, `status`, `members`:
+//!   commands that talk to a running sidecar through its API.
 #![forbid(unsafe_code)]
 
-mod api;
 mod cli;
 mod client;
 mod config;
-mod dashboard;
-mod door;
 mod iaido;
 mod migration;
-mod otlp;
-mod shutdown;
-mod sidecar;
+
+use pillion_sidecar::sidecar;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -304,7 +298,7 @@ fn resolve_telling(loaded: Loaded) -> Result<Settings, config::ConfigError> {
     }
     // An error about options says where each was set (a variable, the file's line).
     let sources = loaded.sources();
-    Settings::resolve(loaded).map_err(|e| match e {
+    config::resolve(loaded).map_err(|e| match e {
         config::ConfigError::Invalid(message) => {
             config::ConfigError::Invalid(sources.explain(&message))
         }

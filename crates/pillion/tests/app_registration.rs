@@ -175,17 +175,10 @@ async fn an_app_without_health_url_stays_registered_past_its_ttl() {
 async fn a_health_check_failing_from_the_first_try_is_logged_once_per_reason() {
     let app = TestApp::start("late").await;
     app.set_health(Health::Failing);
-    let api = pillion_testkit::free_port();
-    let log = std::env::temp_dir().join(format!("pillion-health-log-{}", std::process::id()));
-    let mut cmd = std::process::Command::new(common::BIN);
-    cmd.args(["run", "--address", &format!("127.0.0.1:{api}")])
-        .args(strs(&app_args(&app, "late")))
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap());
-    let _sidecar = pillion_testkit::Daemon::spawn("pillion", cmd);
+    let args = app_args(&app, "late");
+    let (_sidecar, log) = common::Sidecar::start_with_log(&strs(&args), &[]);
     let failures = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
+        log.text()
             .lines()
             .filter(|l| l.contains("app health check failed"))
             .count()
@@ -193,17 +186,15 @@ async fn a_health_check_failing_from_the_first_try_is_logged_once_per_reason() {
     assert!(
         eventually(Duration::from_secs(5), || async { failures() == 1 }).await,
         "the first failure was not logged: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        log.text()
     );
     // Five more failing checks (200 ms apart), the same reason: no more lines.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(failures(), 1, "{}", std::fs::read_to_string(&log).unwrap());
+    assert_eq!(failures(), 1, "{}", log.text());
     app.set_health(Health::Healthy);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("app health check passes again")
+            log.text().contains("app health check passes again")
         })
         .await
     );

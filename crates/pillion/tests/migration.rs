@@ -178,7 +178,7 @@ async fn bailiffs_environment_runs_the_sessions_proxy_on_redis() {
     .unwrap();
     assert_eq!(again.json()["headers"]["x-session-user-id"], "7");
     // Kept in bailiff's Redis, with bailiff's max-age as its TTL.
-    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
+    let direct = pillion_session::open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     let ttl = direct.ttl(&cookie).await.unwrap().expect("a TTL in Redis");
     assert!(
         ttl <= Duration::from_secs(120) && ttl > Duration::from_secs(100),

@@ -105,7 +105,7 @@ async fn login_on_one_service_is_seen_by_another_and_logout_ends_it() {
     );
 
     // The TTL in Redis is the max-age.
-    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
+    let direct = pillion_session::open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     let ttl = direct.ttl(&id).await.unwrap().unwrap();
     assert!(
         ttl > Duration::from_secs(115) && ttl <= Duration::from_secs(120),
@@ -180,7 +180,7 @@ async fn rotation_moves_the_data_and_destroy_ends_the_session() {
     let rotated = visit(at, "/?h=X-Session-Rotate:1", Some(&old), &[]).await;
     let new = issued(&rotated).unwrap();
     assert_ne!(new, old);
-    let direct = pillion_session::open(&redis.url(), Default::default()).unwrap();
+    let direct = pillion_session::open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     assert_eq!(direct.load(&old).await.unwrap(), None, "the old id is gone");
     assert_eq!(
         session_headers_seen(&visit(at, "/", Some(&new), &[]).await),
@@ -796,11 +796,10 @@ async fn a_session_store_down_at_start_is_a_warning_at_start() {
     let mut redis = Server::redis();
     redis.kill();
     let app = TestApp::start("app").await;
-    let listen = format!("127.0.0.1:{}", free_port());
     let (sc, log) = common::Sidecar::start_with_log(
         &[
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--app",
             &app.url(),
             "--session-store",
@@ -827,7 +826,7 @@ async fn a_session_store_down_at_start_is_a_warning_at_start() {
     assert!(error.contains(&redis.url()), "{status}");
 
     redis.restart();
-    let at: SocketAddr = listen.parse().unwrap();
+    let at: SocketAddr = sc.ready["listen"].as_str().unwrap().parse().unwrap();
     assert!(
         common::eventually(Duration::from_secs(5), || async {
             // A login: the proxy writes to the store.

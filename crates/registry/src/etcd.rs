@@ -63,6 +63,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError, Tasks,
@@ -163,6 +164,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a write waits for the watch to show it before returning anyway.
 const READ_YOUR_WRITE_LIMIT: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long close waits for the tasks to finish the call to etcd in hand.
+const STOP_WAIT: Duration = Duration::from_secs(2 * CALL_TIMEOUT.as_secs());
 /// How long a watch may go without any message (event or progress notification)
 /// before it is re-done from a range read. etcd sends progress notifications every
 /// 10 min by default (`--experimental-watch-progress-notify-interval`), so on a quiet
@@ -329,11 +332,10 @@ impl EtcdRegistry {
             lease: AtomicI64::new(0),
             deadline_set: Notify::new(),
         });
-        let tasks = Tasks(vec![
-            tokio::spawn(watch_loop(inner.clone())),
-            tokio::spawn(lease_loop(inner.clone())),
-            tokio::spawn(expiry_loop(inner.clone())),
-        ]);
+        let tasks = Tasks::default();
+        tasks.spawn(watch_loop(inner.clone(), tasks.token()));
+        tasks.spawn(lease_loop(inner.clone(), tasks.token()));
+        tasks.spawn(expiry_loop(inner.clone(), tasks.token()));
         Ok(EtcdRegistry { inner, tasks })
     }
 }
@@ -625,23 +627,34 @@ impl Inner {
 
 /// Keeps the sidecar's lease alive over a keep-alive stream, opened again whenever it
 /// breaks. When etcd answers that the lease is gone, a new one is granted and this
-/// sidecar's keys are written again under it.
-async fn lease_loop(inner: Arc<Inner>) {
+/// sidecar's keys are written again under it. Stops at `stop`, once a keep-alive or a
+/// new lease under way is done (so that close revokes the lease that holds the keys).
+async fn lease_loop(inner: Arc<Inner>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let Err(e) = keep_lease(&inner, &mut backoff).await;
+        let e = match keep_lease(&inner, &mut backoff, &stop).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
         inner.set_health(Part::Lease, Some(e.to_string()));
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One keep-alive stream, followed until it breaks.
+/// One keep-alive stream, followed until it breaks (an error) or `stop` (`Ok`).
 async fn keep_lease(
     inner: &Inner,
     backoff: &mut Duration,
-) -> Result<std::convert::Infallible, GatewayError> {
-    let mut stream = KeepAlive::connect(&inner.gateway).await?;
+    stop: &CancellationToken,
+) -> Result<(), GatewayError> {
+    let mut stream = tokio::select! {
+        s = KeepAlive::connect(&inner.gateway) => s?,
+        _ = stop.cancelled() => return Ok(()),
+    };
     loop {
         let id = inner.current_lease().await?;
         let ttl = stream.keep_alive(id).await?;
@@ -657,13 +670,16 @@ async fn keep_lease(
             inner.session_lease(&mut owned).await?;
             continue;
         }
-        tokio::time::sleep(KEEPALIVE_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(KEEPALIVE_EVERY) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
     }
 }
 
 /// Deletes this sidecar's registrations whose own TTL lapsed, sleeping until the next
-/// deadline.
-async fn expiry_loop(inner: Arc<Inner>) {
+/// deadline; until `stop`, once the deletions under way are done.
+async fn expiry_loop(inner: Arc<Inner>, stop: CancellationToken) {
     /// How soon a deletion that etcd did not take is tried again.
     const RETRY: Duration = Duration::from_secs(1);
     loop {
@@ -688,19 +704,25 @@ async fn expiry_loop(inner: Arc<Inner>) {
             }
             owned.deadlines.next()
         };
-        let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let until = next.unwrap_or_else(Instant::now);
         tokio::select! {
-            _ = tokio::time::sleep_until(until) => {}
+            _ = tokio::time::sleep_until(until), if next.is_some() => {}
             _ = inner.deadline_set.notified() => {}
+            _ = stop.cancelled() => return,
         }
     }
 }
 
 /// Keeps the catalog equal to etcd's prefix: range, then watch; again on any break.
-async fn watch_loop(inner: Arc<Inner>) {
+/// Until `stop`: it only reads, so a read under way is simply dropped.
+async fn watch_loop(inner: Arc<Inner>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match sync_and_watch(&inner, &mut backoff).await {
+        let watched = tokio::select! {
+            w = sync_and_watch(&inner, &mut backoff) => w,
+            _ = stop.cancelled() => return,
+        };
+        match watched {
             // Not an outage (etcd may just be quiet): re-sync at once, health unchanged.
             // If etcd is really cut off, the range read of the re-sync says so.
             Err(GatewayError::Silent(limit)) => {
@@ -710,7 +732,10 @@ async fn watch_loop(inner: Arc<Inner>) {
             Err(e) => inner.set_health(Part::Watch, Some(e.to_string())),
             Ok(never) => match never {},
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
@@ -948,8 +973,10 @@ impl Registry for EtcdRegistry {
         }
     }
 
+    /// Stops the tasks (a keep-alive, a new lease or a deletion under way is finished
+    /// first), then revokes the lease.
     async fn close(&self) {
-        self.tasks.abort();
+        self.tasks.stop(STOP_WAIT).await;
         let mut owned = self.inner.owned.lock().await;
         if let Some(id) = owned.lease.take() {
             if self.inner.is_up() {

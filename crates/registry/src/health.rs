@@ -4,7 +4,9 @@
 //! every third of that TTL, so it never lapses while the sidecar lives. With a health
 //! URL, the URL is fetched every interval: an error, a timeout or a non-2xx answer
 //! takes the node out of the registry, and the next success puts it back. On shutdown
-//! [`AppRegistration::stop`] deregisters it. Each change of state is one log line.
+//! [`AppRegistration::stop`] deregisters it, after the check or registration under way
+//! is done (one cut off mid-way could still land after the deregistration). Each
+//! change of state is one log line.
 //!
 //! [`check_nodes`] checks the nodes of any registered service on demand, for
 //! `GET /health/{service}`.
@@ -18,6 +20,8 @@ use pillion_http::pool::Outgoing;
 use pillion_http::Client;
 use serde::Serialize;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Registry;
 
@@ -76,7 +80,22 @@ pub struct AppRegistration {
     service: Service,
     status: Arc<Mutex<AppStatus>>,
     task: JoinHandle<()>,
+    /// Tells the task to stop between two checks.
+    stop: CancellationToken,
+    /// Holds the task, for [`AppRegistration::stop`] to wait for it.
+    tasks: TaskTracker,
 }
+
+impl Drop for AppRegistration {
+    /// The task stops at its next wait; nothing is deregistered (see
+    /// [`AppRegistration::stop`]).
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// How long [`AppRegistration::stop`] waits for a check or a registration under way.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// Checks that a health URL is something this checker can fetch.
 pub fn validate_health_url(url: &str) -> Result<(), String> {
@@ -108,12 +127,22 @@ impl AppRegistration {
             last_health_check: None,
             last_registry_error: None,
         }));
-        let task = tokio::spawn(run(registry.clone(), cfg, service.clone(), status.clone()));
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let task = tasks.spawn(run(
+            registry.clone(),
+            cfg,
+            service.clone(),
+            status.clone(),
+            stop.clone(),
+        ));
         AppRegistration {
             registry,
             service,
             status,
             task,
+            stop,
+            tasks,
         }
     }
 
@@ -124,9 +153,18 @@ impl AppRegistration {
             .clone()
     }
 
-    /// Stops checking and takes the app out of the registry.
+    /// Stops checking (the check or registration under way is finished first, for at
+    /// most 10 s) and takes the app out of the registry.
     pub async fn stop(&self) {
-        self.task.abort();
+        self.stop.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(STOP_WAIT, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(service = %self.service.name, "the app's health check or registration did not finish within {}; cut off", pillion_core::duration::format(STOP_WAIT));
+            self.task.abort();
+        }
         let was_registered = self.status().registered;
         match self.registry.deregister(&self.service).await {
             Ok(_) if was_registered => tracing::info!(
@@ -145,6 +183,7 @@ async fn run(
     cfg: AppConfig,
     service: Service,
     status: Arc<Mutex<AppStatus>>,
+    stop: CancellationToken,
 ) {
     let client = Client::new(Default::default(), cfg.healthcheck_timeout);
     let node = service.nodes[0].id.clone();
@@ -163,6 +202,8 @@ async fn run(
     }
     loop {
         let check_now = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
             _ = health_tick.tick(), if cfg.healthcheck_url.is_some() => true,
             _ = register_tick.tick() => false,
         };
@@ -347,5 +388,108 @@ async fn check_node(
         Ok(Ok((status, _))) => Err(format!("GET {url} answered {status}")),
         Ok(Err(e)) => Err(format!("GET {url}: {}", pillion_http::describe(&e))),
         Err(_) => Err(format!("GET {url}: no answer within {within}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryRegistry;
+    use crate::{BackendStatus, Catalog, RegistryError};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A registry across a slow network: a registration lands a moment after it is
+    /// sent, even if the sender stops waiting for the answer; a deregistration is quick.
+    struct Remote {
+        server: Arc<MemoryRegistry>,
+        sent: Arc<AtomicU64>,
+        landed: Arc<AtomicU64>,
+    }
+
+    #[async_trait::async_trait]
+    impl Registry for Remote {
+        async fn register(
+            &self,
+            service: &Service,
+            ttl: Option<Duration>,
+        ) -> Result<(), RegistryError> {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            let (server, landed, service) =
+                (self.server.clone(), self.landed.clone(), service.clone());
+            let request = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let done = server.register(&service, ttl).await;
+                landed.fetch_add(1, Ordering::SeqCst);
+                done
+            });
+            request.await.expect("the request ran")
+        }
+
+        async fn deregister(&self, service: &Service) -> Result<usize, RegistryError> {
+            self.server.deregister(service).await
+        }
+
+        fn catalog(&self) -> Arc<Catalog> {
+            self.server.catalog()
+        }
+
+        fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+            self.server.changes()
+        }
+
+        fn status(&self) -> BackendStatus {
+            self.server.status()
+        }
+
+        async fn close(&self) {}
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stop_deregisters_after_the_registration_under_way_not_before_it_lands() {
+        let server = Arc::new(MemoryRegistry::new());
+        let (sent, landed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let remote = Arc::new(Remote {
+            server: server.clone(),
+            sent: sent.clone(),
+            landed: landed.clone(),
+        });
+        let app = AppRegistration::start(
+            remote,
+            AppConfig {
+                name: "orders".into(),
+                address: "127.0.0.1:9".into(),
+                metadata: BTreeMap::new(),
+                healthcheck_url: None,
+                healthcheck_interval: Duration::from_secs(3600),
+                healthcheck_timeout: Duration::from_secs(1),
+                register_ttl: Duration::from_secs(3600),
+            },
+        );
+        // The first registration is sent at once; stop while it is on its way.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while sent.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the registration was never sent"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        app.stop().await;
+
+        while landed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the registration never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            server
+                .catalog()
+                .get("orders")
+                .unwrap_or_default()
+                .is_empty(),
+            "the app is registered after stop"
+        );
     }
 }

@@ -140,12 +140,59 @@ pub fn check_url(url: &str) -> Result<(), RegistryError> {
     }
 }
 
-/// An adapter's background tasks, aborted when it closes or is dropped.
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+/// An adapter's background tasks: they select on one token ([`Tasks::token`]) and
+/// finish the work in hand when it is cancelled; [`Tasks::stop`] cancels it and waits
+/// for them. Dropping the adapter without closing it cuts them off (they must not
+/// outlive it).
+#[derive(Default)]
+struct Tasks {
+    stop: tokio_util::sync::CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+    running: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
 
 impl Tasks {
+    /// What the tasks select on to learn they must stop.
+    fn token(&self) -> tokio_util::sync::CancellationToken {
+        self.stop.clone()
+    }
+
+    fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = self.tracker.spawn(task).abort_handle();
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|h| !h.is_finished());
+        running.push(handle);
+    }
+
+    /// Tells every task to stop and waits for them, at most `within`; a task still
+    /// running then is cut off (logged).
+    async fn stop(&self, within: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tracker.len(),
+                "registry tasks still busy {} after being told to stop; cut off",
+                pillion_core::duration::format(within)
+            );
+            self.abort();
+        }
+    }
+
     fn abort(&self) {
-        for t in &self.0 {
+        self.stop.cancel();
+        for t in self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -158,14 +205,17 @@ impl Drop for Tasks {
 }
 
 /// Sleeps until the next TTL lapses (`next`) or a registration changes the deadlines
-/// (`changed`), and at most a second, so an expiry task notices when its registry is
-/// gone.
-async fn wait_for_expiry(next: Option<tokio::time::Instant>, changed: &tokio::sync::Notify) {
-    let second = tokio::time::Instant::now() + Duration::from_secs(1);
-    let until = next.unwrap_or(second).min(second);
+/// (`changed`); false when `stop` is cancelled instead (the registry is gone).
+async fn wait_for_expiry(
+    next: Option<tokio::time::Instant>,
+    changed: &tokio::sync::Notify,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let until = next.unwrap_or_else(tokio::time::Instant::now);
     tokio::select! {
-        _ = tokio::time::sleep_until(until) => {}
-        _ = changed.notified() => {}
+        _ = tokio::time::sleep_until(until), if next.is_some() => true,
+        _ = changed.notified() => true,
+        _ = stop.cancelled() => false,
     }
 }
 

@@ -46,6 +46,7 @@ use serde_json::Value;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::mdns::{GROUP, PORT};
 use crate::memory::MemoryRegistry;
@@ -55,6 +56,8 @@ use crate::{per_node, BackendStatus, Catalog, Registry, RegistryError, Tasks};
 pub const DOMAIN: &str = "micro";
 /// go-micro's `defaultTTL`.
 const TTL_SECS: u32 = 120;
+/// How long close waits for the tasks to send what they have in hand.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 /// The service of the wildcard instances that list the names.
 const WILDCARD: &str = "_services";
 const WILDCARD_PORT: u16 = 9999;
@@ -389,11 +392,10 @@ impl MdnsRegistry {
             asker,
             error: Mutex::new(None),
         });
-        let tasks = Tasks(vec![
-            tokio::spawn(respond(inner.clone())),
-            tokio::spawn(browse(inner.clone())),
-            tokio::spawn(follow_own(inner.clone())),
-        ]);
+        let tasks = Tasks::default();
+        tasks.spawn(respond(inner.clone(), tasks.token()));
+        tasks.spawn(browse(inner.clone(), tasks.token()));
+        tasks.spawn(follow_own(inner.clone(), tasks.token()));
         Ok(MdnsRegistry { inner, tasks })
     }
 }
@@ -643,11 +645,16 @@ fn goodbye(records: &[Record]) -> Vec<u8> {
     answer(None, 0, gone)
 }
 
-/// Answers queries and hears announcements on the group.
-async fn respond(inner: Arc<Inner>) {
+/// Answers queries and hears announcements on the group, until `stop` (the answers
+/// to a query in hand are sent first).
+async fn respond(inner: Arc<Inner>, stop: CancellationToken) {
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok((len, from)) = inner.responder.recv_from(&mut buf).await else {
+        let received = tokio::select! {
+            r = inner.responder.recv_from(&mut buf) => r,
+            _ = stop.cancelled() => return,
+        };
+        let Ok((len, from)) = received else {
             continue;
         };
         let Ok(message) = Message::from_vec(&buf[..len]) else {
@@ -670,7 +677,7 @@ async fn respond(inner: Arc<Inner>) {
 
 /// Asks for the names and their nodes every [`BROWSE_EVERY`], hears the answers, and
 /// forgets what stopped answering.
-async fn browse(inner: Arc<Inner>) {
+async fn browse(inner: Arc<Inner>, stop: CancellationToken) {
     let list = fqdn(&format!("{WILDCARD}.{}.", inner.domain)).expect("a valid name");
     let mut buf = vec![0u8; 65536];
     let mut next = Instant::now();
@@ -710,19 +717,22 @@ async fn browse(inner: Arc<Inner>) {
                     }
                 }
             }
+            _ = stop.cancelled() => return,
         }
     }
 }
 
 /// Follows this sidecar's own registrations (TTL expiries included): announces and
-/// says goodbye as they change.
-async fn follow_own(inner: Arc<Inner>) {
+/// says goodbye as they change; until `stop`, once the announcements under way are
+/// sent (so close's goodbyes come after them and cover them).
+async fn follow_own(inner: Arc<Inner>, stop: CancellationToken) {
     let mut changes = inner.own.changes();
     loop {
         inner.announce_changes().await;
         inner.publish();
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.cancelled() => return,
         }
     }
 }
@@ -769,8 +779,10 @@ impl Registry for MdnsRegistry {
         }
     }
 
+    /// Stops the tasks (announcements under way are sent first), then says goodbye
+    /// for everything announced.
     async fn close(&self) {
-        self.tasks.abort();
+        self.tasks.stop(STOP_WAIT).await;
         let goodbyes: Vec<Vec<u8>> = {
             let mut state = self.inner.state();
             state

@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use pillion_core::Service;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::{deregisters, per_node, BackendStatus, Catalog, Deadlines, Registry, RegistryError};
 
@@ -32,6 +33,8 @@ struct State {
 
 pub struct MemoryRegistry {
     inner: Arc<Inner>,
+    /// The expiry task, ended when the registry is dropped.
+    _tasks: crate::Tasks,
 }
 
 struct Inner {
@@ -51,8 +54,12 @@ impl MemoryRegistry {
             changes: watch::channel(0).0,
             expiry_changed: Notify::new(),
         });
-        tokio::spawn(expire(Arc::downgrade(&inner)));
-        MemoryRegistry { inner }
+        let tasks = crate::Tasks::default();
+        tasks.spawn(expire(Arc::downgrade(&inner), tasks.token()));
+        MemoryRegistry {
+            inner,
+            _tasks: tasks,
+        }
     }
 }
 
@@ -130,8 +137,9 @@ fn remove_ids(regs: &mut Vec<Service>, ids: &[&str]) -> (bool, ()) {
     (regs.len() != before, ())
 }
 
-/// Removes registrations whose TTL lapsed, sleeping until the next one is due.
-async fn expire(inner: Weak<Inner>) {
+/// Removes registrations whose TTL lapsed, sleeping until the next one is due, until
+/// `stop` (the registry is dropped).
+async fn expire(inner: Weak<Inner>, stop: CancellationToken) {
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -148,7 +156,9 @@ async fn expire(inner: Weak<Inner>) {
         };
         let wake = strong.clone();
         drop(strong);
-        crate::wait_for_expiry(next, &wake.expiry_changed).await;
+        if !crate::wait_for_expiry(next, &wake.expiry_changed, &stop).await {
+            return;
+        }
     }
 }
 

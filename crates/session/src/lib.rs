@@ -123,25 +123,52 @@ pub trait SessionStore: Send + Sync + 'static {
 /// Opens the store named by `url`: `memory`, or `redis://[:password@]host:port[/db]`
 /// (`rediss://` for TLS). A Redis that is down is not an error here: operations fail
 /// until it is back.
-pub fn open(url: &str, bailiff: redis::Bailiff) -> Result<Arc<dyn SessionStore>, StoreError> {
-    check_url(url)?;
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        Ok(Arc::new(redis::RedisStore::open(url, bailiff)?))
-    } else {
-        Ok(Arc::new(memory::MemoryStore::new()))
+pub fn open(url: &StoreUrl, bailiff: redis::Bailiff) -> Result<Arc<dyn SessionStore>, StoreError> {
+    match url {
+        StoreUrl::Redis(url) => Ok(Arc::new(redis::RedisStore::open(url, bailiff)?)),
+        StoreUrl::Memory => Ok(Arc::new(memory::MemoryStore::new())),
+    }
+}
+
+/// A session store, named by `--session-store`: checked once, when it is parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `memory`: this sidecar's own (lost at restart, not shared).
+    Memory,
+    /// `redis://[:password@]host:port[/db]` or `rediss://...`, as given.
+    Redis(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = StoreError;
+
+    fn from_str(url: &str) -> Result<StoreUrl, StoreError> {
+        match url {
+            "memory" | "memory://" => Ok(StoreUrl::Memory),
+            u if u.starts_with("redis://") || u.starts_with("rediss://") => {
+                redis::parse(u).map(|_| StoreUrl::Redis(u.to_string()))
+            }
+            _ => Err(StoreError::Invalid(format!(
+                "unknown session store {:?}: use memory or redis[s]://[:password@]host:port[/db]",
+                redact(url)
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreUrl {
+    /// The URL with its password hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Redis(url) => f.write_str(&redact(url)),
+        }
     }
 }
 
 /// Checks a store URL without connecting.
 pub fn check_url(url: &str) -> Result<(), StoreError> {
-    match url {
-        "memory" | "memory://" => Ok(()),
-        u if u.starts_with("redis://") || u.starts_with("rediss://") => redis::parse(u).map(|_| ()),
-        _ => Err(StoreError::Invalid(format!(
-            "unknown session store {:?}: use memory or redis[s]://[:password@]host:port[/db]",
-            redact(url)
-        ))),
-    }
+    url.parse::<StoreUrl>().map(|_| ())
 }
 
 pub use pillion_core::secret::redact_url as redact;

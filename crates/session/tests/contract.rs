@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pillion_session::{new_id, open, Change, SessionData, SessionStore, StoreError};
+use pillion_session::{new_id, open, Change, SessionData, SessionStore, StoreError, StoreUrl};
 use pillion_testkit::Server;
 
 fn set(pairs: &[(&str, &[&str])]) -> Change {
@@ -96,13 +96,13 @@ async fn contract(store: Arc<dyn SessionStore>) {
 
 #[tokio::test]
 async fn memory_store_passes_the_contract() {
-    contract(open("memory", Default::default()).unwrap()).await;
+    contract(open(&StoreUrl::Memory, Default::default()).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_passes_the_contract() {
     let redis = Server::redis();
-    let store = open(&redis.url(), Default::default()).unwrap();
+    let store = open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     assert_eq!(store.backend(), redis.url());
     contract(store).await;
 }
@@ -110,13 +110,21 @@ async fn redis_store_passes_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_db_index_and_password_are_honoured_and_never_shown() {
     let redis = Server::redis();
-    let store = open(&format!("{}/3", redis.url()), Default::default()).unwrap();
+    let store = open(
+        &format!("{}/3", redis.url()).parse().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     let id = new_id();
     store
         .save(&id, &set(&[("k", &["v"])]), Duration::from_secs(60))
         .await
         .unwrap();
-    let other_db = open(&format!("{}/0", redis.url()), Default::default()).unwrap();
+    let other_db = open(
+        &format!("{}/0", redis.url()).parse().unwrap(),
+        Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         other_db.load(&id).await.unwrap(),
         None,
@@ -124,7 +132,9 @@ async fn redis_db_index_and_password_are_honoured_and_never_shown() {
     );
 
     let wrong = open(
-        &format!("redis://:hunter2@{}", redis.addr()),
+        &format!("redis://:hunter2@{}", redis.addr())
+            .parse()
+            .unwrap(),
         Default::default(),
     )
     .unwrap();
@@ -137,7 +147,7 @@ async fn redis_db_index_and_password_are_honoured_and_never_shown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_fails_fast_then_recovers_without_reopening() {
     let mut redis = Server::redis();
-    let store = open(&redis.url(), Default::default()).unwrap();
+    let store = open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     let id = new_id();
     store
         .save(&id, &set(&[("k", &["v"])]), Duration::from_secs(60))

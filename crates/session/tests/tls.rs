@@ -14,12 +14,12 @@ async fn rediss_stores_sessions_over_tls_and_refuses_an_untrusted_server() {
 
     // Not trusting the test CA: the handshake fails, and says so.
     std::env::set_var("SSL_CERT_FILE", "/nonexistent-ca.pem");
-    let untrusted = open(&redis.url(), Default::default()).unwrap();
+    let untrusted = open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     let err = untrusted.load(&new_id()).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
 
     std::env::set_var("SSL_CERT_FILE", redis.ca_file());
-    let store = open(&redis.url(), Default::default()).unwrap();
+    let store = open(&redis.url().parse().unwrap(), Default::default()).unwrap();
     let id = new_id();
     let change = Change {
         set: vec![("user-id".into(), vec!["42".into()])],

@@ -13,6 +13,8 @@
 //!   invalid file keeps the running listeners.
 //!
 //! A reload never cuts a connection unless its target was removed from the file.
+//! [`TcpProxy::shutdown`] lets connections finish (returning when the last one ends,
+//! or at the grace), then stops every listener's tasks and waits for them.
 //! Only [`copy`] and [`fd_limit`] have `unsafe` code: system calls.
 #![deny(unsafe_code)]
 
@@ -37,6 +39,10 @@ use hickory_resolver::TokioResolver;
 
 pub use config::{Binding, ListenerConfig, TierConfig};
 use listener::Listener;
+
+/// How long [`TcpProxy::shutdown`] waits for the listeners' tasks to finish what they
+/// have in hand (a DNS lookup, a probe: each bounded by its own timeout).
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Time since the process's first call: cheap, monotonic, shared by every listener.
 pub fn clock() -> Duration {
@@ -194,8 +200,9 @@ impl TcpProxy {
         }
     }
 
-    /// Graceful shutdown: stop accepting, let connections finish for up to `grace`,
-    /// then close what is left.
+    /// Graceful shutdown: stop accepting, let connections finish for up to `grace`
+    /// (returning as soon as the last one ends), then close what is left and wait for
+    /// every listener's tasks to end (at most [`STOP_WAIT`]).
     pub async fn shutdown(&self, grace: Duration) {
         let all: Vec<Arc<Listener>> = {
             let listeners = self.listeners.lock().await;
@@ -214,12 +221,9 @@ impl TcpProxy {
         for l in &all {
             l.stop_accepting();
         }
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && all.iter().any(|l| l.active() > 0) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let left: usize = all.iter().map(|l| l.active()).sum();
-        if left > 0 {
+        let drained = futures_util::future::join_all(all.iter().map(|l| l.drained()));
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            let left: usize = all.iter().map(|l| l.active()).sum();
             tracing::warn!(
                 connections = left,
                 "closing tcp connections still open after the grace period"
@@ -227,6 +231,15 @@ impl TcpProxy {
         }
         for l in &all {
             l.abort();
+        }
+        let stopped = futures_util::future::join_all(all.iter().map(|l| l.stopped()));
+        if tokio::time::timeout(STOP_WAIT, stopped).await.is_err() {
+            let left: usize = all.iter().map(|l| l.running_tasks()).sum();
+            tracing::warn!(
+                tasks = left,
+                "tcp listener tasks still finishing a lookup or a probe after {}",
+                pillion_core::duration::format(STOP_WAIT)
+            );
         }
     }
 
@@ -324,5 +337,71 @@ impl TcpProxy {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pillion_testkit::tcp::{Reply, TcpBackend};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_carries_the_open_connection_to_its_end_then_leaves_no_task_running() {
+        let backend = TcpBackend::start("db", Reply::Echo).await;
+        let proxy = TcpProxy::new(resolver(&["127.0.0.1:9".parse().unwrap()]));
+        // Every background task busy: health checks, failback, latency tiers.
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nfailback_after = \"1s\"\nlatency_bucket = \"50ms\"\n\
+             [[tiers]]\ntargets = [\"{}\"]\nhealth_check = \"1s\"\n",
+            backend.addr()
+        );
+        let config: ListenerConfig = toml::from_str(&text).unwrap();
+        proxy.apply(&[config]).await.unwrap();
+        let listener = proxy
+            .listeners
+            .lock()
+            .await
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+
+        let mut client = TcpStream::connect(listener.addr).await.unwrap();
+        let mut greeting = [0u8; 3];
+        client.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting, b"db\n");
+
+        let shutdown = tokio::spawn({
+            let proxy = proxy.clone();
+            async move { proxy.shutdown(Duration::from_secs(3600)).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listener.status()["accepting"] != false {
+            assert!(Instant::now() < deadline, "the listener kept accepting");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Shutting down, the connection is carried on...
+        client.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        client.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"ping");
+        assert!(
+            !shutdown.is_finished(),
+            "shutdown returned with a connection open"
+        );
+        // ...and its end ends the shutdown, long before the grace.
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(60), shutdown)
+            .await
+            .expect("shutdown returned once the connection ended")
+            .unwrap();
+        assert_eq!(listener.active(), 0);
+        assert_eq!(
+            listener.running_tasks(),
+            0,
+            "a task of the listener runs after shutdown"
+        );
     }
 }

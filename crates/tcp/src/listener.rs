@@ -18,6 +18,13 @@
 //! better tier has accepted dials for that long, so their clients reconnect to it;
 //! better tiers are probed while worse ones carry connections, and every tier with a
 //! `health_check` interval is probed on that interval.
+//!
+//! Each background task sleeps until its next deadline (a DNS answer expiring, a
+//! health check or a measurement due, a better tier up long enough) or an event (a
+//! configuration update, a connection opening), never on a fixed tick. They and the
+//! connections stop through one cancellation token ([`Listener::abort`]), finishing
+//! the unit in hand (a lookup, a probe), and are tracked so that
+//! [`Listener::stopped`] can wait for them.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +37,8 @@ use arc_swap::ArcSwap;
 use hickory_resolver::TokioResolver;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backend::{assign_tiers, Backend, Blame, Close, Slot};
 use crate::clock;
@@ -47,12 +55,14 @@ pub struct Listener {
     mesh: Option<Arc<dyn crate::MeshNodes>>,
     rr: AtomicUsize,
     /// Open client connections.
-    active: AtomicUsize,
+    connections: watch::Sender<usize>,
     accepting: watch::Sender<bool>,
-    refresh_now: tokio::sync::Notify,
-    /// Measure latency now (the configuration changed).
-    measure_now: tokio::sync::Notify,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Bumped by each [`Listener::update`]: the tasks look at the new configuration.
+    updates: watch::Sender<u64>,
+    /// Stops every task and connection of the listener.
+    stop: CancellationToken,
+    /// The background tasks and one task per connection.
+    tasks: TaskTracker,
 }
 
 impl Listener {
@@ -64,28 +74,27 @@ impl Listener {
     ) -> std::io::Result<Arc<Listener>> {
         let socket = TcpListener::bind(config.listen).await?;
         let listener = Arc::new(Listener {
-            addr: config.listen,
+            // The port bound, when the configuration says 0.
+            addr: socket.local_addr()?,
             config: ArcSwap::from_pointee(config),
             backends: ArcSwap::from_pointee(Vec::new()),
             resolved: Mutex::new(HashMap::new()),
             resolver,
             mesh,
             rr: AtomicUsize::new(0),
-            active: AtomicUsize::new(0),
+            connections: watch::channel(0).0,
             accepting: watch::channel(true).0,
-            refresh_now: tokio::sync::Notify::new(),
-            measure_now: tokio::sync::Notify::new(),
-            tasks: Mutex::new(Vec::new()),
+            updates: watch::channel(0).0,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         listener.resolve_all().await;
-        let tasks = vec![
-            tokio::spawn(listener.clone().accept_loop(socket)),
-            tokio::spawn(listener.clone().refresh_loop()),
-            tokio::spawn(listener.clone().failback_loop()),
-            tokio::spawn(listener.clone().health_loop()),
-            tokio::spawn(listener.clone().latency_loop()),
-        ];
-        *listener.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        let tasks = &listener.tasks;
+        tasks.spawn(listener.clone().accept_loop(socket));
+        tasks.spawn(listener.clone().refresh_loop());
+        tasks.spawn(listener.clone().failback_loop());
+        tasks.spawn(listener.clone().health_loop());
+        tasks.spawn(listener.clone().latency_loop());
         tracing::info!(listen = %listener.addr, "tcp listener started");
         Ok(listener)
     }
@@ -95,8 +104,7 @@ impl Listener {
     pub async fn update(&self, config: ListenerConfig) {
         self.config.store(Arc::new(config));
         self.resolve_all().await;
-        self.refresh_now.notify_one();
-        self.measure_now.notify_one();
+        self.updates.send_modify(|n| *n += 1);
     }
 
     /// Stops accepting; open connections go on.
@@ -104,19 +112,34 @@ impl Listener {
         let _ = self.accepting.send(false);
     }
 
-    /// Stops every task and closes every connection.
+    /// Tells every task to stop and closes every connection, without waiting: a task
+    /// busy with a lookup or a probe finishes it, a connection being dialed is given
+    /// up. [`Listener::stopped`] waits for them.
     pub fn abort(&self) {
         self.stop_accepting();
-        for b in self.backends.load().iter() {
-            b.close_all(Close::Now);
-        }
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            t.abort();
-        }
+        self.stop.cancel();
+    }
+
+    /// Waits until every task and connection of the listener ended (after
+    /// [`Listener::abort`]).
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// How many of the listener's tasks run (background tasks and connections).
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.len()
     }
 
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        *self.connections.borrow()
+    }
+
+    /// Waits until no client connection is open.
+    pub async fn drained(&self) {
+        let mut connections = self.connections.subscribe();
+        let _ = connections.wait_for(|n| *n == 0).await;
     }
 
     pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
@@ -296,7 +319,10 @@ impl Listener {
         self.backends.store(Arc::new(new));
     }
 
+    /// Resolves the targets again when their answers expire, or the configuration
+    /// changes.
     async fn refresh_loop(self: Arc<Self>) {
+        let mut updates = self.updates.subscribe();
         let mut next = Instant::now() + Duration::from_secs(1);
         loop {
             let wait = next
@@ -304,7 +330,8 @@ impl Listener {
                 .clamp(Duration::from_secs(1), Duration::from_secs(60));
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.refresh_now.notified() => {}
+                _ = updates.changed() => {}
+                _ = self.stop.cancelled() => return,
             }
             next = self
                 .resolve_all()
@@ -431,8 +458,11 @@ impl Listener {
                         } else {
                             tracing::warn!(listen = %self.addr, error = %e, "accept failed");
                         }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+                        // Some room may come back (connections closing): try again soon.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                            _ = self.stop.cancelled() => break,
+                        }
                     }
                 },
                 changed = accepting.changed() => {
@@ -441,15 +471,21 @@ impl Listener {
                     }
                     continue;
                 }
+                _ = self.stop.cancelled() => break,
             };
             let _ = client.set_nodelay(true);
-            tokio::spawn(self.clone().serve(client, peer));
+            self.tasks.spawn(self.clone().serve(client, peer));
         }
         tracing::info!(listen = %self.addr, "tcp listener stopped accepting");
     }
 
     async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let (slot, mut server) = match self.connect().await {
+        let connected = tokio::select! {
+            c = self.connect() => c,
+            // No byte was carried yet: the client is closed.
+            _ = self.stop.cancelled() => return,
+        };
+        let (slot, mut server) = match connected {
             Ok(pair) => pair,
             Err(Unserved::Full) => {
                 tracing::warn!(listen = %self.addr, %peer, "every backend has its max_connections open; closing the connection");
@@ -464,7 +500,7 @@ impl Listener {
                 return;
             }
         };
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.connections.send_modify(|n| *n += 1);
         let backend = slot.backend().clone();
         let (id, mut close) = backend.open(&slot);
         let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
@@ -493,14 +529,16 @@ impl Listener {
                 ),
             };
             tokio::pin!(copying);
-            let tick = if idle.is_zero() {
-                Duration::from_secs(3600)
-            } else {
-                (idle / 4).max(Duration::from_millis(50))
-            };
+            let idle_ms = idle.as_millis() as u64;
             loop {
+                // Idle once `idle` passed since the last byte: the wait ends then, and
+                // starts again from the last byte if bytes went meanwhile.
+                let quiet_ms = (clock().as_millis() as u64)
+                    .saturating_sub(traffic.last_ms.load(Ordering::Relaxed));
+                let idle_in = Duration::from_millis(idle_ms.saturating_sub(quiet_ms));
                 tokio::select! {
                     _ = &mut copying => break,
+                    _ = self.stop.cancelled() => break,
                     changed = close.changed() => {
                         let how = if changed.is_ok() { *close.borrow() } else { Close::Now };
                         match how {
@@ -514,9 +552,9 @@ impl Listener {
                             }
                         }
                     }
-                    _ = tokio::time::sleep(tick), if !idle.is_zero() => {
+                    _ = tokio::time::sleep(idle_in), if !idle.is_zero() => {
                         let last = traffic.last_ms.load(Ordering::Relaxed);
-                        if clock().as_millis() as u64 - last >= idle.as_millis() as u64 {
+                        if (clock().as_millis() as u64).saturating_sub(last) >= idle_ms {
                             tracing::debug!(%peer, "closing an idle connection");
                             break;
                         }
@@ -526,7 +564,7 @@ impl Listener {
         }
         backend.closed(id);
         drop(slot);
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.connections.send_modify(|n| *n -= 1);
     }
 
     /// Dials a backend only to learn whether it is up.
@@ -535,45 +573,70 @@ impl Listener {
         let _ = self.dial(backend, limit).await;
     }
 
+    /// With `failback_after`: while connections are open on a tier worse than the
+    /// best, probes the better tiers once a second (what nothing has proved up yet)
+    /// and closes the worse tier's connections gracefully once a better tier has been
+    /// up for `failback_after`. Without connections on a worse tier it waits for one
+    /// to open; without `failback_after`, for a configuration update.
     async fn failback_loop(self: Arc<Self>) {
+        let mut updates = self.updates.subscribe();
+        let mut connections = self.connections.subscribe();
         let mut warned: Vec<SocketAddr> = Vec::new();
-        let mut last_probe = Instant::now();
+        let mut last_probe: Option<Instant> = None;
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            let after = self.config.load().failback_after.0;
-            if after.is_zero() {
-                continue;
+            let next = self.fail_back(&mut warned, &mut last_probe).await;
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                changed = connections.changed(), if next.is_none() => if changed.is_err() { return },
+                _ = tokio::time::sleep(next.unwrap_or_default()), if next.is_some() => {}
+                _ = self.stop.cancelled() => return,
             }
-            let backends = self.backends.load_full();
+        }
+    }
+
+    /// One look of [`Listener::failback_loop`]; when to look again (`None`: when a
+    /// connection opens or the configuration changes).
+    async fn fail_back(
+        &self,
+        warned: &mut Vec<SocketAddr>,
+        last_probe: &mut Option<Instant>,
+    ) -> Option<Duration> {
+        const PROBE_EVERY: Duration = Duration::from_secs(1);
+        let after = self.config.load().failback_after.0;
+        if after.is_zero() {
+            return None;
+        }
+        let backends = self.backends.load_full();
+        let worst_busy = backends
+            .iter()
+            .filter(|b| b.active.load(Ordering::Relaxed) > 0)
+            .map(|b| b.tier())
+            .max()?;
+        // Probe better tiers that nothing has proved up yet, once a second.
+        if last_probe.is_none_or(|at| at.elapsed() >= PROBE_EVERY) {
+            *last_probe = Some(Instant::now());
             let now = clock().as_millis() as u64;
-            let worst_busy = backends
-                .iter()
-                .filter(|b| b.active.load(Ordering::Relaxed) > 0)
-                .map(|b| b.tier())
-                .max();
-            let Some(worst_busy) = worst_busy else {
-                continue;
-            };
-            // Probe better tiers that nothing has proved up yet, once a second.
-            if last_probe.elapsed() >= Duration::from_secs(1) {
-                last_probe = Instant::now();
-                for b in backends.iter().filter(|b| b.tier() < worst_busy) {
-                    if b.up_since_ms.load(Ordering::Relaxed) == 0 && !b.is_down(now) {
-                        self.probe(b).await;
-                    }
+            for b in backends.iter().filter(|b| b.tier() < worst_busy) {
+                if b.up_since_ms.load(Ordering::Relaxed) == 0 && !b.is_down(now) {
+                    self.probe(b).await;
                 }
             }
-            let ready = (0..worst_busy).find(|t| {
-                backends.iter().any(|b| {
-                    let up = b.up_since_ms.load(Ordering::Relaxed);
-                    b.tier() == *t
-                        && !b.draining.load(Ordering::Relaxed)
-                        && !b.is_down(now)
-                        && up > 0
-                        && now.saturating_sub(up) >= after.as_millis() as u64
-                })
-            });
-            let Some(ready) = ready else { continue };
+        }
+        let now = clock().as_millis() as u64;
+        let after_ms = after.as_millis() as u64;
+        // When each better backend that is up will have been up for `after`.
+        let up_long_enough = |b: &Arc<Backend>| {
+            let up = b.up_since_ms.load(Ordering::Relaxed);
+            (!b.draining.load(Ordering::Relaxed) && !b.is_down(now) && up > 0)
+                .then(|| (up + after_ms).saturating_sub(now))
+        };
+        let ready = (0..worst_busy).find(|t| {
+            backends
+                .iter()
+                .filter(|b| b.tier() == *t)
+                .any(|b| up_long_enough(b) == Some(0))
+        });
+        if let Some(ready) = ready {
             for b in backends
                 .iter()
                 .filter(|b| b.tier() > ready && b.active.load(Ordering::Relaxed) > 0)
@@ -584,29 +647,54 @@ impl Listener {
                 }
                 b.close_all(Close::Graceful);
             }
-            warned.retain(|a| {
-                backends
-                    .iter()
-                    .any(|b| b.addr == *a && b.active.load(Ordering::Relaxed) > 0)
-            });
         }
+        warned.retain(|a| {
+            backends
+                .iter()
+                .any(|b| b.addr == *a && b.active.load(Ordering::Relaxed) > 0)
+        });
+        let next_probe = last_probe.map_or(Duration::ZERO, |at| {
+            PROBE_EVERY.saturating_sub(at.elapsed())
+        });
+        let next_ready = backends
+            .iter()
+            .filter(|b| b.tier() < worst_busy)
+            .filter_map(up_long_enough)
+            .filter(|ms| *ms > 0)
+            .min()
+            .map(Duration::from_millis);
+        Some(next_ready.map_or(next_probe, |r| r.min(next_probe)))
     }
 
+    /// Probes each tier with a `health_check` interval on that interval (the first
+    /// time at once), and looks again when the configuration changes.
     async fn health_loop(self: Arc<Self>) {
+        let mut updates = self.updates.subscribe();
         let mut last: HashMap<usize, Instant> = HashMap::new();
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
             let config = self.config.load_full();
+            let mut next: Option<Duration> = None;
             for (t, tier) in config.tiers.iter().enumerate() {
                 let every = tier.health_check.0;
-                if every.is_zero() || last.get(&t).is_some_and(|at| at.elapsed() < every) {
+                if every.is_zero() {
                     continue;
                 }
-                last.insert(t, Instant::now());
-                let backends = self.backends.load_full();
-                for b in backends.iter().filter(|b| b.written_tier() == t) {
-                    self.probe(b).await;
+                if last.get(&t).is_none_or(|at| at.elapsed() >= every) {
+                    last.insert(t, Instant::now());
+                    let backends = self.backends.load_full();
+                    for b in backends.iter().filter(|b| b.written_tier() == t) {
+                        self.probe(b).await;
+                    }
                 }
+                let due = last
+                    .get(&t)
+                    .map_or(every, |at| every.saturating_sub(at.elapsed()));
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+            tokio::select! {
+                changed = updates.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(next.unwrap_or_default()), if next.is_some() => {}
+                _ = self.stop.cancelled() => return,
             }
         }
     }
@@ -617,18 +705,31 @@ impl Listener {
     /// `rebalance_every` (and at once when the configuration changes) and puts the
     /// backends in tiers by it ([`assign_tiers`]).
     async fn latency_loop(self: Arc<Self>) {
+        let mut updates = self.updates.subscribe();
         let mut last: Option<Instant> = None;
         loop {
             let config = self.config.load_full();
             let bucket = config.latency_bucket.0;
-            let due = last.is_none_or(|at| at.elapsed() >= config.rebalance_every.0);
-            if !bucket.is_zero() && due {
-                self.measure(bucket, config.down_for.0).await;
-                last = Some(Instant::now());
+            let every = config.rebalance_every.0;
+            let mut next = None;
+            if !bucket.is_zero() {
+                let due = last.is_none_or(|at| at.elapsed() >= every);
+                if due {
+                    self.measure(bucket, config.down_for.0).await;
+                    last = Some(Instant::now());
+                }
+                // A zero `rebalance_every` (refused by validation): on updates only.
+                if !every.is_zero() {
+                    next = last.map(|at| every.saturating_sub(at.elapsed()));
+                }
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                _ = self.measure_now.notified() => last = None,
+                changed = updates.changed() => match changed {
+                    Ok(()) => last = None,
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(next.unwrap_or_default()), if next.is_some() => {}
+                _ = self.stop.cancelled() => return,
             }
         }
     }

@@ -167,7 +167,7 @@ impl ClusterOptions {
 
 pub struct ClusterRegistry {
     inner: Arc<Inner>,
-    /// Aborted when the registry is dropped.
+    /// Stopped when the registry is dropped.
     _tasks: crate::Tasks,
 }
 
@@ -399,28 +399,27 @@ impl ClusterRegistry {
             options,
             replication: Mutex::new(Replication::default()),
         });
-        let mut tasks = vec![
-            tokio::spawn(follow(Arc::downgrade(&inner), watcher)),
-            tokio::spawn(expire(Arc::downgrade(&inner))),
-            tokio::spawn(watch_replication(Arc::downgrade(&inner))),
-        ];
+        let tasks = crate::Tasks::default();
+        tasks.spawn(follow(Arc::downgrade(&inner), watcher));
+        tasks.spawn(expire(Arc::downgrade(&inner), tasks.token()));
+        tasks.spawn(watch_replication(Arc::downgrade(&inner), tasks.token()));
         if let Some(socket) = mdns {
             let me = mdns::Announcement {
                 node_id: inner.me.node_id.clone(),
                 gossip: advertise,
             };
             let weak = Arc::downgrade(&inner);
-            tasks.push(tokio::spawn(mdns::run(socket, me, move |peer| {
+            tasks.spawn(mdns::run(socket, me, move |peer| {
                 if let Some(inner) = weak.upgrade() {
                     if let Some(handle) = inner.handle().as_ref() {
                         let _ = handle.gossip(peer);
                     }
                 }
-            })));
+            }));
         }
         Ok(ClusterRegistry {
             inner,
-            _tasks: crate::Tasks(tasks),
+            _tasks: tasks,
         })
     }
 
@@ -672,10 +671,18 @@ async fn follow(
 /// Each peer's digest says which version of this state it holds ([`wire`] notes it);
 /// a live peer stuck without a version this sidecar had long enough ago
 /// ([`Replication::lacked_by`]) is lagging; while any is, the registry reports itself
-/// unhealthy, naming them.
-async fn watch_replication(inner: Weak<Inner>) {
+/// unhealthy, naming them. Until `stop` (the registry is dropped).
+async fn watch_replication(inner: Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
+    let mut rounds = tokio::time::interval_at(
+        tokio::time::Instant::now() + GOSSIP_INTERVAL,
+        GOSSIP_INTERVAL,
+    );
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(GOSSIP_INTERVAL).await;
+        tokio::select! {
+            _ = rounds.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         let Some(inner) = inner.upgrade() else {
             return;
         };
@@ -737,8 +744,9 @@ async fn watch_replication(inner: Weak<Inner>) {
     }
 }
 
-/// Deletes this sidecar's registrations whose TTL lapsed.
-async fn expire(inner: Weak<Inner>) {
+/// Deletes this sidecar's registrations whose TTL lapsed, until `stop` (the registry
+/// is dropped).
+async fn expire(inner: Weak<Inner>, stop: tokio_util::sync::CancellationToken) {
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -759,7 +767,9 @@ async fn expire(inner: Weak<Inner>) {
         };
         let wake = strong.clone();
         drop(strong);
-        crate::wait_for_expiry(next, &wake.expiry_changed).await;
+        if !crate::wait_for_expiry(next, &wake.expiry_changed, &stop).await {
+            return;
+        }
     }
 }
 

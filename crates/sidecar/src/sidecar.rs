@@ -20,8 +20,8 @@ use pillion_session::inbound::Inbound;
 use pillion_tcp::TcpProxy;
 use serde_json::json;
 
-use crate::config::Settings;
-use crate::shutdown::Shutdown;
+use crate::settings::Settings;
+use crate::shutdown::{Shutdown, Stopper};
 
 /// Where TCP tiers that name services connect: their nodes' mesh listeners.
 struct MeshRoutes {
@@ -149,9 +149,81 @@ pub async fn mesh_issuer(config: pillion_mesh::issuer::IssuerConfig) -> Result<(
         .map_err(|e| e.to_string())
 }
 
-pub async fn run(settings: Settings) -> Result<(), String> {
-    let mut shutdown =
-        Shutdown::on_signals().map_err(|e| format!("installing signal handlers: {e}"))?;
+/// `pillion run`: [`start`], then a graceful stop on the first SIGTERM or SIGINT (a
+/// second one exits at once).
+pub async fn run(settings: Settings) -> Result<(), StartError> {
+    let running = start(settings).await?;
+    crate::shutdown::on_signals(running.stopper())
+        .map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
+    running.stopped().await
+}
+
+/// Why a sidecar did not start (or did not stop cleanly).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound: the port is taken, or the address is not this
+    /// host's.
+    #[error("cannot listen on {addr} ({flag}): {source}{hint}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    /// A backend, a certificate, a file: the message says which and why.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for StartError {
+    fn from(message: String) -> Self {
+        StartError::Other(message)
+    }
+}
+
+/// A sidecar that serves: its addresses, and the way to stop it.
+pub struct Running {
+    address: SocketAddr,
+    listen: Option<SocketAddr>,
+    stopper: Stopper,
+    stopping: tokio::task::JoinHandle<Result<(), StartError>>,
+}
+
+impl Running {
+    /// The API's address (`--address`, its port picked by the kernel if it was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The inbound proxy's address (`--listen`), if it has one.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen
+    }
+
+    /// A handle that starts the graceful stop (signals use one).
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Stops gracefully: the app out of the registry, calls in flight finished
+    /// within the settings' grace period, every backend released.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        self.stopper.stop();
+        self.stopped().await
+    }
+
+    /// Waits until the sidecar has stopped (after [`Stopper::stop`]).
+    pub async fn stopped(self) -> Result<(), StartError> {
+        self.stopping
+            .await
+            .map_err(|e| StartError::Other(format!("the sidecar's stop failed: {e}")))?
+    }
+}
+
+/// Starts a sidecar: binds every listener, opens the registry, the broker and the
+/// session store, registers the app, and serves; returns once it serves.
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let (stopper, mut shutdown) = Shutdown::new();
     // Before anything serves: from here on every hop records its span.
     let exporter = settings.trace.otlp_traces_url.as_ref().map(|url| {
         let exporter =
@@ -165,11 +237,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     });
     let listener = tokio::net::TcpListener::bind(settings.address)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {}: {e} (is another pillion running? choose another --address)",
-                settings.address
-            )
+        .map_err(|source| StartError::Bind {
+            flag: "--address",
+            addr: settings.address,
+            source,
+            hint: " (is another pillion running? choose another --address)",
         })?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     // The peers' `pillion members` show the API's bound address (--address may say :0).
@@ -187,7 +259,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
-                .map_err(|e| format!("cannot listen on {} (--listen): {e}", cfg.listen))?;
+                .map_err(|source| StartError::Bind {
+                    flag: "--listen",
+                    addr: cfg.listen,
+                    source,
+                    hint: "",
+                })?;
             tracing::info!(
                 listen = %cfg.listen,
                 app = %cfg.proxy.app_url,
@@ -237,12 +314,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     tcp.apply(&settings.tcp).await?;
     let reloader = settings.config_file.clone().map(|file| {
         // Read as the start read it: TOML, or iaido's YAML.
-        let path = file.clone();
+        let read = file.read_tcp.clone();
         tokio::spawn(pillion_tcp::reload::follow(
-            file,
+            file.path,
             settings.reload_period,
             tcp.clone(),
-            move |text| crate::config::FileConfig::read(&path, text).map(|f| f.tcp),
+            move |text| read(text),
         ))
     });
     let broker_metrics = Arc::new(BrokerMetrics::default());
@@ -322,7 +399,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         Some(cfg) => {
             let listener = tokio::net::TcpListener::bind(cfg.addr)
                 .await
-                .map_err(|e| format!("cannot listen on {} (--mesh-listen): {e}", cfg.addr))?;
+                .map_err(|source| StartError::Bind {
+                    flag: "--mesh-listen",
+                    addr: cfg.addr,
+                    source,
+                    hint: "",
+                })?;
             let jwt = match cfg.jwt.clone() {
                 Some(config) => Some(pillion_mesh::jwt::Verifier::new(config).await?),
                 None => None,
@@ -386,10 +468,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .merge(pillion_broker::api::router(broker_api.clone()))
         .merge(invoker.router());
 
+    let listen = inbound
+        .as_ref()
+        .and_then(|(_, listener)| listener.local_addr().ok());
     if let Some(path) = &settings.ready_file {
-        let listen = inbound
-            .as_ref()
-            .and_then(|(_, listener)| listener.local_addr().ok());
         write_ready_file(path, address, listen)?;
     }
     tracing::info!(
@@ -520,41 +602,49 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             },
         )));
     }
-    shutdown.wait().await;
-    // Take the app out of the registry first, so callers stop choosing it while
-    // in-flight requests finish.
-    if let Some(app) = &app {
-        app.stop().await;
-    }
-    if let Some(pushes) = pushes {
-        pushes.stop(settings.grace_period).await;
-    }
-    if let Some(r) = reloader {
-        r.abort();
-    }
-    let (_, _) = tokio::join!(
-        async {
-            for server in servers {
-                let _ = server.await;
-            }
-            for orders in [orders, api_orders].into_iter().flatten() {
-                let _ = orders.await;
-            }
-        },
-        tcp.shutdown(settings.grace_period),
-    );
-    // The last spans, of the requests that finished above.
-    if let Some((task, stop, _)) = exporter {
-        let _ = stop.send(());
-        let _ = task.await;
-    }
-    // The subscribers' sockets, told to close when the shutdown began.
-    broker_api.sockets.close();
-    let _ = tokio::time::timeout(settings.grace_period, broker_api.sockets.wait()).await;
-    broker.close().await;
-    registry.close().await;
-    tracing::info!("pillion stopped");
-    Ok(())
+    let stopping = tokio::spawn(async move {
+        shutdown.wait().await;
+        // Take the app out of the registry first, so callers stop choosing it while
+        // in-flight requests finish.
+        if let Some(app) = &app {
+            app.stop().await;
+        }
+        if let Some(pushes) = pushes {
+            pushes.stop(settings.grace_period).await;
+        }
+        if let Some(r) = reloader {
+            r.abort();
+        }
+        let (_, _) = tokio::join!(
+            async {
+                for server in servers {
+                    let _ = server.await;
+                }
+                for orders in [orders, api_orders].into_iter().flatten() {
+                    let _ = orders.await;
+                }
+            },
+            tcp.shutdown(settings.grace_period),
+        );
+        // The last spans, of the requests that finished above.
+        if let Some((task, stop, _)) = exporter {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        // The subscribers' sockets, told to close when the shutdown began.
+        broker_api.sockets.close();
+        let _ = tokio::time::timeout(settings.grace_period, broker_api.sockets.wait()).await;
+        broker.close().await;
+        registry.close().await;
+        tracing::info!("pillion stopped");
+        Ok(())
+    });
+    Ok(Running {
+        address,
+        listen,
+        stopper,
+        stopping,
+    })
 }
 
 /// `--ready-file`: the bound addresses as JSON, written to a temporary file renamed
