@@ -212,6 +212,7 @@ pub fn clock() -> Duration {
 
 /// [`clock`] at `at`, an instant already read: a call reads the clock once for its
 /// start and once for its end, and the balancer's arithmetic reuses those.
+#[inline]
 pub fn since_epoch(at: Instant) -> Duration {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     at.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
@@ -751,6 +752,31 @@ impl NodeState {
             Protocol::Unset,
             &pool::Settings::default(),
         )
+    }
+
+    /// A node of tier 0 at `authority` that speaks `protocol`.
+    pub(crate) fn test_at(id: &str, authority: &str, protocol: Protocol) -> NodeState {
+        NodeState::new(
+            id.into(),
+            Route::plain(authority.into()),
+            0,
+            protocol,
+            &pool::Settings::default(),
+        )
+    }
+}
+
+#[cfg(test)]
+impl ServiceSet {
+    /// The service `s` with `nodes` and the default ejection.
+    pub(crate) fn test(nodes: Vec<Arc<NodeState>>) -> ServiceSet {
+        ServiceSet {
+            name: "s".into(),
+            nodes,
+            shared: Arc::new(ServiceShared::test()),
+            ejection: EjectionPolicy::default(),
+            skipped: Vec::new(),
+        }
     }
 }
 

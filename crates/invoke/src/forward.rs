@@ -1,5 +1,8 @@
 //! One call to a service, across attempts: choose a node, send, and decide from the
-//! outcome whether to answer or to try again.
+//! outcome whether to answer or to try again. The call is admitted first (at most
+//! `max_pending` calls wait for a service) and its pinned node found; each attempt
+//! then runs [`crate::attempt`]'s steps, and [`retry::decide`] says whether another
+//! follows.
 //!
 //! - Connect failures are retried on another node whatever the method: the node never
 //!   saw the request. A streaming body is handed back by the pool, so it retries too.
@@ -11,36 +14,36 @@
 //!   jitter; the overall deadline bounds everything. [`retry::decide`] says which.
 //! - Only the node's faults feed outlier ejection and the peak-EWMA (as a 1 s latency
 //!   penalty, so a node that fails fast does not look fast); the node's measured
-//!   latency, which `/statusz` and the dashboard show, is fed by its answers only. A caller whose upload
-//!   breaks off gets 400 (413 over the limit) and the node's record is untouched; a
-//!   sidecar out of sockets answers 503 and blames nobody else.
+//!   latency, which `/statusz` and the dashboard show, is fed by its answers only. A
+//!   caller whose upload breaks off gets 400 (413 over the limit) and the node's
+//!   record is untouched; a sidecar out of sockets answers 503 and blames nobody
+//!   else.
 //! - A call to a service with no node to go to (not registered, or no longer) is
 //!   answered 404 (503 after `X-Pillion-Wait`) and counted in that service's metrics
 //!   all the same, so a service that died shows its callers' errors.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Response, StatusCode, Uri};
 use pillion_core::ApiError;
 
 use pillion_http::pool::{Outgoing, PooledBody};
-use pillion_http::{Blame, SendError};
 
+use crate::attempt::{
+    backoff, build, readdress, try_limit, unavailable, Failure, Failures, Feedback, Problem,
+    Replay, Wire,
+};
 use crate::balance::{self, Strategy, Tried};
-use crate::endpoints::{since_epoch, EjectionPolicy, NodeState, Protocol, ServiceSet};
+use crate::endpoints::{since_epoch, EjectionPolicy, NodeState, ServiceSet};
 use crate::jsonrpc;
 use crate::metrics::AnsweredBy;
 use crate::retry::{self, Decision, Rules};
 use crate::Invoker;
 
 pub const ID: &str = "pillion.invoke";
-
-/// The latency a failed attempt counts as, so a node that fails fast looks slow to the
-/// balancer.
-const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// How calls are made; from the sidecar's config.
 #[derive(Debug, Clone)]
@@ -86,25 +89,28 @@ pub struct Tally {
     pub node: Option<Arc<NodeState>>,
 }
 
-fn error(status: StatusCode, detail: String) -> ApiError {
+pub(crate) fn error(status: StatusCode, detail: String) -> ApiError {
     ApiError::new(ID, status, detail)
 }
 
-/// Decrements the service's waiting count when the call ends.
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+/// A place among the calls waiting for a service, given back when the call ends.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// Takes a place among `waiting`, unless `max` calls hold one already.
+    fn admit(waiting: &'a AtomicUsize, max: usize) -> Option<Waiting<'a>> {
+        if waiting.fetch_add(1, Ordering::Relaxed) >= max {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Waiting(waiting))
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-enum Outcome {
-    Answer(Response<PooledBody>),
-    /// The node answered 502/503/504.
-    BadGateway(Response<PooledBody>),
-    Failed(SendError, Option<Request<Outgoing>>),
-    TimedOut,
 }
 
 /// Makes the call and records it in the service's metrics (status as the caller
@@ -235,6 +241,8 @@ fn attempts<'a>(
     }
 }
 
+/// The attempts of `call` on nodes of `set`, until one answers or the call stops;
+/// `ended` learns when the last attempt ended.
 #[allow(clippy::manual_async_fn)] // as `attempts`
 fn attempt_all<'a>(
     set: &'a Arc<ServiceSet>,
@@ -245,263 +253,249 @@ fn attempt_all<'a>(
     ended: &'a mut Option<Instant>,
 ) -> impl Future<Output = Result<Response<PooledBody>, ApiError>> + Send + 'a {
     async move {
-        let deadline = started + call.timeout;
-        let shared = &set.shared;
-        if shared.pending.fetch_add(1, Ordering::Relaxed) >= policy.max_pending {
-            shared.pending.fetch_sub(1, Ordering::Relaxed);
-            return Err(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "too many calls waiting for service {:?} (limit {}); try again later",
-                    call.service, policy.max_pending
-                ),
-            ));
-        }
-        let _waiting = Waiting(&shared.pending);
-        shared.budget.deposit();
-
-        let pinned = match &call.pin {
-            None => None,
-            Some(pin) => match set
-                .nodes
-                .iter()
-                .position(|n| n.authority == *pin || n.id == *pin)
-            {
-                Some(i) => Some(i),
-                None => {
-                    return Err(error(
-                        StatusCode::NOT_FOUND,
-                        format!("service {:?} has no node {pin:?}", call.service),
-                    ))
-                }
-            },
-        };
-
-        let full_body = match &call.body {
-            Outgoing::Full(b) => Some(b.clone()),
-            Outgoing::Stream(..) => None,
-        };
-        // Only a whole body can be sent again after the node may have seen it.
-        let rules = Rules {
-            retries: policy.retries,
-            replayable: full_body.is_some()
-                && (call.retry_any_method || pillion_http::idempotent(&call.method)),
-        };
-        let mut first_body = Some(std::mem::replace(&mut call.body, Outgoing::Full(None)));
-        // A request that never left (connect failure) comes back whole for the next try.
-        // Boxed: rare, and large to keep in the future of every call.
-        let mut returned: Option<Box<Request<Outgoing>>> = None;
-        let mut tried = Tried::default();
-        let mut attempt = 0u32;
-        let mut last_problem = String::new();
-        let mut only_connect_failures = true;
-
+        let mut calling = Calling::admit(set, policy, &mut call, started)?;
         loop {
             // The first attempt starts with the call (one clock read fewer per call).
-            let now = if attempt == 0 {
+            let now = if calling.attempt == 0 {
                 started
             } else {
                 Instant::now()
             };
-            let clock_now = since_epoch(now);
-            let pick = || balance::pick(set, policy.strategy, &tried, clock_now);
-            let Some(index) = pinned.or_else(pick) else {
-                return Err(error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("service {:?} has no node", call.service),
-                ));
-            };
-            let node = balance::node(set, index).clone();
-            if let Some(tally) = tally.as_deref_mut() {
-                tally.node = Some(node.clone());
-                tally.retries = attempt;
-            }
-            if node.needs_identity {
-                return Err(error(
-                    StatusCode::BAD_GATEWAY,
-                    format!(
-                        "node {} of service {:?} takes calls only over the mesh (mTLS), and this sidecar has no mesh identity: start it with --mesh-ca-cert and --mesh-ca-key",
-                        node.id, call.service
-                    ),
-                ));
-            }
-            let h2 = match node.protocol.h2_for(call.grpc) {
-                Ok(h2) => h2,
-                Err(mismatch) => {
-                    return Err(error(
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "cannot call node {} of service {:?}: {mismatch}",
-                            node.authority, call.service
-                        ),
-                    ))
-                }
-            };
-            let go_micro = match node.protocol {
-                Protocol::GoMicro(dialect) if call.rpc => Some(dialect),
-                _ => None,
-            };
-            let req = match (go_micro, returned.take()) {
-                // A call by method is whole (read before it was sent): each attempt
-                // wraps it for its node.
+            let (index, node, wire) = calling.choose(&call, now, tally.as_deref_mut())?;
+            // Built here, where it is sent: a request is large, and moved once.
+            let host = &node.host;
+            let req = match (wire.go_micro, calling.replay.returned()) {
                 (Some(dialect), _) => {
-                    let body = match &full_body {
-                        Some(Some(body)) => body.clone(),
-                        _ => Default::default(),
-                    };
-                    let method = call.uri.path().trim_start_matches('/');
-                    let req = jsonrpc::request(
-                        &call.service,
-                        method,
-                        dialect,
-                        call.headers.clone(),
-                        &body,
-                        deadline.saturating_duration_since(now),
-                    )?;
-                    first_body = None;
-                    readdress(req, &call, false, &node.host)
+                    let time_left = calling.deadline.saturating_duration_since(now);
+                    calling.replay.json_rpc(&call, dialect, host, time_left)?
                 }
-                (None, Some(req)) => readdress(*req, &call, h2, &node.host),
-                (None, None) => {
-                    let body = match first_body.take() {
-                        Some(b) => b,
-                        None => match &full_body {
-                            Some(b) => Outgoing::Full(b.clone()),
-                            None => break, // a stream, already sent once
-                        },
-                    };
-                    // Keep the headers for later attempts only if there can be any.
-                    // The original goes (it has room for `Host`, which the node's
-                    // address sets); the copy, exactly as large as what it copies,
-                    // stays.
-                    let headers = if rules.replayable && rules.retries > 0 {
-                        let copy = call.headers.clone();
-                        std::mem::replace(&mut call.headers, copy)
-                    } else {
-                        std::mem::take(&mut call.headers)
-                    };
-                    build(&call, headers, h2, &node.host, body)
-                }
+                (None, Some(req)) => readdress(*req, &call, wire.h2, host),
+                (None, None) => match calling.replay.body(&mut call) {
+                    Some((body, headers)) => build(&call, headers, wire.h2, host, body),
+                    None => break,
+                },
             };
-
-            if now >= deadline {
+            let Some(limit) = try_limit(now, calling.deadline, policy.per_try_timeout) else {
                 return Err(timeout_error(&call));
-            }
-            let try_limit = policy.per_try_timeout.min(deadline - now);
-            let pending = node.start();
-            let outcome = match tokio::time::timeout_at(
-                (now + try_limit).into(),
-                node.pool
-                    .send(req, h2, policy.connect_timeout.min(try_limit)),
-            )
-            .await
-            {
-                Err(_) => Outcome::TimedOut,
-                Ok(Ok(res)) if matches!(res.status().as_u16(), 502..=504) => {
-                    Outcome::BadGateway(res)
-                }
-                Ok(Ok(res)) => Outcome::Answer(res),
-                Ok(Err((failure, back))) => Outcome::Failed(failure, back),
             };
+            let attempt = Attempt {
+                index,
+                node,
+                wire,
+                start: now,
+                limit,
+            };
+            let pending = node.start();
+            let sending = node
+                .pool
+                .send(req, wire.h2, policy.connect_timeout.min(limit));
+            let sent = tokio::time::timeout_at((now + limit).into(), sending).await;
             drop(pending);
             let end = Instant::now();
             *ended = Some(end);
-            let rtt = end - now;
-            let clock_end = since_epoch(end);
-
-            let verdict = match outcome {
-                Outcome::Answer(mut res) => {
-                    node.observe(rtt, clock_end);
-                    node.measure(rtt, clock_end);
-                    if go_micro.is_some() {
-                        res.extensions_mut().insert(jsonrpc::Enveloped { deadline });
-                    }
-                    if http_body::Body::is_end_stream(res.body()) {
-                        node.record_success();
-                        return Ok(res);
-                    }
-                    // Success is known at the body's end: a node that cuts its
-                    // answer short after the headers has failed the call.
-                    res.body_mut().on_end(set.clone(), index);
+            // The answer is taken where it lands and moved once, to the caller: moving
+            // it through the steps would cost more than the steps.
+            match sent {
+                Ok(Ok(mut res)) if !unavailable(res.status()) => {
+                    calling.answered(&mut res, &attempt, end);
                     return Ok(res);
                 }
-                Outcome::BadGateway(res) => {
-                    node.observe(FAILURE_PENALTY.max(rtt), clock_end);
-                    // An answer all the same: how long it took is measured.
-                    node.measure(rtt, clock_end);
-                    set.record_failure(&node, &policy.ejection);
-                    only_connect_failures = false;
-                    last_problem = format!("node {} answered {}", node.authority, res.status());
-                    let decision =
-                        decide(retry::Outcome::Unavailable, attempt, rules, deadline, set);
-                    if decision == Decision::Stop {
+                // A 502/503/504 is the caller's answer when the call stops on it.
+                Ok(Ok(res)) => {
+                    let failure = Failure::Unavailable(res.status());
+                    if calling.settle(&call, &attempt, failure, end)? == Decision::Stop {
                         return Ok(res);
                     }
-                    decision
                 }
-                Outcome::Failed(e, back) => match e.blame() {
-                    Blame::Caller => {
-                        return Err(error(
-                            e.status(),
-                            format!("the request was not sent whole: {e}"),
-                        ))
-                    }
-                    Blame::Pillion => return Err(error(e.status(), e.to_string())),
-                    Blame::Node => {
-                        node.observe(FAILURE_PENALTY, clock_end);
-                        set.record_failure(&node, &policy.ejection);
-                        if e.may_have_reached_node() {
-                            only_connect_failures = false;
-                            last_problem = format!("node {} failed: {e}", node.authority);
-                            decide(retry::Outcome::Failed, attempt, rules, deadline, set)
-                        } else {
-                            last_problem = e.to_string();
-                            // A JSON-RPC request is wrapped anew for the next node.
-                            returned = back.filter(|_| go_micro.is_none()).map(Box::new);
-                            decide(retry::Outcome::NotSent, attempt, rules, deadline, set)
-                        }
-                    }
-                },
-                Outcome::TimedOut => {
-                    node.observe(rtt, clock_end);
-                    set.record_failure(&node, &policy.ejection);
-                    if Instant::now() >= deadline {
-                        return Err(timeout_error(&call));
-                    }
-                    only_connect_failures = false;
-                    last_problem = format!(
-                        "node {} did not answer within the per-try timeout {}",
-                        node.authority,
-                        pillion_core::duration::format(try_limit)
-                    );
-                    let decision = decide(retry::Outcome::TimedOut, attempt, rules, deadline, set);
-                    if decision == Decision::Stop {
-                        return Err(error(StatusCode::GATEWAY_TIMEOUT, last_problem));
-                    }
-                    decision
+                Ok(Err((e, back))) => {
+                    calling.settle(&call, &attempt, Failure::Send(e, back), end)?;
                 }
-            };
-            if verdict == Decision::Stop {
-                break;
+                Err(_) => {
+                    calling.settle(&call, &attempt, Failure::TimedOut, end)?;
+                }
             }
-            tried.insert(index);
-            attempt += 1;
-            shared.metrics.retries.fetch_add(1, Ordering::Relaxed);
-            let backoff = backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
-            tokio::time::sleep(backoff).await;
-            tracing::debug!(service = %call.service, attempt, problem = %last_problem, "retrying");
+            tokio::time::sleep(calling.next(&attempt)).await;
+            tracing::debug!(service = %call.service, attempt = calling.attempt, problem = %calling.failures, "retrying");
         }
-        Err(if only_connect_failures {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no healthy node of service {:?}: {last_problem}",
-                    call.service
-                ),
-            )
-        } else {
-            error(StatusCode::BAD_GATEWAY, last_problem)
+        Err(calling.failures.error(&call.service))
+    }
+}
+
+/// A call across its attempts: what it allows, what is left to send, the nodes it
+/// tried and what went wrong so far.
+struct Calling<'a> {
+    set: &'a Arc<ServiceSet>,
+    policy: &'a Policy,
+    deadline: Instant,
+    rules: Rules,
+    /// The node the call is pinned to.
+    pinned: Option<usize>,
+    replay: Replay,
+    tried: Tried,
+    /// The attempt under way, counted from 0.
+    attempt: u32,
+    failures: Failures<'a>,
+    _waiting: Waiting<'a>,
+}
+
+/// One attempt: its node, how it reaches it, when it started and how long it may take.
+struct Attempt<'a> {
+    index: usize,
+    node: &'a Arc<NodeState>,
+    wire: Wire,
+    start: Instant,
+    limit: Duration,
+}
+
+// The steps on every call's path are inlined into the attempts' future: called, they
+// cost a call about 150 instructions more (callgrind), against some 1,300 for the
+// attempts' own code.
+impl<'a> Calling<'a> {
+    /// Admits `call` among the calls waiting for its service (the retry budget gets
+    /// its share of it), with the node it is pinned to, and takes its body.
+    #[inline(always)]
+    fn admit(
+        set: &'a Arc<ServiceSet>,
+        policy: &'a Policy,
+        call: &mut Call,
+        started: Instant,
+    ) -> Result<Calling<'a>, ApiError> {
+        let shared = &set.shared;
+        let Some(waiting) = Waiting::admit(&shared.pending, policy.max_pending) else {
+            return Err(crowded(&call.service, policy.max_pending));
+        };
+        shared.budget.deposit();
+        let pinned = pinned(&set.nodes, call)?;
+        let (replay, rules) = Replay::new(call, policy.retries);
+        Ok(Calling {
+            set,
+            policy,
+            deadline: started + call.timeout,
+            rules,
+            pinned,
+            replay,
+            tried: Tried::default(),
+            attempt: 0,
+            failures: Failures::default(),
+            _waiting: waiting,
         })
+    }
+
+    /// The node of the attempt starting at `now`, and how the call reaches it.
+    /// `tally` learns the node.
+    #[inline(always)]
+    fn choose(
+        &self,
+        call: &Call,
+        now: Instant,
+        tally: Option<&mut Tally>,
+    ) -> Result<(usize, &'a Arc<NodeState>, Wire), ApiError> {
+        let set = self.set;
+        let pick = || balance::pick(set, self.policy.strategy, &self.tried, since_epoch(now));
+        let Some(index) = self.pinned.or_else(pick) else {
+            return Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("service {:?} has no node", call.service),
+            ));
+        };
+        let node = balance::node(set, index);
+        if let Some(tally) = tally {
+            tally.node = Some(node.clone());
+            tally.retries = self.attempt;
+        }
+        Ok((index, node, Wire::to(node, call)?))
+    }
+
+    /// What the call does after `attempt` failed at `end`: [`Decision::Retry`], or
+    /// stop. A call stops with the caller's error, or, after a 502/503/504
+    /// ([`Decision::Stop`]), with the node's answer. The node's record learns what
+    /// the failure says about it.
+    fn settle(
+        &mut self,
+        call: &Call,
+        attempt: &Attempt<'a>,
+        failure: Failure,
+        end: Instant,
+    ) -> Result<Decision, ApiError> {
+        let problem = match failure {
+            Failure::Unavailable(status) => Problem::Unavailable(attempt.node, status),
+            Failure::Send(e, back) => {
+                let problem = Problem::of(attempt.node, e);
+                if problem.outcome() == retry::Outcome::NotSent {
+                    self.replay.hand_back(back, attempt.wire);
+                }
+                problem
+            }
+            Failure::TimedOut => Problem::TimedOut(attempt.node, attempt.limit),
+        };
+        let came = problem.outcome();
+        let feedback = Feedback::failure(came, end - attempt.start);
+        feedback.record(
+            self.set,
+            attempt.node,
+            since_epoch(end),
+            &self.policy.ejection,
+        );
+        if came == retry::Outcome::TimedOut && Instant::now() >= self.deadline {
+            return Err(timeout_error(call));
+        }
+        self.failures.push(problem);
+        let decision = decide(came, self.attempt, self.rules, self.deadline, self.set);
+        if decision == Decision::Stop && came != retry::Outcome::Unavailable {
+            return Err(self.failures.error(&call.service));
+        }
+        Ok(decision)
+    }
+
+    /// Makes the node's answer (not 502, 503 or 504), which came at `end`, the call's.
+    #[inline(always)]
+    fn answered(&self, res: &mut Response<PooledBody>, attempt: &Attempt<'a>, end: Instant) {
+        let node = attempt.node;
+        let feedback = Feedback::answer(end - attempt.start);
+        feedback.record(self.set, node, since_epoch(end), &self.policy.ejection);
+        if attempt.wire.go_micro.is_some() {
+            res.extensions_mut().insert(jsonrpc::Enveloped {
+                deadline: self.deadline,
+            });
+        }
+        if http_body::Body::is_end_stream(res.body()) {
+            node.record_success();
+        } else {
+            // Success is known at the body's end: a node that cuts its answer short
+            // after the headers has failed the call.
+            res.body_mut().on_end(self.set.clone(), attempt.index);
+        }
+    }
+
+    /// Counts a retry after `attempt` and avoids its node while others are
+    /// available; how long to wait before the next attempt.
+    fn next(&mut self, attempt: &Attempt) -> Duration {
+        self.tried.insert(attempt.index);
+        self.attempt += 1;
+        self.set
+            .shared
+            .metrics
+            .retries
+            .fetch_add(1, Ordering::Relaxed);
+        backoff(self.attempt).min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// The node `call` is pinned to among `nodes`, by address or id; `None` when it is
+/// not pinned, 404 when no node has that address or id.
+fn pinned(nodes: &[Arc<NodeState>], call: &Call) -> Result<Option<usize>, ApiError> {
+    let Some(pin) = &call.pin else {
+        return Ok(None);
+    };
+    match nodes
+        .iter()
+        .position(|n| n.authority == *pin || n.id == *pin)
+    {
+        Some(i) => Ok(Some(i)),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("service {:?} has no node {pin:?}", call.service),
+        )),
     }
 }
 
@@ -518,11 +512,12 @@ fn decide(
     })
 }
 
-/// Exponential backoff with full jitter: up to 10 ms, 20 ms, 40 ms, ... 200 ms.
-fn backoff(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(10u64 << attempt.min(5)).min(Duration::from_millis(200));
-    let jitter = pillion_core::id::fast_random() % (cap.as_micros() as u64 + 1);
-    Duration::from_micros(jitter)
+/// A call refused because `max` calls wait for its service already.
+fn crowded(service: &str, max: usize) -> ApiError {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("too many calls waiting for service {service:?} (limit {max}); try again later"),
+    )
 }
 
 fn timeout_error(call: &Call) -> ApiError {
@@ -534,46 +529,6 @@ fn timeout_error(call: &Call) -> ApiError {
             pillion_core::duration::format(call.timeout)
         ),
     )
-}
-
-fn build(
-    call: &Call,
-    headers: HeaderMap,
-    h2: bool,
-    host: &HeaderValue,
-    body: Outgoing,
-) -> Request<Outgoing> {
-    let mut req = Request::new(body);
-    *req.method_mut() = call.method.clone();
-    *req.uri_mut() = call.uri.clone();
-    *req.headers_mut() = headers;
-    readdress(req, call, h2, host)
-}
-
-/// Points a request at a node in the node's protocol: `Host` and HTTP/1.1, or an
-/// absolute URI and HTTP/2 (whatever the caller spoke).
-fn readdress(
-    mut req: Request<Outgoing>,
-    call: &Call,
-    h2: bool,
-    host: &HeaderValue,
-) -> Request<Outgoing> {
-    if h2 {
-        let absolute = format!(
-            "http://{}{}",
-            host.to_str().unwrap_or("localhost"),
-            call.uri.path_and_query().map_or("/", |p| p.as_str())
-        );
-        if let Ok(uri) = absolute.parse() {
-            *req.uri_mut() = uri;
-        }
-        *req.version_mut() = http::Version::HTTP_2;
-        req.headers_mut().remove(http::header::HOST);
-    } else {
-        *req.version_mut() = http::Version::HTTP_11;
-        req.headers_mut().insert(http::header::HOST, host.clone());
-    }
-    req
 }
 
 #[cfg(test)]
@@ -724,5 +679,329 @@ mod tests {
             .sum();
         assert_eq!(total, flood as u64 + 1);
         assert_eq!(inv.call_snapshots().len(), UNREGISTERED_NAMES + 1);
+    }
+
+    #[test]
+    fn calls_beyond_the_limit_are_refused_and_hold_no_place() {
+        let waiting = AtomicUsize::new(0);
+        let a = Waiting::admit(&waiting, 2).unwrap();
+        let b = Waiting::admit(&waiting, 2).unwrap();
+        assert!(Waiting::admit(&waiting, 2).is_none());
+        assert_eq!(
+            waiting.load(Ordering::Relaxed),
+            2,
+            "the refused call holds none"
+        );
+        drop(a);
+        let c = Waiting::admit(&waiting, 2).expect("a place given back");
+        drop((b, c));
+        assert_eq!(waiting.load(Ordering::Relaxed), 0);
+        assert!(Waiting::admit(&waiting, 0).is_none());
+        let e = crowded("todos", 2);
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (
+                503,
+                "too many calls waiting for service \"todos\" (limit 2); try again later"
+            )
+        );
+    }
+
+    fn nodes(n: usize) -> Arc<ServiceSet> {
+        let nodes = (0..n)
+            .map(|i| {
+                let (id, at) = (format!("todos-{i}"), format!("127.0.0.1:{}", 7 + i));
+                Arc::new(NodeState::test_at(&id, &at, Protocol::Unset))
+            })
+            .collect();
+        Arc::new(ServiceSet::test(nodes))
+    }
+
+    /// A call to `todos` by `method`, with no body.
+    fn rest(method: Method) -> Call {
+        Call {
+            method,
+            rpc: false,
+            ..call("todos")
+        }
+    }
+
+    #[test]
+    fn a_pinned_call_goes_to_the_node_with_that_address_or_id() {
+        let set = nodes(2);
+        let pin = |pin: Option<&str>| {
+            let mut c = rest(Method::GET);
+            c.pin = pin.map(str::to_string);
+            pinned(&set.nodes, &c)
+        };
+        assert_eq!(pin(None).unwrap(), None);
+        assert_eq!(pin(Some("todos-1")).unwrap(), Some(1));
+        assert_eq!(pin(Some("127.0.0.1:7")).unwrap(), Some(0));
+        let e = pin(Some("todos-2")).unwrap_err();
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (404, "service \"todos\" has no node \"todos-2\"")
+        );
+    }
+
+    use crate::endpoints::Protocol;
+    use pillion_http::SendError;
+
+    fn connect_refused(at: &str) -> SendError {
+        SendError::Connect {
+            authority: at.into(),
+            source: std::io::Error::from_raw_os_error(111),
+        }
+    }
+
+    /// The error a failed attempt stopped the call with.
+    fn stopped(settled: Result<Decision, ApiError>) -> (u16, String) {
+        match settled {
+            Err(e) => (e.code, e.detail),
+            Ok(decision) => panic!("{decision:?}"),
+        }
+    }
+
+    /// The attempt starting at `now` and its request, made as the attempts make them.
+    fn attempt<'a>(
+        calling: &mut Calling<'a>,
+        c: &mut Call,
+        now: Instant,
+        tally: Option<&mut Tally>,
+    ) -> (Attempt<'a>, http::Request<Outgoing>) {
+        let (index, node, wire) = calling.choose(c, now, tally).unwrap();
+        let req = match calling.replay.returned() {
+            Some(req) => readdress(*req, c, wire.h2, &node.host),
+            None => {
+                let (body, headers) = calling.replay.body(c).unwrap();
+                build(c, headers, wire.h2, &node.host, body)
+            }
+        };
+        let limit = try_limit(now, calling.deadline, calling.policy.per_try_timeout).unwrap();
+        let attempt = Attempt {
+            index,
+            node,
+            wire,
+            start: now,
+            limit,
+        };
+        (attempt, req)
+    }
+
+    #[test]
+    fn the_node_of_an_attempt_is_chosen_or_the_call_refused_with_why() {
+        let policy = crate::Config::default().policy;
+        let set = nodes(1);
+        let mut c = rest(Method::GET);
+        let now = Instant::now();
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let mut tally = Tally::default();
+        let (first, req) = attempt(&mut calling, &mut c, now, Some(&mut tally));
+        assert_eq!(
+            first.limit, c.timeout,
+            "the per-try timeout, within the call's"
+        );
+        assert_eq!(req.headers()["host"], "127.0.0.1:7");
+        assert_eq!(tally.node.unwrap().id, "todos-0");
+        assert_eq!(set.shared.pending.load(Ordering::Relaxed), 1);
+        drop(calling);
+        assert_eq!(set.shared.pending.load(Ordering::Relaxed), 0);
+
+        // No node left in the service.
+        let empty = nodes(0);
+        let mut c = rest(Method::GET);
+        let calling = Calling::admit(&empty, &policy, &mut c, now).unwrap();
+        let Err(e) = calling.choose(&c, now, None) else {
+            panic!("a node chosen")
+        };
+        assert_eq!(
+            (e.code, e.detail.as_str()),
+            (503, "service \"todos\" has no node")
+        );
+
+        // A node in the mesh, and this sidecar without an identity.
+        let mut meshed = NodeState::test_at("todos-0", "127.0.0.1:7", Protocol::Unset);
+        meshed.needs_identity = true;
+        let meshed = Arc::new(ServiceSet::test(vec![Arc::new(meshed)]));
+        let calling = Calling::admit(&meshed, &policy, &mut c, now).unwrap();
+        let Err(e) = calling.choose(&c, now, None) else {
+            panic!("a node chosen")
+        };
+        assert_eq!(e.code, 502);
+        assert!(e.detail.contains("--mesh-ca-cert"), "{}", e.detail);
+
+        // Too many waiting already, or pinned to no node of the service.
+        let crowded = Policy {
+            max_pending: 0,
+            ..policy.clone()
+        };
+        let Err(e) = Calling::admit(&set, &crowded, &mut rest(Method::GET), now) else {
+            panic!("admitted")
+        };
+        assert_eq!(e.code, 503);
+        let mut pinned = rest(Method::GET);
+        pinned.pin = Some("todos-9".into());
+        let Err(e) = Calling::admit(&set, &policy, &mut pinned, now) else {
+            panic!("admitted")
+        };
+        assert_eq!(e.code, 404);
+        assert_eq!(set.shared.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_connect_failure_goes_again_to_another_node_then_ends_in_503() {
+        let policy = crate::Config::default().policy;
+        let set = nodes(2);
+        // A POST: sent once to a node that may see it, but a connect failure is not that.
+        let mut c = rest(Method::POST);
+        let now = Instant::now();
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, mut req) = attempt(&mut calling, &mut c, now, None);
+        req.headers_mut()
+            .insert("x-mark", http::HeaderValue::from_static("1"));
+        let failed = Failure::Send(connect_refused(&first.node.authority), Some(req));
+        let settled = calling.settle(&c, &first, failed, Instant::now());
+        assert_eq!(settled.unwrap(), Decision::Retry);
+        assert_eq!(first.node.consecutive_failures(), 1);
+        assert_eq!(first.node.ewma(), Duration::from_secs(1), "the penalty");
+        assert!(calling.next(&first) <= Duration::from_millis(20));
+        assert_eq!(set.shared.metrics.retries.load(Ordering::Relaxed), 1);
+
+        let (second, req) = attempt(&mut calling, &mut c, Instant::now(), None);
+        assert_ne!(second.index, first.index, "the node tried is avoided");
+        assert_eq!(req.headers()["x-mark"], "1", "the request handed back");
+        let failed = Failure::Send(connect_refused(&second.node.authority), None);
+        let settled = calling.settle(&c, &second, failed, Instant::now());
+        assert_eq!(settled.unwrap(), Decision::Retry);
+        calling.next(&second);
+
+        let (third, _) = attempt(&mut calling, &mut c, Instant::now(), None);
+        let failed = Failure::Send(connect_refused(&third.node.authority), None);
+        let (code, detail) = stopped(calling.settle(&c, &third, failed, Instant::now()));
+        assert_eq!(code, 503);
+        assert_eq!(
+            detail,
+            format!(
+                "no healthy node of service \"todos\": connect to {}: Connection refused (os error 111)",
+                third.node.authority
+            )
+        );
+    }
+
+    #[test]
+    fn failures_that_are_not_the_node_s_stop_at_once_and_leave_it_alone() {
+        let policy = crate::Config::default().policy;
+        let set = nodes(2);
+        let cases = [
+            (
+                SendError::CallerBody("cut".into()),
+                400,
+                "the request was not sent whole: reading the request body: cut",
+            ),
+            (
+                SendError::Local {
+                    authority: "127.0.0.1:7".into(),
+                    source: std::io::Error::from_raw_os_error(24),
+                },
+                503,
+                "no socket for 127.0.0.1:7: Too many open files (os error 24) (pillion is out of resources)",
+            ),
+        ];
+        for (e, code, detail) in cases {
+            let mut c = rest(Method::GET);
+            let now = Instant::now();
+            let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+            let (first, _) = attempt(&mut calling, &mut c, now, None);
+            let settled = calling.settle(&c, &first, Failure::Send(e, None), Instant::now());
+            assert_eq!(stopped(settled), (code, detail.to_string()));
+            assert_eq!(first.node.consecutive_failures(), 0);
+            assert_eq!(first.node.ewma(), Duration::from_millis(30));
+        }
+        assert_eq!(set.shared.metrics.retries.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_502_to_503_answer_is_passed_on_unless_another_node_may_take_the_call() {
+        let policy = crate::Config::default().policy;
+        let set = nodes(2);
+        let now = Instant::now();
+        let unavailable = Failure::Unavailable(StatusCode::SERVICE_UNAVAILABLE);
+        let mut c = rest(Method::POST);
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, _) = attempt(&mut calling, &mut c, now, None);
+        let settled = calling.settle(&c, &first, unavailable, Instant::now());
+        assert_eq!(
+            settled.unwrap(),
+            Decision::Stop,
+            "the node's answer, passed on"
+        );
+        assert_eq!(first.node.consecutive_failures(), 1);
+        assert!(
+            first.node.latency().is_some(),
+            "an answer all the same: measured"
+        );
+
+        let mut c = rest(Method::GET);
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, _) = attempt(&mut calling, &mut c, now, None);
+        let unavailable = Failure::Unavailable(StatusCode::BAD_GATEWAY);
+        let settled = calling.settle(&c, &first, unavailable, Instant::now());
+        assert_eq!(settled.unwrap(), Decision::Retry);
+    }
+
+    #[test]
+    fn a_node_that_fails_a_request_it_may_have_seen_is_retried_only_if_it_can_be() {
+        let policy = crate::Config::default().policy;
+        let set = nodes(2);
+        let now = Instant::now();
+        // A reset of a POST: the node's 502.
+        let mut c = rest(Method::POST);
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, _) = attempt(&mut calling, &mut c, now, None);
+        let reset = Failure::Send(SendError::Closed, None);
+        let (code, detail) = stopped(calling.settle(&c, &first, reset, Instant::now()));
+        assert_eq!(code, 502);
+        assert_eq!(
+            detail,
+            format!(
+                "node {} failed: the node closed the connection before answering",
+                first.node.authority
+            )
+        );
+        assert_eq!(first.node.consecutive_failures(), 1);
+
+        // A per-try timeout of a GET goes again; of a POST it is the call's 504.
+        let mut c = rest(Method::GET);
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, _) = attempt(&mut calling, &mut c, now, None);
+        let settled = calling.settle(&c, &first, Failure::TimedOut, Instant::now());
+        assert_eq!(settled.unwrap(), Decision::Retry);
+        let mut c = rest(Method::POST);
+        let mut calling = Calling::admit(&set, &policy, &mut c, now).unwrap();
+        let (first, _) = attempt(&mut calling, &mut c, now, None);
+        let settled = calling.settle(&c, &first, Failure::TimedOut, Instant::now());
+        assert_eq!(
+            stopped(settled),
+            (
+                504,
+                format!(
+                    "node {} did not answer within the per-try timeout 2s",
+                    first.node.authority
+                )
+            ),
+            "the per-try timeout, cut to the call's 2 s"
+        );
+
+        // Past the call's deadline, a per-try timeout is the call's.
+        let mut c = rest(Method::GET);
+        let long_ago = now - c.timeout;
+        let mut calling = Calling::admit(&set, &policy, &mut c, long_ago).unwrap();
+        let (late, _) = attempt(&mut calling, &mut c, long_ago, None);
+        let (code, detail) = stopped(calling.settle(&c, &late, Failure::TimedOut, now));
+        assert_eq!(code, 504);
+        assert_eq!(
+            detail,
+            "service \"todos\" did not answer within 2s (set X-Pillion-Timeout to change it)"
+        );
     }
 }

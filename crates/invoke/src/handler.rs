@@ -33,7 +33,7 @@ use pillion_core::error::is_grpc;
 use pillion_core::trace::{self, Kind};
 use pillion_core::ApiError;
 use pillion_http::server::RequestBody;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use pillion_http::pool::Outgoing;
 use pillion_http::relay::{self, is_upgrade, origin_form, relay, reply, ProxyBody};
@@ -217,73 +217,15 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         Ok(c) => c,
         Err(e) => return reply(e),
     };
-    let is_form = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-    // Keys in any case (micro's clients send `Service` or `service`), each given once.
-    let entries = if is_form {
-        let pairs = std::str::from_utf8(&body)
-            .map_err(|_| "the form body is not UTF-8".to_string())
-            .and_then(|text| pillion_core::url::decode_pairs(text).map_err(|e| e.to_string()));
-        match pairs {
-            Ok(pairs) => pairs
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect(),
-            Err(e) => return bad(StatusCode::BAD_REQUEST, format!("form body: {e}")),
-        }
-    } else {
-        match pillion_core::json::parse(&body) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => {
-                return bad(
-                    StatusCode::BAD_REQUEST,
-                    "expected a JSON object {\"service\",\"method\",\"request\"}",
-                )
-            }
-            Err(e) => {
-                return bad(
-                    StatusCode::BAD_REQUEST,
-                    format!("{e}; expected {{\"service\",\"method\",\"request\"}}"),
-                )
-            }
-        }
-    };
-    let fields = match pillion_core::json::fold_keys(entries, "") {
-        Ok(f) => f,
-        Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    let field = |name: &str| fields.get(name);
-    let text = |name: &str| {
-        field(name)
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .filter(|s| !s.is_empty())
-    };
-    // `endpoint` is go-micro v1's name for the method; micro v1.0's `/rpc`
-    // (`internal/handler/rpc.go`) reads either. Two different ones are a mistake, not
-    // a silent pick.
-    let method = match (text("method"), text("endpoint")) {
-        (Some(method), Some(endpoint)) if method != endpoint => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "method {method:?} and endpoint {endpoint:?} differ: endpoint is another \
-                     name for method; give one of them"
-                ),
-            )
-        }
-        (method, endpoint) => method.or(endpoint),
-    };
-    let (Some(service), Some(method)) = (text("service"), method) else {
-        return bad(StatusCode::BAD_REQUEST, "service and method (or endpoint) are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}");
-    };
-    let request = match field("request") {
-        None | Some(Value::Null) => Bytes::new(),
-        Some(Value::String(s)) => Bytes::from(s.clone()),
-        Some(v) => Bytes::from(v.to_string()),
+    let asked = rpc_fields(&body, is_form(&parts.headers)).and_then(|f| rpc_request(&f));
+    let RpcRequest {
+        service,
+        method,
+        request,
+        address,
+    } = match asked {
+        Ok(asked) => asked,
+        Err(e) => return reply(e),
     };
     let uri = match method_uri(&method) {
         Ok(u) => u,
@@ -305,12 +247,101 @@ async fn rpc_call(inv: Arc<Invoker>, req: Request<axum::body::Body>) -> Response
         body: Outgoing::full(request),
         grpc: false,
         rpc: true,
-        pin: text("address"),
+        pin: address,
         timeout: controls.timeout,
         wait: controls.wait,
         retry_any_method: controls.retry_any,
     };
     finish(inv, call, None).await
+}
+
+/// What a call to `POST /rpc` asks for.
+#[derive(Debug, PartialEq)]
+struct RpcRequest {
+    service: String,
+    method: String,
+    /// The method's request: a JSON value's text, or a string's content.
+    request: Bytes,
+    /// The node to call, by address or id.
+    address: Option<String>,
+}
+
+/// Whether a body is a form (`application/x-www-form-urlencoded`), not JSON.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"))
+}
+
+/// The fields of `/rpc`'s body, a JSON object or a `form`, their keys lower-cased
+/// (micro's clients send `Service` or `service`), each given once.
+fn rpc_fields(body: &[u8], form: bool) -> Result<Map<String, Value>, ApiError> {
+    let entries = if form {
+        let pairs = std::str::from_utf8(body)
+            .map_err(|_| "the form body is not UTF-8".to_string())
+            .and_then(|text| pillion_core::url::decode_pairs(text).map_err(|e| e.to_string()));
+        match pairs {
+            Ok(pairs) => pairs
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
+            Err(e) => return Err(invalid(format!("form body: {e}"))),
+        }
+    } else {
+        match pillion_core::json::parse(body) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                return Err(invalid(
+                    "expected a JSON object {\"service\",\"method\",\"request\"}".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(invalid(format!(
+                    "{e}; expected {{\"service\",\"method\",\"request\"}}"
+                )))
+            }
+        }
+    };
+    pillion_core::json::fold_keys(entries, "").map_err(|e| invalid(e.to_string()))
+}
+
+/// What `/rpc`'s fields ask for: `service`, `method` (or `endpoint`), `request`
+/// (absent or null: none) and `address` (a node's address or id).
+fn rpc_request(fields: &Map<String, Value>) -> Result<RpcRequest, ApiError> {
+    let text = |name: &str| {
+        fields
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
+    };
+    // `endpoint` is go-micro v1's name for the method; micro v1.0's `/rpc`
+    // (`internal/handler/rpc.go`) reads either. Two different ones are a mistake, not
+    // a silent pick.
+    let method = match (text("method"), text("endpoint")) {
+        (Some(method), Some(endpoint)) if method != endpoint => {
+            return Err(invalid(format!(
+                "method {method:?} and endpoint {endpoint:?} differ: endpoint is another \
+                 name for method; give one of them"
+            )))
+        }
+        (method, endpoint) => method.or(endpoint),
+    };
+    let (Some(service), Some(method)) = (text("service"), method) else {
+        return Err(invalid("service and method (or endpoint) are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}".into()));
+    };
+    let request = match fields.get("request") {
+        None | Some(Value::Null) => Bytes::new(),
+        Some(Value::String(s)) => Bytes::from(s.clone()),
+        Some(v) => Bytes::from(v.to_string()),
+    };
+    Ok(RpcRequest {
+        service,
+        method,
+        request,
+        address: text("address"),
+    })
 }
 
 /// A call passed through as it came, to `named` or to the service the path's first
@@ -541,5 +572,127 @@ fn method_uri(method: &str) -> Result<http::Uri, ApiError> {
 fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `/rpc` makes of `body`: the call it asks for, or the error's status and
+    /// detail.
+    fn asked(body: &str, form: bool) -> Result<RpcRequest, (u16, String)> {
+        rpc_fields(body.as_bytes(), form)
+            .and_then(|f| rpc_request(&f))
+            .map_err(|e| (e.code, e.detail))
+    }
+
+    fn request(service: &str, method: &str, request: &str, address: Option<&str>) -> RpcRequest {
+        RpcRequest {
+            service: service.into(),
+            method: method.into(),
+            request: Bytes::copy_from_slice(request.as_bytes()),
+            address: address.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn rpc_takes_json_or_a_form_with_keys_in_any_case() {
+        let table = [
+            (
+                r#"{"service":"greeter","method":"Say.Hello","request":{"name":"John"}}"#,
+                false,
+                request("greeter", "Say.Hello", r#"{"name":"John"}"#, None),
+            ),
+            (
+                r#"{"Service":"greeter","Endpoint":"Say.Hello","Request":"as it is","Address":"10.0.0.1:80"}"#,
+                false,
+                request("greeter", "Say.Hello", "as it is", Some("10.0.0.1:80")),
+            ),
+            (
+                r#"{"service":"greeter","method":"Say.Hello","endpoint":"Say.Hello","request":null}"#,
+                false,
+                request("greeter", "Say.Hello", "", None),
+            ),
+            (
+                r#"{"service":"greeter","method":"Say.Hello","request":[1,2],"address":""}"#,
+                false,
+                request("greeter", "Say.Hello", "[1,2]", None),
+            ),
+            (
+                "service=greeter&Method=Say.Hello&request=%7B%22name%22%3A1%7D",
+                true,
+                request("greeter", "Say.Hello", r#"{"name":1}"#, None),
+            ),
+            (
+                "service=greeter&endpoint=Say.Hello",
+                true,
+                request("greeter", "Say.Hello", "", None),
+            ),
+        ];
+        for (body, form, want) in table {
+            assert_eq!(asked(body, form), Ok(want), "{body}");
+        }
+    }
+
+    #[test]
+    fn rpc_refuses_what_it_cannot_call_and_says_what_it_takes() {
+        let required = "service and method (or endpoint) are required, e.g. {\"service\":\"greeter\",\"method\":\"Greeter.Hello\",\"request\":{}}";
+        let table = [
+            (r#"{"method":"Say.Hello"}"#, false, required),
+            (r#"{"service":"greeter"}"#, false, required),
+            (r#"{"service":"","method":"Say.Hello"}"#, false, required),
+            (r#"{"service":"greeter","method":7}"#, false, required),
+            ("service=greeter", true, required),
+            (
+                r#"{"service":"greeter","method":"A.B","endpoint":"C.D"}"#,
+                false,
+                "method \"A.B\" and endpoint \"C.D\" differ: endpoint is another name for method; give one of them",
+            ),
+            (
+                "[1]",
+                false,
+                "expected a JSON object {\"service\",\"method\",\"request\"}",
+            ),
+        ];
+        for (body, form, detail) in table {
+            assert_eq!(asked(body, form), Err((400, detail.to_string())), "{body}");
+        }
+        // Malformed JSON, keys given twice, a form that is not text.
+        for (body, form, end) in [
+            (
+                "{",
+                false,
+                "; expected {\"service\",\"method\",\"request\"}",
+            ),
+            (r#"{"service":"a","Service":"b","method":"M"}"#, false, ""),
+            ("service=%ZZ", true, ""),
+        ] {
+            let Err((400, detail)) = asked(body, form) else {
+                panic!("{body}: not a 400")
+            };
+            assert!(detail.ends_with(end), "{body}: {detail}");
+        }
+        let not_utf8 = rpc_fields(b"service=\xff", true).unwrap_err();
+        assert_eq!(not_utf8.detail, "form body: the form body is not UTF-8");
+    }
+
+    #[test]
+    fn a_form_is_what_its_content_type_says() {
+        for (content_type, form) in [
+            (Some("application/x-www-form-urlencoded"), true),
+            (
+                Some("application/x-www-form-urlencoded; charset=utf-8"),
+                true,
+            ),
+            (Some("application/json"), false),
+            (None, false),
+        ] {
+            let mut headers = HeaderMap::new();
+            if let Some(ct) = content_type {
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            }
+            assert_eq!(is_form(&headers), form, "{content_type:?}");
+        }
     }
 }

@@ -11,7 +11,11 @@
 //! - [`balance`]: which node for the next attempt (p2c over peak-EWMA, round-robin).
 //! - [`budget`]: the retry budget (20% of requests + 10/s).
 //! - [`retry`]: whether a failed attempt may go again, decided from who is to blame.
-//! - [`forward`]: one call across attempts: timeouts, retries, backoff, ejection.
+//! - [`attempt`]: the steps of one attempt, each a decision tested alone: how the
+//!   call reaches the node, what it sends, how long it may take, what its outcome
+//!   tells the node's record and the caller, how long to wait before the next.
+//! - [`forward`]: one call across attempts: admission, pinning, the attempts in a
+//!   loop, the service's metrics.
 //! - [`handler`]: the HTTP surface: `/{service}/{method}`, `/rpc`, the proxy handler.
 //! - [`metrics`]: per-service counters and latency histograms.
 //!
@@ -21,6 +25,7 @@
 //! stream.
 #![forbid(unsafe_code)]
 
+pub mod attempt;
 pub mod balance;
 pub mod budget;
 pub mod endpoints;
