@@ -58,6 +58,27 @@ fn broker(
     (b, metrics)
 }
 
+/// Sidecar B serving its streams (registered through `b_registry`), and sidecar A
+/// that publishes to it (through `a_registry`), with the default link settings.
+async fn receiver_and_publisher(
+    b_registry: &Arc<dyn Registry>,
+    a_registry: &Arc<dyn Registry>,
+) -> (Arc<EmbeddedBroker>, Arc<EmbeddedBroker>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (b, b_metrics) = broker(
+        b_registry,
+        listener.local_addr().unwrap(),
+        LinkSettings::default(),
+    );
+    serve(b.clone(), b_metrics, listener);
+    let (a, _) = broker(
+        a_registry,
+        "127.0.0.1:1".parse().unwrap(),
+        LinkSettings::default(),
+    );
+    (b, a)
+}
+
 fn metric(metrics: &BrokerMetrics, line: &str) -> bool {
     let mut out = String::new();
     metrics.render(&mut out);
@@ -399,18 +420,7 @@ async fn a_message_published_elsewhere_right_after_subscribe_returns_is_delivere
         near: registry.clone(),
         refuses: false,
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (b, b_metrics) = broker(
-        &distant,
-        listener.local_addr().unwrap(),
-        LinkSettings::default(),
-    );
-    serve(b.clone(), b_metrics, listener);
-    let (a, _) = broker(
-        &registry,
-        "127.0.0.1:1".parse().unwrap(),
-        LinkSettings::default(),
-    );
+    let (b, a) = receiver_and_publisher(&distant, &registry).await;
 
     // B's registration takes a second; subscribe returns only once it is in.
     let mut sub = b.subscribe("orders.new", None, 100).await.unwrap();
@@ -465,18 +475,7 @@ async fn a_closed_broker_leaves_no_task_running() {
     let registry = pillion_registry::open("memory", &Default::default())
         .await
         .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (b, b_metrics) = broker(
-        &registry,
-        listener.local_addr().unwrap(),
-        LinkSettings::default(),
-    );
-    serve(b.clone(), b_metrics, listener);
-    let (a, _) = broker(
-        &registry,
-        "127.0.0.1:1".parse().unwrap(),
-        LinkSettings::default(),
-    );
+    let (b, a) = receiver_and_publisher(&registry, &registry).await;
     let mut sub = b.subscribe("orders.new", None, 100).await.unwrap();
     for i in 0..10 {
         a.publish("orders.new", message(format!("m{i}")))
